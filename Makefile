@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (main job on the default model) and `make test`.
+# Both create the virtual environment on first use. torch is installed first and pinned: a bare
+# `torch` requirement would pull a multi-GB CUDA build on a CPU machine.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.finemoe-installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[dev,server,bench]"
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/finemoe generate --prompt "Explain what a mixture of experts is." --expert-budget 40% --max-new-tokens 48
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,22 @@
+"""finemoe: lossless expert offloading for Mixture-of-Experts LLMs."""
+
+from finemoe.config import EngineConfig, ExpertBudget, SamplingParams
+from finemoe.engine import Engine, EngineStats, GenerationOutput
+from finemoe.errors import BudgetError, CheckpointError, ConfigError, FineMoEError, UnsupportedModelError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "CheckpointError",
+    "ConfigError",
+    "Engine",
+    "EngineConfig",
+    "EngineStats",
+    "ExpertBudget",
+    "FineMoEError",
+    "GenerationOutput",
+    "SamplingParams",
+    "UnsupportedModelError",
+    "__version__",
+]

@@ -1,0 +1,3 @@
+from finemoe.cli import main
+
+raise SystemExit(main())

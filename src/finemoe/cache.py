@@ -1,0 +1,198 @@
+"""The device tier: a global pool of S expert slots, a [L, E] -> slot table and refcounts.
+
+Invariants: at most S experts are resident; an acquired expert (refcount > 0) is never evicted;
+hits + misses == accesses. The cache asks its `EvictionPolicy` for victims and its `Transfer` for
+copies; it never decides what to prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from finemoe.policy import EvictionPolicy
+from finemoe.store import ExpertStore
+from finemoe.transfer import Transfer
+from finemoe.types import CacheStats, ExpertId, MoESpec
+
+log = logging.getLogger(__name__)
+
+
+class ExpertCache:
+    """Residency of experts in the slot pool ([S, expert_numel] on the compute device)."""
+
+    def __init__(
+        self,
+        spec: MoESpec,
+        pool: torch.Tensor,
+        store: ExpertStore,
+        transfer: Transfer,
+        policy: EvictionPolicy,
+    ) -> None:
+        self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
+        self.num_slots = S = pool.shape[0]
+        L, E = spec.num_layers, spec.num_experts
+        self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
+        self.owner: list[ExpertId | None] = [None] * S
+        self.refcount = [0] * S
+        self.prefetched = [False] * S  # loaded by a prefetch and not used yet
+        self._free = list(range(S - 1, -1, -1))
+        self.stats = CacheStats(L)
+        self.step = 0
+        self.on_demand_miss = None  # callable run before on-demand copies (pauses prefetching)
+        self._demand_slots: list[int] = []  # slots of the latest on-demand copies
+        # Device copy of the table; sentinel S marks "not resident" (grouped_mm skips it).
+        self.table = torch.full((L, E), S, dtype=torch.int32, device=pool.device)
+        pin = pool.device.type == "cuda"
+        self._table_host = torch.full((L, E), S, dtype=torch.int32, pin_memory=pin) if pin else self.table
+        self._dirty = [False] * L
+
+    # -- queries -------------------------------------------------------------------------------
+    def is_resident(self, eid: ExpertId) -> bool:
+        return self.slot_of[eid.layer][eid.expert] >= 0
+
+    def resident_count(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def resident(self) -> list[ExpertId]:
+        return [e for e in self.owner if e is not None]
+
+    def device_table(self, layer: int) -> torch.Tensor:
+        """The layer's expert -> slot row [E] on the device, refreshed if residency changed."""
+        if self._dirty[layer]:
+            if self._table_host is not self.table:
+                # Safe without a sync: the previous copy of this row was enqueued before this
+                # layer last ran, and the host has since waited on this iteration's routing.
+                self.table[layer].copy_(self._table_host[layer], non_blocking=True)
+            self._dirty[layer] = False
+        return self.table[layer]
+
+    # -- residency changes ---------------------------------------------------------------------
+    def _set(self, eid: ExpertId, slot: int) -> None:
+        self.slot_of[eid.layer][eid.expert] = slot
+        self._table_host[eid.layer, eid.expert] = slot if slot >= 0 else self.num_slots
+        self._dirty[eid.layer] = True
+
+    def _evictable(self, eid: ExpertId) -> bool:
+        slot = self.slot_of[eid.layer][eid.expert]
+        return self.refcount[slot] == 0
+
+    def _allocate(self) -> int | None:
+        """A free slot, evicting the policy's victim if needed; None if every slot is pinned."""
+        if self._free:
+            return self._free.pop()
+        victim = self.policy.victim(self._evictable)
+        if victim is None:
+            return None
+        slot = self.slot_of[victim.layer][victim.expert]
+        self.policy.on_evict(victim)
+        self._set(victim, -1)
+        self.owner[slot] = None
+        self.stats.evictions += 1
+        if self.prefetched[slot]:
+            self.stats.prefetches_wasted += 1
+            self.prefetched[slot] = False
+        return slot
+
+    def _load(self, eid: ExpertId, slot: int, demand: bool) -> None:
+        self.transfer.load(slot, self.store.slab(eid), demand=demand)
+        self.owner[slot] = eid
+        self._set(eid, slot)
+        self.policy.on_insert(eid, self.step)
+        self.stats.bytes_copied += self.spec.expert_bytes
+        if demand:
+            self.stats.demand_bytes += self.spec.expert_bytes
+
+    # -- the forward path ----------------------------------------------------------------------
+    def access(self, layer: int, experts: list[int]) -> None:
+        """Count one routed use of each of `experts` (unique ids) in `layer`: hit or miss."""
+        self.step += 1
+        st = self.stats
+        for e in experts:
+            slot = self.slot_of[layer][e]
+            hit = slot >= 0 and self.transfer.is_done(slot)
+            if slot >= 0 and self.prefetched[slot]:
+                st.prefetches_used += 1
+                if not hit:
+                    st.prefetches_late += 1
+                self.prefetched[slot] = False
+            if hit:
+                st.hits += 1
+                st.layer_hits[layer] += 1
+            else:
+                st.misses += 1
+                st.layer_misses[layer] += 1
+
+    def acquire(self, layer: int, experts: list[int]) -> list[int]:
+        """Pin as many of `experts` as fit (resident ones first, then on-demand loads).
+
+        Returns the experts acquired; the caller computes them, calls `release`, and acquires the
+        rest. With S >= k every call acquires at least one expert.
+        """
+        acquired, missing = [], []
+        for e in experts:
+            slot = self.slot_of[layer][e]
+            if slot >= 0:
+                self.refcount[slot] += 1
+                self.policy.on_access(ExpertId(layer, e), self.step)
+                acquired.append(e)
+            else:
+                missing.append(e)
+        if missing:
+            self._demand_slots = []
+            if self.on_demand_miss is not None:
+                self.on_demand_miss()
+        for e in missing:
+            slot = self._allocate()
+            if slot is None:
+                break
+            eid = ExpertId(layer, e)
+            self._load(eid, slot, demand=True)
+            self._demand_slots.append(slot)
+            self.refcount[slot] += 1
+            self.policy.on_access(eid, self.step)
+            acquired.append(e)
+        return acquired
+
+    def demand_pending(self) -> bool:
+        """True while an on-demand copy issued by the latest miss is still running."""
+        return not all(self.transfer.is_done(s) for s in self._demand_slots)
+
+    def slots(self, layer: int, experts: list[int]) -> list[int]:
+        return [self.slot_of[layer][e] for e in experts]
+
+    def release(self, layer: int, experts: list[int]) -> None:
+        slots = self.slots(layer, experts)
+        self.transfer.after_compute(slots)
+        for s in slots:
+            self.refcount[s] -= 1
+
+    def try_prefetch(self, eid: ExpertId) -> bool:
+        """Start copying `eid` in if absent and a slot can be freed; True if a copy started."""
+        if self.is_resident(eid):
+            return False
+        slot = self._allocate()
+        if slot is None:
+            return False
+        self._load(eid, slot, demand=False)
+        self.prefetched[slot] = True
+        self.stats.prefetches_issued += 1
+        return True
+
+    def preload_all(self) -> None:
+        """Make every expert resident (requires S == L*E); used by the all-resident plan."""
+        assert self.num_slots >= self.spec.num_total_experts
+        for layer in range(self.spec.num_layers):
+            for e in range(self.spec.num_experts):
+                eid = ExpertId(layer, e)
+                slot = self._allocate()
+                self.transfer.load(slot, self.store.slab(eid), demand=False)
+                self.owner[slot] = eid
+                self._set(eid, slot)
+                self.policy.on_insert(eid, self.step)
+        for layer in range(self.spec.num_layers):
+            self.device_table(layer)
+
+    def refresh_stall(self) -> None:
+        self.stats.stall_s = self.transfer.demand_seconds()

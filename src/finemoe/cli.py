@@ -1,0 +1,159 @@
+"""The `finemoe` command line: one entry point, subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from finemoe.errors import FineMoEError
+
+
+def _read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FineMoEError(f"prompts file {p} does not exist")
+    lines = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if p.suffix == ".jsonl":
+        prompts = []
+        for n, ln in enumerate(lines, 1):
+            try:
+                obj = json.loads(ln)
+            except json.JSONDecodeError as e:
+                raise FineMoEError(f"{p}:{n}: not valid JSON ({e})") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise FineMoEError(f"{p}:{n}: each JSONL line needs a string field 'prompt'")
+            prompts.append(obj["prompt"])
+        return prompts
+    return lines
+
+
+def _add_engine_args(ap: argparse.ArgumentParser) -> None:
+    from finemoe.presets import PRESETS
+
+    ap.add_argument("--model", help="local checkpoint directory (default: the built-in default model)")
+    ap.add_argument("--expert-budget", default="50%", help="slots ('96'), bytes ('8GiB') or share ('25%%')")
+    ap.add_argument("--policy", default="previous-token", choices=sorted(PRESETS), help="caching/prefetch policy")
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
+    ap.add_argument("--prefetch-distance", type=int, default=1, help="layers ahead a predictor plans")
+    ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
+
+
+def _engine(args: argparse.Namespace):
+    from finemoe.engine import Engine
+    from finemoe.synthetic import DEFAULT_MODEL_LABEL, default_model_path
+
+    model = args.model
+    if model is None:
+        print(f"[finemoe] {DEFAULT_MODEL_LABEL}", file=sys.stderr)
+        model = default_model_path()
+    return Engine.from_pretrained(
+        model,
+        expert_budget=args.expert_budget,
+        policy=args.policy,
+        device=args.device,
+        dtype=args.dtype,
+        prefetch_distance=args.prefetch_distance,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from finemoe.config import SamplingParams
+
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
+    if not prompts:
+        raise FineMoEError("no prompts given")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    chat = False if args.raw else None
+    with _engine(args) as engine:
+        for i in range(0, len(prompts), args.batch_size):
+            for out in engine.generate(prompts[i : i + args.batch_size], params, chat=chat):
+                if args.json:
+                    print(json.dumps(out.to_dict()), flush=True)
+                else:
+                    c = out.cache
+                    print(out.text, flush=True)
+                    print(
+                        f"[finemoe] policy={out.policy} ttft={out.ttft_s * 1e3:.1f}ms "
+                        f"tpot={out.tpot_s * 1e3:.1f}ms tokens={len(out.token_ids)} hit_rate={c.hit_rate:.3f} "
+                        f"misses={c.misses} copied={c.bytes_copied / 2**20:.1f}MiB stall={c.stall_s * 1e3:.1f}ms",
+                        file=sys.stderr,
+                    )
+        if not args.json:
+            st = engine.stats()
+            print(
+                f"[finemoe] engine: {st.slots}/{st.total_experts} experts on {st.device} "
+                f"({st.pool_bytes / 2**20:.1f} MiB pool), overall hit rate {st.cache.hit_rate:.3f}",
+                file=sys.stderr,
+            )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from finemoe.models import ADAPTERS
+
+    print(f"{'family':<26} {'model_type':<12} {'routing':<62} shared experts")
+    for a in ADAPTERS.values():
+        print(f"{a.display_name:<26} {a.model_type:<12} {a.routing:<62} {a.shared_experts}")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from finemoe.presets import PRESETS
+
+    for p in PRESETS.values():
+        print(f"{p.name:<16} {p.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="finemoe", description="Lossless expert offloading for MoE LLMs.")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt")
+    src.add_argument("--prompts", help="a text file (one prompt a line) or JSONL with a 'prompt' field")
+    _add_engine_args(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--batch-size", type=int, default=1, help="prompts run together (default one at a time)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.set_defaults(func=cmd_generate)
+
+    m = sub.add_parser("models", help="list the supported model families")
+    m.set_defaults(func=cmd_models)
+    p = sub.add_parser("policies", help="list the caching/prefetch policies")
+    p.set_defaults(func=cmd_policies)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "batch_size", 1) < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except FineMoEError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,179 @@
+"""Frozen configuration values and their validation. No CUDA calls, no transformers import."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+from finemoe.errors import BudgetError, ConfigError
+from finemoe.types import MoESpec
+
+log = logging.getLogger(__name__)
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_BUDGET_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[kmgt]?i?b)?\s*$", re.IGNORECASE)
+
+BUDGET_HELP = (
+    "an expert budget is a slot count ('96'), a size ('8GiB', '512MB') or a share of all routed experts ('25%')"
+)
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
+@dataclass(frozen=True)
+class ExpertBudget:
+    """The user's device memory budget for routed experts, in one of three units."""
+
+    kind: str  # "slots" | "bytes" | "fraction"
+    value: float
+
+    @classmethod
+    def parse(cls, text: str | int | float | ExpertBudget) -> ExpertBudget:
+        if isinstance(text, ExpertBudget):
+            return text
+        if isinstance(text, bool):
+            raise BudgetError(f"invalid expert budget {text!r}: {BUDGET_HELP}")
+        if isinstance(text, int):
+            return cls("slots", float(text))
+        if isinstance(text, float):
+            if not 0 < text <= 1:
+                raise BudgetError(f"a float expert budget is a share in (0, 1], got {text}; {BUDGET_HELP}")
+            return cls("fraction", text)
+        m = _BUDGET_RE.match(str(text))
+        if not m:
+            raise BudgetError(f"invalid expert budget {text!r}: {BUDGET_HELP}")
+        number, unit = float(m.group(1)), (m.group(2) or "").lower()
+        if unit == "%":
+            if not 0 < number <= 100:
+                raise BudgetError(f"expert budget {text!r} must be a share in (0%, 100%]")
+            return cls("fraction", number / 100)
+        if unit == "":
+            if number != int(number):
+                raise BudgetError(f"expert budget {text!r}: a slot count must be a whole number")
+            return cls("slots", number)
+        return cls("bytes", number * _UNITS[unit])
+
+    def __str__(self) -> str:
+        if self.kind == "fraction":
+            return f"{self.value * 100:g}%"
+        if self.kind == "bytes":
+            return format_bytes(self.value)
+        return f"{int(self.value)} slots"
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """How a budget maps onto a model: the slot count S of the device pool, and why."""
+
+    slots: int
+    expert_bytes: int
+    total_experts: int
+    all_resident: bool
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slots * self.expert_bytes
+
+    @property
+    def fraction(self) -> float:
+        return self.slots / self.total_experts
+
+    @classmethod
+    def make(cls, budget: ExpertBudget, spec: MoESpec) -> BudgetPlan:
+        """Turn a budget into slots; refuse one that cannot hold one layer's top-k for one token."""
+        total = spec.num_total_experts
+        if budget.kind == "slots":
+            slots = int(budget.value)
+        elif budget.kind == "bytes":
+            slots = int(budget.value // spec.expert_bytes)
+        else:
+            slots = int(budget.value * total + 1e-9)
+        if slots < spec.top_k:
+            need = spec.top_k * spec.expert_bytes
+            raise BudgetError(
+                f"expert budget {budget} holds {slots} expert(s) of {format_bytes(spec.expert_bytes)}, but "
+                f"one MoE layer needs its top-k = {spec.top_k} experts resident at once for a single token "
+                f"({format_bytes(need)}); raise the budget to at least {spec.top_k} slots, "
+                f"{format_bytes(need)} or {100 * spec.top_k / total:.3g}%"
+            )
+        if slots >= total:
+            if slots > total:
+                log.warning(
+                    "expert budget %s exceeds the model's %d routed experts (%s); keeping every "
+                    "expert resident on the device",
+                    budget,
+                    total,
+                    format_bytes(spec.total_expert_bytes),
+                )
+            return cls(total, spec.expert_bytes, total, True)
+        return cls(slots, spec.expert_bytes, total, False)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 means greedy. `seed` makes sampling reproducible."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's EOS tokens
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything `Engine.from_pretrained` needs besides the model path."""
+
+    expert_budget: ExpertBudget = ExpertBudget("fraction", 0.5)
+    policy: str = "previous-token"
+    device: str = "auto"  # "auto" picks cuda when available
+    dtype: str | None = None  # None keeps the checkpoint's dtype
+    prefetch_distance: int = 1  # layers ahead a predictor plans for
+    max_inflight_prefetches: int = 4  # speculative copies outstanding at once
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.prefetch_distance < 1:
+            raise ConfigError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
+        if self.max_inflight_prefetches < 1:
+            raise ConfigError(f"max_inflight_prefetches must be >= 1, got {self.max_inflight_prefetches}")

@@ -1,0 +1,340 @@
+"""The engine: loads a checkpoint with its experts offloaded, wires cache, transfer, prefetcher
+and predictor into the model, and generates. Orchestration only."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from finemoe.cache import ExpertCache
+from finemoe.checkpoint import Checkpoint
+from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams
+from finemoe.errors import ConfigError
+from finemoe.execution import Attachment, OffloadRuntime
+from finemoe.generation import Completion, generate_ids
+from finemoe.loader import (
+    CheckpointExperts,
+    ModuleExperts,
+    build_skeleton,
+    build_spec,
+    find_moe_layers,
+    load_dense,
+)
+from finemoe.models import FamilyAdapter, get_adapter
+from finemoe.policy import EVICTION_POLICIES
+from finemoe.predictor import PREDICTORS
+from finemoe.prefetcher import Prefetcher
+from finemoe.presets import get_preset
+from finemoe.store import ExpertStore
+from finemoe.transfer import make_transfer
+from finemoe.types import CacheStats, MoESpec
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int] | list[dict[str, str]]
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result, with the cache counters accumulated while it ran (shared in a batch)."""
+
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    finish_reason: str
+    ttft_s: float
+    tpot_s: float
+    latency_s: float
+    cache: CacheStats
+    policy: str
+
+    def to_dict(self) -> dict[str, Any]:
+        c = self.cache
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_tokens": len(self.prompt_token_ids),
+            "finish_reason": self.finish_reason,
+            "ttft_s": self.ttft_s,
+            "tpot_s": self.tpot_s,
+            "latency_s": self.latency_s,
+            "hit_rate": c.hit_rate,
+            "hits": c.hits,
+            "misses": c.misses,
+            "bytes_copied": c.bytes_copied,
+            "stall_s": c.stall_s,
+            "prefetch_precision": c.prefetch_precision,
+            "policy": self.policy,
+        }
+
+
+@dataclass
+class EngineStats:
+    """Engine-wide counters and memory figures (bytes)."""
+
+    policy: str
+    device: str
+    slots: int
+    resident_experts: int
+    total_experts: int
+    pool_bytes: int
+    store_bytes: int
+    dense_bytes: int
+    cache: CacheStats
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "device": self.device,
+            "slots": self.slots,
+            "resident_experts": self.resident_experts,
+            "total_experts": self.total_experts,
+            "pool_bytes": self.pool_bytes,
+            "store_bytes": self.store_bytes,
+            "dense_bytes": self.dense_bytes,
+            **self.cache.to_dict(),
+            **self.extra,
+        }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+class Engine:
+    """A MoE model whose routed experts live in host memory, cached in a device slot pool."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        spec: MoESpec,
+        store: ExpertStore,
+        config: EngineConfig,
+        device: torch.device,
+        tokenizer: Any = None,
+        dense_bytes: int = 0,
+        name: str = "",
+    ) -> None:
+        self.model, self.adapter, self.spec, self.store = model, adapter, spec, store
+        self.config, self.device, self.tokenizer, self.name = config, device, tokenizer, name
+        self.dense_bytes = dense_bytes
+        preset = get_preset(config.policy)
+        self.preset = preset
+        budget = ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget
+        self.plan = BudgetPlan.make(budget, spec)
+        pool = torch.empty(self.plan.slots, spec.expert_numel, dtype=spec.dtype, device=device)
+        transfer = make_transfer(pool)
+        self.cache = ExpertCache(spec, pool, store, transfer, EVICTION_POLICIES[preset.eviction]())
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
+        predictors = []
+        if not self.plan.all_resident and preset.predictor != "none":
+            predictors.append(PREDICTORS[preset.predictor](spec, config.prefetch_distance))
+        self.runtime = OffloadRuntime(spec, adapter, self.cache, self.prefetcher, predictors)
+        if self.plan.all_resident:
+            self.cache.preload_all()
+            transfer.synchronize()
+        self._attachment = Attachment(model, self.runtime, find_moe_layers(model, adapter))
+        self._iterations = 0
+        log.info(
+            "engine ready: %s, policy %s, %d/%d experts in %d slots (%.2f GiB of %.2f GiB), device %s",
+            spec.model_type,
+            preset.name,
+            self.plan.slots,
+            spec.num_total_experts,
+            self.plan.slots,
+            self.plan.pool_bytes / 2**30,
+            spec.total_expert_bytes / 2**30,
+            device,
+        )
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, config: EngineConfig | None = None, **kwargs: Any) -> Engine:
+        """Load `path` (a local checkpoint directory) with experts offloaded.
+
+        Keyword arguments override fields of `EngineConfig` (expert_budget accepts '25%', '8GiB'
+        or a slot count).
+        """
+        if "expert_budget" in kwargs:
+            kwargs["expert_budget"] = ExpertBudget.parse(kwargs["expert_budget"])
+        config = EngineConfig(**{**(config.__dict__ if config else {}), **kwargs})
+        get_preset(config.policy)
+        device = _resolve_device(config.device)
+        ckpt = Checkpoint(path)
+        try:
+            dtype = getattr(torch, config.dtype) if config.dtype else ckpt.floating_dtype()
+            model, adapter = build_skeleton(ckpt, dtype)
+            spec = build_spec(model, adapter, dtype)
+            if not get_preset(config.policy).all_resident:
+                BudgetPlan.make(config.expert_budget, spec)  # refuse a bad budget before reading weights
+            experts = CheckpointExperts(ckpt, adapter, spec)
+            refs = find_moe_layers(model, adapter)
+            dense = load_dense(model, ckpt, adapter, experts.consumed, {r.experts for r in refs}, device, dtype)
+            store = ExpertStore(spec, pin=device.type == "cuda")
+            store.fill(experts, progress=config.progress)
+        finally:
+            ckpt.close()
+        return cls(model, adapter, spec, store, config, device, _load_tokenizer(ckpt.path), dense, str(ckpt.path))
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, config: EngineConfig | None = None, tokenizer: Any = None, **kwargs: Any
+    ) -> Engine:
+        """Offload the experts of an already materialised transformers MoE model (takes ownership:
+        its fused expert tensors are moved into the host store and freed)."""
+        if "expert_budget" in kwargs:
+            kwargs["expert_budget"] = ExpertBudget.parse(kwargs["expert_budget"])
+        config = EngineConfig(**{**(config.__dict__ if config else {}), **kwargs})
+        adapter = get_adapter(model.config.model_type)
+        refs = find_moe_layers(model, adapter)
+        dtype = refs[0].experts.gate_up_proj.dtype
+        device = next(p.device for p in model.parameters() if not p.is_meta)
+        spec = build_spec(model, adapter, dtype)
+        if not get_preset(config.policy).all_resident:
+            BudgetPlan.make(config.expert_budget, spec)
+        store = ExpertStore(spec, pin=device.type == "cuda")
+        store.fill(ModuleExperts(refs, spec), progress=config.progress, desc="offloading experts")
+        for ref in refs:
+            for part in spec.parts:
+                old = getattr(ref.experts, part.name)
+                ref.experts._parameters[part.name] = nn.Parameter(
+                    torch.empty(old.shape, dtype=old.dtype, device="meta"), requires_grad=False
+                )
+        dense = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_meta)
+        return cls(model, adapter, spec, store, config, device, tokenizer, dense, type(model).__name__)
+
+    # -- use -----------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt: ids pass through; chat messages (and text, when `chat` is on or
+        the tokenizer has a chat template) go through the chat template."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        tok = self.tokenizer
+        if tok is None:
+            raise ConfigError("this model has no tokenizer; pass prompts as lists of token ids")
+        if isinstance(prompt, str):
+            use_chat = chat if chat is not None else bool(getattr(tok, "chat_template", None))
+            if not use_chat:
+                return tok(prompt, add_special_tokens=True)["input_ids"]
+            prompt = [{"role": "user", "content": prompt}]
+        if not getattr(tok, "chat_template", None):
+            raise ConfigError("this model's tokenizer has no chat template; pass plain text instead")
+        ids = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def stop_ids(self, params: SamplingParams) -> set[int]:
+        if params.stop_token_ids is not None:
+            return set(params.stop_token_ids)
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None)
+            if eos is not None:
+                ids.update([eos] if isinstance(eos, int) else eos)
+        return ids
+
+    def _pad_id(self) -> int:
+        for src in (self.tokenizer, getattr(self.model, "generation_config", None), self.model.config):
+            pad = getattr(src, "pad_token_id", None)
+            if isinstance(pad, int):
+                return pad
+        eos = sorted(self.stop_ids(SamplingParams()))
+        return eos[0] if eos else 0
+
+    def _start_iteration(self, step: int, is_prefill: bool) -> None:
+        self.runtime.start_iteration(self._iterations, is_prefill)
+        self._iterations += 1
+
+    def generate(
+        self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None
+    ) -> list[GenerationOutput]:
+        """Generate for one prompt or a batch (text, token ids or chat messages)."""
+        params = params or SamplingParams()
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], (int, dict))
+        )
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise ConfigError("no prompts given")
+        encoded = [self.encode(p, chat) for p in batch]
+        if any(len(e) == 0 for e in encoded):
+            raise ConfigError("empty prompt: every prompt needs at least one token")
+        before = self.cache.stats.copy()
+        completions = generate_ids(
+            self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration
+        )
+        self.cache.refresh_stall()
+        delta = self.cache.stats.minus(before)
+        return [self._output(c, delta) for c in completions]
+
+    def _output(self, c: Completion, delta: CacheStats) -> GenerationOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+        return GenerationOutput(
+            text,
+            c.token_ids,
+            c.prompt_token_ids,
+            c.finish_reason,
+            c.ttft_s,
+            c.tpot_s,
+            c.latency_s,
+            delta,
+            self.preset.name,
+        )
+
+    def stats(self) -> EngineStats:
+        self.cache.refresh_stall()
+        return EngineStats(
+            policy=self.preset.name,
+            device=str(self.device),
+            slots=self.plan.slots,
+            resident_experts=self.cache.resident_count(),
+            total_experts=self.spec.num_total_experts,
+            pool_bytes=self.cache.pool.nbytes,
+            store_bytes=self.store.nbytes,
+            dense_bytes=self.dense_bytes,
+            cache=self.cache.stats.copy(),
+        )
+
+    def close(self) -> None:
+        """Detach from the model (hooks, experts implementation) and free the pool and store."""
+        if getattr(self, "_attachment", None) is not None:
+            self._attachment.detach()
+            self._attachment = None
+            self.cache.transfer.synchronize()
+            self.store.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_tokenizer(path: os.PathLike) -> Any:
+    from pathlib import Path
+
+    p = Path(path)
+    if not any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        log.warning("could not load the tokenizer from %s (%s); prompts must be token ids", p, e)
+        return None

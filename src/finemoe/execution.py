@@ -1,0 +1,194 @@
+"""The forward-path integration: a `finemoe` experts implementation in transformers' registry and
+forward hooks on the routers. Both are attached per model and removed by `detach()`.
+
+The experts function remaps routed expert ids to slots of the device pool and runs transformers'
+own grouped kernel over the pool, so the arithmetic is the stock one. When a layer call needs
+more experts than the pool can pin at once (large prefill batches under tiny budgets), it runs in
+chunks; per-(token, expert) outputs are combined before the top-k sum, so the result is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
+
+from finemoe.cache import ExpertCache
+from finemoe.loader import MoELayerRef
+from finemoe.models import FamilyAdapter
+from finemoe.predictor import Predictor
+from finemoe.prefetcher import Prefetcher
+from finemoe.store import part_views
+from finemoe.types import MoESpec, RoutingEvent
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION = "finemoe"
+_BINDING_ATTR = "_finemoe_binding"
+_registrations = 0
+
+
+def grouped_pairs(
+    experts: nn.Module,
+    parts: dict[str, torch.Tensor],
+    hidden: torch.Tensor,  # [T, H]
+    slot_idx: torch.Tensor,  # [T, k]; value S (= number of slots) means "skip this pair"
+    weights: torch.Tensor,  # [T, k]
+    num_slots: int,
+) -> torch.Tensor:
+    """Weighted outputs of every (token, k) pair, [T*k, H] in pair order; skipped pairs are 0.
+
+    Mirrors transformers' `grouped_mm_experts_forward` step by step over the slot pool.
+    """
+    device = hidden.device
+    k = slot_idx.size(-1)
+    sample_weights = weights.reshape(-1)  # [T*k]
+    ids = slot_idx.reshape(-1)
+    ids_g, perm = torch.sort(ids)
+    hidden_g = hidden[perm // k]  # [T*k, H]
+    weights_g = sample_weights[perm]
+    histc_in = ids_g.float() if device.type in ("cpu", "mps") else ids_g.int()
+    per_slot = torch.histc(histc_in, bins=num_slots, min=0, max=num_slots - 1)
+    offsets = torch.cumsum(per_slot, dim=0, dtype=torch.int32)
+    skip = (ids_g >= num_slots).unsqueeze(-1)
+    ids_g = ids_g.clamp(max=num_slots - 1)
+    has_bias, transposed = experts.has_bias, experts.is_transposed
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    hidden_g.masked_fill_(skip, 0.0)
+    bias = parts[f"{up_name}_bias"][ids_g] if has_bias else None
+    proj = _grouped_linear(hidden_g, parts[up_name], offsets, bias=bias, is_transposed=transposed)
+    proj = proj.masked_fill(skip, 0.0)
+    proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+    bias = parts["down_proj_bias"][ids_g] if has_bias else None
+    proj = _grouped_linear(proj, parts["down_proj"], offsets, bias=bias, is_transposed=transposed)
+    proj = proj.masked_fill(skip, 0.0)
+    weighted = proj * weights_g.unsqueeze(-1)  # [T*k, H]
+    inv_perm = torch.empty_like(perm)
+    inv_perm[perm] = torch.arange(perm.size(0), device=device)
+    return weighted[inv_perm]
+
+
+@dataclass
+class OffloadRuntime:
+    """State shared by every MoE layer of one engine during a forward pass."""
+
+    spec: MoESpec
+    adapter: FamilyAdapter
+    cache: ExpertCache
+    prefetcher: Prefetcher
+    predictors: list[Predictor] = field(default_factory=list)
+    observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
+    iteration: int = 0
+    is_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        self.pool_parts = dict(zip((p.name for p in self.spec.parts), part_views(self.cache.pool, self.spec)))
+
+    def start_iteration(self, iteration: int, is_prefill: bool) -> None:
+        self.iteration, self.is_prefill = iteration, is_prefill
+        for p in self.predictors:
+            self.prefetcher.submit(p.on_iteration_start(iteration, is_prefill))
+        self.prefetcher.pump()
+
+
+class LayerBinding:
+    """Attached to one experts module; runs that layer's experts from the slot pool."""
+
+    def __init__(self, runtime: OffloadRuntime, ref: MoELayerRef) -> None:
+        self.rt, self.ref, self.layer = runtime, ref, ref.layer
+        self._ids: tuple[torch.Tensor, list[int]] | None = None  # (device idx, unique ids) from the hook
+
+    def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
+        ad = self.rt.adapter
+        logits, idx = output[ad.router_logits_at], output[ad.router_index_at]
+        ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+        self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
+        rt = self.rt
+        if rt.predictors or rt.observers:
+            probs = rt.adapter.router_probs(module, logits.detach().reshape(-1, logits.shape[-1]))
+            event = RoutingEvent(rt.iteration, self.layer, probs, ids_cpu, rt.is_prefill)
+            for obs in rt.observers:
+                obs(event)
+            for p in rt.predictors:
+                rt.prefetcher.submit(p.on_routing(event))
+
+    def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        stash, self._ids = self._ids, None
+        unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
+        cache.access(layer, unique)
+        remaining, acc = unique, None
+        S = cache.num_slots
+        while remaining:
+            got = cache.acquire(layer, remaining)
+            if not got:
+                raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
+            rest = [e for e in remaining if e not in set(got)]
+            slots = cache.slots(layer, got)
+            rt.prefetcher.pump()
+            cache.transfer.before_compute(slots)
+            if acc is None and not rest:
+                slot_idx = cache.device_table(layer)[idx]  # [T, k]
+            else:
+                lut = torch.full((self.rt.spec.num_experts,), S, dtype=torch.int32)
+                lut[got] = torch.tensor(slots, dtype=torch.int32)
+                slot_idx = lut.to(hidden.device)[idx]
+            out = grouped_pairs(experts, rt.pool_parts, hidden, slot_idx, weights, S)
+            acc = out if acc is None else acc + out
+            cache.release(layer, got)
+            remaining = rest
+        T, k = idx.shape
+        return acc.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def finemoe_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The registered experts implementation: delegates to the module's engine binding."""
+    binding: LayerBinding | None = getattr(self, _BINDING_ATTR, None)
+    if binding is None:
+        raise RuntimeError(
+            "experts_implementation 'finemoe' is set on a model no finemoe Engine manages (was the engine closed?)"
+        )
+    return binding.run(self, hidden_states, top_k_index, top_k_weights)
+
+
+class Attachment:
+    """Everything finemoe changed on one model; `detach()` undoes it."""
+
+    def __init__(self, model: nn.Module, runtime: OffloadRuntime, refs: list[MoELayerRef]) -> None:
+        global _registrations
+        if _registrations == 0:
+            ALL_EXPERTS_FUNCTIONS[IMPLEMENTATION] = finemoe_experts_forward
+        _registrations += 1
+        self.model = model
+        self.previous_impl = getattr(model.config, "_experts_implementation", None)
+        self.handles = []
+        self.modules: list[nn.Module] = []
+        for ref in refs:
+            binding = LayerBinding(runtime, ref)
+            setattr(ref.experts, _BINDING_ATTR, binding)
+            self.modules.append(ref.experts)
+            self.handles.append(ref.router.register_forward_hook(binding.on_router))
+        model.set_experts_implementation(IMPLEMENTATION)
+        self.attached = True
+
+    def detach(self) -> None:
+        global _registrations
+        if not self.attached:
+            return
+        for h in self.handles:
+            h.remove()
+        for m in self.modules:
+            if hasattr(m, _BINDING_ATTR):
+                delattr(m, _BINDING_ATTR)
+        if self.previous_impl is not None:
+            self.model.config._experts_implementation = self.previous_impl
+        _registrations -= 1
+        if _registrations == 0 and IMPLEMENTATION in ALL_EXPERTS_FUNCTIONS._local_mapping:
+            del ALL_EXPERTS_FUNCTIONS[IMPLEMENTATION]
+        self.attached = False

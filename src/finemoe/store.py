@@ -1,0 +1,81 @@
+"""The host tier: every routed expert as one contiguous slab in (pinned) host memory.
+
+Memory is allocated one chunk per MoE layer ([E, expert_numel]) and each expert's slab is a row
+of it, so one expert is one H2D copy. On CUDA machines the chunks are page-locked in place with
+cudaHostRegister (no rounding to powers of two as the caching host allocator does).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from finemoe.types import ExpertId, MoESpec
+
+log = logging.getLogger(__name__)
+
+
+class ExpertSource(Protocol):
+    def read_into(self, eid: ExpertId, parts: list[torch.Tensor]) -> None: ...
+
+
+def part_views(slab: torch.Tensor, spec: MoESpec) -> list[torch.Tensor]:
+    """Views of a flat expert slab (or a [S, numel] pool) shaped like `spec.parts`."""
+    views, offset = [], 0
+    lead = tuple(slab.shape[:-1])
+    for part in spec.parts:
+        views.append(slab[..., offset : offset + part.numel].view(*lead, *part.shape))
+        offset += part.numel
+    return views
+
+
+class ExpertStore:
+    """All L*E experts in host memory. `slab(eid)` is a contiguous 1-D tensor of `expert_numel`."""
+
+    def __init__(self, spec: MoESpec, pin: bool) -> None:
+        self.spec = spec
+        self.chunks = [torch.empty(spec.num_experts, spec.expert_numel, dtype=spec.dtype) for _ in spec.moe_layers]
+        self.pinned = False
+        if pin:
+            self._pin()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.chunks)
+
+    def slab(self, eid: ExpertId) -> torch.Tensor:
+        return self.chunks[eid.layer][eid.expert]
+
+    @torch.no_grad()
+    def fill(self, source: ExpertSource, progress: bool = True, desc: str = "loading experts") -> None:
+        """Read every expert from `source` into its slab, one expert at a time."""
+        spec = self.spec
+        total = spec.num_total_experts
+        with tqdm(total=total, desc=desc, unit="expert", disable=not progress, leave=False) as bar:
+            for layer in range(spec.num_layers):
+                for e in range(spec.num_experts):
+                    eid = ExpertId(layer, e)
+                    source.read_into(eid, part_views(self.slab(eid), spec))
+                    bar.update(1)
+        log.info("expert store: %d experts, %.2f GiB, pinned=%s", total, self.nbytes / 2**30, self.pinned)
+
+    def _pin(self) -> None:
+        if not torch.cuda.is_available():
+            return
+        cudart = torch.cuda.cudart()
+        for c in self.chunks:
+            err = cudart.cudaHostRegister(c.data_ptr(), c.nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister failed ({err}) for {c.nbytes} bytes")
+        self.pinned = True
+
+    def close(self) -> None:
+        if self.pinned:
+            cudart = torch.cuda.cudart()
+            for c in self.chunks:
+                cudart.cudaHostUnregister(c.data_ptr())
+            self.pinned = False
+        self.chunks = []

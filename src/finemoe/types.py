@@ -1,0 +1,184 @@
+"""Typed values that cross module boundaries.
+
+Axis letters used project-wide: T tokens, L MoE layers, E experts per layer, k top-k, H hidden,
+I expert intermediate size, S cache slots.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+
+class ExpertId(NamedTuple):
+    """One routed expert: `layer` is the MoE-layer ordinal (0..L-1), not the decoder-layer index."""
+
+    layer: int
+    expert: int
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One tensor of an expert, e.g. `gate_up_proj` of shape (2I, H), as the experts module holds it."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The expert geometry of a model; everything the cache, policies and simulator need to know.
+
+    Invariants: `len(moe_layers) == num_layers`; every expert of every MoE layer has the same
+    `parts`, so one slot of the device pool fits any expert.
+    """
+
+    model_type: str
+    moe_layers: tuple[int, ...]  # decoder-layer index of each MoE layer, ascending
+    num_experts: int  # E, routed experts per MoE layer
+    top_k: int  # k, experts each token uses per MoE layer
+    hidden_size: int  # H
+    intermediate_size: int  # I, per routed expert
+    parts: tuple[ExpertPart, ...]
+    dtype: torch.dtype
+    num_decoder_layers: int
+    shared_expert_intermediate_size: int = 0  # always-resident shared experts, 0 if none
+
+    @property
+    def num_layers(self) -> int:
+        """L, the number of MoE layers."""
+        return len(self.moe_layers)
+
+    @property
+    def num_total_experts(self) -> int:
+        return self.num_layers * self.num_experts
+
+    @property
+    def expert_numel(self) -> int:
+        return sum(p.numel for p in self.parts)
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_numel * self.dtype.itemsize
+
+    @property
+    def total_expert_bytes(self) -> int:
+        return self.expert_bytes * self.num_total_experts
+
+
+class PrefetchRequest(NamedTuple):
+    """One expert a predictor wants resident, with a priority (higher is sooner)."""
+
+    expert: ExpertId
+    priority: float
+
+
+@dataclass(frozen=True)
+class PrefetchPlan:
+    """What a predictor asks for after an event; the prefetcher decides how and when to move it.
+
+    `replace` drops earlier plans that have not started yet.
+    """
+
+    requests: tuple[PrefetchRequest, ...]
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class RoutingEvent:
+    """The router of MoE layer `layer` ran in iteration `iteration`.
+
+    `probs` holds the full router probabilities over all E routed experts, float32 [T, E], on the
+    compute device; `topk_ids` are the selected experts, int64 [T, k], on the CPU.
+    """
+
+    iteration: int
+    layer: int
+    probs: torch.Tensor  # [T, E] float32
+    topk_ids: torch.Tensor  # [T, k] int64, CPU
+    is_prefill: bool
+
+
+@dataclass
+class CacheStats:
+    """Counters of the expert cache. Hits + misses == accesses; bytes in bytes, times in seconds."""
+
+    num_layers: int
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_copied: int = 0
+    demand_bytes: int = 0
+    stall_s: float = 0.0
+    prefetches_issued: int = 0
+    prefetches_used: int = 0
+    prefetches_wasted: int = 0
+    prefetches_late: int = 0
+    layer_hits: list[int] = field(default_factory=list)
+    layer_misses: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.layer_hits:
+            self.layer_hits = [0] * self.num_layers
+        if not self.layer_misses:
+            self.layer_misses = [0] * self.num_layers
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+    @property
+    def layer_hit_rate(self) -> list[float]:
+        return [h / (h + m) if h + m else 0.0 for h, m in zip(self.layer_hits, self.layer_misses, strict=True)]
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of issued prefetches that a router later used while still resident."""
+        return self.prefetches_used / self.prefetches_issued if self.prefetches_issued else 0.0
+
+    @property
+    def demand_bandwidth_gbps(self) -> float:
+        """On-demand copy bandwidth in GB/s (1e9 bytes), over the measured stall time."""
+        return self.demand_bytes / self.stall_s / 1e9 if self.stall_s > 0 else 0.0
+
+    def copy(self) -> CacheStats:
+        return CacheStats(**{k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()})
+
+    def minus(self, before: CacheStats) -> CacheStats:
+        """Counters accumulated since `before` (a copy taken earlier)."""
+        out = self.copy()
+        for k, v in self.__dict__.items():
+            if isinstance(v, list):
+                setattr(out, k, [a - b for a, b in zip(v, getattr(before, k), strict=True)])
+            elif k != "num_layers":
+                setattr(out, k, v - getattr(before, k))
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hit_rate,
+            "evictions": self.evictions,
+            "bytes_copied": self.bytes_copied,
+            "demand_bytes": self.demand_bytes,
+            "stall_s": self.stall_s,
+            "demand_bandwidth_gbps": self.demand_bandwidth_gbps,
+            "prefetches_issued": self.prefetches_issued,
+            "prefetches_used": self.prefetches_used,
+            "prefetches_wasted": self.prefetches_wasted,
+            "prefetches_late": self.prefetches_late,
+            "prefetch_precision": self.prefetch_precision,
+            "layer_hit_rate": self.layer_hit_rate,
+        }

@@ -1,0 +1,135 @@
+"""Expert cache: scripted access sequences with exact victims, and invariants under random use."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from finemoe.cache import ExpertCache
+from finemoe.policy import LFUPolicy, LRUPolicy
+from finemoe.store import ExpertStore
+from finemoe.transfer import SyncTransfer
+from finemoe.types import ExpertId, ExpertPart, MoESpec
+
+SPEC = MoESpec(
+    model_type="test",
+    moe_layers=(0, 1),
+    num_experts=4,
+    top_k=1,
+    hidden_size=2,
+    intermediate_size=1,
+    parts=(ExpertPart("gate_up_proj", (2, 2)), ExpertPart("down_proj", (2, 1))),
+    dtype=torch.float32,
+    num_decoder_layers=2,
+)
+
+
+def make_cache(slots: int, policy) -> ExpertCache:
+    store = ExpertStore(SPEC, pin=False)
+    for layer in range(SPEC.num_layers):
+        for e in range(SPEC.num_experts):
+            store.slab(ExpertId(layer, e)).fill_(100 * layer + e)  # every slab recognisable
+    pool = torch.zeros(slots, SPEC.expert_numel)
+    return ExpertCache(SPEC, pool, store, SyncTransfer(pool), policy)
+
+
+def use(cache: ExpertCache, layer: int, experts: list[int]) -> list[int]:
+    cache.access(layer, experts)
+    got = cache.acquire(layer, experts)
+    cache.release(layer, got)
+    return got
+
+
+def evicted_by(cache: ExpertCache, layer: int, expert: int) -> ExpertId | None:
+    before = set(cache.resident())
+    use(cache, layer, [expert])
+    gone = before - set(cache.resident())
+    assert len(gone) <= 1
+    return gone.pop() if gone else None
+
+
+def test_lru_exact_victims():
+    c = make_cache(2, LRUPolicy())
+    assert evicted_by(c, 0, 0) is None
+    assert evicted_by(c, 0, 1) is None
+    assert evicted_by(c, 0, 0) is None  # hit, refreshes expert 0
+    assert evicted_by(c, 0, 2) == ExpertId(0, 1)  # least recently used
+    assert evicted_by(c, 1, 3) == ExpertId(0, 0)
+    assert evicted_by(c, 0, 2) is None
+    assert evicted_by(c, 0, 1) == ExpertId(1, 3)
+    assert (c.stats.hits, c.stats.misses, c.stats.evictions) == (2, 5, 3)
+
+
+def test_lfu_exact_victims_and_lru_tiebreak():
+    c = make_cache(2, LFUPolicy())
+    for e in (0, 0, 0, 1):
+        use(c, 0, [e])
+    assert evicted_by(c, 0, 2) == ExpertId(0, 1)  # count 0 (after insert) vs 2
+    assert evicted_by(c, 0, 3) == ExpertId(0, 2)  # the newcomer has the lowest count
+    use(c, 0, [3])
+    assert evicted_by(c, 1, 0) == ExpertId(0, 3)  # counts reset on eviction: 1 vs 2
+    c2 = make_cache(2, LFUPolicy())
+    use(c2, 0, [0])
+    use(c2, 0, [1])
+    assert evicted_by(c2, 0, 2) == ExpertId(0, 0)  # equal counts: least recently used goes
+
+
+def test_pool_holds_the_right_weights():
+    c = make_cache(3, LRUPolicy())
+    for layer, e in [(0, 1), (1, 2), (0, 3), (1, 0), (0, 1)]:
+        use(c, layer, [e])
+        slot = c.slot_of[layer][e]
+        assert torch.equal(c.pool[slot], c.store.slab(ExpertId(layer, e)))
+        assert int(c.table[layer, e]) == slot
+    for layer in range(2):
+        for e in range(4):
+            if not c.is_resident(ExpertId(layer, e)):
+                assert int(c.table[layer, e]) == c.num_slots  # sentinel: not resident
+
+
+def test_acquired_expert_is_never_evicted():
+    c = make_cache(2, LRUPolicy())
+    c.access(0, [0, 1])
+    assert c.acquire(0, [0, 1]) == [0, 1]
+    assert not c.try_prefetch(ExpertId(1, 0))  # every slot pinned
+    assert c.acquire(1, [2]) == []  # nothing can be freed yet
+    c.release(0, [0])
+    assert c.acquire(1, [2]) == [2]
+    assert c.is_resident(ExpertId(0, 1)) and not c.is_resident(ExpertId(0, 0))
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, LFUPolicy])
+@pytest.mark.parametrize("seed", range(5))
+def test_invariants_under_random_use(policy, seed):
+    rng = random.Random(seed)
+    slots = rng.randint(2, 5)
+    c = make_cache(slots, policy())
+    pinned: dict[ExpertId, int] = {}
+    accesses = 0
+    for _ in range(400):
+        op = rng.random()
+        layer = rng.randrange(2)
+        if op < 0.5:
+            want = rng.sample(range(4), rng.randint(1, 3))
+            c.access(layer, want)
+            accesses += len(want)
+            for e in c.acquire(layer, want):
+                pinned[ExpertId(layer, e)] = c.slot_of[layer][e]
+        elif op < 0.8 and pinned:
+            eid = rng.choice(list(pinned))
+            c.release(eid.layer, [eid.expert])
+            del pinned[eid]
+        else:
+            c.try_prefetch(ExpertId(layer, rng.randrange(4)))
+        assert c.resident_count() <= slots
+        assert len(set(c.resident())) == c.resident_count()
+        for eid, slot in pinned.items():  # acquired experts stay where they are
+            assert c.slot_of[eid.layer][eid.expert] == slot and c.owner[slot] == eid
+        for slot, eid in enumerate(c.owner):
+            if eid is not None:
+                assert c.slot_of[eid.layer][eid.expert] == slot
+                assert torch.equal(c.pool[slot], c.store.slab(eid))
+        assert c.stats.hits + c.stats.misses == accesses
+        assert sum(c.stats.layer_hits) + sum(c.stats.layer_misses) == accesses

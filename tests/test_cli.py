@@ -1,0 +1,126 @@
+"""The `finemoe` command line, run in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from finemoe.cli import main
+
+FIELDS = {"text", "token_ids", "ttft_s", "tpot_s", "hit_rate", "bytes_copied", "policy"}
+
+
+@pytest.fixture
+def tok_ckpt(tiny_checkpoint):
+    return tiny_checkpoint("qwen2_moe", tokenizer=True, vocab_size=260)
+
+
+def test_generate_json(tok_ckpt, capsys):
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tok_ckpt),
+            "--prompt",
+            "hello",
+            "--json",
+            "--max-new-tokens",
+            "6",
+            "--expert-budget",
+            "3",
+            "--policy",
+            "lru",
+            "--no-progress",
+        ]
+    )
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    obj = json.loads(lines[0])
+    assert obj.keys() >= FIELDS
+    assert obj["policy"] == "lru" and 1 <= len(obj["token_ids"]) <= 6 and 0 <= obj["hit_rate"] <= 1
+    assert obj["bytes_copied"] > 0
+
+
+def test_generate_prompts_files_in_order(tok_ckpt, tmp_path, capsys):
+    txt = tmp_path / "p.txt"
+    txt.write_text("first\n\nsecond\nthird\n")
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"prompt": p, "id": i}) for i, p in enumerate(["first", "second", "third"])))
+    outs = []
+    for f in (txt, jsonl):
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(tok_ckpt),
+                    "--prompts",
+                    str(f),
+                    "--json",
+                    "--max-new-tokens",
+                    "4",
+                    "--expert-budget",
+                    "25%",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+        outs.append([json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()])
+    assert len(outs[0]) == len(outs[1]) == 3
+    assert [o["token_ids"] for o in outs[0]] == [o["token_ids"] for o in outs[1]]
+
+
+def test_human_output_has_stats(tok_ckpt, capsys):
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tok_ckpt),
+                "--prompt",
+                "hi",
+                "--max-new-tokens",
+                "3",
+                "--expert-budget",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    err = capsys.readouterr().err
+    assert "ttft=" in err and "tpot=" in err and "hit_rate=" in err and "copied=" in err
+
+
+def test_errors_exit_2_with_message(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    assert main(["generate", "--model", str(tmp_path), "--prompts", str(bad)]) == 2
+    assert "needs a string field 'prompt'" in capsys.readouterr().err
+
+
+def test_default_model_is_built_and_labelled(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FINEMOE_CACHE", str(tmp_path))
+    assert (
+        main(
+            ["generate", "--prompt", "hi", "--json", "--max-new-tokens", "3", "--expert-budget", "30%", "--no-progress"]
+        )
+        == 0
+    )
+    cap = capsys.readouterr()
+    assert "random-weight" in cap.err and "NOT trained" in cap.err
+    assert (tmp_path / "models").is_dir()
+    assert len(json.loads(cap.out.strip())["token_ids"]) >= 1
+
+
+def test_python_m_finemoe_and_models_list():
+    out = subprocess.run([sys.executable, "-m", "finemoe", "models"], capture_output=True, text=True, check=True)
+    for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"):
+        assert name in out.stdout

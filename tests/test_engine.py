@@ -1,0 +1,130 @@
+"""Engine behaviour beyond parity: budgets in every unit, memory bounds, chat, sampling, close()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from finemoe import Engine, ExpertBudget, SamplingParams
+from finemoe.config import BudgetPlan
+
+
+def test_budget_parsing():
+    assert ExpertBudget.parse("25%") == ExpertBudget("fraction", 0.25)
+    assert ExpertBudget.parse("8GiB") == ExpertBudget("bytes", 8 * 2**30)
+    assert ExpertBudget.parse("512 MB") == ExpertBudget("bytes", 512e6)
+    assert ExpertBudget.parse("96") == ExpertBudget("slots", 96)
+    assert ExpertBudget.parse(12) == ExpertBudget("slots", 12)
+    assert ExpertBudget.parse(0.5) == ExpertBudget("fraction", 0.5)
+
+
+@pytest.mark.parametrize("budget", ["25%", "5", "300KiB"])
+def test_device_expert_bytes_never_exceed_budget(tiny_checkpoint, budget):
+    path = tiny_checkpoint("mixtral")
+    eng = Engine.from_pretrained(path, expert_budget=budget, policy="previous-token", device="cpu", progress=False)
+    try:
+        b = ExpertBudget.parse(budget)
+        limit = {
+            "fraction": b.value * eng.spec.total_expert_bytes,
+            "bytes": b.value,
+            "slots": b.value * eng.spec.expert_bytes,
+        }[b.kind]
+        assert eng.cache.pool.nbytes <= limit
+        # No expert weights live anywhere else on the device: the fused parameters stay on meta.
+        for layer in eng.model.model.layers:
+            for p in layer.mlp.experts.parameters():
+                assert p.is_meta
+        peak = 0
+
+        def watch(event):
+            nonlocal peak
+            peak = max(peak, eng.cache.resident_count())
+
+        eng.runtime.observers.append(watch)
+        eng.generate([[5, 6, 7, 8], [9, 10]], SamplingParams(max_new_tokens=16, ignore_eos=True))
+        assert 0 < peak <= eng.plan.slots
+        assert eng.stats().cache.misses > 0
+    finally:
+        eng.close()
+
+
+def test_plan_fraction_rounds_down(tiny_checkpoint):
+    eng = Engine.from_pretrained(tiny_checkpoint("olmoe"), expert_budget="30%", device="cpu", progress=False)
+    try:
+        assert eng.plan == BudgetPlan(int(0.3 * 16), eng.spec.expert_bytes, 16, False)
+    finally:
+        eng.close()
+
+
+def test_close_undoes_everything(tiny_checkpoint, reference_model):
+    path = tiny_checkpoint("qwen3_moe")
+    eng = Engine.from_pretrained(path, expert_budget=3, device="cpu", progress=False)
+    model = eng.model
+    routers = [layer.mlp.gate for layer in model.model.layers]
+    assert all(len(r._forward_hooks) == 1 for r in routers)
+    assert "finemoe" in ALL_EXPERTS_FUNCTIONS
+    eng.close()
+    assert all(len(r._forward_hooks) == 0 for r in routers)
+    assert "finemoe" not in ALL_EXPERTS_FUNCTIONS
+    assert model.config._experts_implementation != "finemoe"
+    assert not any(hasattr(layer.mlp.experts, "_finemoe_binding") for layer in model.model.layers)
+    eng.close()  # idempotent
+
+
+def test_two_engines_share_the_registry(tiny_checkpoint):
+    a = Engine.from_pretrained(tiny_checkpoint("qwen3_moe"), expert_budget=3, device="cpu", progress=False)
+    b = Engine.from_pretrained(tiny_checkpoint("olmoe"), expert_budget=3, device="cpu", progress=False)
+    a.close()
+    assert "finemoe" in ALL_EXPERTS_FUNCTIONS
+    assert len(b.generate([1, 2, 3], SamplingParams(max_new_tokens=3))[0].token_ids) >= 1
+    b.close()
+    assert "finemoe" not in ALL_EXPERTS_FUNCTIONS
+
+
+def test_chat_template_and_text(tiny_checkpoint):
+    path = tiny_checkpoint("qwen2_moe", tokenizer=True, vocab_size=260)
+    eng = Engine.from_pretrained(path, expert_budget=4, device="cpu", progress=False)
+    try:
+        msgs = [{"role": "user", "content": "hi"}]
+        ids = eng.encode(msgs)
+        assert ids == eng.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+        assert eng.encode("hi") == ids  # text goes through the chat template when there is one
+        assert eng.encode("hi", chat=False) == [104, 105]
+        out = eng.generate("hi", SamplingParams(max_new_tokens=5, ignore_eos=True))[0]
+        assert out.prompt_token_ids == ids and len(out.token_ids) == 5
+        assert out.text == eng.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+    finally:
+        eng.close()
+
+
+def test_sampling_is_seeded_and_stops_on_eos(tiny_checkpoint):
+    eng = Engine.from_pretrained(tiny_checkpoint("olmoe"), expert_budget=4, device="cpu", progress=False)
+    try:
+        p = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+        a = eng.generate([3, 4, 5], p)[0].token_ids
+        b = eng.generate([3, 4, 5], p)[0].token_ids
+        c = eng.generate([3, 4, 5], SamplingParams(**{**p.__dict__, "seed": 8}))[0].token_ids
+        assert a == b and a != c
+        greedy = eng.generate([3, 4, 5], SamplingParams(max_new_tokens=8, ignore_eos=True))[0].token_ids
+        stop = greedy[3]
+        out = eng.generate([3, 4, 5], SamplingParams(max_new_tokens=8, stop_token_ids=(stop,)))[0]
+        assert out.token_ids == greedy[: greedy.index(stop) + 1] and out.finish_reason == "stop"
+    finally:
+        eng.close()
+
+
+def test_from_model_matches_reference(tiny_checkpoint, reference_model):
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_checkpoint("deepseek_v3")
+    ref = reference_model(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    eng = Engine.from_model(model, expert_budget=3, policy="lfu", progress=False)
+    try:
+        ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+        with torch.no_grad():
+            assert torch.allclose(ref(ids).logits, eng.model(ids).logits, atol=1e-5, rtol=0)
+        assert eng.stats().cache.misses > 0
+    finally:
+        eng.close()

@@ -1,0 +1,117 @@
+"""Prefetch path: in-flight limit, priority order, pause on a miss, and the simple predictors."""
+
+from __future__ import annotations
+
+import torch
+
+from finemoe.cache import ExpertCache
+from finemoe.policy import LRUPolicy
+from finemoe.predictor import NonePredictor, PreviousTokenPredictor
+from finemoe.prefetcher import Prefetcher
+from finemoe.store import ExpertStore
+from finemoe.types import ExpertId, PrefetchPlan, PrefetchRequest, RoutingEvent
+
+from tests.test_cache import SPEC
+
+
+class ManualTransfer:
+    """Copies at once, but reports each copy as running until `finish()` (a stand-in for a link)."""
+
+    def __init__(self, pool):
+        self.pool, self.running, self.log = pool, set(), []
+
+    def load(self, slot, src, demand):
+        self.pool[slot].copy_(src)
+        self.running.add(slot)
+        self.log.append(("demand" if demand else "prefetch", slot))
+
+    def is_done(self, slot):
+        return slot not in self.running
+
+    def finish(self):
+        self.running.clear()
+
+    def before_compute(self, slots):
+        pass
+
+    def after_compute(self, slots):
+        pass
+
+    def demand_seconds(self):
+        return 0.0
+
+    def synchronize(self):
+        self.running.clear()
+
+
+def setup(slots=6, inflight=2):
+    store = ExpertStore(SPEC, pin=False)
+    pool = torch.zeros(slots, SPEC.expert_numel)
+    tr = ManualTransfer(pool)
+    cache = ExpertCache(SPEC, pool, store, tr, LRUPolicy())
+    return cache, Prefetcher(cache, max_inflight=inflight), tr
+
+
+def plan(*items, replace=False):
+    return PrefetchPlan(tuple(PrefetchRequest(ExpertId(layer, e), p) for layer, e, p in items), replace)
+
+
+def test_inflight_limit_and_priority_order():
+    cache, pf, tr = setup(inflight=2)
+    pf.submit(plan((1, 0, 0.1), (1, 1, 0.9), (1, 2, 0.5), (1, 3, 0.7)))
+    assert pf.pump() == 2
+    assert [cache.owner[s] for _, s in tr.log] == [ExpertId(1, 1), ExpertId(1, 3)]  # highest first
+    assert pf.pump() == 0  # both still in flight
+    tr.finish()
+    assert pf.pump() == 2
+    assert cache.stats.prefetches_issued == 4
+
+
+def test_replace_drops_queued_requests():
+    cache, pf, tr = setup(inflight=1)
+    pf.submit(plan((1, 0, 0.5), (1, 1, 0.4)))
+    pf.submit(plan((0, 3, 0.1), replace=True))
+    assert pf.pump() == 1 and pf.pending() == 0
+    assert cache.is_resident(ExpertId(0, 3)) and not cache.is_resident(ExpertId(1, 0))
+
+
+def test_miss_pauses_prefetching_until_demand_copy_done():
+    cache, pf, tr = setup(inflight=4)
+    pf.submit(plan((1, 0, 0.5), (1, 1, 0.4)))
+    cache.access(0, [2])
+    assert cache.acquire(0, [2]) == [2]  # a miss: on-demand copy, prefetching paused
+    assert tr.log == [("demand", cache.slot_of[0][2])]
+    assert pf.pump() == 0  # the demand copy is still running: nothing else starts
+    tr.finish()
+    assert pf.pump() == 2
+    assert [kind for kind, _ in tr.log] == ["demand", "prefetch", "prefetch"]
+
+
+def test_late_and_wasted_prefetch_accounting():
+    cache, pf, tr = setup(slots=2, inflight=4)
+    pf.submit(plan((0, 0, 0.9), (0, 1, 0.8)))
+    pf.pump()
+    cache.access(0, [0])  # copy still running: a late prefetch, counted as a miss
+    assert cache.stats.prefetches_late == 1 and cache.stats.misses == 1
+    tr.finish()
+    cache.acquire(0, [0])
+    cache.release(0, [0])
+    cache.access(1, [3])
+    cache.acquire(1, [3])  # evicts the never-used prefetch of (0, 1)
+    assert cache.stats.prefetches_wasted == 1 and cache.stats.prefetches_used == 1
+
+
+def event(layer, ids, iteration=0):
+    t = torch.tensor(ids).view(-1, 1)
+    return RoutingEvent(iteration, layer, torch.zeros(len(ids), 4), t, False)
+
+
+def test_previous_token_predictor_plans_next_layer_from_last_iteration():
+    p = PreviousTokenPredictor(SPEC, distance=1)
+    assert p.on_routing(event(0, [1, 2])) is None  # layer 1 never ran: nothing to predict
+    assert p.on_routing(event(1, [3])) is None  # last layer: the next iteration's start plans
+    start = p.on_iteration_start(1, False)
+    assert {r.expert for r in start.requests} == {ExpertId(0, 1), ExpertId(0, 2)} and start.replace
+    nxt = p.on_routing(event(0, [0], iteration=1))
+    assert [r.expert for r in nxt.requests] == [ExpertId(1, 3)]
+    assert NonePredictor(SPEC).on_routing(event(0, [1])) is None
