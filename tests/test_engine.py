@@ -128,3 +128,28 @@ def test_from_model_matches_reference(tiny_checkpoint, reference_model):
         assert eng.stats().cache.misses > 0
     finally:
         eng.close()
+
+
+def test_reconfigure_keeps_store_and_stays_exact(tiny_checkpoint, reference_model):
+    path = tiny_checkpoint("mixtral")
+    ref = reference_model(path)
+    eng = Engine.from_pretrained(path, expert_budget=3, policy="lru", device="cpu", progress=False)
+    try:
+        store = eng.store
+        ids = torch.tensor([[7, 3, 9, 1, 2]])
+        for kw in (
+            {"policy": "lfu", "expert_budget": "50%"},
+            {"policy": "all-gpu"},
+            {"policy": "lru", "expert_budget": 2},
+        ):
+            eng.reconfigure(**kw)
+            assert eng.store is store
+            with torch.no_grad():
+                assert (ref(ids).logits - eng.model(ids).logits).abs().max() <= 1e-5
+        assert eng.preset.name == "lru" and eng.plan.slots == 2
+        with pytest.raises(Exception, match="top-k"):
+            eng.reconfigure(policy="lru", expert_budget=1)
+        assert eng.plan.slots == 2  # a refused change leaves the engine as it was
+        assert len(eng.generate([1, 2], SamplingParams(max_new_tokens=2))[0].token_ids) >= 1
+    finally:
+        eng.close()

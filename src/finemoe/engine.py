@@ -13,7 +13,7 @@ from torch import nn
 
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
-from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams
+from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.generation import Completion, generate_ids
@@ -130,36 +130,61 @@ class Engine:
         name: str = "",
     ) -> None:
         self.model, self.adapter, self.spec, self.store = model, adapter, spec, store
-        self.config, self.device, self.tokenizer, self.name = config, device, tokenizer, name
+        self.device, self.tokenizer, self.name = device, tokenizer, name
         self.dense_bytes = dense_bytes
+        self._attachment: Attachment | None = None
+        self._iterations = 0
+        self._setup(config)
+
+    def _setup(self, config: EngineConfig) -> None:
+        """Build pool, cache, prefetcher and predictors for `config` and attach to the model."""
+        spec, device = self.spec, self.device
         preset = get_preset(config.policy)
-        self.preset = preset
         budget = ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget
-        self.plan = BudgetPlan.make(budget, spec)
-        pool = torch.empty(self.plan.slots, spec.expert_numel, dtype=spec.dtype, device=device)
+        plan = BudgetPlan.make(budget, spec)
+        self.config, self.preset, self.plan = config, preset, plan
+        pool = torch.empty(plan.slots, spec.expert_numel, dtype=spec.dtype, device=device)
         transfer = make_transfer(pool)
-        self.cache = ExpertCache(spec, pool, store, transfer, EVICTION_POLICIES[preset.eviction]())
+        self.cache = ExpertCache(spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction]())
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
         predictors = []
-        if not self.plan.all_resident and preset.predictor != "none":
+        if not plan.all_resident and preset.predictor != "none":
             predictors.append(PREDICTORS[preset.predictor](spec, config.prefetch_distance))
-        self.runtime = OffloadRuntime(spec, adapter, self.cache, self.prefetcher, predictors)
-        if self.plan.all_resident:
+        self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
+        if plan.all_resident:
             self.cache.preload_all()
             transfer.synchronize()
-        self._attachment = Attachment(model, self.runtime, find_moe_layers(model, adapter))
-        self._iterations = 0
+        self._attachment = Attachment(self.model, self.runtime, find_moe_layers(self.model, self.adapter))
         log.info(
-            "engine ready: %s, policy %s, %d/%d experts in %d slots (%.2f GiB of %.2f GiB), device %s",
+            "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,
             preset.name,
-            self.plan.slots,
+            plan.slots,
             spec.num_total_experts,
-            self.plan.slots,
-            self.plan.pool_bytes / 2**30,
-            spec.total_expert_bytes / 2**30,
+            format_bytes(plan.pool_bytes),
+            format_bytes(spec.total_expert_bytes),
             device,
         )
+
+    def reconfigure(self, **overrides: Any) -> None:
+        """Switch policy, budget or prefetch settings without reloading: the host store is kept,
+        the device pool is rebuilt (empty, or full for an all-resident plan)."""
+        if "expert_budget" in overrides:
+            overrides["expert_budget"] = ExpertBudget.parse(overrides["expert_budget"])
+        config = EngineConfig(**{**self.config.__dict__, **overrides})
+        get_preset(config.policy)
+        if not get_preset(config.policy).all_resident:
+            BudgetPlan.make(config.expert_budget, self.spec)
+        self._detach()
+        self._setup(config)
+
+    def _detach(self) -> None:
+        if self._attachment is not None:
+            self._attachment.detach()
+            self._attachment = None
+            self.cache.transfer.synchronize()
+            self.cache.pool = torch.empty(0, device=self.device)
+            self.runtime.pool_parts = {}
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -304,7 +329,7 @@ class Engine:
             slots=self.plan.slots,
             resident_experts=self.cache.resident_count(),
             total_experts=self.spec.num_total_experts,
-            pool_bytes=self.cache.pool.nbytes,
+            pool_bytes=self.plan.pool_bytes,
             store_bytes=self.store.nbytes,
             dense_bytes=self.dense_bytes,
             cache=self.cache.stats.copy(),
@@ -312,10 +337,8 @@ class Engine:
 
     def close(self) -> None:
         """Detach from the model (hooks, experts implementation) and free the pool and store."""
-        if getattr(self, "_attachment", None) is not None:
-            self._attachment.detach()
-            self._attachment = None
-            self.cache.transfer.synchronize()
+        if self._attachment is not None:
+            self._detach()
             self.store.close()
 
     def __enter__(self) -> Engine:

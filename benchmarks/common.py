@@ -1,0 +1,96 @@
+"""Shared helpers for benchmark scripts: run metadata and real model shapes (config numbers)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# Config numbers of real MoE checkpoints (sources: each model's config.json on the Hugging Face hub).
+SHAPES: dict[str, dict] = {
+    # allenai/OLMoE-1B-7B-0924
+    "olmoe": dict(
+        model_type="olmoe",
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=50304,
+        max_position_embeddings=4096,
+        norm_topk_prob=False,
+    ),
+    # Qwen/Qwen1.5-MoE-A2.7B
+    "qwen15moe": dict(
+        model_type="qwen2_moe",
+        hidden_size=2048,
+        intermediate_size=5632,
+        moe_intermediate_size=1408,
+        shared_expert_intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_experts=60,
+        num_experts_per_tok=4,
+        vocab_size=151936,
+        max_position_embeddings=8192,
+        norm_topk_prob=False,
+    ),
+    # Qwen/Qwen3-30B-A3B
+    "qwen3_30b": dict(
+        model_type="qwen3_moe",
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        norm_topk_prob=True,
+    ),
+}
+
+
+def shape_config(name: str, layers: int | None = None):
+    from transformers import AutoConfig
+
+    kw = dict(SHAPES[name])
+    model_type = kw.pop("model_type")
+    if layers:
+        kw["num_hidden_layers"] = layers
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_meta() -> dict:
+    import transformers
+
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {
+        "git_sha": git_sha(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": dev,
+        "cpu_count": __import__("os").cpu_count(),
+    }
