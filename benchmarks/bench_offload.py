@@ -41,7 +41,7 @@ def timed(fn):
 
 
 def hf_generate(model, ids, n):
-    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
 def plain_transformers(model, prompt, n):

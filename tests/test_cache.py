@@ -133,3 +133,16 @@ def test_invariants_under_random_use(policy, seed):
                 assert torch.equal(c.pool[slot], c.store.slab(eid))
         assert c.stats.hits + c.stats.misses == accesses
         assert sum(c.stats.layer_hits) + sum(c.stats.layer_misses) == accesses
+
+
+def test_slot_windows_cover_and_bound():
+    from finemoe.execution import slot_windows
+
+    assert slot_windows([3, 9], 16, 16) == [(0, 16)]
+    assert slot_windows([700, 5, 1500, 40], 2048, 512) == [(5, 36), (700, 1), (1500, 1)]
+    rng = random.Random(0)
+    for _ in range(50):
+        slots = rng.sample(range(3000), rng.randint(1, 40))
+        wins = slot_windows(slots, 3000, 256)
+        assert all(size <= 256 for _, size in wins)
+        assert all(any(b <= s < b + n for b, n in wins) for s in slots)

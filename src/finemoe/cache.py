@@ -42,6 +42,8 @@ class ExpertCache:
         self.step = 0
         self.on_demand_miss = None  # callable run before on-demand copies (pauses prefetching)
         self._demand_slots: list[int] = []  # slots of the latest on-demand copies
+        self.all_resident = False  # set by preload_all: expert (l, e) sits in slot l*E + e, forever
+        self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, top-k ids on device), counted later
         # Device copy of the table; sentinel S marks "not resident" (grouped_mm skips it).
         self.table = torch.full((L, E), S, dtype=torch.int32, device=pool.device)
         pin = pool.device.type == "cuda"
@@ -180,19 +182,37 @@ class ExpertCache:
         self.stats.prefetches_issued += 1
         return True
 
+    def defer_access(self, layer: int, ids: torch.Tensor) -> None:
+        """Record a use without a host sync (all-resident: every access is a hit); counted by flush."""
+        self._deferred.append((layer, ids))
+        if len(self._deferred) >= 4096:
+            self.flush_deferred()
+
+    def flush_deferred(self) -> None:
+        for layer, ids in self._deferred:
+            n = len(set(ids.view(-1).tolist()))
+            self.stats.hits += n
+            self.stats.layer_hits[layer] += n
+            self.step += 1
+        self._deferred.clear()
+
     def preload_all(self) -> None:
-        """Make every expert resident (requires S == L*E); used by the all-resident plan."""
-        assert self.num_slots >= self.spec.num_total_experts
+        """Make every expert resident in slot l*E + e (requires S == L*E); all-resident plans."""
+        assert self.num_slots == self.spec.num_total_experts and len(self._free) == self.num_slots
         for layer in range(self.spec.num_layers):
             for e in range(self.spec.num_experts):
                 eid = ExpertId(layer, e)
                 slot = self._allocate()
+                assert slot == layer * self.spec.num_experts + e
                 self.transfer.load(slot, self.store.slab(eid), demand=False)
                 self.owner[slot] = eid
                 self._set(eid, slot)
                 self.policy.on_insert(eid, self.step)
         for layer in range(self.spec.num_layers):
             self.device_table(layer)
+        self.all_resident = True
 
     def refresh_stall(self) -> None:
+        """Bring lazily measured counters (stall time, deferred hits) up to date."""
+        self.flush_deferred()
         self.stats.stall_s = self.transfer.demand_seconds()

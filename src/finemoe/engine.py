@@ -297,6 +297,7 @@ class Engine:
         encoded = [self.encode(p, chat) for p in batch]
         if any(len(e) == 0 for e in encoded):
             raise ConfigError("empty prompt: every prompt needs at least one token")
+        self.cache.refresh_stall()
         before = self.cache.stats.copy()
         completions = generate_ids(
             self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration

@@ -28,6 +28,7 @@ from finemoe.types import MoESpec, RoutingEvent
 log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "finemoe"
+MAX_CUDA_GROUPS = 512
 _BINDING_ATTR = "_finemoe_binding"
 _registrations = 0
 
@@ -84,9 +85,18 @@ class OffloadRuntime:
     observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
     iteration: int = 0
     is_prefill: bool = True
+    max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
 
     def __post_init__(self) -> None:
+        if self.max_groups <= 0:
+            # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
+            self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
         self.pool_parts = dict(zip((p.name for p in self.spec.parts), part_views(self.cache.pool, self.spec)))
+        E = self.spec.num_experts
+        self.layer_parts = [
+            {n: v[layer * E : (layer + 1) * E] for n, v in self.pool_parts.items()}
+            for layer in range(self.spec.num_layers)
+        ]
 
     def start_iteration(self, iteration: int, is_prefill: bool) -> None:
         self.iteration, self.is_prefill = iteration, is_prefill
@@ -103,11 +113,12 @@ class LayerBinding:
         self._ids: tuple[torch.Tensor, list[int]] | None = None  # (device idx, unique ids) from the hook
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
-        ad = self.rt.adapter
-        logits, idx = output[ad.router_logits_at], output[ad.router_index_at]
+        rt = self.rt
+        if rt.cache.all_resident and not (rt.predictors or rt.observers):
+            return  # nothing on the host needs the routing: no sync
+        logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
         ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
-        rt = self.rt
         if rt.predictors or rt.observers:
             probs = rt.adapter.router_probs(module, logits.detach().reshape(-1, logits.shape[-1]))
             event = RoutingEvent(rt.iteration, self.layer, probs, ids_cpu, rt.is_prefill)
@@ -118,6 +129,10 @@ class LayerBinding:
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
+        if cache.all_resident:  # layer l's experts sit in slots [l*E, (l+1)*E): the stock layout
+            cache.defer_access(layer, idx)
+            out = grouped_pairs(experts, rt.layer_parts[layer], hidden, idx, weights, rt.spec.num_experts)
+            return out.view(*idx.shape, -1).sum(dim=1).to(hidden.dtype)
         stash, self._ids = self._ids, None
         unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
         cache.access(layer, unique)
@@ -127,22 +142,50 @@ class LayerBinding:
             got = cache.acquire(layer, remaining)
             if not got:
                 raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
-            rest = [e for e in remaining if e not in set(got)]
+            taken = set(got)
+            rest = [e for e in remaining if e not in taken]
             slots = cache.slots(layer, got)
             rt.prefetcher.pump()
             cache.transfer.before_compute(slots)
             if acc is None and not rest:
-                slot_idx = cache.device_table(layer)[idx]  # [T, k]
-            else:
-                lut = torch.full((self.rt.spec.num_experts,), S, dtype=torch.int32)
+                table = cache.device_table(layer)  # [E] absolute slots; every routed expert is resident
+            else:  # a chunk: pairs routed to experts outside it are skipped (sentinel S)
+                lut = torch.full((rt.spec.num_experts,), S, dtype=torch.int32)
                 lut[got] = torch.tensor(slots, dtype=torch.int32)
-                slot_idx = lut.to(hidden.device)[idx]
-            out = grouped_pairs(experts, rt.pool_parts, hidden, slot_idx, weights, S)
-            acc = out if acc is None else acc + out
+                table = lut.to(hidden.device)
+            slot_idx = table[idx]  # [T, k]
+            for base, size in slot_windows(slots, S, rt.max_groups):
+                if size == S:
+                    win_idx, parts = slot_idx, rt.pool_parts
+                else:
+                    inside = (slot_idx >= base) & (slot_idx < base + size)
+                    win_idx = torch.where(inside, slot_idx - base, size)
+                    parts = {n: v[base : base + size] for n, v in rt.pool_parts.items()}
+                out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
+                acc = out if acc is None else acc + out  # each pair is non-zero in exactly one term
             cache.release(layer, got)
             remaining = rest
         T, k = idx.shape
         return acc.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def slot_windows(slots: list[int], num_slots: int, max_groups: int) -> list[tuple[int, int]]:
+    """Cover `slots` with (base, size) windows of the pool no wider than `max_groups` slots.
+
+    The CUDA grouped_mm kernel takes a bounded number of groups; a pool that fits is one window.
+    """
+    if num_slots <= max_groups:
+        return [(0, num_slots)]
+    out: list[tuple[int, int]] = []
+    ordered = sorted(slots)
+    base = last = ordered[0]
+    for s in ordered[1:]:
+        if s - base >= max_groups:
+            out.append((base, last - base + 1))
+            base = s
+        last = s
+    out.append((base, last - base + 1))
+    return out
 
 
 def finemoe_experts_forward(

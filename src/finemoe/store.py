@@ -8,6 +8,7 @@ cudaHostRegister (no rounding to powers of two as the caching host allocator doe
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Protocol
 
 import torch
@@ -66,16 +67,29 @@ class ExpertStore:
         if not torch.cuda.is_available():
             return
         cudart = torch.cuda.cudart()
+        done: list[torch.Tensor] = []
         for c in self.chunks:
-            err = cudart.cudaHostRegister(c.data_ptr(), c.nbytes, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister failed ({err}) for {c.nbytes} bytes")
+            err = int(cudart.cudaHostRegister(c.data_ptr(), c.nbytes, 0))
+            if err != 0:
+                _unregister(done)
+                raise RuntimeError(
+                    f"cudaHostRegister failed with CUDA error {err} while pinning {c.nbytes} bytes of the expert "
+                    f"store; is host memory (or the locked-memory limit, `ulimit -l`) too small?"
+                )
+            done.append(c)
         self.pinned = True
+        # Unregister before the memory is freed, however the store goes away (the finalizer holds the chunks).
+        self._finalizer = weakref.finalize(self, _unregister, list(self.chunks))
 
     def close(self) -> None:
         if self.pinned:
-            cudart = torch.cuda.cudart()
-            for c in self.chunks:
-                cudart.cudaHostUnregister(c.data_ptr())
+            self._finalizer()
             self.pinned = False
         self.chunks = []
+
+
+def _unregister(chunks: list[torch.Tensor]) -> None:
+    cudart = torch.cuda.cudart()
+    for c in chunks:
+        cudart.cudaHostUnregister(c.data_ptr())
+    chunks.clear()
