@@ -101,6 +101,38 @@ def engine_run(eng, prompt, n, repeats):
     }
 
 
+def kernel_layout_check(model, cfg, iters=200):
+    """Time one layer's stock grouped_mm experts forward (decode, T=1) on the fused contiguous
+    weights vs the same weights as strided views of a [E, expert_numel] byte-slab pool."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    experts = next(m for m in model.modules() if hasattr(m, "gate_up_proj") and m.gate_up_proj.dim() == 3)
+    E = experts.num_experts
+    k = cfg.num_experts_per_tok
+    h = torch.randn(1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16)
+    idx = torch.randperm(E, device="cuda")[:k].view(1, k)
+    w = torch.softmax(torch.randn(1, k, device="cuda"), -1).to(torch.bfloat16)
+    gu, dn = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    flat = torch.cat([gu.reshape(E, -1), dn.reshape(E, -1)], dim=1)
+    strided = (flat[:, : gu[0].numel()].view(gu.shape), flat[:, gu[0].numel() :].view(dn.shape))
+    out = {}
+    for name, (a, b) in {"contiguous": (gu, dn), "strided_slab_views": strided}.items():
+        proxy = type("P", (), {})()
+        proxy.gate_up_proj, proxy.down_proj, proxy.num_experts = a, b, E
+        proxy.has_gate, proxy.has_bias, proxy.is_transposed = True, False, False
+        proxy._apply_gate = experts._apply_gate
+        for _ in range(10):
+            grouped_mm_experts_forward(proxy, h, idx, w)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            grouped_mm_experts_forward(proxy, h, idx, w)
+        e.record()
+        torch.cuda.synchronize()
+        out[name + "_ms"] = s.elapsed_time(e) / iters
+    return out
+
+
 def copy_bandwidth(eng, count=64):
     """On-demand copies of `count` distinct experts into rotating slots, timed by CUDA events."""
     cache, spec = eng.cache, eng.spec
@@ -110,7 +142,7 @@ def copy_bandwidth(eng, count=64):
     S = cache.num_slots
     for i in range(count):
         eid = ExpertId(i % spec.num_layers, (i // spec.num_layers) % spec.num_experts)
-        tr.load(i % S, eng.store.slab(eid), demand=True)
+        tr.load(i % S, eng.store.parts(eid), demand=True)
     torch.cuda.synchronize()
     secs = tr.demand_seconds() - before
     return {
@@ -152,6 +184,8 @@ def main():
         "runs": [],
     }
     keep = {n: p.detach().clone() for n, p in model.named_parameters() if ".experts." in n}
+    record["kernel_layout"] = kernel_layout_check(model, cfg)
+    log.info("grouped_mm layer forward: %s", record["kernel_layout"])
     base = plain_transformers(model, prompt, args.new_tokens, args.repeats)
     log.info(
         "transformers all-GPU: ttft %.1f ms tpot %.2f ms (finemoe loop on plain model: tpot %.2f ms)",
@@ -196,10 +230,12 @@ def main():
     )
     eng.close()
     # Plain transformers again, after: the two measurements bracket the engine runs (drift check).
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in keep:
-                p.data = keep[n]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))  # saved now too, in case the bracket run fails
+    for n, t in keep.items():
+        mod_name, _, attr = n.rpartition(".")
+        model.get_submodule(mod_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
     model.set_experts_implementation("grouped_mm")
     record["transformers_after"] = plain_transformers(model, prompt, args.new_tokens, args.repeats)
     out = Path(args.out)

@@ -21,8 +21,15 @@ print(json.dumps({"growth": (kib("VmHWM") - base) * 1024, "store": eng.store.nby
 
 
 def test_loader_peak_memory_is_store_plus_dense(tmp_path):
-    cfg = make_config("olmoe", hidden_size=512, intermediate_size=512, num_hidden_layers=4, num_experts=32,
-                      num_experts_per_tok=4, vocab_size=4096)
+    cfg = make_config(
+        "olmoe",
+        hidden_size=512,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_experts=32,
+        num_experts_per_tok=4,
+        vocab_size=4096,
+    )
     path = build_random_checkpoint(tmp_path / "m", cfg, max_shard_size="50MB")  # ~100 MB of experts, sharded
     out = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])

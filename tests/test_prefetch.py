@@ -6,6 +6,7 @@ import torch
 
 from finemoe.cache import ExpertCache
 from finemoe.policy import LRUPolicy
+from finemoe.pool import SlotPool
 from finemoe.predictor import NonePredictor, PreviousTokenPredictor
 from finemoe.prefetcher import Prefetcher
 from finemoe.store import ExpertStore
@@ -21,7 +22,8 @@ class ManualTransfer:
         self.pool, self.running, self.log = pool, set(), []
 
     def load(self, slot, src, demand):
-        self.pool[slot].copy_(src)
+        for dst, part in zip(self.pool.slot(slot), src, strict=True):
+            dst.copy_(part)
         self.running.add(slot)
         self.log.append(("demand" if demand else "prefetch", slot))
 
@@ -46,7 +48,7 @@ class ManualTransfer:
 
 def setup(slots=6, inflight=2):
     store = ExpertStore(SPEC, pin=False)
-    pool = torch.zeros(slots, SPEC.expert_numel)
+    pool = SlotPool(SPEC, slots, torch.device("cpu"))
     tr = ManualTransfer(pool)
     cache = ExpertCache(SPEC, pool, store, tr, LRUPolicy())
     return cache, Prefetcher(cache, max_inflight=inflight), tr

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from finemoe.policy import EvictionPolicy
+from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
 from finemoe.transfer import Transfer
 from finemoe.types import CacheStats, ExpertId, MoESpec
@@ -20,18 +21,18 @@ log = logging.getLogger(__name__)
 
 
 class ExpertCache:
-    """Residency of experts in the slot pool ([S, expert_numel] on the compute device)."""
+    """Residency of experts in the device `SlotPool`."""
 
     def __init__(
         self,
         spec: MoESpec,
-        pool: torch.Tensor,
+        pool: SlotPool,
         store: ExpertStore,
         transfer: Transfer,
         policy: EvictionPolicy,
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
-        self.num_slots = S = pool.shape[0]
+        self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
         self.owner: list[ExpertId | None] = [None] * S
@@ -98,7 +99,7 @@ class ExpertCache:
         return slot
 
     def _load(self, eid: ExpertId, slot: int, demand: bool) -> None:
-        self.transfer.load(slot, self.store.slab(eid), demand=demand)
+        self.transfer.load(slot, self.store.parts(eid), demand=demand)
         self.owner[slot] = eid
         self._set(eid, slot)
         self.policy.on_insert(eid, self.step)
@@ -204,7 +205,7 @@ class ExpertCache:
                 eid = ExpertId(layer, e)
                 slot = self._allocate()
                 assert slot == layer * self.spec.num_experts + e
-                self.transfer.load(slot, self.store.slab(eid), demand=False)
+                self.transfer.load(slot, self.store.parts(eid), demand=False)
                 self.owner[slot] = eid
                 self._set(eid, slot)
                 self.policy.on_insert(eid, self.step)

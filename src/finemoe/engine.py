@@ -27,6 +27,7 @@ from finemoe.loader import (
 )
 from finemoe.models import FamilyAdapter, get_adapter
 from finemoe.policy import EVICTION_POLICIES
+from finemoe.pool import SlotPool
 from finemoe.predictor import PREDICTORS
 from finemoe.prefetcher import Prefetcher
 from finemoe.presets import get_preset
@@ -143,7 +144,7 @@ class Engine:
         budget = ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget
         plan = BudgetPlan.make(budget, spec)
         self.config, self.preset, self.plan = config, preset, plan
-        pool = torch.empty(plan.slots, spec.expert_numel, dtype=spec.dtype, device=device)
+        pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
         self.cache = ExpertCache(spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction]())
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
@@ -183,8 +184,8 @@ class Engine:
             self._attachment.detach()
             self._attachment = None
             self.cache.transfer.synchronize()
-            self.cache.pool = torch.empty(0, device=self.device)
-            self.runtime.pool_parts = {}
+            self.cache.pool.release()
+            self.runtime.layer_parts = []
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

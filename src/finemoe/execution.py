@@ -22,7 +22,6 @@ from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
 from finemoe.predictor import Predictor
 from finemoe.prefetcher import Prefetcher
-from finemoe.store import part_views
 from finemoe.types import MoESpec, RoutingEvent
 
 log = logging.getLogger(__name__)
@@ -91,12 +90,8 @@ class OffloadRuntime:
         if self.max_groups <= 0:
             # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
-        self.pool_parts = dict(zip((p.name for p in self.spec.parts), part_views(self.cache.pool, self.spec)))
-        E = self.spec.num_experts
-        self.layer_parts = [
-            {n: v[layer * E : (layer + 1) * E] for n, v in self.pool_parts.items()}
-            for layer in range(self.spec.num_layers)
-        ]
+        pool, E = self.cache.pool, self.spec.num_experts
+        self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
 
     def start_iteration(self, iteration: int, is_prefill: bool) -> None:
         self.iteration, self.is_prefill = iteration, is_prefill
@@ -156,11 +151,11 @@ class LayerBinding:
             slot_idx = table[idx]  # [T, k]
             for base, size in slot_windows(slots, S, rt.max_groups):
                 if size == S:
-                    win_idx, parts = slot_idx, rt.pool_parts
+                    win_idx, parts = slot_idx, cache.pool.parts
                 else:
                     inside = (slot_idx >= base) & (slot_idx < base + size)
                     win_idx = torch.where(inside, slot_idx - base, size)
-                    parts = {n: v[base : base + size] for n, v in rt.pool_parts.items()}
+                    parts = cache.pool.window(base, size)
                 out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
                 acc = out if acc is None else acc + out  # each pair is non-zero in exactly one term
             cache.release(layer, got)

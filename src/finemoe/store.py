@@ -24,7 +24,7 @@ class ExpertSource(Protocol):
 
 
 def part_views(slab: torch.Tensor, spec: MoESpec) -> list[torch.Tensor]:
-    """Views of a flat expert slab (or a [S, numel] pool) shaped like `spec.parts`."""
+    """Views of a flat expert slab shaped like `spec.parts`."""
     views, offset = [], 0
     lead = tuple(slab.shape[:-1])
     for part in spec.parts:
@@ -49,6 +49,10 @@ class ExpertStore:
 
     def slab(self, eid: ExpertId) -> torch.Tensor:
         return self.chunks[eid.layer][eid.expert]
+
+    def parts(self, eid: ExpertId) -> list[torch.Tensor]:
+        """The expert's parts as contiguous views of its slab, shaped like `spec.parts`."""
+        return part_views(self.slab(eid), self.spec)
 
     @torch.no_grad()
     def fill(self, source: ExpertSource, progress: bool = True, desc: str = "loading experts") -> None:

@@ -13,11 +13,13 @@ from typing import Protocol
 
 import torch
 
+from finemoe.pool import SlotPool
+
 
 class Transfer(Protocol):
-    """Copies one expert slab into slot `slot` of the pool ([S, expert_numel])."""
+    """Copies one expert's parts (host views) into slot `slot` of the pool."""
 
-    def load(self, slot: int, src: torch.Tensor, demand: bool) -> None: ...
+    def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None: ...
 
     def is_done(self, slot: int) -> bool: ...
 
@@ -33,13 +35,14 @@ class Transfer(Protocol):
 class SyncTransfer:
     """Synchronous copies for CPU devices; `demand_seconds` is the wall time of on-demand copies."""
 
-    def __init__(self, pool: torch.Tensor) -> None:
+    def __init__(self, pool: SlotPool) -> None:
         self.pool = pool
         self._demand_s = 0.0
 
-    def load(self, slot: int, src: torch.Tensor, demand: bool) -> None:
+    def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
         t0 = time.perf_counter()
-        self.pool[slot].copy_(src)
+        for dst, part in zip(self.pool.slot(slot), src, strict=True):
+            dst.copy_(part)
         if demand:
             self._demand_s += time.perf_counter() - t0
 
@@ -66,12 +69,12 @@ class CudaTransfer:
     resolved lazily, never with a device-wide synchronisation).
     """
 
-    def __init__(self, pool: torch.Tensor) -> None:
+    def __init__(self, pool: SlotPool) -> None:
         self.pool = pool
         dev = pool.device
         self.demand_stream = torch.cuda.Stream(device=dev, priority=-1)
         self.prefetch_stream = torch.cuda.Stream(device=dev, priority=0)
-        slots = pool.shape[0]
+        slots = pool.num_slots
         self.copy_done: list[torch.cuda.Event | None] = [None] * slots
         self.copy_stream: list[torch.cuda.Stream | None] = [None] * slots
         self.last_use: list[torch.cuda.Event | None] = [None] * slots
@@ -79,7 +82,7 @@ class CudaTransfer:
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._demand_s = 0.0
 
-    def load(self, slot: int, src: torch.Tensor, demand: bool) -> None:
+    def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
         stream = self.demand_stream if demand else self.prefetch_stream
         with torch.cuda.stream(stream):
             if self.last_use[slot] is not None:
@@ -90,7 +93,8 @@ class CudaTransfer:
             if demand:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-            self.pool[slot].copy_(src, non_blocking=True)
+            for dst, part in zip(self.pool.slot(slot), src, strict=True):
+                dst.copy_(part, non_blocking=True)
             done = torch.cuda.Event(enable_timing=demand)
             done.record(stream)
         if demand:
@@ -131,5 +135,5 @@ class CudaTransfer:
         self.prefetch_stream.synchronize()
 
 
-def make_transfer(pool: torch.Tensor) -> Transfer:
+def make_transfer(pool: SlotPool) -> Transfer:
     return CudaTransfer(pool) if pool.device.type == "cuda" else SyncTransfer(pool)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from finemoe import Engine, SamplingParams
+from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
 from finemoe.synthetic import build_random_checkpoint, make_config
 from finemoe.transfer import CudaTransfer
@@ -108,22 +109,22 @@ def _transfer():
     store = ExpertStore(SPEC, pin=True)
     for e in range(4):
         store.slab(ExpertId(0, e)).fill_(float(e + 1))
-    pool = torch.zeros(1, SPEC.expert_numel, device="cuda")
-    return store, pool, CudaTransfer(pool)
+    pool = SlotPool(SPEC, 1, torch.device("cuda"))
+    return store, pool.parts["gate_up_proj"], CudaTransfer(pool)
 
 
 def test_copy_waits_for_last_use_of_slot():
     """A compute kernel still reading a slot must see the old expert, not the next copy."""
     store, pool, tr = _transfer()
-    tr.load(0, store.slab(ExpertId(0, 0)), demand=True)
+    tr.load(0, store.parts(ExpertId(0, 0)), demand=True)
     tr.before_compute([0])
     torch.cuda._sleep(200_000_000)  # keep the compute stream busy (~0.1 s) before it reads the slot
     seen = pool[0].sum()  # reads expert 0 (all ones)
     tr.after_compute([0])
-    tr.load(0, store.slab(ExpertId(0, 1)), demand=True)  # would overwrite the slot mid-read without the event
+    tr.load(0, store.parts(ExpertId(0, 1)), demand=True)  # would overwrite the slot mid-read without the event
     torch.cuda.synchronize()
-    assert seen.item() == pytest.approx(SPEC.expert_numel * 1.0)
-    assert pool[0, 0].item() == 2.0
+    assert seen.item() == pytest.approx(2048 * 1024 * 1.0)
+    assert pool[0, 0, 0].item() == 2.0
 
 
 def test_compute_waits_for_copy_done():
@@ -131,17 +132,17 @@ def test_compute_waits_for_copy_done():
     store, pool, tr = _transfer()
     with torch.cuda.stream(tr.prefetch_stream):
         torch.cuda._sleep(200_000_000)  # delay the copy stream
-    tr.load(0, store.slab(ExpertId(0, 2)), demand=False)
+    tr.load(0, store.parts(ExpertId(0, 2)), demand=False)
     tr.before_compute([0])
     seen = pool[0].sum()
     torch.cuda.synchronize()
-    assert seen.item() == pytest.approx(SPEC.expert_numel * 3.0)
+    assert seen.item() == pytest.approx(2048 * 1024 * 3.0)
 
 
 def test_demand_copy_bandwidth_is_measured():
     store, pool, tr = _transfer()
     for e in range(4):
-        tr.load(0, store.slab(ExpertId(0, e)), demand=True)
+        tr.load(0, store.parts(ExpertId(0, e)), demand=True)
     torch.cuda.synchronize()
     secs = tr.demand_seconds()
     gbps = 4 * SPEC.expert_numel * 4 / secs / 1e9
