@@ -53,6 +53,7 @@ class GenerationOutput:
     latency_s: float
     cache: CacheStats
     policy: str
+    token_times_s: list[float] = field(default_factory=list)  # per token, seconds since the start
 
     def to_dict(self) -> dict[str, Any]:
         c = self.cache
@@ -321,6 +322,7 @@ class Engine:
             c.latency_s,
             delta,
             self.preset.name,
+            c.token_times_s,
         )
 
     def stats(self) -> EngineStats:

@@ -27,6 +27,7 @@ class Completion:
     ttft_s: float
     tpot_s: float
     latency_s: float
+    token_times_s: list[float]  # when each token was ready, seconds since the request started
 
 
 def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
@@ -117,6 +118,7 @@ def generate_ids(
                 ttft_s=s[0] - t0,
                 tpot_s=(s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else 0.0,
                 latency_s=s[-1] - t0,
+                token_times_s=[t - t0 for t in s],
             )
         )
     return done
