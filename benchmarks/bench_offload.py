@@ -240,7 +240,8 @@ def print_table(rec):
     if "copy_bandwidth" in rec:
         cb = rec["copy_bandwidth"]
         print(
-            f"raw on-demand copies: {cb['gbps']:.1f} GB/s ({cb['experts']} experts of {cb['expert_bytes'] / 1e6:.1f} MB)"
+            f"raw on-demand copies: {cb['gbps']:.1f} GB/s "
+            f"({cb['experts']} experts of {cb['expert_bytes'] / 1e6:.1f} MB)"
         )
 
 
