@@ -202,6 +202,8 @@ def main():
             "dense_bytes": eng.dense_bytes,
         },
         "offload_s": offload_s,
+        "plain_model_bytes": sum(p.numel() * p.element_size() for p in plain.parameters()),
+        "peak_gpu_note": "peak_gpu_bytes includes the plain twin model (plain_model_bytes) kept for reference",
         "runs": [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()],
     }
     if device.type == "cuda":

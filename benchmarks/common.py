@@ -72,6 +72,11 @@ def shape_config(name: str, layers: int | None = None):
 
 
 def git_sha() -> str:
+    """HEAD of the checkout, or $FINEMOE_GIT_SHA where the tree has no .git (the GPU machine's copy)."""
+    import os
+
+    if os.environ.get("FINEMOE_GIT_SHA"):
+        return os.environ["FINEMOE_GIT_SHA"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
