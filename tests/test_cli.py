@@ -124,3 +124,16 @@ def test_python_m_finemoe_and_models_list():
     out = subprocess.run([sys.executable, "-m", "finemoe", "models"], capture_output=True, text=True, check=True)
     for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"):
         assert name in out.stdout
+
+
+def test_inspect_is_a_dry_run(tiny_checkpoint, capsys):
+    path = tiny_checkpoint("qwen2_moe")
+    assert main(["inspect", "--model", str(path), "--expert-budget", "25%", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "qwen2_moe" and info["moe_layers"] == 2 and info["experts_per_layer"] == 8
+    assert info["slots"] == 4 and info["pool_bytes"] == 4 * info["expert_bytes"]
+    # dense + experts account for every byte of the checkpoint (fp32 on disk and in memory)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    assert 0 < size - info["dense_bytes"] - info["total_expert_bytes"] < 64 * 1024  # headers only
+    assert main(["inspect", "--model", str(path), "--expert-budget", "1"]) == 2
+    assert "top-k = 2" in capsys.readouterr().err

@@ -99,6 +99,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from finemoe.config import format_bytes
+    from finemoe.engine import Engine
+    from finemoe.synthetic import default_model_path
+
+    info = Engine.inspect(args.model or default_model_path(), args.expert_budget, args.dtype)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['path']}: {info['family']} ({info['model_type']}), {info['dtype']}")
+    print(
+        f"  {info['moe_layers']} MoE layers of {info['decoder_layers']}, {info['experts_per_layer']} experts each, "
+        f"top-{info['top_k']}; one expert {format_bytes(info['expert_bytes'])}, all experts "
+        f"{format_bytes(info['total_expert_bytes'])}"
+    )
+    print(f"  always resident (dense, attention, shared experts, embeddings): {format_bytes(info['dense_bytes'])}")
+    what = "every expert resident" if info["all_resident"] else f"{info['slots']} expert slots"
+    print(
+        f"  budget {info['budget']}: {what} ({format_bytes(info['pool_bytes'])}); device memory for weights "
+        f"{format_bytes(info['device_bytes'])} plus the KV cache and activations"
+    )
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from finemoe.models import ADAPTERS
 
@@ -135,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
     g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("inspect", help="what a budget means for a checkpoint, without loading weights")
+    i.add_argument("--model", help="local checkpoint directory (default: the built-in default model)")
+    i.add_argument("--expert-budget", default="50%")
+    i.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     m = sub.add_parser("models", help="list the supported model families")
     m.set_defaults(func=cmd_models)

@@ -217,6 +217,43 @@ class Engine:
             ckpt.close()
         return cls(model, adapter, spec, store, config, device, _load_tokenizer(ckpt.path), dense, str(ckpt.path))
 
+    @staticmethod
+    def inspect(path: str | os.PathLike, expert_budget: str | int | float = "50%", dtype: str | None = None) -> dict:
+        """What a budget means for a checkpoint, without reading any weights (a dry run).
+
+        Validates the directory, shards and family like `from_pretrained`; raises the same errors.
+        """
+        budget = ExpertBudget.parse(expert_budget)
+        ckpt = Checkpoint(path)
+        torch_dtype = getattr(torch, dtype) if dtype else ckpt.floating_dtype()
+        model, adapter = build_skeleton(ckpt, torch_dtype)
+        spec = build_spec(model, adapter, torch_dtype)
+        experts = CheckpointExperts(ckpt, adapter, spec)
+        dense = sum(
+            (info.end - info.start) // info.dtype.itemsize * torch_dtype.itemsize
+            for key, info in ckpt.tensors.items()
+            if key not in experts.consumed
+        )
+        plan = BudgetPlan.make(budget, spec)
+        return {
+            "path": str(ckpt.path),
+            "family": adapter.display_name,
+            "model_type": spec.model_type,
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "moe_layers": spec.num_layers,
+            "decoder_layers": spec.num_decoder_layers,
+            "experts_per_layer": spec.num_experts,
+            "top_k": spec.top_k,
+            "expert_bytes": spec.expert_bytes,
+            "total_expert_bytes": spec.total_expert_bytes,
+            "dense_bytes": dense,
+            "budget": str(budget),
+            "slots": plan.slots,
+            "pool_bytes": plan.pool_bytes,
+            "all_resident": plan.all_resident,
+            "device_bytes": dense + plan.pool_bytes,
+        }
+
     @classmethod
     def from_model(
         cls, model: nn.Module, config: EngineConfig | None = None, tokenizer: Any = None, **kwargs: Any
