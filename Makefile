@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV)
