@@ -140,6 +140,25 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path as _P
+
+    from finemoe import reference
+    from finemoe.reference.fit import FitSettings, Geometry
+
+    try:
+        geo = Geometry.parse(args.geometry)
+    except ValueError as e:
+        raise FineMoEError(str(e)) from e
+    if args.action == "build":
+        out = reference.build(geo, _P(args.out) if args.out else None)
+        print(out)
+    elif args.action == "fit":
+        st = FitSettings(tokens=args.tokens, steps=args.steps, seed=args.seed)
+        print(reference.fit(geo, st, args.distill_steps, _P(args.out) if args.out else None))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finemoe", description="Lossless expert offloading for MoE LLMs.")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -166,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("reference", help="build (or fit) the reference MoE made from SmolLM2-135M-Instruct")
+    r.add_argument("action", choices=["build", "fit"])
+    r.add_argument("--geometry", default="16x4+1024", help="EXPERTSxTOPK[+SHARED_NEURONS], e.g. 8x2, 64x8+512")
+    r.add_argument("--out", help="build: checkpoint directory; fit: the fit file (default: the shipped one)")
+    r.add_argument("--tokens", type=int, default=16000, help="fit: calibration tokens")
+    r.add_argument("--steps", type=int, default=250, help="fit: optimiser steps per layer")
+    r.add_argument("--distill-steps", type=int, default=200, help="fit: router distillation steps (0 = none)")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_reference)
 
     m = sub.add_parser("models", help="list the supported model families")
     m.set_defaults(func=cmd_models)
