@@ -151,3 +151,29 @@ def test_slot_windows_cover_and_bound():
         wins = slot_windows(slots, 3000, 256)
         assert all(size <= 256 for _, size in wins)
         assert all(any(b <= s < b + n for b, n in wins) for s in slots)
+
+
+def test_grouped_pairs_exact_with_many_slots():
+    """Group offsets must be exact for pools of thousands of slots (float histc is not)."""
+    from types import SimpleNamespace
+
+    from finemoe.execution import grouped_pairs
+
+    S, H, I = 6144, 8, 4
+    g = torch.Generator().manual_seed(0)
+    parts = {"gate_up_proj": torch.randn(S, 2 * I, H, generator=g), "down_proj": torch.randn(S, H, I, generator=g)}
+    experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
+    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I]) * x[..., I:]
+    hidden = torch.randn(3, H, generator=g)
+    idx = torch.tensor([[S - 2, S - 1], [S - 2, 5], [S, 4100]])  # S = skip
+    w = torch.rand(3, 2, generator=g)
+    got = grouped_pairs(experts, parts, hidden, idx, w, S).view(3, 2, H)
+    for t in range(3):
+        for j in range(2):
+            s = int(idx[t, j])
+            if s == S:
+                assert torch.equal(got[t, j], torch.zeros(H))
+                continue
+            gate, up = (hidden[t] @ parts["gate_up_proj"][s].T).split(I)
+            want = (torch.nn.functional.silu(gate) * up) @ parts["down_proj"][s].T * w[t, j]
+            assert torch.allclose(got[t, j], want, atol=1e-5)

@@ -50,6 +50,7 @@ class ExpertCache:
         pin = pool.device.type == "cuda"
         self._table_host = torch.full((L, E), S, dtype=torch.int32, pin_memory=pin) if pin else self.table
         self._dirty = [False] * L
+        self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
 
     # -- queries -------------------------------------------------------------------------------
     def is_resident(self, eid: ExpertId) -> bool:
@@ -65,14 +66,19 @@ class ExpertCache:
         """The layer's expert -> slot row [E] on the device, refreshed if residency changed."""
         if self._dirty[layer]:
             if self._table_host is not self.table:
-                # Safe without a sync: the previous copy of this row was enqueued before this
-                # layer last ran, and the host has since waited on this iteration's routing.
                 self.table[layer].copy_(self._table_host[layer], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record()
+                self._row_copied[layer] = ev
             self._dirty[layer] = False
         return self.table[layer]
 
     # -- residency changes ---------------------------------------------------------------------
     def _set(self, eid: ExpertId, slot: int) -> None:
+        ev = self._row_copied[eid.layer]
+        if ev is not None:  # the pinned row may still be in flight to the device: never write under it
+            ev.synchronize()  # returns at once in practice (the host syncs on routing every layer)
+            self._row_copied[eid.layer] = None
         self.slot_of[eid.layer][eid.expert] = slot
         self._table_host[eid.layer, eid.expert] = slot if slot >= 0 else self.num_slots
         self._dirty[eid.layer] = True
@@ -139,6 +145,9 @@ class ExpertCache:
             if slot >= 0:
                 self.refcount[slot] += 1
                 self.policy.on_access(ExpertId(layer, e), self.step)
+                if self.prefetched[slot]:  # prefetched while an earlier chunk of this call ran
+                    self.prefetched[slot] = False
+                    self.stats.prefetches_used += 1
                 acquired.append(e)
             else:
                 missing.append(e)

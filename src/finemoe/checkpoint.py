@@ -170,11 +170,21 @@ class Checkpoint:
         dtype = info.dtype
         shape, start = info.shape, info.start
         if index is not None:
+            if not 0 <= index < shape[0]:
+                raise CheckpointError(
+                    f"tensor {key!r} in {info.file.name} has {shape[0]} rows, expert {index} is out of range: "
+                    f"the checkpoint does not match its config.json"
+                )
             row = (info.end - info.start) // shape[0]
             start, shape = start + index * row, shape[1:]
         numel = 1
         for s in shape:
             numel *= s
+        if out is not None and out.numel() != numel:
+            raise CheckpointError(
+                f"tensor {key!r} has shape {tuple(shape)} in {info.file.name}, expected {tuple(out.shape)}; "
+                f"the checkpoint does not match its config.json"
+            )
         direct = out is not None and out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
         buf = out if direct else torch.empty(shape, dtype=dtype)
         if buf.numel() != numel:

@@ -177,8 +177,13 @@ class Engine:
         get_preset(config.policy)
         if not get_preset(config.policy).all_resident:
             BudgetPlan.make(config.expert_budget, self.spec)
+        old = self.config
         self._detach()
-        self._setup(config)
+        try:
+            self._setup(config)
+        except BaseException:
+            self._setup(old)  # e.g. the new pool did not fit: keep serving with the old settings
+            raise
 
     def _detach(self) -> None:
         if self._attachment is not None:
@@ -203,7 +208,7 @@ class Engine:
         device = _resolve_device(config.device)
         ckpt = Checkpoint(path)
         try:
-            dtype = getattr(torch, config.dtype) if config.dtype else ckpt.floating_dtype()
+            dtype = getattr(torch, config.dtype) if config.dtype else _default_dtype(ckpt.floating_dtype(), device)
             model, adapter = build_skeleton(ckpt, dtype)
             spec = build_spec(model, adapter, dtype)
             if not get_preset(config.policy).all_resident:
@@ -378,15 +383,23 @@ class Engine:
 
     def close(self) -> None:
         """Detach from the model (hooks, experts implementation) and free the pool and store."""
-        if self._attachment is not None:
-            self._detach()
-            self.store.close()
+        self._detach()
+        self.store.close()
 
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _default_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The checkpoint's dtype, except half precision on a CPU, which computes in float32 (CPUs run
+    bf16/fp16 matmuls slowly or not at all); pass dtype= to override."""
+    if device.type == "cpu" and stored in (torch.bfloat16, torch.float16):
+        log.info("checkpoint is %s; computing in float32 on the CPU", stored)
+        return torch.float32
+    return stored
 
 
 def _load_tokenizer(path: os.PathLike) -> Any:

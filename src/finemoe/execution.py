@@ -51,8 +51,10 @@ def grouped_pairs(
     ids_g, perm = torch.sort(ids)
     hidden_g = hidden[perm // k]  # [T*k, H]
     weights_g = sample_weights[perm]
-    histc_in = ids_g.float() if device.type in ("cpu", "mps") else ids_g.int()
-    per_slot = torch.histc(histc_in, bins=num_slots, min=0, max=num_slots - 1)
+    if device.type == "cuda":  # as transformers does (graph-capturable)
+        per_slot = torch.histc(ids_g.int(), bins=num_slots, min=0, max=num_slots - 1)
+    else:  # float histc misplaces ids above ~4096 bins; counts must be exact
+        per_slot = torch.bincount(ids_g, minlength=num_slots + 1)[:num_slots]
     offsets = torch.cumsum(per_slot, dim=0, dtype=torch.int32)
     skip = (ids_g >= num_slots).unsqueeze(-1)
     ids_g = ids_g.clamp(max=num_slots - 1)
@@ -148,17 +150,20 @@ class LayerBinding:
                 lut = torch.full((rt.spec.num_experts,), S, dtype=torch.int32)
                 lut[got] = torch.tensor(slots, dtype=torch.int32)
                 table = lut.to(hidden.device)
-            slot_idx = table[idx]  # [T, k]
-            for base, size in slot_windows(slots, S, rt.max_groups):
-                if size == S:
-                    win_idx, parts = slot_idx, cache.pool.parts
-                else:
-                    inside = (slot_idx >= base) & (slot_idx < base + size)
-                    win_idx = torch.where(inside, slot_idx - base, size)
-                    parts = cache.pool.window(base, size)
-                out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
-                acc = out if acc is None else acc + out  # each pair is non-zero in exactly one term
-            cache.release(layer, got)
+            try:
+                slot_idx = table[idx]  # [T, k]
+                for base, size in slot_windows(slots, S, rt.max_groups):
+                    if size == S:
+                        win_idx, parts = slot_idx, cache.pool.parts
+                    else:
+                        inside = (slot_idx >= base) & (slot_idx < base + size)
+                        win_idx = torch.where(inside, slot_idx - base, size)
+                        parts = cache.pool.window(base, size)
+                    out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
+                    acc = out if acc is None else acc + out  # each pair is non-zero in exactly one term
+                rt.prefetcher.pump()  # the demand copies may be done by now: resume lookahead
+            finally:
+                cache.release(layer, got)  # never leak refcounts, even if the kernel raised
             remaining = rest
         T, k = idx.shape
         return acc.view(T, k, -1).sum(dim=1).to(hidden.dtype)

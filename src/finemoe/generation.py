@@ -41,7 +41,7 @@ def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | N
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) > params.top_p  # keep the token crossing top_p
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= params.top_p  # as transformers: keep up to top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
@@ -71,7 +71,11 @@ def generate_ids(
     cache = DynamicCache(config=model.config)
     gen = None
     if not params.greedy:
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else torch.seed())
+        gen = torch.Generator()
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()  # a fresh seed for this generator only; global RNG state is untouched
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = [""] * B
     stamps: list[list[float]] = [[] for _ in range(B)]

@@ -74,6 +74,10 @@ class CudaTransfer:
         dev = pool.device
         self.demand_stream = torch.cuda.Stream(device=dev, priority=-1)
         self.prefetch_stream = torch.cuda.Stream(device=dev, priority=0)
+        # The pool was allocated on the compute stream: copies into it must come after that.
+        here = torch.cuda.current_stream(dev)
+        self.demand_stream.wait_stream(here)
+        self.prefetch_stream.wait_stream(here)
         slots = pool.num_slots
         self.copy_done: list[torch.cuda.Event | None] = [None] * slots
         self.copy_stream: list[torch.cuda.Stream | None] = [None] * slots
