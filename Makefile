@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/finemoe generate --prompt "Explain what a mixture of experts is." --expert-budget 40% --max-new-tokens 48
+	$(BIN)/finemoe generate --prompt "What is the capital of France? Answer in one sentence." --expert-budget 40% --max-new-tokens 48
 
 test: setup
 	$(BIN)/python -m pytest -q tests

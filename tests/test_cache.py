@@ -159,11 +159,11 @@ def test_grouped_pairs_exact_with_many_slots():
 
     from finemoe.execution import grouped_pairs
 
-    S, H, I = 6144, 8, 4
+    S, H, I_ = 6144, 8, 4
     g = torch.Generator().manual_seed(0)
-    parts = {"gate_up_proj": torch.randn(S, 2 * I, H, generator=g), "down_proj": torch.randn(S, H, I, generator=g)}
+    parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
     experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
-    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I]) * x[..., I:]
+    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
     hidden = torch.randn(3, H, generator=g)
     idx = torch.tensor([[S - 2, S - 1], [S - 2, 5], [S, 4100]])  # S = skip
     w = torch.rand(3, 2, generator=g)
@@ -174,6 +174,6 @@ def test_grouped_pairs_exact_with_many_slots():
             if s == S:
                 assert torch.equal(got[t, j], torch.zeros(H))
                 continue
-            gate, up = (hidden[t] @ parts["gate_up_proj"][s].T).split(I)
+            gate, up = (hidden[t] @ parts["gate_up_proj"][s].T).split(I_)
             want = (torch.nn.functional.silu(gate) * up) @ parts["down_proj"][s].T * w[t, j]
             assert torch.allclose(got[t, j], want, atol=1e-5)

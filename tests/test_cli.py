@@ -106,20 +106,6 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "needs a string field 'prompt'" in capsys.readouterr().err
 
 
-def test_default_model_is_built_and_labelled(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("FINEMOE_CACHE", str(tmp_path))
-    assert (
-        main(
-            ["generate", "--prompt", "hi", "--json", "--max-new-tokens", "3", "--expert-budget", "30%", "--no-progress"]
-        )
-        == 0
-    )
-    cap = capsys.readouterr()
-    assert "random-weight" in cap.err and "NOT trained" in cap.err
-    assert (tmp_path / "models").is_dir()
-    assert len(json.loads(cap.out.strip())["token_ids"]) >= 1
-
-
 def test_python_m_finemoe_and_models_list():
     out = subprocess.run([sys.executable, "-m", "finemoe", "models"], capture_output=True, text=True, check=True)
     for name in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "phimoe", "gpt_oss"):

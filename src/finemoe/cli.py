@@ -33,7 +33,7 @@ def _read_prompts(path: str) -> list[str]:
 def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     from finemoe.presets import PRESETS
 
-    ap.add_argument("--model", help="local checkpoint directory (default: the built-in default model)")
+    ap.add_argument("--model", help="local checkpoint directory (default: the reference model, built on first use)")
     ap.add_argument("--expert-budget", default="50%", help="slots ('96'), bytes ('8GiB') or share ('25%%')")
     ap.add_argument("--policy", default="previous-token", choices=sorted(PRESETS), help="caching/prefetch policy")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -44,12 +44,8 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
 
 def _engine(args: argparse.Namespace):
     from finemoe.engine import Engine
-    from finemoe.synthetic import DEFAULT_MODEL_LABEL, default_model_path
 
-    model = args.model
-    if model is None:
-        print(f"[finemoe] {DEFAULT_MODEL_LABEL}", file=sys.stderr)
-        model = default_model_path()
+    model = args.model or _default_model()
     return Engine.from_pretrained(
         model,
         expert_budget=args.expert_budget,
@@ -59,6 +55,18 @@ def _engine(args: argparse.Namespace):
         prefetch_distance=args.prefetch_distance,
         progress=not args.no_progress,
     )
+
+
+def _default_model():
+    from finemoe import reference
+
+    path = reference.ensure_built()
+    print(
+        f"[finemoe] default model: the reference MoE (SmolLM2-135M-Instruct as Qwen2-MoE, "
+        f"{reference.DEFAULT_GEOMETRY}) at {path}; pass --model PATH for another checkpoint",
+        file=sys.stderr,
+    )
+    return path
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -102,9 +110,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from finemoe.config import format_bytes
     from finemoe.engine import Engine
-    from finemoe.synthetic import default_model_path
 
-    info = Engine.inspect(args.model or default_model_path(), args.expert_budget, args.dtype)
+    info = Engine.inspect(args.model or _default_model(), args.expert_budget, args.dtype)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -155,7 +162,12 @@ def cmd_reference(args: argparse.Namespace) -> int:
         print(out)
     elif args.action == "fit":
         st = FitSettings(tokens=args.tokens, steps=args.steps, seed=args.seed)
-        print(reference.fit(geo, st, args.distill_steps, _P(args.out) if args.out else None))
+        init = _P(args.init) if args.init else None
+        print(
+            reference.fit(
+                geo, st, args.distill_steps, _P(args.out) if args.out else None, init=init, answers=args.answers
+            )
+        )
     return 0
 
 
@@ -180,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="what a budget means for a checkpoint, without loading weights")
-    i.add_argument("--model", help="local checkpoint directory (default: the built-in default model)")
+    i.add_argument("--model", help="local checkpoint directory (default: the reference model, built on first use)")
     i.add_argument("--expert-budget", default="50%")
     i.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     i.add_argument("--json", action="store_true")
@@ -194,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=250, help="fit: optimiser steps per layer")
     r.add_argument("--distill-steps", type=int, default=200, help="fit: router distillation steps (0 = none)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--init", help="fit: continue distilling from this fit file (skips the layer-wise fit)")
+    r.add_argument("--answers", type=int, default=300, help="fit: prompts extended with the teacher's answer")
     r.set_defaults(func=cmd_reference)
 
     m = sub.add_parser("models", help="list the supported model families")

@@ -1,7 +1,7 @@
 """Random-weight MoE checkpoints built locally from transformers configs.
 
-Used by the tests (one tiny model per family) and as the CLI's default model until a trained
-reference model exists. Random routing is unrealistically sticky: never quote hit rates from these.
+Used by the tests (one tiny model per family) and by benchmarks of real shapes. Random routing is
+unrealistically sticky: never quote hit rates from these.
 """
 
 from __future__ import annotations
@@ -155,44 +155,6 @@ def build_random_checkpoint(
     return path
 
 
-DEFAULT_MODEL_NAME = "random-qwen3-moe-v1"
-DEFAULT_MODEL_LABEL = (
-    "default model: a random-weight Qwen3-MoE (4 layers, 16 experts, top-4) built locally; it is NOT "
-    "trained, so its text is gibberish. Pass --model PATH for a real checkpoint."
-)
-
-
 def cache_dir() -> Path:
     """Where finemoe keeps built models: $FINEMOE_CACHE or ~/.cache/finemoe."""
     return Path(os.environ.get("FINEMOE_CACHE", Path.home() / ".cache" / "finemoe")).expanduser()
-
-
-def default_model_path(build: bool = True) -> Path:
-    """The CLI's default model, built on first use (about a second on CPU)."""
-    path = cache_dir() / "models" / DEFAULT_MODEL_NAME
-    if build and not (path / "finemoe_synthetic.json").exists():
-        log.info("building the default random-weight model in %s", path)
-        cfg = make_config(
-            "qwen3_moe",
-            hidden_size=256,
-            intermediate_size=512,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=64,
-            num_experts=16,
-            num_experts_per_tok=4,
-            moe_intermediate_size=256,
-            vocab_size=260,
-            norm_topk_prob=True,
-            eos_token_id=256,
-            pad_token_id=259,
-        )
-        tmp = path.with_name(path.name + ".tmp")
-        build_random_checkpoint(tmp, cfg, seed=0, tokenizer=True)
-        if path.exists():
-            import shutil
-
-            shutil.rmtree(path)
-        tmp.rename(path)
-    return path

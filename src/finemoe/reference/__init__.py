@@ -61,25 +61,62 @@ def calibration(tokenizer, split: str, tokens: int, seed: int, max_len: int = 25
     return out
 
 
+def with_answers(
+    model, tokenizer, seqs: list[list[int]], count: int, new_tokens: int = 64, progress: bool = True
+) -> list[list[int]]:
+    """The first `count` chat prompts extended with the dense model's own greedy answer, so that
+    distillation also sees assistant turns (what a chat user runs), not only user turns."""
+    from tqdm.auto import tqdm
+
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    header = tokenizer("assistant\n", add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for ids in tqdm(seqs[:count], desc="teacher answers", unit="prompt", disable=not progress):
+            prompt = torch.tensor([ids + [start, *header]])
+            gen = model.generate(
+                prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or 0
+            )
+            out.append(gen[0].tolist()[:320])
+    return out + seqs[count:]
+
+
 def fit(
     geo: Geometry = DEFAULT_GEOMETRY,
     settings: FitSettings | None = None,
     distill_steps: int = 200,
     out: Path | None = None,
     progress: bool = True,
+    init: Path | None = None,
+    answers: int = 300,
 ) -> Path:
-    """Fit partitions, routers and scales (then distil them) and save the fit file."""
+    """Fit partitions, routers and scales (then distil them) and save the fit file. With `init`,
+    start from an existing fit file and only (continue to) distil."""
     from finemoe.reference.distill import distill
 
     settings = settings or FitSettings()
     t0 = time.time()
     src = load_dense(cache_root() / "sources")
-    calib = calibration(src.tokenizer, "history", settings.tokens, settings.seed)
-    fits, diag = fit_model(src.model, calib, geo, settings, progress)
+    if init is not None:
+        fits, fgeo, prev = load_fits(init)
+        if fgeo != geo:
+            raise FineMoEError(f"{init} holds a {fgeo} fit, not {geo}")
+        diag = prev.get("layers", [])
+        prior_steps = prev.get("distill_steps", 0)
+        prior_curve = prev.get("distill_curve", [])
+    else:
+        calib = calibration(src.tokenizer, "history", settings.tokens, settings.seed)
+        fits, diag = fit_model(src.model, calib, geo, settings, progress)
+        prior_steps, prior_curve = 0, []
     curve: list[float] = []
     if distill_steps:
         train = calibration(src.tokenizer, "history", 60000, settings.seed + 1)
-        fits, curve = distill(src.model, fits, geo.top_k, train, distill_steps, seed=settings.seed, progress=progress)
+        train = with_answers(src.model, src.tokenizer, train, answers, progress=progress)
+        fits, curve = distill(
+            src.model, fits, geo.top_k, train, distill_steps, seed=settings.seed + prior_steps, progress=progress
+        )
+    curve = prior_curve + curve
+    distill_steps += prior_steps
     out = out or shipped_fit(geo)
     meta = {
         "format": FORMAT_VERSION,
