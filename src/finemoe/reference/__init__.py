@@ -166,6 +166,7 @@ def build(
         "source_sha256": src.gguf_sha256,
         "geometry": str(geo),
         "fit": path.name if path.exists() else "fitted at build time",
+        "fit_sha256": _file_sha256(path) if path.exists() else None,
         "distill_steps": meta.get("distill_steps", 0),
         "license": "Apache-2.0 (derived from SmolLM2-135M-Instruct)",
     }
@@ -176,13 +177,22 @@ def build(
     return out
 
 
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def ensure_built(geo: Geometry = DEFAULT_GEOMETRY, progress: bool = True) -> Path:
     """The reference model's directory, built on first use."""
     path = model_dir(geo)
     marker = path / "finemoe_reference.json"
+    fit_file = shipped_fit(geo)
+    want = _file_sha256(fit_file) if fit_file.exists() else None
     if marker.exists():
         try:
-            if json.loads(marker.read_text()).get("format") == FORMAT_VERSION:
+            built = json.loads(marker.read_text())
+            if built.get("format") == FORMAT_VERSION and built.get("fit_sha256") == want:
                 return path
         except (OSError, json.JSONDecodeError):
             pass
