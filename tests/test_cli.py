@@ -38,11 +38,14 @@ def test_generate_json(tok_ckpt, capsys):
     )
     assert rc == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1
+    assert len(lines) == 2
     obj = json.loads(lines[0])
     assert obj.keys() >= FIELDS
     assert obj["policy"] == "lru" and 1 <= len(obj["token_ids"]) <= 6 and 0 <= obj["hit_rate"] <= 1
     assert obj["bytes_copied"] > 0
+    summary = json.loads(lines[1])["summary"]
+    assert summary["hits"] + summary["misses"] == obj["hits"] + obj["misses"]
+    assert summary.keys() >= {"prefetch_precision", "prefetch_recall", "stall_s", "layer_hit_rate", "search"}
 
 
 def test_generate_prompts_files_in_order(tok_ckpt, tmp_path, capsys):
@@ -70,7 +73,7 @@ def test_generate_prompts_files_in_order(tok_ckpt, tmp_path, capsys):
             )
             == 0
         )
-        outs.append([json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()])
+        outs.append([json.loads(ln) for ln in capsys.readouterr().out.strip().splitlines()][:-1])
     assert len(outs[0]) == len(outs[1]) == 3
     assert [o["token_ids"] for o in outs[0]] == [o["token_ids"] for o in outs[1]]
 

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from finemoe import Engine, SamplingParams
+from finemoe.presets import PRESETS
 
 from tests.conftest import FAMILIES
 
-POLICIES = ["lru", "lfu", "previous-token", "all-gpu"]
+POLICIES = sorted(PRESETS)
 NEW_TOKENS = 32
 
 

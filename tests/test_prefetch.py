@@ -7,10 +7,10 @@ import torch
 from finemoe.cache import ExpertCache
 from finemoe.policy import LRUPolicy
 from finemoe.pool import SlotPool
-from finemoe.predictor import NonePredictor, PreviousTokenPredictor
+from finemoe.predictor import NonePredictor, PredictorDeps, PreviousTokenPredictor
 from finemoe.prefetcher import Prefetcher
 from finemoe.store import ExpertStore
-from finemoe.types import ExpertId, PrefetchPlan, PrefetchRequest, RoutingEvent
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 from tests.test_cache import SPEC
 
@@ -109,11 +109,15 @@ def event(layer, ids, iteration=0):
 
 
 def test_previous_token_predictor_plans_next_layer_from_last_iteration():
-    p = PreviousTokenPredictor(SPEC, distance=1)
+    p = PreviousTokenPredictor(PredictorDeps(SPEC, 1))
     assert p.on_routing(event(0, [1, 2])) is None  # layer 1 never ran: nothing to predict
     assert p.on_routing(event(1, [3])) is None  # last layer: the next iteration's start plans
-    start = p.on_iteration_start(1, False)
+    start = p.on_iteration_start(ctx(1))
     assert {r.expert for r in start.requests} == {ExpertId(0, 1), ExpertId(0, 2)} and start.replace
     nxt = p.on_routing(event(0, [0], iteration=1))
     assert [r.expert for r in nxt.requests] == [ExpertId(1, 3)]
-    assert NonePredictor(SPEC).on_routing(event(0, [1])) is None
+    assert NonePredictor(PredictorDeps(SPEC, 1)).on_routing(event(0, [1])) is None
+
+
+def ctx(iteration, n=1, is_prefill=False):
+    return IterationContext(iteration, is_prefill, n, torch.arange(n), torch.arange(n))

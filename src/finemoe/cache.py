@@ -87,11 +87,15 @@ class ExpertCache:
         slot = self.slot_of[eid.layer][eid.expert]
         return self.refcount[slot] == 0
 
-    def _allocate(self) -> int | None:
-        """A free slot, evicting the policy's victim if needed; None if every slot is pinned."""
+    def _evictable_for_prefetch(self, eid: ExpertId) -> bool:
+        return self._evictable(eid) and not self.policy.protected(eid)
+
+    def _allocate(self, for_prefetch: bool = False) -> int | None:
+        """A free slot, evicting the policy's victim if needed; None if every slot is pinned (or,
+        for a prefetch, pinned or protected by a pending plan)."""
         if self._free:
             return self._free.pop()
-        victim = self.policy.victim(self._evictable)
+        victim = self.policy.victim(self._evictable_for_prefetch if for_prefetch else self._evictable)
         if victim is None:
             return None
         slot = self.slot_of[victim.layer][victim.expert]
@@ -101,6 +105,7 @@ class ExpertCache:
         self.stats.evictions += 1
         if self.prefetched[slot]:
             self.stats.prefetches_wasted += 1
+            self.stats.prefetch_wasted_bytes += self.spec.expert_bytes
             self.prefetched[slot] = False
         return slot
 
@@ -184,7 +189,7 @@ class ExpertCache:
         """Start copying `eid` in if absent and a slot can be freed; True if a copy started."""
         if self.is_resident(eid):
             return False
-        slot = self._allocate()
+        slot = self._allocate(for_prefetch=True)
         if slot is None:
             return False
         self._load(eid, slot, demand=False)

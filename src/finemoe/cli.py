@@ -11,7 +11,13 @@ from pathlib import Path
 from finemoe.errors import FineMoEError
 
 
-def _read_prompts(path: str) -> list[str]:
+def _read_prompts(path: str, split: str | None = None) -> list[str]:
+    """Prompts from a text file (one a line) or JSONL (field 'prompt'; `split` keeps the records
+    whose 'split' field matches, e.g. the workload's history/test split)."""
+    if path == "workload":
+        from finemoe.workload import default_path
+
+        path = str(default_path())
     p = Path(path)
     if not p.is_file():
         raise FineMoEError(f"prompts file {p} does not exist")
@@ -25,20 +31,30 @@ def _read_prompts(path: str) -> list[str]:
                 raise FineMoEError(f"{p}:{n}: not valid JSON ({e})") from e
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
                 raise FineMoEError(f"{p}:{n}: each JSONL line needs a string field 'prompt'")
-            prompts.append(obj["prompt"])
+            if split is None or obj.get("split") == split:
+                prompts.append(obj["prompt"])
+        if split is not None and not prompts:
+            raise FineMoEError(f"{p}: no record has split {split!r}")
         return prompts
+    if split is not None:
+        raise FineMoEError("--split needs a JSONL prompts file with a 'split' field")
     return lines
 
 
 def _add_engine_args(ap: argparse.ArgumentParser) -> None:
-    from finemoe.presets import PRESETS
+    from finemoe.presets import DEFAULT_POLICY, PRESETS
 
     ap.add_argument("--model", help="local checkpoint directory (default: the reference model, built on first use)")
     ap.add_argument("--expert-budget", default="50%", help="slots ('96'), bytes ('8GiB') or share ('25%%')")
-    ap.add_argument("--policy", default="previous-token", choices=sorted(PRESETS), help="caching/prefetch policy")
+    ap.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(PRESETS), help="caching/prefetch policy")
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: the checkpoint's")
-    ap.add_argument("--prefetch-distance", type=int, default=1, help="layers ahead a predictor plans")
+    ap.add_argument("--prefetch-distance", type=int, help="layers ahead a predictor plans (default: the policy's)")
+    ap.add_argument("--map-store", help="history file: warm-start from it if it exists, save to it at exit")
+    ap.add_argument("--map-store-capacity", type=int, default=1000, help="expert maps (and past requests) kept")
+    ap.add_argument("--freeze-map-store", action="store_true", help="do not learn from this run (offline mode)")
+    ap.add_argument("--delta-rule", choices=["paper", "demo"], default="paper", help="FineMoE selection count rule")
+    ap.add_argument("--search", choices=["auto", "sync", "async"], default="auto", help="where map search runs")
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
 
 
@@ -53,6 +69,11 @@ def _engine(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         prefetch_distance=args.prefetch_distance,
+        map_store=args.map_store,
+        map_store_capacity=args.map_store_capacity,
+        map_store_learn=not args.freeze_map_store,
+        delta_rule=args.delta_rule,
+        search=args.search,
         progress=not args.no_progress,
     )
 
@@ -72,7 +93,9 @@ def _default_model():
 def cmd_generate(args: argparse.Namespace) -> int:
     from finemoe.config import SamplingParams
 
-    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts)
+    prompts = [args.prompt] if args.prompt is not None else _read_prompts(args.prompts, args.split)
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
     if not prompts:
         raise FineMoEError("no prompts given")
     params = SamplingParams(
@@ -97,8 +120,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"misses={c.misses} copied={c.bytes_copied / 2**20:.1f}MiB stall={c.stall_s * 1e3:.1f}ms",
                         file=sys.stderr,
                     )
-        if not args.json:
-            st = engine.stats()
+        st = engine.stats()
+        if args.json:
+            print(json.dumps({"summary": st.to_dict()}), flush=True)
+        else:
             print(
                 f"[finemoe] engine: {st.slots}/{st.total_experts} experts on {st.device} "
                 f"({st.pool_bytes / 2**20:.1f} MiB pool), overall hit rate {st.cache.hit_rate:.3f}",
@@ -179,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompts", help="a text file (one prompt a line) or JSONL with a 'prompt' field")
+    src.add_argument(
+        "--prompts",
+        help="a text file (one prompt a line), JSONL with a 'prompt' field, or 'workload' (the shipped one)",
+    )
     _add_engine_args(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -188,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--batch-size", type=int, default=1, help="prompts run together (default one at a time)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    g.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+    g.add_argument("--json", action="store_true", help="one JSON object per prompt, then {'summary': engine stats}")
+    g.add_argument("--split", help="JSONL prompts: keep records of this split (e.g. history, test)")
+    g.add_argument("--limit", type=int, help="use only the first N prompts")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="what a budget means for a checkpoint, without loading weights")

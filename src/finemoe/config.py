@@ -163,17 +163,28 @@ class EngineConfig:
     """Everything `Engine.from_pretrained` needs besides the model path."""
 
     expert_budget: ExpertBudget = ExpertBudget("fraction", 0.5)
-    policy: str = "previous-token"
+    policy: str = "finemoe"
     device: str = "auto"  # "auto" picks cuda when available
     dtype: str | None = None  # None keeps the checkpoint's dtype
-    prefetch_distance: int = 1  # layers ahead a predictor plans for
+    prefetch_distance: int | None = None  # layers ahead a predictor plans for; None: the policy's default
     max_inflight_prefetches: int = 4  # speculative copies outstanding at once
     progress: bool = True
+    map_store: str | None = None  # file to warm-start the history stores from and save them to at close
+    map_store_capacity: int = 1000  # C, expert maps kept (and past requests, for moe-infinity)
+    map_store_learn: bool = True  # insert every iteration's maps (online); False freezes the store
+    delta_rule: str = "paper"  # "paper" (include the expert crossing δ) or "demo" (cumsum <= δ)
+    search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread), "auto": async on CUDA
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.prefetch_distance < 1:
+        if self.search not in ("auto", "sync", "async"):
+            raise ConfigError(f"search must be auto, sync or async, got {self.search!r}")
+        if self.delta_rule not in ("paper", "demo"):
+            raise ConfigError(f"delta_rule must be paper or demo, got {self.delta_rule!r}")
+        if self.map_store_capacity < 1:
+            raise ConfigError(f"map_store_capacity must be >= 1, got {self.map_store_capacity}")
+        if self.prefetch_distance is not None and self.prefetch_distance < 1:
             raise ConfigError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
         if self.max_inflight_prefetches < 1:
             raise ConfigError(f"max_inflight_prefetches must be >= 1, got {self.max_inflight_prefetches}")

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from finemoe import map_store_file
+from finemoe.async_search import AsyncPredictor
+from finemoe.baselines import RequestMatrixStore
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
+from finemoe.expert_map import ExpertMapStore, StoreGeometry
 from finemoe.generation import Completion, generate_ids
+from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.loader import (
     CheckpointExperts,
     ModuleExperts,
@@ -28,7 +34,7 @@ from finemoe.loader import (
 from finemoe.models import FamilyAdapter, get_adapter
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.pool import SlotPool
-from finemoe.predictor import PREDICTORS
+from finemoe.predictor import PredictorDeps, make_predictor
 from finemoe.prefetcher import Prefetcher
 from finemoe.presets import get_preset
 from finemoe.store import ExpertStore
@@ -36,6 +42,8 @@ from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
 
 log = logging.getLogger(__name__)
+
+HISTORY_READERS = ("finemoe", "moe-infinity")  # predictors that match against recorded history
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -136,7 +144,59 @@ class Engine:
         self.dense_bytes = dense_bytes
         self._attachment: Attachment | None = None
         self._iterations = 0
+        self.async_predictors: list[AsyncPredictor] = []
+        self.maps, self.requests = self._history_stores(config)
         self._setup(config)
+
+    # -- history (expert maps, past requests) ----------------------------------------------------
+    def identity(self) -> map_store_file.ModelIdentity:
+        emb = self.model.get_input_embeddings().weight
+        return map_store_file.ModelIdentity(
+            self.spec.model_type,
+            self.spec.num_layers,
+            self.spec.num_experts,
+            self.spec.top_k,
+            int(emb.shape[1]),
+            map_store_file.embedding_fingerprint(emb),
+        )
+
+    def _history_stores(self, config: EngineConfig) -> tuple[ExpertMapStore, RequestMatrixStore]:
+        """Empty stores, or the ones saved in `config.map_store` (refused if they do not fit)."""
+        spec = self.spec
+        dim = int(self.model.get_input_embeddings().weight.shape[1])
+        maps = ExpertMapStore(StoreGeometry(spec.num_layers, spec.num_experts, dim), config.map_store_capacity)
+        requests = RequestMatrixStore(spec.num_layers, spec.num_experts, config.map_store_capacity)
+        if config.map_store and os.path.exists(config.map_store):
+            saved = map_store_file.load(config.map_store, self.identity())
+            maps.load_rows(saved.emb, saved.maps)
+            requests.load_rows(saved.eams)
+            log.info("map store %s: %d expert maps, %d past requests", config.map_store, maps.size, requests.size)
+        return maps, requests
+
+    def save_map_store(self, path: str | os.PathLike | None = None) -> None:
+        """Write the history stores to `path` (default: the configured `map_store`), atomically."""
+        path = path or self.config.map_store
+        if not path:
+            raise ConfigError("no map store path given")
+        for ap in self.async_predictors:
+            ap.flush()
+        contents = map_store_file.MapStoreContents(
+            self.maps.state()["emb"], self.maps.state()["maps"], self.requests.state()["eams"]
+        )
+        map_store_file.save(path, self.identity(), contents)
+        log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
+
+    def _gate(self, refs: list) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        """Run MoE layer l's router on any hidden state (hooks bypassed): probabilities [T, E] on the CPU."""
+        adapter, E = self.adapter, self.spec.num_experts
+
+        def gate(layer: int, hidden: torch.Tensor) -> torch.Tensor:
+            router = refs[layer].router
+            with torch.no_grad():
+                logits = router.forward(hidden)[adapter.router_logits_at]
+                return adapter.router_probs(router, logits.reshape(-1, E)).float().cpu()
+
+        return gate
 
     def _setup(self, config: EngineConfig) -> None:
         """Build pool, cache, prefetcher and predictors for `config` and attach to the model."""
@@ -147,16 +207,38 @@ class Engine:
         self.config, self.preset, self.plan = config, preset, plan
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
-        self.cache = ExpertCache(spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction]())
+        self.cache = ExpertCache(spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction](spec.num_experts))
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
+        refs = find_moe_layers(self.model, self.adapter)
+        self.distance = preset.distance or config.prefetch_distance or preset.default_distance
+        self.maps.distance = self.distance
+        self.search_mode = "sync"
         predictors = []
-        if not plan.all_resident and preset.predictor != "none":
-            predictors.append(PREDICTORS[preset.predictor](spec, config.prefetch_distance))
+        deps = PredictorDeps(spec, self.distance, self.maps, self.requests, self._gate(refs), config.delta_rule)
+        members = []
+        if preset.predictor != "none" and not plan.all_resident:
+            members.append(make_predictor(preset.predictor, deps))
+        # Online learning: the history stores take every iteration of a policy that reads them,
+        # and of any run with a map-store file (e.g. recording history with every expert resident).
+        if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
+            members.append(HistoryRecorder(deps))
+        if members:
+            pred = members[0] if len(members) == 1 else PredictorChain(members)
+            async_ok = preset.asynchronous and config.search != "sync"
+            if async_ok and (config.search == "async" or device.type == "cuda"):
+                pred = AsyncPredictor(pred, self.prefetcher.post)
+                self.async_predictors.append(pred)
+                self.search_mode = "async"
+            predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
+        self.runtime.embed = self.model.get_input_embeddings()
+        self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
+            preset.predictor == "finemoe"
+        )
         if plan.all_resident:
             self.cache.preload_all()
             transfer.synchronize()
-        self._attachment = Attachment(self.model, self.runtime, find_moe_layers(self.model, self.adapter))
+        self._attachment = Attachment(self.model, self.runtime, refs)
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,
@@ -186,6 +268,10 @@ class Engine:
             raise
 
     def _detach(self) -> None:
+        for ap in self.async_predictors:
+            ap.flush()
+            ap.close()
+        self.async_predictors = []
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
@@ -323,8 +409,8 @@ class Engine:
         eos = sorted(self.stop_ids(SamplingParams()))
         return eos[0] if eos else 0
 
-    def _start_iteration(self, step: int, is_prefill: bool) -> None:
-        self.runtime.start_iteration(self._iterations, is_prefill)
+    def _start_iteration(self, step: int, is_prefill: bool, input_ids: torch.Tensor, live: torch.Tensor) -> None:
+        self.runtime.start_iteration(self._iterations, is_prefill, input_ids, live)
         self._iterations += 1
 
     def generate(
@@ -343,9 +429,12 @@ class Engine:
             raise ConfigError("empty prompt: every prompt needs at least one token")
         self.cache.refresh_stall()
         before = self.cache.stats.copy()
-        completions = generate_ids(
-            self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration
-        )
+        try:
+            completions = generate_ids(
+                self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration
+            )
+        finally:
+            self.runtime.end_requests()
         self.cache.refresh_stall()
         delta = self.cache.stats.minus(before)
         return [self._output(c, delta) for c in completions]
@@ -367,6 +456,18 @@ class Engine:
             c.token_times_s,
         )
 
+    def predictor_stats(self) -> dict[str, Any]:
+        """Telemetry of the predictor: map-store size and match scores, critical-path time."""
+        out: dict[str, Any] = {
+            "search": self.search_mode,
+            "prefetch_distance": self.distance,
+            "predictor_critical_s": self.runtime.critical_s,
+            "prefetch_wasted_bytes": self.cache.stats.prefetch_wasted_bytes,
+        }
+        for p in self.runtime.predictors:
+            out.update(p.stats())
+        return out
+
     def stats(self) -> EngineStats:
         self.cache.refresh_stall()
         return EngineStats(
@@ -379,12 +480,18 @@ class Engine:
             store_bytes=self.store.nbytes,
             dense_bytes=self.dense_bytes,
             cache=self.cache.stats.copy(),
+            extra=self.predictor_stats(),
         )
 
     def close(self) -> None:
-        """Detach from the model (hooks, experts implementation) and free the pool and store."""
-        self._detach()
-        self.store.close()
+        """Save the map store (if one is configured), detach from the model (hooks, experts
+        implementation) and free the pool and store."""
+        try:
+            if self.config.map_store and self._attachment is not None:
+                self.save_map_store()
+        finally:
+            self._detach()
+            self.store.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -10,6 +10,7 @@ chunks; per-(token, expert) outputs are combined before the top-k sum, so the re
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
 from finemoe.predictor import Predictor
 from finemoe.prefetcher import Prefetcher
-from finemoe.types import MoESpec, RoutingEvent
+from finemoe.types import IterationContext, MoESpec, RoutingEvent
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class OffloadRuntime:
     iteration: int = 0
     is_prefill: bool = True
     max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
+    embed: nn.Module | None = None  # the model's input embedding layer (semantic context)
+    want_embeddings: bool = False
+    critical_s: float = 0.0  # time the forward thread spent building contexts and in predictors
 
     def __post_init__(self) -> None:
         if self.max_groups <= 0:
@@ -95,11 +99,32 @@ class OffloadRuntime:
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
 
-    def start_iteration(self, iteration: int, is_prefill: bool) -> None:
+    def start_iteration(self, iteration: int, is_prefill: bool, input_ids: torch.Tensor, live: torch.Tensor) -> None:
+        """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool)."""
         self.iteration, self.is_prefill = iteration, is_prefill
+        self.prefetcher.now(iteration, -1)
+        if not self.predictors:
+            return
+        t0 = time.perf_counter()
+        B, T = live.shape
+        rows = torch.nonzero(live.reshape(-1)).view(-1)  # [N] into the flattened B*T positions
+        emb = None
+        if self.want_embeddings and self.embed is not None and rows.numel():
+            with torch.no_grad():
+                tokens = input_ids.reshape(-1)[rows.to(input_ids.device)]
+                emb = self.embed(tokens).float().cpu()  # [N, D]
+        ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
         for p in self.predictors:
-            self.prefetcher.submit(p.on_iteration_start(iteration, is_prefill))
+            self.prefetcher.submit(p.on_iteration_start(ctx))
         self.prefetcher.pump()
+        self.critical_s += time.perf_counter() - t0
+
+    def end_requests(self) -> None:
+        """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
+        for p in self.predictors:
+            p.end_requests()
+        self.iteration = -1
+        self.prefetcher.now(-1, -1)
 
 
 class LayerBinding:
@@ -117,12 +142,15 @@ class LayerBinding:
         ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         if rt.predictors or rt.observers:
+            t0 = time.perf_counter()
             probs = rt.adapter.router_probs(module, logits.detach().reshape(-1, logits.shape[-1]))
-            event = RoutingEvent(rt.iteration, self.layer, probs, ids_cpu, rt.is_prefill)
+            hidden = args[0].detach().reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
+            event = RoutingEvent(rt.iteration, self.layer, probs.float().cpu(), ids_cpu, rt.is_prefill, hidden)
             for obs in rt.observers:
                 obs(event)
             for p in rt.predictors:
                 rt.prefetcher.submit(p.on_routing(event))
+            rt.critical_s += time.perf_counter() - t0
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
@@ -132,6 +160,7 @@ class LayerBinding:
             return out.view(*idx.shape, -1).sum(dim=1).to(hidden.dtype)
         stash, self._ids = self._ids, None
         unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
+        rt.prefetcher.now(rt.iteration, layer)
         cache.access(layer, unique)
         remaining, acc = unique, None
         S = cache.num_slots

@@ -56,9 +56,13 @@ def generate_ids(
     pad_id: int,
     stop_ids: set[int],
     device: torch.device,
-    on_iteration: Callable[[int, bool], None] | None = None,
+    on_iteration: Callable[[int, bool, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[Completion]:
-    """Generate for a batch of token-id prompts of any lengths; returns one Completion each."""
+    """Generate for a batch of token-id prompts of any lengths; returns one Completion each.
+
+    `on_iteration(step, is_prefill, input_ids [B, T], live [B, T] bool CPU)` runs before each
+    forward pass; `live` marks real tokens (not padding, not finished sequences).
+    """
     B = len(prompts)
     width = max(len(p) for p in prompts)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
@@ -81,9 +85,10 @@ def generate_ids(
     stamps: list[list[float]] = [[] for _ in range(B)]
     t0 = time.perf_counter()
     inputs, positions = ids, pos
+    live = mask.cpu().bool()
     for step in range(params.max_new_tokens):
         if on_iteration is not None:
-            on_iteration(step, step == 0)
+            on_iteration(step, step == 0, inputs, live)
         logits = (
             model(
                 input_ids=inputs,
@@ -109,6 +114,7 @@ def generate_ids(
         if all(finish):
             break
         inputs = torch.tensor(nxt, dtype=torch.long, device=device).view(B, 1)
+        live = torch.tensor([not f for f in finish], dtype=torch.bool).view(B, 1)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=-1)
         positions = positions[:, -1:] + 1
     done = []

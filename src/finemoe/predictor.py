@@ -1,22 +1,94 @@
-"""Predictors decide which experts to prefetch. Plain Python over small values: no CUDA calls, no
-transformers import, logical steps only. The FineMoE predictor and the paper's baselines live here
-too once they exist; this module ships the `none` predictor and a simple reuse predictor.
+"""Predictors decide which experts to prefetch. Plain Python and CPU torch over small values: no
+CUDA calls, no transformers import, logical steps only, so the same objects drive the engine and
+the simulator.
+
+This module holds the protocol, what every predictor may be given (`PredictorDeps`), the δ
+selection rule, the simple predictors and the registry. The FineMoE predictor lives in
+`fine_predictor`, the paper's baselines in `baselines`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from finemoe.types import ExpertId, MoESpec, PrefetchPlan, PrefetchRequest, RoutingEvent
+import torch
+
+from finemoe.errors import ConfigError
+from finemoe.types import ExpertId, IterationContext, MoESpec, PrefetchPlan, PrefetchRequest, RoutingEvent
+
+# (target MoE layer, router input [T, H] on the device) -> router probabilities [T, E] on the CPU
+GateFn = Callable[[int, torch.Tensor], torch.Tensor]
+
+DELTA_RULES = ("paper", "demo")
 
 
 class Predictor(Protocol):
     name: str
 
-    def on_iteration_start(self, iteration: int, is_prefill: bool) -> PrefetchPlan | None: ...
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None: ...
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None: ...
+
+    def end_requests(self) -> None:
+        """The sequences of the current batch are finished (request-level state may be committed)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class PredictorDeps:
+    """What a predictor may use. `maps` / `requests` are the engine's history stores (they outlive
+    predictors), `gate` runs a later layer's router on an earlier hidden state (speculative
+    baselines)."""
+
+    spec: MoESpec
+    distance: int
+    maps: Any = None  # expert_map.ExpertMapStore
+    requests: Any = None  # baselines.RequestMatrixStore
+    gate: GateFn | None = None
+    delta_rule: str = "paper"
+
+
+def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule: str = "paper") -> torch.Tensor:
+    """Similarity-aware expert selection (spec §3.5): mask [N, E] of experts to prefetch.
+
+    `probs` [N, E] are the matched maps' probabilities for one layer, `scores` [N] the match
+    cosines. δ = clip(1 - score, 0, 1); experts are taken by descending probability until the
+    cumulative probability reaches δ ("paper": the expert that crosses δ is included; "demo": the
+    authors' demo, cumsum <= δ, may take one fewer), never fewer than `top_k`, never more than E.
+    """
+    n, e = probs.shape
+    delta = (1.0 - scores.float()).clamp(0.0, 1.0).unsqueeze(1)  # [N, 1]
+    sorted_p, order = torch.sort(probs.float(), dim=1, descending=True)
+    cum = sorted_p.cumsum(dim=1)
+    if rule == "paper":
+        count = (cum < delta).sum(dim=1) + 1
+    elif rule == "demo":
+        count = (cum <= delta).sum(dim=1)
+    else:
+        raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
+    count = count.clamp(min=min(top_k, e), max=e)  # [N]
+    take_sorted = torch.arange(e).unsqueeze(0) < count.unsqueeze(1)  # [N, E] in sorted order
+    mask = torch.zeros(n, e, dtype=torch.bool)
+    mask.scatter_(1, order, take_sorted)
+    return mask
+
+
+def merge_rows(probs: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:
+    """Batch merge (spec §3.10): union of the rows' selected experts, each with its highest
+    probability over the rows that selected it. `probs`, `mask` [N, E] -> {expert: p}."""
+    chosen = mask.any(dim=0)
+    best = torch.where(mask, probs.float(), torch.zeros_like(probs, dtype=torch.float32)).amax(dim=0)
+    return {int(e): float(best[e]) for e in torch.nonzero(chosen).view(-1).tolist()}
+
+
+def plan_for_layer(target: int, layer_now: int, chosen: dict[int, float]) -> list[PrefetchRequest]:
+    """Requests with the paper's priority p / (l - l_now) (spec §3.6); `layer_now` -1 before layer 0."""
+    dist = max(target - layer_now, 1)
+    return [PrefetchRequest(ExpertId(target, e), p / dist) for e, p in chosen.items()]
 
 
 class NonePredictor:
@@ -24,14 +96,20 @@ class NonePredictor:
 
     name = "none"
 
-    def __init__(self, spec: MoESpec, distance: int = 1) -> None:
+    def __init__(self, deps: PredictorDeps) -> None:
         pass
 
-    def on_iteration_start(self, iteration: int, is_prefill: bool) -> PrefetchPlan | None:
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         return None
+
+    def end_requests(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
 class PreviousTokenPredictor:
@@ -40,18 +118,18 @@ class PreviousTokenPredictor:
 
     name = "previous-token"
 
-    def __init__(self, spec: MoESpec, distance: int = 1) -> None:
-        self.num_layers = spec.num_layers
-        self.distance = distance
-        self.last: list[list[int]] = [[] for _ in range(spec.num_layers)]
+    def __init__(self, deps: PredictorDeps) -> None:
+        self.num_layers = deps.spec.num_layers
+        self.distance = deps.distance
+        self.last: list[list[int]] = [[] for _ in range(self.num_layers)]
 
-    def on_iteration_start(self, iteration: int, is_prefill: bool) -> PrefetchPlan | None:
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         reqs = [
             PrefetchRequest(ExpertId(layer, e), 1.0 / (layer + 1))
             for layer in range(min(self.distance, self.num_layers))
             for e in self.last[layer]
         ]
-        return PrefetchPlan(tuple(reqs), replace=True) if reqs else None
+        return PrefetchPlan(tuple(reqs), replace=True, iteration=ctx.iteration) if reqs else None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         self.last[event.layer] = sorted(set(event.topk_ids.view(-1).tolist()))
@@ -59,10 +137,27 @@ class PreviousTokenPredictor:
         if target >= self.num_layers:
             return None  # the next iteration's start plans the first layers
         reqs = tuple(PrefetchRequest(ExpertId(target, e), 1.0 / self.distance) for e in self.last[target])
-        return PrefetchPlan(reqs) if reqs else None
+        return PrefetchPlan(reqs, iteration=event.iteration) if reqs else None
+
+    def end_requests(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
-PREDICTORS: dict[str, Callable[[MoESpec, int], Predictor]] = {
-    "none": NonePredictor,
-    "previous-token": PreviousTokenPredictor,
-}
+def make_predictor(name: str, deps: PredictorDeps) -> Predictor:
+    from finemoe.baselines import MoEInfinityPredictor, SpeculativeGatePredictor
+    from finemoe.fine_predictor import FineMoEPredictor
+
+    table: dict[str, Callable[[PredictorDeps], Predictor]] = {
+        "none": NonePredictor,
+        "previous-token": PreviousTokenPredictor,
+        "finemoe": FineMoEPredictor,
+        "speculative-gate": SpeculativeGatePredictor,
+        "moe-infinity": MoEInfinityPredictor,
+    }
+    try:
+        return table[name](deps)
+    except KeyError:
+        raise ConfigError(f"unknown predictor {name!r}; choose one of: {', '.join(table)}") from None

@@ -1,4 +1,7 @@
-"""Named policies: an eviction policy plus a predictor (what `--policy` selects)."""
+"""Named policies: an eviction policy plus a predictor (what `--policy` selects).
+
+The baselines reproduce what the FineMoE paper compared against (spec §4, baseline harness).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +14,63 @@ from finemoe.errors import ConfigError
 class PolicyPreset:
     name: str
     eviction: str  # key of policy.EVICTION_POLICIES
-    predictor: str  # key of predictor.PREDICTORS
+    predictor: str  # name for predictor.make_predictor
     all_resident: bool
     description: str
+    distance: int | None = None  # fixed prefetch distance / stride; None: the configured one
+    default_distance: int = 1  # used when neither the preset nor the config fixes it
+    asynchronous: bool = False  # the predictor may run on the searcher thread
 
+
+DEFAULT_POLICY = "finemoe"
 
 PRESETS: dict[str, PolicyPreset] = {
     p.name: p
     for p in (
+        PolicyPreset(
+            "finemoe",
+            "map-lfu",
+            "finemoe",
+            False,
+            "FineMoE: expert maps matched by prompt semantics and routing trajectory, δ-sized prefetch "
+            "d layers ahead, map-aware LFU eviction",
+            default_distance=3,
+            asynchronous=True,
+        ),
         PolicyPreset("all-gpu", "lru", "none", True, "every expert resident on the device: the no-offload reference"),
+        PolicyPreset(
+            "on-demand",
+            "lru",
+            "none",
+            False,
+            "no prefetch, every miss loaded when the router asks, LRU eviction (the paper's DeepSpeed-Inference role)",
+        ),
+        PolicyPreset(
+            "mixtral-offloading",
+            "lru",
+            "speculative-gate",
+            False,
+            "layer l+1's router applied to layer l's hidden state, its top-k prefetched; LRU eviction",
+            distance=1,
+        ),
+        PolicyPreset(
+            "promoe",
+            "lru",
+            "speculative-gate",
+            False,
+            "stride-2 speculation: layer l+2's router on layer l's hidden state (the paper's ProMoE "
+            "re-implementation); LRU eviction",
+            distance=2,
+        ),
+        PolicyPreset(
+            "moe-infinity",
+            "lfu",
+            "moe-infinity",
+            False,
+            "request-level activation matrix matched against past requests; top E/4 experts of the next "
+            "d layers prefetched; LFU eviction",
+            default_distance=3,
+        ),
         PolicyPreset("lru", "lru", "none", False, "on-demand loading, least-recently-used eviction"),
         PolicyPreset("lfu", "lfu", "none", False, "on-demand loading, least-frequently-used eviction"),
         PolicyPreset(

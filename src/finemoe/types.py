@@ -84,11 +84,34 @@ class PrefetchRequest(NamedTuple):
 class PrefetchPlan:
     """What a predictor asks for after an event; the prefetcher decides how and when to move it.
 
-    `replace` drops earlier plans that have not started yet.
+    `replace` drops earlier plans that have not started yet. `iteration` (>= 0) marks the plan as
+    meant for that iteration: the prefetcher drops it once a later iteration starts, and skips
+    requests for layers that iteration has already passed. `layer_probs` carries, per target
+    layer, the predicted probability of every expert [E] (map-aware eviction reads it).
     """
 
     requests: tuple[PrefetchRequest, ...]
     replace: bool = False
+    iteration: int = -1
+    layer_probs: tuple[tuple[int, tuple[float, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class IterationContext:
+    """What is known when an iteration starts (after the embedding layer ran).
+
+    The iteration runs a [B, T] block of tokens; `rows` [N] indexes the flattened B*T positions
+    that carry real tokens (prompt tokens in prefill, unfinished sequences in decode),
+    `request_of_row` [N] names each row's sequence (0..B-1), and `embeddings` [N, D] float32 on
+    the CPU are those tokens' embedding-layer outputs (None when no predictor asked for them).
+    """
+
+    iteration: int
+    is_prefill: bool
+    batch_size: int
+    rows: torch.Tensor  # [N] int64, CPU
+    request_of_row: torch.Tensor  # [N] int64, CPU
+    embeddings: torch.Tensor | None = None  # [N, D] float32, CPU
 
 
 @dataclass(frozen=True)
@@ -96,14 +119,17 @@ class RoutingEvent:
     """The router of MoE layer `layer` ran in iteration `iteration`.
 
     `probs` holds the full router probabilities over all E routed experts, float32 [T, E], on the
-    compute device; `topk_ids` are the selected experts, int64 [T, k], on the CPU.
+    CPU (T = B*T_block, every position including padding); `topk_ids` are the selected experts,
+    int64 [T, k], on the CPU. `hidden` is the router's input [T, H] on the compute device (read
+    only by speculative predictors, synchronously).
     """
 
     iteration: int
     layer: int
-    probs: torch.Tensor  # [T, E] float32
+    probs: torch.Tensor  # [T, E] float32, CPU
     topk_ids: torch.Tensor  # [T, k] int64, CPU
     is_prefill: bool
+    hidden: torch.Tensor | None = None  # [T, H], compute device
 
 
 @dataclass
@@ -119,8 +145,10 @@ class CacheStats:
     stall_s: float = 0.0
     prefetches_issued: int = 0
     prefetches_used: int = 0
-    prefetches_wasted: int = 0
+    prefetches_wasted: int = 0  # evicted before any use
+    prefetch_wasted_bytes: int = 0
     prefetches_late: int = 0
+    prefetches_dropped: int = 0  # planned but never started (stale or replaced)
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
@@ -146,6 +174,13 @@ class CacheStats:
     def prefetch_precision(self) -> float:
         """Share of issued prefetches that a router later used while still resident."""
         return self.prefetches_used / self.prefetches_issued if self.prefetches_issued else 0.0
+
+    @property
+    def prefetch_recall(self) -> float:
+        """Share of the experts that had to come in (not resident from earlier use) that a
+        prefetch brought in: used / (used + misses not covered by a late prefetch)."""
+        need = self.prefetches_used + self.misses - self.prefetches_late
+        return self.prefetches_used / need if need > 0 else 0.0
 
     @property
     def demand_bandwidth_gbps(self) -> float:
@@ -178,7 +213,10 @@ class CacheStats:
             "prefetches_issued": self.prefetches_issued,
             "prefetches_used": self.prefetches_used,
             "prefetches_wasted": self.prefetches_wasted,
+            "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
             "prefetches_late": self.prefetches_late,
+            "prefetches_dropped": self.prefetches_dropped,
             "prefetch_precision": self.prefetch_precision,
+            "prefetch_recall": self.prefetch_recall,
             "layer_hit_rate": self.layer_hit_rate,
         }

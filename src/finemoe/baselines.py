@@ -1,0 +1,152 @@
+"""The paper's baseline predictors (spec §4, "baseline harness"), reproduced as named policies.
+
+- `SpeculativeGatePredictor`: apply layer l+s's router to layer l's router input and prefetch its
+  top-k. s = 1 is Mixtral-Offloading, s = 2 the ProMoE re-implementation of the paper. Runs
+  synchronously inside the router hook, as the originals do.
+- `MoEInfinityPredictor`: a request-level expert activation matrix (EAM, selection counts [L, E]
+  so far), matched by cosine against the EAMs of past requests; prefetch the matched EAM's top
+  max(k, E/4) experts for each of the next w layers with linearly decaying priority.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finemoe.predictor import PredictorDeps
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+
+EPS = 1e-12
+
+
+class SpeculativeGatePredictor:
+    """Next-gate speculation: after layer l routes, run router l+s on layer l's router input."""
+
+    name = "speculative-gate"
+
+    def __init__(self, deps: PredictorDeps) -> None:
+        if deps.gate is None:
+            raise ValueError("the speculative-gate predictor needs the model's routers (a gate function)")
+        self.spec, self.gate, self.stride = deps.spec, deps.gate, deps.distance
+        self.ctx: IterationContext | None = None
+
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
+        self.ctx = ctx
+        return None
+
+    def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
+        target = event.layer + self.stride
+        if target >= self.spec.num_layers or event.hidden is None:
+            return None
+        ctx = self.ctx
+        live = ctx is not None and ctx.iteration == event.iteration
+        hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
+        probs = self.gate(target, hidden)  # [N, E] CPU
+        top_p, top_i = torch.topk(probs, self.spec.top_k, dim=1)
+        best: dict[int, float] = {}
+        for e, p in zip(top_i.view(-1).tolist(), top_p.view(-1).tolist(), strict=True):
+            best[e] = max(p, best.get(e, 0.0))
+        reqs = tuple(PrefetchRequest(ExpertId(target, e), p) for e, p in best.items())
+        return PrefetchPlan(reqs, iteration=event.iteration)
+
+    def end_requests(self) -> None:
+        self.ctx = None
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+class RequestMatrixStore:
+    """Past requests' expert activation matrices [R, L, E] (counts), first in first out."""
+
+    def __init__(self, num_layers: int, num_experts: int, capacity: int = 1000) -> None:
+        self.capacity = capacity
+        self.mats = torch.zeros(capacity, num_layers, num_experts)
+        self.unit = torch.zeros(capacity, num_layers * num_experts)  # flattened, unit norm
+        self.size = 0
+        self._next = 0
+
+    def add(self, mat: torch.Tensor) -> None:
+        """Insert one request's EAM [L, E]; the oldest is replaced when full."""
+        row = self._next
+        self.mats[row] = mat
+        flat = mat.reshape(-1).float()
+        self.unit[row] = flat / flat.norm().clamp_min(EPS)
+        self._next = (row + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def match(self, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best stored EAM per query `mats` [B, L, E]: (cosine [B], row [B]). Store non-empty."""
+        q = mats.reshape(mats.shape[0], -1).float()
+        q = q / q.norm(dim=1, keepdim=True).clamp_min(EPS)
+        return (q @ self.unit[: self.size].T).max(dim=1)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        order = [(self._next + i) % self.capacity for i in range(self.capacity)] if self.size == self.capacity else []
+        rows = order if order else list(range(self.size))
+        return {"eams": self.mats[rows].clone()}
+
+    def load_rows(self, mats: torch.Tensor) -> None:
+        self.size, self._next = 0, 0
+        for m in mats[-self.capacity :]:
+            self.add(m)
+
+
+class MoEInfinityPredictor:
+    """Request-level activation matching (the MoE-Infinity role in the paper's comparison)."""
+
+    name = "moe-infinity"
+
+    def __init__(self, deps: PredictorDeps) -> None:
+        if deps.requests is None:
+            raise ValueError("the moe-infinity predictor needs a request-matrix store")
+        self.spec, self.store, self.window = deps.spec, deps.requests, deps.distance
+        self.keep = max(deps.spec.top_k, deps.spec.num_experts // 4)
+        self.eam: torch.Tensor | None = None  # [B, L, E] counts of the running batch
+        self.ctx: IterationContext | None = None
+        self.score_sum = self.score_n = 0.0
+
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
+        if ctx.is_prefill:
+            self.end_requests()
+            self.eam = torch.zeros(ctx.batch_size, self.spec.num_layers, self.spec.num_experts)
+        self.ctx = ctx
+        return None
+
+    def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
+        ctx, eam = self.ctx, self.eam
+        if ctx is None or eam is None or event.iteration != ctx.iteration:
+            return None
+        ids = event.topk_ids[ctx.rows]  # [N, k]
+        req = ctx.request_of_row.unsqueeze(1).expand_as(ids)
+        B, E = eam.shape[0], self.spec.num_experts
+        counts = torch.bincount((req * E + ids).reshape(-1), minlength=B * E)[: B * E]
+        eam[:, event.layer] += counts.view(B, E).float()
+        if self.store.size == 0:
+            return None
+        active = torch.unique(ctx.request_of_row)
+        scores, rows = self.store.match(eam[active])
+        self.score_sum += float(scores.sum())
+        self.score_n += scores.numel()
+        L, w = self.spec.num_layers, self.window
+        best: dict[ExpertId, float] = {}
+        for j, target in enumerate(range(event.layer + 1, min(event.layer + 1 + w, L))):
+            decay = 1.0 - j / w
+            counts = self.store.mats[rows, target]  # [B', E]
+            share = counts / counts.sum(dim=1, keepdim=True).clamp_min(EPS)
+            top_p, top_i = torch.topk(share, self.keep, dim=1)
+            for e, p in zip(top_i.view(-1).tolist(), top_p.view(-1).tolist(), strict=True):
+                eid = ExpertId(target, e)
+                best[eid] = max(best.get(eid, 0.0), p * decay)
+        reqs = tuple(PrefetchRequest(eid, p) for eid, p in best.items())
+        return PrefetchPlan(reqs, replace=True, iteration=event.iteration)
+
+    def end_requests(self) -> None:
+        self.eam, self.ctx = None, None  # the HistoryRecorder stores finished requests
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "request_store_size": self.store.size,
+            "mean_request_match_score": self.score_sum / self.score_n if self.score_n else None,
+        }

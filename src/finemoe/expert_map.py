@@ -1,0 +1,170 @@
+"""Expert maps and the bounded Expert Map Store (FineMoE §3.1-3.2 of the spec).
+
+An expert map is one iteration's router probabilities for one token, `[L, E]` float32, paired
+with that token's semantic embedding `[D]`. The store keeps at most C rows; when full, a new row
+overwrites the stored row it is most redundant with:
+
+    RDY[x, y] = (d/L) * cos(emb_x, emb_y) + ((L - d)/L) * cos(vec map_x, vec map_y)
+
+Plain torch on the CPU; no transformers, no CUDA. Not thread-safe: one thread owns a store (the
+searcher's, when search runs asynchronously).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class StoreGeometry:
+    """What a store's rows look like: L MoE layers, E experts each, D embedding width."""
+
+    num_layers: int
+    num_experts: int
+    dim: int
+
+
+class ExpertMapStore:
+    """C rows of (embedding [D], map [L, E]) with redundancy-based replacement.
+
+    Invariants: rows `[0, size)` are valid; `prefix_sq[c, m]` is the squared norm of row c's
+    layers `0..m` flattened (so trajectory cosines over any prefix need no recomputation);
+    `emb_unit` holds the unit-normalised embeddings.
+    """
+
+    def __init__(self, geometry: StoreGeometry, capacity: int = 1000, distance: int = 3) -> None:
+        if capacity < 1:
+            raise ValueError(f"map store capacity must be >= 1, got {capacity}")
+        g = self.geometry = geometry
+        self.capacity, self.distance = capacity, distance
+        self.emb = torch.zeros(capacity, g.dim)  # [C, D]
+        self.emb_unit = torch.zeros(capacity, g.dim)  # [C, D]
+        self.maps = torch.zeros(capacity, g.num_layers, g.num_experts)  # [C, L, E]
+        self.prefix_sq = torch.zeros(capacity, g.num_layers)  # [C, L]
+        self.size = 0
+        self.inserts = 0  # rows ever offered
+        self.replacements = 0  # rows overwritten because the store was full
+
+    # -- weights of the redundancy score --------------------------------------------------------
+    @property
+    def semantic_weight(self) -> float:
+        """d / L, clipped to [0, 1]: the share of layers semantic search guides."""
+        return min(max(self.distance / self.geometry.num_layers, 0.0), 1.0)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.emb, self.emb_unit, self.maps, self.prefix_sq))
+
+    # -- writes ---------------------------------------------------------------------------------
+    def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
+        self.emb[row] = emb
+        self.emb_unit[row] = emb / emb.norm().clamp_min(EPS)
+        self.maps[row] = emap
+        self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
+
+    def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
+        """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
+
+        Appends while there is room; then each new row overwrites the stored row with the highest
+        redundancy score against it, in order, so later rows see earlier replacements.
+        """
+        emb, maps = emb.float().reshape(-1, self.geometry.dim), maps.float()
+        maps = maps.reshape(-1, self.geometry.num_layers, self.geometry.num_experts)
+        rows: list[int] = []
+        n = emb.shape[0]
+        self.inserts += n
+        i = 0
+        while i < n and self.size < self.capacity:
+            self._write(self.size, emb[i], maps[i])
+            rows.append(self.size)
+            self.size += 1
+            i += 1
+        if i == n:
+            return rows
+        rest_emb, rest_maps = emb[i:], maps[i:]
+        rdy = self.redundancy(rest_emb, rest_maps)  # [N', C]
+        w_sem = self.semantic_weight
+        rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
+        rest_flat = rest_maps.reshape(rest_maps.shape[0], -1)
+        rest_flat_unit = rest_flat / rest_flat.norm(dim=1, keepdim=True).clamp_min(EPS)
+        for j in range(rest_emb.shape[0]):
+            y = int(torch.argmax(rdy[j]))
+            self._write(y, rest_emb[j], rest_maps[j])
+            self.replacements += 1
+            rows.append(y)
+            if j + 1 < rest_emb.shape[0]:  # later rows now compare against the new row y
+                flat_y = self.maps[y].reshape(-1)
+                flat_y = flat_y / flat_y.norm().clamp_min(EPS)
+                rdy[j + 1 :, y] = w_sem * (rest_emb_unit[j + 1 :] @ self.emb_unit[y]) + (1 - w_sem) * (
+                    rest_flat_unit[j + 1 :] @ flat_y
+                )
+        return rows
+
+    def redundancy(self, emb: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows."""
+        c = self.size
+        q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
+        flat = maps.reshape(maps.shape[0], -1)
+        q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
+        stored = self.maps[:c].reshape(c, -1) / self.prefix_sq[:c, -1:].sqrt().clamp_min(EPS)
+        w = self.semantic_weight
+        return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ stored.T)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def semantic_match(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best stored row per query embedding: (`scores` [N] cosine, `rows` [N]). Store non-empty."""
+        q = emb.float() / emb.float().norm(dim=1, keepdim=True).clamp_min(EPS)
+        sim = q @ self.emb_unit[: self.size].T  # [N, size]
+        scores, rows = sim.max(dim=1)
+        return scores, rows
+
+    def trajectory_scores_from_scratch(self, traj: torch.Tensor) -> torch.Tensor:
+        """Cosine [N, size] of trajectories `traj` [N, m, E] with every row's first m layers."""
+        n, m, _ = traj.shape
+        q = traj.reshape(n, -1)
+        stored = self.maps[: self.size, :m].reshape(self.size, -1)
+        num = q @ stored.T
+        den = q.norm(dim=1, keepdim=True) * stored.norm(dim=1).unsqueeze(0)
+        return num / den.clamp_min(EPS)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The valid rows, for persistence: emb [size, D], maps [size, L, E]."""
+        return {"emb": self.emb[: self.size].clone(), "maps": self.maps[: self.size].clone()}
+
+    def load_rows(self, emb: torch.Tensor, maps: torch.Tensor) -> None:
+        """Replace the contents with saved rows (at most `capacity`; the newest kept if more)."""
+        self.size = 0
+        emb, maps = emb[-self.capacity :], maps[-self.capacity :]
+        for i in range(emb.shape[0]):
+            self._write(i, emb[i].float(), maps[i].float())
+        self.size = emb.shape[0]
+
+
+class TrajectoryQuery:
+    """Incremental trajectory matching for N query rows against a store (spec §3.4).
+
+    After `extend(m, probs)` for layers 0..m in order, `scores()` equals the cosine of each query's
+    flattened layers 0..m with every stored row's first m+1 layers, at O(C * E) per layer instead
+    of O(C * m * E). The store must not change between `extend` calls of one query.
+    """
+
+    def __init__(self, store: ExpertMapStore, num_rows: int) -> None:
+        self.store = store
+        self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
+        self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
+        self.layers = 0
+
+    def extend(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """Add layer `layer`'s probabilities `probs` [N, E]; returns the scores [N, size]."""
+        if layer != self.layers:
+            raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
+        s = self.store
+        probs = probs.float()
+        self.dot += probs @ s.maps[: s.size, layer].T
+        self.q_sq += (probs * probs).sum(dim=1)
+        self.layers += 1
+        den = self.q_sq.sqrt().unsqueeze(1) * s.prefix_sq[: s.size, layer].sqrt().unsqueeze(0)
+        return self.dot / den.clamp_min(EPS)

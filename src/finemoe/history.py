@@ -1,0 +1,93 @@
+"""Recording history: every finished iteration's expert maps go into the `ExpertMapStore`, every
+finished request's activation matrix into the `RequestMatrixStore` (online mode, spec §3.2 step 5).
+
+The recorder is a predictor that never plans. It runs after the policy's predictor on the same
+thread (`PredictorChain`), so a search never sees a store that changes under it mid-iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finemoe.predictor import Predictor, PredictorDeps
+from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
+
+
+class HistoryRecorder:
+    name = "history"
+
+    def __init__(self, deps: PredictorDeps) -> None:
+        self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
+        self.ctx: IterationContext | None = None
+        self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
+        self.eam: torch.Tensor | None = None  # [B, L, E] selection counts of the running requests
+        self.maps_added = 0
+
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
+        if ctx.is_prefill:
+            self.end_requests()
+            self.eam = torch.zeros(ctx.batch_size, self.spec.num_layers, self.spec.num_experts)
+        self.ctx, self.layer_probs = ctx, []
+        return None
+
+    def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
+        ctx = self.ctx
+        if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
+            self.ctx = None
+            return None
+        self.layer_probs.append(event.probs[ctx.rows].float())
+        if self.eam is not None:
+            ids = event.topk_ids[ctx.rows]  # [N, k]
+            req = ctx.request_of_row.unsqueeze(1).expand_as(ids)
+            E = self.spec.num_experts
+            counts = torch.bincount((req * E + ids).reshape(-1), minlength=self.eam.shape[0] * E)
+            self.eam[:, event.layer] += counts[: self.eam.shape[0] * E].view(-1, E).float()
+        if event.layer == self.spec.num_layers - 1:
+            if self.maps is not None and ctx.embeddings is not None and ctx.rows.numel():
+                self.maps.add(ctx.embeddings, torch.stack(self.layer_probs, dim=1))  # [N, D], [N, L, E]
+                self.maps_added += ctx.rows.numel()
+            self.ctx = None
+        return None
+
+    def end_requests(self) -> None:
+        if self.eam is not None and self.requests is not None:
+            for mat in self.eam:
+                if mat.sum() > 0:
+                    self.requests.add(mat)
+        self.eam, self.ctx = None, None
+
+    def stats(self) -> dict[str, Any]:
+        return {"maps_recorded": self.maps_added}
+
+
+class PredictorChain:
+    """Several predictors fed the same events in order; their plans are merged into one list."""
+
+    def __init__(self, members: list[Predictor]) -> None:
+        self.members = members
+        self.name = "+".join(m.name for m in members)
+
+    def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
+        return self._first([m.on_iteration_start(ctx) for m in self.members])
+
+    def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
+        return self._first([m.on_routing(event) for m in self.members])
+
+    @staticmethod
+    def _first(plans: list[PrefetchPlan | None]) -> PrefetchPlan | None:
+        real = [p for p in plans if p is not None]
+        if len(real) > 1:
+            raise RuntimeError("at most one member of a predictor chain may plan prefetches")
+        return real[0] if real else None
+
+    def end_requests(self) -> None:
+        for m in self.members:
+            m.end_requests()
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for m in self.members:
+            out.update(m.stats())
+        return out

@@ -1,0 +1,209 @@
+"""FineMoE mechanisms with hand-computed expectations: the map store, semantic and trajectory
+matching, δ selection, priority order, batch merging, map-aware eviction and the predictor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from finemoe.expert_map import ExpertMapStore, StoreGeometry, TrajectoryQuery
+from finemoe.fine_predictor import FineMoEPredictor
+from finemoe.history import HistoryRecorder, PredictorChain
+from finemoe.policy import MapAwarePolicy
+from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+
+from tests.test_cache import SPEC as SPEC1
+
+SPEC = dataclasses.replace(SPEC1, top_k=2)  # 2 MoE layers, 4 experts, top-2
+
+
+def store(capacity=4, distance=1, layers=2, experts=2, dim=2):
+    return ExpertMapStore(StoreGeometry(layers, experts, dim), capacity, distance)
+
+
+def test_store_appends_then_replaces_most_redundant_row():
+    s = store(capacity=2, distance=1)  # L=2, d=1: RDY = 0.5 cos(emb) + 0.5 cos(map)
+    a_map = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    b_map = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    assert s.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.stack([a_map, b_map])) == [0, 1]
+    assert s.size == 2 and s.replacements == 0
+    # c: embedding like b's, map like a's -> RDY vs a = 0.5*0 + 0.5*1, vs b = 0.5*1 + 0.5*0: a tie
+    # broken to the first row; d: embedding and map both like b's -> replaces b (RDY 1 vs 0).
+    c = (torch.tensor([[0.0, 2.0]]), a_map.unsqueeze(0))
+    rdy = s.redundancy(*c)
+    assert torch.allclose(rdy, torch.tensor([[0.5, 0.5]]))
+    d_map = torch.tensor([[0.0, 3.0], [0.0, 1.0]])
+    rows = s.add(torch.tensor([[0.0, 1.0]]), d_map.unsqueeze(0))
+    assert rows == [1] and s.replacements == 1
+    assert torch.equal(s.maps[1], d_map) and torch.equal(s.maps[0], a_map)
+    # Prefix norms follow the written row: layer 0 -> 9, layers 0..1 -> 10.
+    assert s.prefix_sq[1].tolist() == [9.0, 10.0]
+
+
+def test_sequential_replacement_sees_earlier_inserts():
+    s = store(capacity=2, distance=1)
+    s.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[[1.0, 0.0]] * 2, [[0.0, 1.0]] * 2]))
+    # Two identical new rows, both most like row 0. The first lands in row 0; the second is then
+    # most redundant with that new row (RDY 1) and replaces it again, never row 1.
+    x = torch.tensor([[1.0, 0.1], [1.0, 0.1]])
+    m = torch.tensor([[[1.0, 0.1]] * 2] * 2)
+    assert s.add(x, m) == [0, 0]
+    assert torch.equal(s.maps[1], torch.tensor([[0.0, 1.0]] * 2))
+
+
+def test_semantic_match_is_cosine_argmax():
+    s = store(dim=3)
+    s.add(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0]]), torch.rand(3, 2, 2))
+    scores, rows = s.semantic_match(torch.tensor([[2.0, 0.1, 0], [0, 0, 5.0], [3.0, 3.0, 0.0]]))
+    assert rows.tolist()[0] == 0 and rows.tolist()[2] == 2
+    assert scores[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert scores[2].item() == pytest.approx(1.0, abs=1e-6)
+    assert scores[0].item() == pytest.approx(2.0 / math.sqrt(4.01), rel=1e-5)
+
+
+def test_trajectory_incremental_equals_from_scratch():
+    g = torch.Generator().manual_seed(0)
+    L, E, C, N = 5, 6, 40, 3
+    s = ExpertMapStore(StoreGeometry(L, E, 4), capacity=C)
+    s.add(torch.randn(C, 4, generator=g), torch.softmax(torch.randn(C, L, E, generator=g), dim=-1))
+    traj = torch.softmax(torch.randn(N, L, E, generator=g), dim=-1)
+    q = TrajectoryQuery(s, N)
+    for m in range(L):
+        inc = q.extend(m, traj[:, m])
+        ref = s.trajectory_scores_from_scratch(traj[:, : m + 1])
+        assert torch.allclose(inc, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="in order"):
+        TrajectoryQuery(s, N).extend(1, traj[:, 1])
+
+
+@pytest.mark.parametrize(
+    "score,rule,want",
+    [
+        (1.0, "paper", {0}),  # δ = 0: only top-k (k = 1)
+        (1.5, "paper", {0}),  # clipped to δ = 0
+        (0.5, "paper", {0, 1}),  # δ = 0.5: 0.4 < 0.5, include the crossing expert 1 (cum 0.7)
+        (0.5, "demo", {0}),  # demo: cumsum <= 0.5 holds for expert 0 only
+        (0.0, "paper", {0, 1, 2, 3}),  # δ = 1 needs every expert (0.4 + 0.3 + 0.2 + 0.1)
+        (-1.0, "paper", {0, 1, 2, 3}),  # clipped to δ = 1
+        (0.35, "paper", {0, 1}),  # δ = 0.65: 0.4 < 0.65 -> crossing expert 1
+    ],
+)
+def test_delta_selection_boundaries(score, rule, want):
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    mask = select_by_delta(probs, torch.tensor([score]), top_k=1, rule=rule)
+    assert set(torch.nonzero(mask[0]).view(-1).tolist()) == want
+
+
+def test_delta_selection_exact_boundary_and_minimum_k():
+    probs = torch.tensor([[0.5, 0.25, 0.25, 0.0]])
+    # δ = 0.5 exactly: paper takes experts while cum < δ (none) plus the crossing one -> 1; then k=2.
+    mask = select_by_delta(probs, torch.tensor([0.5]), top_k=2, rule="paper")
+    assert mask.sum().item() == 2 and mask[0, 0] and (mask[0, 1] or mask[0, 2])
+    assert select_by_delta(probs, torch.tensor([0.5]), top_k=1, rule="paper").sum().item() == 1
+    assert select_by_delta(probs, torch.tensor([0.5]), top_k=1, rule="demo").sum().item() == 1
+
+
+def test_priority_is_probability_over_distance():
+    reqs = plan_for_layer(5, 2, {0: 0.9, 3: 0.3})
+    assert [(r.expert, r.priority) for r in reqs] == [(ExpertId(5, 0), 0.3), (ExpertId(5, 3), pytest.approx(0.1))]
+    # Nearer layers first at equal probability; before layer 0 the distance is l + 1.
+    near, far = plan_for_layer(0, -1, {1: 0.5})[0], plan_for_layer(2, -1, {1: 0.5})[0]
+    assert near.priority == 0.5 and far.priority == pytest.approx(0.5 / 3)
+
+
+def test_batch_merge_is_union_with_max_probability():
+    probs = torch.tensor([[0.6, 0.3, 0.1, 0.0], [0.2, 0.1, 0.0, 0.7]])
+    mask = torch.tensor([[True, True, False, False], [True, False, False, True]])
+    merged = merge_rows(probs, mask)
+    assert merged == {0: pytest.approx(0.6), 1: pytest.approx(0.3), 3: pytest.approx(0.7)}
+
+
+def test_map_aware_eviction_order_and_protection():
+    pol = MapAwarePolicy(num_experts=4)
+    for e in range(4):
+        pol.on_insert(ExpertId(0, e), step=e)
+    for _ in range(3):
+        pol.on_access(ExpertId(0, 1), 10)  # freq 4
+    pol.on_plan(PrefetchPlan((), iteration=0, layer_probs=((0, (0.1, 0.1, 0.5, 0.3)),)))
+    # scores p * freq: e0 0.1*1, e1 0.1*4, e2 0.5*1, e3 0.3*1 -> order e0, e3, e1, e2
+    order, evicted = [], set()
+    for _ in range(4):
+        v = pol.victim(lambda eid: eid not in evicted)
+        order.append(v.expert)
+        evicted.add(v)
+    assert order == [0, 3, 1, 2]
+    # A pending plan for a layer not reached yet protects its experts; a demand still may take them.
+    pol2 = MapAwarePolicy(num_experts=4)
+    pol2.on_insert(ExpertId(1, 0), 0)
+    pol2.on_insert(ExpertId(1, 1), 1)
+    pol2.on_plan(PrefetchPlan((PrefetchRequest(ExpertId(1, 0), 1.0),), iteration=3))
+    assert pol2.protected(ExpertId(1, 0)) and not pol2.protected(ExpertId(1, 1))
+    assert pol2.victim(lambda eid: True) == ExpertId(1, 1)  # unprotected first, though equal score
+    assert pol2.victim(lambda eid: eid != ExpertId(1, 1)) == ExpertId(1, 0)  # then protected
+    pol2.on_access(ExpertId(1, 1), 5)  # layer 1 runs: its plan is served, protection ends
+    assert not pol2.protected(ExpertId(1, 0))
+
+
+def _ctx(iteration, emb, prefill=False):
+    n = emb.shape[0]
+    return IterationContext(iteration, prefill, n, torch.arange(n), torch.arange(n), emb)
+
+
+def _ev(iteration, layer, probs):
+    probs = torch.tensor(probs)
+    return RoutingEvent(iteration, layer, probs, torch.topk(probs, 2, dim=1).indices, False)
+
+
+def test_finemoe_predictor_semantic_then_trajectory():
+    # SPEC: L=2, E=4, k=2. Distance 1: semantic plans layer 0; layer 0's trajectory plans layer 1.
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    row_a = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.05, 0.05, 0.2, 0.7]])
+    row_b = torch.tensor([[0.05, 0.05, 0.2, 0.7], [0.7, 0.2, 0.05, 0.05]])
+    maps.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.stack([row_a, row_b]))
+    pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps))
+    start = pred.on_iteration_start(_ctx(0, torch.tensor([[1.0, 0.0]])))  # matches row a exactly
+    assert start.replace and start.iteration == 0
+    # score 1 -> δ 0 -> top-2 of row a's layer 0, priority p / (0 - -1)
+    assert {(r.expert, round(r.priority, 3)) for r in start.requests} == {(ExpertId(0, 0), 0.7), (ExpertId(0, 1), 0.2)}
+    assert dict(start.layer_probs)[1] == pytest.approx(tuple(row_a[1].tolist()))
+    # Layer 0 routes like row b's layer 0: the trajectory switches to row b for layer 1.
+    plan = pred.on_routing(_ev(0, 0, [[0.05, 0.05, 0.2, 0.7]]))
+    assert {r.expert for r in plan.requests} == {ExpertId(1, 0), ExpertId(1, 1)}
+    assert pred.on_routing(_ev(0, 1, [[0.7, 0.2, 0.05, 0.05]])) is None  # last layer: no target
+    st = pred.stats()
+    assert st["mean_semantic_score"] == pytest.approx(1.0) and st["mean_trajectory_score"] == pytest.approx(1.0)
+
+
+def test_finemoe_weak_match_prefetches_more_and_out_of_step_events_are_ignored():
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    maps.add(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.4, 0.3, 0.2, 0.1]] * 2]))
+    pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps))
+    emb = torch.tensor([[1.0, 1.0]])  # cosine 0.707 -> δ 0.293 -> still 2 (k); 0.4 crosses it
+    assert len(pred.on_iteration_start(_ctx(0, emb)).requests) == 2
+    emb = torch.tensor([[-1.0, 0.2]])  # cosine < 0 -> δ 1 -> all four experts
+    assert len(pred.on_iteration_start(_ctx(1, emb)).requests) == 4
+    assert pred.on_routing(_ev(0, 0, [[0.25] * 4])) is None  # an event of an older iteration
+
+
+def test_history_recorder_inserts_after_the_search_of_the_last_layer():
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    from finemoe.baselines import RequestMatrixStore
+
+    reqs = RequestMatrixStore(2, 4, capacity=4)
+    deps = PredictorDeps(SPEC, 1, maps, reqs)
+    chain = PredictorChain([FineMoEPredictor(deps), HistoryRecorder(deps)])
+    emb = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    ctx = IterationContext(0, True, 1, torch.arange(2), torch.zeros(2, dtype=torch.long), emb)
+    assert chain.on_iteration_start(ctx) is None  # empty store: nothing to match yet
+    chain.on_routing(_ev(0, 0, [[0.7, 0.2, 0.05, 0.05], [0.1, 0.05, 0.15, 0.7]]))
+    assert maps.size == 0  # not before the iteration's last layer
+    chain.on_routing(_ev(0, 1, [[0.05, 0.05, 0.2, 0.7], [0.7, 0.05, 0.15, 0.1]]))
+    assert maps.size == 2  # one row per prompt token (prefill)
+    assert torch.allclose(maps.maps[1, 1], torch.tensor([0.7, 0.05, 0.15, 0.1]))
+    chain.end_requests()
+    # The request's activation matrix: top-2 counts of both tokens per layer.
+    assert reqs.size == 1 and reqs.mats[0].tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 2.0, 1.0]]

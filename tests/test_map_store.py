@@ -1,0 +1,194 @@
+"""Baseline predictors on scripted routing, stale-plan handling, the persistent map store (round
+trip and every refusal) and the engine's use of it (warm start, async search stays lossless)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+from finemoe import Engine, SamplingParams
+from finemoe import map_store_file as msf
+from finemoe.baselines import MoEInfinityPredictor, RequestMatrixStore, SpeculativeGatePredictor
+from finemoe.predictor import PredictorDeps
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+
+from tests.test_cache import SPEC as SPEC1
+from tests.test_prefetch import setup
+
+SPEC = dataclasses.replace(SPEC1, top_k=2)  # L=2, E=4, k=2
+SPEC3 = dataclasses.replace(SPEC, moe_layers=(0, 1, 2), num_decoder_layers=3)
+
+
+def ctx(iteration, n=1, prefill=False):
+    return IterationContext(iteration, prefill, n, torch.arange(n), torch.arange(n))
+
+
+def event(iteration, layer, ids, hidden=None):
+    ids = torch.tensor(ids)
+    return RoutingEvent(iteration, layer, torch.full((ids.shape[0], 4), 0.25), ids, False, hidden)
+
+
+def test_speculative_gate_uses_the_target_layers_router():
+    calls = []
+    table = {1: [0.1, 0.6, 0.1, 0.2], 2: [0.5, 0.0, 0.3, 0.2]}
+
+    def gate(layer, hidden):
+        calls.append((layer, hidden.shape[0]))
+        return torch.tensor([table[layer]] * hidden.shape[0])
+
+    hidden = torch.zeros(3, 2)  # three positions; the context keeps two of them
+    one = SpeculativeGatePredictor(PredictorDeps(SPEC3, 1, gate=gate))  # Mixtral-Offloading
+    live = IterationContext(0, True, 1, torch.tensor([1, 2]), torch.tensor([0, 0]))
+    one.on_iteration_start(live)
+    plan = one.on_routing(event(0, 0, [[0, 1]] * 3, hidden))
+    assert {(r.expert, round(r.priority, 4)) for r in plan.requests} == {(ExpertId(1, 1), 0.6), (ExpertId(1, 3), 0.2)}
+    assert calls == [(1, 2)]
+    two = SpeculativeGatePredictor(PredictorDeps(SPEC3, 2, gate=gate))  # ProMoE (stride 2)
+    two.on_iteration_start(live)
+    assert {r.expert for r in two.on_routing(event(0, 0, [[0, 1]] * 3, hidden)).requests} == {
+        ExpertId(2, 0),
+        ExpertId(2, 2),
+    }
+    assert two.on_routing(event(0, 1, [[0, 1]] * 3, hidden)) is None  # layer 3 does not exist
+
+
+def test_moe_infinity_matches_request_matrices():
+    store = RequestMatrixStore(3, 4, capacity=4)
+    a = torch.tensor([[5.0, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]])
+    b = torch.tensor([[0.0, 0, 5, 5], [5, 5, 0, 0], [0, 5, 0, 5]])
+    store.add(a)
+    store.add(b)
+    pred = MoEInfinityPredictor(PredictorDeps(SPEC3, 2, requests=store))
+    assert pred.on_iteration_start(ctx(0, prefill=True)) is None
+    plan = pred.on_routing(event(0, 0, [[2, 3]]))  # routes like b's layer 0
+    # b's next two layers, top max(k, E/4) = 2 experts each, share x linear decay (1, then 1/2).
+    got = {(r.expert, round(r.priority, 3)) for r in plan.requests}
+    assert got == {(ExpertId(1, 0), 0.5), (ExpertId(1, 1), 0.5), (ExpertId(2, 1), 0.25), (ExpertId(2, 3), 0.25)}
+    # cosine over the whole matrix: only layer 0 of 3 is filled so far -> 1/sqrt(3)
+    assert plan.replace and pred.stats()["mean_request_match_score"] == pytest.approx(3**-0.5)
+
+
+def test_prefetcher_drops_stale_plans():
+    cache, pf, tr = setup(slots=6, inflight=8)
+    pf.now(5, 0)
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(1, 0), 1.0),), iteration=4))  # an older iteration
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(0, 2), 1.0), PrefetchRequest(ExpertId(1, 3), 0.5)), iteration=5))
+    assert pf.pump() == 1  # layer 0 is running already: only layer 1's request starts
+    assert cache.is_resident(ExpertId(1, 3)) and not cache.is_resident(ExpertId(0, 2))
+    assert cache.stats.prefetches_dropped == 2
+
+
+# -- persistence -----------------------------------------------------------------------------------
+IDENT = msf.ModelIdentity("qwen2_moe", 2, 4, 2, 3, "abc")
+
+
+def contents(n=3, r=2):
+    g = torch.Generator().manual_seed(n)
+    return msf.MapStoreContents(torch.randn(n, 3, generator=g), torch.rand(n, 2, 4, generator=g), torch.rand(r, 2, 4))
+
+
+def test_round_trip(tmp_path):
+    path = tmp_path / "s.fms"
+    c = contents()
+    msf.save(path, IDENT, c)
+    back = msf.load(path, IDENT)
+    assert torch.equal(back.emb, c.emb) and torch.equal(back.maps, c.maps) and torch.equal(back.eams, c.eams)
+    assert [p.name for p in tmp_path.iterdir()] == ["s.fms"]  # no temporary file left
+
+
+@pytest.mark.parametrize("field,value", [("num_experts", 8), ("fingerprint", "xyz"), ("model_type", "mixtral")])
+def test_refuses_other_model(tmp_path, field, value):
+    path = tmp_path / "s.fms"
+    msf.save(path, IDENT, contents())
+    before = path.read_bytes()
+    with pytest.raises(msf.MapStoreError, match=f"different model.*{field}"):
+        msf.load(path, dataclasses.replace(IDENT, **{field: value}))
+    assert path.read_bytes() == before
+
+
+def test_refuses_corrupt_files(tmp_path):
+    garbage = tmp_path / "garbage.fms"
+    garbage.write_bytes(b"\x00\x01not a safetensors file at all")
+    with pytest.raises(msf.MapStoreError, match="corrupt"):
+        msf.load(garbage, IDENT)
+    good = tmp_path / "good.fms"
+    msf.save(good, IDENT, contents())
+    cut = tmp_path / "cut.fms"
+    cut.write_bytes(good.read_bytes()[:-40])  # truncated
+    with pytest.raises(msf.MapStoreError, match="corrupt"):
+        msf.load(cut, IDENT)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(msf.MapStoreError, match="not a finemoe map store"):
+        msf.load(other, IDENT)
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "s.fms"
+    msf.save(path, IDENT, contents(3))
+    before = path.read_bytes()
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt  # e.g. the process is stopped mid-save
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        msf.save(path, IDENT, contents(7))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["s.fms"]
+    monkeypatch.undo()
+    assert msf.load(path, IDENT).emb.shape[0] == 3
+
+
+# -- the engine ------------------------------------------------------------------------------------
+PROMPTS = [[5, 9, 13, 2, 7, 7, 1], [3, 3, 8, 20, 11]]
+
+
+def _engine(path, **kw):
+    kw = {"expert_budget": 3, "device": "cpu", "progress": False, "prefetch_distance": 1, **kw}
+    return Engine.from_pretrained(path, **kw)
+
+
+def test_engine_warm_starts_and_saves_the_map_store(tiny_checkpoint, tmp_path):
+    path = tiny_checkpoint("qwen3_moe")
+    store = tmp_path / "maps.fms"
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with _engine(path, policy="finemoe", map_store=str(store)) as eng:
+        first = eng.generate(PROMPTS, params)
+        n_maps, n_reqs = eng.maps.size, eng.requests.size
+        st = eng.stats().extra
+    assert n_maps == 7 + 5 + 2 * 5 and n_reqs == 2  # prefill rows + 5 decode iterations per prompt
+    assert st["map_store_size"] == n_maps and st["mean_trajectory_score"] is not None
+    assert store.exists()
+    with _engine(path, policy="finemoe", map_store=str(store), map_store_learn=False) as eng:
+        assert eng.maps.size == n_maps and eng.requests.size == 2
+        again = eng.generate(PROMPTS, params)
+        assert eng.maps.size == n_maps  # frozen: offline mode
+        assert eng.stats().extra["mean_semantic_score"] == pytest.approx(1.0, abs=1e-5)  # seen prompts
+    assert [o.token_ids for o in again] == [o.token_ids for o in first]
+    before = store.read_bytes()
+    with pytest.raises(msf.MapStoreError, match="different model"):
+        _engine(tiny_checkpoint("mixtral"), policy="finemoe", map_store=str(store))
+    assert store.read_bytes() == before
+
+
+def test_async_search_is_lossless_and_prefetches(tiny_checkpoint, reference_model):
+    path = tiny_checkpoint("qwen2_moe")
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with _engine(path, policy="finemoe", search="sync", expert_budget="50%") as eng:
+        eng.generate(PROMPTS, params)  # fills the store online
+        sync = eng.generate(PROMPTS[0], params)[0]
+        assert eng.search_mode == "sync" and eng.stats().cache.prefetches_issued > 0
+    with _engine(path, policy="finemoe", search="async", expert_budget="50%") as eng:
+        eng.generate(PROMPTS, params)
+        out = eng.generate(PROMPTS[0], params)[0]
+        st = eng.stats()
+        assert eng.search_mode == "async" and st.extra["contexts_dropped"] >= 0
+        # Plans arrive from the searcher thread (on this 2-layer toy most come too late to start).
+        assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0 and st.extra["map_store_size"] > 0
+    assert out.token_ids == sync.token_ids
