@@ -78,6 +78,11 @@ def test_trajectory_incremental_equals_from_scratch():
         assert torch.allclose(inc, ref, atol=1e-6)
     with pytest.raises(ValueError, match="in order"):
         TrajectoryQuery(s, N).extend(1, traj[:, 1])
+    one = TrajectoryQuery(s, 1)  # the lean single-row path returns the same best match
+    for m in range(L):
+        score, row = one.best(m, traj[0, m])
+        ref = s.trajectory_scores_from_scratch(traj[:1, : m + 1])[0]
+        assert row == int(ref.argmax()) and score == pytest.approx(float(ref.max()), abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -123,12 +128,12 @@ def test_batch_merge_is_union_with_max_probability():
 
 
 def test_map_aware_eviction_order_and_protection():
-    pol = MapAwarePolicy(num_experts=4)
+    pol = MapAwarePolicy(num_layers=1, num_experts=4)
     for e in range(4):
         pol.on_insert(ExpertId(0, e), step=e)
     for _ in range(3):
         pol.on_access(ExpertId(0, 1), 10)  # freq 4
-    pol.on_plan(PrefetchPlan((), iteration=0, layer_probs=((0, (0.1, 0.1, 0.5, 0.3)),)))
+    pol.on_plan(PrefetchPlan((), iteration=0, layer_probs=((0, torch.tensor([0.1, 0.1, 0.5, 0.3])),)))
     # scores p * freq: e0 0.1*1, e1 0.1*4, e2 0.5*1, e3 0.3*1 -> order e0, e3, e1, e2
     order, evicted = [], set()
     for _ in range(4):
@@ -137,7 +142,7 @@ def test_map_aware_eviction_order_and_protection():
         evicted.add(v)
     assert order == [0, 3, 1, 2]
     # A pending plan for a layer not reached yet protects its experts; a demand still may take them.
-    pol2 = MapAwarePolicy(num_experts=4)
+    pol2 = MapAwarePolicy(num_layers=2, num_experts=4)
     pol2.on_insert(ExpertId(1, 0), 0)
     pol2.on_insert(ExpertId(1, 1), 1)
     pol2.on_plan(PrefetchPlan((PrefetchRequest(ExpertId(1, 0), 1.0),), iteration=3))
@@ -169,7 +174,7 @@ def test_finemoe_predictor_semantic_then_trajectory():
     assert start.replace and start.iteration == 0
     # score 1 -> δ 0 -> top-2 of row a's layer 0, priority p / (0 - -1)
     assert {(r.expert, round(r.priority, 3)) for r in start.requests} == {(ExpertId(0, 0), 0.7), (ExpertId(0, 1), 0.2)}
-    assert dict(start.layer_probs)[1] == pytest.approx(tuple(row_a[1].tolist()))
+    assert torch.equal(dict(start.layer_probs)[1], row_a[1])
     # Layer 0 routes like row b's layer 0: the trajectory switches to row b for layer 1.
     plan = pred.on_routing(_ev(0, 0, [[0.05, 0.05, 0.2, 0.7]]))
     assert {r.expert for r in plan.requests} == {ExpertId(1, 0), ExpertId(1, 1)}

@@ -38,6 +38,8 @@ class ExpertCache:
         self.owner: list[ExpertId | None] = [None] * S
         self.refcount = [0] * S
         self.prefetched = [False] * S  # loaded by a prefetch and not used yet
+        self.prefetch_iteration = [-1] * S  # the iteration a prefetched slot was planned for
+        self.now = (-1, -1)  # (iteration, MoE layer) the forward pass is at; set by the prefetcher
         self._free = list(range(S - 1, -1, -1))
         self.stats = CacheStats(L)
         self.step = 0
@@ -88,7 +90,16 @@ class ExpertCache:
         return self.refcount[slot] == 0
 
     def _evictable_for_prefetch(self, eid: ExpertId) -> bool:
-        return self._evictable(eid) and not self.policy.protected(eid)
+        """A prefetch may not evict what a pending plan still needs: an expert the policy protects,
+        or one prefetched for a layer of this iteration not reached yet and not used so far."""
+        if not self._evictable(eid) or self.policy.protected(eid):
+            return False
+        slot = self.slot_of[eid.layer][eid.expert]
+        if self.prefetched[slot]:
+            it, layer = self.now
+            planned = self.prefetch_iteration[slot]
+            return not (planned >= 0 and planned == it and eid.layer > layer)
+        return True
 
     def _allocate(self, for_prefetch: bool = False) -> int | None:
         """A free slot, evicting the policy's victim if needed; None if every slot is pinned (or,
@@ -185,8 +196,9 @@ class ExpertCache:
         for s in slots:
             self.refcount[s] -= 1
 
-    def try_prefetch(self, eid: ExpertId) -> bool:
-        """Start copying `eid` in if absent and a slot can be freed; True if a copy started."""
+    def try_prefetch(self, eid: ExpertId, iteration: int = -1) -> bool:
+        """Start copying `eid` in if absent and a slot can be freed; True if a copy started.
+        `iteration` is the iteration the plan was made for (-1: unknown, never protected)."""
         if self.is_resident(eid):
             return False
         slot = self._allocate(for_prefetch=True)
@@ -194,6 +206,7 @@ class ExpertCache:
             return False
         self._load(eid, slot, demand=False)
         self.prefetched[slot] = True
+        self.prefetch_iteration[slot] = iteration
         self.stats.prefetches_issued += 1
         return True
 

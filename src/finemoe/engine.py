@@ -207,7 +207,9 @@ class Engine:
         self.config, self.preset, self.plan = config, preset, plan
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
-        self.cache = ExpertCache(spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction](spec.num_experts))
+        self.cache = ExpertCache(
+            spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction](spec.num_layers, spec.num_experts)
+        )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
         refs = find_moe_layers(self.model, self.adapter)
         self.distance = preset.distance or config.prefetch_distance or preset.default_distance

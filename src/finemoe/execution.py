@@ -116,8 +116,8 @@ class OffloadRuntime:
         ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
         for p in self.predictors:
             self.prefetcher.submit(p.on_iteration_start(ctx))
-        self.prefetcher.pump()
         self.critical_s += time.perf_counter() - t0
+        self.prefetcher.pump()
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""

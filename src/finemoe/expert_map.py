@@ -45,6 +45,9 @@ class ExpertMapStore:
         self.emb_unit = torch.zeros(capacity, g.dim)  # [C, D]
         self.maps = torch.zeros(capacity, g.num_layers, g.num_experts)  # [C, L, E]
         self.prefix_sq = torch.zeros(capacity, g.num_layers)  # [C, L]
+        # Layer-major copies for the per-layer trajectory step (contiguous [C, E] slices).
+        self.by_layer = torch.zeros(g.num_layers, capacity, g.num_experts)  # [L, C, E]
+        self.prefix_norm = torch.zeros(g.num_layers, capacity)  # [L, C] = sqrt(prefix_sq).T
         self.size = 0
         self.inserts = 0  # rows ever offered
         self.replacements = 0  # rows overwritten because the store was full
@@ -56,7 +59,8 @@ class ExpertMapStore:
         return min(max(self.distance / self.geometry.num_layers, 0.0), 1.0)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.emb, self.emb_unit, self.maps, self.prefix_sq))
+        parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
+        return sum(t.numel() * t.element_size() for t in parts)
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
@@ -64,6 +68,8 @@ class ExpertMapStore:
         self.emb_unit[row] = emb / emb.norm().clamp_min(EPS)
         self.maps[row] = emap
         self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
+        self.by_layer[:, row] = emap
+        self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
@@ -144,6 +150,7 @@ class ExpertMapStore:
 
 
 class TrajectoryQuery:
+    # One query row (decode at batch 1) takes `best()`, the rest `extend()`.
     """Incremental trajectory matching for N query rows against a store (spec §3.4).
 
     After `extend(m, probs)` for layers 0..m in order, `scores()` equals the cosine of each query's
@@ -163,8 +170,23 @@ class TrajectoryQuery:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
         probs = probs.float()
-        self.dot += probs @ s.maps[: s.size, layer].T
+        self.dot += probs @ s.by_layer[layer, : s.size].T
         self.q_sq += (probs * probs).sum(dim=1)
         self.layers += 1
-        den = self.q_sq.sqrt().unsqueeze(1) * s.prefix_sq[: s.size, layer].sqrt().unsqueeze(0)
+        den = self.q_sq.sqrt().unsqueeze(1) * s.prefix_norm[layer, : s.size].unsqueeze(0)
         return self.dot / den.clamp_min(EPS)
+
+    def best(self, layer: int, probs: torch.Tensor) -> tuple[float, int]:
+        """`extend` for a single query row [E], returning only its best (score, row): the query's
+        norm is common to every row, so the argmax needs one division fewer. Four tensor ops."""
+        if layer != self.layers:
+            raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
+        s = self.store
+        dot = self.dot[0]
+        dot += s.by_layer[layer, : s.size] @ probs
+        q_sq = float(self.q_sq[0]) + float(probs @ probs)
+        self.q_sq[0] = q_sq
+        self.layers += 1
+        ratio = dot / s.prefix_norm[layer, : s.size].clamp_min(EPS)
+        row = int(torch.argmax(ratio))
+        return float(ratio[row]) / max(q_sq**0.5, EPS), row

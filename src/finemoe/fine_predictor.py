@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from finemoe.expert_map import ExpertMapStore, TrajectoryQuery
-from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta
+from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta, select_one
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 
@@ -31,14 +31,14 @@ class FineMoEPredictor:
         self.rule = deps.delta_rule
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
-        self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer routed so far
+        self.layers_seen = 0  # layers of the current iteration routed so far
         self.sem_sum = self.sem_n = 0.0
         self.traj_sum = self.traj_n = 0.0
         self.plans = 0
 
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self.ctx, self.layer_probs, self.traj = ctx, [], None
+        self.ctx, self.layers_seen, self.traj = ctx, 0, None
         store = self.store
         if store.size == 0 or ctx.rows.numel() == 0:
             return None
@@ -49,44 +49,52 @@ class FineMoEPredictor:
         self.sem_sum += float(scores.sum())
         self.sem_n += scores.numel()
         L, d = self.spec.num_layers, self.distance
+        matched = store.maps[rows]  # [N, L, E]
         reqs: list[PrefetchRequest] = []
         for target in range(min(d, L)):
-            probs = store.maps[rows, target]  # [N, E]
-            reqs += plan_for_layer(
-                target, -1, merge_rows(probs, select_by_delta(probs, scores, self.spec.top_k, self.rule))
-            )
+            reqs += plan_for_layer(target, -1, self._select(matched[:, target], scores))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
-        hints = tuple((layer, tuple(store.maps[rows, layer].amax(dim=0).tolist())) for layer in range(L))
+        forecast = matched.amax(dim=0)  # [L, E]
+        hints = tuple((layer, forecast[layer]) for layer in range(L))
         self.plans += 1
         return PrefetchPlan(tuple(reqs), replace=True, iteration=ctx.iteration, layer_probs=hints)
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         ctx = self.ctx
-        if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
+        if ctx is None or event.iteration != ctx.iteration or event.layer != self.layers_seen:
             self.ctx = None  # out of step (e.g. a dropped context): sit this iteration out
             return None
-        probs = event.probs[ctx.rows].float()  # [N, E]
-        self.layer_probs.append(probs)
+        self.layers_seen += 1
         L, layer = self.spec.num_layers, event.layer
-        plan = None
-        if self.traj is not None and self.traj.store.size:
-            sim = self.traj.extend(layer, probs)  # [N, C]
-            target = layer + self.distance
-            if target < L:
-                scores, rows = sim.max(dim=1)
-                self.traj_sum += float(scores.sum())
-                self.traj_n += scores.numel()
-                maps = self.store.maps
-                p = maps[rows, target]  # [N, E]
-                chosen = merge_rows(p, select_by_delta(p, scores, self.spec.top_k, self.rule))
-                hints = tuple((t, tuple(maps[rows, t].amax(dim=0).tolist())) for t in range(target, L))
-                self.plans += 1
-                plan = PrefetchPlan(
-                    tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=hints
-                )
+        target = layer + self.distance
         if layer == L - 1:
-            self.ctx, self.traj = None, None  # the HistoryRecorder inserts the maps (after this search)
-        return plan
+            self.ctx = None
+        if self.traj is None or target >= L:
+            return None  # no layer left to plan for from here
+        if ctx.rows.numel() == 1:  # decode at batch 1: the lean path
+            score, row = self.traj.best(layer, event.probs[int(ctx.rows[0])])
+            self.traj_sum += score
+            self.traj_n += 1
+            hint = self.store.by_layer[target, row]  # [E]
+            chosen = select_one(hint.tolist(), score, self.spec.top_k, self.rule)
+        else:
+            sim = self.traj.extend(layer, event.probs[ctx.rows])  # [N, C]
+            scores, rows = sim.max(dim=1)
+            self.traj_sum += float(scores.sum())
+            self.traj_n += scores.numel()
+            p = self.store.by_layer[target, rows]  # [N, E]
+            chosen = self._select(p, scores)
+            hint = p.amax(dim=0)
+        self.plans += 1
+        return PrefetchPlan(
+            tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=((target, hint),)
+        )
+
+    def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
+        """δ selection and batch merge of one target layer: {expert: p}."""
+        if probs.shape[0] == 1:  # decode at batch 1: a few Python ops beat a dozen tensor ops
+            return select_one(probs[0].tolist(), float(scores[0]), self.spec.top_k, self.rule)
+        return merge_rows(probs, select_by_delta(probs, scores, self.spec.top_k, self.rule))
 
     def end_requests(self) -> None:
         self.ctx, self.traj = None, None

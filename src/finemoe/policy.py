@@ -10,6 +10,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+import torch
+
 from finemoe.types import ExpertId, PrefetchPlan
 
 
@@ -107,62 +109,90 @@ class MapAwarePolicy:
     counts its uses while resident, its insertion included (reset on eviction). Recency only breaks
     ties. Experts the latest plans selected for layers the iteration has not reached yet are
     protected: a prefetch never evicts them, a demand load only when nothing else is left.
+
+    The eviction order is computed with a few tensor ops and reused until the next plan or access,
+    so a burst of prefetches pays for one ordering (experts inserted during a burst join the order
+    at the next recomputation).
     """
 
     name = "map-lfu"
 
-    def __init__(self, num_experts: int = 1) -> None:
-        self.default_p = 1.0 / max(num_experts, 1)
-        self._prob: dict[int, tuple[float, ...]] = {}  # layer -> p [E] of the latest searched map
-        self._freq: dict[ExpertId, int] = {}
-        self._last: dict[ExpertId, int] = {}
-        self._planned: dict[int, set[int]] = {}  # layer -> experts a pending plan selected
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        L, E = num_layers, num_experts
+        self.num_experts = E
+        self.prob = torch.full((L, E), 1.0 / max(E, 1))  # p of the latest searched map, per layer
+        self.freq = torch.zeros(L, E)
+        self.last = torch.zeros(L, E)  # step of the latest use (tie-break only)
+        self.resident = torch.zeros(L, E, dtype=torch.bool)
+        self._planned: set[tuple[int, int]] = set()  # (layer, expert) a pending plan selected
         self._iteration = -1
         self._layer_now = -1
+        self._order: list[int] | None = None  # flat ids l*E+e, next victim first
+        self._pos = 0
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         if plan.iteration > self._iteration:
             self._iteration, self._layer_now = plan.iteration, -1
             self._planned.clear()
         for layer, probs in plan.layer_probs:
-            self._prob[layer] = probs
-        for req in plan.requests:
-            self._planned.setdefault(req.expert.layer, set()).add(req.expert.expert)
+            self.prob[layer] = probs
+        self._planned.update(req.expert for req in plan.requests)
+        self._order = None
 
     def protected(self, eid: ExpertId) -> bool:
-        return eid.layer > self._layer_now and eid.expert in self._planned.get(eid.layer, ())
+        return eid.layer > self._layer_now and eid in self._planned
 
     def score(self, eid: ExpertId) -> float:
-        probs = self._prob.get(eid.layer)
-        p = probs[eid.expert] if probs is not None else self.default_p
-        return p * self._freq[eid]
+        return float(self.prob[eid.layer, eid.expert] * self.freq[eid.layer, eid.expert])
 
     def on_insert(self, eid: ExpertId, step: int) -> None:
-        self._freq[eid] = 1
-        self._last[eid] = step
+        self.freq[eid.layer, eid.expert] = 1.0
+        self.last[eid.layer, eid.expert] = step
+        self.resident[eid.layer, eid.expert] = True
 
     def on_access(self, eid: ExpertId, step: int) -> None:
-        if eid.layer != self._layer_now:
-            self._layer_now = eid.layer
-            self._planned.pop(eid.layer, None)  # this layer's plan is served
-        self._freq[eid] += 1
-        self._last[eid] = step
+        self._layer_now = eid.layer
+        self.freq[eid.layer, eid.expert] += 1.0
+        self.last[eid.layer, eid.expert] = step
+        self._order = None
 
     def on_evict(self, eid: ExpertId) -> None:
-        del self._freq[eid]
-        del self._last[eid]
+        self.freq[eid.layer, eid.expert] = 0.0
+        self.resident[eid.layer, eid.expert] = False
+
+    def _compute_order(self) -> list[int]:
+        """Resident experts by (protected, p x freq, last use), flat ids; a handful of tensor ops."""
+        key = self.prob * self.freq + self.last * 1e-12  # recency only separates equal scores
+        pending = [(a, e) for a, e in self._planned if a > self._layer_now]  # not yet served
+        if pending:
+            idx = torch.tensor(pending, dtype=torch.int64)
+            key[idx[:, 0], idx[:, 1]] += 1e6  # protected experts go last
+        key = key.masked_fill(~self.resident, float("inf")).view(-1)
+        n = int(self.resident.sum())
+        return torch.argsort(key)[:n].tolist()
 
     def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        best, best_key = None, None
-        for eid in self._freq:
-            key = (self.protected(eid), self.score(eid), self._last[eid])
-            if (best_key is None or key < best_key) and evictable(eid):
-                best, best_key = eid, key
-        return best
+        if self._order is None:
+            self._order, self._pos = self._compute_order(), 0
+        E, res = self.num_experts, self.resident
+        skipped = None
+        for i in range(self._pos, len(self._order)):
+            flat = self._order[i]
+            eid = ExpertId(flat // E, flat % E)
+            if not res[eid.layer, eid.expert]:
+                if skipped is None:
+                    self._pos = i + 1  # evicted since the ordering: never a candidate again
+                continue
+            if evictable(eid):
+                return eid
+            if skipped is None:
+                skipped = i
+        return None
 
 
-EVICTION_POLICIES: dict[str, Callable[[int], EvictionPolicy]] = {
-    "lru": lambda num_experts: LRUPolicy(),
-    "lfu": lambda num_experts: LFUPolicy(),
+# name -> factory(num_layers, num_experts)
+EVICTION_POLICIES: dict[str, Callable[[int, int], EvictionPolicy]] = {
+    "lru": lambda num_layers, num_experts: LRUPolicy(),
+    "lfu": lambda num_layers, num_experts: LFUPolicy(),
     "map-lfu": MapAwarePolicy,
 }

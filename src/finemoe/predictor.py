@@ -77,6 +77,23 @@ def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule:
     return mask
 
 
+def select_one(probs: list[float], score: float, top_k: int, rule: str = "paper") -> dict[int, float]:
+    """`select_by_delta` for one row, in plain Python: {expert: p} of the selected experts."""
+    delta = min(max(1.0 - score, 0.0), 1.0)
+    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
+    count, cum = 0, 0.0
+    for e in order:
+        cum += probs[e]
+        if (cum < delta) if rule == "paper" else (cum <= delta):
+            count += 1
+        else:
+            break
+    if rule == "paper":
+        count += 1
+    count = min(max(count, min(top_k, len(probs))), len(probs))
+    return {e: probs[e] for e in order[:count]}
+
+
 def merge_rows(probs: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:
     """Batch merge (spec §3.10): union of the rows' selected experts, each with its highest
     probability over the rows that selected it. `probs`, `mask` [N, E] -> {expert: p}."""

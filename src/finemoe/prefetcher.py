@@ -31,6 +31,7 @@ class Prefetcher:
     def now(self, iteration: int, layer: int) -> None:
         """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`."""
         self.iteration, self.layer = iteration, layer
+        self.cache.now = (iteration, layer)
 
     def post(self, plan: PrefetchPlan | None) -> None:
         """Thread-safe submit: the plan is applied at the next `pump()`."""
@@ -78,7 +79,7 @@ class Prefetcher:
             if self._stale(iteration, eid):
                 cache.stats.prefetches_dropped += 1
                 continue
-            if cache.try_prefetch(eid):
+            if cache.try_prefetch(eid, iteration):
                 self._inflight.append(cache.slot_of[eid.layer][eid.expert])
                 started += 1
             elif not cache.is_resident(eid):

@@ -93,7 +93,7 @@ class PrefetchPlan:
     requests: tuple[PrefetchRequest, ...]
     replace: bool = False
     iteration: int = -1
-    layer_probs: tuple[tuple[int, tuple[float, ...]], ...] = ()
+    layer_probs: tuple[tuple[int, torch.Tensor], ...] = ()  # (layer, p [E] float32 CPU)
 
 
 @dataclass(frozen=True)
