@@ -12,6 +12,23 @@ import torch
 
 # Config numbers of real MoE checkpoints (sources: each model's config.json on the Hugging Face hub).
 SHAPES: dict[str, dict] = {
+    # finemoe's reference MoE (SmolLM2-135M as Qwen2-MoE 16x4+1024; docs/reference-model.md)
+    "reference": dict(
+        model_type="qwen2_moe",
+        hidden_size=576,
+        intermediate_size=1536,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=1024,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        num_experts=16,
+        num_experts_per_tok=4,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        norm_topk_prob=True,
+        tie_word_embeddings=True,
+    ),
     # allenai/OLMoE-1B-7B-0924
     "olmoe": dict(
         model_type="olmoe",

@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import replace
 from typing import Any
 
 from finemoe.predictor import Predictor
@@ -48,7 +47,7 @@ class AsyncPredictor:
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
-        self._put(("route", replace(event, hidden=None)))  # device tensors stay on the forward thread
+        self._put(("route", event))  # probabilities are computed on the searcher thread
         return None
 
     def end_requests(self) -> None:

@@ -464,6 +464,13 @@ class Engine:
             "search": self.search_mode,
             "prefetch_distance": self.distance,
             "predictor_critical_s": self.runtime.critical_s,
+            "predictor_critical_decode_s": self.runtime.critical_decode_s,
+            "decode_iterations": self.runtime.decode_iterations,
+            "predictor_critical_ms_per_decode_iteration": (
+                self.runtime.critical_decode_s / self.runtime.decode_iterations * 1e3
+                if self.runtime.decode_iterations
+                else None
+            ),
             "prefetch_wasted_bytes": self.cache.stats.prefetch_wasted_bytes,
         }
         for p in self.runtime.predictors:

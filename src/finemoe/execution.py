@@ -90,7 +90,9 @@ class OffloadRuntime:
     max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
     embed: nn.Module | None = None  # the model's input embedding layer (semantic context)
     want_embeddings: bool = False
-    critical_s: float = 0.0  # time the forward thread spent building contexts and in predictors
+    critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
+    critical_decode_s: float = 0.0  # the same in decode iterations
+    decode_iterations: int = 0
 
     def __post_init__(self) -> None:
         if self.max_groups <= 0:
@@ -116,8 +118,16 @@ class OffloadRuntime:
         ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
         for p in self.predictors:
             self.prefetcher.submit(p.on_iteration_start(ctx))
-        self.critical_s += time.perf_counter() - t0
+        if is_prefill:
+            self.critical_prefill_s += time.perf_counter() - t0
+        else:
+            self.critical_decode_s += time.perf_counter() - t0
+            self.decode_iterations += 1
         self.prefetcher.pump()
+
+    @property
+    def critical_s(self) -> float:
+        return self.critical_prefill_s + self.critical_decode_s
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
@@ -143,14 +153,20 @@ class LayerBinding:
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         if rt.predictors or rt.observers:
             t0 = time.perf_counter()
-            probs = rt.adapter.router_probs(module, logits.detach().reshape(-1, logits.shape[-1]))
+            flat_logits = logits.detach().reshape(-1, logits.shape[-1])  # [T, E]
             hidden = args[0].detach().reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
-            event = RoutingEvent(rt.iteration, self.layer, probs.float().cpu(), ids_cpu, rt.is_prefill, hidden)
+            router_probs = rt.adapter.router_probs
+            event = RoutingEvent(
+                rt.iteration, self.layer, flat_logits, ids_cpu, rt.is_prefill, hidden, lambda x: router_probs(module, x)
+            )
             for obs in rt.observers:
                 obs(event)
             for p in rt.predictors:
                 rt.prefetcher.submit(p.on_routing(event))
-            rt.critical_s += time.perf_counter() - t0
+            if rt.is_prefill:
+                rt.critical_prefill_s += time.perf_counter() - t0
+            else:
+                rt.critical_decode_s += time.perf_counter() - t0
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer

@@ -72,13 +72,13 @@ class FineMoEPredictor:
         if self.traj is None or target >= L:
             return None  # no layer left to plan for from here
         if ctx.rows.numel() == 1:  # decode at batch 1: the lean path
-            score, row = self.traj.best(layer, event.probs[int(ctx.rows[0])])
+            score, row = self.traj.best(layer, event.host_probs()[int(ctx.rows[0])])
             self.traj_sum += score
             self.traj_n += 1
             hint = self.store.by_layer[target, row]  # [E]
             chosen = select_one(hint.tolist(), score, self.spec.top_k, self.rule)
         else:
-            sim = self.traj.extend(layer, event.probs[ctx.rows])  # [N, C]
+            sim = self.traj.extend(layer, event.host_probs()[ctx.rows])  # [N, C]
             scores, rows = sim.max(dim=1)
             self.traj_sum += float(scores.sum())
             self.traj_n += scores.numel()

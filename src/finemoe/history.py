@@ -37,7 +37,7 @@ class HistoryRecorder:
         if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
             self.ctx = None
             return None
-        self.layer_probs.append(event.probs[ctx.rows].float())
+        self.layer_probs.append(event.host_probs()[ctx.rows].float())
         if self.eam is not None:
             ids = event.topk_ids[ctx.rows]  # [N, k]
             req = ctx.request_of_row.unsqueeze(1).expand_as(ids)

@@ -7,6 +7,7 @@ I expert intermediate size, S cache slots.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -114,22 +115,33 @@ class IterationContext:
     embeddings: torch.Tensor | None = None  # [N, D] float32, CPU
 
 
-@dataclass(frozen=True)
+@dataclass
 class RoutingEvent:
     """The router of MoE layer `layer` ran in iteration `iteration`.
 
-    `probs` holds the full router probabilities over all E routed experts, float32 [T, E], on the
-    CPU (T = B*T_block, every position including padding); `topk_ids` are the selected experts,
-    int64 [T, k], on the CPU. `hidden` is the router's input [T, H] on the compute device (read
-    only by speculative predictors, synchronously).
+    `probs` holds the full router probabilities over all E routed experts [T, E] (T = B*T_block,
+    every position including padding) — or, when `to_probs` is set, the raw router logits on the
+    compute device, turned into probabilities by `host_probs()` on first use (so the forward
+    thread can hand them to the searcher thread without a softmax or a device sync).
+    `topk_ids` are the selected experts, int64 [T, k], on the CPU. `hidden` is the router's input
+    [T, H] on the compute device (read only by speculative predictors, synchronously).
     """
 
     iteration: int
     layer: int
-    probs: torch.Tensor  # [T, E] float32, CPU
+    probs: torch.Tensor  # [T, E]: probabilities, or logits when `to_probs` is set
     topk_ids: torch.Tensor  # [T, k] int64, CPU
     is_prefill: bool
     hidden: torch.Tensor | None = None  # [T, H], compute device
+    to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _host: torch.Tensor | None = field(default=None, repr=False)
+
+    def host_probs(self) -> torch.Tensor:
+        """Router probabilities [T, E], float32 on the CPU (computed once)."""
+        if self._host is None:
+            p = self.to_probs(self.probs) if self.to_probs is not None else self.probs
+            self._host = p.float().cpu()
+        return self._host
 
 
 @dataclass

@@ -59,7 +59,7 @@ def test_bf16_parity_and_tokens(ckpt):
     ref.generation_config.eos_token_id = None
     ref.config.eos_token_id = None
     prompts = _prompts()
-    for policy in ("lru", "previous-token"):
+    for policy in ("lru", "previous-token", "finemoe", "mixtral-offloading"):
         eng = Engine.from_pretrained(ckpt, expert_budget="25%", policy=policy, device="cuda", progress=False)
         try:
             assert eng.store.pinned
@@ -73,6 +73,9 @@ def test_bf16_parity_and_tokens(ckpt):
                 assert out.token_ids == hf
             st = eng.stats().cache
             assert st.misses > 0 and st.evictions > 0 and st.stall_s > 0
+            if policy == "finemoe":  # CUDA: the searcher thread plans; the store learned online
+                assert eng.search_mode == "async" and eng.maps.size > 0
+                assert st.prefetches_issued + st.prefetches_dropped > 0
         finally:
             eng.close()
 
@@ -84,7 +87,7 @@ def test_stress_minimum_budget_batches(ckpt):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     want = [o.token_ids for o in base.generate(prompts, params)]
     k = base.spec.top_k
-    for policy in ("lru", "previous-token"):
+    for policy in ("lru", "previous-token", "finemoe", "promoe", "moe-infinity"):
         base.reconfigure(policy=policy, expert_budget=k, max_inflight_prefetches=8)
         for _ in range(3):
             got = [o.token_ids for o in base.generate(prompts, params)]
