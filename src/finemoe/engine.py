@@ -234,6 +234,7 @@ class Engine:
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
         self.runtime.embed = self.model.get_input_embeddings()
+        self.runtime.want_hidden = preset.predictor == "speculative-gate"
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
             preset.predictor == "finemoe"
         )

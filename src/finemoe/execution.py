@@ -90,6 +90,7 @@ class OffloadRuntime:
     max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
     embed: nn.Module | None = None  # the model's input embedding layer (semantic context)
     want_embeddings: bool = False
+    want_hidden: bool = False  # a (synchronous) predictor reads router inputs
     critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
     critical_decode_s: float = 0.0  # the same in decode iterations
     decode_iterations: int = 0
@@ -113,8 +114,9 @@ class OffloadRuntime:
         emb = None
         if self.want_embeddings and self.embed is not None and rows.numel():
             with torch.no_grad():
-                tokens = input_ids.reshape(-1)[rows.to(input_ids.device)]
-                emb = self.embed(tokens).float().cpu()  # [N, D]
+                flat = input_ids.reshape(-1)
+                tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
+                emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
         ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
         for p in self.predictors:
             self.prefetcher.submit(p.on_iteration_start(ctx))
@@ -153,11 +155,18 @@ class LayerBinding:
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         if rt.predictors or rt.observers:
             t0 = time.perf_counter()
-            flat_logits = logits.detach().reshape(-1, logits.shape[-1])  # [T, E]
-            hidden = args[0].detach().reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
+            hidden = None
+            if rt.want_hidden and args:
+                hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
             router_probs = rt.adapter.router_probs
             event = RoutingEvent(
-                rt.iteration, self.layer, flat_logits, ids_cpu, rt.is_prefill, hidden, lambda x: router_probs(module, x)
+                rt.iteration,
+                self.layer,
+                logits.detach(),
+                ids_cpu,
+                rt.is_prefill,
+                hidden,
+                lambda x: router_probs(module, x),
             )
             for obs in rt.observers:
                 obs(event)

@@ -43,9 +43,10 @@ class FineMoEPredictor:
         if store.size == 0 or ctx.rows.numel() == 0:
             return None
         self.traj = TrajectoryQuery(store, ctx.rows.numel())
-        if ctx.embeddings is None:
+        emb = ctx.host_embeddings()
+        if emb is None:
             return None
-        scores, rows = store.semantic_match(ctx.embeddings)  # [N], [N]
+        scores, rows = store.semantic_match(emb)  # [N], [N]
         self.sem_sum += float(scores.sum())
         self.sem_n += scores.numel()
         L, d = self.spec.num_layers, self.distance

@@ -45,8 +45,9 @@ class HistoryRecorder:
             counts = torch.bincount((req * E + ids).reshape(-1), minlength=self.eam.shape[0] * E)
             self.eam[:, event.layer] += counts[: self.eam.shape[0] * E].view(-1, E).float()
         if event.layer == self.spec.num_layers - 1:
-            if self.maps is not None and ctx.embeddings is not None and ctx.rows.numel():
-                self.maps.add(ctx.embeddings, torch.stack(self.layer_probs, dim=1))  # [N, D], [N, L, E]
+            emb = ctx.host_embeddings()
+            if self.maps is not None and emb is not None and ctx.rows.numel():
+                self.maps.add(emb, torch.stack(self.layer_probs, dim=1))  # [N, D], [N, L, E]
                 self.maps_added += ctx.rows.numel()
             self.ctx = None
         return None

@@ -172,21 +172,25 @@ class MapAwarePolicy:
         return torch.argsort(key)[:n].tolist()
 
     def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        if self._order is None:
+        fresh = self._order is None
+        if fresh:
             self._order, self._pos = self._compute_order(), 0
         E, res = self.num_experts, self.resident
-        skipped = None
+        first_blocked = None
         for i in range(self._pos, len(self._order)):
             flat = self._order[i]
             eid = ExpertId(flat // E, flat % E)
             if not res[eid.layer, eid.expert]:
-                if skipped is None:
+                if first_blocked is None:
                     self._pos = i + 1  # evicted since the ordering: never a candidate again
                 continue
             if evictable(eid):
                 return eid
-            if skipped is None:
-                skipped = i
+            if first_blocked is None:
+                first_blocked = i
+        if not fresh:  # experts inserted since the ordering may be the only candidates left
+            self._order = None
+            return self.victim(evictable)
         return None
 
 

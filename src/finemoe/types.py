@@ -97,14 +97,16 @@ class PrefetchPlan:
     layer_probs: tuple[tuple[int, torch.Tensor], ...] = ()  # (layer, p [E] float32 CPU)
 
 
-@dataclass(frozen=True)
+@dataclass
 class IterationContext:
     """What is known when an iteration starts (after the embedding layer ran).
 
     The iteration runs a [B, T] block of tokens; `rows` [N] indexes the flattened B*T positions
     that carry real tokens (prompt tokens in prefill, unfinished sequences in decode),
-    `request_of_row` [N] names each row's sequence (0..B-1), and `embeddings` [N, D] float32 on
-    the CPU are those tokens' embedding-layer outputs (None when no predictor asked for them).
+    `request_of_row` [N] names each row's sequence (0..B-1), and `embeddings` [N, D] are those
+    tokens' embedding-layer outputs on the compute device (None when no predictor asked for
+    them); `host_embeddings()` gives them as float32 on the CPU (copied once, by whichever thread
+    asks first).
     """
 
     iteration: int
@@ -112,7 +114,13 @@ class IterationContext:
     batch_size: int
     rows: torch.Tensor  # [N] int64, CPU
     request_of_row: torch.Tensor  # [N] int64, CPU
-    embeddings: torch.Tensor | None = None  # [N, D] float32, CPU
+    embeddings: torch.Tensor | None = None  # [N, D], compute device
+    _host: torch.Tensor | None = field(default=None, repr=False)
+
+    def host_embeddings(self) -> torch.Tensor | None:
+        if self._host is None and self.embeddings is not None:
+            self._host = self.embeddings.float().cpu()
+        return self._host
 
 
 @dataclass
@@ -129,7 +137,7 @@ class RoutingEvent:
 
     iteration: int
     layer: int
-    probs: torch.Tensor  # [T, E]: probabilities, or logits when `to_probs` is set
+    probs: torch.Tensor  # [T, E] (or [..., E]): probabilities, or logits when `to_probs` is set
     topk_ids: torch.Tensor  # [T, k] int64, CPU
     is_prefill: bool
     hidden: torch.Tensor | None = None  # [T, H], compute device
@@ -139,7 +147,8 @@ class RoutingEvent:
     def host_probs(self) -> torch.Tensor:
         """Router probabilities [T, E], float32 on the CPU (computed once)."""
         if self._host is None:
-            p = self.to_probs(self.probs) if self.to_probs is not None else self.probs
+            raw = self.probs.reshape(-1, self.probs.shape[-1])
+            p = self.to_probs(raw) if self.to_probs is not None else raw
             self._host = p.float().cpu()
         return self._host
 
