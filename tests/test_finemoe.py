@@ -55,6 +55,20 @@ def test_sequential_replacement_sees_earlier_inserts():
     assert torch.equal(s.maps[1], torch.tensor([[0.0, 1.0]] * 2))
 
 
+def test_store_memory_grows_with_use_and_keeps_rows():
+    g = torch.Generator().manual_seed(1)
+    s = ExpertMapStore(StoreGeometry(3, 4, 5), capacity=100)
+    assert s.allocated == 0 and s.nbytes() == 0
+    emb, maps = torch.randn(90, 5, generator=g), torch.rand(90, 3, 4, generator=g)
+    for i in range(0, 90, 30):  # 30, 60 (first allocation: 64 rows), 90 (grown to 100 = capacity)
+        s.add(emb[i : i + 30], maps[i : i + 30])
+    assert s.size == 90 and s.allocated == 100
+    assert torch.equal(s.maps[:90], maps) and torch.equal(s.by_layer[:, :90], maps.transpose(0, 1))
+    q = TrajectoryQuery(s, 1)
+    score, row = q.best(0, maps[7, 0])
+    assert row == 7 and score == pytest.approx(1.0, abs=1e-6)
+
+
 def test_semantic_match_is_cosine_argmax():
     s = store(dim=3)
     s.add(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0]]), torch.rand(3, 2, 2))

@@ -78,4 +78,5 @@ def test_cli_default_model_is_the_reference(reference_dir, capsys):
     )
     cap = capsys.readouterr()
     assert "reference MoE" in cap.err and str(reference_dir) in cap.err
-    assert len(json.loads(cap.out.strip().splitlines()[-1])["token_ids"]) >= 1
+    lines = [json.loads(ln) for ln in cap.out.strip().splitlines()]
+    assert len(lines[0]["token_ids"]) >= 1 and lines[-1]["summary"]["policy"] == "finemoe"

@@ -62,14 +62,18 @@ class RequestMatrixStore:
 
     def __init__(self, num_layers: int, num_experts: int, capacity: int = 1000) -> None:
         self.capacity = capacity
-        self.mats = torch.zeros(capacity, num_layers, num_experts)
-        self.unit = torch.zeros(capacity, num_layers * num_experts)  # flattened, unit norm
+        self.mats = torch.zeros(0, num_layers, num_experts)  # grows with use, up to capacity
+        self.unit = torch.zeros(0, num_layers * num_experts)  # flattened, unit norm
         self.size = 0
         self._next = 0
 
     def add(self, mat: torch.Tensor) -> None:
         """Insert one request's EAM [L, E]; the oldest is replaced when full."""
         row = self._next
+        if row >= self.mats.shape[0]:  # grow (rows are only appended until the store is full)
+            n = min(self.capacity, max(2 * self.mats.shape[0], 64))
+            self.mats = torch.cat([self.mats, self.mats.new_zeros(n - self.mats.shape[0], *self.mats.shape[1:])])
+            self.unit = torch.cat([self.unit, self.unit.new_zeros(n - self.unit.shape[0], self.unit.shape[1])])
         self.mats[row] = mat
         flat = mat.reshape(-1).float()
         self.unit[row] = flat / flat.norm().clamp_min(EPS)
@@ -83,8 +87,8 @@ class RequestMatrixStore:
         return (q @ self.unit[: self.size].T).max(dim=1)
 
     def state(self) -> dict[str, torch.Tensor]:
-        order = [(self._next + i) % self.capacity for i in range(self.capacity)] if self.size == self.capacity else []
-        rows = order if order else list(range(self.size))
+        full = self.size == self.capacity
+        rows = [(self._next + i) % self.capacity for i in range(self.capacity)] if full else list(range(self.size))
         return {"eams": self.mats[rows].clone()}
 
     def load_rows(self, mats: torch.Tensor) -> None:

@@ -41,22 +41,39 @@ class ExpertMapStore:
     def __init__(self, geometry: StoreGeometry, capacity: int = 1000, distance: int = 3) -> None:
         if capacity < 1:
             raise ValueError(f"map store capacity must be >= 1, got {capacity}")
-        g = self.geometry = geometry
+        self.geometry = geometry
         self.capacity, self.distance = capacity, distance
-        self.emb = torch.zeros(capacity, g.dim)  # [C, D]
-        self.emb_unit = torch.zeros(capacity, g.dim)  # [C, D]
-        self.maps = torch.zeros(capacity, g.num_layers, g.num_experts)  # [C, L, E]
-        self.prefix_sq = torch.zeros(capacity, g.num_layers)  # [C, L]
+        self.size = 0
+        self.inserts = 0  # rows ever offered
+        self.replacements = 0  # rows overwritten because the store was full
+        self._alloc(0)
+
+    def _alloc(self, rows: int) -> None:
+        """(Re)allocate room for `rows` rows (<= capacity), keeping the valid ones: memory grows
+        with use, not with the capacity."""
+        g, n = self.geometry, self.size
+        old = (
+            None if rows == 0 else (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
+        )
+        self.allocated = rows
+        self.emb = torch.zeros(rows, g.dim)  # [C, D]
+        self.emb_unit = torch.zeros(rows, g.dim)  # [C, D]
+        self.maps = torch.zeros(rows, g.num_layers, g.num_experts)  # [C, L, E]
+        self.prefix_sq = torch.zeros(rows, g.num_layers)  # [C, L]
         # Layer-major copies for the per-layer trajectory step (contiguous [C, E] slices).
-        self.by_layer = torch.zeros(g.num_layers, capacity, g.num_experts)  # [L, C, E]
-        self.prefix_norm = torch.zeros(g.num_layers, capacity)  # [L, C] = sqrt(prefix_sq).T
+        self.by_layer = torch.zeros(g.num_layers, rows, g.num_experts)  # [L, C, E]
+        self.prefix_norm = torch.zeros(g.num_layers, rows)  # [L, C] = sqrt(prefix_sq).T
+        if old is not None and n:
+            self.emb[:n], self.emb_unit[:n], self.maps[:n], self.prefix_sq[:n] = (t[:n] for t in old[:4])
+            self.by_layer[:, :n], self.prefix_norm[:, :n] = old[4][:, :n], old[5][:, :n]
         # NumPy views of the same memory: single-row searches dispatch much faster through NumPy.
         self._by_layer_np = self.by_layer.numpy()
         self._prefix_norm_np = self.prefix_norm.numpy()
         self._emb_unit_np = self.emb_unit.numpy()
-        self.size = 0
-        self.inserts = 0  # rows ever offered
-        self.replacements = 0  # rows overwritten because the store was full
+
+    def _room_for(self, rows: int) -> None:
+        if rows > self.allocated:
+            self._alloc(min(self.capacity, max(rows, 2 * self.allocated, 64)))
 
     # -- weights of the redundancy score --------------------------------------------------------
     @property
@@ -89,6 +106,7 @@ class ExpertMapStore:
         n = emb.shape[0]
         self.inserts += n
         i = 0
+        self._room_for(min(self.capacity, self.size + n))
         while i < n and self.size < self.capacity:
             self._write(self.size, emb[i], maps[i])
             rows.append(self.size)
@@ -156,6 +174,7 @@ class ExpertMapStore:
         """Replace the contents with saved rows (at most `capacity`; the newest kept if more)."""
         self.size = 0
         emb, maps = emb[-self.capacity :], maps[-self.capacity :]
+        self._room_for(emb.shape[0])
         for i in range(emb.shape[0]):
             self._write(i, emb[i].float(), maps[i].float())
         self.size = emb.shape[0]
