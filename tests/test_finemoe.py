@@ -99,6 +99,22 @@ def test_trajectory_incremental_equals_from_scratch():
         assert row == int(ref.argmax()) and score == pytest.approx(float(ref.max()), abs=1e-6)
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_windowed_trajectory_equals_from_scratch(window):
+    g = torch.Generator().manual_seed(2)
+    L, E, C = 6, 5, 30
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C)
+    s.add(torch.randn(C, 3, generator=g), torch.softmax(torch.randn(C, L, E, generator=g), dim=-1))
+    traj = torch.softmax(torch.randn(2, L, E, generator=g), dim=-1)
+    many, one = TrajectoryQuery(s, 2, window), TrajectoryQuery(s, 1, window)
+    for m in range(L):
+        lo = max(0, m - window + 1)
+        ref = s.trajectory_scores_from_scratch(traj[:, lo : m + 1], start=lo)
+        assert torch.allclose(many.extend(m, traj[:, m]), ref, atol=1e-5)
+        score, row = one.best(m, traj[0, m])
+        assert row == int(ref[0].argmax()) and score == pytest.approx(float(ref[0].max()), abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "score,rule,want",
     [
@@ -226,3 +242,13 @@ def test_history_recorder_inserts_after_the_search_of_the_last_layer():
     chain.end_requests()
     # The request's activation matrix: top-2 counts of both tokens per layer.
     assert reqs.size == 1 and reqs.mats[0].tolist() == [[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 2.0, 1.0]]
+    # store_rows="last": of a prefill only each prompt's last token becomes a row.
+    maps2 = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    rec = HistoryRecorder(PredictorDeps(SPEC, 1, maps2, store_rows="last"))
+    ctx2 = IterationContext(0, True, 2, torch.arange(3), torch.tensor([0, 0, 1]), torch.eye(3, 2))
+    rec.on_iteration_start(ctx2)
+    rec.on_routing(_ev(0, 0, [[0.7, 0.2, 0.05, 0.05]] * 3))
+    rec.on_routing(_ev(0, 1, [[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.3, 0.2]]))
+    assert maps2.size == 2 and torch.allclose(
+        maps2.maps[:2, 1], torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.3, 0.2]])
+    )

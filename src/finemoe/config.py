@@ -174,6 +174,9 @@ class EngineConfig:
     map_store_learn: bool = True  # insert every iteration's maps (online); False freezes the store
     delta_rule: str = "paper"  # "paper" (include the expert crossing δ) or "demo" (cumsum <= δ)
     search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread), "auto": async on CUDA
+    trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
+    map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
+    eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu); None: the policy's own
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -208,7 +208,11 @@ class Engine:
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
         self.cache = ExpertCache(
-            spec, pool, self.store, transfer, EVICTION_POLICIES[preset.eviction](spec.num_layers, spec.num_experts)
+            spec,
+            pool,
+            self.store,
+            transfer,
+            EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts),
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
         refs = find_moe_layers(self.model, self.adapter)
@@ -216,7 +220,16 @@ class Engine:
         self.maps.distance = self.distance
         self.search_mode = "sync"
         predictors = []
-        deps = PredictorDeps(spec, self.distance, self.maps, self.requests, self._gate(refs), config.delta_rule)
+        deps = PredictorDeps(
+            spec,
+            self.distance,
+            self.maps,
+            self.requests,
+            self._gate(refs),
+            delta_rule=config.delta_rule,
+            trajectory_window=config.trajectory_window,
+            store_rows=config.map_store_rows,
+        )
         members = []
         if preset.predictor != "none" and not plan.all_resident:
             members.append(make_predictor(preset.predictor, deps))

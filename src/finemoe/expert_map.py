@@ -149,19 +149,20 @@ class ExpertMapStore:
         if emb.shape[0] == 1:  # one query: NumPy matvec, no torch dispatch
             q = emb[0].float().numpy()
             sim = self._emb_unit_np[: self.size] @ q
+            sim /= max(float(np.sqrt(q @ q)), EPS)
             row = int(sim.argmax())
-            score = float(sim[row]) / max(float(np.sqrt(q @ q)), EPS)
-            return torch.tensor([score]), torch.tensor([row])
+            return torch.tensor([float(sim[row])]), torch.tensor([row])
         q = emb.float() / emb.float().norm(dim=1, keepdim=True).clamp_min(EPS)
         sim = q @ self.emb_unit[: self.size].T  # [N, size]
         scores, rows = sim.max(dim=1)
         return scores, rows
 
-    def trajectory_scores_from_scratch(self, traj: torch.Tensor) -> torch.Tensor:
-        """Cosine [N, size] of trajectories `traj` [N, m, E] with every row's first m layers."""
+    def trajectory_scores_from_scratch(self, traj: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Cosine [N, size] of trajectories `traj` [N, m, E] (layers start..start+m-1) with the
+        same layers of every stored row."""
         n, m, _ = traj.shape
         q = traj.reshape(n, -1)
-        stored = self.maps[: self.size, :m].reshape(self.size, -1)
+        stored = self.maps[: self.size, start : start + m].reshape(self.size, -1)
         num = q @ stored.T
         den = q.norm(dim=1, keepdim=True) * stored.norm(dim=1).unsqueeze(0)
         return num / den.clamp_min(EPS)
@@ -181,19 +182,37 @@ class ExpertMapStore:
 
 
 class TrajectoryQuery:
-    # One query row (decode at batch 1) takes `best()`, the rest `extend()`.
     """Incremental trajectory matching for N query rows against a store (spec §3.4).
 
-    After `extend(m, probs)` for layers 0..m in order, `scores()` equals the cosine of each query's
-    flattened layers 0..m with every stored row's first m+1 layers, at O(C * E) per layer instead
-    of O(C * m * E). The store must not change between `extend` calls of one query.
+    After `extend(m, probs)` for layers 0..m in order, the scores equal the cosine of each query's
+    flattened layers 0..m with every stored row's layers 0..m (the paper), at O(C * E) per layer
+    instead of O(C * m * E). With `window` w > 0 only the latest w layers m-w+1..m count (a
+    measured variant, see docs/design/finemoe.md). The store must not change between `extend`
+    calls of one query. A single query row (decode at batch 1) may use `best()` instead.
     """
 
-    def __init__(self, store: ExpertMapStore, num_rows: int) -> None:
-        self.store = store
+    def __init__(
+        self,
+        store: ExpertMapStore,
+        num_rows: int,
+        window: int = 0,
+        semantic: np.ndarray | None = None,
+        alpha: float = 0.0,
+    ) -> None:
+        self.store, self.window = store, window
+        self.semantic, self.alpha = semantic, alpha  # best(): score = alpha*semantic + (1-alpha)*trajectory
         self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
         self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
         self.layers = 0
+        self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (dot [N, size], q_sq [N])
+
+    def _stored_norm(self, layer: int) -> torch.Tensor:
+        """Norms [size] of every stored row's compared layers (prefix, or the window)."""
+        s, w = self.store, self.window
+        if w <= 0 or layer < w:
+            return s.prefix_norm[layer, : s.size]
+        sq = s.prefix_sq[: s.size, layer] - s.prefix_sq[: s.size, layer - w]
+        return sq.clamp_min(0).sqrt()
 
     def extend(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
         """Add layer `layer`'s probabilities `probs` [N, E]; returns the scores [N, size]."""
@@ -201,24 +220,44 @@ class TrajectoryQuery:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
         probs = probs.float()
-        self.dot += probs @ s.by_layer[layer, : s.size].T
-        self.q_sq += (probs * probs).sum(dim=1)
+        d = probs @ s.by_layer[layer, : s.size].T
+        q = (probs * probs).sum(dim=1)
+        self.dot += d
+        self.q_sq += q
+        if self.window > 0:
+            self._parts.append((d, q))
+            if len(self._parts) > self.window:
+                old_d, old_q = self._parts.pop(0)
+                self.dot -= old_d
+                self.q_sq -= old_q
         self.layers += 1
-        den = self.q_sq.sqrt().unsqueeze(1) * s.prefix_norm[layer, : s.size].unsqueeze(0)
+        den = self.q_sq.clamp_min(0).sqrt().unsqueeze(1) * self._stored_norm(layer).unsqueeze(0)
         return self.dot / den.clamp_min(EPS)
 
     def best(self, layer: int, probs: torch.Tensor) -> tuple[float, int]:
         """`extend` for a single query row [E], returning only its best (score, row): the query's
-        norm is common to every row, so the argmax needs one division fewer. Four tensor ops."""
+        norm is common to every row, so the argmax needs one division fewer. NumPy, no torch ops."""
         if layer != self.layers:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
         p = probs.float().numpy()
         dot = self.dot.numpy()[0]  # a view: updated in place
-        dot += s._by_layer_np[layer, : s.size] @ p
-        q_sq = float(self.q_sq[0]) + float(p @ p)
+        d = s._by_layer_np[layer, : s.size] @ p
+        q = float(p @ p)
+        dot += d
+        q_sq = float(self.q_sq[0]) + q
+        if self.window > 0:
+            self._parts.append((d, q))
+            if len(self._parts) > self.window:
+                old_d, old_q = self._parts.pop(0)
+                dot -= old_d
+                q_sq -= old_q
         self.q_sq[0] = q_sq
         self.layers += 1
-        ratio = dot / np.maximum(s._prefix_norm_np[layer, : s.size], EPS)
+        if self.window > 0 and layer >= self.window:
+            norm = self._stored_norm(layer).numpy()
+        else:
+            norm = s._prefix_norm_np[layer, : s.size]
+        ratio = dot / np.maximum(norm, EPS)
         row = int(ratio.argmax())
-        return float(ratio[row]) / max(q_sq**0.5, EPS), row
+        return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row

@@ -29,6 +29,7 @@ class FineMoEPredictor:
         self.store: ExpertMapStore
         self.distance = deps.distance
         self.rule = deps.delta_rule
+        self.window = deps.trajectory_window
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
         self.layers_seen = 0  # layers of the current iteration routed so far
@@ -42,7 +43,7 @@ class FineMoEPredictor:
         store = self.store
         if store.size == 0 or ctx.rows.numel() == 0:
             return None
-        self.traj = TrajectoryQuery(store, ctx.rows.numel())
+        self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window)
         emb = ctx.host_embeddings()
         if emb is None:
             return None

@@ -20,6 +20,7 @@ class HistoryRecorder:
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
+        self.rows = deps.store_rows  # "all": every token; "last": in prefill only each prompt's last token
         self.ctx: IterationContext | None = None
         self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
         self.eam: torch.Tensor | None = None  # [B, L, E] selection counts of the running requests
@@ -47,7 +48,13 @@ class HistoryRecorder:
         if event.layer == self.spec.num_layers - 1:
             emb = ctx.host_embeddings()
             if self.maps is not None and emb is not None and ctx.rows.numel():
-                self.maps.add(emb, torch.stack(self.layer_probs, dim=1))  # [N, D], [N, L, E]
+                maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
+                if ctx.is_prefill and self.rows == "last":
+                    req = ctx.request_of_row
+                    last = torch.ones_like(req, dtype=torch.bool)
+                    last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
+                    emb, maps = emb[last], maps[last]
+                self.maps.add(emb, maps)  # [N, D], [N, L, E]
                 self.maps_added += ctx.rows.numel()
             self.ctx = None
         return None

@@ -50,6 +50,8 @@ class PredictorDeps:
     requests: Any = None  # baselines.RequestMatrixStore
     gate: GateFn | None = None
     delta_rule: str = "paper"
+    trajectory_window: int = 0  # 0: the whole prefix (paper); w: only the latest w layers
+    store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)
 
 
 def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule: str = "paper") -> torch.Tensor:
