@@ -45,7 +45,7 @@ def test_engine_matches_transformers_and_answers(reference_dir):
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(reference_dir, dtype=torch.float32).eval()
-    for policy in ("lru", "previous-token"):
+    for policy in ("lru", "finemoe"):
         eng = Engine.from_pretrained(reference_dir, expert_budget="40%", policy=policy, device="cpu", progress=False)
         try:
             out = eng.generate("What is the capital of France?", SamplingParams(max_new_tokens=24))[0]
