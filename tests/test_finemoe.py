@@ -13,7 +13,7 @@ from finemoe.expert_map import ExpertMapStore, StoreGeometry, TrajectoryQuery
 from finemoe.fine_predictor import FineMoEPredictor
 from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.policy import MapAwarePolicy
-from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta
+from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta, select_one
 from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 from tests.test_cache import SPEC as SPEC1
@@ -140,6 +140,17 @@ def test_delta_selection_exact_boundary_and_minimum_k():
     assert mask.sum().item() == 2 and mask[0, 0] and (mask[0, 1] or mask[0, 2])
     assert select_by_delta(probs, torch.tensor([0.5]), top_k=1, rule="paper").sum().item() == 1
     assert select_by_delta(probs, torch.tensor([0.5]), top_k=1, rule="demo").sum().item() == 1
+
+
+@pytest.mark.parametrize("rule", ["paper", "demo"])
+def test_single_row_selection_equals_the_batched_rule(rule):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(40, 8, generator=g) * 2, dim=-1)
+    scores = torch.linspace(-0.2, 1.2, 40)
+    masks = select_by_delta(probs, scores, top_k=2, rule=rule)
+    for i in range(40):
+        one = select_one(probs[i].tolist(), float(scores[i]), 2, rule)
+        assert set(one) == set(torch.nonzero(masks[i]).view(-1).tolist())
 
 
 def test_priority_is_probability_over_distance():

@@ -55,6 +55,8 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--freeze-map-store", action="store_true", help="do not learn from this run (offline mode)")
     ap.add_argument("--delta-rule", choices=["paper", "demo"], default="paper", help="FineMoE selection count rule")
     ap.add_argument("--search", choices=["auto", "sync", "async"], default="auto", help="where map search runs")
+    ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
+    ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
 
 
@@ -74,6 +76,8 @@ def _engine(args: argparse.Namespace):
         map_store_learn=not args.freeze_map_store,
         delta_rule=args.delta_rule,
         search=args.search,
+        map_store_rows=args.map_store_rows,
+        trajectory_window=args.trajectory_window,
         progress=not args.no_progress,
     )
 

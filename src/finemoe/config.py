@@ -185,6 +185,10 @@ class EngineConfig:
             raise ConfigError(f"search must be auto, sync or async, got {self.search!r}")
         if self.delta_rule not in ("paper", "demo"):
             raise ConfigError(f"delta_rule must be paper or demo, got {self.delta_rule!r}")
+        if self.map_store_rows not in ("all", "last"):
+            raise ConfigError(f"map_store_rows must be all or last, got {self.map_store_rows!r}")
+        if self.trajectory_window < 0:
+            raise ConfigError(f"trajectory_window must be >= 0, got {self.trajectory_window}")
         if self.map_store_capacity < 1:
             raise ConfigError(f"map_store_capacity must be >= 1, got {self.map_store_capacity}")
         if self.prefetch_distance is not None and self.prefetch_distance < 1:

@@ -142,9 +142,6 @@ class MapAwarePolicy:
     def protected(self, eid: ExpertId) -> bool:
         return eid.layer > self._layer_now and eid in self._planned
 
-    def score(self, eid: ExpertId) -> float:
-        return float(self.prob[eid.layer, eid.expert] * self.freq[eid.layer, eid.expert])
-
     def on_insert(self, eid: ExpertId, step: int) -> None:
         self.freq[eid.layer, eid.expert] = 1.0
         self.last[eid.layer, eid.expert] = step

@@ -22,6 +22,9 @@ from finemoe.types import ExpertId, IterationContext, MoESpec, PrefetchPlan, Pre
 GateFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 DELTA_RULES = ("paper", "demo")
+# Cumulative probabilities within this of δ count as reaching it, so float32 (tensor) and float64
+# (single-row) sums select the same experts.
+TIE_EPS = 1e-6
 
 
 class Predictor(Protocol):
@@ -67,9 +70,9 @@ def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule:
     sorted_p, order = torch.sort(probs.float(), dim=1, descending=True)
     cum = sorted_p.cumsum(dim=1)
     if rule == "paper":
-        count = (cum < delta).sum(dim=1) + 1
+        count = (cum < delta - TIE_EPS).sum(dim=1) + 1
     elif rule == "demo":
-        count = (cum <= delta).sum(dim=1)
+        count = (cum <= delta + TIE_EPS).sum(dim=1)
     else:
         raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
     count = count.clamp(min=min(top_k, e), max=e)  # [N]
@@ -86,7 +89,7 @@ def select_one(probs: list[float], score: float, top_k: int, rule: str = "paper"
     count, cum = 0, 0.0
     for e in order:
         cum += probs[e]
-        if (cum < delta) if rule == "paper" else (cum <= delta):
+        if (cum < delta - TIE_EPS) if rule == "paper" else (cum <= delta + TIE_EPS):
             count += 1
         else:
             break
