@@ -87,11 +87,11 @@ def test_pool_holds_the_right_weights():
         use(c, layer, [e])
         slot = c.slot_of[layer][e]
         assert holds(c, slot, ExpertId(layer, e))
-        assert int(c.table[layer, e]) == slot
+        assert int(c.device_table(layer)[e]) == slot
     for layer in range(2):
         for e in range(4):
             if not c.is_resident(ExpertId(layer, e)):
-                assert int(c.table[layer, e]) == c.num_slots  # sentinel: not resident
+                assert int(c.device_table(layer)[e]) == c.num_slots  # sentinel: not resident
 
 
 def test_acquired_expert_is_never_evicted():

@@ -65,24 +65,28 @@ class ExpertCache:
         return [e for e in self.owner if e is not None]
 
     def device_table(self, layer: int) -> torch.Tensor:
-        """The layer's expert -> slot row [E] on the device, refreshed if residency changed."""
+        """The layer's expert -> slot row [E] on the device (sentinel S: not resident), rebuilt
+        from `slot_of` if residency changed since the last call."""
         if self._dirty[layer]:
+            S = self.num_slots
+            row = torch.tensor([s if s >= 0 else S for s in self.slot_of[layer]], dtype=torch.int32)
             if self._table_host is not self.table:
+                ev = self._row_copied[layer]
+                if ev is not None:  # the pinned row may still be in flight: never write under it
+                    ev.synchronize()  # returns at once in practice (issued an iteration ago)
+                self._table_host[layer] = row
                 self.table[layer].copy_(self._table_host[layer], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record()
                 self._row_copied[layer] = ev
+            else:
+                self.table[layer] = row
             self._dirty[layer] = False
         return self.table[layer]
 
     # -- residency changes ---------------------------------------------------------------------
     def _set(self, eid: ExpertId, slot: int) -> None:
-        ev = self._row_copied[eid.layer]
-        if ev is not None:  # the pinned row may still be in flight to the device: never write under it
-            ev.synchronize()  # returns at once in practice (the host syncs on routing every layer)
-            self._row_copied[eid.layer] = None
         self.slot_of[eid.layer][eid.expert] = slot
-        self._table_host[eid.layer, eid.expert] = slot if slot >= 0 else self.num_slots
         self._dirty[eid.layer] = True
 
     def _evictable(self, eid: ExpertId) -> bool:

@@ -6,9 +6,11 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from finemoe.errors import FineMoEError
+from finemoe.simstudy import add_simulate_args
 
 
 def _read_prompts(path: str, split: str | None = None) -> list[str]:
@@ -200,6 +202,74 @@ def cmd_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(label: str):
+    """A one-line progress reporter on stderr: `report(done, total)`."""
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        if done == total or done % max(total // 50, 1) == 0:
+            el = time.perf_counter() - t0
+            eta = el / done * (total - done) if done else 0.0
+            end = "\n" if done == total else ""
+            print(
+                f"\r[finemoe] {label}: {done}/{total} ({el:.0f}s, ~{eta:.0f}s left)",
+                end=end,
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return report
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    import torch
+
+    from finemoe import trace as tracing
+
+    if args.action == "info":
+        if not args.trace:
+            raise FineMoEError("trace info needs a trace file")
+        tr = tracing.load_trace(args.trace)
+        s = tr.spec
+        info = {
+            "path": args.trace,
+            "model_type": s.model_type,
+            "layers": s.num_layers,
+            "experts": s.num_experts,
+            "top_k": s.top_k,
+            "requests": tr.num_requests,
+            "rows": tr.num_rows,
+            "prompt_tokens": int(tr.prompt_len.sum()),
+            "generated_tokens": int(tr.output_len.sum()),
+            "layer_steps": tr.layer_steps(),
+            "probs_dtype": str(tr.probs.dtype).removeprefix("torch."),
+            "speculative_strides": sorted(tr.spec_probs),
+            "finemoe_version": tr.finemoe_version,
+        }
+        print(json.dumps(info, indent=1))
+        return 0
+    if not args.out:
+        raise FineMoEError("trace record needs --out TRACE")
+    prompts = _read_prompts(args.prompts, args.split)
+    if args.limit is not None:
+        prompts = prompts[: args.limit]
+    if not prompts:
+        raise FineMoEError("no prompts given")
+    args.expert_budget, args.policy = "100%", "all-gpu"
+    dtype = torch.float32 if args.precision == "float32" else torch.float16
+    with _engine(args) as engine:
+        tr = tracing.record(engine, prompts, args.max_new_tokens, dtype=dtype, progress=_progress("recording"))
+    tr.save(args.out)
+    print(f"[finemoe] wrote {args.out}: {tr.num_requests} requests, {tr.layer_steps()} layer-steps", file=sys.stderr)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from finemoe.simstudy import run_sweep
+
+    return run_sweep(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finemoe", description="Lossless expert offloading for MoE LLMs.")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -243,6 +313,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--init", help="fit: continue distilling from this fit file (skips the layer-wise fit)")
     r.add_argument("--answers", type=int, default=300, help="fit: prompts extended with the teacher's answer")
     r.set_defaults(func=cmd_reference)
+
+    t = sub.add_parser("trace", help="record a routing trace (or describe one) for the simulator")
+    t.add_argument("action", choices=["record", "info"])
+    t.add_argument("trace", nargs="?", help="info: the trace file")
+    t.add_argument("--prompts", default="workload", help="text file, JSONL or 'workload' (default)")
+    t.add_argument("--split", help="JSONL prompts: keep records of this split (history, test)")
+    t.add_argument("--limit", type=int, help="use only the first N prompts")
+    t.add_argument("--out", help="record: the trace file to write")
+    t.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (EOS ignored)")
+    t.add_argument("--precision", choices=["float16", "float32"], default="float16", help="router probabilities")
+    for flag, kw in (
+        ("--model", {"help": "local checkpoint directory (default: the reference model)"}),
+        ("--device", {"default": "auto"}),
+        ("--dtype", {"choices": ["float32", "float16", "bfloat16"]}),
+    ):
+        t.add_argument(flag, **kw)
+    t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
+    t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
+    t.set_defaults(map_store_rows="all", trajectory_window=0)
+
+    sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
+    add_simulate_args(sm)
+    sm.set_defaults(func=cmd_simulate)
 
     m = sub.add_parser("models", help="list the supported model families")
     m.set_defaults(func=cmd_models)

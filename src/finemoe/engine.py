@@ -34,16 +34,15 @@ from finemoe.loader import (
 from finemoe.models import FamilyAdapter, get_adapter
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.pool import SlotPool
-from finemoe.predictor import PredictorDeps, make_predictor
+from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import Prefetcher
-from finemoe.presets import get_preset
+from finemoe.presets import get_preset, predictor_members, prefetch_distance
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
 
 log = logging.getLogger(__name__)
 
-HISTORY_READERS = ("finemoe", "moe-infinity")  # predictors that match against recorded history
 
 Prompt = str | list[int] | list[dict[str, str]]
 
@@ -216,27 +215,22 @@ class Engine:
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
         refs = find_moe_layers(self.model, self.adapter)
-        self.distance = preset.distance or config.prefetch_distance or preset.default_distance
+        self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.maps.distance = self.distance
         self.search_mode = "sync"
         predictors = []
+        self.gate = self._gate(refs)
         deps = PredictorDeps(
             spec,
             self.distance,
             self.maps,
             self.requests,
-            self._gate(refs),
+            self.gate,
             delta_rule=config.delta_rule,
             trajectory_window=config.trajectory_window,
             store_rows=config.map_store_rows,
         )
-        members = []
-        if preset.predictor != "none" and not plan.all_resident:
-            members.append(make_predictor(preset.predictor, deps))
-        # Online learning: the history stores take every iteration of a policy that reads them,
-        # and of any run with a map-store file (e.g. recording history with every expert resident).
-        if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
-            members.append(HistoryRecorder(deps))
+        members = predictor_members(preset, config, deps, plan.all_resident)
         if members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
             async_ok = preset.asynchronous and config.search != "sync"
@@ -265,6 +259,14 @@ class Engine:
             format_bytes(spec.total_expert_bytes),
             device,
         )
+
+    def add_predictor(self, predictor: Any) -> None:
+        """Run `predictor` on the forward thread next to the policy's (e.g. a `TraceRecorder`);
+        it lasts until the next `reconfigure`. Its `wants_hidden` / `wants_embeddings` attributes
+        ask for router inputs / embedding-layer outputs."""
+        self.runtime.predictors.append(predictor)
+        self.runtime.want_hidden |= bool(getattr(predictor, "wants_hidden", False))
+        self.runtime.want_embeddings |= bool(getattr(predictor, "wants_embeddings", False))
 
     def reconfigure(self, **overrides: Any) -> None:
         """Switch policy, budget or prefetch settings without reloading: the host store is kept,

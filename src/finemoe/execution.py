@@ -23,6 +23,7 @@ from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
 from finemoe.predictor import Predictor
 from finemoe.prefetcher import Prefetcher
+from finemoe.stepper import Stepper
 from finemoe.types import IterationContext, MoESpec, RoutingEvent
 
 log = logging.getLogger(__name__)
@@ -101,12 +102,13 @@ class OffloadRuntime:
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
+        self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
 
     def start_iteration(self, iteration: int, is_prefill: bool, input_ids: torch.Tensor, live: torch.Tensor) -> None:
         """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool)."""
         self.iteration, self.is_prefill = iteration, is_prefill
-        self.prefetcher.now(iteration, -1)
         if not self.predictors:
+            self.prefetcher.now(iteration, -1)
             return
         t0 = time.perf_counter()
         B, T = live.shape
@@ -118,14 +120,12 @@ class OffloadRuntime:
                 tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
                 emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
         ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
-        for p in self.predictors:
-            self.prefetcher.submit(p.on_iteration_start(ctx))
+        self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
         else:
             self.critical_decode_s += time.perf_counter() - t0
             self.decode_iterations += 1
-        self.prefetcher.pump()
 
     @property
     def critical_s(self) -> float:
@@ -133,10 +133,8 @@ class OffloadRuntime:
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
-        for p in self.predictors:
-            p.end_requests()
+        self.stepper.end_requests()
         self.iteration = -1
-        self.prefetcher.now(-1, -1)
 
 
 class LayerBinding:
@@ -170,8 +168,7 @@ class LayerBinding:
             )
             for obs in rt.observers:
                 obs(event)
-            for p in rt.predictors:
-                rt.prefetcher.submit(p.on_routing(event))
+            rt.stepper.route(event)
             if rt.is_prefill:
                 rt.critical_prefill_s += time.perf_counter() - t0
             else:
@@ -185,42 +182,33 @@ class LayerBinding:
             return out.view(*idx.shape, -1).sum(dim=1).to(hidden.dtype)
         stash, self._ids = self._ids, None
         unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
-        rt.prefetcher.now(rt.iteration, layer)
-        cache.access(layer, unique)
-        remaining, acc = unique, None
         S = cache.num_slots
-        while remaining:
-            got = cache.acquire(layer, remaining)
-            if not got:
-                raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
-            taken = set(got)
-            rest = [e for e in remaining if e not in taken]
-            slots = cache.slots(layer, got)
-            rt.prefetcher.pump()
-            cache.transfer.before_compute(slots)
-            if acc is None and not rest:
+        acc: list[torch.Tensor] = []
+
+        def compute(got: list[int], slots: list[int], whole: bool) -> None:
+            if whole:
                 table = cache.device_table(layer)  # [E] absolute slots; every routed expert is resident
             else:  # a chunk: pairs routed to experts outside it are skipped (sentinel S)
                 lut = torch.full((rt.spec.num_experts,), S, dtype=torch.int32)
                 lut[got] = torch.tensor(slots, dtype=torch.int32)
                 table = lut.to(hidden.device)
-            try:
-                slot_idx = table[idx]  # [T, k]
-                for base, size in slot_windows(slots, S, rt.max_groups):
-                    if size == S:
-                        win_idx, parts = slot_idx, cache.pool.parts
-                    else:
-                        inside = (slot_idx >= base) & (slot_idx < base + size)
-                        win_idx = torch.where(inside, slot_idx - base, size)
-                        parts = cache.pool.window(base, size)
-                    out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
-                    acc = out if acc is None else acc + out  # each pair is non-zero in exactly one term
-                rt.prefetcher.pump()  # the demand copies may be done by now: resume lookahead
-            finally:
-                cache.release(layer, got)  # never leak refcounts, even if the kernel raised
-            remaining = rest
+            slot_idx = table[idx]  # [T, k]
+            for base, size in slot_windows(slots, S, rt.max_groups):
+                if size == S:
+                    win_idx, parts = slot_idx, cache.pool.parts
+                else:
+                    inside = (slot_idx >= base) & (slot_idx < base + size)
+                    win_idx = torch.where(inside, slot_idx - base, size)
+                    parts = cache.pool.window(base, size)
+                out = grouped_pairs(experts, parts, hidden, win_idx, weights, size)
+                acc.append(out)  # each pair is non-zero in exactly one term
+
+        rt.stepper.serve(rt.iteration, layer, unique, compute)
+        total = acc[0]
+        for out in acc[1:]:
+            total = total + out
         T, k = idx.shape
-        return acc.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+        return total.view(T, k, -1).sum(dim=1).to(hidden.dtype)
 
 
 def slot_windows(slots: list[int], num_slots: int, max_groups: int) -> list[tuple[int, int]]:

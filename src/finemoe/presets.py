@@ -6,6 +6,7 @@ The baselines reproduce what the FineMoE paper compared against (spec §4, basel
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from finemoe.errors import ConfigError
 
@@ -89,3 +90,26 @@ def get_preset(name: str) -> PolicyPreset:
         return PRESETS[name]
     except KeyError:
         raise ConfigError(f"unknown policy {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+HISTORY_READERS = ("finemoe", "moe-infinity")  # predictors that match against recorded history
+
+
+def prefetch_distance(preset: PolicyPreset, configured: int | None) -> int:
+    """The distance (or stride) a preset plans at: its fixed one, else the configured, else its default."""
+    return preset.distance or configured or preset.default_distance
+
+
+def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident: bool) -> list:
+    """The predictors a preset runs, in order: its own (unless everything is resident), then the
+    history recorder when the stores learn online (a policy that reads history, or any run with a
+    map-store file). Shared by the engine and the simulator."""
+    from finemoe.history import HistoryRecorder
+    from finemoe.predictor import make_predictor
+
+    members = []
+    if preset.predictor != "none" and not all_resident:
+        members.append(make_predictor(preset.predictor, deps))
+    if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
+        members.append(HistoryRecorder(deps))
+    return members

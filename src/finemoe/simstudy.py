@@ -1,0 +1,188 @@
+"""`finemoe simulate`: sweeps of policies x budgets x shapes over traces, as a table, a JSON
+record and plots. The replay itself is `simulator.simulate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICIES = "finemoe,mixtral-offloading,promoe,moe-infinity,on-demand,lfu,belady,oracle"
+
+
+def add_simulate_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--traces", required=True, help="the trace to measure (finemoe trace record --out ...)")
+    ap.add_argument("--history", help="a trace whose maps preload the history stores (the paper's offline setup)")
+    ap.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; belady and oracle are bounds")
+    ap.add_argument("--budgets", default="10%,25%,50%", help="comma-separated shares, slot counts or sizes")
+    ap.add_argument("--shape", default="trace", help="cost model(s): trace or a named shape, comma-separated")
+    ap.add_argument("--link", choices=["timed", "instant"], default="timed")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--prefetch-distance", type=int, help="layers ahead (default: each policy's)")
+    ap.add_argument("--map-store-capacity", type=int, default=1000)
+    ap.add_argument("--learn", action="store_true", help="the stores also learn from the measured trace (online)")
+    ap.add_argument("--delta-rule", choices=["paper", "demo"], default="paper")
+    ap.add_argument("--trajectory-window", type=int, default=0)
+    ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
+    ap.add_argument("--eviction", choices=["lru", "lfu", "map-lfu"], help="override every policy's eviction")
+    ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
+    ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
+    ap.add_argument("--json", dest="json_out", help="write the JSON record here")
+    ap.add_argument("--plot", help="write a PNG (hit rate and estimated TPOT vs budget) here")
+
+
+def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
+    from finemoe.config import EngineConfig, ExpertBudget
+
+    return EngineConfig(
+        expert_budget=ExpertBudget.parse(budget),
+        policy=policy,
+        prefetch_distance=args.prefetch_distance,
+        map_store_capacity=args.map_store_capacity,
+        map_store_learn=args.learn,
+        delta_rule=args.delta_rule,
+        trajectory_window=args.trajectory_window,
+        map_store_rows=args.map_store_rows,
+        eviction=args.eviction,
+        search="sync",
+    )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from finemoe.costmodel import make_cost_model
+    from finemoe.errors import ConfigError
+    from finemoe.presets import PRESETS
+    from finemoe.simulator import ORACLES, empty_history, record_history, simulate
+    from finemoe.trace import load_trace
+
+    policies = [p for p in args.policies.split(",") if p]
+    bad = [p for p in policies if p not in PRESETS and p not in ORACLES]
+    if bad:
+        raise ConfigError(f"unknown policies {bad}; choose from {', '.join([*PRESETS, *ORACLES])}")
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be >= 1")
+    test = load_trace(args.traces)
+    if args.limit:
+        test = test.subset(list(range(min(args.limit, test.num_requests))))
+    history = empty_history(test, args.map_store_capacity)
+    if args.history:
+        hist = load_trace(args.history)
+        if hist.identity != test.identity:
+            raise ConfigError(f"{args.history} was recorded on another model than {args.traces}")
+        t0 = time.perf_counter()
+        record_history(hist, history, args.map_store_rows)
+        log.info(
+            "history: %d maps from %d requests in %.1fs", history.maps.size, hist.num_requests, time.perf_counter() - t0
+        )
+    budgets = [b for b in args.budgets.split(",") if b]
+    shapes = [s for s in args.shape.split(",") if s]
+    rows = []
+    total = len(shapes) * len(budgets) * len(policies)
+    n = 0
+    for shape in shapes:
+        cost = make_cost_model(test.spec, shape, layer_overhead_s=args.layer_overhead_us * 1e-6)
+        floor = None
+        for budget in budgets:
+            for policy in policies:
+                n += 1
+                r = simulate(test, _config(args, policy, budget), cost, args.link, history, args.batch_size)
+                row = {"shape": shape, **r.to_dict()}
+                rows.append(row)
+                print(
+                    f"[{n}/{total}] {shape} {budget:>5} {policy:<20} hit {r.hit_rate:.3f} "
+                    f"tpot {r.tpot_s * 1e3:.3f}ms ({r.steps_per_s / 1e3:.0f}k steps/s)",
+                    file=sys.stderr,
+                )
+            if floor is None:
+                floor = simulate(test, _config(args, "all-gpu", "100%"), cost, args.link, None, args.batch_size)
+                rows.append({"shape": shape, **floor.to_dict()})
+    _print_table(rows)
+    if args.json_out:
+        rec = {"meta": _meta(), "config": vars(args), "trace": _trace_info(test), "results": rows}
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(rec, indent=1, default=str))
+    if args.plot:
+        plot_sweep(rows, Path(args.plot))
+    return 0
+
+
+def _trace_info(tr: Any) -> dict:
+    return {
+        "requests": tr.num_requests,
+        "layers": tr.spec.num_layers,
+        "experts": tr.spec.num_experts,
+        "top_k": tr.spec.top_k,
+        "layer_steps": tr.layer_steps(),
+    }
+
+
+def _meta() -> dict:
+    import platform
+    import subprocess
+
+    import torch
+
+    from finemoe import __version__
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    except OSError:
+        sha = ""
+    return {
+        "finemoe": __version__,
+        "git_sha": sha,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(
+        f"{'shape':<18} {'budget':>6} {'policy':<20} {'hit':>6} {'prec':>6} {'recall':>6} {'stall ms':>9} "
+        f"{'TTFT ms':>8} {'TPOT ms':>8}"
+    )
+    for r in rows:
+        st = r["stats"]
+        print(
+            f"{r['shape']:<18} {r['budget']:>6} {r['policy']:<20} {st['hit_rate']:>6.3f} "
+            f"{st['prefetch_precision']:>6.3f} {st['prefetch_recall']:>6.3f} {r['stall_s'] * 1e3:>9.1f} "
+            f"{r['ttft_s'] * 1e3:>8.2f} {r['tpot_s'] * 1e3:>8.3f}"
+        )
+
+
+def plot_sweep(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 4 * len(shapes)), squeeze=False)
+    for i, shape in enumerate(shapes):
+        sub = [r for r in rows if r["shape"] == shape and r["policy"] != "all-gpu"]
+        floor = [r for r in rows if r["shape"] == shape and r["policy"] == "all-gpu"]
+        for policy in dict.fromkeys(r["policy"] for r in sub):
+            pts = [(r["slots"], r["hit_rate"], r["tpot_s"] * 1e3) for r in sub if r["policy"] == policy]
+            pts.sort()
+            style = "--" if policy in ("belady", "oracle") else "-"
+            axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=policy)
+            axes[i][1].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=policy)
+        if floor:
+            axes[i][1].axhline(floor[0]["tpot_s"] * 1e3, color="k", lw=0.8, label="all-gpu")
+        axes[i][0].set_ylabel("expert hit rate")
+        axes[i][1].set_ylabel("estimated TPOT (ms)")
+        for ax in axes[i]:
+            ax.set_xlabel("expert slots (budget)")
+            ax.set_title(f"cost model: {shape}")
+        axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

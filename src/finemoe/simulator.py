@@ -1,0 +1,455 @@
+"""Trace-driven simulation: replay recorded routing through the engine's own cache, prefetcher,
+eviction policies and predictors (built by the same functions, driven by the same `Stepper`),
+against a model of time: a host link that copies experts one at a time (on-demand copies go
+before queued prefetches but never interrupt a copy in progress), dense compute per layer,
+expert compute per expert, stalls when compute needs an expert still in flight.
+
+Links: "timed" (the `CostModel`'s copy time) or "instant" (a copy is done when issued, like the
+engine's synchronous CPU transfer: with it the replay makes exactly the engine's decisions).
+
+In the replay the router input handed to speculative predictors is each row's trace row id
+([N, 1]), and their gate is a lookup of the speculative probabilities recorded with the trace.
+Batches are formed from consecutive requests (padding-free: only real tokens route); a
+request leaves its batch when it has generated its tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from finemoe.baselines import RequestMatrixStore
+from finemoe.cache import ExpertCache
+from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget
+from finemoe.costmodel import CostModel
+from finemoe.errors import ConfigError
+from finemoe.expert_map import ExpertMapStore, StoreGeometry
+from finemoe.history import HistoryRecorder, PredictorChain
+from finemoe.oracle import BeladyPolicy, Future, OraclePredictor
+from finemoe.policy import EVICTION_POLICIES
+from finemoe.predictor import PredictorDeps
+from finemoe.prefetcher import Prefetcher
+from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance
+from finemoe.stepper import Stepper
+from finemoe.trace import Trace
+from finemoe.types import ExpertId, IterationContext, MoESpec, RoutingEvent
+
+log = logging.getLogger(__name__)
+
+ORACLES = ("belady", "oracle")  # simulator-only policies
+
+
+# -- the simulated device: slots without memory, a clock and a link ----------------------------
+class _SimPool:
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self.device = torch.device("cpu")
+
+
+class _NoWeights:
+    def parts(self, eid: ExpertId) -> list:
+        return []
+
+
+class Clock:
+    """Simulated seconds since the start of the replay."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+
+class InstantLink:
+    """Copies finish when issued (the engine's CPU transfer): no stalls, no late prefetches."""
+
+    def __init__(self) -> None:
+        self.stall_s = 0.0
+
+    def load(self, slot: int, src: list, demand: bool) -> None:
+        pass
+
+    def is_done(self, slot: int) -> bool:
+        return True
+
+    def before_compute(self, slots: list[int]) -> None:
+        pass
+
+    def after_compute(self, slots: list[int]) -> None:
+        pass
+
+    def demand_seconds(self) -> float:
+        return 0.0
+
+    def synchronize(self) -> None:
+        pass
+
+
+class TimedLink:
+    """One host link, one copy at a time, `copy_s` seconds each. Prefetches queue in issue order;
+    an on-demand copy starts when the copy in progress ends, ahead of queued prefetches (which
+    move back). `before_compute` advances the clock to when the needed copies are done (a stall)."""
+
+    def __init__(self, clock: Clock, num_slots: int, copy_s: float) -> None:
+        self.clock, self.copy_s = clock, copy_s
+        self.done = [0.0] * num_slots  # when the latest copy into each slot completes
+        self.queue: list[list] = []  # [start, end, slot, demand] of copies not finished, by start
+        self.stall_s = 0.0
+        self.busy_s = 0.0
+
+    def load(self, slot: int, src: list, demand: bool) -> None:
+        t = self.clock.t
+        q = [c for c in self.queue if c[1] > t]
+        c_s = self.copy_s
+        self.busy_s += c_s
+        if not demand:
+            start = max(t, q[-1][1]) if q else t
+            q.append([start, start + c_s, slot, False])
+            self.done[slot] = start + c_s
+        else:
+            running = [c for c in q if c[0] <= t]  # started: cannot be interrupted
+            waiting = [c for c in q if c[0] > t]
+            start = max([t] + [c[1] for c in running] + [c[1] for c in waiting if c[3]])
+            mine = [start, start + c_s, slot, True]
+            nxt = mine[1]
+            later = []
+            for c in waiting:
+                if c[3]:
+                    continue
+                c[0], c[1] = nxt, nxt + c_s
+                self.done[c[2]] = c[1]
+                nxt = c[1]
+                later.append(c)
+            q = running + [c for c in waiting if c[3]] + [mine] + later
+            self.done[slot] = mine[1]
+        self.queue = q
+
+    def is_done(self, slot: int) -> bool:
+        return self.done[slot] <= self.clock.t
+
+    def before_compute(self, slots: list[int]) -> None:
+        ready = max(self.done[s] for s in slots)
+        if ready > self.clock.t:
+            self.stall_s += ready - self.clock.t
+            self.clock.t = ready
+
+    def after_compute(self, slots: list[int]) -> None:
+        pass
+
+    def demand_seconds(self) -> float:
+        return self.stall_s
+
+    def synchronize(self) -> None:
+        pass
+
+
+# -- history -------------------------------------------------------------------------------------
+@dataclass
+class History:
+    """The history stores a replay starts from (the paper's offline setup: history preloaded)."""
+
+    maps: ExpertMapStore
+    requests: RequestMatrixStore
+
+    def clone(self) -> History:
+        maps = ExpertMapStore(self.maps.geometry, self.maps.capacity, self.maps.distance)
+        st = self.maps.state()
+        if st["emb"].shape[0]:
+            maps.load_rows(st["emb"], st["maps"])
+        req = RequestMatrixStore(self.maps.geometry.num_layers, self.maps.geometry.num_experts, self.requests.capacity)
+        eams = self.requests.state()["eams"]
+        if eams.shape[0]:
+            req.load_rows(eams)
+        return History(maps, req)
+
+
+def empty_history(trace: Trace, capacity: int = 1000, distance: int = 3) -> History:
+    spec = trace.spec
+    geo = StoreGeometry(spec.num_layers, spec.num_experts, trace.identity.embedding_dim)
+    return History(
+        ExpertMapStore(geo, capacity, distance), RequestMatrixStore(spec.num_layers, spec.num_experts, capacity)
+    )
+
+
+def record_history(trace: Trace, history: History, store_rows: str = "all", progress: Callable | None = None) -> None:
+    """Insert `trace`'s iterations into the stores, as the engine's online recorder does."""
+    deps = PredictorDeps(trace.spec, history.maps.distance, history.maps, history.requests, store_rows=store_rows)
+    rec = HistoryRecorder(deps)
+    g = 0
+    for r in range(trace.num_requests):
+        for it in range(int(trace.output_len[r])):
+            a, b = trace.rows(r, it)
+            _replay_iteration(trace, rec, g, it == 0, [(r, a, b)])
+            g += 1
+        rec.end_requests()
+        if progress is not None:
+            progress(r + 1, trace.num_requests)
+
+
+def _replay_iteration(trace: Trace, pred: Any, g: int, prefill: bool, parts: list[tuple[int, int, int]]) -> None:
+    """Feed one iteration's context and routing to a bare predictor (no cache)."""
+    ctx, probs, topk, _ = _iteration_tensors(trace, g, prefill, parts)
+    pred.on_iteration_start(ctx)
+    for layer in range(trace.spec.num_layers):
+        pred.on_routing(RoutingEvent(g, layer, probs[layer], topk[layer], prefill))
+
+
+def _iteration_tensors(
+    trace: Trace, g: int, prefill: bool, parts: list[tuple[int, int, int]]
+) -> tuple[IterationContext, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Context, probs [L, N, E] float32, top-k [L, N, k] and trace row ids [N, 1] of an iteration
+    made of rows [a, b) of each (request, a, b) in `parts` (batch order)."""
+    if len(parts) == 1:
+        _, a, b = parts[0]
+        ids = torch.arange(a, b)
+        probs, topk, emb = trace.probs[a:b].float(), trace.topk[a:b], trace.embeddings(a, b)
+        req = torch.zeros(b - a, dtype=torch.int64)
+    else:
+        ids = torch.cat([torch.arange(a, b) for _, a, b in parts])
+        probs, topk = trace.probs[ids].float(), trace.topk[ids]
+        emb = torch.cat([trace.embeddings(a, b) for _, a, b in parts])
+        req = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (_, a, b) in enumerate(parts)])
+    n = ids.numel()
+    ctx = IterationContext(g, prefill, len(parts), torch.arange(n), req, emb)
+    # per layer contiguous, as the engine's router outputs are: [L, N, E] and [L, N, k]
+    return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), ids.view(-1, 1).float()
+
+
+# -- the replay ----------------------------------------------------------------------------------
+@dataclass
+class SimResult:
+    """Counters and estimated times of one replay. Times in simulated seconds."""
+
+    policy: str
+    budget: str
+    slots: int
+    link: str
+    cost_model: str
+    batch_size: int
+    stats: dict
+    ttft_s: float  # mean over requests
+    tpot_s: float  # mean over requests with more than one token
+    e2e_s: float  # mean request latency (batch start to last token)
+    total_s: float
+    stall_s: float
+    link_busy_s: float
+    layer_steps: int  # token-layer routing steps replayed (decode rows + prefill iterations) x L
+    wall_s: float
+    predictor: dict = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.stats["hit_rate"]
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.layer_steps / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items()}
+        out["hit_rate"] = self.hit_rate
+        out["layer_steps_per_s"] = self.steps_per_s
+        return out
+
+
+def schedule(trace: Trace, batch_size: int) -> list[list[int]]:
+    """Consecutive requests in batches of `batch_size`."""
+    R = trace.num_requests
+    return [list(range(i, min(i + batch_size, R))) for i in range(0, R, batch_size)]
+
+
+def accesses_of(trace: Trace, batches: list[list[int]]) -> list[list[list[int]]]:
+    """The sorted unique experts of every (iteration, layer) of the replay of `batches`."""
+    out: list[list[list[int]]] = []
+    L = trace.spec.num_layers
+    for batch in batches:
+        for it in range(max(int(trace.output_len[r]) for r in batch)):
+            live = [r for r in batch if it < int(trace.output_len[r])]
+            ranges = [trace.rows(r, it) for r in live]
+            ids = torch.cat([trace.topk[a:b] for a, b in ranges]) if len(ranges) > 1 else trace.topk[slice(*ranges[0])]
+            per_layer = ids.transpose(0, 1).reshape(L, -1).tolist()  # [L, N*k]
+            out.append([sorted(set(x)) for x in per_layer])
+    return out
+
+
+class Simulator:
+    """One policy at one budget over traces; build once, `run` once."""
+
+    def __init__(
+        self,
+        spec: MoESpec,
+        config: EngineConfig,
+        cost: CostModel | None,
+        link: str = "timed",
+        history: History | None = None,
+        spec_probs: dict[int, torch.Tensor] | None = None,
+        future: Future | None = None,
+    ) -> None:
+        if link not in ("timed", "instant"):
+            raise ConfigError(f"link must be timed or instant, got {link!r}")
+        if link == "timed" and cost is None:
+            raise ConfigError("a timed link needs a cost model")
+        self.spec, self.config, self.cost, self.link_kind = spec, config, cost, link
+        oracle = config.policy in ORACLES
+        preset = (
+            get_preset("on-demand" if config.policy == "belady" else "finemoe") if oracle else get_preset(config.policy)
+        )
+        self.preset: PolicyPreset = preset
+        self.name = config.policy
+        plan = BudgetPlan.make(ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget, spec)
+        self.plan = plan
+        self.clock = Clock()
+        self.transfer = (
+            InstantLink() if link == "instant" or plan.all_resident else TimedLink(self.clock, plan.slots, cost.copy_s)
+        )
+        if oracle:
+            if future is None:
+                raise ConfigError(f"policy {config.policy} needs the replay's future accesses")
+            policy = BeladyPolicy(future)
+        else:
+            policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
+        self.cache = ExpertCache(spec, _SimPool(plan.slots), _NoWeights(), self.transfer, policy)
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
+        self.distance = prefetch_distance(preset, config.prefetch_distance)
+        self.history = history
+        members: list = []
+        if config.policy == "oracle":
+            members = [OraclePredictor(future, self.distance)]
+        elif not oracle:
+            deps = PredictorDeps(
+                spec,
+                self.distance,
+                history.maps if history else None,
+                history.requests if history else None,
+                self._gate(spec_probs) if spec_probs else None,
+                delta_rule=config.delta_rule,
+                trajectory_window=config.trajectory_window,
+                store_rows=config.map_store_rows,
+            )
+            if preset.predictor == "speculative-gate" and not spec_probs:
+                raise ConfigError(f"policy {config.policy} needs a trace recorded with speculative router outputs")
+            if preset.predictor in ("finemoe", "moe-infinity") and history is None:
+                raise ConfigError(f"policy {config.policy} needs history stores")
+            if history is not None:
+                history.maps.distance = self.distance
+            members = predictor_members(preset, config, deps, plan.all_resident)
+        self.predictors = [members[0] if len(members) == 1 else PredictorChain(members)] if members else []
+        self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
+        if plan.all_resident:
+            self.cache.preload_all()
+
+    def _gate(self, spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        stride = self.distance
+
+        def gate(target: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden: trace row ids [N, 1]
+            table = spec_probs.get(stride)
+            if table is None:
+                raise ConfigError(f"the trace has no speculative router outputs for stride {stride}")
+            return table[hidden[:, 0].long(), target - stride].float()
+
+        return gate
+
+    def run(self, trace: Trace, batch_size: int = 1, progress: Callable | None = None) -> SimResult:
+        spec, cost, clock = self.spec, self.cost, self.clock
+        L = spec.num_layers
+        cache, stepper = self.cache, self.stepper
+        want_events = bool(self.predictors)
+        batches = schedule(trace, batch_size)
+        access = accesses_of(trace, batches)
+        zero = (lambda *a: 0.0) if cost is None else None
+        layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
+        head_s = 0.0 if cost is None else cost.head_s
+        e_s = 0.0 if cost is None else cost.expert_s
+        e_tok = 0.0 if cost is None else cost.expert_token_s
+        ttft, tpot, e2e = [], [], []
+        per_expert = [0.0]
+
+        def compute(got: list[int], slots: list[int], whole: bool) -> None:
+            clock.t += per_expert[0] * len(got)
+
+        wall0 = time.perf_counter()
+        steps = 0
+        g = 0
+        for bi, batch in enumerate(batches):
+            t_start = clock.t
+            olen = [int(trace.output_len[r]) for r in batch]
+            stamps: list[list[float]] = [[] for _ in batch]
+            for it in range(max(olen)):
+                live = [i for i, n in enumerate(olen) if it < n]
+                parts = [(batch[i], *trace.rows(batch[i], it)) for i in live]
+                prefill = it == 0
+                tokens = sum(b - a for _, a, b in parts)
+                steps += L * len(parts)
+                if want_events:
+                    ctx, probs, topk, ids = _iteration_tensors(trace, g, prefill, parts)
+                    stepper.begin(g, ctx)
+                else:
+                    stepper.begin(g, None)
+                clock.t += head_s
+                layers = access[g]
+                for layer in range(L):
+                    clock.t += layer_s(tokens)
+                    # each expert reads its weights once and computes its share of the routed pairs
+                    per_expert[0] = e_s + (tokens * spec.top_k / max(len(layers[layer]), 1) - 1) * e_tok
+                    if want_events:
+                        stepper.route(RoutingEvent(g, layer, probs[layer], topk[layer], prefill, ids))
+                    stepper.serve(g, layer, layers[layer], compute)
+                for i in live:
+                    stamps[i].append(clock.t)
+                g += 1
+            stepper.end_requests()
+            for s in stamps:
+                ttft.append(s[0] - t_start)
+                e2e.append(s[-1] - t_start)
+                if len(s) > 1:
+                    tpot.append((s[-1] - s[0]) / (len(s) - 1))
+            if progress is not None:
+                progress(bi + 1, len(batches))
+        wall = time.perf_counter() - wall0
+        cache.refresh_stall()
+        pstats: dict[str, Any] = {}
+        for p in self.predictors:
+            pstats.update(p.stats())
+        mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+        return SimResult(
+            policy=self.name,
+            budget=str(self.config.expert_budget),
+            slots=self.plan.slots,
+            link=self.link_kind,
+            cost_model=cost.name if cost else "none",
+            batch_size=batch_size,
+            stats=cache.stats.to_dict(),
+            ttft_s=mean(ttft),
+            tpot_s=mean(tpot),
+            e2e_s=mean(e2e),
+            total_s=clock.t,
+            stall_s=getattr(self.transfer, "stall_s", 0.0),
+            link_busy_s=getattr(self.transfer, "busy_s", 0.0),
+            layer_steps=steps,
+            wall_s=wall,
+            predictor={k: v for k, v in pstats.items() if not isinstance(v, list)},
+        )
+
+
+def simulate(
+    trace: Trace,
+    config: EngineConfig,
+    cost: CostModel | None = None,
+    link: str = "timed",
+    history: History | None = None,
+    batch_size: int = 1,
+    progress: Callable | None = None,
+) -> SimResult:
+    """Replay `trace` under `config` (policy, budget, predictor knobs). `history` is cloned when
+    the replay learns (so one preloaded history serves many replays)."""
+    hist = history
+    if history is not None and config.map_store_learn:
+        hist = history.clone()
+    future = None
+    if config.policy in ORACLES:
+        future = Future(accesses_of(trace, schedule(trace, batch_size)), trace.spec.num_layers)
+    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future)
+    return sim.run(trace, batch_size, progress)

@@ -1,0 +1,70 @@
+"""The order in which an iteration's events reach the prefetcher, the cache and the predictors.
+
+Mechanism shared by the engine's forward hooks (`execution`) and the trace simulator
+(`simulator`), so both drive the same objects through the same calls in the same order: with
+the same routing and a synchronous transfer they make identical decisions.
+
+Per iteration: `begin(ctx)`, then per MoE layer `route(event)` (the router ran) and `serve(...)`
+(the layer's experts run, in chunks when the pool cannot pin them all at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from finemoe.cache import ExpertCache
+from finemoe.predictor import Predictor
+from finemoe.prefetcher import Prefetcher
+from finemoe.types import IterationContext, RoutingEvent
+
+# compute(experts acquired, their slots, whole): run one chunk; `whole` when it is the layer's only chunk
+ComputeFn = Callable[[list[int], list[int], bool], None]
+
+
+class Stepper:
+    def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictors: list[Predictor]) -> None:
+        self.cache, self.prefetcher, self.predictors = cache, prefetcher, predictors
+
+    def begin(self, iteration: int, ctx: IterationContext | None) -> None:
+        """Iteration `iteration` starts; predictors see its context (None: no predictor wants one)."""
+        self.prefetcher.now(iteration, -1)
+        if ctx is not None:
+            submit = self.prefetcher.submit
+            for p in self.predictors:
+                submit(p.on_iteration_start(ctx))
+        self.prefetcher.pump()
+
+    def route(self, event: RoutingEvent) -> None:
+        """Layer `event.layer`'s router ran: predictors may plan."""
+        submit = self.prefetcher.submit
+        for p in self.predictors:
+            submit(p.on_routing(event))
+
+    def serve(self, iteration: int, layer: int, unique: list[int], compute: ComputeFn) -> None:
+        """Count the accesses of `unique` (sorted expert ids) in `layer`, pin them (on-demand loads
+        for misses) and run `compute` on each chunk that fits; refcounts are released even if
+        `compute` raises."""
+        cache, prefetcher = self.cache, self.prefetcher
+        prefetcher.now(iteration, layer)
+        cache.access(layer, unique)
+        remaining = unique
+        first = True
+        while remaining:
+            got = cache.acquire(layer, remaining)
+            if not got:
+                raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
+            rest = [e for e in remaining if e not in got] if len(got) < len(remaining) else []
+            slots = cache.slots(layer, got)
+            prefetcher.pump()
+            cache.transfer.before_compute(slots)
+            try:
+                compute(got, slots, first and not rest)
+                prefetcher.pump()  # the demand copies may be done by now: resume lookahead
+            finally:
+                cache.release(layer, got)
+            remaining, first = rest, False
+
+    def end_requests(self) -> None:
+        for p in self.predictors:
+            p.end_requests()
+        self.prefetcher.now(-1, -1)

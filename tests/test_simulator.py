@@ -1,0 +1,267 @@
+"""The trace format, the trace-driven simulator and its oracles.
+
+Hand-computable traces (2 layers x 4 experts) check hits, stalls and link ordering; a trace
+recorded from a real (tiny, random) transformers model checks that the simulator, replaying
+through the same objects, makes exactly the engine's decisions.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finemoe import Engine, SamplingParams
+from finemoe.config import EngineConfig, ExpertBudget
+from finemoe.costmodel import SHAPES, CostModel, make_cost_model
+from finemoe.map_store_file import ModelIdentity
+from finemoe.simulator import Clock, TimedLink, empty_history, record_history, simulate
+from finemoe.trace import Trace, TraceError, load_trace, record
+
+from tests.test_cache import SPEC as SPEC1
+
+ONLINE = ["lru", "lfu", "on-demand", "previous-token", "finemoe", "mixtral-offloading", "promoe", "moe-infinity"]
+
+
+def scripted(requests: list[list[list[list[int]]]], spec=SPEC1, dim: int = 4) -> Trace:
+    """A trace from scripted routing: requests -> iterations -> layers -> experts (one token per
+    iteration, the prompt being one token). Probabilities put mass 1/k on the chosen experts."""
+    L, E, k = spec.num_layers, spec.num_experts, spec.top_k
+    rows_topk, rows_probs, tokens = [], [], []
+    for req in requests:
+        for it in req:
+            topk = torch.tensor([sorted(x) for x in it], dtype=torch.long)  # [L, k]
+            probs = torch.zeros(L, E)
+            probs.scatter_(1, topk, 1.0 / k)
+            rows_topk.append(topk)
+            rows_probs.append(probs)
+            tokens.append(len(tokens) % 7)
+    n = torch.tensor([len(r) for r in requests], dtype=torch.int32)
+    starts = torch.zeros(len(requests) + 1, dtype=torch.int64)
+    starts[1:] = n.long().cumsum(0)
+    uniq = torch.unique(torch.tensor(tokens, dtype=torch.int32))
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.stack(rows_probs)  # [N, L, E]
+    spec_probs = {}
+    for s in (1, 2):  # a perfect speculative gate: layer l+s's own routing
+        sp = torch.zeros_like(probs)
+        sp[:, : max(L - s, 0)] = probs[:, s:]
+        spec_probs[s] = sp
+    return Trace(
+        spec,
+        ModelIdentity(spec.model_type, L, E, k, dim, "scripted"),
+        torch.ones(len(requests), dtype=torch.int32),
+        n,
+        starts,
+        torch.tensor(tokens, dtype=torch.int32),
+        probs,
+        torch.stack(rows_topk),
+        torch.randn(uniq.numel(), dim, generator=gen),
+        uniq.int(),
+        spec_probs,
+    )
+
+
+def cfg(policy: str, budget="2", **kw) -> EngineConfig:
+    return EngineConfig(expert_budget=ExpertBudget.parse(budget), policy=policy, search="sync", **kw)
+
+
+def unit_cost(copy_s=1.0, layer_s=0.5, expert_s=0.25) -> CostModel:
+    return CostModel("unit", copy_s, layer_s, 0.0, expert_s, 0.0, 0.0, 1)
+
+
+# layer 0 cycles experts 0, 1, 2; layer 1 always uses expert 3 (top-1)
+CYCLE = [[[[0], [3]], [[1], [3]], [[2], [3]], [[0], [3]], [[1], [3]], [[2], [3]]]]
+
+
+def spec_top1():
+    import dataclasses
+
+    return dataclasses.replace(SPEC1, top_k=1)
+
+
+def test_lru_thrashes_a_cycle_belady_does_not():
+    tr = scripted(CYCLE, spec_top1())
+    lru = simulate(tr, cfg("lru", "3"), link="instant")
+    bel = simulate(tr, cfg("belady", "3"), link="instant")
+    # LRU: every layer-0 access misses (a 3-cycle in 2 free slots); layer 1: one cold miss
+    assert (lru.stats["hits"], lru.stats["misses"]) == (5, 7)
+    # Belady: layer 0 keeps the expert used soonest -> hits at iterations 3 and 5
+    assert (bel.stats["hits"], bel.stats["misses"]) == (7, 5)
+
+
+def test_on_demand_stalls_one_copy_per_miss():
+    tr = scripted(CYCLE, spec_top1())
+    r = simulate(tr, cfg("lru", "3"), unit_cost(), link="timed")
+    assert r.stats["misses"] == 7
+    assert r.stall_s == pytest.approx(7.0)  # each miss waits for its own copy (1 s)
+    # 6 iterations x 2 layers x (0.5 dense + 0.25 expert) + the stalls
+    assert r.total_s == pytest.approx(6 * 2 * 0.75 + 7.0)
+
+
+def test_late_prefetch_is_a_miss_and_stalls_only_for_the_rest_of_its_copy():
+    tr = scripted([[[[0], [1]]]], spec_top1())
+    r = simulate(tr, cfg("oracle", "3", prefetch_distance=1), unit_cost(), link="timed")
+    # t=0 plan layer 0 (copy 0..1); t=0.5 layer 0 routes (plans layer 1: copy 1..2), its expert is
+    # still in flight -> miss, stall 0.5, compute to 1.25; layer 1 at 1.75, copy done at 2 -> stall 0.25
+    assert r.stats["hits"] == 0 and r.stats["prefetches_late"] == 2
+    assert r.stall_s == pytest.approx(0.75)
+    assert r.total_s == pytest.approx(2.25)
+
+
+def test_timely_prefetch_is_a_hit():
+    tr = scripted([[[[0], [1]]]], spec_top1())
+    r = simulate(tr, cfg("oracle", "3", prefetch_distance=1), unit_cost(copy_s=0.1), link="timed")
+    assert r.stats["hits"] == 2 and r.stall_s == 0.0
+    assert r.total_s == pytest.approx(2 * 0.75)
+
+
+def test_demand_copy_goes_before_queued_prefetches_but_not_before_the_running_one():
+    clock = Clock()
+    link = TimedLink(clock, 4, copy_s=1.0)
+    link.load(0, [], demand=False)  # 0..1
+    link.load(1, [], demand=False)  # 1..2
+    link.load(2, [], demand=False)  # 2..3
+    clock.t = 0.5
+    link.load(3, [], demand=True)  # after the running copy: 1..2; queued prefetches move back
+    assert link.done == [1.0, 3.0, 4.0, 2.0]
+    link.before_compute([3])
+    assert clock.t == 2.0 and link.stall_s == pytest.approx(1.5)
+    assert link.is_done(0) and link.is_done(3) and not link.is_done(1)
+
+
+def random_trace(seed=0, requests=4, iters=12, spec=SPEC1, skew=True) -> Trace:
+    gen = torch.Generator().manual_seed(seed)
+    L, E, k = spec.num_layers, spec.num_experts, spec.top_k
+    weights = torch.tensor([4.0, 2.0, 1.0, 1.0]) if skew else torch.ones(E)
+    reqs = []
+    for _ in range(requests):
+        reqs.append([[torch.multinomial(weights, k, generator=gen).tolist() for _ in range(L)] for _ in range(iters)])
+    return scripted(reqs, spec)
+
+
+@pytest.mark.parametrize("link", ["instant", "timed"])
+def test_oracle_is_never_beaten(link):
+    for seed in range(3):
+        tr = random_trace(seed)
+        hist = empty_history(tr, 64, 1)
+        record_history(random_trace(seed + 10), hist)
+        cost = unit_cost(copy_s=0.6)
+        for budget in ("2", "4"):
+            best = simulate(tr, cfg("oracle", budget, prefetch_distance=1), cost, link)
+            bel = simulate(tr, cfg("belady", budget), cost, link)
+            for policy in ONLINE:
+                r = simulate(tr, cfg(policy, budget, prefetch_distance=1), cost, link, hist)
+                assert r.hit_rate <= best.hit_rate + 1e-12, (policy, budget, seed)
+                if policy in ("lru", "lfu", "on-demand"):
+                    assert r.hit_rate <= bel.hit_rate + 1e-12, (policy, budget, seed)
+
+
+def test_same_inputs_same_result():
+    tr = random_trace(3)
+    hist = empty_history(tr, 64, 1)
+    record_history(random_trace(4), hist)
+    a = simulate(tr, cfg("finemoe", "3"), unit_cost(0.3), "timed", hist)
+    b = simulate(tr, cfg("finemoe", "3"), unit_cost(0.3), "timed", hist)
+    drop = ("wall_s", "layer_steps_per_s")
+    assert {k: v for k, v in a.to_dict().items() if k not in drop} == {
+        k: v for k, v in b.to_dict().items() if k not in drop
+    }
+
+
+def test_batches_union_their_experts():
+    tr = scripted([[[[0], [1]]], [[[2], [1]]]], spec_top1())
+    r = simulate(tr, cfg("lru", "3"), link="instant", batch_size=2)
+    assert r.stats["misses"] == 3 and r.stats["hits"] == 0  # (0,0), (0,2), (1,1): one access each
+    assert r.layer_steps == 2 * 2
+
+
+# -- the engine and the simulator agree ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def recorded(tiny_checkpoint, tmp_path_factory):
+    path = tiny_checkpoint("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3)
+    prompts = [[5, 9, 12, 7], [3, 3, 8], [20, 1, 2, 9, 4], [11, 6]]
+    with Engine.from_pretrained(path, expert_budget="100%", policy="all-gpu", device="cpu", progress=False) as eng:
+        tr = record(eng, prompts, 6, dtype=torch.float32)
+    f = tmp_path_factory.mktemp("trace") / "t.fmt"
+    tr.save(f)
+    return path, prompts, f
+
+
+def test_trace_round_trip(recorded):
+    _, prompts, f = recorded
+    tr = load_trace(f)
+    assert tr.num_requests == len(prompts)
+    assert tr.prompt_len.tolist() == [len(p) for p in prompts] and tr.output_len.tolist() == [6] * 4
+    assert tr.num_rows == sum(len(p) + 5 for p in prompts)
+    assert sorted(tr.spec_probs) == [1, 2]
+    a, b = tr.rows(1, 0)
+    assert tr.token_ids[a:b].tolist() == prompts[1]
+    assert torch.allclose(tr.probs.sum(-1), torch.ones(tr.num_rows, tr.spec.num_layers), atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ONLINE)
+def test_simulator_equals_the_engine_in_deterministic_mode(recorded, policy):
+    path, prompts, f = recorded
+    tr = load_trace(f)
+    config = cfg(policy, "25%", map_store_capacity=64)
+    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        want = eng.stats().cache.to_dict()
+    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
+    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "prefetches_wasted")
+    keys += ("layer_hit_rate",)
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+
+def test_trace_file_refusals(recorded, tmp_path):
+    _, _, f = recorded
+    with pytest.raises(TraceError, match="does not exist"):
+        load_trace(tmp_path / "nope.fmt")
+    cut = tmp_path / "cut.fmt"
+    cut.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(TraceError, match="truncated or corrupt"):
+        load_trace(cut)
+    other = tmp_path / "other.fmt"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "something-else"})
+    with pytest.raises(TraceError, match="not a finemoe trace"):
+        load_trace(other)
+    save_file({"x": torch.zeros(2)}, str(other), metadata={"format": "finemoe-trace", "version": "99"})
+    with pytest.raises(TraceError, match="version 99"):
+        load_trace(other)
+
+
+def test_cost_model_shapes():
+    for name, shape in SHAPES.items():
+        assert shape.expert_bytes > 0, name
+    assert SHAPES["mixtral-8x7b"].expert_bytes == 3 * 4096 * 14336 * 2  # 352 MiB in bf16
+    c = make_cost_model(SPEC1, "qwen1.5-moe-a2.7b")
+    # 2 traced layers of top-1 stand for 24 Qwen layers of top-4: a traced expert = 48 Qwen experts
+    assert c.expert_bytes == pytest.approx(SHAPES["qwen1.5-moe-a2.7b"].expert_bytes * 24 * 4 / (2 * 1), rel=1e-6)
+    assert c.copy_s == pytest.approx(c.expert_bytes / 54e9, rel=1e-3)
+
+
+def test_cli_simulate_writes_json_and_plot(recorded, tmp_path):
+    _, _, f = recorded
+    out, png = tmp_path / "sim.json", tmp_path / "sim.png"
+    cmd = [sys.executable, "-m", "finemoe", "simulate", "--traces", str(f), "--history", str(f)]
+    cmd += ["--policies", "lru,finemoe,oracle", "--budgets", "25%,50%", "--json", str(out), "--plot", str(png)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rec = json.loads(out.read_text())
+    pols = {(r["policy"], r["budget"]) for r in rec["results"]}
+    assert ("oracle", "25%") in pols and ("finemoe", "50%") in pols and ("all-gpu", "100%") in pols
+    assert png.stat().st_size > 1000
+    bad = subprocess.run(
+        [sys.executable, "-m", "finemoe", "simulate", "--traces", str(tmp_path / "missing.fmt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
