@@ -35,6 +35,7 @@ class ExpertCache:
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
+        self._eids = [[ExpertId(layer, e) for e in range(E)] for layer in range(L)]  # shared keys
         self.owner: list[ExpertId | None] = [None] * S
         self.refcount = [0] * S
         self.prefetched = [False] * S  # loaded by a prefetch and not used yet
@@ -42,6 +43,7 @@ class ExpertCache:
         self.now = (-1, -1)  # (iteration, MoE layer) the forward pass is at; set by the prefetcher
         self._free = list(range(S - 1, -1, -1))
         self.stats = CacheStats(L)
+        self.expert_bytes = spec.expert_bytes
         self.step = 0
         self.on_demand_miss = None  # callable run before on-demand copies (pauses prefetching)
         self._demand_slots: list[int] = []  # slots of the latest on-demand copies
@@ -113,45 +115,55 @@ class ExpertCache:
         victim = self.policy.victim(self._evictable_for_prefetch if for_prefetch else self._evictable)
         if victim is None:
             return None
-        slot = self.slot_of[victim.layer][victim.expert]
+        layer, expert = victim
+        slot = self.slot_of[layer][expert]
         self.policy.on_evict(victim)
-        self._set(victim, -1)
+        self.slot_of[layer][expert] = -1
+        self._dirty[layer] = True
         self.owner[slot] = None
-        self.stats.evictions += 1
+        st = self.stats
+        st.evictions += 1
         if self.prefetched[slot]:
-            self.stats.prefetches_wasted += 1
-            self.stats.prefetch_wasted_bytes += self.spec.expert_bytes
+            st.prefetches_wasted += 1
+            st.prefetch_wasted_bytes += self.expert_bytes
             self.prefetched[slot] = False
         return slot
 
     def _load(self, eid: ExpertId, slot: int, demand: bool) -> None:
-        self.transfer.load(slot, self.store.parts(eid), demand=demand)
+        self.transfer.load(slot, self.store.parts(eid), demand)
         self.owner[slot] = eid
-        self._set(eid, slot)
+        self.slot_of[eid.layer][eid.expert] = slot
+        self._dirty[eid.layer] = True
         self.policy.on_insert(eid, self.step)
-        self.stats.bytes_copied += self.spec.expert_bytes
+        st = self.stats
+        st.bytes_copied += self.expert_bytes
         if demand:
-            self.stats.demand_bytes += self.spec.expert_bytes
+            st.demand_bytes += self.expert_bytes
 
     # -- the forward path ----------------------------------------------------------------------
     def access(self, layer: int, experts: list[int]) -> None:
         """Count one routed use of each of `experts` (unique ids) in `layer`: hit or miss."""
         self.step += 1
         st = self.stats
+        row, prefetched, done = self.slot_of[layer], self.prefetched, self.transfer.is_done
+        hits = 0
         for e in experts:
-            slot = self.slot_of[layer][e]
-            hit = slot >= 0 and self.transfer.is_done(slot)
-            if slot >= 0 and self.prefetched[slot]:
+            slot = row[e]
+            if slot < 0:
+                continue
+            hit = done(slot)
+            if prefetched[slot]:
                 st.prefetches_used += 1
                 if not hit:
                     st.prefetches_late += 1
-                self.prefetched[slot] = False
+                prefetched[slot] = False
             if hit:
-                st.hits += 1
-                st.layer_hits[layer] += 1
-            else:
-                st.misses += 1
-                st.layer_misses[layer] += 1
+                hits += 1
+        misses = len(experts) - hits
+        st.hits += hits
+        st.misses += misses
+        st.layer_hits[layer] += hits
+        st.layer_misses[layer] += misses
 
     def acquire(self, layer: int, experts: list[int]) -> list[int]:
         """Pin as many of `experts` as fit (resident ones first, then on-demand loads).
@@ -160,55 +172,60 @@ class ExpertCache:
         rest. With S >= k every call acquires at least one expert.
         """
         acquired, missing = [], []
+        row, refcount, prefetched, step = self.slot_of[layer], self.refcount, self.prefetched, self.step
+        on_access, eids = self.policy.on_access, self._eids[layer]
         for e in experts:
-            slot = self.slot_of[layer][e]
+            slot = row[e]
             if slot >= 0:
-                self.refcount[slot] += 1
-                self.policy.on_access(ExpertId(layer, e), self.step)
-                if self.prefetched[slot]:  # prefetched while an earlier chunk of this call ran
-                    self.prefetched[slot] = False
+                refcount[slot] += 1
+                on_access(eids[e], step)
+                if prefetched[slot]:  # prefetched while an earlier chunk of this call ran
+                    prefetched[slot] = False
                     self.stats.prefetches_used += 1
                 acquired.append(e)
             else:
                 missing.append(e)
         if missing:
-            self._demand_slots = []
+            self._demand_slots = demand = []
             if self.on_demand_miss is not None:
                 self.on_demand_miss()
-        for e in missing:
-            slot = self._allocate()
-            if slot is None:
-                break
-            eid = ExpertId(layer, e)
-            self._load(eid, slot, demand=True)
-            self._demand_slots.append(slot)
-            self.refcount[slot] += 1
-            self.policy.on_access(eid, self.step)
-            acquired.append(e)
+            for e in missing:
+                slot = self._allocate()
+                if slot is None:
+                    break
+                eid = eids[e]
+                self._load(eid, slot, True)
+                demand.append(slot)
+                refcount[slot] += 1
+                on_access(eid, step)
+                acquired.append(e)
         return acquired
 
     def demand_pending(self) -> bool:
         """True while an on-demand copy issued by the latest miss is still running."""
-        return not all(self.transfer.is_done(s) for s in self._demand_slots)
+        done = self.transfer.is_done
+        return not all(map(done, self._demand_slots))
 
     def slots(self, layer: int, experts: list[int]) -> list[int]:
-        return [self.slot_of[layer][e] for e in experts]
+        row = self.slot_of[layer]
+        return [row[e] for e in experts]
 
     def release(self, layer: int, experts: list[int]) -> None:
-        slots = self.slots(layer, experts)
+        row, refcount = self.slot_of[layer], self.refcount
+        slots = [row[e] for e in experts]
         self.transfer.after_compute(slots)
         for s in slots:
-            self.refcount[s] -= 1
+            refcount[s] -= 1
 
     def try_prefetch(self, eid: ExpertId, iteration: int = -1) -> bool:
         """Start copying `eid` in if absent and a slot can be freed; True if a copy started.
         `iteration` is the iteration the plan was made for (-1: unknown, never protected)."""
-        if self.is_resident(eid):
+        if self.slot_of[eid.layer][eid.expert] >= 0:
             return False
-        slot = self._allocate(for_prefetch=True)
+        slot = self._allocate(True)
         if slot is None:
             return False
-        self._load(eid, slot, demand=False)
+        self._load(eid, slot, False)
         self.prefetched[slot] = True
         self.prefetch_iteration[slot] = iteration
         self.stats.prefetches_issued += 1

@@ -55,10 +55,16 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-store", help="history file: warm-start from it if it exists, save to it at exit")
     ap.add_argument("--map-store-capacity", type=int, default=1000, help="expert maps (and past requests) kept")
     ap.add_argument("--freeze-map-store", action="store_true", help="do not learn from this run (offline mode)")
-    ap.add_argument("--delta-rule", choices=["paper", "demo"], default="paper", help="FineMoE selection count rule")
+    ap.add_argument(
+        "--delta-rule", choices=["paper", "demo", "topk"], default="paper", help="FineMoE selection count rule"
+    )
     ap.add_argument("--search", choices=["auto", "sync", "async"], default="auto", help="where map search runs")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
+    ap.add_argument("--no-gate-refine", action="store_true", help="finemoe: expert maps only (no next-layer gate)")
+    ap.add_argument(
+        "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
+    )
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
 
 
@@ -80,6 +86,8 @@ def _engine(args: argparse.Namespace):
         search=args.search,
         map_store_rows=args.map_store_rows,
         trajectory_window=args.trajectory_window,
+        gate_refine=not args.no_gate_refine,
+        eviction=args.eviction,
         progress=not args.no_progress,
     )
 
@@ -331,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(flag, **kw)
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
-    t.set_defaults(map_store_rows="all", trajectory_window=0)
+    t.set_defaults(map_store_rows="all", trajectory_window=0, no_gate_refine=False, eviction=None)
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

@@ -172,19 +172,24 @@ class EngineConfig:
     map_store: str | None = None  # file to warm-start the history stores from and save them to at close
     map_store_capacity: int = 1000  # C, expert maps kept (and past requests, for moe-infinity)
     map_store_learn: bool = True  # insert every iteration's maps (online); False freezes the store
-    delta_rule: str = "paper"  # "paper" (include the expert crossing δ) or "demo" (cumsum <= δ)
+    delta_rule: str = "paper"  # "paper" (include the expert crossing δ), "demo" (cumsum <= δ), "topk" (no δ)
+    gate_refine: bool = True  # finemoe: also speculate the next layer's router (False: maps only)
+    semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
+    map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
     search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread), "auto": async on CUDA
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
-    eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu); None: the policy's own
+    eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.search not in ("auto", "sync", "async"):
             raise ConfigError(f"search must be auto, sync or async, got {self.search!r}")
-        if self.delta_rule not in ("paper", "demo"):
-            raise ConfigError(f"delta_rule must be paper or demo, got {self.delta_rule!r}")
+        if self.delta_rule not in ("paper", "demo", "topk"):
+            raise ConfigError(f"delta_rule must be paper, demo or topk, got {self.delta_rule!r}")
+        if self.map_values not in ("probs", "counts"):
+            raise ConfigError(f"map_values must be probs or counts, got {self.map_values!r}")
         if self.map_store_rows not in ("all", "last"):
             raise ConfigError(f"map_store_rows must be all or last, got {self.map_store_rows!r}")
         if self.trajectory_window < 0:

@@ -36,7 +36,7 @@ from finemoe.policy import EVICTION_POLICIES
 from finemoe.pool import SlotPool
 from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import Prefetcher
-from finemoe.presets import get_preset, predictor_members, prefetch_distance
+from finemoe.presets import get_preset, predictor_members, prefetch_distance, reads_router_inputs
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
@@ -227,10 +227,12 @@ class Engine:
             self.requests,
             self.gate,
             delta_rule=config.delta_rule,
+            semantic=config.semantic_search,
+            map_values=config.map_values,
             trajectory_window=config.trajectory_window,
             store_rows=config.map_store_rows,
         )
-        members = predictor_members(preset, config, deps, plan.all_resident)
+        members, sync_members = predictor_members(preset, config, deps, plan.all_resident)
         if members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
             async_ok = preset.asynchronous and config.search != "sync"
@@ -239,9 +241,10 @@ class Engine:
                 self.async_predictors.append(pred)
                 self.search_mode = "async"
             predictors.append(pred)
+        predictors.extend(sync_members)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
         self.runtime.embed = self.model.get_input_embeddings()
-        self.runtime.want_hidden = preset.predictor == "speculative-gate"
+        self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
             preset.predictor == "finemoe"
         )

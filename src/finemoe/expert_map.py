@@ -191,18 +191,12 @@ class TrajectoryQuery:
     calls of one query. A single query row (decode at batch 1) may use `best()` instead.
     """
 
-    def __init__(
-        self,
-        store: ExpertMapStore,
-        num_rows: int,
-        window: int = 0,
-        semantic: np.ndarray | None = None,
-        alpha: float = 0.0,
-    ) -> None:
+    def __init__(self, store: ExpertMapStore, num_rows: int, window: int = 0) -> None:
         self.store, self.window = store, window
-        self.semantic, self.alpha = semantic, alpha  # best(): score = alpha*semantic + (1-alpha)*trajectory
         self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
         self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
+        self._dot1 = self.dot.numpy()[0] if num_rows == 1 else None  # best(): a view, updated in place
+        self._q1 = 0.0  # best(): the single row's running squared norm
         self.layers = 0
         self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (dot [N, size], q_sq [N])
 
@@ -241,18 +235,18 @@ class TrajectoryQuery:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
         p = probs.float().numpy()
-        dot = self.dot.numpy()[0]  # a view: updated in place
+        dot = self._dot1
         d = s._by_layer_np[layer, : s.size] @ p
         q = float(p @ p)
         dot += d
-        q_sq = float(self.q_sq[0]) + q
+        q_sq = self._q1 + q
         if self.window > 0:
             self._parts.append((d, q))
             if len(self._parts) > self.window:
                 old_d, old_q = self._parts.pop(0)
                 dot -= old_d
                 q_sq -= old_q
-        self.q_sq[0] = q_sq
+        self._q1 = q_sq
         self.layers += 1
         if self.window > 0 and layer >= self.window:
             norm = self._stored_norm(layer).numpy()

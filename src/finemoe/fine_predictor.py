@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from finemoe.expert_map import ExpertMapStore, TrajectoryQuery
-from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, select_by_delta, select_one
+from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, routing_rows, select_by_delta, select_one
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 
@@ -30,6 +30,8 @@ class FineMoEPredictor:
         self.distance = deps.distance
         self.rule = deps.delta_rule
         self.window = deps.trajectory_window
+        self.semantic = deps.semantic
+        self.values = deps.map_values
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
         self.layers_seen = 0  # layers of the current iteration routed so far
@@ -45,7 +47,7 @@ class FineMoEPredictor:
             return None
         self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window)
         emb = ctx.host_embeddings()
-        if emb is None:
+        if emb is None or not self.semantic:
             return None
         scores, rows = store.semantic_match(emb)  # [N], [N]
         self.sem_sum += float(scores.sum())
@@ -74,13 +76,18 @@ class FineMoEPredictor:
         if self.traj is None or target >= L:
             return None  # no layer left to plan for from here
         if ctx.rows.numel() == 1:  # decode at batch 1: the lean path
-            score, row = self.traj.best(layer, event.host_probs()[int(ctx.rows[0])])
+            q = (
+                event.host_probs()[int(ctx.rows[0])]
+                if self.values == "probs"
+                else routing_rows(event, ctx.rows, "counts")[0]
+            )
+            score, row = self.traj.best(layer, q)
             self.traj_sum += score
             self.traj_n += 1
             hint = self.store.by_layer[target, row]  # [E]
             chosen = select_one(hint.tolist(), score, self.spec.top_k, self.rule)
         else:
-            sim = self.traj.extend(layer, event.host_probs()[ctx.rows])  # [N, C]
+            sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
             scores, rows = sim.max(dim=1)
             self.traj_sum += float(scores.sum())
             self.traj_n += scores.numel()

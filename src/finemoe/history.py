@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from finemoe.predictor import Predictor, PredictorDeps
+from finemoe.predictor import Predictor, PredictorDeps, routing_rows
 from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
 
 
@@ -20,6 +20,7 @@ class HistoryRecorder:
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
+        self.values = deps.map_values  # "probs", or top-k "counts" (the hit-count ablation)
         self.rows = deps.store_rows  # "all": every token; "last": in prefill only each prompt's last token
         self.ctx: IterationContext | None = None
         self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
@@ -38,7 +39,7 @@ class HistoryRecorder:
         if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
             self.ctx = None
             return None
-        self.layer_probs.append(event.host_probs()[ctx.rows].float())
+        self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
         if self.eam is not None:
             ids = event.topk_ids[ctx.rows]  # [N, k]
             req = ctx.request_of_row.unsqueeze(1).expand_as(ids)

@@ -6,11 +6,11 @@ so the same objects drive the engine and the simulator.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
-
-import torch
 
 from finemoe.types import ExpertId, PrefetchPlan
 
@@ -103,92 +103,160 @@ class LFUPolicy(_PlanBlind):
         return best
 
 
-class MapAwarePolicy:
-    """FineMoE's map-aware LFU (spec §3.7): evict the lowest p x freq first, where p is the
-    expert's probability in the most recent searched map for its layer (1/E before any) and freq
-    counts its uses while resident, its insertion included (reset on eviction). Recency only breaks
-    ties. Experts the latest plans selected for layers the iteration has not reached yet are
-    protected: a prefetch never evicts them, a demand load only when nothing else is left.
+class _PlanAwareHeap:
+    """Shared mechanism of the plan-aware policies: pending-plan protection and a heap of
+    (key, last use, flat id, version) with lazy deletion, so a victim costs a few heap operations.
 
-    The eviction order is computed with a few tensor ops and reused until the next plan or access,
-    so a burst of prefetches pays for one ordering (experts inserted during a burst join the order
-    at the next recomputation).
+    Experts the latest plans selected for layers the iteration has not reached yet are protected:
+    a prefetch never evicts them, a demand load only when nothing else is left. Subclasses define
+    `_key(flat)` (lowest goes first); ties go to the least recently used, then the lowest flat id
+    l*E+e.
     """
 
-    name = "map-lfu"
-
     def __init__(self, num_layers: int, num_experts: int) -> None:
-        L, E = num_layers, num_experts
-        self.num_experts = E
-        self.prob = torch.full((L, E), 1.0 / max(E, 1))  # p of the latest searched map, per layer
-        self.freq = torch.zeros(L, E)
-        self.last = torch.zeros(L, E)  # step of the latest use (tie-break only)
-        self.resident = torch.zeros(L, E, dtype=torch.bool)
+        self.num_experts = num_experts
+        self.last: dict[int, int] = {}  # resident flat id -> step of the latest use
+        self._version: dict[int, int] = {}
+        self._heap: list[tuple[float, int, int, int]] = []
         self._planned: set[tuple[int, int]] = set()  # (layer, expert) a pending plan selected
         self._iteration = -1
         self._layer_now = -1
-        self._order: list[int] | None = None  # flat ids l*E+e, next victim first
-        self._pos = 0
+
+    def _key(self, flat: int) -> float:
+        raise NotImplementedError
+
+    def _push(self, flat: int) -> None:
+        v = self._version.get(flat, 0) + 1
+        self._version[flat] = v
+        heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
+        if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
+            self._heap = []
+            for f in self.last:
+                self._version[f] += 1
+                heapq.heappush(self._heap, (self._key(f), self.last[f], f, self._version[f]))
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         if plan.iteration > self._iteration:
             self._iteration, self._layer_now = plan.iteration, -1
             self._planned.clear()
-        for layer, probs in plan.layer_probs:
-            self.prob[layer] = probs
         self._planned.update(req.expert for req in plan.requests)
-        self._order = None
 
     def protected(self, eid: ExpertId) -> bool:
         return eid.layer > self._layer_now and eid in self._planned
 
+    def on_evict(self, eid: ExpertId) -> None:
+        flat = eid.layer * self.num_experts + eid.expert
+        del self.last[flat]
+        self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
+
+    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+        heap, version, E, last = self._heap, self._version, self.num_experts, self.last
+        kept: list[tuple[float, int, int, int]] = []
+        found = fallback = None
+        while heap:
+            entry = heapq.heappop(heap)
+            flat = entry[2]
+            if version.get(flat) != entry[3] or flat not in last:
+                continue  # stale
+            kept.append(entry)
+            eid = ExpertId(flat // E, flat % E)
+            if self.protected(eid):
+                if fallback is None and evictable(eid):
+                    fallback = eid  # a demand load may take it if nothing unprotected is left
+                continue
+            if evictable(eid):
+                found = eid
+                break
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        return found if found is not None else fallback
+
+
+class MapAwarePolicy(_PlanAwareHeap):
+    """FineMoE's map-aware LFU (spec §3.7): evict the lowest p x freq first, where p is the
+    expert's probability in the most recent searched map for its layer (1/E before any) and freq
+    counts its uses while resident, its insertion included (reset on eviction)."""
+
+    name = "map-lfu"
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        super().__init__(num_layers, num_experts)
+        E = num_experts
+        self.prob = [[1.0 / max(E, 1)] * E for _ in range(num_layers)]  # p of the latest searched map
+        self.freq: dict[int, float] = {}  # resident flat id -> uses while resident
+
+    def _key(self, flat: int) -> float:
+        layer, e = divmod(flat, self.num_experts)
+        return self.prob[layer][e] * self.freq[flat]
+
+    def on_plan(self, plan: PrefetchPlan) -> None:
+        super().on_plan(plan)
+        E, freq = self.num_experts, self.freq
+        for layer, probs in plan.layer_probs:
+            self.prob[layer] = probs.tolist()
+            for flat in range(layer * E, layer * E + E):
+                if flat in freq:
+                    self._push(flat)
+
     def on_insert(self, eid: ExpertId, step: int) -> None:
-        self.freq[eid.layer, eid.expert] = 1.0
-        self.last[eid.layer, eid.expert] = step
-        self.resident[eid.layer, eid.expert] = True
+        flat = eid.layer * self.num_experts + eid.expert
+        self.freq[flat] = 1.0
+        self.last[flat] = step
+        self._push(flat)
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         self._layer_now = eid.layer
-        self.freq[eid.layer, eid.expert] += 1.0
-        self.last[eid.layer, eid.expert] = step
-        self._order = None
+        flat = eid.layer * self.num_experts + eid.expert
+        self.freq[flat] += 1.0
+        self.last[flat] = step
+        self._push(flat)
 
     def on_evict(self, eid: ExpertId) -> None:
-        self.freq[eid.layer, eid.expert] = 0.0
-        self.resident[eid.layer, eid.expert] = False
+        super().on_evict(eid)
+        del self.freq[eid.layer * self.num_experts + eid.expert]
 
-    def _compute_order(self) -> list[int]:
-        """Resident experts by (protected, p x freq, last use), flat ids; a handful of tensor ops."""
-        key = self.prob * self.freq + self.last * 1e-12  # recency only separates equal scores
-        pending = [(a, e) for a, e in self._planned if a > self._layer_now]  # not yet served
-        if pending:
-            idx = torch.tensor(pending, dtype=torch.int64)
-            key[idx[:, 0], idx[:, 1]] += 1e6  # protected experts go last
-        key = key.masked_fill(~self.resident, float("inf")).view(-1)
-        n = int(self.resident.sum())
-        return torch.argsort(key)[:n].tolist()
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        fresh = self._order is None
-        if fresh:
-            self._order, self._pos = self._compute_order(), 0
-        E, res = self.num_experts, self.resident
-        first_blocked = None
-        for i in range(self._pos, len(self._order)):
-            flat = self._order[i]
-            eid = ExpertId(flat // E, flat % E)
-            if not res[eid.layer, eid.expert]:
-                if first_blocked is None:
-                    self._pos = i + 1  # evicted since the ordering: never a candidate again
-                continue
-            if evictable(eid):
-                return eid
-            if first_blocked is None:
-                first_blocked = i
-        if not fresh:  # experts inserted since the ordering may be the only candidates left
-            self._order = None
-            return self.victim(evictable)
-        return None
+class DecayLFUPolicy(_PlanAwareHeap):
+    """Decayed-frequency eviction with pending-plan protection (finemoe's default, a measured
+    replacement of the paper's p x freq; docs/design/finemoe.md): every expert keeps a use count
+    that decays by `gamma` per iteration and, unlike LFU, survives its eviction, so an expert the
+    running requests keep coming back to stays. Evict the lowest decayed count first.
+
+    The decayed count s·γ^(now - t) orders experts like log s - t·log γ, which does not change
+    with `now`: that is the heap key (t in iterations, step / L).
+    """
+
+    name = "decay-lfu"
+    prefetch_count = 0.5  # a prefetch counts as this many uses until the router confirms it
+
+    def __init__(self, num_layers: int, num_experts: int, gamma: float = 0.95) -> None:
+        super().__init__(num_layers, num_experts)
+        self.num_layers = num_layers
+        self.log_gamma = math.log(gamma)
+        self.count: dict[int, tuple[float, float]] = {}  # flat id -> (count, its time), every expert seen
+
+    def _key(self, flat: int) -> float:
+        c, t = self.count[flat]
+        return math.log(c) - t * self.log_gamma
+
+    def _use(self, flat: int, step: int) -> None:
+        t = step / self.num_layers
+        c, t0 = self.count.get(flat, (0.0, t))
+        self.count[flat] = (c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
+
+    def on_insert(self, eid: ExpertId, step: int) -> None:
+        flat = eid.layer * self.num_experts + eid.expert
+        if flat not in self.count:
+            self.count[flat] = (self.prefetch_count, step / self.num_layers)
+        self.last[flat] = step
+        self._push(flat)
+
+    def on_access(self, eid: ExpertId, step: int) -> None:
+        self._layer_now = eid.layer
+        flat = eid.layer * self.num_experts + eid.expert
+        self._use(flat, step)
+        self.last[flat] = step
+        self._push(flat)
 
 
 # name -> factory(num_layers, num_experts)
@@ -196,4 +264,5 @@ EVICTION_POLICIES: dict[str, Callable[[int, int], EvictionPolicy]] = {
     "lru": lambda num_layers, num_experts: LRUPolicy(),
     "lfu": lambda num_layers, num_experts: LFUPolicy(),
     "map-lfu": MapAwarePolicy,
+    "decay-lfu": DecayLFUPolicy,
 }

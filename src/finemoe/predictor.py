@@ -21,7 +21,7 @@ from finemoe.types import ExpertId, IterationContext, MoESpec, PrefetchPlan, Pre
 # (target MoE layer, router input [T, H] on the device) -> router probabilities [T, E] on the CPU
 GateFn = Callable[[int, torch.Tensor], torch.Tensor]
 
-DELTA_RULES = ("paper", "demo")
+DELTA_RULES = ("paper", "demo", "topk")  # topk: exactly k experts, no δ (the ablation)
 # Cumulative probabilities within this of δ count as reaching it, so float32 (tensor) and float64
 # (single-row) sums select the same experts.
 TIE_EPS = 1e-6
@@ -55,6 +55,21 @@ class PredictorDeps:
     delta_rule: str = "paper"
     trajectory_window: int = 0  # 0: the whole prefix (paper); w: only the latest w layers
     store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)
+    semantic: bool = True  # FineMoE: plan the first d layers from the semantic match (False: the ablation)
+    map_values: str = "probs"  # what a map row holds: router "probs" (paper) or top-k "counts" (hit count)
+
+
+MAP_VALUES = ("probs", "counts")
+
+
+def routing_rows(event: RoutingEvent, rows: torch.Tensor, values: str) -> torch.Tensor:
+    """The map rows [N, E] of an event for the token rows `rows` [N]: the router probabilities, or
+    (values "counts") each token's top-k selection as 1/k per selected expert."""
+    if values == "probs":
+        return event.host_probs()[rows].float()
+    ids = event.topk_ids[rows]  # [N, k]
+    out = torch.zeros(ids.shape[0], event.probs.shape[-1])
+    return out.scatter_(1, ids, 1.0 / ids.shape[1])
 
 
 def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule: str = "paper") -> torch.Tensor:
@@ -73,6 +88,8 @@ def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule:
         count = (cum < delta - TIE_EPS).sum(dim=1) + 1
     elif rule == "demo":
         count = (cum <= delta + TIE_EPS).sum(dim=1)
+    elif rule == "topk":
+        count = torch.zeros(n, dtype=torch.int64)
     else:
         raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
     count = count.clamp(min=min(top_k, e), max=e)  # [N]
@@ -86,6 +103,8 @@ def select_one(probs: list[float], score: float, top_k: int, rule: str = "paper"
     """`select_by_delta` for one row, in plain Python: {expert: p} of the selected experts."""
     delta = min(max(1.0 - score, 0.0), 1.0)
     order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
+    if rule == "topk":
+        return {e: probs[e] for e in order[: min(top_k, len(probs))]}
     count, cum = 0, 0.0
     for e in order:
         cum += probs[e]

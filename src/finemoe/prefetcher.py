@@ -65,6 +65,8 @@ class Prefetcher:
 
     def pump(self) -> int:
         """Start queued prefetches, highest priority first, up to the in-flight limit."""
+        if not self._heap and not self._inbox:
+            return 0  # nothing to start (a pause only matters once something is queued)
         while self._inbox:
             self.submit(self._inbox.popleft())
         cache = self.cache

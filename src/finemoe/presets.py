@@ -21,6 +21,7 @@ class PolicyPreset:
     distance: int | None = None  # fixed prefetch distance / stride; None: the configured one
     default_distance: int = 1  # used when neither the preset nor the config fixes it
     asynchronous: bool = False  # the predictor may run on the searcher thread
+    refine_stride: int = 0  # > 0: also speculate layer l+s's router on layer l's input (synchronous)
 
 
 DEFAULT_POLICY = "finemoe"
@@ -30,11 +31,22 @@ PRESETS: dict[str, PolicyPreset] = {
     for p in (
         PolicyPreset(
             "finemoe",
+            "decay-lfu",
+            "finemoe",
+            False,
+            "FineMoE expert maps (semantic + trajectory match, δ-sized prefetch d layers ahead) refined by "
+            "the next layer's router on the current hidden state; decayed-frequency eviction",
+            default_distance=3,
+            asynchronous=True,
+            refine_stride=1,
+        ),
+        PolicyPreset(
+            "finemoe-paper",
             "map-lfu",
             "finemoe",
             False,
-            "FineMoE: expert maps matched by prompt semantics and routing trajectory, δ-sized prefetch "
-            "d layers ahead, map-aware LFU eviction",
+            "FineMoE as the paper specifies it: expert maps matched by prompt semantics and routing "
+            "trajectory, δ-sized prefetch d layers ahead, map-aware LFU eviction",
             default_distance=3,
             asynchronous=True,
         ),
@@ -100,16 +112,27 @@ def prefetch_distance(preset: PolicyPreset, configured: int | None) -> int:
     return preset.distance or configured or preset.default_distance
 
 
-def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident: bool) -> list:
-    """The predictors a preset runs, in order: its own (unless everything is resident), then the
+def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident: bool) -> tuple[list, list]:
+    """The predictors a preset runs: (members, synchronous). `members` run in order as one
+    (possibly asynchronous) predictor: the preset's own (unless everything is resident), then the
     history recorder when the stores learn online (a policy that reads history, or any run with a
-    map-store file). Shared by the engine and the simulator."""
+    map-store file). `synchronous` run on the forward thread (the refining speculative gate, which
+    reads router inputs). Shared by the engine and the simulator."""
+    import dataclasses
+
     from finemoe.history import HistoryRecorder
     from finemoe.predictor import make_predictor
 
-    members = []
+    members, sync = [], []
     if preset.predictor != "none" and not all_resident:
         members.append(make_predictor(preset.predictor, deps))
+        if preset.refine_stride and config.gate_refine and deps.gate is not None:
+            sync.append(make_predictor("speculative-gate", dataclasses.replace(deps, distance=preset.refine_stride)))
     if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
         members.append(HistoryRecorder(deps))
-    return members
+    return members, sync
+
+
+def reads_router_inputs(preset: PolicyPreset, config: Any) -> bool:
+    """True if the preset's predictors read router inputs (speculative gates)."""
+    return preset.predictor == "speculative-gate" or bool(preset.refine_stride and config.gate_refine)

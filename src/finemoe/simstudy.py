@@ -27,10 +27,15 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--prefetch-distance", type=int, help="layers ahead (default: each policy's)")
     ap.add_argument("--map-store-capacity", type=int, default=1000)
     ap.add_argument("--learn", action="store_true", help="the stores also learn from the measured trace (online)")
-    ap.add_argument("--delta-rule", choices=["paper", "demo"], default="paper")
+    ap.add_argument("--delta-rule", choices=["paper", "demo", "topk"], default="paper")
+    ap.add_argument("--no-gate-refine", action="store_true", help="finemoe from expert maps alone")
+    ap.add_argument("--no-semantic", action="store_true", help="FineMoE without the semantic match (ablation)")
+    ap.add_argument("--map-values", choices=["probs", "counts"], default="probs", help="counts: the hit-count ablation")
     ap.add_argument("--trajectory-window", type=int, default=0)
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
-    ap.add_argument("--eviction", choices=["lru", "lfu", "map-lfu"], help="override every policy's eviction")
+    ap.add_argument(
+        "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override every policy's eviction"
+    )
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -47,6 +52,9 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         map_store_capacity=args.map_store_capacity,
         map_store_learn=args.learn,
         delta_rule=args.delta_rule,
+        semantic_search=not args.no_semantic,
+        gate_refine=not args.no_gate_refine,
+        map_values=args.map_values,
         trajectory_window=args.trajectory_window,
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,
@@ -76,7 +84,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         if hist.identity != test.identity:
             raise ConfigError(f"{args.history} was recorded on another model than {args.traces}")
         t0 = time.perf_counter()
-        record_history(hist, history, args.map_store_rows)
+        record_history(hist, history, args.map_store_rows, args.map_values)
         log.info(
             "history: %d maps from %d requests in %.1fs", history.maps.size, hist.num_requests, time.perf_counter() - t0
         )

@@ -7,8 +7,8 @@ expert compute per expert, stalls when compute needs an expert still in flight.
 Links: "timed" (the `CostModel`'s copy time) or "instant" (a copy is done when issued, like the
 engine's synchronous CPU transfer: with it the replay makes exactly the engine's decisions).
 
-In the replay the router input handed to speculative predictors is each row's trace row id
-([N, 1]), and their gate is a lookup of the speculative probabilities recorded with the trace.
+In the replay the router input handed to speculative predictors is each row's (trace row, layer)
+([N, 2]), and their gate is a lookup of the speculative probabilities recorded with the trace.
 Batches are formed from consecutive requests (padding-free: only real tokens route); a
 request leaves its batch when it has generated its tokens.
 """
@@ -34,7 +34,7 @@ from finemoe.oracle import BeladyPolicy, Future, OraclePredictor
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import Prefetcher
-from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance
+from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance, reads_router_inputs
 from finemoe.stepper import Stepper
 from finemoe.trace import Trace
 from finemoe.types import ExpertId, IterationContext, MoESpec, RoutingEvent
@@ -101,37 +101,38 @@ class TimedLink:
         self.busy_s = 0.0
 
     def load(self, slot: int, src: list, demand: bool) -> None:
-        t = self.clock.t
-        q = [c for c in self.queue if c[1] > t]
-        c_s = self.copy_s
+        t, c_s, q = self.clock.t, self.copy_s, self.queue
+        while q and q[0][1] <= t:  # finished copies leave the queue (it is ordered by start)
+            q.pop(0)
         self.busy_s += c_s
         if not demand:
-            start = max(t, q[-1][1]) if q else t
+            start = q[-1][1] if q and q[-1][1] > t else t
             q.append([start, start + c_s, slot, False])
             self.done[slot] = start + c_s
-        else:
-            running = [c for c in q if c[0] <= t]  # started: cannot be interrupted
-            waiting = [c for c in q if c[0] > t]
-            start = max([t] + [c[1] for c in running] + [c[1] for c in waiting if c[3]])
-            mine = [start, start + c_s, slot, True]
-            nxt = mine[1]
-            later = []
-            for c in waiting:
-                if c[3]:
-                    continue
-                c[0], c[1] = nxt, nxt + c_s
-                self.done[c[2]] = c[1]
-                nxt = c[1]
-                later.append(c)
-            q = running + [c for c in waiting if c[3]] + [mine] + later
-            self.done[slot] = mine[1]
-        self.queue = q
+            return
+        # started copies (and earlier demand copies) keep their place; queued prefetches move back
+        i = 0
+        while i < len(q) and (q[i][0] <= t or q[i][3]):
+            i += 1
+        start = q[i - 1][1] if i and q[i - 1][1] > t else t
+        end = start + c_s
+        self.done[slot] = end
+        rest = q[i:]
+        for c in rest:
+            c[0], c[1] = end, end + c_s
+            self.done[c[2]] = c[1]
+            end = c[1]
+        q[i:] = [[start, start + c_s, slot, True], *rest]
 
     def is_done(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 
     def before_compute(self, slots: list[int]) -> None:
-        ready = max(self.done[s] for s in slots)
+        done = self.done
+        ready = 0.0
+        for s in slots:
+            if done[s] > ready:
+                ready = done[s]
         if ready > self.clock.t:
             self.stall_s += ready - self.clock.t
             self.clock.t = ready
@@ -174,9 +175,13 @@ def empty_history(trace: Trace, capacity: int = 1000, distance: int = 3) -> Hist
     )
 
 
-def record_history(trace: Trace, history: History, store_rows: str = "all", progress: Callable | None = None) -> None:
+def record_history(
+    trace: Trace, history: History, store_rows: str = "all", map_values: str = "probs", progress: Callable | None = None
+) -> None:
     """Insert `trace`'s iterations into the stores, as the engine's online recorder does."""
-    deps = PredictorDeps(trace.spec, history.maps.distance, history.maps, history.requests, store_rows=store_rows)
+    deps = PredictorDeps(
+        trace.spec, history.maps.distance, history.maps, history.requests, store_rows=store_rows, map_values=map_values
+    )
     rec = HistoryRecorder(deps)
     g = 0
     for r in range(trace.num_requests):
@@ -200,7 +205,7 @@ def _replay_iteration(trace: Trace, pred: Any, g: int, prefill: bool, parts: lis
 def _iteration_tensors(
     trace: Trace, g: int, prefill: bool, parts: list[tuple[int, int, int]]
 ) -> tuple[IterationContext, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Context, probs [L, N, E] float32, top-k [L, N, k] and trace row ids [N, 1] of an iteration
+    """Context, probs [L, N, E] float32, top-k [L, N, k] and the router stand-in [N, 2] of an iteration
     made of rows [a, b) of each (request, a, b) in `parts` (batch order)."""
     if len(parts) == 1:
         _, a, b = parts[0]
@@ -214,8 +219,10 @@ def _iteration_tensors(
         req = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (_, a, b) in enumerate(parts)])
     n = ids.numel()
     ctx = IterationContext(g, prefill, len(parts), torch.arange(n), req, emb)
-    # per layer contiguous, as the engine's router outputs are: [L, N, E] and [L, N, k]
-    return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), ids.view(-1, 1).float()
+    # per layer contiguous, as the engine's router outputs are: [L, N, E] and [L, N, k]; the
+    # stand-in router input: [N, 2] (trace row, layer), the layer column set per event
+    stand_in = torch.stack([ids.float(), torch.zeros(n)], dim=1)
+    return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), stand_in
 
 
 # -- the replay ----------------------------------------------------------------------------------
@@ -326,29 +333,34 @@ class Simulator:
                 history.requests if history else None,
                 self._gate(spec_probs) if spec_probs else None,
                 delta_rule=config.delta_rule,
+                semantic=config.semantic_search,
+                map_values=config.map_values,
                 trajectory_window=config.trajectory_window,
                 store_rows=config.map_store_rows,
             )
-            if preset.predictor == "speculative-gate" and not spec_probs:
+            if reads_router_inputs(preset, config) and not spec_probs:
                 raise ConfigError(f"policy {config.policy} needs a trace recorded with speculative router outputs")
             if preset.predictor in ("finemoe", "moe-infinity") and history is None:
                 raise ConfigError(f"policy {config.policy} needs history stores")
             if history is not None:
                 history.maps.distance = self.distance
-            members = predictor_members(preset, config, deps, plan.all_resident)
+            members, sync = predictor_members(preset, config, deps, plan.all_resident)
         self.predictors = [members[0] if len(members) == 1 else PredictorChain(members)] if members else []
+        if not oracle:
+            self.predictors.extend(sync)
+        self.want_hidden = not oracle and reads_router_inputs(preset, config)
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
             self.cache.preload_all()
 
-    def _gate(self, spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
-        stride = self.distance
-
-        def gate(target: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden: trace row ids [N, 1]
-            table = spec_probs.get(stride)
+    @staticmethod
+    def _gate(spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        def gate(target: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, 2] (trace row, layer)
+            source = int(hidden[0, 1])
+            table = spec_probs.get(target - source)
             if table is None:
-                raise ConfigError(f"the trace has no speculative router outputs for stride {stride}")
-            return table[hidden[:, 0].long(), target - stride].float()
+                raise ConfigError(f"the trace has no speculative router outputs for stride {target - source}")
+            return table[hidden[:, 0].long(), source].float()
 
         return gate
 
@@ -356,7 +368,7 @@ class Simulator:
         spec, cost, clock = self.spec, self.cost, self.clock
         L = spec.num_layers
         cache, stepper = self.cache, self.stepper
-        want_events = bool(self.predictors)
+        want_events, want_hidden = bool(self.predictors), self.want_hidden
         batches = schedule(trace, batch_size)
         access = accesses_of(trace, batches)
         zero = (lambda *a: 0.0) if cost is None else None
@@ -390,12 +402,16 @@ class Simulator:
                     stepper.begin(g, None)
                 clock.t += head_s
                 layers = access[g]
+                dense = layer_s(tokens)
                 for layer in range(L):
-                    clock.t += layer_s(tokens)
+                    clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
                     per_expert[0] = e_s + (tokens * spec.top_k / max(len(layers[layer]), 1) - 1) * e_tok
                     if want_events:
-                        stepper.route(RoutingEvent(g, layer, probs[layer], topk[layer], prefill, ids))
+                        if want_hidden:
+                            ids[:, 1] = layer
+                        hidden = ids if want_hidden else None
+                        stepper.route(RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden))
                     stepper.serve(g, layer, layers[layer], compute)
                 for i in live:
                     stamps[i].append(clock.t)

@@ -53,7 +53,7 @@ class Stepper:
             got = cache.acquire(layer, remaining)
             if not got:
                 raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
-            rest = [e for e in remaining if e not in got] if len(got) < len(remaining) else []
+            rest = [e for e in remaining if e not in got] if len(got) < len(remaining) else None
             slots = cache.slots(layer, got)
             prefetcher.pump()
             cache.transfer.before_compute(slots)
