@@ -28,6 +28,7 @@ from finemoe.workload import load_workload  # noqa: E402
 
 POLICIES = [
     "finemoe",
+    "finemoe-paper",
     "mixtral-offloading",
     "promoe",
     "moe-infinity",

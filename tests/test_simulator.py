@@ -265,3 +265,24 @@ def test_cli_simulate_writes_json_and_plot(recorded, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# one request, 2 iterations: layer 0 always expert 0, layer 1 expert 1 then expert 2 (top-1);
+# the scripted speculative gate is perfect, the budget 3 slots, the link instant
+TWO_STEPS = [[[[0], [1]], [[0], [2]]]]
+
+
+@pytest.mark.parametrize(
+    ("policy", "hits", "issued"),
+    [
+        ("on-demand", 1, 0),  # only (0,0) at iteration 1 hits
+        ("mixtral-offloading", 3, 2),  # layer 1 is prefetched from layer 0 both times
+        ("promoe", 1, 0),  # stride 2 has no target in a 2-layer model: plain LRU
+        ("previous-token", 1, 0),  # plans (0,0) and (1,1): both already resident, nothing issued
+        ("oracle", 4, 3),  # prefetches (0,0) at the start, (1,1) and (1,2) one layer ahead: all hit
+    ],
+)
+def test_hand_computed_policies(policy, hits, issued):
+    tr = scripted(TWO_STEPS, spec_top1())
+    r = simulate(tr, cfg(policy, "3", prefetch_distance=1), link="instant")
+    assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, issued)

@@ -41,9 +41,18 @@ class SpeculativeGatePredictor:
             return None
         ctx = self.ctx
         live = ctx is not None and ctx.iteration == event.iteration
-        hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
+        if live and ctx.rows.numel() == event.hidden.shape[0]:
+            hidden = event.hidden  # every position is a live row (batch 1, no padding)
+        else:
+            hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
         probs = self.gate(target, hidden)  # [N, E] CPU
-        top_p, top_i = torch.topk(probs, self.spec.top_k, dim=1)
+        k = self.spec.top_k
+        if probs.shape[0] == 1:  # decode at batch 1: plain Python beats a handful of tensor ops
+            row = probs[0].tolist()
+            top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+            reqs = tuple(PrefetchRequest(ExpertId(target, e), row[e]) for e in top)
+            return PrefetchPlan(reqs, iteration=event.iteration)
+        top_p, top_i = torch.topk(probs, k, dim=1)
         best: dict[int, float] = {}
         for e, p in zip(top_i.view(-1).tolist(), top_p.view(-1).tolist(), strict=True):
             best[e] = max(p, best.get(e, 0.0))
