@@ -43,6 +43,16 @@ def plot_budget(rows: list[dict], out: Path) -> str:
     for pol in pols:
         vals = {r["budget"]: r["hit_rate"] for r in rows if r["policy"] == pol}
         lines.append(f"| {pol} | " + " | ".join(f"{vals[b]:.3f}" for b in budgets) + " |")
+    base = [p for p in pols if p not in DASHED and not p.startswith("finemoe")]
+    for fm in [p for p in pols if p.startswith("finemoe")]:
+        cells_b, cells_o = [], []
+        for b in budgets:
+            v = {r["policy"]: r["hit_rate"] for r in rows if r["budget"] == b}
+            best = max(base, key=lambda p, v=v: v[p])
+            cells_b.append(f"{v[fm] / v[best]:.2f}× ({best})" if v[best] > 0 else "–")
+            cells_o.append(f"{v[fm] / v['oracle']:.0%}" if "oracle" in v else "–")
+        lines.append(f"| {fm} / best baseline | " + " | ".join(cells_b) + " |")
+        lines.append(f"| {fm} / oracle | " + " | ".join(cells_o) + " |")
     return "\n".join(lines)
 
 

@@ -117,7 +117,7 @@ def part_ablation(test, hist_trace, args) -> list[dict]:
 
 def part_distance(test, hist, args) -> list[dict]:
     rows = []
-    for shape in ["trace", "qwen1.5-moe-a2.7b"]:
+    for shape in args.distance_shapes.split(","):
         cost = make_cost_model(test.spec, shape)
         for d in range(1, 9):
             for policy in ["finemoe", "finemoe-paper"]:
@@ -144,7 +144,7 @@ def part_batch(test, hist, args) -> list[dict]:
     cost = make_cost_model(test.spec, "qwen1.5-moe-a2.7b")
     rows = []
     for b in [1, 2, 4, 8]:
-        for policy in ["finemoe", "finemoe-paper", "mixtral-offloading", "moe-infinity", "on-demand", "oracle"]:
+        for policy in ["finemoe", "finemoe-paper", "mixtral-offloading", "on-demand", "oracle"]:
             r = simulate(test, cfg(policy), cost, "timed", hist, batch_size=b)
             rows.append(row(r, shape="qwen1.5-moe-a2.7b", batch=b))
             log(f"batch {b} {policy}: hit {r.hit_rate:.3f} ttft {r.ttft_s * 1e3:.1f} tpot {r.tpot_s * 1e3:.2f}")
@@ -168,6 +168,7 @@ def main() -> int:
     ap.add_argument("--history", required=True)
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--limit", type=int, default=80, help="test requests measured")
+    ap.add_argument("--distance-shapes", default="trace,qwen1.5-moe-a2.7b", help="cost models of the distance part")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -232,7 +232,7 @@ class Engine:
             trajectory_window=config.trajectory_window,
             store_rows=config.map_store_rows,
         )
-        members, sync_members = predictor_members(preset, config, deps, plan.all_resident)
+        members = predictor_members(preset, config, deps, plan.all_resident)
         if members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
             async_ok = preset.asynchronous and config.search != "sync"
@@ -241,7 +241,6 @@ class Engine:
                 self.async_predictors.append(pred)
                 self.search_mode = "async"
             predictors.append(pred)
-        predictors.extend(sync_members)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident

@@ -72,7 +72,9 @@ class HistoryRecorder:
 
 
 class PredictorChain:
-    """Several predictors fed the same events in order; their plans are merged into one list."""
+    """Several predictors fed the same events in order; their plans are merged into one: the
+    requests and eviction hints concatenated, `replace` if any plan replaces (only a member's
+    iteration-start plan does), the latest iteration."""
 
     def __init__(self, members: list[Predictor]) -> None:
         self.members = members
@@ -87,9 +89,14 @@ class PredictorChain:
     @staticmethod
     def _first(plans: list[PrefetchPlan | None]) -> PrefetchPlan | None:
         real = [p for p in plans if p is not None]
-        if len(real) > 1:
-            raise RuntimeError("at most one member of a predictor chain may plan prefetches")
-        return real[0] if real else None
+        if len(real) <= 1:
+            return real[0] if real else None
+        return PrefetchPlan(
+            tuple(r for p in real for r in p.requests),
+            replace=any(p.replace for p in real),
+            iteration=max(p.iteration for p in real),
+            layer_probs=tuple(h for p in real for h in p.layer_probs),
+        )
 
     def end_requests(self) -> None:
         for m in self.members:

@@ -112,25 +112,25 @@ def prefetch_distance(preset: PolicyPreset, configured: int | None) -> int:
     return preset.distance or configured or preset.default_distance
 
 
-def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident: bool) -> tuple[list, list]:
-    """The predictors a preset runs: (members, synchronous). `members` run in order as one
-    (possibly asynchronous) predictor: the preset's own (unless everything is resident), then the
-    history recorder when the stores learn online (a policy that reads history, or any run with a
-    map-store file). `synchronous` run on the forward thread (the refining speculative gate, which
-    reads router inputs). Shared by the engine and the simulator."""
+def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident: bool) -> list:
+    """The predictors a preset runs, in order, as one (possibly asynchronous) chain: the preset's
+    own (unless everything is resident), the refining speculative gate (finemoe: layer l+1's
+    router on layer l's router input, run where the chain runs, so on the searcher thread when
+    search is asynchronous), then the history recorder when the stores learn online (a policy
+    that reads history, or any run with a map-store file). Shared by the engine and the simulator."""
     import dataclasses
 
     from finemoe.history import HistoryRecorder
     from finemoe.predictor import make_predictor
 
-    members, sync = [], []
+    members = []
     if preset.predictor != "none" and not all_resident:
         members.append(make_predictor(preset.predictor, deps))
         if preset.refine_stride and config.gate_refine and deps.gate is not None:
-            sync.append(make_predictor("speculative-gate", dataclasses.replace(deps, distance=preset.refine_stride)))
+            members.append(make_predictor("speculative-gate", dataclasses.replace(deps, distance=preset.refine_stride)))
     if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
         members.append(HistoryRecorder(deps))
-    return members, sync
+    return members
 
 
 def reads_router_inputs(preset: PolicyPreset, config: Any) -> bool:

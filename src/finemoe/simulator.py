@@ -344,10 +344,8 @@ class Simulator:
                 raise ConfigError(f"policy {config.policy} needs history stores")
             if history is not None:
                 history.maps.distance = self.distance
-            members, sync = predictor_members(preset, config, deps, plan.all_resident)
+            members = predictor_members(preset, config, deps, plan.all_resident)
         self.predictors = [members[0] if len(members) == 1 else PredictorChain(members)] if members else []
-        if not oracle:
-            self.predictors.extend(sync)
         self.want_hidden = not oracle and reads_router_inputs(preset, config)
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
