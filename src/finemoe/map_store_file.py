@@ -59,21 +59,27 @@ class MapStoreContents:
 
 
 def save(path: str | os.PathLike, identity: ModelIdentity, contents: MapStoreContents) -> None:
-    """Write atomically: a temporary file in the same directory, fsync, rename."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (`atomic_save`)."""
     meta = {"format": FORMAT, "version": VERSION, "model": json.dumps(asdict(identity))}
     tensors = {
         "emb": contents.emb.float().contiguous(),
         "maps": contents.maps.float().contiguous(),
         "eams": contents.eams.float().contiguous(),
     }
+    atomic_save(path, tensors, meta)
+
+
+def atomic_save(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file so a crash leaves any previous file intact: a temporary file in
+    the same directory, fsync, rename over `path`."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -35,116 +35,14 @@ from finemoe.policy import EVICTION_POLICIES
 from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import Prefetcher
 from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance, reads_router_inputs
+from finemoe.simlink import Clock, InstantLink, NoWeights, SimPool, TimedLink
 from finemoe.stepper import Stepper
 from finemoe.trace import Trace
-from finemoe.types import ExpertId, IterationContext, MoESpec, RoutingEvent
+from finemoe.types import IterationContext, MoESpec, RoutingEvent
 
 log = logging.getLogger(__name__)
 
 ORACLES = ("belady", "oracle")  # simulator-only policies
-
-
-# -- the simulated device: slots without memory, a clock and a link ----------------------------
-class _SimPool:
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
-        self.device = torch.device("cpu")
-
-
-class _NoWeights:
-    def parts(self, eid: ExpertId) -> list:
-        return []
-
-
-class Clock:
-    """Simulated seconds since the start of the replay."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-
-class InstantLink:
-    """Copies finish when issued (the engine's CPU transfer): no stalls, no late prefetches."""
-
-    def __init__(self) -> None:
-        self.stall_s = 0.0
-
-    def load(self, slot: int, src: list, demand: bool) -> None:
-        pass
-
-    def is_done(self, slot: int) -> bool:
-        return True
-
-    def before_compute(self, slots: list[int]) -> None:
-        pass
-
-    def after_compute(self, slots: list[int]) -> None:
-        pass
-
-    def demand_seconds(self) -> float:
-        return 0.0
-
-    def synchronize(self) -> None:
-        pass
-
-
-class TimedLink:
-    """One host link, one copy at a time, `copy_s` seconds each. Prefetches queue in issue order;
-    an on-demand copy starts when the copy in progress ends, ahead of queued prefetches (which
-    move back). `before_compute` advances the clock to when the needed copies are done (a stall)."""
-
-    def __init__(self, clock: Clock, num_slots: int, copy_s: float) -> None:
-        self.clock, self.copy_s = clock, copy_s
-        self.done = [0.0] * num_slots  # when the latest copy into each slot completes
-        self.queue: list[list] = []  # [start, end, slot, demand] of copies not finished, by start
-        self.stall_s = 0.0
-        self.busy_s = 0.0
-
-    def load(self, slot: int, src: list, demand: bool) -> None:
-        t, c_s, q = self.clock.t, self.copy_s, self.queue
-        while q and q[0][1] <= t:  # finished copies leave the queue (it is ordered by start)
-            q.pop(0)
-        self.busy_s += c_s
-        if not demand:
-            start = q[-1][1] if q and q[-1][1] > t else t
-            q.append([start, start + c_s, slot, False])
-            self.done[slot] = start + c_s
-            return
-        # started copies (and earlier demand copies) keep their place; queued prefetches move back
-        i = 0
-        while i < len(q) and (q[i][0] <= t or q[i][3]):
-            i += 1
-        start = q[i - 1][1] if i and q[i - 1][1] > t else t
-        end = start + c_s
-        self.done[slot] = end
-        rest = q[i:]
-        for c in rest:
-            c[0], c[1] = end, end + c_s
-            self.done[c[2]] = c[1]
-            end = c[1]
-        q[i:] = [[start, start + c_s, slot, True], *rest]
-
-    def is_done(self, slot: int) -> bool:
-        return self.done[slot] <= self.clock.t
-
-    def before_compute(self, slots: list[int]) -> None:
-        done = self.done
-        ready = 0.0
-        for s in slots:
-            if done[s] > ready:
-                ready = done[s]
-        if ready > self.clock.t:
-            self.stall_s += ready - self.clock.t
-            self.clock.t = ready
-
-    def after_compute(self, slots: list[int]) -> None:
-        pass
-
-    def demand_seconds(self) -> float:
-        return self.stall_s
-
-    def synchronize(self) -> None:
-        pass
 
 
 # -- history -------------------------------------------------------------------------------------
@@ -318,7 +216,7 @@ class Simulator:
             policy = BeladyPolicy(future)
         else:
             policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
-        self.cache = ExpertCache(spec, _SimPool(plan.slots), _NoWeights(), self.transfer, policy)
+        self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy)
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.history = history

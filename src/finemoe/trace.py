@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from finemoe.errors import FineMoEError
-from finemoe.map_store_file import ModelIdentity
+from finemoe.map_store_file import ModelIdentity, atomic_save
 from finemoe.types import ExpertPart, IterationContext, MoESpec, PrefetchPlan, RoutingEvent
 
 FORMAT = "finemoe-trace"
@@ -145,13 +144,9 @@ class Trace:
 
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file, fsync, rename)."""
-        from safetensors.torch import save_file
-
+        """Write atomically (`map_store_file.atomic_save`)."""
         from finemoe import __version__
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {
             "prompt_len": self.prompt_len.int().contiguous(),
             "output_len": self.output_len.int().contiguous(),
@@ -172,16 +167,7 @@ class Trace:
             "finemoe_version": __version__,
             "prompts": json.dumps(self.labels),
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save(path, tensors, meta)
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
