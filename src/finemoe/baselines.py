@@ -6,6 +6,10 @@
 - `MoEInfinityPredictor`: a request-level expert activation matrix (EAM, selection counts [L, E]
   so far), matched by cosine against the EAMs of past requests; prefetch the matched EAM's top
   max(k, E/4) experts for each of the next w layers with linearly decaying priority.
+
+`RunningActivations` keeps the EAMs of the requests in flight by stable request id, so both the
+static batches of `Engine.generate` and a continuous-batching scheduler (requests joining and
+leaving between iterations) are tracked per request.
 """
 
 from __future__ import annotations
@@ -78,6 +82,10 @@ class RequestMatrixStore:
 
     def add(self, mat: torch.Tensor) -> None:
         """Insert one request's EAM [L, E]; the oldest is replaced when full."""
+        with torch.inference_mode(False):  # normal tensors: updatable inside inference mode and out
+            self._add(mat)
+
+    def _add(self, mat: torch.Tensor) -> None:
         row = self._next
         if row >= self.mats.shape[0]:  # grow (rows are only appended until the store is full)
             n = min(self.capacity, max(2 * self.mats.shape[0], 64))
@@ -106,6 +114,66 @@ class RequestMatrixStore:
             self.add(m)
 
 
+class RunningActivations:
+    """Expert activation matrices (selection counts [L, E]) of the requests in flight.
+
+    Keyed by stable request id (`IterationContext.batch_request_ids`). `batch` [B, L, E] holds the
+    current iteration's requests in batch-row order; every request's entry in `by_id` is a view of
+    its row, so counting is one tensor op per layer. `begin` returns the matrices of the requests
+    that ended: the finished ids, those missing from a decode iteration (which holds every running
+    request), or every request when a static batch starts.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.L, self.E = num_layers, num_experts
+        self.by_id: dict[int, torch.Tensor] = {}  # id -> [L, E]
+        self.ids: tuple[int, ...] = ()
+        self.batch = torch.zeros(0, num_layers, num_experts)  # [B, L, E]
+
+    def begin(self, ctx: IterationContext) -> list[torch.Tensor]:
+        """Enter iteration `ctx`: pop the ended requests' matrices, line up the batch's rows."""
+        with torch.inference_mode(False):  # `batch` stays a normal tensor whichever thread and mode count
+            return self._begin(ctx)
+
+    def _begin(self, ctx: IterationContext) -> list[torch.Tensor]:
+        ended = self.pop_all() if ctx.starts_batch else [m for r in ctx.finished_ids if (m := self.pop(r)) is not None]
+        ids = ctx.batch_request_ids
+        if ctx.request_ids is not None and not ctx.is_prefill:
+            # A decode iteration holds every running request: whoever is missing has left (even if
+            # the context that named it was dropped by a searcher that fell behind).
+            gone = set(self.by_id) - set(ids)
+            ended += [m for r in sorted(gone) if (m := self.pop(r)) is not None]
+        if ids != self.ids:
+            zero = torch.zeros(self.L, self.E)
+            self.batch = torch.stack([self.by_id.get(r, zero) for r in ids]) if ids else self.batch[:0]
+            self.by_id.update({r: self.batch[i] for i, r in enumerate(ids)})
+            self.ids = ids
+        return ended
+
+    def count(self, layer: int, topk_ids: torch.Tensor, request_of_row: torch.Tensor) -> None:
+        """Add one layer's selections: `topk_ids` [N, k] of the live rows, `request_of_row` [N]."""
+        B, E = self.batch.shape[0], self.E
+        req = request_of_row.unsqueeze(1).expand_as(topk_ids)
+        counts = torch.bincount((req * E + topk_ids).reshape(-1), minlength=B * E)[: B * E]
+        with torch.inference_mode(False):
+            self.batch[:, layer] += counts.view(B, E).float()
+
+    def pop(self, request_id: int) -> torch.Tensor | None:
+        """Forget one request; its matrix [L, E] (a copy), or None if it never ran."""
+        mat = self.by_id.pop(request_id, None)
+        if mat is None:
+            return None
+        with torch.inference_mode(False):
+            return mat.clone()
+
+    def pop_all(self) -> list[torch.Tensor]:
+        with torch.inference_mode(False):
+            out = [m.clone() for m in self.by_id.values()]
+            self.by_id, self.ids = {}, ()
+            self.batch = self.batch[:0]
+        return out
+
+
 class MoEInfinityPredictor:
     """Request-level activation matching (the MoE-Infinity role in the paper's comparison)."""
 
@@ -116,30 +184,24 @@ class MoEInfinityPredictor:
             raise ValueError("the moe-infinity predictor needs a request-matrix store")
         self.spec, self.store, self.window = deps.spec, deps.requests, deps.distance
         self.keep = max(deps.spec.top_k, deps.spec.num_experts // 4)
-        self.eam: torch.Tensor | None = None  # [B, L, E] counts of the running batch
+        self.running = RunningActivations(deps.spec.num_layers, deps.spec.num_experts)
         self.ctx: IterationContext | None = None
         self.score_sum = self.score_n = 0.0
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        if ctx.is_prefill:
-            self.end_requests()
-            self.eam = torch.zeros(ctx.batch_size, self.spec.num_layers, self.spec.num_experts)
+        self.running.begin(ctx)  # ended requests are dropped (the HistoryRecorder stores them)
         self.ctx = ctx
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
-        ctx, eam = self.ctx, self.eam
-        if ctx is None or eam is None or event.iteration != ctx.iteration:
+        ctx = self.ctx
+        if ctx is None or event.iteration != ctx.iteration:
             return None
-        ids = event.topk_ids[ctx.rows]  # [N, k]
-        req = ctx.request_of_row.unsqueeze(1).expand_as(ids)
-        B, E = eam.shape[0], self.spec.num_experts
-        counts = torch.bincount((req * E + ids).reshape(-1), minlength=B * E)[: B * E]
-        eam[:, event.layer] += counts.view(B, E).float()
+        self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
         if self.store.size == 0:
             return None
         active = torch.unique(ctx.request_of_row)
-        scores, rows = self.store.match(eam[active])
+        scores, rows = self.store.match(self.running.batch[active])
         self.score_sum += float(scores.sum())
         self.score_n += scores.numel()
         L, w = self.spec.num_layers, self.window
@@ -156,7 +218,8 @@ class MoEInfinityPredictor:
         return PrefetchPlan(reqs, replace=True, iteration=event.iteration)
 
     def end_requests(self) -> None:
-        self.eam, self.ctx = None, None  # the HistoryRecorder stores finished requests
+        self.running.pop_all()  # the HistoryRecorder stores finished requests
+        self.ctx = None
 
     def stats(self) -> dict[str, Any]:
         return {

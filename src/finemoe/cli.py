@@ -272,6 +272,59 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from finemoe.server import ServerConfig, serve
+    except ImportError as e:
+        raise FineMoEError(f"the server needs its extra: pip install 'finemoe[server]' ({e})") from e
+    api_key = args.api_key or os.environ.get("FINEMOE_API_KEY") or None
+    engine = _engine(args)
+    name = args.served_model_name or Path(engine.name).name or "finemoe"
+    config = ServerConfig(
+        model_name=name,
+        host=args.host,
+        port=args.port,
+        api_key=api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=args.default_max_tokens,
+        drain_s=args.drain_s,
+    )
+    auth = "API key required" if api_key else "no API key"
+    print(f"[finemoe] serving {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
+    try:
+        serve(engine, config, close_engine=True)
+    finally:
+        engine.close()  # no-op when the server already closed it
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    import os
+
+    from finemoe.chat import LocalChat, RemoteChat, run_chat
+    from finemoe.config import SamplingParams
+
+    params = SamplingParams(
+        max_new_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    if args.url:
+        api_key = args.api_key or os.environ.get("FINEMOE_API_KEY") or None
+        backend = RemoteChat(args.url, api_key, args.served_model_name)
+    else:
+        backend = LocalChat(_engine(args))
+    try:
+        return run_chat(backend, params, system=args.system)
+    finally:
+        backend.close()
+        if isinstance(backend, LocalChat):
+            backend.engine.close()
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from finemoe.simstudy import run_sweep
 
@@ -345,6 +398,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate_args(sm)
     sm.set_defaults(func=cmd_simulate)
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (streaming, concurrent requests)")
+    _add_engine_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $FINEMOE_API_KEY, else none)")
+    sv.add_argument("--served-model-name", help="the model id clients use (default: the checkpoint's directory name)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoding together")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting to join; beyond it: HTTP 429")
+    sv.add_argument("--max-prefill-tokens", type=int, default=4096, help="padded prompt tokens per prefill pass")
+    sv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (else HTTP 413)")
+    sv.add_argument("--default-max-tokens", type=int, default=1024, help="chat requests without max_tokens")
+    sv.add_argument("--drain-s", type=float, default=10.0, help="shutdown: seconds in-flight requests may finish")
+    sv.set_defaults(func=cmd_serve)
+
+    ch = sub.add_parser("chat", help="interactive chat in the terminal (in-process, or against a server with --url)")
+    _add_engine_args(ch)
+    ch.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000 (default: run the engine here)")
+    ch.add_argument("--api-key", help="the server's key (default: $FINEMOE_API_KEY)")
+    ch.add_argument("--served-model-name", help="--url: the model id to ask for (default: the server's)")
+    ch.add_argument("--system", help="a system prompt")
+    ch.add_argument("--max-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.95)
+    ch.add_argument("--seed", type=int)
+    ch.set_defaults(func=cmd_chat)
+
     m = sub.add_parser("models", help="list the supported model families")
     m.set_defaults(func=cmd_models)
     p = sub.add_parser("policies", help="list the caching/prefetch policies")
@@ -358,6 +437,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if getattr(args, "batch_size", 1) < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    for flag in ("max_batch", "max_prefill_tokens", "max_body_bytes", "default_max_tokens", "max_tokens"):
+        if getattr(args, flag, 1) < 1:
+            print(f"error: --{flag.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    if getattr(args, "max_queue", 0) < 0:
+        print("error: --max-queue must be >= 0", file=sys.stderr)
         return 2
     try:
         return args.func(args)

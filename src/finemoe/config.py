@@ -176,7 +176,7 @@ class EngineConfig:
     gate_refine: bool = True  # finemoe: also speculate the next layer's router (False: maps only)
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
-    search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread), "auto": async on CUDA
+    search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread); "auto" = sync (measured)
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
     eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +20,7 @@ from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParam
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
+from finemoe.gate import RouterGate
 from finemoe.generation import Completion, generate_ids
 from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.loader import (
@@ -143,6 +143,8 @@ class Engine:
         self.dense_bytes = dense_bytes
         self._attachment: Attachment | None = None
         self._iterations = 0
+        self.serving = False  # a continuous-batching scheduler owns the forward passes
+        self._closed = False
         self.async_predictors: list[AsyncPredictor] = []
         self.maps, self.requests = self._history_stores(config)
         self._setup(config)
@@ -185,17 +187,9 @@ class Engine:
         map_store_file.save(path, self.identity(), contents)
         log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
 
-    def _gate(self, refs: list) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def _gate(self, refs: list) -> RouterGate:
         """Run MoE layer l's router on any hidden state (hooks bypassed): probabilities [T, E] on the CPU."""
-        adapter, E = self.adapter, self.spec.num_experts
-
-        def gate(layer: int, hidden: torch.Tensor) -> torch.Tensor:
-            router = refs[layer].router
-            with torch.no_grad():
-                logits = router.forward(hidden)[adapter.router_logits_at]
-                return adapter.router_probs(router, logits.reshape(-1, E)).float().cpu()
-
-        return gate
+        return RouterGate([r.router for r in refs], self.adapter, self.spec.num_experts)
 
     def _setup(self, config: EngineConfig) -> None:
         """Build pool, cache, prefetcher and predictors for `config` and attach to the model."""
@@ -235,8 +229,9 @@ class Engine:
         members = predictor_members(preset, config, deps, plan.all_resident)
         if members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
-            async_ok = preset.asynchronous and config.search != "sync"
-            if async_ok and (config.search == "async" or device.type == "cuda"):
+            # "auto" searches in the forward pass: on the H200 the searcher thread's GIL contention
+            # cost more step time than the search itself (docs/results/policies.md, overhead).
+            if preset.asynchronous and config.search == "async":
                 pred = AsyncPredictor(pred, self.prefetcher.post)
                 self.async_predictors.append(pred)
                 self.search_mode = "async"
@@ -273,6 +268,8 @@ class Engine:
     def reconfigure(self, **overrides: Any) -> None:
         """Switch policy, budget or prefetch settings without reloading: the host store is kept,
         the device pool is rebuilt (empty, or full for an all-resident plan)."""
+        if self.serving:
+            raise ConfigError("this engine is being served by a scheduler; stop it before reconfiguring")
         if "expert_budget" in overrides:
             overrides["expert_budget"] = ExpertBudget.parse(overrides["expert_budget"])
         config = EngineConfig(**{**self.config.__dict__, **overrides})
@@ -421,6 +418,10 @@ class Engine:
                 ids.update([eos] if isinstance(eos, int) else eos)
         return ids
 
+    def pad_id(self) -> int:
+        """The token id used for padding (the tokenizer's, the model's, or an EOS id)."""
+        return self._pad_id()
+
     def _pad_id(self) -> int:
         for src in (self.tokenizer, getattr(self.model, "generation_config", None), self.model.config):
             pad = getattr(src, "pad_token_id", None)
@@ -430,14 +431,42 @@ class Engine:
         return eos[0] if eos else 0
 
     def _start_iteration(self, step: int, is_prefill: bool, input_ids: torch.Tensor, live: torch.Tensor) -> None:
-        self.runtime.start_iteration(self._iterations, is_prefill, input_ids, live)
+        self.begin_iteration(is_prefill, input_ids, live)
+
+    def begin_iteration(
+        self,
+        is_prefill: bool,
+        input_ids: torch.Tensor,
+        live: torch.Tensor,
+        request_ids: tuple[int, ...] | None = None,
+        finished_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Call before every forward pass: publishes the iteration to cache, prefetcher and predictors.
+
+        `input_ids` [B, T] on the device, `live` [B, T] bool CPU (real tokens). A scheduler that
+        batches continuously passes each row's stable `request_ids` [B] and the `finished_ids`
+        that left the batch since its previous iteration (see `IterationContext`).
+        """
+        self.runtime.start_iteration(self._iterations, is_prefill, input_ids, live, request_ids, finished_ids)
         self._iterations += 1
+
+    def end_requests(self) -> None:
+        """Every request of the running batch is done: predictors commit request-level state."""
+        self.runtime.end_requests()
+
+    @property
+    def context_length(self) -> int | None:
+        """Most positions (prompt + generated tokens) the model takes, from its config."""
+        n = getattr(self.model.config, "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
 
     def generate(
         self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None
     ) -> list[GenerationOutput]:
         """Generate for one prompt or a batch (text, token ids or chat messages)."""
         params = params or SamplingParams()
+        if self.serving:
+            raise ConfigError("this engine is being served by a scheduler; submit requests through it instead")
         single = isinstance(prompts, str) or (
             isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], (int, dict))
         )
@@ -454,7 +483,7 @@ class Engine:
                 self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration
             )
         finally:
-            self.runtime.end_requests()
+            self.end_requests()
         self.cache.refresh_stall()
         delta = self.cache.stats.minus(before)
         return [self._output(c, delta) for c in completions]
@@ -512,7 +541,10 @@ class Engine:
 
     def close(self) -> None:
         """Save the map store (if one is configured), detach from the model (hooks, experts
-        implementation) and free the pool and store."""
+        implementation) and free the pool and store. A second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if self.config.map_store and self._attachment is not None:
                 self.save_map_store()

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATION = "finemoe"
 MAX_CUDA_GROUPS = 512
+HOST_HIDDEN_ROWS = 64  # router inputs of at most this many tokens go to the host for speculative gates
 _BINDING_ATTR = "_finemoe_binding"
 _registrations = 0
 
@@ -104,8 +105,17 @@ class OffloadRuntime:
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
 
-    def start_iteration(self, iteration: int, is_prefill: bool, input_ids: torch.Tensor, live: torch.Tensor) -> None:
-        """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool)."""
+    def start_iteration(
+        self,
+        iteration: int,
+        is_prefill: bool,
+        input_ids: torch.Tensor,
+        live: torch.Tensor,
+        request_ids: tuple[int, ...] | None = None,
+        finished_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool;
+        a continuous-batching scheduler also names each row's request, see `IterationContext`)."""
         self.iteration, self.is_prefill = iteration, is_prefill
         if not self.predictors:
             self.prefetcher.now(iteration, -1)
@@ -119,7 +129,10 @@ class OffloadRuntime:
                 flat = input_ids.reshape(-1)
                 tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
                 emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
-        ctx = IterationContext(iteration, is_prefill, B, rows, torch.div(rows, T, rounding_mode="floor"), emb)
+        req_of_row = torch.div(rows, T, rounding_mode="floor")
+        ctx = IterationContext(
+            iteration, is_prefill, B, rows, req_of_row, emb, request_ids=request_ids, finished_ids=finished_ids
+        )
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
@@ -149,30 +162,38 @@ class LayerBinding:
         if rt.cache.all_resident and not (rt.predictors or rt.observers):
             return  # nothing on the host needs the routing: no sync
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
-        ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+        if not (rt.predictors or rt.observers):
+            ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+            self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
+            return
+        t0 = time.perf_counter()
+        hidden = None
+        if rt.want_hidden and args:
+            hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
+        logits = logits.detach()
+        if idx.device.type != "cpu":
+            # The predictors' inputs ride on the layer's one host sync: logits (and a decode-sized
+            # router input) are copied to pinned host memory first, then the blocking copy of the
+            # ids waits for all of them. No predictor touches the device afterwards.
+            logits = logits.to("cpu", non_blocking=True)
+            if hidden is not None and hidden.shape[0] <= HOST_HIDDEN_ROWS:
+                hidden = hidden.to("cpu", non_blocking=True)
+        t1 = time.perf_counter()
+        ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
-        if rt.predictors or rt.observers:
-            t0 = time.perf_counter()
-            hidden = None
-            if rt.want_hidden and args:
-                hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
-            router_probs = rt.adapter.router_probs
-            event = RoutingEvent(
-                rt.iteration,
-                self.layer,
-                logits.detach(),
-                ids_cpu,
-                rt.is_prefill,
-                hidden,
-                lambda x: router_probs(module, x),
-            )
-            for obs in rt.observers:
-                obs(event)
-            rt.stepper.route(event)
-            if rt.is_prefill:
-                rt.critical_prefill_s += time.perf_counter() - t0
-            else:
-                rt.critical_decode_s += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        router_probs = rt.adapter.router_probs
+        event = RoutingEvent(
+            rt.iteration, self.layer, logits, ids_cpu, rt.is_prefill, hidden, lambda x: router_probs(module, x)
+        )
+        for obs in rt.observers:
+            obs(event)
+        rt.stepper.route(event)
+        spent = (t1 - t0) + (time.perf_counter() - t2)
+        if rt.is_prefill:
+            rt.critical_prefill_s += spent
+        else:
+            rt.critical_decode_s += spent
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer

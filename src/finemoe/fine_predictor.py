@@ -35,6 +35,7 @@ class FineMoEPredictor:
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
         self.layers_seen = 0  # layers of the current iteration routed so far
+        self.row0 = -1
         self.sem_sum = self.sem_n = 0.0
         self.traj_sum = self.traj_n = 0.0
         self.plans = 0
@@ -42,6 +43,7 @@ class FineMoEPredictor:
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.layers_seen, self.traj = ctx, 0, None
+        self.row0 = int(ctx.rows[0]) if ctx.rows.numel() == 1 else -1  # the only row, at batch 1
         store = self.store
         if store.size == 0 or ctx.rows.numel() == 0:
             return None
@@ -75,17 +77,16 @@ class FineMoEPredictor:
             self.ctx = None
         if self.traj is None or target >= L:
             return None  # no layer left to plan for from here
-        if ctx.rows.numel() == 1:  # decode at batch 1: the lean path
-            q = (
-                event.host_probs()[int(ctx.rows[0])]
-                if self.values == "probs"
-                else routing_rows(event, ctx.rows, "counts")[0]
-            )
+        if self.row0 >= 0:  # decode at batch 1: the lean path, NumPy on host rows
+            if self.values == "probs":
+                q = event.host_probs().numpy()[self.row0]
+            else:
+                q = routing_rows(event, ctx.rows, "counts")[0].numpy()
             score, row = self.traj.best(layer, q)
             self.traj_sum += score
             self.traj_n += 1
             hint = self.store.by_layer[target, row]  # [E]
-            chosen = select_one(hint.tolist(), score, self.spec.top_k, self.rule)
+            chosen = select_one(self.store._by_layer_np[target, row], score, self.spec.top_k, self.rule)
         else:
             sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
             scores, rows = sim.max(dim=1)
@@ -101,8 +102,8 @@ class FineMoEPredictor:
 
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
         """δ selection and batch merge of one target layer: {expert: p}."""
-        if probs.shape[0] == 1:  # decode at batch 1: a few Python ops beat a dozen tensor ops
-            return select_one(probs[0].tolist(), float(scores[0]), self.spec.top_k, self.rule)
+        if probs.shape[0] == 1:  # decode at batch 1: a few NumPy ops beat a dozen tensor ops
+            return select_one(probs[0].numpy(), float(scores[0]), self.spec.top_k, self.rule)
         return merge_rows(probs, select_by_delta(probs, scores, self.spec.top_k, self.rule))
 
     def end_requests(self) -> None:

@@ -2,6 +2,10 @@
 
 Left padding, attention masks and position ids follow transformers' `generate` (positions are the
 cumulative mask minus one, 0 on padding), so greedy output matches it token for token.
+
+`generate_ids` runs one static batch to the end. `RunningBatch` is the mechanism under the
+continuous-batching scheduler: prefill a group of prompts, merge it into the decoding batch (KV
+left-padded to a common width), decode one token for every row, drop rows that finished.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from finemoe.config import SamplingParams
 
@@ -30,7 +35,7 @@ class Completion:
     token_times_s: list[float]  # when each token was ready, seconds since the request started
 
 
-def _pick(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
     """Next tokens [B] from float32 logits [B, V] (greedy or temperature/top-k/top-p sampling)."""
     if params.greedy:
         return logits.argmax(dim=-1)
@@ -101,7 +106,7 @@ def generate_ids(
             .logits[:, -1, :]
             .to(dtype=torch.float32)
         )  # [B, V]
-        nxt = _pick(logits, params, gen).tolist()
+        nxt = sample_tokens(logits, params, gen).tolist()
         now = time.perf_counter()
         for i, tok in enumerate(nxt):
             if finish[i]:
@@ -132,3 +137,112 @@ def generate_ids(
             )
         )
     return done
+
+
+# (input_ids [B, T] on the device, live [B, T] bool CPU) -> None; runs before each forward pass
+BeforeForward = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask [B, W] of prompts left-padded to the longest (W tokens)."""
+    B, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+class RunningBatch:
+    """Sequences that decode together: one KV cache, left-padded to a common width W.
+
+    `mask` [B, W] (long, on the device) marks the cached positions that hold real tokens. Every
+    cache layer holds keys/values [B, heads, W, head_dim]; only plain `DynamicLayer`s can be
+    merged and trimmed (`mergeable`), sliding-window layers keep their batch as it was prefilled.
+    """
+
+    def __init__(self, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self.cache, self.mask = cache, mask
+
+    @property
+    def size(self) -> int:
+        return int(self.mask.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    @property
+    def mergeable(self) -> bool:
+        return _mergeable(self.cache)
+
+    @staticmethod
+    def can_merge(model: nn.Module) -> bool:
+        """Whether batches of `model` can be merged and trimmed (no sliding-window cache layers)."""
+        return _mergeable(DynamicCache(config=model.config))
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(
+        cls, model: nn.Module, prompts: list[list[int]], pad_id: int, device: torch.device, before: BeforeForward
+    ) -> tuple[RunningBatch, torch.Tensor]:
+        """Run the prompts' prefill pass; the new batch and the next-token logits [B, V] (float32)."""
+        ids, mask = left_padded(prompts, pad_id, device)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, W]
+        cache = DynamicCache(config=model.config)
+        before(ids, mask.cpu().bool())
+        logits = _forward(model, ids, mask, pos, cache)
+        return cls(cache, mask), logits
+
+    @torch.inference_mode()
+    def decode(self, model: nn.Module, tokens: list[int], before: BeforeForward) -> torch.Tensor:
+        """Feed one token per row (`tokens` [B]); the next-token logits [B, V] (float32)."""
+        device = self.mask.device
+        ids = torch.tensor(tokens, dtype=torch.long, device=device).view(-1, 1)  # [B, 1]
+        pos = self.mask.sum(dim=-1, keepdim=True)  # [B, 1]: real tokens before this one
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=-1)  # [B, W+1]
+        before(ids, torch.ones((self.size, 1), dtype=torch.bool))
+        return _forward(model, ids, self.mask, pos, self.cache)
+
+    def merge(self, other: RunningBatch) -> None:
+        """Append `other`'s rows after this batch's; the narrower one is left-padded (masked out)."""
+        width = max(self.width, other.width)
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+            mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+
+    def select(self, rows: list[int]) -> None:
+        """Keep `rows` (batch indices, in this order); drop columns no kept row uses. `rows` non-empty."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)  # [B', W]
+        start = int(mask.any(dim=0).int().argmax())  # first column a kept row uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, idx.to(layer.keys.device))[..., start:, :]
+            layer.values = layer.values.index_select(0, idx.to(layer.values.device))[..., start:, :]
+
+
+def _mergeable(cache: DynamicCache) -> bool:
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _pad_left(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad `x` on the left of its sequence axis to `width`: masks [B, W] (axis -1) or KV
+    tensors [B, heads, W, head_dim] (axis -2)."""
+    axis = -1 if x.dim() == 2 else -2
+    short = width - x.shape[axis]
+    if short == 0:
+        return x
+    pad = (short, 0) if axis == -1 else (0, 0, short, 0)
+    return torch.nn.functional.pad(x, pad)
+
+
+def _forward(
+    model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
+) -> torch.Tensor:
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.logits[:, -1, :].to(dtype=torch.float32)  # [B, V]

@@ -1,6 +1,10 @@
 """Recording history: every finished iteration's expert maps go into the `ExpertMapStore`, every
 finished request's activation matrix into the `RequestMatrixStore` (online mode, spec §3.2 step 5).
 
+Requests are tracked by stable id (`IterationContext.batch_request_ids`): a request's matrix is
+committed when it leaves the batch (`finished_ids`), when a static batch ends (the next prefill
+without ids, or `end_requests`), whichever comes first.
+
 The recorder is a predictor that never plans. It runs after the policy's predictor on the same
 thread (`PredictorChain`), so a search never sees a store that changes under it mid-iteration.
 """
@@ -11,6 +15,7 @@ from typing import Any
 
 import torch
 
+from finemoe.baselines import RunningActivations
 from finemoe.predictor import Predictor, PredictorDeps, routing_rows
 from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
 
@@ -24,13 +29,12 @@ class HistoryRecorder:
         self.rows = deps.store_rows  # "all": every token; "last": in prefill only each prompt's last token
         self.ctx: IterationContext | None = None
         self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
-        self.eam: torch.Tensor | None = None  # [B, L, E] selection counts of the running requests
+        self.running = RunningActivations(self.spec.num_layers, self.spec.num_experts)
         self.maps_added = 0
+        self.requests_added = 0
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        if ctx.is_prefill:
-            self.end_requests()
-            self.eam = torch.zeros(ctx.batch_size, self.spec.num_layers, self.spec.num_experts)
+        self._commit(self.running.begin(ctx))
         self.ctx, self.layer_probs = ctx, []
         return None
 
@@ -40,12 +44,7 @@ class HistoryRecorder:
             self.ctx = None
             return None
         self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
-        if self.eam is not None:
-            ids = event.topk_ids[ctx.rows]  # [N, k]
-            req = ctx.request_of_row.unsqueeze(1).expand_as(ids)
-            E = self.spec.num_experts
-            counts = torch.bincount((req * E + ids).reshape(-1), minlength=self.eam.shape[0] * E)
-            self.eam[:, event.layer] += counts[: self.eam.shape[0] * E].view(-1, E).float()
+        self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.spec.num_layers - 1:
             emb = ctx.host_embeddings()
             if self.maps is not None and emb is not None and ctx.rows.numel():
@@ -60,15 +59,20 @@ class HistoryRecorder:
             self.ctx = None
         return None
 
+    def _commit(self, mats: list[torch.Tensor]) -> None:
+        if self.requests is None:
+            return
+        for mat in mats:  # [L, E]
+            if mat.sum() > 0:
+                self.requests.add(mat)
+                self.requests_added += 1
+
     def end_requests(self) -> None:
-        if self.eam is not None and self.requests is not None:
-            for mat in self.eam:
-                if mat.sum() > 0:
-                    self.requests.add(mat)
-        self.eam, self.ctx = None, None
+        self._commit(self.running.pop_all())
+        self.ctx = None
 
     def stats(self) -> dict[str, Any]:
-        return {"maps_recorded": self.maps_added}
+        return {"maps_recorded": self.maps_added, "requests_recorded": self.requests_added}
 
 
 class PredictorChain:

@@ -105,74 +105,53 @@ class LFUPolicy(_PlanBlind):
 
 class _PlanAwareHeap:
     """Shared mechanism of the plan-aware policies: pending-plan protection and a heap of
-    (protected, key, last use, flat id, version) with lazy deletion, so a victim costs a few heap
-    operations.
+    (key, last use, flat id, version) with lazy deletion, so a victim costs a few heap operations.
 
     Experts the latest plans selected for layers the iteration has not reached yet are protected:
-    a prefetch never evicts them, a demand load only when nothing else is left (they sort last).
-    Subclasses define `_key(flat)` (lowest goes first); ties go to the least recently used, then
-    the lowest flat id l*E+e.
+    a prefetch never evicts them, a demand load only when nothing else is left. Protection is
+    checked when a victim is sought (protected entries are passed over, then taken lowest key
+    first if nothing else is evictable), so plans cost no heap work. Subclasses define
+    `_key(flat)` (lowest goes first); ties go to the least recently used, then the lowest flat id
+    l*E+e.
     """
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
         self.last: dict[int, int] = {}  # resident flat id -> step of the latest use
         self._version: dict[int, int] = {}
-        self._heap: list[tuple[bool, float, int, int, int]] = []
-        self._planned: set[tuple[int, int]] = set()  # (layer, expert) a pending plan selected
-        self._planned_at: dict[int, list[int]] = {}  # layer -> flat ids planned for it
+        self._heap: list[tuple[float, int, int, int]] = []
+        self._planned: set[int] = set()  # flat ids a pending plan selected
+        self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
 
     def _key(self, flat: int) -> float:
         raise NotImplementedError
 
-    def _entry(self, flat: int) -> tuple[bool, float, int, int, int]:
+    def _push(self, flat: int) -> None:
         v = self._version.get(flat, 0) + 1
         self._version[flat] = v
-        E = self.num_experts
-        layer = flat // E
-        prot = layer > self._layer_now and (layer, flat - layer * E) in self._planned
-        return (prot, self._key(flat), self.last[flat], flat, v)
-
-    def _push(self, flat: int) -> None:
-        heapq.heappush(self._heap, self._entry(flat))
+        heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
-            self._heap = [self._entry(f) for f in self.last]
+            self._heap = []
+            for f in self.last:
+                self._version[f] = v = self._version.get(f, 0) + 1
+                self._heap.append((self._key(f), self.last[f], f, v))
             heapq.heapify(self._heap)
-
-    def _unprotect(self, flats: list[int]) -> None:
-        for flat in flats:
-            if flat in self.last:
-                self._push(flat)
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         if plan.iteration > self._iteration:
             self._iteration, self._layer_now = plan.iteration, -1
             self._planned.clear()
-            old, self._planned_at = self._planned_at, {}
-            for flats in old.values():
-                self._unprotect(flats)
-        E, last = self.num_experts, self.last
-        for req in plan.requests:
-            eid = req.expert
-            if eid not in self._planned:
-                self._planned.add(eid)
-                flat = eid.layer * E + eid.expert
-                self._planned_at.setdefault(eid.layer, []).append(flat)
-                if flat in last and eid.layer > self._layer_now:
-                    self._push(flat)
+        E = self.num_experts
+        self._planned.update(r.expert.layer * E + r.expert.expert for r in plan.requests)
 
     def _reach(self, layer: int) -> None:
-        """The forward pass reached `layer`: plans for it no longer protect."""
-        if layer != self._layer_now:
-            self._layer_now = layer
-            flats = self._planned_at.pop(layer, None)
-            if flats:
-                self._unprotect(flats)
+        """The forward pass reached `layer`: plans for it (and earlier layers) no longer protect."""
+        self._layer_now = layer
 
     def protected(self, eid: ExpertId) -> bool:
-        return eid.layer > self._layer_now and eid in self._planned
+        return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
 
     def on_evict(self, eid: ExpertId) -> None:
         flat = eid.layer * self.num_experts + eid.expert
@@ -180,22 +159,27 @@ class _PlanAwareHeap:
         self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
 
     def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        heap, version, E, last = self._heap, self._version, self.num_experts, self.last
-        kept: list[tuple[bool, float, int, int, int]] = []
-        found = None
+        heap, version, last, eids = self._heap, self._version, self.last, self._eid
+        planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
+        kept: list[tuple[float, int, int, int]] = []
+        found = fallback = None
         while heap:
             entry = heapq.heappop(heap)
-            flat = entry[3]
-            if version.get(flat) != entry[4] or flat not in last:
+            flat = entry[2]
+            if version.get(flat) != entry[3] or flat not in last:
                 continue  # stale
             kept.append(entry)
-            eid = ExpertId(flat // E, flat % E)
+            eid = eids[flat]
+            if flat >= first_unprotected and flat in planned:  # protected: only if nothing else can go
+                if fallback is None and evictable(eid):
+                    fallback = eid
+                continue
             if evictable(eid):
                 found = eid
                 break
         for entry in kept:
             heapq.heappush(heap, entry)
-        return found
+        return found if found is not None else fallback
 
 
 class MapAwarePolicy(_PlanAwareHeap):

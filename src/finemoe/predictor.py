@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from finemoe.errors import ConfigError
@@ -99,23 +100,26 @@ def select_by_delta(probs: torch.Tensor, scores: torch.Tensor, top_k: int, rule:
     return mask
 
 
-def select_one(probs: list[float], score: float, top_k: int, rule: str = "paper") -> dict[int, float]:
-    """`select_by_delta` for one row, in plain Python: {expert: p} of the selected experts."""
-    delta = min(max(1.0 - score, 0.0), 1.0)
-    order = sorted(range(len(probs)), key=probs.__getitem__, reverse=True)
+def select_one(probs: np.ndarray | list[float], score: float, top_k: int, rule: str = "paper") -> dict[int, float]:
+    """`select_by_delta` for one row [E] (NumPy, no tensor ops): {expert: p} of the selected
+    experts; ties keep the lower expert id first."""
+    p = np.asarray(probs, dtype=np.float64)
+    e = p.shape[0]
+    order = np.argsort(-p, kind="stable")
     if rule == "topk":
-        return {e: probs[e] for e in order[: min(top_k, len(probs))]}
-    count, cum = 0, 0.0
-    for e in order:
-        cum += probs[e]
-        if (cum < delta - TIE_EPS) if rule == "paper" else (cum <= delta + TIE_EPS):
-            count += 1
+        count = min(top_k, e)
+    else:
+        delta = min(max(1.0 - score, 0.0), 1.0)
+        cum = np.cumsum(p[order])  # non-decreasing: counting matches stopping at the first miss
+        if rule == "paper":
+            count = int(np.count_nonzero(cum < delta - TIE_EPS)) + 1
+        elif rule == "demo":
+            count = int(np.count_nonzero(cum <= delta + TIE_EPS))
         else:
-            break
-    if rule == "paper":
-        count += 1
-    count = min(max(count, min(top_k, len(probs))), len(probs))
-    return {e: probs[e] for e in order[:count]}
+            raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
+        count = min(max(count, min(top_k, e)), e)
+    take = order[:count]
+    return dict(zip(take.tolist(), p[take].tolist(), strict=True))
 
 
 def merge_rows(probs: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:

@@ -65,8 +65,12 @@ class SyncTransfer:
 class CudaTransfer:
     """Asynchronous H2D copies from pinned slabs; ordering by per-slot CUDA events.
 
-    `demand_seconds` sums the device-measured durations of on-demand copies (timing events are
-    resolved lazily, never with a device-wide synchronisation).
+    `load` only queues: the queued copies are issued together (one stream switch and one event
+    per run of same-kind copies, not per expert) as soon as anything looks at copy state
+    (`is_done`, `before_compute`, `after_compute`, ...), which the forward path does right after
+    a layer's loads or a prefetch pump. `demand_seconds` sums the device-measured durations of
+    on-demand copy batches (timing events are resolved lazily, never with a device-wide
+    synchronisation).
     """
 
     def __init__(self, pool: SlotPool) -> None:
@@ -78,6 +82,7 @@ class CudaTransfer:
         here = torch.cuda.current_stream(dev)
         self.demand_stream.wait_stream(here)
         self.prefetch_stream.wait_stream(here)
+        self._device_index = here.device_index
         slots = pool.num_slots
         self.copy_done: list[torch.cuda.Event | None] = [None] * slots
         self.copy_stream: list[torch.cuda.Stream | None] = [None] * slots
@@ -85,46 +90,81 @@ class CudaTransfer:
         self.unwaited = [False] * slots  # copy finished-or-not, but compute has not waited on it yet
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._demand_s = 0.0
+        self._queued: list[tuple[int, list[torch.Tensor], bool]] = []  # (slot, host parts, demand)
 
     def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
+        self._queued.append((slot, src, demand))
+
+    def _issue(self) -> None:
+        """Issue the queued copies in order, one stream context per run of the same kind."""
+        queued, self._queued = self._queued, []
+        i = 0
+        while i < len(queued):
+            demand = queued[i][2]
+            j = i
+            while j < len(queued) and queued[j][2] == demand:
+                j += 1
+            self._issue_run(queued[i:j], demand)
+            i = j
+
+    def _issue_run(self, run: list[tuple[int, list[torch.Tensor], bool]], demand: bool) -> None:
         stream = self.demand_stream if demand else self.prefetch_stream
+        waited: set[int] = set()
         with torch.cuda.stream(stream):
-            if self.last_use[slot] is not None:
-                stream.wait_event(self.last_use[slot])
-            prev = self.copy_done[slot]
-            if prev is not None and self.copy_stream[slot] is not stream:
-                stream.wait_event(prev)
+            for slot, _, _ in run:  # a copy waits for the slot's last reader and any other-stream copy
+                for ev in (self.last_use[slot], self.copy_done[slot] if self.copy_stream[slot] is not stream else None):
+                    if ev is not None and id(ev) not in waited:
+                        waited.add(id(ev))
+                        stream.wait_event(ev)
+            start = None
             if demand:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
-            for dst, part in zip(self.pool.slot(slot), src, strict=True):
-                dst.copy_(part, non_blocking=True)
+            slot_parts = self.pool.slot
+            for slot, src, _ in run:
+                for dst, part in zip(slot_parts(slot), src, strict=True):
+                    dst.copy_(part, non_blocking=True)
             done = torch.cuda.Event(enable_timing=demand)
             done.record(stream)
-        if demand:
+        if start is not None:
             self._timing.append((start, done))
-        self.copy_done[slot] = done
-        self.copy_stream[slot] = stream
-        self.unwaited[slot] = True
+        copy_done, copy_stream, unwaited = self.copy_done, self.copy_stream, self.unwaited
+        for slot, _, _ in run:
+            copy_done[slot] = done
+            copy_stream[slot] = stream
+            unwaited[slot] = True
 
     def is_done(self, slot: int) -> bool:
+        if self._queued:
+            self._issue()
         ev = self.copy_done[slot]
         return ev is None or ev.query()
 
     def before_compute(self, slots: list[int]) -> None:
-        cur = torch.cuda.current_stream(self.pool.device)
+        if self._queued:
+            self._issue()
+        cur = torch.cuda.current_stream(self._device_index)
+        waited: set[int] = set()
+        unwaited, copy_done = self.unwaited, self.copy_done
         for s in slots:
-            if self.unwaited[s]:
-                cur.wait_event(self.copy_done[s])
-                self.unwaited[s] = False
+            if unwaited[s]:
+                ev = copy_done[s]
+                if id(ev) not in waited:
+                    waited.add(id(ev))
+                    cur.wait_event(ev)
+                unwaited[s] = False
 
     def after_compute(self, slots: list[int]) -> None:
+        if self._queued:
+            self._issue()
         ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self.pool.device))
+        ev.record(torch.cuda.current_stream(self._device_index))
         for s in slots:
             self.last_use[s] = ev
 
     def demand_seconds(self) -> float:
+        if self._queued:
+            self._issue()
         pending = []
         for start, end in self._timing:
             if end.query():
@@ -135,6 +175,8 @@ class CudaTransfer:
         return self._demand_s
 
     def synchronize(self) -> None:
+        if self._queued:
+            self._issue()
         self.demand_stream.synchronize()
         self.prefetch_stream.synchronize()
 

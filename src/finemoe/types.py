@@ -107,6 +107,12 @@ class IterationContext:
     tokens' embedding-layer outputs on the compute device (None when no predictor asked for
     them); `host_embeddings()` gives them as float32 on the CPU (copied once, by whichever thread
     asks first).
+
+    Request identity. With `request_ids` None (static batches, `Engine.generate`), batch row b is
+    request b and a prefill iteration starts a new batch. A continuous-batching scheduler sets
+    `request_ids` [B] (the stable id of each batch row; prefill and decode iterations may hold
+    different requests) and `finished_ids` (requests that left the batch since the previous
+    iteration: their request-level state may be committed).
     """
 
     iteration: int
@@ -116,11 +122,23 @@ class IterationContext:
     request_of_row: torch.Tensor  # [N] int64, CPU
     embeddings: torch.Tensor | None = None  # [N, D], compute device
     _host: torch.Tensor | None = field(default=None, repr=False)
+    request_ids: tuple[int, ...] | None = None  # [B] stable id per batch row; None: the row index
+    finished_ids: tuple[int, ...] = ()  # requests that left the batch before this iteration
 
     def host_embeddings(self) -> torch.Tensor | None:
         if self._host is None and self.embeddings is not None:
             self._host = self.embeddings.float().cpu()
         return self._host
+
+    @property
+    def batch_request_ids(self) -> tuple[int, ...]:
+        """The stable id of every batch row [B] (the row index when none were given)."""
+        return self.request_ids if self.request_ids is not None else tuple(range(self.batch_size))
+
+    @property
+    def starts_batch(self) -> bool:
+        """A static-batch prefill: every request of the previous batch has finished."""
+        return self.is_prefill and self.request_ids is None
 
 
 @dataclass
