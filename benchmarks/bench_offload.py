@@ -10,6 +10,7 @@ raw on-demand copies. Writes one JSON record.
     python benchmarks/bench_offload.py --shape olmoe --out docs/results/offload_olmoe.json
     python benchmarks/bench_offload.py --plot docs/results/offload_olmoe.json   # PNG next to the JSON
     python benchmarks/bench_offload.py --shape olmoe --layers 2 --device cpu --dtype float32   # smoke test
+    python benchmarks/bench_offload.py --shape qwen15moe --trace q60x4.fmt   # replay a trained model's routing
 
 Random weights route far more predictably than trained ones: hit rates here flatter every policy.
 """
@@ -33,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
 from finemoe.generation import generate_ids  # noqa: E402
+from finemoe.trace import load_trace  # noqa: E402
+from finemoe.trace_routing import TraceRouting  # noqa: E402
 from finemoe.types import ExpertId  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -51,13 +54,16 @@ def hf_generate(model, ids, n):
     return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
-def hf_run(model, prompt, n, device):
-    """transformers generate: TTFT from a 1-token call, TPOT from an n-token call (mean per step)."""
+def hf_run(model, prompt, n, device, before=lambda: None):
+    """transformers generate: TTFT from a 1-token call, TPOT from an n-token call (mean per step).
+    `before()` runs before each call (trace routing restarts its request there)."""
     ids = torch.tensor([prompt], device=device)
     sync(device)
+    before()
     t0 = time.perf_counter()
     hf_generate(model, ids, 1)
     sync(device)
+    before()
     t1 = time.perf_counter()
     hf_generate(model, ids, n)
     sync(device)
@@ -66,15 +72,18 @@ def hf_run(model, prompt, n, device):
     return {"ttft_s": ttft, "steps_s": [(tn - t1 - ttft) / (n - 1)] * (n - 1)}
 
 
-def loop_run(model, prompt, n, device):
+def loop_run(model, prompt, n, device, before=lambda: None):
+    before()
     c = generate_ids(model, [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True), 0, set(), device)[0]
     return {"ttft_s": c.ttft_s, "steps_s": steps(c.token_times_s)}
 
 
-def engine_run(eng, prompt, n):
-    eng.generate(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm the cache
+def engine_run(eng, prompt, n, before=lambda: None):
+    before()
+    eng.generate(prompt, SamplingParams(max_new_tokens=min(8, n), ignore_eos=True))  # warm the cache
     if eng.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    before()
     out = eng.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
     c = out.cache
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
@@ -91,6 +100,39 @@ def engine_run(eng, prompt, n):
         "prefetches_used": c.prefetches_used,
         "peak_gpu_bytes": peak,
     }
+
+
+def accelerate_runs(plain, eng, budgets, work, device, repeats):
+    """Hugging Face Accelerate offloading of the plain model, what transformers users do today:
+    `device_map` from `infer_auto_device_map` with the GPU capped at dense bytes + the budget's
+    share of expert bytes (whole decoder layers stay or stream: `_no_split_modules`). Runs after
+    the interleaved rounds (the plain model moves to the host for it). {budget: [samples]}."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+
+    out: dict[str, list] = {}
+    plain.to("cpu")
+    torch.cuda.empty_cache()
+    for budget in budgets:
+        share = float(budget.rstrip("%")) / 100
+        cap = int(eng.dense_bytes + share * eng.spec.total_expert_bytes)
+        dmap = infer_auto_device_map(
+            plain,
+            max_memory={device.index or 0: cap, "cpu": 10**13},
+            no_split_module_classes=list(getattr(plain, "_no_split_modules", None) or []),
+            dtype=next(plain.parameters()).dtype,
+        )
+        dispatch_model(plain, device_map=dmap)
+        on_gpu = sum(1 for v in dmap.values() if v not in ("cpu", "disk"))
+        log.info("accelerate %s: GPU cap %.2f GiB, %d of %d map entries on it", budget, cap / 2**30, on_gpu, len(dmap))
+        out[budget] = []
+        for _ in range(repeats):
+            for p, n, before in work:
+                out[budget].append(hf_run(plain, p, n, device, before))
+        remove_hook_from_module(plain, recurse=True)
+        plain.to("cpu")
+        torch.cuda.empty_cache()
+    return out
 
 
 def summarize(samples):
@@ -146,6 +188,13 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="bench_offload.json")
     ap.add_argument("--plot", help="only plot an existing JSON record")
+    ap.add_argument(
+        "--trace",
+        help="replay the routing of this trace (finemoe trace record; same experts and top-k as the shape): "
+        "benchmark-only, labelled routing=trace in the record",
+    )
+    ap.add_argument("--trace-requests", type=int, default=4, help="trace requests per round (their lengths)")
+    ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (after rounds)")
     args = ap.parse_args()
     if args.plot:
         return plot(Path(args.plot))
@@ -175,24 +224,47 @@ def main():
     ]
     configs += [(p, b) for b in args.budgets.split(",") for p in args.policies.split(",")]
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
+    # (prompt, new tokens, before-hook) per measured request: one random prompt with the model's own
+    # routing, or the trace's requests with their recorded lengths and routing.
+    work = [(prompt, args.new_tokens, lambda: None)]
+    replays = []
+    if args.trace:
+        trace = load_trace(args.trace)
+        replays = [TraceRouting(plain, trace), TraceRouting(eng.model, trace)]
+        log.info("trace routing: %s (%d requests), %s", args.trace, trace.num_requests, replays[0].layer_map)
+        g = torch.Generator().manual_seed(1)
+        work = []
+        for r in range(min(args.trace_requests, trace.num_requests)):
+            ids = torch.randint(0, cfg.vocab_size, (replays[0].prompt_len(r),), generator=g).tolist()
+
+            def before(r=r):
+                for rp in replays:
+                    rp.start(r)
+
+            work.append((ids, replays[0].output_len(r), before))
     samples: dict[tuple, list] = {c: [] for c in configs}
     for rnd in range(args.repeats):
         for name, budget in configs:
-            if name == "transformers-generate":
-                r = hf_run(plain, prompt, args.new_tokens, device)
-            elif name == "transformers+finemoe-loop":
-                r = loop_run(plain, prompt, args.new_tokens, device)
-            else:
+            if name != "transformers-generate" and name != "transformers+finemoe-loop":
                 eng.reconfigure(policy=name, expert_budget=budget)
-                r = engine_run(eng, prompt, args.new_tokens)
-            samples[(name, budget)].append(r)
+            for p, n, before in work:
+                if name == "transformers-generate":
+                    r = hf_run(plain, p, n, device, before)
+                elif name == "transformers+finemoe-loop":
+                    r = loop_run(plain, p, n, device, before)
+                else:
+                    r = engine_run(eng, p, n, before)
+                samples[(name, budget)].append(r)
         log.info("round %d/%d done", rnd + 1, args.repeats)
+    routing_label = "the model's own (random weights)"
+    if args.trace:
+        routing_label = f"trace ({args.trace}; {replays[0].layer_map})"
     record = {
         "meta": run_meta(),
         "config": vars(args)
         | {
             "batch": 1,
-            "routing": "the model's own (random weights)",
+            "routing": routing_label,
             "tpot": "median per-token step over all rounds (generate: per-call mean)",
         },
         "spec": {
@@ -206,6 +278,9 @@ def main():
         "peak_gpu_note": "peak_gpu_bytes includes the plain twin model (plain_model_bytes) kept for reference",
         "runs": [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()],
     }
+    if args.accelerate and device.type == "cuda":
+        acc = accelerate_runs(plain, eng, args.budgets.split(","), work, device, args.repeats)
+        record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
     if device.type == "cuda":
         eng.reconfigure(policy="lru", expert_budget="25%")
         copy_bandwidth(eng, 16)  # warm-up

@@ -1,0 +1,111 @@
+"""Benchmark-only routing replay: make a model's routers choose what a recorded trace chose.
+
+Random-weight models of real shapes route unrealistically (nearly uniformly, or very
+predictably); a benchmark can instead replay the routing of a trained model recorded with
+`finemoe trace record`. A forward hook, *prepended* to each router's hooks so that finemoe's own
+router hook, the predictors and the experts all see the replayed choice, replaces the router's
+output: the top-k ids are the trace's, the logits are the log of the trace's probabilities (so the
+router's softmax gives them back) and the top-k weights are those probabilities renormalised.
+Nothing else changes, so timings stay those of the model; outputs are meaningless and every
+record made with it must say `routing: trace`.
+
+Geometry: the trace's experts per layer and top-k must equal the model's; MoE layer l replays
+trace layer l mod L_trace (say so when L differs). Batch 1: each forward pass is the next
+iteration of the current request (prefill = the recorded prompt length).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from finemoe.errors import ConfigError
+from finemoe.loader import find_moe_layers
+from finemoe.models import get_adapter
+from finemoe.trace import Trace
+
+MIN_PROB = 1e-9  # floor before the log: experts the trace gave probability 0 stay finite
+
+
+class TraceRouting:
+    """Hooks on every MoE router of `model` replaying `trace` (see the module docstring).
+
+    Use `start(request)` before generating for a request, with a prompt of `prompt_len(request)`
+    tokens and at most `output_len(request)` new tokens; `remove()` takes the hooks away.
+    """
+
+    def __init__(self, model: nn.Module, trace: Trace) -> None:
+        self.trace = trace
+        self.adapter = get_adapter(model.config.model_type)
+        refs = find_moe_layers(model, self.adapter)
+        E = refs[0].experts.gate_up_proj.shape[0]
+        k = int(getattr(model.config, "num_experts_per_tok", trace.spec.top_k))
+        if (E, k) != (trace.spec.num_experts, trace.spec.top_k):
+            raise ConfigError(
+                f"trace routing needs the same experts and top-k: the trace has {trace.spec.num_experts} "
+                f"experts top-{trace.spec.top_k}, the model {E} top-{k}; record a trace of a reference model "
+                f"with that geometry (finemoe reference build --geometry {E}x{k})"
+            )
+        self.num_layers = len(refs)
+        self.trace_layers = trace.spec.num_layers
+        self.request, self.iteration = 0, 0
+        self.handles = [
+            ref.router.register_forward_hook(self._hook(i), prepend=True) for i, ref in enumerate(refs)
+        ]
+
+    @property
+    def layer_map(self) -> str:
+        if self.num_layers == self.trace_layers:
+            return "identity"
+        return f"model MoE layer l replays trace layer l mod {self.trace_layers}"
+
+    def prompt_len(self, request: int) -> int:
+        return int(self.trace.prompt_len[request])
+
+    def output_len(self, request: int) -> int:
+        return int(self.trace.output_len[request])
+
+    def start(self, request: int) -> None:
+        if not 0 <= request < self.trace.num_requests:
+            raise ConfigError(f"the trace has {self.trace.num_requests} requests; got request {request}")
+        self.request, self.iteration = request, 0
+
+    def _hook(self, layer: int):
+        trace, last = self.trace, self.num_layers - 1
+        lt = layer % self.trace_layers
+        logits_at, index_at = self.adapter.router_logits_at, self.adapter.router_index_at
+
+        def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
+            if self.iteration >= int(trace.output_len[self.request]):
+                raise ConfigError(
+                    f"request {self.request} of the trace has {int(trace.output_len[self.request])} iterations; "
+                    "generate at most output_len(request) tokens"
+                )
+            a, b = trace.rows(self.request, self.iteration)
+            logits, idx = output[logits_at], output[index_at]
+            n_tok = idx.shape[0]
+            if n_tok != b - a:
+                raise ConfigError(
+                    f"trace routing replays batch-1 requests: this forward pass routes {n_tok} tokens, the trace's "
+                    f"iteration {self.iteration} of request {self.request} has {b - a} (use prompt_len(request))"
+                )
+            probs = trace.probs[a:b, lt].float().contiguous()  # [T, E]
+            top = trace.topk[a:b, lt].long().contiguous()  # [T, k]
+            weights = probs.gather(1, top)
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(MIN_PROB)
+            out = list(output)
+            out[logits_at] = probs.clamp_min(MIN_PROB).log().to(logits.device, logits.dtype).view_as(logits)
+            out[index_at] = top.to(idx.device, idx.dtype)
+            for i, t in enumerate(output):  # the top-k weights: the remaining [T, k] tensor
+                if i not in (logits_at, index_at) and isinstance(t, torch.Tensor) and t.shape == idx.shape:
+                    out[i] = weights.to(t.device, t.dtype)
+            if layer == last:
+                self.iteration += 1
+            return tuple(out)
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

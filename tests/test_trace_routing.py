@@ -1,0 +1,76 @@
+"""Benchmark-only trace routing: a random-weight model replays a recorded trace's expert choices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finemoe import Engine, SamplingParams
+from finemoe.errors import ConfigError
+from finemoe.synthetic import make_config, random_model
+from finemoe.trace import record
+from finemoe.trace_routing import TraceRouting
+
+
+class Probe:
+    """Records the routing every MoE layer reports to the predictors: (layer, top-k ids [T, k])."""
+
+    name = "probe"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def on_iteration_start(self, ctx):
+        return None
+
+    def on_routing(self, event):
+        self.seen.append((event.layer, event.topk_ids.clone()))
+        return None
+
+    def end_requests(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+
+@pytest.fixture(scope="module")
+def trace(tiny_checkpoint):
+    path = tiny_checkpoint("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3)
+    with Engine.from_pretrained(path, expert_budget="100%", policy="all-gpu", device="cpu", progress=False) as eng:
+        return record(eng, [[5, 9, 12, 7], [3, 3, 8, 1, 2]], 5, dtype=torch.float32)
+
+
+def test_a_different_model_routes_as_the_trace(trace):
+    cfg = make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=4)
+    eng = Engine.from_model(random_model(cfg, seed=7), expert_budget="50%", policy="lru", progress=False)
+    with eng:
+        replay = TraceRouting(eng.model, trace)
+        assert replay.layer_map == "model MoE layer l replays trace layer l mod 3"
+        probe = Probe()
+        eng.add_predictor(probe)
+        for r in range(trace.num_requests):
+            replay.start(r)
+            probe.seen.clear()
+            prompt = list(range(10, 10 + replay.prompt_len(r)))
+            out = eng.generate(prompt, SamplingParams(max_new_tokens=replay.output_len(r), ignore_eos=True))[0]
+            assert len(out.token_ids) == replay.output_len(r)
+            assert len(probe.seen) == replay.output_len(r) * 4
+            for i, (layer, ids) in enumerate(probe.seen):
+                it = i // 4
+                a, b = trace.rows(r, it)
+                want = trace.topk[a:b, layer % 3].long()
+                assert torch.equal(ids.sort(dim=1).values, want.sort(dim=1).values), (r, it, layer)
+        st = eng.stats().cache
+        assert st.hits + st.misses > 0
+        with pytest.raises(ConfigError, match="batch-1"):
+            replay.start(0)
+            eng.generate([1, 2], SamplingParams(max_new_tokens=1))  # not the recorded prompt length
+        replay.remove()
+        eng.generate([1, 2], SamplingParams(max_new_tokens=2))  # hooks gone: the model's own routing
+
+
+def test_geometry_must_match(trace):
+    cfg = make_config("qwen2_moe", num_experts=4, num_experts_per_tok=2, num_hidden_layers=3)
+    with pytest.raises(ConfigError, match="same experts and top-k"):
+        TraceRouting(random_model(cfg), trace)
