@@ -176,6 +176,7 @@ class _PlanAwareHeap:
                 continue
             if evictable(eid):
                 found = eid
+                kept.pop()  # the caller evicts it (on_evict), so its entry would only go stale
                 break
         for entry in kept:
             heapq.heappush(heap, entry)
@@ -244,25 +245,30 @@ class DecayLFUPolicy(_PlanAwareHeap):
         self.num_layers = num_layers
         self.log_gamma = math.log(gamma)
         self.count: dict[int, tuple[float, float]] = {}  # flat id -> (count, its time), every expert seen
+        self._keys: dict[int, float] = {}  # flat id -> log count - time * log gamma (the heap key)
 
     def _key(self, flat: int) -> float:
-        c, t = self.count[flat]
-        return math.log(c) - t * self.log_gamma
+        return self._keys[flat]
+
+    def _set(self, flat: int, c: float, t: float) -> None:
+        self.count[flat] = (c, t)
+        self._keys[flat] = math.log(c) - t * self.log_gamma
 
     def _use(self, flat: int, step: int) -> None:
         t = step / self.num_layers
         c, t0 = self.count.get(flat, (0.0, t))
-        self.count[flat] = (c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
+        self._set(flat, c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
 
     def on_insert(self, eid: ExpertId, step: int) -> None:
         flat = eid.layer * self.num_experts + eid.expert
         if flat not in self.count:
-            self.count[flat] = (self.prefetch_count, step / self.num_layers)
+            self._set(flat, self.prefetch_count, step / self.num_layers)
         self.last[flat] = step
         self._push(flat)
 
     def on_access(self, eid: ExpertId, step: int) -> None:
-        self._reach(eid.layer)
+        if eid.layer != self._layer_now:
+            self._layer_now = eid.layer  # the forward pass reached this layer (`_reach`)
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)
         self.last[flat] = step
