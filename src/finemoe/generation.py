@@ -53,6 +53,19 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, gen: torch.Gener
     return torch.multinomial(probs, 1, generator=gen).view(-1)
 
 
+def sampling_generator(params: SamplingParams) -> torch.Generator | None:
+    """A private CPU generator for sampled decoding (seeded when `params.seed` is set, else freshly
+    seeded; the global RNG is untouched); None for greedy decoding."""
+    if params.greedy:
+        return None
+    gen = torch.Generator()
+    if params.seed is not None:
+        gen.manual_seed(params.seed)
+    else:
+        gen.seed()
+    return gen
+
+
 @torch.inference_mode()
 def generate_ids(
     model: nn.Module,
@@ -78,13 +91,7 @@ def generate_ids(
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [B, width]
     cache = DynamicCache(config=model.config)
-    gen = None
-    if not params.greedy:
-        gen = torch.Generator()
-        if params.seed is not None:
-            gen.manual_seed(params.seed)
-        else:
-            gen.seed()  # a fresh seed for this generator only; global RNG state is untouched
+    gen = sampling_generator(params)
     out_tokens: list[list[int]] = [[] for _ in range(B)]
     finish = [""] * B
     stamps: list[list[float]] = [[] for _ in range(B)]

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from finemoe.errors import FineMoEError
-from finemoe.generation import RunningBatch, sample_tokens
+from finemoe.generation import RunningBatch, sample_tokens, sampling_generator
 from finemoe.request import (
     Event,
     FinishEvent,
@@ -142,13 +142,7 @@ class Scheduler:
         if request.stop and self.engine.tokenizer is None:
             raise FineMoEError("stop strings need a tokenizer; this model has none")
         params = request.params
-        gen = None
-        if not params.greedy:
-            gen = torch.Generator()
-            if params.seed is not None:
-                gen.manual_seed(params.seed)
-            else:
-                gen.seed()
+        gen = sampling_generator(params)
         with self._cv:
             if not self.accepting:
                 raise SchedulerClosed("the server is shutting down" if self._closing else "the engine is not running")
