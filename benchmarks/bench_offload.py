@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,153 +32,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
-from finemoe.generation import generate_ids  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 from finemoe.trace_routing import TraceRouting  # noqa: E402
-from finemoe.types import ExpertId  # noqa: E402
+from offload_runs import (  # noqa: E402
+    accelerate_runs,
+    copy_bandwidth,
+    engine_run,
+    hf_generate,
+    hf_run,
+    loop_run,
+    poisson_arrivals,
+    serving_run,
+    summarize,
+)
 
 log = logging.getLogger("bench")
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def steps(times):
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
-
-
-def hf_generate(model, ids, n):
-    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
-
-
-def hf_run(model, prompt, n, device, before=lambda: None):
-    """transformers generate: TTFT from a 1-token call, TPOT from an n-token call (mean per step).
-    `before()` runs before each call (trace routing restarts its request there)."""
-    ids = torch.tensor([prompt], device=device)
-    sync(device)
-    before()
-    t0 = time.perf_counter()
-    hf_generate(model, ids, 1)
-    sync(device)
-    before()
-    t1 = time.perf_counter()
-    hf_generate(model, ids, n)
-    sync(device)
-    tn = time.perf_counter()
-    ttft = t1 - t0
-    return {"ttft_s": ttft, "steps_s": [(tn - t1 - ttft) / (n - 1)] * (n - 1)}
-
-
-def loop_run(model, prompt, n, device, before=lambda: None):
-    before()
-    c = generate_ids(model, [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True), 0, set(), device)[0]
-    return {"ttft_s": c.ttft_s, "steps_s": steps(c.token_times_s)}
-
-
-def engine_run(eng, prompt, n, before=lambda: None):
-    before()
-    eng.generate(prompt, SamplingParams(max_new_tokens=min(8, n), ignore_eos=True))  # warm the cache
-    if eng.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    before()
-    out = eng.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
-    c = out.cache
-    peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
-    return {
-        "ttft_s": out.ttft_s,
-        "steps_s": steps(out.token_times_s),
-        "hit_rate": c.hit_rate,
-        "hits": c.hits,
-        "misses": c.misses,
-        "bytes_copied": c.bytes_copied,
-        "stall_s": c.stall_s,
-        "demand_bytes": c.demand_bytes,
-        "prefetches_issued": c.prefetches_issued,
-        "prefetches_used": c.prefetches_used,
-        "peak_gpu_bytes": peak,
-    }
-
-
-def accelerate_runs(plain, eng, budgets, work, device, repeats):
-    """Hugging Face Accelerate offloading of the plain model, what transformers users do today:
-    `device_map` from `infer_auto_device_map` with the GPU capped at dense bytes + the budget's
-    share of expert bytes (whole decoder layers stay or stream: `_no_split_modules`). Runs after
-    the interleaved rounds (the plain model moves to the host for it). {budget: [samples]}."""
-    from accelerate import dispatch_model, infer_auto_device_map
-    from accelerate.hooks import remove_hook_from_module
-
-    out: dict[str, list] = {}
-    plain.to("cpu")
-    torch.cuda.empty_cache()
-    for budget in budgets:
-        share = float(budget.rstrip("%")) / 100
-        cap = int(eng.dense_bytes + share * eng.spec.total_expert_bytes)
-        dmap = infer_auto_device_map(
-            plain,
-            max_memory={device.index or 0: cap, "cpu": 10**13},
-            no_split_module_classes=list(getattr(plain, "_no_split_modules", None) or []),
-            dtype=next(plain.parameters()).dtype,
-        )
-        dispatch_model(plain, device_map=dmap)
-        on_gpu = sum(1 for v in dmap.values() if v not in ("cpu", "disk"))
-        log.info("accelerate %s: GPU cap %.2f GiB, %d of %d map entries on it", budget, cap / 2**30, on_gpu, len(dmap))
-        out[budget] = []
-        for _ in range(repeats):
-            for p, n, before in work:
-                out[budget].append(hf_run(plain, p, n, device, before))
-        remove_hook_from_module(plain, recurse=True)
-        plain.to("cpu")
-        torch.cuda.empty_cache()
-    return out
-
-
-def summarize(samples):
-    """Merge the rounds of one configuration: medians of TTFT and of all per-token steps."""
-    out = {"ttft_s": statistics.median(s["ttft_s"] for s in samples)}
-    all_steps = [x for s in samples for x in s["steps_s"]]
-    out["tpot_s"] = statistics.median(all_steps)
-    out["tpot_mean_s"] = statistics.fmean(all_steps)
-    out["tpot_round_means_s"] = [statistics.fmean(s["steps_s"]) for s in samples]
-    for key in ("hits", "misses", "bytes_copied", "stall_s", "demand_bytes", "prefetches_issued", "prefetches_used"):
-        if key in samples[0]:
-            out[key] = sum(s[key] for s in samples)
-    if "hits" in out:
-        acc = out["hits"] + out["misses"]
-        out["hit_rate"] = out["hits"] / acc if acc else 0.0
-        out["demand_bandwidth_gbps"] = out["demand_bytes"] / out["stall_s"] / 1e9 if out["stall_s"] else 0.0
-        out["prefetch_precision"] = (
-            out["prefetches_used"] / out["prefetches_issued"] if out["prefetches_issued"] else 0.0
-        )
-        out["peak_gpu_bytes"] = max(s["peak_gpu_bytes"] for s in samples)
-    return out
-
-
-def copy_bandwidth(eng, count):
-    """On-demand copies of `count` distinct experts into rotating slots, timed by CUDA events."""
-    cache, spec = eng.cache, eng.spec
-    tr = cache.transfer
-    torch.cuda.synchronize()
-    before = tr.demand_seconds()
-    for i in range(count):
-        eid = ExpertId(i % spec.num_layers, (i // spec.num_layers) % spec.num_experts)
-        tr.load(i % cache.num_slots, eng.store.parts(eid), demand=True)
-    torch.cuda.synchronize()
-    secs = tr.demand_seconds() - before
-    return {
-        "experts": count,
-        "expert_bytes": spec.expert_bytes,
-        "seconds": secs,
-        "gbps": count * spec.expert_bytes / secs / 1e9,
-    }
-
-
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="olmoe")
     ap.add_argument("--layers", type=int, help="default: full depth")
-    ap.add_argument("--budgets", default="50%,25%", help="offloaded budgets (100%% is always measured)")
+    ap.add_argument("--budgets", default="50%,25%", help="offloaded budgets (100%% all-gpu is always measured)")
     ap.add_argument("--policies", default="lru,lfu,previous-token")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
@@ -191,17 +65,33 @@ def main():
     ap.add_argument(
         "--trace",
         help="replay the routing of this trace (finemoe trace record; same experts and top-k as the shape): "
-        "benchmark-only, labelled routing=trace in the record",
+        "benchmark-only, labelled routing=trace in the record; prompts are the trace's prompt tokens",
     )
     ap.add_argument("--trace-requests", type=int, default=4, help="trace requests per round (their lengths)")
-    ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (after rounds)")
-    args = ap.parse_args()
-    if args.plot:
-        return plot(Path(args.plot))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    ap.add_argument(
+        "--history",
+        help="with --trace: a trace of other prompts replayed first through finemoe to fill the history "
+        "stores (expert maps, request matrices); the stores are then frozen (the paper's offline setup)",
+    )
+    ap.add_argument("--history-requests", type=int, default=32)
+    ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (at the end)")
+    ap.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens per Accelerate request")
+    ap.add_argument("--accelerate-requests", type=int, default=1)
+    ap.add_argument("--serve-requests", type=int, default=0, help="online serving run: requests per policy (0: none)")
+    ap.add_argument(
+        "--serve-rate",
+        default="auto",
+        help="Poisson arrival rate (req/s), or auto = 0.5 / the all-gpu engine's mean request time",
+    )
+    ap.add_argument("--serve-budget", default="25%")
+    ap.add_argument("--serve-policies", help="default: --policies")
+    return ap.parse_args(argv)
+
+
+def build(args, device, dtype):
+    """The plain model and an engine over its twin (built from the config, random weights)."""
     from transformers import AutoModelForCausalLM
 
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cfg = shape_config(args.shape, args.layers)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -212,61 +102,92 @@ def main():
     log.info(
         "built %s (%d layers) twice on %s in %.1fs", args.shape, cfg.num_hidden_layers, device, time.perf_counter() - t0
     )
-    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     t0 = time.perf_counter()
     eng = Engine.from_model(twin, policy="all-gpu", progress=False)
-    offload_s = time.perf_counter() - t0
-    configs = [
-        ("transformers-generate", None),
-        ("transformers+finemoe-loop", None),
-        ("all-gpu", "100%"),
-        ("previous-token", "100%"),
-    ]
-    configs += [(p, b) for b in args.budgets.split(",") for p in args.policies.split(",")]
+    return cfg, plain, eng, time.perf_counter() - t0
+
+
+def warm_history(eng, path, requests, budget):
+    """Replay `requests` requests of the history trace at `path` through finemoe so that its
+    recorder fills the expert-map and request-matrix stores."""
+    hist = load_trace(path)
+    rp = TraceRouting(eng.model, hist)
+    eng.reconfigure(policy="finemoe", expert_budget=budget, map_store_learn=True)
+    n = min(requests, hist.num_requests)
+    t0 = time.perf_counter()
+    for r in range(n):
+        rp.start(r)
+        eng.generate(rp.prompt_ids(r), SamplingParams(max_new_tokens=rp.output_len(r), ignore_eos=True))
+    rp.remove()
+    log.info(
+        "history: %d requests of %s in %.1fs; %d expert maps stored", n, path, time.perf_counter() - t0, eng.maps.size
+    )
+    return {"trace": path, "requests": n, "expert_maps": eng.maps.size}
+
+
+def main():
+    args = parse_args()
+    if args.plot:
+        return plot(Path(args.plot))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cfg, plain, eng, offload_s = build(args, device, dtype)
+    budgets = args.budgets.split(",")
+    configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]
+    configs += [(p, b) for b in budgets for p in args.policies.split(",")]
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
+    history, learn = None, True
+    if args.history:
+        if not args.trace:
+            raise SystemExit("--history needs --trace")
+        history, learn = warm_history(eng, args.history, args.history_requests, budgets[-1]), False
     # (prompt, new tokens, before-hook) per measured request: one random prompt with the model's own
-    # routing, or the trace's requests with their recorded lengths and routing.
+    # routing, or the trace's requests (their prompt tokens, lengths and routing).
     work = [(prompt, args.new_tokens, lambda: None)]
     replays = []
     if args.trace:
         trace = load_trace(args.trace)
         replays = [TraceRouting(plain, trace), TraceRouting(eng.model, trace)]
         log.info("trace routing: %s (%d requests), %s", args.trace, trace.num_requests, replays[0].layer_map)
-        g = torch.Generator().manual_seed(1)
         work = []
         for r in range(min(args.trace_requests, trace.num_requests)):
-            ids = torch.randint(0, cfg.vocab_size, (replays[0].prompt_len(r),), generator=g).tolist()
 
             def before(r=r):
                 for rp in replays:
                     rp.start(r)
 
-            work.append((ids, replays[0].output_len(r), before))
+            work.append((replays[0].prompt_ids(r), replays[0].output_len(r), before))
     samples: dict[tuple, list] = {c: [] for c in configs}
     for rnd in range(args.repeats):
         for name, budget in configs:
-            if name != "transformers-generate" and name != "transformers+finemoe-loop":
-                eng.reconfigure(policy=name, expert_budget=budget)
-            for p, n, before in work:
+            if budget:
+                eng.reconfigure(policy=name, expert_budget=budget, map_store_learn=learn)
+            for i, item in enumerate(work):
+                p, n, before = item
                 if name == "transformers-generate":
                     r = hf_run(plain, p, n, device, before)
                 elif name == "transformers+finemoe-loop":
                     r = loop_run(plain, p, n, device, before)
                 else:
-                    r = engine_run(eng, p, n, before)
+                    r = engine_run(eng, item, work[i - 1])
                 samples[(name, budget)].append(r)
         log.info("round %d/%d done", rnd + 1, args.repeats)
-    routing_label = "the model's own (random weights)"
-    if args.trace:
-        routing_label = f"trace ({args.trace}; {replays[0].layer_map})"
+    runs = [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()]
+    routing = f"trace ({args.trace}; {replays[0].layer_map})" if args.trace else "the model's own (random weights)"
+    serving = None
+    if args.serve_requests:
+        serving = serve(args, eng, work, runs, learn)
     record = {
         "meta": run_meta(),
         "config": vars(args)
         | {
             "batch": 1,
-            "routing": routing_label,
+            "routing": routing,
             "tpot": "median per-token step over all rounds (generate: per-call mean)",
+            "warm_up": "each measured request follows 8 tokens of the previous request (its cache state)",
         },
+        "history": history,
         "spec": {
             "experts": eng.spec.num_total_experts,
             "expert_bytes": eng.spec.expert_bytes,
@@ -276,21 +197,49 @@ def main():
         "offload_s": offload_s,
         "plain_model_bytes": sum(p.numel() * p.element_size() for p in plain.parameters()),
         "peak_gpu_note": "peak_gpu_bytes includes the plain twin model (plain_model_bytes) kept for reference",
-        "runs": [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()],
+        "runs": runs,
+        "serving": serving,
     }
-    if args.accelerate and device.type == "cuda":
-        acc = accelerate_runs(plain, eng, args.budgets.split(","), work, device, args.repeats)
-        record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
     if device.type == "cuda":
         eng.reconfigure(policy="lru", expert_budget="25%")
         copy_bandwidth(eng, 16)  # warm-up
         record["copy_bandwidth"] = copy_bandwidth(eng, 128)
+    caps = {b: int(eng.dense_bytes + float(b.rstrip("%")) / 100 * eng.spec.total_expert_bytes) for b in budgets}
     eng.close()
+    del eng
+    if args.accelerate and device.type == "cuda":
+        acc_work = work[: args.accelerate_requests]
+        acc = accelerate_runs(plain, caps, acc_work, device, args.accelerate_tokens)
+        record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print_table(record)
     return 0
+
+
+def serve(args, eng, work, runs, learn):
+    """The online serving run per policy at `--serve-budget` (see `offload_runs.serving_run`)."""
+    if args.serve_rate == "auto":
+        base = next(r for r in runs if r["policy"] == "all-gpu")["e2e_s"]
+        rate = 0.5 / base
+    else:
+        rate = float(args.serve_rate)
+    arrivals = poisson_arrivals(args.serve_requests, rate, seed=0)
+    out = {"rate_rps": rate, "budget": args.serve_budget, "requests": args.serve_requests, "policies": {}}
+    for name in (args.serve_policies or args.policies).split(","):
+        eng.reconfigure(policy=name, expert_budget=args.serve_budget, map_store_learn=learn)
+        res = serving_run(eng, work, arrivals)
+        out["policies"][name] = res
+        log.info(
+            "serving %s at %.2f req/s: latency p50 %.2fs p90 %.2fs, utilisation %.2f",
+            name,
+            rate,
+            res["latency_p50_s"],
+            res["latency_p90_s"],
+            res["utilisation"],
+        )
+    return out
 
 
 def reference(rec, name):
@@ -302,17 +251,23 @@ def print_table(rec):
     loop = reference(rec, "transformers+finemoe-loop")["tpot_s"]
     print(
         f"\n{rec['config']['shape']} ({rec['config']['dtype']}) on {rec['meta']['device']}, "
-        f"{rec['config']['repeats']} interleaved rounds"
+        f"{rec['config']['repeats']} interleaved rounds, routing: {rec['config'].get('routing', '?')}"
     )
     print(
-        f"{'config':<26} {'budget':>6} {'ttft ms':>8} {'tpot ms':>8} {'x gen':>6} {'x loop':>6} {'hit':>6} {'GB/s':>6}"
+        f"{'config':<26} {'budget':>6} {'ttft ms':>8} {'tpot ms':>8} {'e2e s':>6} {'x gen':>6} {'x loop':>6} "
+        f"{'hit':>6} {'prec':>5} {'stall/tok ms':>12} {'peak GiB':>8} {'GB/s':>6}"
     )
     for r in rec["runs"]:
-        hit = f"{r['hit_rate']:6.3f}" if "hit_rate" in r else "     -"
-        bw = f"{r['demand_bandwidth_gbps']:6.1f}" if "hit_rate" in r else "     -"
+        eng = "hit_rate" in r
+        extra = (
+            f"{r['hit_rate']:6.3f} {r['prefetch_precision']:5.2f} {r.get('stall_per_token_s', 0) * 1e3:12.2f} "
+            f"{r['peak_gpu_bytes'] / 2**30:8.1f} {r['demand_bandwidth_gbps']:6.1f}"
+            if eng
+            else f"{'-':>6} {'-':>5} {'-':>12} {r.get('peak_gpu_bytes', 0) / 2**30:8.1f} {'-':>6}"
+        )
         print(
             f"{r['policy']:<26} {r['budget'] or '-':>6} {r['ttft_s'] * 1e3:8.1f} {r['tpot_s'] * 1e3:8.2f} "
-            f"{r['tpot_s'] / gen:6.2f} {r['tpot_s'] / loop:6.2f} {hit} {bw}"
+            f"{r.get('e2e_s', 0):6.2f} {r['tpot_s'] / gen:6.2f} {r['tpot_s'] / loop:6.2f} {extra}"
         )
     if "copy_bandwidth" in rec:
         cb = rec["copy_bandwidth"]
@@ -320,6 +275,18 @@ def print_table(rec):
             f"raw on-demand copies: {cb['gbps']:.1f} GB/s "
             f"({cb['experts']} experts of {cb['expert_bytes'] / 1e6:.1f} MB)"
         )
+    sv = rec.get("serving")
+    if sv:
+        print(
+            f"online serving, batch 1 FCFS, Poisson {sv['rate_rps']:.3f} req/s, "
+            f"{sv['requests']} requests, {sv['budget']}"
+        )
+        print(f"{'policy':<20} {'p50 s':>7} {'p90 s':>7} {'max s':>7} {'mean TTFT s':>11} {'service s':>9} {'util':>5}")
+        for name, r in sv["policies"].items():
+            print(
+                f"{name:<20} {r['latency_p50_s']:7.2f} {r['latency_p90_s']:7.2f} {r['latency_max_s']:7.2f} "
+                f"{r['ttft_mean_s']:11.2f} {r['service_mean_s']:9.2f} {r['utilisation']:5.2f}"
+            )
 
 
 def plot(path: Path) -> int:
@@ -330,30 +297,36 @@ def plot(path: Path) -> int:
 
     rec = json.loads(path.read_text())
     runs = [r for r in rec["runs"] if r["budget"]]
-    labels = [f"{r['policy']}\n{r['budget']}" for r in runs]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar(labels, [r["tpot_s"] * 1e3 for r in runs], color="#4c72b0")
+    eng_runs = [r for r in runs if "hit_rate" in r]
+    sv = rec.get("serving")
+    ncols = 3 if sv else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8))
+    ax1, ax2 = axes[0], axes[1]
+    ax1.bar([f"{r['policy']}\n{r['budget']}" for r in runs], [r["tpot_s"] * 1e3 for r in runs], color="#4c72b0")
     ax1.axhline(
-        reference(rec, "transformers-generate")["tpot_s"] * 1e3,
-        color="k",
-        ls="--",
-        label="transformers generate, all on GPU",
+        reference(rec, "transformers-generate")["tpot_s"] * 1e3, color="k", ls="--", label="transformers, all on GPU"
     )
-    ax1.axhline(
-        reference(rec, "transformers+finemoe-loop")["tpot_s"] * 1e3,
-        color="gray",
-        ls=":",
-        label="plain model, finemoe's token loop",
-    )
+    if any(r["policy"] == "accelerate" for r in runs):
+        ax1.set_yscale("log")
     ax1.set_ylabel("TPOT, median step (ms)")
-    ax1.set_title(f"{rec['config']['shape']} {rec['config']['dtype']}, batch 1 — {rec['meta']['device']}")
+    ax1.set_title(f"{rec['config']['shape']} {rec['config']['dtype']}, batch 1 — {rec['meta']['device']}", fontsize=9)
     ax1.legend(fontsize=8)
-    ax2.bar(labels, [r["hit_rate"] for r in runs], color="#55a868")
+    ax2.bar([f"{r['policy']}\n{r['budget']}" for r in eng_runs], [r["hit_rate"] for r in eng_runs], color="#55a868")
     ax2.set_ylabel("expert hit rate")
     ax2.set_ylim(0, 1.05)
-    ax2.set_title("hit rate (random weights: optimistic)")
+    trace = str(rec["config"].get("routing", "")).startswith("trace")
+    ax2.set_title("hit rate (" + ("trace routing" if trace else "random weights: optimistic") + ")", fontsize=9)
     for ax in (ax1, ax2):
-        ax.tick_params(axis="x", labelsize=7)
+        ax.tick_params(axis="x", labelsize=7, rotation=90)
+    if sv:
+        ax3 = axes[2]
+        for name, r in sv["policies"].items():
+            lat = sorted(q["latency_s"] for q in r["requests"])
+            ax3.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=name)
+        ax3.set_xlabel("request latency (s)")
+        ax3.set_ylabel("CDF")
+        ax3.set_title(f"online, Poisson {sv['rate_rps']:.2f} req/s, {sv['budget']} budget", fontsize=9)
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     png = path.with_suffix(".png")
     fig.savefig(png, dpi=120)

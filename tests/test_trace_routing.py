@@ -74,3 +74,16 @@ def test_geometry_must_match(trace):
     cfg = make_config("qwen2_moe", num_experts=4, num_experts_per_tok=2, num_hidden_layers=3)
     with pytest.raises(ConfigError, match="same experts and top-k"):
         TraceRouting(random_model(cfg), trace)
+
+
+def test_with_layers_matches_the_replay_map_and_prompt_ids(trace):
+    deep = trace.with_layers(5)  # layers 0,1,2,0,1 of the 3-layer trace
+    assert deep.spec.num_layers == 5 and deep.num_requests == trace.num_requests
+    for l_model, l_trace in enumerate([0, 1, 2, 0, 1]):
+        assert torch.equal(deep.topk[:, l_model], trace.topk[:, l_trace])
+        assert torch.equal(deep.probs[:, l_model], trace.probs[:, l_trace])
+    assert trace.with_layers(2).probs.shape[1] == 2
+    cfg = make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3)
+    replay = TraceRouting(random_model(cfg), trace)
+    assert replay.prompt_ids(0) == [5, 9, 12, 7] and replay.prompt_ids(1) == [3, 3, 8, 1, 2]
+    replay.remove()

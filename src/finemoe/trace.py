@@ -142,6 +142,21 @@ class Trace:
             self.finemoe_version,
         )
 
+    def with_layers(self, num_layers: int) -> Trace:
+        """The trace as a model of `num_layers` MoE layers would replay it: layer l is trace layer
+        l mod L (the mapping of `trace_routing.TraceRouting`). Shares nothing it changes."""
+        import dataclasses
+
+        idx = torch.arange(num_layers) % self.spec.num_layers
+        spec = dataclasses.replace(self.spec, moe_layers=tuple(range(num_layers)), num_decoder_layers=num_layers)
+        return dataclasses.replace(
+            self,
+            spec=spec,
+            probs=self.probs[:, idx],
+            topk=self.topk[:, idx],
+            spec_probs={s: t[:, idx] for s, t in self.spec_probs.items()},
+        )
+
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (`map_store_file.atomic_save`)."""

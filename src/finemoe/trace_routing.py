@@ -49,9 +49,7 @@ class TraceRouting:
         self.num_layers = len(refs)
         self.trace_layers = trace.spec.num_layers
         self.request, self.iteration = 0, 0
-        self.handles = [
-            ref.router.register_forward_hook(self._hook(i), prepend=True) for i, ref in enumerate(refs)
-        ]
+        self.handles = [ref.router.register_forward_hook(self._hook(i), prepend=True) for i, ref in enumerate(refs)]
 
     @property
     def layer_map(self) -> str:
@@ -61,6 +59,12 @@ class TraceRouting:
 
     def prompt_len(self, request: int) -> int:
         return int(self.trace.prompt_len[request])
+
+    def prompt_ids(self, request: int) -> list[int]:
+        """The recorded prompt's token ids (the traced model's tokenizer; benchmarks feed them to a
+        model of another vocabulary so that equal prompts embed equally)."""
+        start = int(self.trace.row_start[request])
+        return self.trace.token_ids[start : start + self.prompt_len(request)].tolist()
 
     def output_len(self, request: int) -> int:
         return int(self.trace.output_len[request])

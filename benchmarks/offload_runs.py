@@ -1,0 +1,218 @@
+"""Measured runs of `bench_offload.py`: plain transformers, the engine, Accelerate, online serving.
+
+Each run returns plain dicts of seconds and counters; `summarize` merges the rounds of one
+configuration. A work item is `(prompt ids, new tokens, before)`, where `before()` runs before
+every generate call (trace routing restarts its request there).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+import statistics
+import time
+
+import torch
+
+from finemoe import SamplingParams
+from finemoe.generation import generate_ids
+from finemoe.types import ExpertId
+
+log = logging.getLogger("bench")
+
+CACHE_KEYS = ("hits", "misses", "bytes_copied", "stall_s", "demand_bytes", "prefetches_issued", "prefetches_used")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def steps(times):
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def hf_generate(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def hf_run(model, prompt, n, device, before=lambda: None):
+    """transformers generate: TTFT from a 1-token call, TPOT from an n-token call (mean per step)."""
+    ids = torch.tensor([prompt], device=device)
+    sync(device)
+    before()
+    t0 = time.perf_counter()
+    hf_generate(model, ids, 1)
+    sync(device)
+    before()
+    t1 = time.perf_counter()
+    hf_generate(model, ids, n)
+    sync(device)
+    tn = time.perf_counter()
+    ttft = t1 - t0
+    return {"ttft_s": ttft, "e2e_s": tn - t1, "steps_s": [(tn - t1 - ttft) / (n - 1)] * (n - 1)}
+
+
+def loop_run(model, prompt, n, device, before=lambda: None):
+    before()
+    t0 = time.perf_counter()
+    c = generate_ids(model, [prompt], SamplingParams(max_new_tokens=n, ignore_eos=True), 0, set(), device)[0]
+    return {"ttft_s": c.ttft_s, "e2e_s": time.perf_counter() - t0, "steps_s": steps(c.token_times_s)}
+
+
+def engine_request(eng, item):
+    """One request through the engine; returns (output, wall seconds)."""
+    prompt, n, before = item
+    before()
+    t0 = time.perf_counter()
+    out = eng.generate(prompt, SamplingParams(max_new_tokens=n, ignore_eos=True))[0]
+    return out, time.perf_counter() - t0
+
+
+def engine_run(eng, item, warm):
+    """`item` through the engine right after `warm` (another request, 8 tokens): the cache holds
+    what serving the previous request left, never the measured request's own experts."""
+    engine_request(eng, (warm[0], min(8, warm[1]), warm[2]))
+    if eng.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    out, e2e = engine_request(eng, item)
+    c = out.cache
+    peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
+    return {
+        "ttft_s": out.ttft_s,
+        "e2e_s": e2e,
+        "steps_s": steps(out.token_times_s),
+        "peak_gpu_bytes": peak,
+    } | {k: getattr(c, k) for k in CACHE_KEYS}
+
+
+def summarize(samples):
+    """Merge the rounds of one configuration: medians of TTFT, end-to-end and of all per-token steps."""
+    out = {"ttft_s": statistics.median(s["ttft_s"] for s in samples)}
+    out["e2e_s"] = statistics.median(s["e2e_s"] for s in samples)
+    all_steps = [x for s in samples for x in s["steps_s"]]
+    out["tpot_s"] = statistics.median(all_steps)
+    out["tpot_mean_s"] = statistics.fmean(all_steps)
+    out["tpot_round_means_s"] = [statistics.fmean(s["steps_s"]) for s in samples]
+    out["samples"] = len(samples)
+    if "hits" in samples[0]:
+        for key in CACHE_KEYS:
+            out[key] = sum(s[key] for s in samples)
+        acc = out["hits"] + out["misses"]
+        out["hit_rate"] = out["hits"] / acc if acc else 0.0
+        out["demand_bandwidth_gbps"] = out["demand_bytes"] / out["stall_s"] / 1e9 if out["stall_s"] else 0.0
+        issued = out["prefetches_issued"]
+        out["prefetch_precision"] = out["prefetches_used"] / issued if issued else 0.0
+        out["peak_gpu_bytes"] = max(s["peak_gpu_bytes"] for s in samples)
+        out["stall_per_token_s"] = out["stall_s"] / max(1, len(all_steps) + len(samples))
+    return out
+
+
+def copy_bandwidth(eng, count):
+    """On-demand copies of `count` distinct experts into rotating slots, timed by CUDA events."""
+    cache, spec = eng.cache, eng.spec
+    tr = cache.transfer
+    torch.cuda.synchronize()
+    before = tr.demand_seconds()
+    for i in range(count):
+        eid = ExpertId(i % spec.num_layers, (i // spec.num_layers) % spec.num_experts)
+        tr.load(i % cache.num_slots, eng.store.parts(eid), demand=True)
+    torch.cuda.synchronize()
+    secs = tr.demand_seconds() - before
+    return {
+        "experts": count,
+        "expert_bytes": spec.expert_bytes,
+        "seconds": secs,
+        "gbps": count * spec.expert_bytes / secs / 1e9,
+    }
+
+
+def accelerate_runs(plain, caps, work, device, tokens):
+    """Hugging Face Accelerate offloading of the plain model, what transformers users do today:
+    `device_map` from `infer_auto_device_map` with the GPU capped at `caps[budget]` bytes (dense
+    bytes + the budget's share of expert bytes; whole decoder layers stay or stream, per
+    `_no_split_modules`), weights of the streamed layers in host memory. `tokens` new tokens per
+    request (it is slow). {budget: [samples]}; the plain model ends on the host."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.hooks import remove_hook_from_module
+
+    out: dict[str, list] = {}
+    plain.to("cpu")
+    gc.collect()
+    torch.cuda.empty_cache()
+    for budget, cap in caps.items():
+        dmap = infer_auto_device_map(
+            plain,
+            max_memory={device.index or 0: cap, "cpu": 10**13},
+            no_split_module_classes=list(getattr(plain, "_no_split_modules", None) or []),
+            dtype=next(plain.parameters()).dtype,
+        )
+        dispatch_model(plain, device_map=dmap)
+        on_gpu = sum(1 for v in dmap.values() if v not in ("cpu", "disk"))
+        log.info("accelerate %s: GPU cap %.2f GiB, %d of %d map entries on it", budget, cap / 2**30, on_gpu, len(dmap))
+        torch.cuda.reset_peak_memory_stats()
+        out[budget] = []
+        for p, n, before in work:
+            r = hf_run(plain, p, min(n, tokens), device, before)
+            r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+            out[budget].append(r)
+        remove_hook_from_module(plain, recurse=True)
+        plain.to("cpu")
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
+def poisson_arrivals(n, rate, seed):
+    """`n` arrival times (s, from 0) of a Poisson process of `rate` requests per second."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def serving_run(eng, work, arrivals):
+    """Online serving at batch 1, first come first served, in real time: request i arrives at
+    `arrivals[i]` (s after the start) and waits while earlier ones run; the engine idles (its
+    copies may finish) until the next arrival. Per request: latency (arrival to last token), TTFT
+    (arrival to first token, queueing included), queueing delay and service time."""
+    engine_request(eng, (work[-1][0], min(8, work[-1][1]), work[-1][2]))  # warm-up, as in the rounds
+    start = time.perf_counter()
+    rows = []
+    for i, t_arr in enumerate(arrivals):
+        item = work[i % len(work)]
+        now = time.perf_counter() - start
+        if now < t_arr:
+            time.sleep(t_arr - now)
+        begin = time.perf_counter() - start
+        out, service = engine_request(eng, item)
+        end = time.perf_counter() - start
+        rows.append(
+            {
+                "arrival_s": t_arr,
+                "queue_s": begin - t_arr,
+                "service_s": service,
+                "latency_s": end - t_arr,
+                "ttft_s": begin - t_arr + out.ttft_s,
+                "tokens": len(out.token_ids),
+                "hit_rate": out.cache.hit_rate,
+            }
+        )
+    lat = sorted(r["latency_s"] for r in rows)
+
+    def pct(q):
+        return lat[min(len(lat) - 1, int(q * len(lat)))]
+
+    return {
+        "requests": rows,
+        "latency_p50_s": pct(0.5),
+        "latency_p90_s": pct(0.9),
+        "latency_max_s": lat[-1],
+        "latency_mean_s": statistics.fmean(lat),
+        "ttft_mean_s": statistics.fmean(r["ttft_s"] for r in rows),
+        "service_mean_s": statistics.fmean(r["service_s"] for r in rows),
+        "utilisation": sum(r["service_s"] for r in rows) / (time.perf_counter() - start),
+    }
