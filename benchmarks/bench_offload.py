@@ -74,6 +74,7 @@ def parse_args(argv=None):
         "stores (expert maps, request matrices); the stores are then frozen (the paper's offline setup)",
     )
     ap.add_argument("--history-requests", type=int, default=32)
+    ap.add_argument("--skip-loop", action="store_true", help="skip the plain model in finemoe's token loop")
     ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (at the end)")
     ap.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens per Accelerate request")
     ap.add_argument("--accelerate-requests", type=int, default=1)
@@ -134,6 +135,8 @@ def main():
     cfg, plain, eng, offload_s = build(args, device, dtype)
     budgets = args.budgets.split(",")
     configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]
+    if args.skip_loop:
+        configs.pop(1)
     configs += [(p, b) for b in budgets for p in args.policies.split(",")]
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
@@ -174,10 +177,14 @@ def main():
                 samples[(name, budget)].append(r)
         log.info("round %d/%d done", rnd + 1, args.repeats)
     runs = [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()]
+    print_table({"config": vars(args), "meta": {"device": str(device)}, "runs": runs})
     routing = f"trace ({args.trace}; {replays[0].layer_map})" if args.trace else "the model's own (random weights)"
     serving = None
     if args.serve_requests:
-        serving = serve(args, eng, work, runs, learn)
+        try:
+            serving = serve(args, eng, work, runs, learn)
+        except Exception:
+            log.exception("serving run failed")
     record = {
         "meta": run_meta(),
         "config": vars(args)
@@ -200,19 +207,27 @@ def main():
         "runs": runs,
         "serving": serving,
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))  # saved now: the extras below may fail or time out
     if device.type == "cuda":
-        eng.reconfigure(policy="lru", expert_budget="25%")
-        copy_bandwidth(eng, 16)  # warm-up
-        record["copy_bandwidth"] = copy_bandwidth(eng, 128)
+        try:
+            eng.reconfigure(policy="lru", expert_budget="25%")
+            copy_bandwidth(eng, 16)  # warm-up
+            record["copy_bandwidth"] = copy_bandwidth(eng, 128)
+        except Exception:
+            log.exception("copy bandwidth run failed")
     caps = {b: int(eng.dense_bytes + float(b.rstrip("%")) / 100 * eng.spec.total_expert_bytes) for b in budgets}
     eng.close()
     del eng
     if args.accelerate and device.type == "cuda":
         acc_work = work[: args.accelerate_requests]
-        acc = accelerate_runs(plain, caps, acc_work, device, args.accelerate_tokens)
-        record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1))
+        try:
+            acc = accelerate_runs(plain, caps, acc_work, device, args.accelerate_tokens)
+            record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
+        except Exception:
+            log.exception("Accelerate run failed")
     out.write_text(json.dumps(record, indent=1))
     print_table(record)
     return 0
@@ -248,7 +263,7 @@ def reference(rec, name):
 
 def print_table(rec):
     gen = reference(rec, "transformers-generate")["tpot_s"]
-    loop = reference(rec, "transformers+finemoe-loop")["tpot_s"]
+    loop = next((r["tpot_s"] for r in rec["runs"] if r["policy"] == "transformers+finemoe-loop"), float("nan"))
     print(
         f"\n{rec['config']['shape']} ({rec['config']['dtype']}) on {rec['meta']['device']}, "
         f"{rec['config']['repeats']} interleaved rounds, routing: {rec['config'].get('routing', '?')}"

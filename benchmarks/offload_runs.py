@@ -118,6 +118,7 @@ def copy_bandwidth(eng, count):
     for i in range(count):
         eid = ExpertId(i % spec.num_layers, (i // spec.num_layers) % spec.num_experts)
         tr.load(i % cache.num_slots, eng.store.parts(eid), demand=True)
+    tr.synchronize()  # issues the queued copies and waits for them
     torch.cuda.synchronize()
     secs = tr.demand_seconds() - before
     return {
