@@ -78,6 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (at the end)")
     ap.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens per Accelerate request")
     ap.add_argument("--accelerate-requests", type=int, default=1)
+    ap.add_argument("--accelerate-budgets", help="default: --budgets")
     ap.add_argument("--serve-requests", type=int, default=0, help="online serving run: requests per policy (0: none)")
     ap.add_argument(
         "--serve-rate",
@@ -113,6 +114,7 @@ def warm_history(eng, path, requests, budget):
     recorder fills the expert-map and request-matrix stores."""
     hist = load_trace(path)
     rp = TraceRouting(eng.model, hist)
+    eng.speculative_gate = rp.gate
     eng.reconfigure(policy="finemoe", expert_budget=budget, map_store_learn=True)
     n = min(requests, hist.num_requests)
     t0 = time.perf_counter()
@@ -152,6 +154,9 @@ def main():
     if args.trace:
         trace = load_trace(args.trace)
         replays = [TraceRouting(plain, trace), TraceRouting(eng.model, trace)]
+        # speculative gates (mixtral-offloading, promoe, finemoe's refinement) replay the traced
+        # model's routers on the current router input, as the simulator does
+        eng.speculative_gate = replays[1].gate if trace.spec_probs else None
         log.info("trace routing: %s (%d requests), %s", args.trace, trace.num_requests, replays[0].layer_map)
         work = []
         for r in range(min(args.trace_requests, trace.num_requests)):
@@ -192,6 +197,9 @@ def main():
             "batch": 1,
             "routing": routing,
             "tpot": "median per-token step over all rounds (generate: per-call mean)",
+            "speculative_gates": "replayed from the trace (its spec1/spec2 router outputs)"
+            if args.trace and replays and replays[1].trace.spec_probs
+            else "the model's own routers",
             "warm_up": "each measured request follows 8 tokens of the previous request (its cache state)",
         },
         "history": history,
@@ -217,7 +225,8 @@ def main():
             record["copy_bandwidth"] = copy_bandwidth(eng, 128)
         except Exception:
             log.exception("copy bandwidth run failed")
-    caps = {b: int(eng.dense_bytes + float(b.rstrip("%")) / 100 * eng.spec.total_expert_bytes) for b in budgets}
+    acc_budgets = (args.accelerate_budgets or args.budgets).split(",")
+    caps = {b: int(eng.dense_bytes + float(b.rstrip("%")) / 100 * eng.spec.total_expert_bytes) for b in acc_budgets}
     eng.close()
     del eng
     if args.accelerate and device.type == "cuda":

@@ -87,3 +87,27 @@ def test_with_layers_matches_the_replay_map_and_prompt_ids(trace):
     replay = TraceRouting(random_model(cfg), trace)
     assert replay.prompt_ids(0) == [5, 9, 12, 7] and replay.prompt_ids(1) == [3, 3, 8, 1, 2]
     replay.remove()
+
+
+def test_speculative_gate_replays_the_traces_speculative_outputs(trace):
+    assert 1 in trace.spec_probs and 2 in trace.spec_probs
+    cfg = make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3)
+    eng = Engine.from_model(random_model(cfg, seed=3), expert_budget="50%", policy="lru", progress=False)
+    with eng:
+        replay = TraceRouting(eng.model, trace)
+        seen = []
+
+        def gate(target, hidden):
+            seen.append((replay._routed, target, replay.gate(target, hidden)))
+            return seen[-1][2]
+
+        eng.speculative_gate = gate
+        eng.reconfigure(policy="mixtral-offloading")  # its predictor asks layer l+1's gate at layer l
+        replay.start(0)
+        eng.generate(replay.prompt_ids(0), SamplingParams(max_new_tokens=3, ignore_eos=True))
+        assert len(seen) == 3 * 2  # layers 0 and 1 of every iteration (layer 2 has no next layer)
+        for (layer, a, b), target, probs in seen:
+            assert target == layer + 1
+            assert torch.equal(probs, trace.spec_probs[1][a:b, layer].float())
+        assert torch.count_nonzero(replay.gate(5, torch.zeros(1, 4))) == 0  # past the trace's last layer
+        replay.remove()

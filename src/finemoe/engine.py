@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,9 @@ class Engine:
         self.serving = False  # a continuous-batching scheduler owns the forward passes
         self._closed = False
         self.async_predictors: list[AsyncPredictor] = []
+        # Replay hook (benchmarks): a `gate(layer, hidden [T, H]) -> probs [T, E]` used by the
+        # speculative predictors instead of the model's routers; applies from the next reconfigure.
+        self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor] | None = None
         self.maps, self.requests = self._history_stores(config)
         self._setup(config)
 
@@ -213,7 +217,7 @@ class Engine:
         self.maps.distance = self.distance
         self.search_mode = "sync"
         predictors = []
-        self.gate = self._gate(refs)
+        self.gate = self.speculative_gate or self._gate(refs)
         deps = PredictorDeps(
             spec,
             self.distance,

@@ -49,6 +49,7 @@ class TraceRouting:
         self.num_layers = len(refs)
         self.trace_layers = trace.spec.num_layers
         self.request, self.iteration = 0, 0
+        self._routed: tuple[int, int, int] = (-1, 0, 0)  # (model layer, row a, row b) last replayed
         self.handles = [ref.router.register_forward_hook(self._hook(i), prepend=True) for i, ref in enumerate(refs)]
 
     @property
@@ -103,11 +104,27 @@ class TraceRouting:
             for i, t in enumerate(output):  # the top-k weights: the remaining [T, k] tensor
                 if i not in (logits_at, index_at) and isinstance(t, torch.Tensor) and t.shape == idx.shape:
                     out[i] = weights.to(t.device, t.dtype)
+            self._routed = (layer, a, b)
             if layer == last:
                 self.iteration += 1
             return tuple(out)
 
         return hook
+
+    def gate(self, target: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Speculative router outputs replayed from the trace (`Engine.speculative_gate`): what the
+        traced model's router of layer `target` gave on the router input of the layer just routed
+        (`spec<s>` tensors, s = target - that layer). `hidden` [T, H] is only counted.
+        Returns probabilities [T, E] float32 on the CPU; zeros where the trace has none (a stride
+        it did not record, or past its last layer)."""
+        source, a, b = self._routed
+        s = target - source
+        table = self.trace.spec_probs.get(s)
+        if source < 0 or table is None or source % self.trace_layers + s >= self.trace_layers:
+            return torch.zeros(hidden.shape[0], self.trace.spec.num_experts)
+        if b - a != hidden.shape[0]:
+            raise ConfigError(f"speculative gate asked for {hidden.shape[0]} rows; the routed iteration has {b - a}")
+        return table[a:b, source % self.trace_layers].float()
 
     def remove(self) -> None:
         for h in self.handles:
