@@ -47,6 +47,9 @@ class TraceRouting:
                 f"with that geometry (finemoe reference build --geometry {E}x{k})"
             )
         self.num_layers = len(refs)
+        weight = next(refs[0].router.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        self._base, self._staged = 0, None
         self.trace_layers = trace.spec.num_layers
         self.request, self.iteration = 0, 0
         self._routed: tuple[int, int, int] = (-1, 0, 0)  # (model layer, row a, row b) last replayed
@@ -71,9 +74,23 @@ class TraceRouting:
         return int(self.trace.output_len[request])
 
     def start(self, request: int) -> None:
+        """Replay `request` from its prefill on. Its routing is staged on the routers' device now,
+        so the hooks only slice device tensors: no host-device copy (and no synchronisation) in
+        the forward pass, which would otherwise serialise CPU and GPU work of every layer."""
         if not 0 <= request < self.trace.num_requests:
             raise ConfigError(f"the trace has {self.trace.num_requests} requests; got request {request}")
         self.request, self.iteration = request, 0
+        a, b = int(self.trace.row_start[request]), int(self.trace.row_start[request + 1])
+        probs = self.trace.probs[a:b].float()  # [N_r, L_t, E]
+        top = self.trace.topk[a:b].long()  # [N_r, L_t, k]
+        weights = probs.gather(2, top)
+        weights = weights / weights.sum(dim=2, keepdim=True).clamp_min(MIN_PROB)
+        self._base = a
+        self._staged = (  # layer-major [L_t, N_r, *]: a layer's rows are one contiguous block
+            probs.clamp_min(MIN_PROB).log().transpose(0, 1).contiguous().to(self.device, self.dtype),
+            top.transpose(0, 1).contiguous().to(self.device),
+            weights.transpose(0, 1).contiguous().to(self.device, self.dtype),
+        )
 
     def _hook(self, layer: int):
         trace, last = self.trace, self.num_layers - 1
@@ -94,16 +111,14 @@ class TraceRouting:
                     f"trace routing replays batch-1 requests: this forward pass routes {n_tok} tokens, the trace's "
                     f"iteration {self.iteration} of request {self.request} has {b - a} (use prompt_len(request))"
                 )
-            probs = trace.probs[a:b, lt].float().contiguous()  # [T, E]
-            top = trace.topk[a:b, lt].long().contiguous()  # [T, k]
-            weights = probs.gather(1, top)
-            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(MIN_PROB)
+            logp, top, weights = self._staged
+            r0, r1 = a - self._base, b - self._base
             out = list(output)
-            out[logits_at] = probs.clamp_min(MIN_PROB).log().to(logits.device, logits.dtype).view_as(logits)
-            out[index_at] = top.to(idx.device, idx.dtype)
+            out[logits_at] = logp[lt, r0:r1].to(logits.dtype).view_as(logits)  # [T, E]
+            out[index_at] = top[lt, r0:r1].to(idx.dtype)  # [T, k]
             for i, t in enumerate(output):  # the top-k weights: the remaining [T, k] tensor
                 if i not in (logits_at, index_at) and isinstance(t, torch.Tensor) and t.shape == idx.shape:
-                    out[i] = weights.to(t.device, t.dtype)
+                    out[i] = weights[lt, r0:r1].to(t.dtype)
             self._routed = (layer, a, b)
             if layer == last:
                 self.iteration += 1
