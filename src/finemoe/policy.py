@@ -121,6 +121,7 @@ class _PlanAwareHeap:
         self._version: dict[int, int] = {}
         self._heap: list[tuple[float, int, int, int]] = []
         self._planned: set[int] = set()  # flat ids a pending plan selected
+        self._held: list[tuple[float, int, int, int]] = []  # heap of entries found protected by `victim`
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
@@ -133,7 +134,7 @@ class _PlanAwareHeap:
         self._version[flat] = v
         heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
-            self._heap = []
+            self._heap, self._held = [], []
             for f in self.last:
                 self._version[f] = v = self._version.get(f, 0) + 1
                 self._heap.append((self._key(f), self.last[f], f, v))
@@ -143,12 +144,18 @@ class _PlanAwareHeap:
         if plan.iteration > self._iteration:
             self._iteration, self._layer_now = plan.iteration, -1
             self._planned.clear()
+            if self._held:
+                self._release()
         E = self.num_experts
         self._planned.update(r.expert.layer * E + r.expert.expert for r in plan.requests)
 
     def _reach(self, layer: int) -> None:
         """The forward pass reached `layer`: plans for it (and earlier layers) no longer protect."""
+        if layer == self._layer_now:
+            return
         self._layer_now = layer
+        if self._held:
+            self._release()
 
     def protected(self, eid: ExpertId) -> bool:
         return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
@@ -159,28 +166,48 @@ class _PlanAwareHeap:
         self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
 
     def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        heap, version, last, eids = self._heap, self._version, self.last, self._eid
+        heap, held, version, last, eids = self._heap, self._held, self._version, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         kept: list[tuple[float, int, int, int]] = []
-        found = fallback = None
+        found = None
         while heap:
             entry = heapq.heappop(heap)
             flat = entry[2]
             if version.get(flat) != entry[3] or flat not in last:
                 continue  # stale
-            kept.append(entry)
-            eid = eids[flat]
-            if flat >= first_unprotected and flat in planned:  # protected: only if nothing else can go
-                if fallback is None and evictable(eid):
-                    fallback = eid
+            if flat >= first_unprotected and flat in planned:
+                heapq.heappush(held, entry)  # protected: set aside until protection may have changed
                 continue
-            if evictable(eid):
-                found = eid
-                kept.pop()  # the caller evicts it (on_evict), so its entry would only go stale
+            if evictable(eids[flat]):
+                found = eids[flat]  # the caller evicts it (on_evict): its entry would only go stale
                 break
+            kept.append(entry)
         for entry in kept:
             heapq.heappush(heap, entry)
-        return found if found is not None else fallback
+        if found is not None:
+            return found
+        # nothing unprotected can go: the lowest-key protected one that can
+        back: list[tuple[float, int, int, int]] = []
+        while held:
+            entry = heapq.heappop(held)
+            flat = entry[2]
+            if version.get(flat) != entry[3] or flat not in last:
+                continue
+            if evictable(eids[flat]):
+                found = eids[flat]
+                break
+            back.append(entry)
+        for entry in back:
+            heapq.heappush(held, entry)
+        return found
+
+    def _release(self) -> None:
+        """Protection may have ended (the pass moved on, or a new iteration's plans): the entries
+        set aside as protected go back into the heap."""
+        heap = self._heap
+        for entry in self._held:
+            heapq.heappush(heap, entry)
+        self._held = []
 
 
 class MapAwarePolicy(_PlanAwareHeap):
@@ -268,7 +295,7 @@ class DecayLFUPolicy(_PlanAwareHeap):
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         if eid.layer != self._layer_now:
-            self._layer_now = eid.layer  # the forward pass reached this layer (`_reach`)
+            self._reach(eid.layer)
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)
         self.last[flat] = step
