@@ -79,6 +79,11 @@ def parse_args(argv=None):
     ap.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens per Accelerate request")
     ap.add_argument("--accelerate-requests", type=int, default=1)
     ap.add_argument("--accelerate-budgets", help="default: --budgets")
+    ap.add_argument(
+        "--accelerate-only",
+        action="store_true",
+        help="only transformers generate (all on GPU) and Accelerate offloading, no engine (fits one call)",
+    )
     ap.add_argument("--serve-requests", type=int, default=0, help="online serving run: requests per policy (0: none)")
     ap.add_argument(
         "--serve-rate",
@@ -128,12 +133,65 @@ def warm_history(eng, path, requests, budget):
     return {"trace": path, "requests": n, "expert_maps": eng.maps.size}
 
 
+def accelerate_only(args, device, dtype) -> int:
+    """transformers generate with every weight on the GPU, then Accelerate offloading at each
+    budget, on the same model and requests; GPU caps = non-expert bytes + the budget's share of
+    expert bytes (the same caps the full run uses)."""
+    from transformers import AutoModelForCausalLM
+
+    from finemoe.loader import build_spec
+    from finemoe.models import get_adapter
+
+    cfg = shape_config(args.shape, args.layers)
+    torch.manual_seed(0)
+    with device:
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    plain.generation_config.eos_token_id = None
+    spec = build_spec(plain, get_adapter(cfg.model_type), dtype)
+    total = sum(p.numel() * p.element_size() for p in plain.parameters())
+    dense = total - spec.total_expert_bytes
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    work, replays = [(prompt, args.new_tokens, lambda: None)], []
+    if args.trace:
+        trace = load_trace(args.trace)
+        replays = [TraceRouting(plain, trace)]
+        work = [
+            (replays[0].prompt_ids(r), replays[0].output_len(r), lambda r=r: replays[0].start(r))
+            for r in range(min(args.accelerate_requests, trace.num_requests))
+        ]
+    work[0][2]()
+    hf_generate(plain, torch.tensor([work[0][0]], device=device), 4)  # warm-up
+    ref = [hf_run(plain, p, n, device, before) for p, n, before in work]
+    budgets = (args.accelerate_budgets or args.budgets).split(",")
+    caps = {b: int(dense + float(b.rstrip("%")) / 100 * spec.total_expert_bytes) for b in budgets}
+    record = {
+        "meta": run_meta(),
+        "config": vars(args) | {"batch": 1, "routing": f"trace ({args.trace})" if args.trace else "the model's own"},
+        "spec": {"total_expert_bytes": spec.total_expert_bytes, "dense_bytes": dense},
+        "runs": [summarize(ref) | {"policy": "transformers-generate", "budget": None}],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    if device.type != "cuda":
+        log.warning("Accelerate offloading needs a CUDA device; only the reference was measured")
+        print_table(record)
+        return 0
+    acc = accelerate_runs(plain, caps, work, device, args.accelerate_tokens)
+    record["runs"] += [summarize(v) | {"policy": "accelerate", "budget": b} for b, v in acc.items()]
+    out.write_text(json.dumps(record, indent=1))
+    print_table(record)
+    return 0
+
+
 def main():
     args = parse_args()
     if args.plot:
         return plot(Path(args.plot))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    if args.accelerate_only:
+        return accelerate_only(args, device, dtype)
     cfg, plain, eng, offload_s = build(args, device, dtype)
     budgets = args.budgets.split(",")
     configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]

@@ -98,6 +98,8 @@ class TraceRouting:
         logits_at, index_at = self.adapter.router_logits_at, self.adapter.router_index_at
 
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
+            if self._staged is None:
+                raise ConfigError("trace routing: call start(request) before generating")
             if self.iteration >= int(trace.output_len[self.request]):
                 raise ConfigError(
                     f"request {self.request} of the trace has {int(trace.output_len[self.request])} iterations; "

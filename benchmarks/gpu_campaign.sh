@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The trace-routed GPU campaign of issue 7, one part per device call (each under ~9 minutes on
+# the H200, measured 2026-11-29). Traces in gpu_traces/ (ignored by git; carry it):
+#   q60x4_test.fmt (8 requests) + q60x4_hist.fmt (24)     ~36 MiB   for qwen15 / serve15
+#   q128x8_test.fmt (8 requests) + q128x8_hist.fmt (16)   ~58 MiB   for qwen3
+# made with benchmarks/slim_trace.py from traces recorded as in docs/results/gpu_trace.md.
+# Usage: bash benchmarks/gpu_campaign.sh PART OUTDIR
+set -euo pipefail
+part=$1 out=${2:-$OUT}
+export PYTHONPATH=src
+B="python benchmarks/bench_offload.py"
+POL=lru,mixtral-offloading,promoe,moe-infinity,finemoe
+case $part in
+  tests)    # ~2 min
+    python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
+  qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
+    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --policies $POL --budgets 50%,25% \
+      --repeats 2 --skip-loop --accelerate --accelerate-budgets 25% --accelerate-tokens 3 \
+      --out "$out/offload_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
+  serve15)  # online run only: history ~100 s, 1 round, serving 3 policies x 8 requests ~120 s
+    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --policies lru,finemoe --budgets 25% \
+      --repeats 1 --skip-loop --serve-requests 8 --serve-policies lru,mixtral-offloading,promoe,finemoe \
+      --out "$out/serve_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
+  qwen3)    # offload ~40 s, history ~150 s, 2 rounds x 6 configs x 2 requests ~260 s
+    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 16 --policies $POL --budgets 25% \
+      --repeats 2 --skip-loop --out "$out/offload_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
+  acc3)     # transformers all-GPU + Accelerate 25% on Qwen3-30B-A3B, same requests
+    timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
+      --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
+      --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|acc3)"; exit 2 ;;
+esac
