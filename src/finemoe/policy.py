@@ -126,6 +126,11 @@ class _PlanAwareHeap:
         self._iteration = -1
         self._layer_now = -1
 
+    # True if keys only ever rise between pushes (a use raises them): uses then push nothing and a
+    # victim search re-pushes an entry whose key rose when it reaches the top (lazy increase-key;
+    # the same victims, far fewer heap operations).
+    _lazy = False
+
     def _key(self, flat: int) -> float:
         raise NotImplementedError
 
@@ -170,11 +175,15 @@ class _PlanAwareHeap:
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         kept: list[tuple[float, int, int, int]] = []
         found = None
+        lazy = self._lazy
         while heap:
             entry = heapq.heappop(heap)
             flat = entry[2]
             if version.get(flat) != entry[3] or flat not in last:
                 continue  # stale
+            if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
+                self._push(flat)  # its key rose since: back in at its current place
+                continue
             if flat >= first_unprotected and flat in planned:
                 heapq.heappush(held, entry)  # protected: set aside until protection may have changed
                 continue
@@ -192,6 +201,11 @@ class _PlanAwareHeap:
             entry = heapq.heappop(held)
             flat = entry[2]
             if version.get(flat) != entry[3] or flat not in last:
+                continue
+            if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
+                v = version[flat] + 1
+                version[flat] = v
+                heapq.heappush(held, (self._key(flat), last[flat], flat, v))
                 continue
             if evictable(eids[flat]):
                 found = eids[flat]
@@ -265,6 +279,7 @@ class DecayLFUPolicy(_PlanAwareHeap):
     """
 
     name = "decay-lfu"
+    _lazy = True  # a use adds to the decayed count: log(c·γ^Δt + 1) - t·log γ > log c - t0·log γ
     prefetch_count = 0.5  # a prefetch counts as this many uses until the router confirms it
 
     def __init__(self, num_layers: int, num_experts: int, gamma: float = 0.95) -> None:
@@ -297,9 +312,8 @@ class DecayLFUPolicy(_PlanAwareHeap):
         if eid.layer != self._layer_now:
             self._reach(eid.layer)
         flat = eid.layer * self.num_experts + eid.expert
-        self._use(flat, step)
+        self._use(flat, step)  # raises its key: the heap entry is refreshed lazily (`_lazy`)
         self.last[flat] = step
-        self._push(flat)
 
 
 # name -> factory(num_layers, num_experts)
