@@ -32,6 +32,7 @@ class ExpertCache:
         policy: EvictionPolicy,
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
+        self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -112,7 +113,10 @@ class ExpertCache:
         for a prefetch, pinned or protected by a pending plan)."""
         if self._free:
             return self._free.pop()
-        victim = self.policy.victim(self._evictable_for_prefetch if for_prefetch else self._evictable)
+        if for_prefetch:
+            victim = self.policy.victim(self._evictable_for_prefetch)
+        else:  # refuses only pinned experts: they stay pinned until `release`
+            victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
             return None
         layer, expert = victim
@@ -216,6 +220,8 @@ class ExpertCache:
         self.transfer.after_compute(slots)
         for s in slots:
             refcount[s] -= 1
+        if self._on_release is not None:
+            self._on_release()
 
     def try_prefetch(self, eid: ExpertId, iteration: int = -1) -> bool:
         """Start copying `eid` in if absent and a slot can be freed; True if a copy started.

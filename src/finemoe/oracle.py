@@ -76,7 +76,7 @@ class BeladyPolicy:
     def on_evict(self, eid: ExpertId) -> None:
         del self.next[eid]
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         for eid, _ in sorted(self.next.items(), key=lambda kv: kv[1], reverse=True):
             if evictable(eid):
                 return eid

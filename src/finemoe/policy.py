@@ -32,8 +32,10 @@ class EvictionPolicy(Protocol):
 
     def on_evict(self, eid: ExpertId) -> None: ...
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        """The resident expert to evict next among those `evictable` accepts, or None."""
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
+        """The resident expert to evict next among those `evictable` accepts, or None.
+        `pinned_only`: `evictable` refuses only experts pinned until the cache's next
+        `on_release` (a policy may then set them aside until it)."""
         ...
 
 
@@ -65,7 +67,7 @@ class LRUPolicy(_PlanBlind):
     def on_evict(self, eid: ExpertId) -> None:
         del self._order[eid]
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         for eid in self._order:
             if evictable(eid):
                 return eid
@@ -94,7 +96,7 @@ class LFUPolicy(_PlanBlind):
         del self._count[eid]
         del self._last[eid]
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         best, best_key = None, None
         for eid, count in self._count.items():
             key = (count, self._last[eid])
@@ -122,6 +124,7 @@ class _PlanAwareHeap:
         self._heap: list[tuple[float, int, int, int]] = []
         self._planned: set[int] = set()  # flat ids a pending plan selected
         self._held: list[tuple[float, int, int, int]] = []  # heap of entries found protected by `victim`
+        self._busy: list[tuple[float, int, int, int]] = []  # entries found pinned, until `on_release`
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
@@ -139,7 +142,7 @@ class _PlanAwareHeap:
         self._version[flat] = v
         heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
-            self._heap, self._held = [], []
+            self._heap, self._held, self._busy = [], [], []
             for f in self.last:
                 self._version[f] = v = self._version.get(f, 0) + 1
                 self._heap.append((self._key(f), self.last[f], f, v))
@@ -170,7 +173,7 @@ class _PlanAwareHeap:
         del self.last[flat]
         self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
 
-    def victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         heap, held, version, last, eids = self._heap, self._held, self._version, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         kept: list[tuple[float, int, int, int]] = []
@@ -190,7 +193,7 @@ class _PlanAwareHeap:
             if evictable(eids[flat]):
                 found = eids[flat]  # the caller evicts it (on_evict): its entry would only go stale
                 break
-            kept.append(entry)
+            (self._busy if pinned_only else kept).append(entry)  # pinned: aside until on_release
         for entry in kept:
             heapq.heappush(heap, entry)
         if found is not None:
@@ -214,6 +217,13 @@ class _PlanAwareHeap:
         for entry in back:
             heapq.heappush(held, entry)
         return found
+
+    def on_release(self) -> None:
+        """The cache unpinned experts: the entries set aside as pinned go back into the heap."""
+        heap = self._heap
+        for entry in self._busy:
+            heapq.heappush(heap, entry)
+        self._busy = []
 
     def _release(self) -> None:
         """Protection may have ended (the pass moved on, or a new iteration's plans): the entries
