@@ -235,6 +235,20 @@ def test_finemoe_weak_match_prefetches_more_and_out_of_step_events_are_ignored()
     assert pred.on_routing(_ev(0, 0, [[0.25] * 4])) is None  # an event of an older iteration
 
 
+def test_map_min_score_plans_only_from_confident_matches():
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    maps.add(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.4, 0.3, 0.2, 0.1]] * 2]))
+    pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps, map_min_score=0.8))
+    assert len(pred.on_iteration_start(_ctx(0, torch.tensor([[1.0, 0.0]]))).requests) == 2  # cosine 1
+    # layer 0 routes [0.1, 0.2, 0.3, 0.4]: trajectory cosine 0.667 < 0.8 -> no requests for layer 1
+    plan = pred.on_routing(_ev(0, 0, [[0.1, 0.2, 0.3, 0.4]]))
+    assert plan is not None and plan.requests == ()
+    assert len(pred.on_iteration_start(_ctx(1, torch.tensor([[1.0, 1.0]]))).requests) == 0  # cosine 0.707
+    # batched rows: only the confident row plans (row 0 matches exactly, row 1 is orthogonal)
+    two = _ctx(2, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert {r.expert for r in pred.on_iteration_start(two).requests} == {ExpertId(0, 0), ExpertId(0, 1)}
+
+
 def test_history_recorder_inserts_after_the_search_of_the_last_layer():
     maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
     from finemoe.baselines import RequestMatrixStore

@@ -61,6 +61,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--search", choices=["auto", "sync", "async"], default="auto", help="where map search runs")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
+    ap.add_argument(
+        "--map-min-score",
+        type=float,
+        default=0.0,
+        help="finemoe: prefetch from a matched expert map only if its match score reaches this (0 = always)",
+    )
     ap.add_argument("--no-gate-refine", action="store_true", help="finemoe: expert maps only (no next-layer gate)")
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
@@ -86,6 +92,7 @@ def _engine(args: argparse.Namespace):
         search=args.search,
         map_store_rows=args.map_store_rows,
         trajectory_window=args.trajectory_window,
+        map_min_score=args.map_min_score,
         gate_refine=not args.no_gate_refine,
         eviction=args.eviction,
         progress=not args.no_progress,
@@ -392,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(flag, **kw)
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
-    t.set_defaults(map_store_rows="all", trajectory_window=0, no_gate_refine=False, eviction=None)
+    t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

@@ -228,6 +228,7 @@ class Engine:
             semantic=config.semantic_search,
             map_values=config.map_values,
             trajectory_window=config.trajectory_window,
+            map_min_score=config.map_min_score,
             store_rows=config.map_store_rows,
         )
         members = predictor_members(preset, config, deps, plan.all_resident)

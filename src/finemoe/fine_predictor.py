@@ -10,6 +10,7 @@ every row a store row when the iteration's last layer has routed (online mode).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ class FineMoEPredictor:
         self.distance = deps.distance
         self.rule = deps.delta_rule
         self.window = deps.trajectory_window
+        self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
         self.ctx: IterationContext | None = None
@@ -86,7 +88,11 @@ class FineMoEPredictor:
             self.traj_sum += score
             self.traj_n += 1
             hint = self.store.by_layer[target, row]  # [E]
-            chosen = select_one(self.store._by_layer_np[target, row], score, self.spec.top_k, self.rule)
+            chosen = (
+                select_one(self.store._by_layer_np[target, row], score, self.spec.top_k, self.rule)
+                if score >= self.min_score
+                else {}
+            )
         else:
             sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
             scores, rows = sim.max(dim=1)
@@ -101,9 +107,16 @@ class FineMoEPredictor:
         )
 
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
-        """δ selection and batch merge of one target layer: {expert: p}."""
+        """δ selection and batch merge of one target layer: {expert: p}. Rows whose match scores
+        below `map_min_score` plan nothing."""
         if probs.shape[0] == 1:  # decode at batch 1: a few NumPy ops beat a dozen tensor ops
-            return select_one(probs[0].numpy(), float(scores[0]), self.spec.top_k, self.rule)
+            score = float(scores[0])
+            return select_one(probs[0].numpy(), score, self.spec.top_k, self.rule) if score >= self.min_score else {}
+        if self.min_score > -math.inf:
+            keep = scores >= self.min_score  # [N]
+            if not bool(keep.any()):
+                return {}
+            probs, scores = probs[keep], scores[keep]
         return merge_rows(probs, select_by_delta(probs, scores, self.spec.top_k, self.rule))
 
     def end_requests(self) -> None:

@@ -234,6 +234,7 @@ class Simulator:
                 semantic=config.semantic_search,
                 map_values=config.map_values,
                 trajectory_window=config.trajectory_window,
+                map_min_score=config.map_min_score,
                 store_rows=config.map_store_rows,
             )
             if reads_router_inputs(preset, config) and not spec_probs:
