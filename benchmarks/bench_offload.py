@@ -54,7 +54,11 @@ def parse_args(argv=None):
     ap.add_argument("--shape", default="olmoe")
     ap.add_argument("--layers", type=int, help="default: full depth")
     ap.add_argument("--budgets", default="50%,25%", help="offloaded budgets (100%% all-gpu is always measured)")
-    ap.add_argument("--policies", default="lru,lfu,previous-token")
+    ap.add_argument(
+        "--policies",
+        default="lru,lfu,previous-token",
+        help="comma-separated; an entry may set engine knobs: finemoe+map_min_score=0.8",
+    )
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds")
@@ -93,6 +97,23 @@ def parse_args(argv=None):
     ap.add_argument("--serve-budget", default="25%")
     ap.add_argument("--serve-policies", help="default: --policies")
     return ap.parse_args(argv)
+
+
+def policy_settings(tokens: list[str]) -> dict[str, dict]:
+    """`--policies` entries -> engine settings: "finemoe+map_min_score=0.8+gate_refine=False" is
+    the finemoe policy with those EngineConfig fields; every knob any entry sets is reset to its
+    default for the others (reconfigure keeps unnamed settings)."""
+    import ast
+
+    from finemoe.config import EngineConfig
+
+    parsed = {}
+    for tok in tokens:
+        name, *kvs = tok.split("+")
+        parsed[tok] = {"policy": name} | {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in kvs)}
+    defaults = EngineConfig()
+    knobs = {k for d in parsed.values() for k in d if k != "policy"}
+    return {tok: {k: getattr(defaults, k) for k in knobs} | d for tok, d in parsed.items()}
 
 
 def build(args, device, dtype):
@@ -197,6 +218,7 @@ def main():
     configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]
     if args.skip_loop:
         configs.pop(1)
+    settings = policy_settings(args.policies.split(","))
     configs += [(p, b) for b in budgets for p in args.policies.split(",")]
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
@@ -228,7 +250,7 @@ def main():
     for rnd in range(args.repeats):
         for name, budget in configs:
             if budget:
-                eng.reconfigure(policy=name, expert_budget=budget, map_store_learn=learn)
+                eng.reconfigure(**settings.get(name, {"policy": name}), expert_budget=budget, map_store_learn=learn)
             for i, item in enumerate(work):
                 p, n, before = item
                 if name == "transformers-generate":
@@ -309,8 +331,10 @@ def serve(args, eng, work, runs, learn):
         rate = float(args.serve_rate)
     arrivals = poisson_arrivals(args.serve_requests, rate, seed=0)
     out = {"rate_rps": rate, "budget": args.serve_budget, "requests": args.serve_requests, "policies": {}}
-    for name in (args.serve_policies or args.policies).split(","):
-        eng.reconfigure(policy=name, expert_budget=args.serve_budget, map_store_learn=learn)
+    names = (args.serve_policies or args.policies).split(",")
+    settings = policy_settings(names)
+    for name in names:
+        eng.reconfigure(**settings[name], expert_budget=args.serve_budget, map_store_learn=learn)
         res = serving_run(eng, work, arrivals)
         out["policies"][name] = res
         log.info(
