@@ -8,7 +8,7 @@ import torch
 from finemoe import Engine, SamplingParams
 from finemoe.errors import ConfigError
 from finemoe.synthetic import make_config, random_model
-from finemoe.trace import record
+from finemoe.trace import TraceError, record
 from finemoe.trace_routing import TraceRouting
 
 
@@ -83,6 +83,8 @@ def test_with_layers_matches_the_replay_map_and_prompt_ids(trace):
         assert torch.equal(deep.topk[:, l_model], trace.topk[:, l_trace])
         assert torch.equal(deep.probs[:, l_model], trace.probs[:, l_trace])
     assert trace.with_layers(2).probs.shape[1] == 2
+    with pytest.raises(TraceError, match="requests 0..1"):
+        trace.subset([0, 2])
     cfg = make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, num_hidden_layers=3)
     replay = TraceRouting(random_model(cfg), trace)
     assert replay.prompt_ids(0) == [5, 9, 12, 7] and replay.prompt_ids(1) == [3, 3, 8, 1, 2]

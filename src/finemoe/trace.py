@@ -120,6 +120,9 @@ class Trace:
 
     def subset(self, requests: list[int]) -> Trace:
         """A trace of the given requests (in that order); shares the embedding table."""
+        bad = [r for r in requests if not 0 <= r < self.num_requests]
+        if bad:
+            raise TraceError(f"the trace has requests 0..{self.num_requests - 1}; asked for {bad[:5]}")
         parts = [(int(self.row_start[r]), int(self.row_start[r + 1])) for r in requests]
         idx = torch.cat([torch.arange(a, b) for a, b in parts]) if parts else torch.zeros(0, dtype=torch.long)
         lens = torch.tensor([b - a for a, b in parts], dtype=torch.int64)
