@@ -67,6 +67,11 @@ class TimedLink:
             q.append([start, start + c_s, slot, False])
             self.done[slot] = start + c_s
             return
+        if not q or q[-1][3] or q[-1][0] <= t:  # no queued prefetch (the queue: started, demand, queued)
+            start = q[-1][1] if q and q[-1][1] > t else t
+            q.append([start, start + c_s, slot, True])
+            self.done[slot] = start + c_s
+            return
         # started copies (and earlier demand copies) keep their place; queued prefetches move back
         i = 0
         while i < len(q) and (q[i][0] <= t or q[i][3]):
