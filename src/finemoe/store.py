@@ -40,6 +40,7 @@ class ExpertStore:
         self.spec = spec
         self.chunks = [torch.empty(spec.num_experts, spec.expert_numel, dtype=spec.dtype) for _ in spec.moe_layers]
         self.pinned = False
+        self._views: dict[ExpertId, list[torch.Tensor]] = {}
         if pin:
             self._pin()
 
@@ -51,8 +52,12 @@ class ExpertStore:
         return self.chunks[eid.layer][eid.expert]
 
     def parts(self, eid: ExpertId) -> list[torch.Tensor]:
-        """The expert's parts as contiguous views of its slab, shaped like `spec.parts`."""
-        return part_views(self.slab(eid), self.spec)
+        """The expert's parts as contiguous views of its slab, shaped like `spec.parts` (made once
+        per expert: every copy into a slot asks for them)."""
+        views = self._views.get(eid)
+        if views is None:
+            views = self._views[eid] = part_views(self.slab(eid), self.spec)
+        return views
 
     @torch.no_grad()
     def fill(self, source: ExpertSource, progress: bool = True, desc: str = "loading experts") -> None:
