@@ -92,7 +92,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--serve-rate",
         default="auto",
-        help="Poisson arrival rate (req/s), or auto = 0.5 / the all-gpu engine's mean request time",
+        help="Poisson arrival rate (req/s), or auto = 0.5 / the all-gpu engine's median request time",
     )
     ap.add_argument("--serve-budget", default="25%")
     ap.add_argument("--serve-policies", help="default: --policies")
@@ -140,7 +140,7 @@ def warm_history(eng, path, requests, budget):
     recorder fills the expert-map and request-matrix stores."""
     hist = load_trace(path)
     rp = TraceRouting(eng.model, hist)
-    eng.speculative_gate = rp.gate
+    eng.speculative_gate = rp.gate if hist.spec_probs else None
     eng.reconfigure(policy="finemoe", expert_budget=budget, map_store_learn=True)
     n = min(requests, hist.num_requests)
     t0 = time.perf_counter()
@@ -218,7 +218,9 @@ def main():
     configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]
     if args.skip_loop:
         configs.pop(1)
-    settings = policy_settings(args.policies.split(","))
+    # one settings table for every reconfigure, so that knobs an entry sets never leak into another
+    serve_names = (args.serve_policies or args.policies).split(",")
+    settings = policy_settings(sorted(set(args.policies.split(",") + serve_names + ["all-gpu", "lru"])))
     configs += [(p, b) for b in budgets for p in args.policies.split(",")]
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
@@ -267,7 +269,7 @@ def main():
     serving = None
     if args.serve_requests:
         try:
-            serving = serve(args, eng, work, runs, learn)
+            serving = serve(args, eng, work, runs, learn, settings)
         except Exception:
             log.exception("serving run failed")
     record = {
@@ -280,7 +282,8 @@ def main():
             "speculative_gates": "replayed from the trace (its spec1/spec2 router outputs)"
             if args.trace and replays and replays[1].trace.spec_probs
             else "the model's own routers",
-            "warm_up": "each measured request follows 8 tokens of the previous request (its cache state)",
+            "warm_up": "each measured request follows 8 tokens of the previous request (its cache state; "
+            "the request itself when only one is measured)",
         },
         "history": history,
         "spec": {
@@ -300,7 +303,7 @@ def main():
     out.write_text(json.dumps(record, indent=1))  # saved now: the extras below may fail or time out
     if device.type == "cuda":
         try:
-            eng.reconfigure(policy="lru", expert_budget="25%")
+            eng.reconfigure(**settings["lru"], expert_budget="25%")
             copy_bandwidth(eng, 16)  # warm-up
             record["copy_bandwidth"] = copy_bandwidth(eng, 128)
         except Exception:
@@ -322,7 +325,7 @@ def main():
     return 0
 
 
-def serve(args, eng, work, runs, learn):
+def serve(args, eng, work, runs, learn, settings):
     """The online serving run per policy at `--serve-budget` (see `offload_runs.serving_run`)."""
     if args.serve_rate == "auto":
         base = next(r for r in runs if r["policy"] == "all-gpu")["e2e_s"]
@@ -331,9 +334,7 @@ def serve(args, eng, work, runs, learn):
         rate = float(args.serve_rate)
     arrivals = poisson_arrivals(args.serve_requests, rate, seed=0)
     out = {"rate_rps": rate, "budget": args.serve_budget, "requests": args.serve_requests, "policies": {}}
-    names = (args.serve_policies or args.policies).split(",")
-    settings = policy_settings(names)
-    for name in names:
+    for name in (args.serve_policies or args.policies).split(","):
         eng.reconfigure(**settings[name], expert_budget=args.serve_budget, map_store_learn=learn)
         res = serving_run(eng, work, arrivals)
         out["policies"][name] = res

@@ -49,7 +49,9 @@ class SpeculativeGatePredictor:
             hidden = event.hidden  # every position is a live row (batch 1, no padding)
         else:
             hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
-        probs = self.gate(target, hidden)  # [N, E] CPU
+        probs = self.gate(target, hidden)  # [N, E] CPU, or None: the gate cannot say for this layer
+        if probs is None:
+            return None
         k = self.spec.top_k
         if probs.shape[0] == 1:  # decode at batch 1: plain Python beats a handful of tensor ops
             row = probs[0].tolist()

@@ -149,7 +149,7 @@ class Engine:
         self.async_predictors: list[AsyncPredictor] = []
         # Replay hook (benchmarks): a `gate(layer, hidden [T, H]) -> probs [T, E]` used by the
         # speculative predictors instead of the model's routers; applies from the next reconfigure.
-        self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+        self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
         self.maps, self.requests = self._history_stores(config)
         self._setup(config)
 

@@ -185,7 +185,9 @@ class _PlanAwareHeap:
             if version.get(flat) != entry[3] or flat not in last:
                 continue  # stale
             if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
-                self._push(flat)  # its key rose since: back in at its current place
+                v = version[flat] + 1  # its key rose since: back in at its current place (in place:
+                version[flat] = v  # `_push` may compact and rebind the heap this loop walks)
+                heapq.heappush(heap, (self._key(flat), last[flat], flat, v))
                 continue
             if flat >= first_unprotected and flat in planned:
                 heapq.heappush(held, entry)  # protected: set aside until protection may have changed

@@ -20,7 +20,7 @@ from finemoe.errors import ConfigError
 from finemoe.types import ExpertId, IterationContext, MoESpec, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 # (target MoE layer, router input [T, H] on the device) -> router probabilities [T, E] on the CPU
-GateFn = Callable[[int, torch.Tensor], torch.Tensor]
+GateFn = Callable[[int, torch.Tensor], torch.Tensor | None]  # None: no speculation for that layer
 
 DELTA_RULES = ("paper", "demo", "topk")  # topk: exactly k experts, no δ (the ablation)
 # Cumulative probabilities within this of δ count as reaching it, so float32 (tensor) and float64

@@ -91,6 +91,7 @@ class ExpertStore:
         self._finalizer = weakref.finalize(self, _unregister, list(self.chunks))
 
     def close(self) -> None:
+        self._views.clear()  # the cached views would keep the chunks alive
         if self.pinned:
             self._finalizer()
             self.pinned = False

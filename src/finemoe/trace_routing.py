@@ -128,17 +128,17 @@ class TraceRouting:
 
         return hook
 
-    def gate(self, target: int, hidden: torch.Tensor) -> torch.Tensor:
+    def gate(self, target: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Speculative router outputs replayed from the trace (`Engine.speculative_gate`): what the
         traced model's router of layer `target` gave on the router input of the layer just routed
         (`spec<s>` tensors, s = target - that layer). `hidden` [T, H] is only counted.
-        Returns probabilities [T, E] float32 on the CPU; zeros where the trace has none (a stride
-        it did not record, or past its last layer)."""
+        Returns probabilities [T, E] float32 on the CPU, or None where the trace has none (a
+        stride it did not record, or a target past its last layer): no speculative plan there."""
         source, a, b = self._routed
         s = target - source
         table = self.trace.spec_probs.get(s)
         if source < 0 or table is None or source % self.trace_layers + s >= self.trace_layers:
-            return torch.zeros(hidden.shape[0], self.trace.spec.num_experts)
+            return None
         if b - a != hidden.shape[0]:
             raise ConfigError(f"speculative gate asked for {hidden.shape[0]} rows; the routed iteration has {b - a}")
         return table[a:b, source % self.trace_layers].float()
