@@ -76,33 +76,58 @@ class LRUPolicy(_PlanBlind):
 
 class LFUPolicy(_PlanBlind):
     """Least frequently used first, counting uses while resident (reset on eviction, as in
-    MoE-Infinity); ties go to the least recently used."""
+    MoE-Infinity); ties go to the least recently used, then to the earliest inserted.
+
+    A heap of (count, last use, insertion number, expert) refreshed lazily: a use only raises an
+    expert's key, so its entry is re-pushed when it reaches the top with an outdated key (the
+    victims of a full scan, in a few heap operations)."""
 
     name = "lfu"
 
     def __init__(self) -> None:
         self._count: dict[ExpertId, int] = {}
         self._last: dict[ExpertId, int] = {}
+        self._seq: dict[ExpertId, int] = {}  # insertion number of the current residency
+        self._inserted = 0
+        self._heap: list[tuple[int, int, int, ExpertId]] = []
+        self._busy: list[tuple[int, int, int, ExpertId]] = []  # found pinned: aside until on_release
 
     def on_insert(self, eid: ExpertId, step: int) -> None:
-        self._count[eid] = 0
-        self._last[eid] = step
+        self._inserted += 1
+        self._count[eid], self._last[eid], self._seq[eid] = 0, step, self._inserted
+        heapq.heappush(self._heap, (0, step, self._inserted, eid))
 
     def on_access(self, eid: ExpertId, step: int) -> None:
-        self._count[eid] += 1
+        self._count[eid] += 1  # raises its key: the heap entry is refreshed when it surfaces
         self._last[eid] = step
 
     def on_evict(self, eid: ExpertId) -> None:
-        del self._count[eid]
-        del self._last[eid]
+        del self._count[eid], self._last[eid], self._seq[eid]
+
+    def on_release(self) -> None:
+        for entry in self._busy:
+            heapq.heappush(self._heap, entry)
+        self._busy = []
 
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
-        best, best_key = None, None
-        for eid, count in self._count.items():
-            key = (count, self._last[eid])
-            if (best_key is None or key < best_key) and evictable(eid):
-                best, best_key = eid, key
-        return best
+        heap, count, last, seq = self._heap, self._count, self._last, self._seq
+        kept: list[tuple[int, int, int, ExpertId]] = []
+        found = None
+        while heap:
+            entry = heapq.heappop(heap)
+            c, t, q, eid = entry
+            if seq.get(eid) != q:
+                continue  # left the device since
+            if c != count[eid] or t != last[eid]:
+                heapq.heappush(heap, (count[eid], last[eid], q, eid))
+                continue
+            if evictable(eid):
+                found = eid  # the caller evicts it
+                break
+            (self._busy if pinned_only else kept).append(entry)
+        for entry in kept:
+            heapq.heappush(heap, entry)
+        return found
 
 
 class _PlanAwareHeap:
