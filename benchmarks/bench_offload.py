@@ -38,6 +38,7 @@ from offload_report import plot, print_table  # noqa: E402
 from offload_runs import (  # noqa: E402
     accelerate_runs,
     copy_bandwidth,
+    engine_profile,
     engine_run,
     hf_generate,
     hf_run,
@@ -97,6 +98,11 @@ def parse_args(argv=None):
     )
     ap.add_argument("--serve-budget", default="25%")
     ap.add_argument("--serve-policies", help="default: --policies")
+    ap.add_argument(
+        "--profile",
+        help="comma-separated policy entries: after the timed rounds, one request of each under cProfile "
+        "at the last budget (text tables next to --out)",
+    )
     return ap.parse_args(argv)
 
 
@@ -221,7 +227,8 @@ def main():
         configs.pop(1)
     # one settings table for every reconfigure, so that knobs an entry sets never leak into another
     serve_names = (args.serve_policies or args.policies).split(",")
-    settings = policy_settings(sorted(set(args.policies.split(",") + serve_names + ["all-gpu", "lru"])))
+    prof_names = args.profile.split(",") if args.profile else []
+    settings = policy_settings(sorted(set(args.policies.split(",") + serve_names + prof_names + ["all-gpu", "lru"])))
     configs += [(p, b) for b in budgets for p in args.policies.split(",")]
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
     hf_generate(plain, torch.tensor([prompt], device=device), 4)  # warm-up
@@ -302,6 +309,13 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))  # saved now: the extras below may fail or time out
+    for name in prof_names:
+        eng.reconfigure(**settings[name], expert_budget=budgets[-1], map_store_learn=learn)
+        text = engine_profile(eng, work[0], work[-1])
+        path = Path(args.out).with_suffix(f".profile-{name.replace('+', '_').replace('=', '-')}.txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        log.info("profile of %s at %s written to %s", name, budgets[-1], path)
     if device.type == "cuda":
         try:
             eng.reconfigure(**settings["lru"], expert_budget="25%")

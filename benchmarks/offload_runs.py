@@ -21,7 +21,17 @@ from finemoe.types import ExpertId
 
 log = logging.getLogger("bench")
 
-CACHE_KEYS = ("hits", "misses", "bytes_copied", "stall_s", "demand_bytes", "prefetches_issued", "prefetches_used")
+CACHE_KEYS = (
+    "hits",
+    "misses",
+    "bytes_copied",
+    "stall_s",
+    "demand_bytes",
+    "prefetches_issued",
+    "prefetches_used",
+    "prefetches_late",
+    "prefetches_wasted",
+)
 
 
 def sync(device):
@@ -76,6 +86,8 @@ def engine_run(eng, item, warm):
     engine_request(eng, (warm[0], min(8, warm[1]), warm[2]))
     if eng.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    rt = eng.runtime
+    crit0, iters0 = rt.critical_decode_s, rt.decode_iterations
     out, e2e = engine_request(eng, item)
     c = out.cache
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
@@ -84,7 +96,29 @@ def engine_run(eng, item, warm):
         "e2e_s": e2e,
         "steps_s": steps(out.token_times_s),
         "peak_gpu_bytes": peak,
+        "predictor_decode_s": rt.critical_decode_s - crit0,
+        "decode_iterations": rt.decode_iterations - iters0,
     } | {k: getattr(c, k) for k in CACHE_KEYS}
+
+
+def engine_profile(eng, item, warm, top=45):
+    """`engine_run` under cProfile: the host functions that fill a decode step (text table)."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    engine_request(eng, (warm[0], min(8, warm[1]), warm[2]))
+    prof.enable()
+    out, e2e = engine_request(eng, item)
+    prof.disable()
+    buf = io.StringIO()
+    buf.write(f"e2e {e2e:.3f}s (profiled), {len(out.token_ids)} tokens\n")
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats(top)
+    st.sort_stats("cumulative").print_stats("finemoe/", top)
+    return buf.getvalue()
 
 
 def summarize(samples):
@@ -106,6 +140,9 @@ def summarize(samples):
         out["prefetch_precision"] = out["prefetches_used"] / issued if issued else 0.0
         out["peak_gpu_bytes"] = max(s["peak_gpu_bytes"] for s in samples)
         out["stall_per_token_s"] = out["stall_s"] / max(1, len(all_steps) + len(samples))
+        iters = sum(s.get("decode_iterations", 0) for s in samples)
+        if iters:
+            out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
     return out
 
 
