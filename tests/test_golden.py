@@ -77,19 +77,25 @@ def test_parity(model_type, policy, tiny_checkpoint, reference_model, hf_greedy)
         eng.close()
 
 
+@pytest.mark.parametrize("gather", [None, 1])
 @pytest.mark.parametrize("policy,budget", [("all-gpu", 3), ("lru", 6), ("previous-token", 5)])
-def test_parity_with_narrow_group_windows(policy, budget, tiny_checkpoint, reference_model, hf_greedy):
-    """The CUDA kernel caps groups per call; the windowed path (forced here) stays exact."""
+def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoint, reference_model, hf_greedy):
+    """The CUDA kernel caps groups per call; the windowed path and the gathered scratch (both
+    forced here: gather=1 leaves multi-expert calls to the windows) stay exact."""
     path = tiny_checkpoint("qwen2_moe")
     ref = reference_model(path)
     prompts = _prompts(ref.config.vocab_size)
     eng = Engine.from_pretrained(path, expert_budget=budget, policy=policy, device="cpu", progress=False)
     try:
         eng.runtime.max_groups = 3
+        if gather:
+            eng.runtime.gather_capacity = gather
         ids = torch.tensor([prompts[1]])
         with torch.no_grad():
             assert (ref(ids).logits - eng.model(ids).logits).abs().max().item() <= 1e-5
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
+        if policy != "all-gpu":  # decode steps spanned several windows: scratch or windows ran them
+            assert (eng.runtime._gather is not None) == (gather is None)
     finally:
         eng.close()

@@ -300,6 +300,7 @@ class Engine:
             self.cache.transfer.synchronize()
             self.cache.pool.release()
             self.runtime.layer_parts = []
+            self.runtime._gather = None
 
     # -- construction --------------------------------------------------------------------------
     @classmethod

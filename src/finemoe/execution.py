@@ -21,6 +21,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
 from finemoe.cache import ExpertCache
 from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
+from finemoe.pool import SlotGather
 from finemoe.predictor import Predictor
 from finemoe.prefetcher import Prefetcher
 from finemoe.stepper import Stepper
@@ -97,7 +98,12 @@ class OffloadRuntime:
     critical_decode_s: float = 0.0  # the same in decode iterations
     decode_iterations: int = 0
 
+    gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
+    _gather: SlotGather | None = None
+
     def __post_init__(self) -> None:
+        if self.gather_capacity <= 0:
+            self.gather_capacity = 2 * self.spec.top_k
         if self.max_groups <= 0:
             # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
@@ -139,6 +145,14 @@ class OffloadRuntime:
         else:
             self.critical_decode_s += time.perf_counter() - t0
             self.decode_iterations += 1
+
+    def gather(self) -> SlotGather:
+        """The scratch for layers whose experts span several slot windows (made on first use)."""
+        if self._gather is None:
+            pool = self.cache.pool
+            self._gather = SlotGather(pool, self.spec.num_layers, self.spec.num_experts, self.gather_capacity)
+            log.info("gather scratch: %d experts, %.1f MiB", self.gather_capacity, self._gather.nbytes / 2**20)
+        return self._gather
 
     @property
     def critical_s(self) -> float:
@@ -207,6 +221,12 @@ class LayerBinding:
         acc: list[torch.Tensor] = []
 
         def compute(got: list[int], slots: list[int], whole: bool) -> None:
+            windows = slot_windows(slots, S, rt.max_groups)
+            if len(windows) > 1 and len(got) <= rt.gather_capacity:
+                # one kernel call over a scratch copy beats one call per window
+                parts, local = rt.gather().take(layer, got, slots)
+                acc.append(grouped_pairs(experts, parts, hidden, local[idx], weights, len(got)))
+                return
             if whole:
                 table = cache.device_table(layer)  # [E] absolute slots; every routed expert is resident
             else:  # a chunk: pairs routed to experts outside it are skipped (sentinel S)
@@ -214,7 +234,7 @@ class LayerBinding:
                 lut[got] = torch.tensor(slots, dtype=torch.int32)
                 table = lut.to(hidden.device)
             slot_idx = table[idx]  # [T, k]
-            for base, size in slot_windows(slots, S, rt.max_groups):
+            for base, size in windows:
                 if size == S:
                     win_idx, parts = slot_idx, cache.pool.parts
                 else:

@@ -121,9 +121,12 @@ class CudaTransfer:
                 start = torch.cuda.Event(enable_timing=True)
                 start.record(stream)
             slot_parts = self.pool.slot
+            dsts: list[torch.Tensor] = []
+            srcs: list[torch.Tensor] = []
             for slot, src, _ in run:
-                for dst, part in zip(slot_parts(slot), src, strict=True):
-                    dst.copy_(part, non_blocking=True)
+                dsts += slot_parts(slot)
+                srcs += src
+            _copy_all(dsts, srcs)  # one dispatch for the whole run
             done = torch.cuda.Event(enable_timing=demand)
             done.record(stream)
         if start is not None:
@@ -179,6 +182,18 @@ class CudaTransfer:
             self._issue()
         self.demand_stream.synchronize()
         self.prefetch_stream.synchronize()
+
+
+def _copy_all(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """dsts[i].copy_(srcs[i], non_blocking=True) for every i, in one call where torch has it."""
+    if _foreach_copy is not None:
+        _foreach_copy(dsts, srcs, non_blocking=True)
+    else:
+        for dst, src in zip(dsts, srcs, strict=True):
+            dst.copy_(src, non_blocking=True)
+
+
+_foreach_copy = getattr(torch, "_foreach_copy_", None)
 
 
 def make_transfer(pool: SlotPool) -> Transfer:

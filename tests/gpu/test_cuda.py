@@ -99,6 +99,26 @@ def test_stress_minimum_budget_batches(ckpt):
     base.close()
 
 
+def test_narrow_windows_gather_and_windows_stay_exact(ckpt):
+    """Pools wider than one grouped kernel call (forced: 3 slots per call) run through the gathered
+    scratch (pinned index rows, index_select) or per-window calls; tokens match all-gpu's."""
+    base = Engine.from_pretrained(ckpt, policy="all-gpu", device="cuda", progress=False)
+    prompts = _prompts()
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    want = [o.token_ids for o in base.generate(prompts, params)]
+    for gather in (None, 1):
+        for policy in ("lru", "finemoe"):
+            base.reconfigure(policy=policy, expert_budget="50%")
+            base.runtime.max_groups = 3
+            if gather:
+                base.runtime.gather_capacity = gather
+            for _ in range(2):
+                assert [o.token_ids for o in base.generate(prompts, params)] == want
+                assert base.generate(prompts[0], params)[0].token_ids == want[0]
+            assert (base.runtime._gather is not None) == (gather is None)
+    base.close()
+
+
 SPEC = MoESpec(
     "t",
     (0,),
