@@ -43,9 +43,14 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 8 --budgets 25% --repeats 1 --skip-loop \
       --policies "promoe,finemoe,finemoe+map_min_score=0.8" --profile finemoe \
       --out "$out/check_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -9 ;;
+  why3)     # where the decode step goes (host predictor ms, device-bound sync ms), 1 round
+    timeout 400 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 8 --budgets 25% --repeats 1 --skip-loop \
+      --policies "lru,promoe,finemoe,finemoe+map_min_score=0.8" \
+      --out "$out/why_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -9 ;;
   acc3)     # transformers all-GPU + Accelerate 25% on Qwen3-30B-A3B, same requests
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|acc3)"; exit 2 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|acc3)"; exit 2 ;;
 esac

@@ -87,7 +87,7 @@ def engine_run(eng, item, warm):
     if eng.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rt = eng.runtime
-    crit0, iters0 = rt.critical_decode_s, rt.decode_iterations
+    crit0, iters0, sync0 = rt.critical_decode_s, rt.decode_iterations, rt.sync_decode_s
     out, e2e = engine_request(eng, item)
     c = out.cache
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
@@ -98,6 +98,7 @@ def engine_run(eng, item, warm):
         "peak_gpu_bytes": peak,
         "predictor_decode_s": rt.critical_decode_s - crit0,
         "decode_iterations": rt.decode_iterations - iters0,
+        "sync_decode_s": rt.sync_decode_s - sync0,
     } | {k: getattr(c, k) for k in CACHE_KEYS}
 
 
@@ -143,6 +144,7 @@ def summarize(samples):
         iters = sum(s.get("decode_iterations", 0) for s in samples)
         if iters:
             out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
+            out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
     return out
 
 

@@ -96,6 +96,10 @@ class ExpertCache:
         slot = self.slot_of[eid.layer][eid.expert]
         return self.refcount[slot] == 0
 
+    def _evictable_landed(self, eid: ExpertId) -> bool:
+        slot = self.slot_of[eid.layer][eid.expert]
+        return self.refcount[slot] == 0 and self.transfer.is_done(slot)
+
     def _evictable_for_prefetch(self, eid: ExpertId) -> bool:
         """A prefetch may not evict what a pending plan still needs: an expert the policy protects,
         or one prefetched for a layer of this iteration not reached yet and not used so far."""
@@ -115,8 +119,12 @@ class ExpertCache:
             return self._free.pop()
         if for_prefetch:
             victim = self.policy.victim(self._evictable_for_prefetch)
-        else:  # refuses only pinned experts: they stay pinned until `release`
-            victim = self.policy.victim(self._evictable, pinned_only=True)
+        else:
+            # A slot whose copy is still running would make the demand copy wait for it (the wait
+            # is outside the timed copy): take it only if nothing else can go.
+            victim = self.policy.victim(self._evictable_landed)
+            if victim is None:  # refuses only pinned experts: they stay pinned until `release`
+                victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
             return None
         layer, expert = victim

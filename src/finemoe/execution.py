@@ -96,6 +96,7 @@ class OffloadRuntime:
     want_hidden: bool = False  # a (synchronous) predictor reads router inputs
     critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
     critical_decode_s: float = 0.0  # the same in decode iterations
+    sync_decode_s: float = 0.0  # decode: host time blocked in the layers' routing syncs (device-bound time)
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -125,6 +126,7 @@ class OffloadRuntime:
         self.iteration, self.is_prefill = iteration, is_prefill
         if not self.predictors:
             self.prefetcher.now(iteration, -1)
+            self.decode_iterations += not is_prefill
             return
         t0 = time.perf_counter()
         B, T = live.shape
@@ -177,7 +179,10 @@ class LayerBinding:
             return  # nothing on the host needs the routing: no sync
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
         if not (rt.predictors or rt.observers):
+            t1 = time.perf_counter()
             ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+            if not rt.is_prefill:
+                rt.sync_decode_s += time.perf_counter() - t1
             self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
             return
         t0 = time.perf_counter()
@@ -208,6 +213,7 @@ class LayerBinding:
             rt.critical_prefill_s += spent
         else:
             rt.critical_decode_s += spent
+            rt.sync_decode_s += t2 - t1
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
