@@ -23,10 +23,12 @@ case $part in
       --history gpu_traces/q60x4_hist.fmt --history-requests 24 --policies lru,finemoe --budgets 25% \
       --repeats 1 --skip-loop --serve-requests 8 --serve-policies lru,mixtral-offloading,promoe,finemoe \
       --out "$out/serve_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
-  qwen3)    # offload ~40 s, history ~150 s, 2 rounds x 6 configs x 2 requests ~260 s
-    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 16 --policies $POL --budgets 25% \
-      --repeats 2 --skip-loop --out "$out/offload_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
+  qwen3)    # GPU tests ~85 s; offload ~40 s, history ~110 s, 2 rounds x 9 configs x 2 requests ~250 s
+    python -m pytest -q tests/gpu 2>&1 | tail -3
+    timeout 480 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies "$POL,finemoe+map_min_score=0.8" \
+      --budgets 25% --repeats 2 --skip-loop --out "$out/offload_qwen3_30b_trace.json" 2>&1 \
+      | grep -v "engine ready" | tail -14 ;;
   variants3)  # what finemoe's host time buys: its variants next to the best baselines, Qwen3 25%
     timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
