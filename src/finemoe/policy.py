@@ -148,7 +148,8 @@ class _PlanAwareHeap:
         self._version: dict[int, int] = {}
         self._heap: list[tuple[float, int, int, int]] = []
         self._planned: set[int] = set()  # flat ids a pending plan selected
-        self._held: list[tuple[float, int, int, int]] = []  # heap of entries found protected by `victim`
+        # entries `victim` found protected, by layer: back in the heap once the pass reaches it
+        self._held: dict[int, list[tuple[float, int, int, int]]] = {}
         self._busy: list[tuple[float, int, int, int]] = []  # entries found pinned, until `on_release`
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
@@ -167,7 +168,7 @@ class _PlanAwareHeap:
         self._version[flat] = v
         heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
-            self._heap, self._held, self._busy = [], [], []
+            self._heap, self._held, self._busy = [], {}, []
             for f in self.last:
                 self._version[f] = v = self._version.get(f, 0) + 1
                 self._heap.append((self._key(f), self.last[f], f, v))
@@ -187,8 +188,12 @@ class _PlanAwareHeap:
         if layer == self._layer_now:
             return
         self._layer_now = layer
-        if self._held:
-            self._release()
+        held = self._held
+        if held:
+            heap = self._heap
+            for lay in [lay for lay in held if lay <= layer]:
+                for entry in held.pop(lay):
+                    heapq.heappush(heap, entry)
 
     def protected(self, eid: ExpertId) -> bool:
         return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
@@ -201,6 +206,7 @@ class _PlanAwareHeap:
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         heap, held, version, last, eids = self._heap, self._held, self._version, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
+        E = self.num_experts
         kept: list[tuple[float, int, int, int]] = []
         found = None
         lazy = self._lazy
@@ -215,7 +221,11 @@ class _PlanAwareHeap:
                 heapq.heappush(heap, (self._key(flat), last[flat], flat, v))
                 continue
             if flat >= first_unprotected and flat in planned:
-                heapq.heappush(held, entry)  # protected: set aside until protection may have changed
+                lay = flat // E  # protected: set aside until the pass reaches its layer
+                if lay in held:
+                    held[lay].append(entry)
+                else:
+                    held[lay] = [entry]
                 continue
             if evictable(eids[flat]):
                 found = eids[flat]  # the caller evicts it (on_evict): its entry would only go stale
@@ -226,23 +236,32 @@ class _PlanAwareHeap:
         if found is not None:
             return found
         # nothing unprotected can go: the lowest-key protected one that can
+        if not held:
+            return None
+        pool = [entry for entries in held.values() for entry in entries]
+        heapq.heapify(pool)
         back: list[tuple[float, int, int, int]] = []
-        while held:
-            entry = heapq.heappop(held)
+        while pool:
+            entry = heapq.heappop(pool)
             flat = entry[2]
             if version.get(flat) != entry[3] or flat not in last:
                 continue
             if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
                 v = version[flat] + 1
                 version[flat] = v
-                heapq.heappush(held, (self._key(flat), last[flat], flat, v))
+                heapq.heappush(pool, (self._key(flat), last[flat], flat, v))
                 continue
             if evictable(eids[flat]):
                 found = eids[flat]
                 break
             back.append(entry)
-        for entry in back:
-            heapq.heappush(held, entry)
+        held.clear()
+        for entry in back + pool:
+            lay = entry[2] // E
+            if lay in held:
+                held[lay].append(entry)
+            else:
+                held[lay] = [entry]
         return found
 
     def on_release(self) -> None:
@@ -256,9 +275,10 @@ class _PlanAwareHeap:
         """Protection may have ended (the pass moved on, or a new iteration's plans): the entries
         set aside as protected go back into the heap."""
         heap = self._heap
-        for entry in self._held:
-            heapq.heappush(heap, entry)
-        self._held = []
+        for entries in self._held.values():
+            for entry in entries:
+                heapq.heappush(heap, entry)
+        self._held = {}
 
 
 class MapAwarePolicy(_PlanAwareHeap):
