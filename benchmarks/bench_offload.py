@@ -310,8 +310,12 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))  # saved now: the extras below may fail or time out
     for name in prof_names:
-        eng.reconfigure(**settings[name], expert_budget=budgets[-1], map_store_learn=learn)
-        text = engine_profile(eng, work[0], work[-1])
+        try:
+            eng.reconfigure(**settings[name], expert_budget=budgets[-1], map_store_learn=learn)
+            text = engine_profile(eng, work[0], work[-1])
+        except Exception:
+            log.exception("profile of %s failed", name)
+            continue
         path = Path(args.out).with_suffix(f".profile-{name.replace('+', '_').replace('=', '-')}.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -97,5 +97,10 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
         if policy != "all-gpu":  # decode steps spanned several windows: scratch or windows ran them
             assert (eng.runtime._gather is not None) == (gather is None)
+        with torch.no_grad():  # a plain forward after generate (the scratch was made in inference mode)
+            assert (ref(ids).logits - eng.model(ids).logits).abs().max().item() <= 1e-5
+        eng.runtime.gather_capacity = 2 * eng.spec.top_k + 3  # a wider scratch replaces the old one
+        again = eng.generate(prompts[:1], SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        assert again[0].token_ids == outs[0].token_ids
     finally:
         eng.close()

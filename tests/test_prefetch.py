@@ -30,6 +30,9 @@ class ManualTransfer:
     def is_done(self, slot):
         return slot not in self.running
 
+    def landed(self, slot):
+        return slot not in self.running
+
     def finish(self):
         self.running.clear()
 
@@ -101,6 +104,40 @@ def test_late_and_wasted_prefetch_accounting():
     cache.access(1, [3])
     cache.acquire(1, [3])  # evicts the never-used prefetch of (0, 1)
     assert cache.stats.prefetches_wasted == 1 and cache.stats.prefetches_used == 1
+
+
+def test_demand_load_prefers_a_landed_victim_over_a_copy_in_flight():
+    cache, pf, tr = setup(slots=2, inflight=4)
+    pf.submit(plan((0, 0, 0.9)))
+    pf.pump()  # (0, 0) prefetched first: LRU's first victim, but its copy is still running
+    tr.running.clear()
+    cache.acquire(1, [1])
+    cache.release(1, [1])
+    tr.running = {cache.slot_of[0][0]}  # (1, 1) landed, more recently used
+    cache.acquire(1, [2])  # a miss with the pool full: evict (1, 1), not the in-flight (0, 0)
+    assert cache.is_resident(ExpertId(0, 0)) and not cache.is_resident(ExpertId(1, 1))
+    cache.release(1, [2])
+    tr.running = {cache.slot_of[0][0], cache.slot_of[1][2]}
+    cache.acquire(0, [3])  # nothing landed: LRU order again, the in-flight (0, 0) goes
+    assert not cache.is_resident(ExpertId(0, 0)) and cache.is_resident(ExpertId(1, 2))
+
+
+def test_demand_load_takes_unprotected_in_flight_before_protected():
+    from finemoe.policy import DecayLFUPolicy
+
+    store = ExpertStore(SPEC, pin=False)
+    pool = SlotPool(SPEC, 3, torch.device("cpu"))
+    tr = ManualTransfer(pool)
+    cache = ExpertCache(SPEC, pool, store, tr, DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts))
+    pf = Prefetcher(cache, max_inflight=4)
+    pf.now(0, -1)
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(0, 1), 0.5), PrefetchRequest(ExpertId(1, 2), 0.5)), iteration=0))
+    cache.acquire(0, [0])  # the pass reaches layer 0; (0, 0) stays pinned
+    tr.running.clear()
+    assert pf.pump() == 2
+    tr.running = {cache.slot_of[0][1]}  # (0, 1) in flight and unprotected now; (1, 2) landed, planned
+    cache.acquire(0, [3])  # the in-flight unprotected one goes before the protected one
+    assert cache.is_resident(ExpertId(1, 2)) and not cache.is_resident(ExpertId(0, 1))
 
 
 def event(layer, ids, iteration=0):

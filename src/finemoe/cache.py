@@ -80,7 +80,7 @@ class ExpertCache:
                 self._table_host[layer] = row
                 self.table[layer].copy_(self._table_host[layer], non_blocking=True)
                 ev = torch.cuda.Event()
-                ev.record()
+                ev.record(torch.cuda.current_stream(self.table.device))
                 self._row_copied[layer] = ev
             else:
                 self.table[layer] = row
@@ -97,8 +97,9 @@ class ExpertCache:
         return self.refcount[slot] == 0
 
     def _evictable_landed(self, eid: ExpertId) -> bool:
+        """Unpinned, unprotected and its copy finished (without issuing queued copies)."""
         slot = self.slot_of[eid.layer][eid.expert]
-        return self.refcount[slot] == 0 and self.transfer.is_done(slot)
+        return self.refcount[slot] == 0 and self.transfer.landed(slot) and not self.policy.protected(eid)
 
     def _evictable_for_prefetch(self, eid: ExpertId) -> bool:
         """A prefetch may not evict what a pending plan still needs: an expert the policy protects,
@@ -121,7 +122,8 @@ class ExpertCache:
             victim = self.policy.victim(self._evictable_for_prefetch)
         else:
             # A slot whose copy is still running would make the demand copy wait for it (the wait
-            # is outside the timed copy): take it only if nothing else can go.
+            # is outside the timed copy): take it only if no landed, unprotected expert can go;
+            # then the policy's own order (protected experts last).
             victim = self.policy.victim(self._evictable_landed)
             if victim is None:  # refuses only pinned experts: they stay pinned until `release`
                 victim = self.policy.victim(self._evictable, pinned_only=True)

@@ -150,9 +150,10 @@ class OffloadRuntime:
 
     def gather(self) -> SlotGather:
         """The scratch for layers whose experts span several slot windows (made on first use)."""
-        if self._gather is None:
+        if self._gather is None or self._gather.capacity != self.gather_capacity:
             pool = self.cache.pool
-            self._gather = SlotGather(pool, self.spec.num_layers, self.spec.num_experts, self.gather_capacity)
+            with torch.inference_mode(False):  # made during generate; used by any later forward
+                self._gather = SlotGather(pool, self.spec.num_layers, self.spec.num_experts, self.gather_capacity)
             log.info("gather scratch: %d experts, %.1f MiB", self.gather_capacity, self._gather.nbytes / 2**20)
         return self._gather
 

@@ -73,6 +73,8 @@ class SlotGather:
         """Gather `slots` (of `experts`, same order; at most `capacity`) into scratch rows [0, n):
         returns the part views [n, ...] and the local table [E] (int32 on the device)."""
         n, cap = len(slots), self.capacity
+        if n > cap:
+            raise ValueError(f"{n} experts do not fit a gather scratch of {cap}")
         ev = self._copied[layer]
         if ev is not None:
             ev.synchronize()  # issued a layer or more ago: returns at once in practice
@@ -83,7 +85,7 @@ class SlotGather:
         if self._dev is not self._host:
             self._dev[layer].copy_(self._host[layer], non_blocking=True)
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self._dev.device))
             self._copied[layer] = ev
         idx = self._dev[layer, :n]
         parts = {}

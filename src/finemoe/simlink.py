@@ -89,6 +89,9 @@ class TimedLink:
     def is_done(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 
+    def landed(self, slot: int) -> bool:
+        return self.done[slot] <= self.clock.t
+
     def before_compute(self, slots: list[int]) -> None:
         done = self.done
         ready = 0.0

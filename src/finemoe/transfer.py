@@ -23,6 +23,10 @@ class Transfer(Protocol):
 
     def is_done(self, slot: int) -> bool: ...
 
+    def landed(self, slot: int) -> bool:
+        """Like `is_done`, but never issues queued copies (a queued copy has not landed)."""
+        ...
+
     def before_compute(self, slots: list[int]) -> None: ...
 
     def after_compute(self, slots: list[int]) -> None: ...
@@ -47,6 +51,9 @@ class SyncTransfer:
             self._demand_s += time.perf_counter() - t0
 
     def is_done(self, slot: int) -> bool:
+        return True
+
+    def landed(self, slot: int) -> bool:
         return True
 
     def before_compute(self, slots: list[int]) -> None:
@@ -91,13 +98,16 @@ class CudaTransfer:
         self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._demand_s = 0.0
         self._queued: list[tuple[int, list[torch.Tensor], bool]] = []  # (slot, host parts, demand)
+        self._queued_slots: set[int] = set()
 
     def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
         self._queued.append((slot, src, demand))
+        self._queued_slots.add(slot)
 
     def _issue(self) -> None:
         """Issue the queued copies in order, one stream context per run of the same kind."""
         queued, self._queued = self._queued, []
+        self._queued_slots.clear()
         i = 0
         while i < len(queued):
             demand = queued[i][2]
@@ -140,6 +150,12 @@ class CudaTransfer:
     def is_done(self, slot: int) -> bool:
         if self._queued:
             self._issue()
+        ev = self.copy_done[slot]
+        return ev is None or ev.query()
+
+    def landed(self, slot: int) -> bool:
+        if slot in self._queued_slots:
+            return False
         ev = self.copy_done[slot]
         return ev is None or ev.query()
 
