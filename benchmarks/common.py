@@ -59,6 +59,20 @@ SHAPES: dict[str, dict] = {
         max_position_embeddings=8192,
         norm_topk_prob=False,
     ),
+    # mistralai/Mixtral-8x7B-v0.1 (352 MB experts: a copy outlasts a layer's host work)
+    "mixtral": dict(
+        model_type="mixtral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+    ),
     # Qwen/Qwen3-30B-A3B
     "qwen3_30b": dict(
         model_type="qwen3_moe",

@@ -3,6 +3,7 @@
 # the H200, measured 2026-11-29). Traces in gpu_traces/ (ignored by git; carry it):
 #   q60x4_test.fmt (8 requests) + q60x4_hist.fmt (24)     ~36 MiB   for qwen15 / serve15
 #   q128x8_test.fmt (8 requests) + q128x8_hist.fmt (16)   ~58 MiB   for qwen3
+#   m8x2_test.fmt + m8x2_hist.fmt                                     for mixtral
 # made with benchmarks/slim_trace.py from traces recorded as in docs/results/gpu_trace.md.
 # Usage: bash benchmarks/gpu_campaign.sh PART OUTDIR
 set -euo pipefail
@@ -29,6 +30,13 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies "$POL,finemoe+map_min_score=0.8" \
       --budgets 25% --repeats 2 --skip-loop --out "$out/offload_qwen3_30b_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -14 ;;
+  mixtral)  # Mixtral-8x7B shape, first 16 of 32 layers (the plain twin kept for reference must fit
+            # the GPU twice: 2 x 47 GB at 16 layers), routing from an 8x2 reference trace
+            # (gpu_traces/m8x2_*.fmt; see docs/results/gpu_trace.md). Not run yet: sized by estimate.
+    timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
+      --history gpu_traces/m8x2_hist.fmt --history-requests 16 --policies "$POL,finemoe+map_min_score=0.8" \
+      --budgets 25% --repeats 2 --skip-loop --out "$out/offload_mixtral16_trace.json" 2>&1 \
+      | grep -v "engine ready" | tail -14 ;;
   variants3)  # what finemoe's host time buys: its variants next to the best baselines, Qwen3 25%
     timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
@@ -54,5 +62,5 @@ case $part in
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|acc3)"; exit 2 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|acc3)"; exit 2 ;;
 esac
