@@ -97,6 +97,8 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
         if policy != "all-gpu":  # decode steps spanned several windows: scratch or windows ran them
             assert (eng.runtime._gather is not None) == (gather is None)
+            scratch = eng.stats().extra["gather_scratch_bytes"]
+            assert scratch == (2 * eng.spec.top_k * eng.spec.expert_bytes if gather is None else 0)
         with torch.no_grad():  # a plain forward after generate (the scratch was made in inference mode)
             assert (ref(ids).logits - eng.model(ids).logits).abs().max().item() <= 1e-5
         eng.runtime.gather_capacity = 2 * eng.spec.top_k + 3  # a wider scratch replaces the old one

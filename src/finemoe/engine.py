@@ -525,6 +525,8 @@ class Engine:
                 else None
             ),
             "prefetch_wasted_bytes": self.cache.stats.prefetch_wasted_bytes,
+            # device bytes beyond the pool: the gather scratch of pools wider than one kernel call
+            "gather_scratch_bytes": self.runtime._gather.nbytes if self.runtime._gather is not None else 0,
         }
         for p in self.runtime.predictors:
             out.update(p.stats())
