@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The trace-routed GPU campaign of issue 7, one part per device call (each under ~9 minutes on
-# the H200, measured 2026-11-29). Traces in gpu_traces/ (ignored by git; carry it):
+# the H200, measured 2026-11-29). Traces in gpu_traces/ (ignored by git; carry the part's files,
+# e.g. carry=["gpu_traces/q128x8_test.fmt", "gpu_traces/q128x8_hist.fmt"]: a call carries 64 MiB):
 #   q60x4_test.fmt (8 requests) + q60x4_hist.fmt (24)     ~36 MiB   for qwen15 / serve15
 #   q128x8_test.fmt (8 requests) + q128x8_hist.fmt (16)   ~58 MiB   for qwen3
-#   m8x2_test.fmt + m8x2_hist.fmt                                     for mixtral
+#   m8x2_test.fmt (16 requests) + m8x2_hist.fmt (32)        ~9 MiB   for mixtral
 # made with benchmarks/slim_trace.py from traces recorded as in docs/results/gpu_trace.md.
 # Usage: bash benchmarks/gpu_campaign.sh PART OUTDIR
 set -euo pipefail
