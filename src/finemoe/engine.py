@@ -299,8 +299,7 @@ class Engine:
             self._attachment = None
             self.cache.transfer.synchronize()
             self.cache.pool.release()
-            self.runtime.layer_parts = []
-            self.runtime._gather = None
+            self.runtime.release()
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
@@ -525,8 +524,6 @@ class Engine:
                 else None
             ),
             "prefetch_wasted_bytes": self.cache.stats.prefetch_wasted_bytes,
-            # device bytes beyond the pool: the gather scratch of pools wider than one kernel call
-            "gather_scratch_bytes": self.runtime._gather.nbytes if self.runtime._gather is not None else 0,
         }
         for p in self.runtime.predictors:
             out.update(p.stats())
@@ -544,7 +541,8 @@ class Engine:
             store_bytes=self.store.nbytes,
             dense_bytes=self.dense_bytes,
             cache=self.cache.stats.copy(),
-            extra=self.predictor_stats(),
+            # device bytes beyond the pool: the gather scratch of pools wider than one kernel call
+            extra={"gather_scratch_bytes": self.runtime.scratch_bytes, **self.predictor_stats()},
         )
 
     def close(self) -> None:

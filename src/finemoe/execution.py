@@ -158,6 +158,16 @@ class OffloadRuntime:
         return self._gather
 
     @property
+    def scratch_bytes(self) -> int:
+        """Device bytes of the gather scratch (0 until a layer call needed it)."""
+        return self._gather.nbytes if self._gather is not None else 0
+
+    def release(self) -> None:
+        """Drop the runtime's views of the pool and its scratch (the engine is detaching)."""
+        self.layer_parts = []
+        self._gather = None
+
+    @property
     def critical_s(self) -> float:
         return self.critical_prefill_s + self.critical_decode_s
 
