@@ -120,9 +120,24 @@ def test_timely_prefetch_is_a_hit():
     assert r.total_s == pytest.approx(2 * 0.75)
 
 
-def test_demand_copy_goes_before_queued_prefetches_but_not_before_the_running_one():
+def test_fifo_link_makes_a_demand_copy_wait_for_every_prefetch_issued_before_it():
     clock = Clock()
-    link = TimedLink(clock, 4, copy_s=1.0)
+    link = TimedLink(clock, 4, copy_s=1.0)  # the default order, as measured on the H200
+    link.load(0, [], demand=False)  # 0..1
+    link.load(1, [], demand=False)  # 1..2
+    link.load(2, [], demand=False)  # 2..3
+    clock.t = 0.5
+    link.load(3, [], demand=True)  # behind all three: 3..4
+    assert link.done == [1.0, 2.0, 3.0, 4.0]
+    link.before_compute([3])
+    assert clock.t == 4.0 and link.stall_s == pytest.approx(3.5)
+    with pytest.raises(ValueError, match="link order"):
+        TimedLink(clock, 4, copy_s=1.0, order="lifo")
+
+
+def test_demand_first_link_puts_a_demand_copy_before_queued_prefetches_but_not_the_running_one():
+    clock = Clock()
+    link = TimedLink(clock, 4, copy_s=1.0, order="demand-first")
     link.load(0, [], demand=False)  # 0..1
     link.load(1, [], demand=False)  # 1..2
     link.load(2, [], demand=False)  # 2..3

@@ -45,31 +45,39 @@ class InstantLink(SyncTransfer):
         pass
 
 
-class TimedLink:
-    """One host link, one copy at a time, `copy_s` seconds each. Prefetches queue in issue order;
-    an on-demand copy starts when the copy in progress ends, ahead of queued prefetches (which
-    move back). `before_compute` advances the clock to when the needed copies are done (a stall)."""
+LINK_ORDERS = ("fifo", "demand-first")
 
-    def __init__(self, clock: Clock, num_slots: int, copy_s: float) -> None:
-        self.clock, self.copy_s = clock, copy_s
+
+class TimedLink:
+    """One host link, one copy at a time, `copy_s` seconds each, copies in issue order.
+
+    `order` "fifo" (default): an on-demand copy waits for every copy issued before it, prefetches
+    included, as measured on the H200 (docs/results/copy_contention_qwen3.json: one 9 MiB copy
+    takes 0.19 ms alone and 0.85 ms issued behind 4 prefetch copies on a lower-priority stream;
+    stream priority does not reorder copies). "demand-first": an on-demand copy starts when the
+    copy in progress ends, ahead of queued prefetches (which move back), as a link with
+    preemptible prefetches would. `before_compute` advances the clock to when the needed copies
+    are done (a stall)."""
+
+    def __init__(self, clock: Clock, num_slots: int, copy_s: float, order: str = "fifo") -> None:
+        if order not in LINK_ORDERS:
+            raise ValueError(f"link order must be one of {', '.join(LINK_ORDERS)}, got {order!r}")
+        self.clock, self.copy_s, self.order = clock, copy_s, order
         self.done = [0.0] * num_slots  # when the latest copy into each slot completes
         self.queue: list[list] = []  # [start, end, slot, demand] of copies not finished, by start
         self.stall_s = 0.0
         self.busy_s = 0.0
+        self._fifo = order == "fifo"
 
     def load(self, slot: int, src: list, demand: bool) -> None:
         t, c_s, q = self.clock.t, self.copy_s, self.queue
         while q and q[0][1] <= t:  # finished copies leave the queue (it is ordered by start)
             q.pop(0)
         self.busy_s += c_s
-        if not demand:
+        if self._fifo or not demand or not q or q[-1][3] or q[-1][0] <= t:
+            # at the end of the queue (demand-first: no queued prefetch to overtake)
             start = q[-1][1] if q and q[-1][1] > t else t
-            q.append([start, start + c_s, slot, False])
-            self.done[slot] = start + c_s
-            return
-        if not q or q[-1][3] or q[-1][0] <= t:  # no queued prefetch (the queue: started, demand, queued)
-            start = q[-1][1] if q and q[-1][1] > t else t
-            q.append([start, start + c_s, slot, True])
+            q.append([start, start + c_s, slot, demand])
             self.done[slot] = start + c_s
             return
         # started copies (and earlier demand copies) keep their place; queued prefetches move back

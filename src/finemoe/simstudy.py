@@ -22,7 +22,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated; belady and oracle are bounds")
     ap.add_argument("--budgets", default="10%,25%,50%", help="comma-separated shares, slot counts or sizes")
     ap.add_argument("--shape", default="trace", help="cost model(s): trace or a named shape, comma-separated")
-    ap.add_argument("--link", choices=["timed", "instant"], default="timed")
+    ap.add_argument("--link", choices=["timed", "demand-first", "instant"], default="timed")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prefetch-distance", type=int, help="layers ahead (default: each policy's)")
     ap.add_argument("--map-store-capacity", type=int, default=1000)

@@ -1,10 +1,11 @@
 """Trace-driven simulation: replay recorded routing through the engine's own cache, prefetcher,
 eviction policies and predictors (built by the same functions, driven by the same `Stepper`),
-against a model of time: a host link that copies experts one at a time (on-demand copies go
-before queued prefetches but never interrupt a copy in progress), dense compute per layer,
+against a model of time: a host link that copies experts one at a time in issue order, dense compute per layer,
 expert compute per expert, stalls when compute needs an expert still in flight.
 
-Links: "timed" (the `CostModel`'s copy time) or "instant" (a copy is done when issued, like the
+Links: "timed" (the `CostModel`'s copy time, copies in issue order: an on-demand copy waits for
+the prefetch copies issued before it, as measured on the H200), "demand-first" (the same, but
+on-demand copies overtake queued prefetches) or "instant" (a copy is done when issued, like the
 engine's synchronous CPU transfer: with it the replay makes exactly the engine's decisions).
 
 In the replay the router input handed to speculative predictors is each row's (trace row, layer)
@@ -43,6 +44,7 @@ from finemoe.types import IterationContext, MoESpec, RoutingEvent
 log = logging.getLogger(__name__)
 
 ORACLES = ("belady", "oracle")  # simulator-only policies
+LINKS = ("timed", "demand-first", "instant")
 
 
 # -- history -------------------------------------------------------------------------------------
@@ -193,9 +195,9 @@ class Simulator:
         spec_probs: dict[int, torch.Tensor] | None = None,
         future: Future | None = None,
     ) -> None:
-        if link not in ("timed", "instant"):
-            raise ConfigError(f"link must be timed or instant, got {link!r}")
-        if link == "timed" and cost is None:
+        if link not in LINKS:
+            raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
+        if link != "instant" and cost is None:
             raise ConfigError("a timed link needs a cost model")
         self.spec, self.config, self.cost, self.link_kind = spec, config, cost, link
         oracle = config.policy in ORACLES
@@ -207,8 +209,11 @@ class Simulator:
         plan = BudgetPlan.make(ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget, spec)
         self.plan = plan
         self.clock = Clock()
+        order = "demand-first" if link == "demand-first" else "fifo"
         self.transfer = (
-            InstantLink() if link == "instant" or plan.all_resident else TimedLink(self.clock, plan.slots, cost.copy_s)
+            InstantLink()
+            if link == "instant" or plan.all_resident
+            else TimedLink(self.clock, plan.slots, cost.copy_s, order)
         )
         if oracle:
             if future is None:
