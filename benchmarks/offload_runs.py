@@ -99,6 +99,7 @@ def engine_run(eng, item, warm):
         "predictor_decode_s": rt.critical_decode_s - crit0,
         "decode_iterations": rt.decode_iterations - iters0,
         "sync_decode_s": rt.sync_decode_s - sync0,
+        "window": eng.prefetcher.window.stats(),  # the link-aware prefetch window after the request
     } | {k: getattr(c, k) for k in CACHE_KEYS}
 
 
@@ -145,6 +146,8 @@ def summarize(samples):
         if iters:
             out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
             out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
+    if "window" in samples[0]:
+        out["window"] = samples[-1]["window"]
     return out
 
 

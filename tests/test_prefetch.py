@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from finemoe.cache import ExpertCache
 from finemoe.policy import LRUPolicy
 from finemoe.pool import SlotPool
 from finemoe.predictor import NonePredictor, PredictorDeps, PreviousTokenPredictor
-from finemoe.prefetcher import Prefetcher
+from finemoe.prefetcher import LinkWindow, Prefetcher
 from finemoe.store import ExpertStore
 from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
@@ -158,3 +159,56 @@ def test_previous_token_predictor_plans_next_layer_from_last_iteration():
 
 def ctx(iteration, n=1, is_prefill=False):
     return IterationContext(iteration, is_prefill, n, torch.arange(n), torch.arange(n))
+
+
+def test_link_window_allows_what_the_link_copies_in_one_layer():
+    t = [0.0]
+    copy_s = [0.0]
+    w = LinkWindow(4, lambda: t[0], lambda: copy_s[0])
+    assert w.limit == 4  # nothing measured yet: the configured maximum
+    w.on_layer(0, 0)
+    t[0] = 1.0
+    copy_s[0] = 0.3
+    w.on_layer(0, 1)  # layer time 1.0, copy 0.3 -> 3 copies fit
+    assert w.layer_s == 1.0 and w.limit == 3
+    t[0] = 3.0
+    w.on_layer(0, 3)  # not the next layer: no gap measured
+    assert w.layer_s == 1.0
+    t[0] = 5.0  # gap 2.0 -> moving average 1.0 + 0.1 * (2.0 - 1.0)
+    w.on_layer(0, 4)
+    assert w.layer_s == pytest.approx(1.1) and w.limit == 3
+    copy_s[0] = 5.0  # a link slower than a layer still lets one prefetch run
+    t[0] += 1.0
+    w.on_layer(0, 5)
+    assert w.limit == 1
+    copy_s[0] = 0.01  # never above the configured maximum
+    t[0] += 1.0
+    w.on_layer(0, 6)
+    assert w.limit == 4
+    t[0] += 50.0
+    w.on_layer(1, 0)  # a new iteration: the gap across iterations is not a layer
+    assert w.layer_s < 2.0
+
+
+def test_fixed_window_and_prefetcher_follow_the_limit():
+    fixed = LinkWindow(4, lambda: 0.0, lambda: 1.0, adaptive=False)
+    fixed.on_layer(0, 0)
+    fixed.on_layer(0, 1)
+    assert fixed.limit == 4
+    cache, _, tr = setup(slots=6, inflight=4)
+    window = LinkWindow(4)
+    window.limit = 1  # as a slow link would set it
+    pf = Prefetcher(cache, 4, window)
+    pf.submit(plan((0, 0, 0.9), (0, 1, 0.8), (1, 0, 0.7)))
+    assert pf.pump() == 1  # one copy in flight at a time
+    assert pf.pump() == 0
+    tr.finish()
+    assert pf.pump() == 1
+
+
+def test_prefetch_window_setting_is_checked():
+    from finemoe.config import EngineConfig
+    from finemoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="prefetch_window"):
+        EngineConfig(prefetch_window="wide")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from finemoe.errors import FineMoEError
-from finemoe.simstudy import add_simulate_args
+from finemoe.simstudy import add_simulate_args, add_window_args
 
 
 def _read_prompts(path: str, split: str | None = None) -> list[str]:
@@ -71,6 +71,7 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
     )
+    add_window_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
 
 
@@ -95,6 +96,8 @@ def _engine(args: argparse.Namespace):
         map_min_score=args.map_min_score,
         gate_refine=not args.no_gate_refine,
         eviction=args.eviction,
+        max_inflight_prefetches=args.max_inflight_prefetches,
+        prefetch_window=args.prefetch_window,
         progress=not args.no_progress,
     )
 
@@ -400,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
     t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
+    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link")
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

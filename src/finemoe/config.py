@@ -167,7 +167,8 @@ class EngineConfig:
     device: str = "auto"  # "auto" picks cuda when available
     dtype: str | None = None  # None keeps the checkpoint's dtype
     prefetch_distance: int | None = None  # layers ahead a predictor plans for; None: the policy's default
-    max_inflight_prefetches: int = 4  # speculative copies outstanding at once
+    max_inflight_prefetches: int = 4  # speculative copies outstanding at once (at most)
+    prefetch_window: str = "link"  # "link": in flight only what the link copies in a layer's time; "fixed": the max
     progress: bool = True
     map_store: str | None = None  # file to warm-start the history stores from and save them to at close
     map_store_capacity: int = 1000  # C, expert maps kept (and past requests, for moe-infinity)
@@ -203,3 +204,5 @@ class EngineConfig:
             raise ConfigError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
         if self.max_inflight_prefetches < 1:
             raise ConfigError(f"max_inflight_prefetches must be >= 1, got {self.max_inflight_prefetches}")
+        if self.prefetch_window not in ("link", "fixed"):
+            raise ConfigError(f"prefetch_window must be link or fixed, got {self.prefetch_window!r}")

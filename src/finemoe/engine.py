@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from finemoe.models import FamilyAdapter, get_adapter
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.pool import SlotPool
 from finemoe.predictor import PredictorDeps
-from finemoe.prefetcher import Prefetcher
+from finemoe.prefetcher import LinkWindow, Prefetcher
 from finemoe.presets import get_preset, predictor_members, prefetch_distance, reads_router_inputs
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
@@ -211,7 +212,15 @@ class Engine:
             transfer,
             EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts),
         )
-        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
+        # Link-aware prefetch window: layer time is host wall time less the time blocked in the
+        # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.
+        window = LinkWindow(
+            config.max_inflight_prefetches,
+            lambda: time.perf_counter() - self.runtime.sync_s,
+            transfer.copy_seconds,
+            adaptive=config.prefetch_window == "link",
+        )
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         refs = find_moe_layers(self.model, self.adapter)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.maps.distance = self.distance
@@ -542,7 +551,11 @@ class Engine:
             dense_bytes=self.dense_bytes,
             cache=self.cache.stats.copy(),
             # device bytes beyond the pool: the gather scratch of pools wider than one kernel call
-            extra={"gather_scratch_bytes": self.runtime.scratch_bytes, **self.predictor_stats()},
+            extra={
+                "gather_scratch_bytes": self.runtime.scratch_bytes,
+                **self.prefetcher.window.stats(),
+                **self.predictor_stats(),
+            },
         )
 
     def close(self) -> None:

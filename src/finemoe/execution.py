@@ -97,6 +97,7 @@ class OffloadRuntime:
     critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
     critical_decode_s: float = 0.0  # the same in decode iterations
     sync_decode_s: float = 0.0  # decode: host time blocked in the layers' routing syncs (device-bound time)
+    sync_s: float = 0.0  # the same over prefill and decode
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -192,8 +193,10 @@ class LayerBinding:
         if not (rt.predictors or rt.observers):
             t1 = time.perf_counter()
             ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+            blocked = time.perf_counter() - t1
+            rt.sync_s += blocked
             if not rt.is_prefill:
-                rt.sync_decode_s += time.perf_counter() - t1
+                rt.sync_decode_s += blocked
             self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
             return
         t0 = time.perf_counter()
@@ -220,6 +223,7 @@ class LayerBinding:
             obs(event)
         rt.stepper.route(event)
         spent = (t1 - t0) + (time.perf_counter() - t2)
+        rt.sync_s += t2 - t1
         if rt.is_prefill:
             rt.critical_prefill_s += spent
         else:

@@ -1,7 +1,10 @@
 """Applies `PrefetchPlan`s to the cache under an in-flight limit. It never chooses experts.
 
 On a miss the cache calls `pause()`: no new prefetch starts until the on-demand copies are done,
-so demand loads go first (in-flight prefetches are bounded by `max_inflight`). Plans made for an
+so demand loads go first. The link copies in issue order (an on-demand copy waits for every
+prefetch copy issued before it: docs/results/copy_contention_qwen3.json), so the number of
+prefetch copies in flight is bounded by `LinkWindow`: at most what the link finishes within one
+layer's time, between 1 and `max_inflight`. Plans made for an
 iteration are dropped once a later iteration starts, and requests for layers the iteration has
 already reached are skipped. `post()` may be called from another thread (the asynchronous
 searcher); everything else runs on the forward thread.
@@ -11,15 +14,69 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 
 from finemoe.cache import ExpertCache
 from finemoe.types import ExpertId, PrefetchPlan
 
 
+class LinkWindow:
+    """How many prefetch copies may be in flight: as many as the link copies in one layer's time
+    (so the next layer's on-demand copies wait at most about one layer), clipped to
+    [1, `max_inflight`]; `max_inflight` until both times are known or when `adaptive` is off.
+
+    `clock()`: seconds (wall time in the engine, simulated time in the replay), read when the
+    forward pass reaches a layer; the layer time is a moving average of the gaps between
+    consecutive layers of an iteration. `copy_s()`: seconds per expert copy as the transfer
+    measures it (0: unknown, or copies finish when issued).
+    """
+
+    def __init__(
+        self,
+        max_inflight: int,
+        clock: Callable[[], float] | None = None,
+        copy_s: Callable[[], float] | None = None,
+        adaptive: bool = True,
+        smoothing: float = 0.1,
+    ) -> None:
+        self.max_inflight = max_inflight
+        self.clock, self.copy_s = clock, copy_s
+        self.adaptive = adaptive and clock is not None and copy_s is not None
+        self.smoothing = smoothing
+        self.layer_s = 0.0  # moving average; 0 until measured
+        self._last: tuple[int, int, float] | None = None  # (iteration, layer, time) of the latest layer
+        self.limit = max_inflight
+
+    def on_layer(self, iteration: int, layer: int) -> None:
+        if not self.adaptive or layer < 0:
+            return
+        t = self.clock()
+        last = self._last
+        self._last = (iteration, layer, t)
+        if last is None or last[0] != iteration or layer != last[1] + 1 or t <= last[2]:
+            return
+        gap = t - last[2]
+        self.layer_s = gap if self.layer_s == 0.0 else self.layer_s + self.smoothing * (gap - self.layer_s)
+        c = self.copy_s()
+        if c > 0:
+            self.limit = max(1, min(self.max_inflight, int(self.layer_s / c)))
+
+    def stats(self) -> dict[str, float | int | str]:
+        """The window's state: its mode, current limit, layer time and copy time (ms)."""
+        c = self.copy_s() if self.adaptive else 0.0
+        return {
+            "prefetch_window": "link" if self.adaptive else "fixed",
+            "prefetch_window_limit": self.limit,
+            "window_layer_ms": self.layer_s * 1e3,
+            "window_copy_ms": c * 1e3,
+        }
+
+
 class Prefetcher:
-    def __init__(self, cache: ExpertCache, max_inflight: int = 4) -> None:
+    def __init__(self, cache: ExpertCache, max_inflight: int = 4, window: LinkWindow | None = None) -> None:
         self.cache = cache
         self.max_inflight = max_inflight
+        self.window = window if window is not None else LinkWindow(max_inflight)
         self._heap: list[tuple[float, int, int, ExpertId]] = []  # (-priority, seq, iteration, expert)
         self._seq = 0
         self._inflight: list[int] = []  # slots with prefetch copies possibly still running
@@ -32,6 +89,8 @@ class Prefetcher:
         """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`."""
         self.iteration, self.layer = iteration, layer
         self.cache.now = (iteration, layer)
+        if layer >= 0:
+            self.window.on_layer(iteration, layer)
 
     def post(self, plan: PrefetchPlan | None) -> None:
         """Thread-safe submit: the plan is applied at the next `pump()`."""
@@ -76,7 +135,8 @@ class Prefetcher:
             self._paused = False
         self._inflight = [s for s in self._inflight if not cache.transfer.is_done(s)]
         started = 0
-        while self._heap and len(self._inflight) < self.max_inflight:
+        limit = self.window.limit
+        while self._heap and len(self._inflight) < limit:
             _, _, iteration, eid = heapq.heappop(self._heap)
             if self._stale(iteration, eid):
                 cache.stats.prefetches_dropped += 1

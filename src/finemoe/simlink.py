@@ -94,6 +94,9 @@ class TimedLink:
             end = c[1]
         q[i:] = [[start, start + c_s, slot, True], *rest]
 
+    def copy_seconds(self) -> float:
+        return self.copy_s
+
     def is_done(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 

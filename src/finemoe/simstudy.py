@@ -16,6 +16,16 @@ log = logging.getLogger(__name__)
 DEFAULT_POLICIES = "finemoe,mixtral-offloading,promoe,moe-infinity,on-demand,lfu,belady,oracle"
 
 
+def add_window_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--max-inflight-prefetches", type=int, default=4, help="prefetch copies in flight at most")
+    ap.add_argument(
+        "--prefetch-window",
+        choices=["link", "fixed"],
+        default="link",
+        help="link: in flight only what the link copies in one layer's time (1..max); fixed: always the max",
+    )
+
+
 def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--traces", required=True, help="the trace to measure (finemoe trace record --out ...)")
     ap.add_argument("--history", help="a trace whose maps preload the history stores (the paper's offline setup)")
@@ -37,6 +47,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override every policy's eviction"
     )
+    add_window_args(ap)
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -60,6 +71,8 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         map_min_score=args.map_min_score,
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,
+        max_inflight_prefetches=args.max_inflight_prefetches,
+        prefetch_window=args.prefetch_window,
         search="sync",
     )
 

@@ -34,7 +34,7 @@ from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.oracle import BeladyPolicy, Future, OraclePredictor
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.predictor import PredictorDeps
-from finemoe.prefetcher import Prefetcher
+from finemoe.prefetcher import LinkWindow, Prefetcher
 from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance, reads_router_inputs
 from finemoe.simlink import Clock, InstantLink, NoWeights, SimPool, TimedLink
 from finemoe.stepper import Stepper
@@ -222,7 +222,15 @@ class Simulator:
         else:
             policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
         self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy)
-        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches)
+        copy_s = getattr(self.transfer, "copy_seconds", None)
+        transfer = self.transfer
+        window = LinkWindow(  # layer time without the stalls: the time the link has to copy in
+            config.max_inflight_prefetches,
+            lambda: self.clock.t - getattr(transfer, "stall_s", 0.0),
+            copy_s,
+            adaptive=config.prefetch_window == "link",
+        )
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.history = history
         members: list = []

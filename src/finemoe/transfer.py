@@ -33,6 +33,10 @@ class Transfer(Protocol):
 
     def demand_seconds(self) -> float: ...
 
+    def copy_seconds(self) -> float:
+        """Seconds one expert copy takes, as measured so far (0: unknown or instant)."""
+        ...
+
     def synchronize(self) -> None: ...
 
 
@@ -65,6 +69,9 @@ class SyncTransfer:
     def demand_seconds(self) -> float:
         return self._demand_s
 
+    def copy_seconds(self) -> float:
+        return 0.0  # copies finish when issued: nothing to wait behind
+
     def synchronize(self) -> None:
         pass
 
@@ -95,8 +102,9 @@ class CudaTransfer:
         self.copy_stream: list[torch.cuda.Stream | None] = [None] * slots
         self.last_use: list[torch.cuda.Event | None] = [None] * slots
         self.unwaited = [False] * slots  # copy finished-or-not, but compute has not waited on it yet
-        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._timing: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, experts)
         self._demand_s = 0.0
+        self._timed_copies = 0  # experts in resolved on-demand batches
         self._queued: list[tuple[int, list[torch.Tensor], bool]] = []  # (slot, host parts, demand)
         self._queued_slots: set[int] = set()
 
@@ -140,7 +148,7 @@ class CudaTransfer:
             done = torch.cuda.Event(enable_timing=demand)
             done.record(stream)
         if start is not None:
-            self._timing.append((start, done))
+            self._timing.append((start, done, len(run)))
         copy_done, copy_stream, unwaited = self.copy_done, self.copy_stream, self.unwaited
         for slot, _, _ in run:
             copy_done[slot] = done
@@ -181,17 +189,29 @@ class CudaTransfer:
         for s in slots:
             self.last_use[s] = ev
 
+    def _resolve(self) -> None:
+        """Fold the finished on-demand timings into the totals (no device synchronisation)."""
+        pending = []
+        for start, end, n in self._timing:
+            if end.query():
+                self._demand_s += start.elapsed_time(end) / 1e3
+                self._timed_copies += n
+            else:
+                pending.append((start, end, n))
+        self._timing = pending
+
     def demand_seconds(self) -> float:
         if self._queued:
             self._issue()
-        pending = []
-        for start, end in self._timing:
-            if end.query():
-                self._demand_s += start.elapsed_time(end) / 1e3
-            else:
-                pending.append((start, end))
-        self._timing = pending
+        self._resolve()
         return self._demand_s
+
+    def copy_seconds(self) -> float:
+        """Mean device time per expert of the on-demand copy batches so far (a batch queued behind
+        prefetch copies counts its wait too, which only makes the prefetch window smaller)."""
+        if self._timing:
+            self._resolve()
+        return self._demand_s / self._timed_copies if self._timed_copies else 0.0
 
     def synchronize(self) -> None:
         if self._queued:
