@@ -99,6 +99,27 @@ def test_trajectory_incremental_equals_from_scratch():
         assert row == int(ref.argmax()) and score == pytest.approx(float(ref.max()), abs=1e-6)
 
 
+def test_pruned_trajectory_follows_the_leading_rows_from_scratch():
+    g = torch.Generator().manual_seed(3)
+    L, E, C, K = 9, 6, 50, 5
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C)
+    s.add(torch.randn(C, 3, generator=g), torch.softmax(torch.randn(C, L, E, generator=g), dim=-1))
+    traj = torch.softmax(torch.randn(1, L, E, generator=g), dim=-1)
+    pruned, full = TrajectoryQuery(s, 1, candidates=K), TrajectoryQuery(s, 1, candidates=C)
+    assert full.candidates == 0  # K >= the store: nothing to prune
+    leaders = None
+    for m in range(L):
+        ref = s.trajectory_scores_from_scratch(traj[:, : m + 1])[0]  # [C]
+        score, row = pruned.best(m, traj[0, m])
+        if m < pruned.prune_at:  # the full search, until the leaders are picked
+            assert row == int(ref.argmax())
+            leaders = set(torch.topk(ref, K).indices.tolist())
+        else:  # the best of the rows leading after layer prune_at - 1, scored over every layer so far
+            want = max(leaders, key=lambda c: float(ref[c]))
+            assert row == want and score == pytest.approx(float(ref[want]), abs=1e-5)
+        assert full.best(m, traj[0, m])[1] == int(ref.argmax())
+
+
 @pytest.mark.parametrize("window", [1, 3])
 def test_windowed_trajectory_equals_from_scratch(window):
     g = torch.Generator().manual_seed(2)

@@ -62,6 +62,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
     ap.add_argument(
+        "--trajectory-candidates",
+        type=int,
+        default=64,
+        help="decode: after layer 4 follow only the K best-matching maps (0 = every map at every layer)",
+    )
+    ap.add_argument(
         "--map-min-score",
         type=float,
         default=0.0,
@@ -93,6 +99,7 @@ def _engine(args: argparse.Namespace):
         search=args.search,
         map_store_rows=args.map_store_rows,
         trajectory_window=args.trajectory_window,
+        trajectory_candidates=args.trajectory_candidates,
         map_min_score=args.map_min_score,
         gate_refine=not args.no_gate_refine,
         eviction=args.eviction,
@@ -403,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
     t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
-    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link")
+    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link", trajectory_candidates=64)
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

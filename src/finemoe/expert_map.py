@@ -19,6 +19,9 @@ import numpy as np
 import torch
 
 EPS = 1e-12
+# TrajectoryQuery.best with candidates: the full search runs for layers 0..PRUNE_AT_LAYER-1, then
+# only the rows leading at that point are followed.
+PRUNE_AT_LAYER = 4
 
 
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -198,8 +201,13 @@ class TrajectoryQuery:
     calls of one query. A single query row (decode at batch 1) may use `best()` instead.
     """
 
-    def __init__(self, store: ExpertMapStore, num_rows: int, window: int = 0) -> None:
+    def __init__(self, store: ExpertMapStore, num_rows: int, window: int = 0, candidates: int = 0) -> None:
         self.store, self.window = store, window
+        # best(): from layer `prune_at` on, follow only the `candidates` best-scoring rows (0: all)
+        self.candidates = candidates if 0 < candidates < store.size and window <= 0 else 0
+        self.prune_at = PRUNE_AT_LAYER
+        self._cand: np.ndarray | None = None  # [K] store rows followed
+        self._cdot: np.ndarray | None = None  # [K] their running dot products
         self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
         self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
         self._dot1 = self.dot.numpy()[0] if num_rows == 1 else None  # best(): a view, updated in place
@@ -242,6 +250,8 @@ class TrajectoryQuery:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
         p = probs.float().numpy() if isinstance(probs, torch.Tensor) else probs.astype(np.float32, copy=False)
+        if self._cand is not None:
+            return self._best_pruned(layer, p)
         dot = self._dot1
         d = _mv(s._by_layer_np[layer, : s.size], p)
         q = float(p @ p)
@@ -261,4 +271,18 @@ class TrajectoryQuery:
             norm = s._prefix_norm_np[layer, : s.size]
         ratio = dot / np.maximum(norm, EPS)
         row = int(ratio.argmax())
+        if self.candidates and layer + 1 >= self.prune_at:
+            k = self.candidates  # the rows still in the running: the best k so far (the best included)
+            self._cand = np.argpartition(-ratio, k - 1)[:k]
+            self._cdot = dot[self._cand].copy()
         return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row
+
+    def _best_pruned(self, layer: int, p: np.ndarray) -> tuple[float, int]:
+        """`best` over the candidate rows only: [K, E] gathered per layer instead of [C, E]."""
+        s, cand = self.store, self._cand
+        self._cdot += _mv(s._by_layer_np[layer][cand], p)
+        self._q1 += float(p @ p)
+        self.layers += 1
+        ratio = self._cdot / np.maximum(s._prefix_norm_np[layer][cand], EPS)
+        i = int(ratio.argmax())
+        return float(ratio[i]) / max(self._q1**0.5, EPS), int(cand[i])

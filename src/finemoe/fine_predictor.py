@@ -31,6 +31,7 @@ class FineMoEPredictor:
         self.distance = deps.distance
         self.rule = deps.delta_rule
         self.window = deps.trajectory_window
+        self.candidates = deps.trajectory_candidates
         self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
@@ -49,7 +50,7 @@ class FineMoEPredictor:
         store = self.store
         if store.size == 0 or ctx.rows.numel() == 0:
             return None
-        self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window)
+        self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window, self.candidates)
         emb = ctx.host_embeddings()
         if emb is None or not self.semantic:
             return None

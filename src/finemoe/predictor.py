@@ -55,6 +55,7 @@ class PredictorDeps:
     gate: GateFn | None = None
     delta_rule: str = "paper"
     trajectory_window: int = 0  # 0: the whole prefix (paper); w: only the latest w layers
+    trajectory_candidates: int = 64  # 0: every stored map at every layer (paper); K: the K leading ones later on
     map_min_score: float = 0.0  # plans only from matches scoring at least this (cosine); 0: every match
     store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)
     semantic: bool = True  # FineMoE: plan the first d layers from the semantic match (False: the ablation)

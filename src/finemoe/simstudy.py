@@ -42,6 +42,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-semantic", action="store_true", help="FineMoE without the semantic match (ablation)")
     ap.add_argument("--map-values", choices=["probs", "counts"], default="probs", help="counts: the hit-count ablation")
     ap.add_argument("--trajectory-window", type=int, default=0)
+    ap.add_argument("--trajectory-candidates", type=int, default=64, help="decode: follow the K leading maps (0: all)")
     ap.add_argument("--map-min-score", type=float, default=0.0, help="finemoe: plan only from matches scoring this")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
     ap.add_argument(
@@ -68,6 +69,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         gate_refine=not args.no_gate_refine,
         map_values=args.map_values,
         trajectory_window=args.trajectory_window,
+        trajectory_candidates=args.trajectory_candidates,
         map_min_score=args.map_min_score,
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,

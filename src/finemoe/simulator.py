@@ -247,6 +247,7 @@ class Simulator:
                 semantic=config.semantic_search,
                 map_values=config.map_values,
                 trajectory_window=config.trajectory_window,
+                trajectory_candidates=config.trajectory_candidates,
                 map_min_score=config.map_min_score,
                 store_rows=config.map_store_rows,
             )
