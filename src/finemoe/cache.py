@@ -33,6 +33,7 @@ class ExpertCache:
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
         self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
+        self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -129,6 +130,10 @@ class ExpertCache:
                 victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
             return None
+        return self._evict(victim)
+
+    def _evict(self, victim: ExpertId) -> int:
+        """Evict `victim` (resident, unpinned); returns its slot, now free to load into."""
         layer, expert = victim
         slot = self.slot_of[layer][expert]
         self.policy.on_evict(victim)
@@ -203,10 +208,21 @@ class ExpertCache:
             self._demand_slots = demand = []
             if self.on_demand_miss is not None:
                 self.on_demand_miss()
+            # The victims of the whole miss list in one policy pass where the policy offers it (as
+            # one call per miss would pick them: what is loaded here stays pinned meanwhile).
+            need = len(missing) - len(self._free)
+            victims = self._victims
+            ahead = victims(self._evictable_landed, need, layer) if need > 0 and victims is not None else []
+            ahead.reverse()
             for e in missing:
-                slot = self._allocate()
-                if slot is None:
-                    break
+                if self._free:
+                    slot = self._free.pop()
+                elif ahead:
+                    slot = self._evict(ahead.pop())
+                else:
+                    slot = self._allocate()
+                    if slot is None:
+                        break
                 eid = eids[e]
                 self._load(eid, slot, True)
                 demand.append(slot)

@@ -38,6 +38,9 @@ class EvictionPolicy(Protocol):
         `on_release` (a policy may then set them aside until it)."""
         ...
 
+    # Optional: `victims(evictable, n, layer) -> list[ExpertId]`, up to n victims in one pass for
+    # the on-demand misses of `layer` (the cache falls back to `victim` for the rest).
+
 
 class _PlanBlind:
     """Policies that ignore plans."""
@@ -72,6 +75,16 @@ class LRUPolicy(_PlanBlind):
             if evictable(eid):
                 return eid
         return None
+
+    def victims(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """The first `n` experts `evictable` accepts, least recent first (as `n` `victim` calls)."""
+        out = []
+        for eid in self._order:
+            if evictable(eid):
+                out.append(eid)
+                if len(out) == n:
+                    break
+        return out
 
 
 class LFUPolicy(_PlanBlind):
@@ -203,12 +216,14 @@ class _PlanAwareHeap:
         del self.last[flat]
         self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
 
-    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
+    def _unprotected(self, evictable: Callable[[ExpertId], bool], n: int, pinned_only: bool = False) -> list[ExpertId]:
+        """Up to `n` unprotected experts `evictable` accepts, lowest key first (the victims `n`
+        successive `victim` calls would return while the caller evicts each and pins what it loads)."""
         heap, held, version, last, eids = self._heap, self._held, self._version, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         E = self.num_experts
         kept: list[tuple[float, int, int, int]] = []
-        found = None
+        found: list[ExpertId] = []
         lazy = self._lazy
         while heap:
             entry = heapq.heappop(heap)
@@ -228,14 +243,31 @@ class _PlanAwareHeap:
                     held[lay] = [entry]
                 continue
             if evictable(eids[flat]):
-                found = eids[flat]  # the caller evicts it (on_evict): its entry would only go stale
-                break
+                found.append(eids[flat])  # the caller evicts it (on_evict): its entry would only go stale
+                if len(found) == n:
+                    break
+                continue
             (self._busy if pinned_only else kept).append(entry)  # pinned: aside until on_release
         for entry in kept:
             heapq.heappush(heap, entry)
-        if found is not None:
-            return found
+        return found
+
+    def victims(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """Up to `n` victims in one pass for the misses of `layer`, the layer the forward pass is
+        at (its plans no longer protect). Unprotected ones only; `victim` covers the rest."""
+        if layer != self._layer_now:
+            self._reach(layer)
+        return self._unprotected(evictable, n)
+
+    def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
+        found = self._unprotected(evictable, 1, pinned_only)
+        if found:
+            return found[0]
         # nothing unprotected can go: the lowest-key protected one that can
+        held, version, last, eids = self._held, self._version, self.last, self._eid
+        E = self.num_experts
+        lazy = self._lazy
+        found = None
         if not held:
             return None
         pool = [entry for entries in held.values() for entry in entries]
