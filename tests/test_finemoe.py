@@ -270,6 +270,35 @@ def test_map_min_score_plans_only_from_confident_matches():
     assert {r.expert for r in pred.on_iteration_start(two).requests} == {ExpertId(0, 0), ExpertId(0, 1)}
 
 
+def test_map_plans_are_withheld_while_their_measured_precision_is_low():
+    from finemoe import fine_predictor
+
+    # The store says experts 0, 1 for both layers; the router keeps choosing 2, 3 instead.
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    maps.add(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.6, 0.3, 0.05, 0.05]] * 2]))
+    pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps, map_min_precision=0.4))
+    wrong = [[0.05, 0.05, 0.3, 0.6]]
+    issued = []
+    for it in range(40):  # each decode iteration plans 2 experts for each layer: 4 measured
+        start = pred.on_iteration_start(_ctx(it, torch.tensor([[1.0, 0.0]])))
+        plan = pred.on_routing(_ev(it, 0, wrong))
+        issued.append(len(start.requests) + len(plan.requests))
+        pred.on_routing(_ev(it, 1, wrong))
+    warm_iterations = math.ceil(fine_predictor.PRECISION_WARMUP / 4)
+    assert issued[:warm_iterations] == [4] * warm_iterations  # measured, but not enough yet
+    assert issued[-1] == 0 and pred.stats()["map_plans_withheld"] > 0
+    assert pred.stats()["map_plan_precision"] == 0.0
+    assert pred.on_iteration_start(_ctx(40, torch.tensor([[1.0, 0.0]]))).layer_probs  # hints stay
+    # the same sequence with the router agreeing: precision 1, nothing withheld
+    pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps, map_min_precision=0.4))
+    right = [[0.6, 0.3, 0.05, 0.05]]
+    for it in range(40):
+        pred.on_iteration_start(_ctx(it, torch.tensor([[1.0, 0.0]])))
+        assert len(pred.on_routing(_ev(it, 0, right)).requests) == 2
+        pred.on_routing(_ev(it, 1, right))
+    assert pred.stats()["map_plan_precision"] == pytest.approx(1.0) and pred.stats()["map_plans_withheld"] == 0
+
+
 def test_history_recorder_inserts_after_the_search_of_the_last_layer():
     maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
     from finemoe.baselines import RequestMatrixStore

@@ -73,6 +73,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         default=0.0,
         help="finemoe: prefetch from a matched expert map only if its match score reaches this (0 = always)",
     )
+    ap.add_argument(
+        "--map-min-precision",
+        type=float,
+        default=0.0,
+        help="finemoe: withhold map plans while their measured precision is below this (0 = never)",
+    )
     ap.add_argument("--no-gate-refine", action="store_true", help="finemoe: expert maps only (no next-layer gate)")
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
@@ -101,6 +107,7 @@ def _engine(args: argparse.Namespace):
         trajectory_window=args.trajectory_window,
         trajectory_candidates=args.trajectory_candidates,
         map_min_score=args.map_min_score,
+        map_min_precision=args.map_min_precision,
         gate_refine=not args.no_gate_refine,
         eviction=args.eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,
@@ -410,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
     t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
-    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link", trajectory_candidates=64)
+    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link", trajectory_candidates=64, map_min_precision=0.0)
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

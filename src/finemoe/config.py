@@ -181,6 +181,7 @@ class EngineConfig:
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)
+    map_min_precision: float = 0.0  # finemoe: withhold map plans while their measured precision is below this
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
     eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own
 
@@ -195,6 +196,8 @@ class EngineConfig:
             raise ConfigError(f"map_values must be probs or counts, got {self.map_values!r}")
         if self.map_store_rows not in ("all", "last"):
             raise ConfigError(f"map_store_rows must be all or last, got {self.map_store_rows!r}")
+        if not 0.0 <= self.map_min_precision <= 1.0:
+            raise ConfigError(f"map_min_precision must be in [0, 1], got {self.map_min_precision}")
         if not 0.0 <= self.map_min_score <= 1.0:
             raise ConfigError(f"map_min_score must be in [0, 1], got {self.map_min_score}")
         if self.trajectory_candidates < 0:

@@ -239,6 +239,7 @@ class Engine:
             trajectory_window=config.trajectory_window,
             trajectory_candidates=config.trajectory_candidates,
             map_min_score=config.map_min_score,
+            map_min_precision=config.map_min_precision,
             store_rows=config.map_store_rows,
         )
         members = predictor_members(preset, config, deps, plan.all_resident)

@@ -19,6 +19,9 @@ from finemoe.expert_map import ExpertMapStore, TrajectoryQuery
 from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, routing_rows, select_by_delta, select_one
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
+PRECISION_DECAY = 0.995  # per measured layer plan: the running precision spans a few hundred plans
+PRECISION_WARMUP = 50.0  # planned experts measured before the precision floor may withhold plans
+
 
 class FineMoEPredictor:
     name = "finemoe"
@@ -42,10 +45,18 @@ class FineMoEPredictor:
         self.sem_sum = self.sem_n = 0.0
         self.traj_sum = self.traj_n = 0.0
         self.plans = 0
+        # Self-measured precision of the map plans (decode): decayed counts of planned experts and
+        # of those the router then chose; below `min_precision` the map plans are withheld (still
+        # measured, still eviction hints) until the running precision recovers.
+        self.min_precision = deps.map_min_precision
+        self._planned: dict[int, set[int]] = {}  # target layer -> experts the maps chose for it
+        self.prec_used = self.prec_planned = 0.0
+        self.withheld = 0  # map plans computed but not issued
 
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.layers_seen, self.traj = ctx, 0, None
+        self._planned = {}
         self.row0 = int(ctx.rows[0]) if ctx.rows.numel() == 1 else -1  # the only row, at batch 1
         store = self.store
         if store.size == 0 or ctx.rows.numel() == 0:
@@ -61,7 +72,7 @@ class FineMoEPredictor:
         matched = store.maps[rows]  # [N, L, E]
         reqs: list[PrefetchRequest] = []
         for target in range(min(d, L)):
-            reqs += plan_for_layer(target, -1, self._select(matched[:, target], scores))
+            reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         forecast = matched.amax(dim=0)  # [L, E]
         hints = tuple((layer, forecast[layer]) for layer in range(L))
@@ -75,6 +86,12 @@ class FineMoEPredictor:
             return None
         self.layers_seen += 1
         L, layer = self.spec.num_layers, event.layer
+        planned = self._planned.pop(layer, None)
+        if planned is not None and not ctx.is_prefill:  # how many of the experts planned for this layer it chose
+            routed = event.topk_ids[ctx.rows] if event.topk_ids.shape[0] != ctx.rows.numel() else event.topk_ids
+            used = len(planned.intersection(routed.view(-1).tolist()))
+            self.prec_used = PRECISION_DECAY * self.prec_used + used
+            self.prec_planned = PRECISION_DECAY * self.prec_planned + len(planned)
         target = layer + self.distance
         if layer == L - 1:
             self.ctx = None
@@ -103,9 +120,25 @@ class FineMoEPredictor:
             chosen = self._select(p, scores)
             hint = p.amax(dim=0)
         self.plans += 1
+        chosen = self._gated(target, chosen)
         return PrefetchPlan(
             tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=((target, hint),)
         )
+
+    def _gated(self, target: int, chosen: dict[int, float]) -> dict[int, float]:
+        """Remember the plan for `target` (to measure it when that layer routes); withhold it while
+        the measured precision is below `min_precision`."""
+        if not chosen:
+            return chosen
+        self._planned[target] = set(chosen)
+        if (
+            self.min_precision > 0
+            and self.prec_planned >= PRECISION_WARMUP
+            and self.prec_used < self.min_precision * self.prec_planned
+        ):
+            self.withheld += 1
+            return {}
+        return chosen
 
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
         """δ selection and batch merge of one target layer: {expert: p}. Rows whose match scores
@@ -131,4 +164,6 @@ class FineMoEPredictor:
             "mean_semantic_score": self.sem_sum / self.sem_n if self.sem_n else None,
             "mean_trajectory_score": self.traj_sum / self.traj_n if self.traj_n else None,
             "plans": self.plans,
+            "map_plan_precision": self.prec_used / self.prec_planned if self.prec_planned else None,
+            "map_plans_withheld": self.withheld,
         }

@@ -57,6 +57,7 @@ class PredictorDeps:
     trajectory_window: int = 0  # 0: the whole prefix (paper); w: only the latest w layers
     trajectory_candidates: int = 64  # 0: every stored map at every layer (paper); K: the K leading ones later on
     map_min_score: float = 0.0  # plans only from matches scoring at least this (cosine); 0: every match
+    map_min_precision: float = 0.0  # withhold map plans while their measured precision is below this; 0: never
     store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)
     semantic: bool = True  # FineMoE: plan the first d layers from the semantic match (False: the ablation)
     map_values: str = "probs"  # what a map row holds: router "probs" (paper) or top-k "counts" (hit count)

@@ -44,6 +44,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--trajectory-window", type=int, default=0)
     ap.add_argument("--trajectory-candidates", type=int, default=64, help="decode: follow the K leading maps (0: all)")
     ap.add_argument("--map-min-score", type=float, default=0.0, help="finemoe: plan only from matches scoring this")
+    ap.add_argument("--map-min-precision", type=float, default=0.0, help="finemoe: withhold imprecise map plans")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override every policy's eviction"
@@ -71,6 +72,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         trajectory_window=args.trajectory_window,
         trajectory_candidates=args.trajectory_candidates,
         map_min_score=args.map_min_score,
+        map_min_precision=args.map_min_precision,
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,

@@ -249,6 +249,7 @@ class Simulator:
                 trajectory_window=config.trajectory_window,
                 trajectory_candidates=config.trajectory_candidates,
                 map_min_score=config.map_min_score,
+                map_min_precision=config.map_min_precision,
                 store_rows=config.map_store_rows,
             )
             if reads_router_inputs(preset, config) and not spec_probs:
