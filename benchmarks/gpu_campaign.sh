@@ -38,6 +38,11 @@ case $part in
       --history gpu_traces/m8x2_hist.fmt --history-requests 16 --policies "$POL,finemoe+map_min_score=0.8" \
       --budgets 25% --repeats 2 --skip-loop --out "$out/offload_mixtral16_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -14 ;;
+  qwen3b)   # session 7: the link window, candidate pruning and batched victims against the baselines
+    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4,finemoe+trajectory_candidates=0" \
+      --out "$out/offload_qwen3_30b_trace_s7.json" 2>&1 | grep -v "engine ready" | tail -14 ;;
   variants3)  # what finemoe's host time buys: its variants next to the best baselines, Qwen3 25%
     timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
