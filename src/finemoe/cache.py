@@ -81,7 +81,8 @@ class ExpertCache:
                 self._table_host[layer] = row
                 self.table[layer].copy_(self._table_host[layer], non_blocking=True)
                 ev = torch.cuda.Event()
-                ev.record(torch.cuda.current_stream(self.table.device))
+                stream = getattr(self.transfer, "compute_stream", None)
+                ev.record(stream if stream is not None else torch.cuda.current_stream(self.table.device))
                 self._row_copied[layer] = ev
             else:
                 self.table[layer] = row

@@ -97,6 +97,9 @@ class CudaTransfer:
         self.demand_stream.wait_stream(here)
         self.prefetch_stream.wait_stream(here)
         self._device_index = here.device_index
+        # The stream the forward pass computes on, looked up once per iteration (`refresh_stream`):
+        # torch's stream lookups and stream contexts cost more host time than the copies' issue.
+        self._compute = here
         slots = pool.num_slots
         self.copy_done: list[torch.cuda.Event | None] = [None] * slots
         self.copy_stream: list[torch.cuda.Stream | None] = [None] * slots
@@ -107,6 +110,14 @@ class CudaTransfer:
         self._timed_copies = 0  # experts in resolved on-demand batches
         self._queued: list[tuple[int, list[torch.Tensor], bool]] = []  # (slot, host parts, demand)
         self._queued_slots: set[int] = set()
+
+    @property
+    def compute_stream(self) -> torch.cuda.Stream:
+        return self._compute
+
+    def refresh_stream(self) -> None:
+        """Take the current stream as the compute stream (call where the forward pass starts)."""
+        self._compute = torch.cuda.current_stream(self._device_index)
 
     def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
         self._queued.append((slot, src, demand))
@@ -128,7 +139,8 @@ class CudaTransfer:
     def _issue_run(self, run: list[tuple[int, list[torch.Tensor], bool]], demand: bool) -> None:
         stream = self.demand_stream if demand else self.prefetch_stream
         waited: set[int] = set()
-        with torch.cuda.stream(stream):
+        torch.cuda.set_stream(stream)  # not a stream context: no device or stream lookups
+        try:
             for slot, _, _ in run:  # a copy waits for the slot's last reader and any other-stream copy
                 for ev in (self.last_use[slot], self.copy_done[slot] if self.copy_stream[slot] is not stream else None):
                     if ev is not None and id(ev) not in waited:
@@ -147,6 +159,8 @@ class CudaTransfer:
             _copy_all(dsts, srcs)  # one dispatch for the whole run
             done = torch.cuda.Event(enable_timing=demand)
             done.record(stream)
+        finally:
+            torch.cuda.set_stream(self._compute)
         if start is not None:
             self._timing.append((start, done, len(run)))
         copy_done, copy_stream, unwaited = self.copy_done, self.copy_stream, self.unwaited
@@ -170,7 +184,7 @@ class CudaTransfer:
     def before_compute(self, slots: list[int]) -> None:
         if self._queued:
             self._issue()
-        cur = torch.cuda.current_stream(self._device_index)
+        cur = self._compute
         waited: set[int] = set()
         unwaited, copy_done = self.unwaited, self.copy_done
         for s in slots:
@@ -185,7 +199,7 @@ class CudaTransfer:
         if self._queued:
             self._issue()
         ev = torch.cuda.Event()
-        ev.record(torch.cuda.current_stream(self._device_index))
+        ev.record(self._compute)
         for s in slots:
             self.last_use[s] = ev
 
