@@ -43,6 +43,12 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4,finemoe+trajectory_candidates=0" \
       --out "$out/offload_qwen3_30b_trace_s7.json" 2>&1 | grep -v "engine ready" | tail -14 ;;
+  check7)   # GPU tests, then the Qwen3 25% comparison after the stream-lookup change
+    python -m pytest -q tests/gpu 2>&1 | tail -3
+    timeout 420 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4" \
+      --out "$out/check_qwen3_30b_trace_s7.json" 2>&1 | grep -v "engine ready" | tail -9 ;;
   variants3)  # what finemoe's host time buys: its variants next to the best baselines, Qwen3 25%
     timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
