@@ -218,7 +218,7 @@ class Engine:
             config.max_inflight_prefetches,
             lambda: time.perf_counter() - self.runtime.sync_s,
             transfer.copy_seconds,
-            adaptive=config.prefetch_window == "link",
+            adaptive=config.prefetch_window == "link" and not plan.all_resident and preset.predictor != "none",
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         refs = find_moe_layers(self.model, self.adapter)

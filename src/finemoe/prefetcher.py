@@ -89,7 +89,7 @@ class Prefetcher:
         """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`."""
         self.iteration, self.layer = iteration, layer
         self.cache.now = (iteration, layer)
-        if layer >= 0:
+        if layer >= 0 and self.window.adaptive:
             self.window.on_layer(iteration, layer)
 
     def post(self, plan: PrefetchPlan | None) -> None:

@@ -228,7 +228,7 @@ class Simulator:
             config.max_inflight_prefetches,
             lambda: self.clock.t - getattr(transfer, "stall_s", 0.0),
             copy_s,
-            adaptive=config.prefetch_window == "link",
+            adaptive=config.prefetch_window == "link" and not preset.all_resident and preset.predictor != "none",
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
