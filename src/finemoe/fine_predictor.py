@@ -75,7 +75,7 @@ class FineMoEPredictor:
             reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         forecast = matched.amax(dim=0)  # [L, E]
-        hints = tuple((layer, forecast[layer]) for layer in range(L))
+        hints = tuple(enumerate(forecast.unbind(0)))  # (layer, [E]) per layer, views in one op
         self.plans += 1
         return PrefetchPlan(tuple(reqs), replace=True, iteration=ctx.iteration, layer_probs=hints)
 
