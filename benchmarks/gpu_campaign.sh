@@ -70,9 +70,14 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 8 --budgets 25% --repeats 1 --skip-loop \
       --policies "lru,promoe,finemoe,finemoe+map_min_score=0.8" \
       --out "$out/why_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -9 ;;
+  acc15)    # same run: lru, finemoe and Accelerate at 25% on Qwen1.5-MoE (1 round, 1 request; ~4 min)
+    timeout 380 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 1 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --policies lru,finemoe --budgets 25% \
+      --repeats 1 --skip-loop --accelerate --accelerate-budgets 25% --accelerate-tokens 3 \
+      --out "$out/accelerate_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
   acc3)     # transformers all-GPU + Accelerate 25% on Qwen3-30B-A3B, same requests
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|acc3)"; exit 2 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|acc3|acc15|qwen3b|check7)"; exit 2 ;;
 esac
