@@ -107,9 +107,14 @@ class Prefetcher:
         if plan.replace:
             self.cache.stats.prefetches_dropped += len(self._heap)
             self._heap.clear()
+        heap, slot_of, seq, it = self._heap, self.cache.slot_of, self._seq, plan.iteration
         for req in plan.requests:
-            self._seq += 1
-            heapq.heappush(self._heap, (-req.priority, self._seq, plan.iteration, req.expert))
+            eid = req.expert
+            if slot_of[eid.layer][eid.expert] >= 0:
+                continue  # resident already: nothing to copy (the policy saw the plan above)
+            seq += 1
+            heapq.heappush(heap, (-req.priority, seq, it, eid))
+        self._seq = seq
 
     def pause(self) -> None:
         self._paused = True
