@@ -175,3 +175,15 @@ def test_demand_copy_bandwidth_is_measured():
     secs = tr.demand_seconds()
     gbps = 4 * SPEC.expert_numel * 4 / secs / 1e9
     assert secs > 0 and gbps > 5  # pinned copies; pageable ones would be far slower
+
+
+def test_copy_seconds_is_the_mean_demand_copy_time_and_the_stream_is_restored():
+    store, pool, tr = _transfer()
+    assert tr.copy_seconds() == 0.0  # nothing measured yet
+    for e in range(4):
+        tr.load(0, store.parts(ExpertId(0, e)), demand=True)
+    tr.is_done(0)  # issues the queued copies on the demand stream
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()  # back on the compute stream
+    tr.synchronize()
+    total = tr.demand_seconds()
+    assert total > 0 and tr.copy_seconds() == pytest.approx(total / 4)
