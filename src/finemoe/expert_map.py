@@ -24,18 +24,11 @@ EPS = 1e-12
 PRUNE_AT_LAYER = 4
 
 
-# Products of at least this many elements go to BLAS (see `_mv`).
-BLAS_MIN_ELEMENTS = 1 << 18
-
-
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    """`mat` [C, K] @ `vec` [K]. Small products (a trajectory step: C x E) stay on the calling
-    thread in einsum's own loop: BLAS (NumPy's OpenBLAS) may spread even a 1000 x 16 product over
-    every core, whose thread wake-ups cost more than the product on a busy many-core host. Large
-    ones (a semantic match: C x D, D in the thousands) go to BLAS, which is faster there even on
-    one core (1000 x 2048: 0.52 ms einsum, 0.39 ms BLAS on the 2-core CI machine)."""
-    if mat.size >= BLAS_MIN_ELEMENTS:
-        return mat @ vec
+    """`mat` [C, K] @ `vec` [K] on the calling thread only. BLAS (NumPy's OpenBLAS) spreads even a
+    1000 x 16 product over every core and its threads keep spinning afterwards, competing with
+    torch's own threads: routing the semantic match (1000 x 576) through BLAS made the 2-core CPU
+    decode step ~2x slower (docs/results/policies.md, overhead); einsum's loop stays on this thread."""
     return np.einsum("ck,k->c", mat, vec)
 
 
