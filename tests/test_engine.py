@@ -153,3 +153,22 @@ def test_reconfigure_keeps_store_and_stays_exact(tiny_checkpoint, reference_mode
         assert len(eng.generate([1, 2], SamplingParams(max_new_tokens=2))[0].token_ids) >= 1
     finally:
         eng.close()
+
+
+def test_prefetch_window_wiring(tiny_checkpoint):
+    """Prefetching policies get the link-aware window (fixed on request, never without prefetch);
+    on the CPU copies finish when issued, so the limit stays the configured maximum."""
+    path = tiny_checkpoint("mixtral")
+    eng = Engine.from_pretrained(path, expert_budget="50%", policy="finemoe", device="cpu", progress=False)
+    try:
+        eng.generate([1, 2, 3], SamplingParams(max_new_tokens=3))
+        st = eng.stats().extra
+        assert st["prefetch_window"] == "link" and st["prefetch_window_limit"] == 4
+        assert st["window_layer_ms"] > 0 and st["window_copy_ms"] == 0.0
+        eng.reconfigure(policy="lru")
+        assert eng.stats().extra["prefetch_window"] == "fixed"
+        eng.reconfigure(policy="finemoe", prefetch_window="fixed", max_inflight_prefetches=2)
+        st = eng.stats().extra
+        assert st["prefetch_window"] == "fixed" and st["prefetch_window_limit"] == 2
+    finally:
+        eng.close()
