@@ -38,7 +38,13 @@ from finemoe.policy import EVICTION_POLICIES
 from finemoe.pool import SlotPool
 from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import LinkWindow, Prefetcher
-from finemoe.presets import get_preset, predictor_members, prefetch_distance, reads_router_inputs
+from finemoe.presets import (
+    adaptive_prefetch_window,
+    get_preset,
+    predictor_members,
+    prefetch_distance,
+    reads_router_inputs,
+)
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
@@ -218,7 +224,7 @@ class Engine:
             config.max_inflight_prefetches,
             lambda: time.perf_counter() - self.runtime.sync_s,
             transfer.copy_seconds,
-            adaptive=config.prefetch_window == "link" and not plan.all_resident and preset.predictor != "none",
+            adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         refs = find_moe_layers(self.model, self.adapter)

@@ -267,7 +267,7 @@ class _PlanAwareHeap:
         held, version, last, eids = self._held, self._version, self.last, self._eid
         E = self.num_experts
         lazy = self._lazy
-        found = None
+        pick: ExpertId | None = None
         if not held:
             return None
         pool = [entry for entries in held.values() for entry in entries]
@@ -284,7 +284,7 @@ class _PlanAwareHeap:
                 heapq.heappush(pool, (self._key(flat), last[flat], flat, v))
                 continue
             if evictable(eids[flat]):
-                found = eids[flat]
+                pick = eids[flat]
                 break
             back.append(entry)
         held.clear()
@@ -294,7 +294,7 @@ class _PlanAwareHeap:
                 held[lay].append(entry)
             else:
                 held[lay] = [entry]
-        return found
+        return pick
 
     def on_release(self) -> None:
         """The cache unpinned experts: the entries set aside as pinned go back into the heap."""

@@ -136,3 +136,9 @@ def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident
 def reads_router_inputs(preset: PolicyPreset, config: Any) -> bool:
     """True if the preset's predictors read router inputs (speculative gates)."""
     return preset.predictor == "speculative-gate" or bool(preset.refine_stride and config.gate_refine)
+
+
+def adaptive_prefetch_window(preset: PolicyPreset, config: Any, all_resident: bool) -> bool:
+    """True if the prefetch window follows the link (`prefetch_window` "link") for a policy that
+    prefetches at all (no predictor or every expert resident: nothing to window)."""
+    return config.prefetch_window == "link" and not all_resident and preset.predictor != "none"

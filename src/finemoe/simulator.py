@@ -35,7 +35,14 @@ from finemoe.oracle import BeladyPolicy, Future, OraclePredictor
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.predictor import PredictorDeps
 from finemoe.prefetcher import LinkWindow, Prefetcher
-from finemoe.presets import PolicyPreset, get_preset, predictor_members, prefetch_distance, reads_router_inputs
+from finemoe.presets import (
+    PolicyPreset,
+    adaptive_prefetch_window,
+    get_preset,
+    predictor_members,
+    prefetch_distance,
+    reads_router_inputs,
+)
 from finemoe.simlink import Clock, InstantLink, NoWeights, SimPool, TimedLink
 from finemoe.stepper import Stepper
 from finemoe.trace import Trace
@@ -228,7 +235,7 @@ class Simulator:
             config.max_inflight_prefetches,
             lambda: self.clock.t - getattr(transfer, "stall_s", 0.0),
             copy_s,
-            adaptive=config.prefetch_window == "link" and not preset.all_resident and preset.predictor != "none",
+            adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
         self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
