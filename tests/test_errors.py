@@ -160,3 +160,16 @@ def test_no_tokenizer_needs_token_ids(tiny_checkpoint):
             eng.generate("hello")
     finally:
         eng.close()
+
+
+def test_token_id_outside_the_vocabulary(tiny_checkpoint):
+    eng = load(tiny_checkpoint("qwen3_moe"))
+    try:
+        vocab = eng.vocab_size
+        with pytest.raises(ConfigError, match=f"prompt 1: token id {vocab} at position 2 is outside"):
+            eng.generate([[1, 2, 3], [4, 5, vocab]])
+        with pytest.raises(ConfigError, match="token id -1 at position 0"):
+            eng.generate([-1, 2])
+        assert len(eng.generate([1, 2, vocab - 1])[0].token_ids) > 0  # the engine still works
+    finally:
+        eng.close()

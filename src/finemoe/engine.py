@@ -482,6 +482,23 @@ class Engine:
         n = getattr(self.model.config, "max_position_embeddings", None)
         return int(n) if isinstance(n, int) and n > 0 else None
 
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's input embedding: token ids must lie in [0, vocab_size)."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    def check_token_ids(self, prompts: list[list[int]]) -> None:
+        """Refuse token ids outside the vocabulary (on the GPU they would trip a device-side assert
+        that kills the process) with the offending prompt, position and id."""
+        vocab = self.vocab_size
+        for i, ids in enumerate(prompts):
+            bad = next((j for j, t in enumerate(ids) if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ConfigError(
+                    f"prompt {i}: token id {ids[bad]} at position {bad} is outside the model's vocabulary "
+                    f"(0..{vocab - 1}); token ids must come from this model's tokenizer"
+                )
+
     def generate(
         self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None, chat: bool | None = None
     ) -> list[GenerationOutput]:
@@ -498,6 +515,7 @@ class Engine:
         encoded = [self.encode(p, chat) for p in batch]
         if any(len(e) == 0 for e in encoded):
             raise ConfigError("empty prompt: every prompt needs at least one token")
+        self.check_token_ids(encoded)
         self.cache.refresh_stall()
         before = self.cache.stats.copy()
         try:

@@ -47,6 +47,7 @@ class TraceRouting:
                 f"with that geometry (finemoe reference build --geometry {E}x{k})"
             )
         self.num_layers = len(refs)
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
         weight = next(refs[0].router.parameters())
         self.device, self.dtype = weight.device, weight.dtype
         self._base, self._staged = 0, None
@@ -66,9 +67,11 @@ class TraceRouting:
 
     def prompt_ids(self, request: int) -> list[int]:
         """The recorded prompt's token ids (the traced model's tokenizer; benchmarks feed them to a
-        model of another vocabulary so that equal prompts embed equally)."""
+        model of another vocabulary so that equal prompts embed equally), folded modulo the model's
+        vocabulary when it is smaller than the traced one (e.g. Mixtral's 32,000 ids)."""
         start = int(self.trace.row_start[request])
-        return self.trace.token_ids[start : start + self.prompt_len(request)].tolist()
+        ids = self.trace.token_ids[start : start + self.prompt_len(request)]
+        return (ids % self.vocab_size).tolist()
 
     def output_len(self, request: int) -> int:
         return int(self.trace.output_len[request])
