@@ -89,7 +89,8 @@ def test_with_layers_matches_the_replay_map_and_prompt_ids(trace):
     replay = TraceRouting(random_model(cfg), trace)
     assert replay.prompt_ids(0) == [5, 9, 12, 7] and replay.prompt_ids(1) == [3, 3, 8, 1, 2]
     replay.remove()
-    small = TraceRouting(random_model(make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, vocab_size=8)), trace)
+    tiny_vocab = make_config("qwen2_moe", num_experts=8, num_experts_per_tok=2, vocab_size=8)
+    small = TraceRouting(random_model(tiny_vocab), trace)
     assert small.prompt_ids(0) == [5, 1, 4, 7]  # folded into a smaller vocabulary (Mixtral's 32k < traced ids)
     small.remove()
 
