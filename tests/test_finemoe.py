@@ -327,3 +327,39 @@ def test_history_recorder_inserts_after_the_search_of_the_last_layer():
     assert maps2.size == 2 and torch.allclose(
         maps2.maps[:2, 1], torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.3, 0.2]])
     )
+
+
+def test_ranked_selection_equals_select_one():
+    """The store's ranked rows (`select_ranked`) pick exactly what `select_one` picks, ties and
+    δ boundaries included; hand case: p = [0.1, 0.4, 0.1, 0.4], score 0.2 -> δ 0.8 -> experts 1, 3
+    reach 0.8 ("paper" takes the crossing expert, here none more), top-1 floor."""
+    import numpy as np
+
+    from finemoe.predictor import ranked_row, select_one, select_ranked
+
+    p = np.array([0.1, 0.4, 0.1, 0.4], dtype=np.float32)
+    assert list(select_ranked(ranked_row(p), 0.2, 1)) == [1, 3]
+    assert list(select_ranked(ranked_row(p), 0.95, 1)) == [1]
+    assert list(select_ranked(ranked_row(p), 0.1, 1)) == [1, 3, 0]  # δ 0.9: the crossing expert 0 (lower id first)
+    gen = np.random.default_rng(0)
+    for _ in range(300):
+        row = gen.dirichlet(np.ones(8) * 0.5).astype(np.float32)
+        if gen.random() < 0.3:
+            row = np.round(row * 4) / 4  # ties
+        score = float(gen.choice([gen.random(), 0.0, 1.0, 1.0 - float(np.sort(row)[::-1][:2].sum())]))
+        for rule in ("paper", "demo", "topk"):
+            assert select_ranked(ranked_row(row), score, 2, rule) == select_one(row, score, 2, rule)
+
+
+def test_ranked_rows_follow_rewrites():
+    import torch
+
+    from finemoe.expert_map import ExpertMapStore, StoreGeometry
+    from finemoe.predictor import ranked_row
+
+    store = ExpertMapStore(StoreGeometry(2, 4, 3), capacity=1)
+    store.add(torch.ones(1, 3), torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]]]))
+    assert store.ranked(1, 0)[0] == [3, 2, 1, 0]
+    store.add(torch.ones(1, 3), torch.tensor([[[0.1, 0.1, 0.1, 0.7], [0.4, 0.3, 0.2, 0.1]]]))  # replaces row 0
+    assert store.ranked(1, 0)[0] == [0, 1, 2, 3]
+    assert store.ranked(0, 0) == ranked_row(store.by_layer[0, 0].numpy())

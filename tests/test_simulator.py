@@ -302,3 +302,24 @@ def test_hand_computed_policies(policy, hits, issued):
     tr = scripted(TWO_STEPS, spec_top1())
     r = simulate(tr, cfg(policy, "3", prefetch_distance=1), link="instant")
     assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, issued)
+
+
+@pytest.mark.parametrize(("policy", "distance"), [("finemoe", 2), ("finemoe", 1), ("finemoe-paper", 1)])
+def test_batched_prefetch_starts_equal_one_at_a_time(policy, distance, monkeypatch):
+    """`Prefetcher` finds the victims of a pump's prefetches in one policy pass; forcing the
+    one-at-a-time loop (`try_prefetch` per request) must give the same counters on every budget."""
+    from finemoe.cache import ExpertCache
+
+    tr = random_trace(5, requests=3, iters=10)
+    hist = empty_history(tr, 64, 1)
+    record_history(random_trace(6), hist)
+    runs = {}
+    for batched in (True, False):
+        if not batched:
+            monkeypatch.setattr(ExpertCache, "batches_prefetches", property(lambda self: False))
+        runs[batched] = [
+            simulate(tr, cfg(policy, budget, prefetch_distance=distance), unit_cost(0.4), "timed", hist).stats
+            for budget in ("2", "3", "5")
+        ]
+    assert runs[True] == runs[False]
+    assert sum(s["prefetches_issued"] for s in runs[True]) > 0  # the batched path did start copies

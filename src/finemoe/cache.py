@@ -34,6 +34,7 @@ class ExpertCache:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
         self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
+        self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -263,6 +264,36 @@ class ExpertCache:
         self.prefetch_iteration[slot] = iteration
         self.stats.prefetches_issued += 1
         return True
+
+    @property
+    def batches_prefetches(self) -> bool:
+        """True if `prefetch_batch` may be used (the policy finds prefetch victims in one pass)."""
+        return self._prefetch_victims is not None
+
+    def prefetch_batch(self, batch: list[tuple[ExpertId, int]]) -> list[int]:
+        """`try_prefetch` of each (absent, distinct) expert of `batch` in order, the victims found
+        in one policy pass; the slots of the copies started, a prefix of `batch` (the rest found no
+        slot). Equal to successive `try_prefetch` calls when every iteration is >= 0: what a
+        prefetch loads is then not evictable by the next one. Needs `batches_prefetches`."""
+        free = self._free
+        need = len(batch) - len(free)
+        victims = self._prefetch_victims(self._evictable_for_prefetch, need) if need > 0 else []
+        victims.reverse()
+        slots: list[int] = []
+        st, prefetched, planned = self.stats, self.prefetched, self.prefetch_iteration
+        for eid, iteration in batch:
+            if free:
+                slot = free.pop()
+            elif victims:
+                slot = self._evict(victims.pop())
+            else:
+                break
+            self._load(eid, slot, False)
+            prefetched[slot] = True
+            planned[slot] = iteration
+            st.prefetches_issued += 1
+            slots.append(slot)
+        return slots
 
     def defer_access(self, layer: int, ids: torch.Tensor) -> None:
         """Record a use without a host sync (all-resident: every access is a hit); counted by flush."""

@@ -22,6 +22,7 @@ EPS = 1e-12
 # TrajectoryQuery.best with candidates: the full search runs for layers 0..PRUNE_AT_LAYER-1, then
 # only the rows leading at that point are followed.
 PRUNE_AT_LAYER = 4
+RANKED_CACHE = 16384  # ranked map rows kept (each 3 lists of E numbers); cleared when full
 
 
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -57,6 +58,9 @@ class ExpertMapStore:
         self.size = 0
         self.inserts = 0  # rows ever offered
         self.replacements = 0  # rows overwritten because the store was full
+        # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
+        # first use and dropped when the row is rewritten: decode keeps matching the same rows.
+        self._ranked: dict[int, tuple[list[int], list[float], list[float]]] = {}
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -98,6 +102,10 @@ class ExpertMapStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
+        if self._ranked:
+            L = self.geometry.num_layers
+            for key in range(row * L, row * L + L):
+                self._ranked.pop(key, None)
         self.emb[row] = emb
         self.emb_unit[row] = emb / emb.norm().clamp_min(EPS)
         self.maps[row] = emap
@@ -155,6 +163,18 @@ class ExpertMapStore:
         return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ stored.T)
 
     # -- reads ----------------------------------------------------------------------------------
+    def ranked(self, layer: int, row: int) -> tuple[list[int], list[float], list[float]]:
+        """Stored row `row`'s map at `layer`, ranked for δ selection (`predictor.ranked_row`)."""
+        key = row * self.geometry.num_layers + layer
+        hit = self._ranked.get(key)
+        if hit is None:
+            from finemoe.predictor import ranked_row
+
+            if len(self._ranked) >= RANKED_CACHE:
+                self._ranked.clear()
+            hit = self._ranked[key] = ranked_row(self._by_layer_np[layer, row])
+        return hit
+
     def semantic_match(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best stored row per query embedding: (`scores` [N] cosine, `rows` [N]). Store non-empty."""
         if emb.shape[0] == 1:  # one query: one torch matvec, the rest in NumPy

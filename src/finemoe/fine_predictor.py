@@ -16,7 +16,15 @@ from typing import Any
 import torch
 
 from finemoe.expert_map import ExpertMapStore, TrajectoryQuery
-from finemoe.predictor import PredictorDeps, merge_rows, plan_for_layer, routing_rows, select_by_delta, select_one
+from finemoe.predictor import (
+    PredictorDeps,
+    merge_rows,
+    plan_for_layer,
+    routing_rows,
+    select_by_delta,
+    select_one,
+    select_ranked,
+)
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 PRECISION_DECAY = 0.995  # per measured layer plan: the running precision spans a few hundred plans
@@ -107,7 +115,7 @@ class FineMoEPredictor:
             self.traj_n += 1
             hint = self.store.by_layer[target, row]  # [E]
             chosen = (
-                select_one(self.store._by_layer_np[target, row], score, self.spec.top_k, self.rule)
+                select_ranked(self.store.ranked(target, row), score, self.spec.top_k, self.rule)
                 if score >= self.min_score
                 else {}
             )

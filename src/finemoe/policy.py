@@ -40,6 +40,8 @@ class EvictionPolicy(Protocol):
 
     # Optional: `victims(evictable, n, layer) -> list[ExpertId]`, up to n victims in one pass for
     # the on-demand misses of `layer` (the cache falls back to `victim` for the rest).
+    # Optional: `prefetch_victims(evictable, n) -> list[ExpertId]`, the victims of n prefetches in
+    # one pass (as n `victim` calls would pick them while what they load is not `evictable`).
 
 
 class _PlanBlind:
@@ -78,6 +80,9 @@ class LRUPolicy(_PlanBlind):
 
     def victims(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """The first `n` experts `evictable` accepts, least recent first (as `n` `victim` calls)."""
+        return self.prefetch_victims(evictable, n)
+
+    def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
         out = []
         for eid in self._order:
             if evictable(eid):
@@ -257,6 +262,11 @@ class _PlanAwareHeap:
         at (its plans no longer protect). Unprotected ones only; `victim` covers the rest."""
         if layer != self._layer_now:
             self._reach(layer)
+        return self._unprotected(evictable, n)
+
+    def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
+        """Victims of `n` prefetches: unprotected only (a prefetch never evicts a protected expert,
+        so `victim`'s protected fallback would find nothing for it)."""
         return self._unprotected(evictable, n)
 
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:

@@ -9,6 +9,7 @@ selection rule, the simple predictors and the registry. The FineMoE predictor li
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -123,6 +124,36 @@ def select_one(probs: np.ndarray | list[float], score: float, top_k: int, rule: 
         count = min(max(count, min(top_k, e)), e)
     take = order[:count]
     return dict(zip(take.tolist(), p[take].tolist(), strict=True))
+
+
+def ranked_row(probs: np.ndarray) -> tuple[list[int], list[float], list[float]]:
+    """One map row [E] ranked for δ selection: (expert ids by descending probability, ties to the
+    lower id; their probabilities; the running sums), float64 as `select_one` computes them."""
+    p = np.asarray(probs, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    sp = p[order]
+    return order.tolist(), sp.tolist(), np.cumsum(sp).tolist()
+
+
+def select_ranked(
+    ranked: tuple[list[int], list[float], list[float]], score: float, top_k: int, rule: str = "paper"
+) -> dict[int, float]:
+    """`select_one` on a row already ranked by `ranked_row` (the same experts, no array ops):
+    the running sums are non-decreasing, so counting those below δ is a bisection."""
+    order, sp, cum = ranked
+    e = len(order)
+    if rule == "topk":
+        count = min(top_k, e)
+    else:
+        delta = min(max(1.0 - score, 0.0), 1.0)
+        if rule == "paper":
+            count = bisect.bisect_left(cum, delta - TIE_EPS) + 1
+        elif rule == "demo":
+            count = bisect.bisect_right(cum, delta + TIE_EPS)
+        else:
+            raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
+        count = min(max(count, min(top_k, e)), e)
+    return dict(zip(order[:count], sp[:count], strict=True))
 
 
 def merge_rows(probs: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:

@@ -141,6 +141,10 @@ class Prefetcher:
         self._inflight = [s for s in self._inflight if not cache.transfer.is_done(s)]
         started = 0
         limit = self.window.limit
+        if cache.batches_prefetches:
+            started, finished = self._start_batch(limit - len(self._inflight))
+            if finished:
+                return started
         while self._heap and len(self._inflight) < limit:
             _, _, iteration, eid = heapq.heappop(self._heap)
             if self._stale(iteration, eid):
@@ -152,6 +156,45 @@ class Prefetcher:
             elif not cache.is_resident(eid):
                 cache.stats.prefetches_dropped += 1  # no slot could be freed for it
         return started
+
+    def _start_batch(self, room: int) -> tuple[int, bool]:
+        """The loop above with the victims of up to `room` prefetches found in one policy pass
+        (`ExpertCache.prefetch_batch`): the same copies started, the same requests dropped.
+        Returns (copies started, finished); not finished when it met a request without an
+        iteration, left at the front of the queue for the one-at-a-time loop."""
+        cache, heap, stats = self.cache, self._heap, self.cache.stats
+        slot_of = cache.slot_of
+        batch: list[tuple[ExpertId, int]] = []
+        seen: set[ExpertId] = set()
+        twins: list[ExpertId] = []  # requests for an expert already in the batch
+        unfinished = False
+        while heap and len(batch) < room:
+            entry = heapq.heappop(heap)
+            iteration, eid = entry[2], entry[3]
+            if self._stale(iteration, eid):
+                stats.prefetches_dropped += 1
+            elif slot_of[eid.layer][eid.expert] >= 0:
+                pass  # resident: nothing to copy
+            elif iteration < 0:  # a prefetch without an iteration stays evictable: one at a time
+                heapq.heappush(heap, entry)  # back at the front (everything popped before it ranked higher)
+                unfinished = True
+                break
+            elif eid in seen:
+                twins.append(eid)
+            else:
+                seen.add(eid)
+                batch.append((eid, iteration))
+        slots = cache.prefetch_batch(batch) if batch else []
+        self._inflight += slots
+        if len(slots) < len(batch):  # no slot for the rest: every later request finds none either
+            stats.prefetches_dropped += len(batch) - len(slots)
+            stats.prefetches_dropped += sum(slot_of[e.layer][e.expert] < 0 for e in twins)
+            while heap:
+                _, _, iteration, eid = heapq.heappop(heap)
+                if self._stale(iteration, eid) or slot_of[eid.layer][eid.expert] < 0:
+                    stats.prefetches_dropped += 1
+            return len(slots), True
+        return len(slots), not unfinished
 
     def clear(self) -> None:
         self._heap.clear()
