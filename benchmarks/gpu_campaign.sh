@@ -31,13 +31,19 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies "$POL,finemoe+map_min_score=0.8" \
       --budgets 25% --repeats 2 --skip-loop --out "$out/offload_qwen3_30b_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -14 ;;
-  mixtral)  # Mixtral-8x7B shape, first 16 of 32 layers (the plain twin kept for reference must fit
-            # the GPU twice: 2 x 47 GB at 16 layers), routing from an 8x2 reference trace
-            # (gpu_traces/m8x2_*.fmt; see docs/results/gpu_trace.md). Not run yet: sized by estimate.
+  mixtral)  # GPU tests, then the Mixtral-8x7B shape, first 16 of 32 layers (the plain twin kept for
+            # reference fits the GPU twice: 2 x 47 GB), routing from an 8x2 reference trace
+            # (gpu_traces/m8x2_*.fmt); ~6 min on the H200 (session 8)
+    python -m pytest -q tests/gpu 2>&1 | tail -4
+    timeout 470 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
+      --history gpu_traces/m8x2_hist.fmt --history-requests 12 --policies lru,mixtral-offloading,promoe,finemoe \
+      --budgets 50%,25% --repeats 2 --skip-loop --out "$out/offload_mixtral16_trace_b.json" 2>&1 \
+      | grep -v "engine ready" | tail -16 ;;
+  mixtral1) # the first Mixtral run (session 8): every baseline and the fixed prefetch window, 25%, 1 round (~3 min)
     timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
-      --history gpu_traces/m8x2_hist.fmt --history-requests 16 --policies "$POL,finemoe+map_min_score=0.8" \
-      --budgets 25% --repeats 2 --skip-loop --out "$out/offload_mixtral16_trace.json" 2>&1 \
-      | grep -v "engine ready" | tail -14 ;;
+      --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 1 --skip-loop \
+      --policies "lru,mixtral-offloading,promoe,moe-infinity,finemoe,finemoe+prefetch_window='fixed'" \
+      --out "$out/offload_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -14 ;;
   qwen3b)   # session 7: the link window, candidate pruning and batched victims against the baselines
     timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
