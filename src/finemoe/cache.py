@@ -259,11 +259,14 @@ class ExpertCache:
         slot = self._allocate(True)
         if slot is None:
             return False
+        self._start_prefetch(eid, slot, iteration)
+        return True
+
+    def _start_prefetch(self, eid: ExpertId, slot: int, iteration: int) -> None:
         self._load(eid, slot, False)
         self.prefetched[slot] = True
         self.prefetch_iteration[slot] = iteration
         self.stats.prefetches_issued += 1
-        return True
 
     @property
     def batches_prefetches(self) -> bool:
@@ -280,7 +283,6 @@ class ExpertCache:
         victims = self._prefetch_victims(self._evictable_for_prefetch, need) if need > 0 else []
         victims.reverse()
         slots: list[int] = []
-        st, prefetched, planned = self.stats, self.prefetched, self.prefetch_iteration
         for eid, iteration in batch:
             if free:
                 slot = free.pop()
@@ -288,10 +290,7 @@ class ExpertCache:
                 slot = self._evict(victims.pop())
             else:
                 break
-            self._load(eid, slot, False)
-            prefetched[slot] = True
-            planned[slot] = iteration
-            st.prefetches_issued += 1
+            self._start_prefetch(eid, slot, iteration)
             slots.append(slot)
         return slots
 

@@ -80,9 +80,6 @@ class LRUPolicy(_PlanBlind):
 
     def victims(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """The first `n` experts `evictable` accepts, least recent first (as `n` `victim` calls)."""
-        return self.prefetch_victims(evictable, n)
-
-    def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
         out = []
         for eid in self._order:
             if evictable(eid):
@@ -90,6 +87,9 @@ class LRUPolicy(_PlanBlind):
                 if len(out) == n:
                     break
         return out
+
+    def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
+        return self.victims(evictable, n, -1)  # plan-blind: the layer does not matter
 
 
 class LFUPolicy(_PlanBlind):

@@ -91,8 +91,7 @@ class Server:
         self.scheduler = Scheduler(engine, config.max_batch, config.max_queue, config.max_prefill_tokens)
         self.metrics = ServerMetrics(self.scheduler)
         self.scheduler.on_iteration = self.metrics.on_iteration
-        emb = engine.model.get_input_embeddings()
-        self.vocab_size = int(emb.weight.shape[0])
+        self.vocab_size = engine.vocab_size
 
     # -- request checks ---------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
