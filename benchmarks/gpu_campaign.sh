@@ -39,6 +39,18 @@ case $part in
       --history gpu_traces/m8x2_hist.fmt --history-requests 12 --policies lru,mixtral-offloading,promoe,finemoe \
       --budgets 50%,25% --repeats 2 --skip-loop --out "$out/offload_mixtral16_trace_b.json" 2>&1 \
       | grep -v "engine ready" | tail -16 ;;
+  proc15)   # session 9: finemoe's map search in a worker process against the inline search, Qwen1.5 25%
+            # (history ~100 s, 2 rounds x 6 configs x 3 requests ~250 s)
+    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,promoe,finemoe,finemoe+search='process'" \
+      --out "$out/process_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+  overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
+            # searcher thread and worker process (~6 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -4
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 2 --prompts 3 --modes sync,async,process --out "$out/overhead_gpu_reference.json" 2>&1 \
+      | grep -v " INFO \|round" | tail -14 ;;
   mixtral1) # the first Mixtral run (session 8): every baseline and the fixed prefetch window, 25%, 1 round (~3 min)
     timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
       --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 1 --skip-loop \
@@ -85,5 +97,5 @@ case $part in
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|acc3|acc15|qwen3b|check7)"; exit 2 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|mixtral1|acc3|acc15|qwen3b|check7|proc15|overhead)"; exit 2 ;;
 esac

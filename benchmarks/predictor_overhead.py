@@ -103,7 +103,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False) 
         "search": eng.search_mode,
         "search_thread_s": st.extra.get("search_thread_s"),
         "contexts_dropped": st.extra.get("contexts_dropped"),
-        "map_store_size": eng.maps.size,
+        "map_store_size": st.extra.get("map_store_size", eng.maps.size),
+        "search_process_s": st.extra.get("search_process_s"),
     }
 
 
@@ -120,6 +121,7 @@ def main() -> int:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--near-full", default="99%", help="budget of the overhead comparison (predictor runs, ~no misses)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--modes", default="sync,async,process", help="finemoe search modes compared")
     ap.add_argument("--out", default="docs/results/overhead.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -133,21 +135,18 @@ def main() -> int:
     test = prompts(args.prompts, args.prompt_len, cfg.vocab_size, seed=2)
     rec: dict = {"meta": run_meta(), "config": vars(args), "rounds": [], "results": {}}
     near = args.near_full
-    runs = [
-        ("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False)),
-        (f"lru {near}", dict(policy="lru", expert_budget=near)),
-        (f"finemoe sync {near}", dict(policy="finemoe", expert_budget=near, search="sync", map_store_learn=False)),
-        (f"finemoe async {near}", dict(policy="finemoe", expert_budget=near, search="async", map_store_learn=False)),
+    modes = args.modes.split(",")
+
+    def fine(budget: str, mode: str) -> tuple[str, dict]:
+        kw = dict(policy="finemoe", expert_budget=budget, search=mode, map_store_learn=False)
+        return f"finemoe {mode} {budget}", kw
+
+    runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
+    runs += [(f"lru {near}", dict(policy="lru", expert_budget=near)), *(fine(near, m) for m in modes)]
+    runs += [
         (f"lru {args.budget}", dict(policy="lru", expert_budget=args.budget)),
         (f"mixtral-offloading {args.budget}", dict(policy="mixtral-offloading", expert_budget=args.budget)),
-        (
-            f"finemoe sync {args.budget}",
-            dict(policy="finemoe", expert_budget=args.budget, search="sync", map_store_learn=False),
-        ),
-        (
-            f"finemoe async {args.budget}",
-            dict(policy="finemoe", expert_budget=args.budget, search="async", map_store_learn=False),
-        ),
+        *(fine(args.budget, m) for m in modes),
     ]
     for rnd in range(args.rounds):  # interleaved rounds: drift hits every configuration alike
         got = {}

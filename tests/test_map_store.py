@@ -192,3 +192,28 @@ def test_async_search_is_lossless_and_prefetches(tiny_checkpoint, reference_mode
         # Plans arrive from the searcher thread (on this 2-layer toy most come too late to start).
         assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0 and st.extra["map_store_size"] > 0
     assert out.token_ids == sync.token_ids
+
+
+def test_process_search_is_lossless_learns_and_saves(tiny_checkpoint, tmp_path):
+    """Search in a worker process: same tokens as the synchronous search, plans arrive from the
+    worker, and the maps it learned come back into the saved map store."""
+    path = tiny_checkpoint("qwen2_moe")
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    with _engine(path, policy="finemoe", search="sync", expert_budget="50%") as eng:
+        eng.generate(PROMPTS, params)
+        sync = eng.generate(PROMPTS[0], params)[0]
+        sync_maps = eng.maps.size
+    store = tmp_path / "maps.fmms"
+    with _engine(path, policy="finemoe", search="process", expert_budget="50%", map_store=str(store)) as eng:
+        eng.generate(PROMPTS, params)
+        out = eng.generate(PROMPTS[0], params)[0]
+        st = eng.stats()
+        assert eng.search_mode == "process" and st.extra["contexts_dropped"] >= 0
+        assert "search_error" not in st.extra
+        # the worker's store learned every iteration (the engine's own copy did not)
+        assert st.extra["map_store_size"] == sync_maps and eng.maps.size == 0
+        assert st.extra["search_process_s"] > 0
+        assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0
+        identity = eng.identity()
+    assert out.token_ids == sync.token_ids
+    assert msf.load(str(store), identity).maps.shape[0] == sync_maps

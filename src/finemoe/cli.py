@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from finemoe.config import SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.simstudy import add_simulate_args, add_window_args
 
@@ -58,7 +59,7 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--delta-rule", choices=["paper", "demo", "topk"], default="paper", help="FineMoE selection count rule"
     )
-    ap.add_argument("--search", choices=["auto", "sync", "async"], default="auto", help="where map search runs")
+    ap.add_argument("--search", choices=list(SEARCH_MODES), default="auto", help="where map search runs")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
     ap.add_argument(

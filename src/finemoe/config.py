@@ -156,6 +156,7 @@ class SamplingParams:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map search runs
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class EngineConfig:
     gate_refine: bool = True  # finemoe: also speculate the next layer's router (False: maps only)
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
-    search: str = "auto"  # "sync" (in the forward pass), "async" (searcher thread); "auto" = sync (measured)
+    search: str = "auto"  # "sync" (forward pass), "async" (searcher thread), "process" (worker); "auto" = sync
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)
@@ -188,8 +189,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.search not in ("auto", "sync", "async"):
-            raise ConfigError(f"search must be auto, sync or async, got {self.search!r}")
+        if self.search not in SEARCH_MODES:
+            raise ConfigError(f"search must be one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
         if self.delta_rule not in ("paper", "demo", "topk"):
             raise ConfigError(f"delta_rule must be paper, demo or topk, got {self.delta_rule!r}")
         if self.map_values not in ("probs", "counts"):

@@ -3,6 +3,7 @@ and predictor into the model, and generates. Orchestration only."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -15,7 +16,7 @@ from torch import nn
 
 from finemoe import map_store_file
 from finemoe.async_search import AsyncPredictor
-from finemoe.baselines import RequestMatrixStore
+from finemoe.baselines import RequestMatrixStore, SpeculativeGatePredictor
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
@@ -45,6 +46,7 @@ from finemoe.presets import (
     prefetch_distance,
     reads_router_inputs,
 )
+from finemoe.process_search import ProcessPredictor, WorkerSetup
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
@@ -153,7 +155,7 @@ class Engine:
         self._iterations = 0
         self.serving = False  # a continuous-batching scheduler owns the forward passes
         self._closed = False
-        self.async_predictors: list[AsyncPredictor] = []
+        self.async_predictors: list[AsyncPredictor | ProcessPredictor] = []
         # Replay hook (benchmarks): a `gate(layer, hidden [T, H]) -> probs [T, E]` used by the
         # speculative predictors instead of the model's routers; applies from the next reconfigure.
         self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
@@ -192,11 +194,31 @@ class Engine:
             raise ConfigError("no map store path given")
         for ap in self.async_predictors:
             ap.flush()
+            if isinstance(ap, ProcessPredictor):  # the worker learned into its own copies
+                ap.pull_stores(self.maps, self.requests)
         contents = map_store_file.MapStoreContents(
             self.maps.state()["emb"], self.maps.state()["maps"], self.requests.state()["eams"]
         )
         map_store_file.save(path, self.identity(), contents)
         log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
+
+    def _worker_setup(self, config: EngineConfig, deps: PredictorDeps, all_resident: bool) -> WorkerSetup:
+        """What the search process needs: the settings and the history stores' rows."""
+        maps, reqs = self.maps.state(), self.requests.state()
+        return WorkerSetup(
+            preset=config.policy,
+            config=config,
+            deps=dataclasses.replace(deps, maps=None, requests=None, gate=None),
+            all_resident=all_resident,
+            maps_geometry=self.maps.geometry,
+            maps_capacity=self.maps.capacity,
+            maps_distance=self.maps.distance,
+            maps_emb=maps["emb"].numpy(),
+            maps_rows=maps["maps"].numpy(),
+            requests_capacity=self.requests.capacity,
+            requests_eams=reqs["eams"].numpy(),
+            layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
+        )
 
     def _gate(self, refs: list) -> RouterGate:
         """Run MoE layer l's router on any hidden state (hooks bypassed): probabilities [T, E] on the CPU."""
@@ -249,7 +271,16 @@ class Engine:
             store_rows=config.map_store_rows,
         )
         members = predictor_members(preset, config, deps, plan.all_resident)
-        if members:
+        if members and preset.asynchronous and config.search == "process":
+            # the map predictor and the recorder in a worker process; speculative gates (they read
+            # the model's routers) stay on the forward thread, after it in the chain
+            remote = ProcessPredictor(self._worker_setup(config, deps, plan.all_resident), self.prefetcher.post)
+            self.async_predictors.append(remote)
+            self.search_mode = "process"
+            local = [m for m in members if isinstance(m, SpeculativeGatePredictor)]
+            members = [remote, *local]
+            predictors.append(members[0] if len(members) == 1 else PredictorChain(members))
+        elif members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
             # "auto" searches in the forward pass: on the H200 the searcher thread's GIL contention
             # cost more step time than the search itself (docs/results/policies.md, overhead).

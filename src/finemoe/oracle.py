@@ -50,6 +50,7 @@ class Future:
 
 class BeladyPolicy:
     name = "belady"
+    reads_layer_probs = False
 
     def __init__(self, future: Future) -> None:
         self.future = future

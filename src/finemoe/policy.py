@@ -17,6 +17,7 @@ from finemoe.types import ExpertId, PrefetchPlan
 
 class EvictionPolicy(Protocol):
     name: str
+    reads_layer_probs: bool  # on_plan reads `PrefetchPlan.layer_probs` (else they need not be sent)
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         """A predictor's plan was submitted (map-aware policies read its probabilities)."""
@@ -46,6 +47,8 @@ class EvictionPolicy(Protocol):
 
 class _PlanBlind:
     """Policies that ignore plans."""
+
+    reads_layer_probs = False
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         pass
@@ -159,6 +162,8 @@ class _PlanAwareHeap:
     `_key(flat)` (lowest goes first); ties go to the least recently used, then the lowest flat id
     l*E+e.
     """
+
+    reads_layer_probs = False
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -329,6 +334,7 @@ class MapAwarePolicy(_PlanAwareHeap):
     counts its uses while resident, its insertion included (reset on eviction)."""
 
     name = "map-lfu"
+    reads_layer_probs = True
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         super().__init__(num_layers, num_experts)
