@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from finemoe.config import SEARCH_MODES
+from finemoe.config import DUTY_MODES, SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.simstudy import add_simulate_args, add_window_args
 
@@ -60,6 +60,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         "--delta-rule", choices=["paper", "demo", "topk"], default="paper", help="FineMoE selection count rule"
     )
     ap.add_argument("--search", choices=list(SEARCH_MODES), default="auto", help="where map search runs")
+    ap.add_argument(
+        "--prediction-duty",
+        choices=list(DUTY_MODES),
+        default="auto",
+        help="adaptive: predict only while it shortens the measured decode step (auto: adaptive on CUDA)",
+    )
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")
     ap.add_argument(
@@ -104,6 +110,7 @@ def _engine(args: argparse.Namespace):
         map_store_learn=not args.freeze_map_store,
         delta_rule=args.delta_rule,
         search=args.search,
+        prediction_duty=args.prediction_duty,
         map_store_rows=args.map_store_rows,
         trajectory_window=args.trajectory_window,
         trajectory_candidates=args.trajectory_candidates,

@@ -157,6 +157,7 @@ class SamplingParams:
 
 DTYPES = ("float32", "float16", "bfloat16")
 SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map search runs
+DUTY_MODES = ("auto", "always", "adaptive")  # prediction_duty; auto: adaptive on CUDA devices, always elsewhere
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ class EngineConfig:
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
     search: str = "auto"  # "sync" (forward pass), "async" (searcher thread), "process" (worker); "auto" = sync
+    prediction_duty: str = "auto"  # "always" predict, or "adaptive": only while it shortens the measured step
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)
@@ -189,6 +191,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.prediction_duty not in DUTY_MODES:
+            raise ConfigError(f"prediction_duty must be one of {', '.join(DUTY_MODES)}, got {self.prediction_duty!r}")
         if self.search not in SEARCH_MODES:
             raise ConfigError(f"search must be one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
         if self.delta_rule not in ("paper", "demo", "topk"):

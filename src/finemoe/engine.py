@@ -20,6 +20,7 @@ from finemoe.baselines import RequestMatrixStore, SpeculativeGatePredictor
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
+from finemoe.duty import PredictionDuty
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
@@ -217,7 +218,6 @@ class Engine:
             maps_rows=maps["maps"].numpy(),
             requests_capacity=self.requests.capacity,
             requests_eams=reqs["eams"].numpy(),
-            layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
         )
 
     def _gate(self, refs: list) -> RouterGate:
@@ -269,6 +269,7 @@ class Engine:
             map_min_score=config.map_min_score,
             map_min_precision=config.map_min_precision,
             store_rows=config.map_store_rows,
+            layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
         )
         members = predictor_members(preset, config, deps, plan.all_resident)
         if members and preset.asynchronous and config.search == "process":
@@ -290,6 +291,10 @@ class Engine:
                 self.search_mode = "async"
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
+        plans = predictors and preset.predictor != "none" and not plan.all_resident
+        mode = config.prediction_duty
+        if plans and (mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")):
+            self.runtime.duty = PredictionDuty()
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
@@ -610,6 +615,7 @@ class Engine:
             # device bytes beyond the pool: the gather scratch of pools wider than one kernel call
             extra={
                 "gather_scratch_bytes": self.runtime.scratch_bytes,
+                **(self.runtime.duty.stats() if self.runtime.duty else {"prediction_duty": "always"}),
                 **self.prefetcher.window.stats(),
                 **self.predictor_stats(),
             },

@@ -19,6 +19,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
 
 from finemoe.cache import ExpertCache
+from finemoe.duty import PredictionDuty
 from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
 from finemoe.pool import SlotGather
@@ -87,6 +88,8 @@ class OffloadRuntime:
     cache: ExpertCache
     prefetcher: Prefetcher
     predictors: list[Predictor] = field(default_factory=list)
+    duty: PredictionDuty | None = None  # decides per iteration whether the predictors run (None: always)
+    predicting: bool = True  # the predictors run in the current iteration
     observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
     iteration: int = 0
     is_prefill: bool = True
@@ -128,7 +131,8 @@ class OffloadRuntime:
         refresh = getattr(self.cache.transfer, "refresh_stream", None)
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
-        if not self.predictors:
+        self.predicting = bool(self.predictors) and (self.duty is None or self.duty.predict(is_prefill))
+        if not self.predicting:
             self.prefetcher.now(iteration, -1)
             self.decode_iterations += not is_prefill
             return
@@ -190,10 +194,11 @@ class LayerBinding:
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         rt = self.rt
-        if rt.cache.all_resident and not (rt.predictors or rt.observers):
+        predicting = rt.predicting and bool(rt.predictors)
+        if rt.cache.all_resident and not (predicting or rt.observers):
             return  # nothing on the host needs the routing: no sync
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
-        if not (rt.predictors or rt.observers):
+        if not (predicting or rt.observers):
             t1 = time.perf_counter()
             ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
             blocked = time.perf_counter() - t1
@@ -224,7 +229,8 @@ class LayerBinding:
         )
         for obs in rt.observers:
             obs(event)
-        rt.stepper.route(event)
+        if predicting:
+            rt.stepper.route(event)
         spent = (t1 - t0) + (time.perf_counter() - t2)
         rt.sync_s += t2 - t1
         if rt.is_prefill:

@@ -46,6 +46,7 @@ class FineMoEPredictor:
         self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
+        self.hints = deps.layer_probs
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
         self.layers_seen = 0  # layers of the current iteration routed so far
@@ -82,8 +83,7 @@ class FineMoEPredictor:
         for target in range(min(d, L)):
             reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
-        forecast = matched.amax(dim=0)  # [L, E]
-        hints = tuple(enumerate(forecast.unbind(0)))  # (layer, [E]) per layer, views in one op
+        hints = tuple(enumerate(matched.amax(dim=0).unbind(0))) if self.hints else ()  # (layer, [E]) per layer
         self.plans += 1
         return PrefetchPlan(tuple(reqs), replace=True, iteration=ctx.iteration, layer_probs=hints)
 
@@ -113,7 +113,7 @@ class FineMoEPredictor:
             score, row = self.traj.best(layer, q)
             self.traj_sum += score
             self.traj_n += 1
-            hint = self.store.by_layer[target, row]  # [E]
+            hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]
             chosen = (
                 select_ranked(self.store.ranked(target, row), score, self.spec.top_k, self.rule)
                 if score >= self.min_score
@@ -126,12 +126,10 @@ class FineMoEPredictor:
             self.traj_n += scores.numel()
             p = self.store.by_layer[target, rows]  # [N, E]
             chosen = self._select(p, scores)
-            hint = p.amax(dim=0)
+            hints = ((target, p.amax(dim=0)),) if self.hints else ()
         self.plans += 1
         chosen = self._gated(target, chosen)
-        return PrefetchPlan(
-            tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=((target, hint),)
-        )
+        return PrefetchPlan(tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=hints)
 
     def _gated(self, target: int, chosen: dict[int, float]) -> dict[int, float]:
         """Remember the plan for `target` (to measure it when that layer routes); withhold it while

@@ -85,21 +85,26 @@ class PredictorChain:
         self.name = "+".join(m.name for m in members)
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        return self._first([m.on_iteration_start(ctx) for m in self.members])
+        out = None
+        for m in self.members:
+            out = self._merge(out, m.on_iteration_start(ctx))
+        return out
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
-        return self._first([m.on_routing(event) for m in self.members])
+        out = None
+        for m in self.members:
+            out = self._merge(out, m.on_routing(event))
+        return out
 
     @staticmethod
-    def _first(plans: list[PrefetchPlan | None]) -> PrefetchPlan | None:
-        real = [p for p in plans if p is not None]
-        if len(real) <= 1:
-            return real[0] if real else None
+    def _merge(a: PrefetchPlan | None, b: PrefetchPlan | None) -> PrefetchPlan | None:
+        if a is None or b is None:
+            return b if a is None else a
         return PrefetchPlan(
-            tuple(r for p in real for r in p.requests),
-            replace=any(p.replace for p in real),
-            iteration=max(p.iteration for p in real),
-            layer_probs=tuple(h for p in real for h in p.layer_probs),
+            a.requests + b.requests,
+            replace=a.replace or b.replace,
+            iteration=max(a.iteration, b.iteration),
+            layer_probs=a.layer_probs + b.layer_probs,
         )
 
     def end_requests(self) -> None:

@@ -59,7 +59,6 @@ class WorkerSetup:
     maps_rows: np.ndarray  # [C, L, E]
     requests_capacity: int
     requests_eams: np.ndarray  # [R, L, E]
-    layer_probs: bool = True  # send the plans' per-layer probabilities (only map-aware eviction reads them)
 
 
 # Wire format: every message is one byte string. b"R" + _ROUTE header + probs [T, E] float32 +
@@ -89,9 +88,9 @@ def _unpack(buf: bytes) -> tuple:
     return ("route", it, layer, probs, topk, bool(prefill))
 
 
-def _encode_plan(plan: PrefetchPlan, layer_probs: bool = True) -> tuple:
+def _encode_plan(plan: PrefetchPlan) -> tuple:
     reqs = [(r.expert.layer, r.expert.expert, r.priority) for r in plan.requests]
-    hints = [(layer, p.numpy().astype(np.float32).tobytes()) for layer, p in plan.layer_probs] if layer_probs else []
+    hints = [(layer, p.numpy().astype(np.float32).tobytes()) for layer, p in plan.layer_probs]
     return (plan.iteration, plan.replace, reqs, hints)
 
 
@@ -174,7 +173,7 @@ def _worker(rx: Connection, tx: Connection, setup: WorkerSetup) -> None:
             handled += 1
             busy += time.perf_counter() - t0
             if plan is not None:
-                send(_pack(("plan", handled, _encode_plan(plan, setup.layer_probs))))
+                send(_pack(("plan", handled, _encode_plan(plan))))
             elif handled % DONE_EVERY == 0:
                 send(_pack(("done", handled, None)))
         elif kind == "flush":

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from finemoe.baselines import RequestMatrixStore
@@ -258,6 +259,7 @@ class Simulator:
                 map_min_score=config.map_min_score,
                 map_min_precision=config.map_min_precision,
                 store_rows=config.map_store_rows,
+                layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
             )
             if reads_router_inputs(preset, config) and not spec_probs:
                 raise ConfigError(f"policy {config.policy} needs a trace recorded with speculative router outputs")
@@ -274,12 +276,17 @@ class Simulator:
 
     @staticmethod
     def _gate(spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+        tables = {s: t.float().numpy() for s, t in spec_probs.items()}  # [N, L, E] float32, as the gate returns
+
         def gate(target: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, 2] (trace row, layer)
-            source = int(hidden[0, 1])
-            table = spec_probs.get(target - source)
+            h = hidden.numpy()
+            source = int(h[0, 1])
+            table = tables.get(target - source)
             if table is None:
                 raise ConfigError(f"the trace has no speculative router outputs for stride {target - source}")
-            return table[hidden[:, 0].long(), source].float()
+            if h.shape[0] == 1:  # decode at batch 1: one row, a view
+                return torch.from_numpy(table[int(h[0, 0]), source][None])
+            return torch.from_numpy(table[h[:, 0].astype(np.int64), source])
 
         return gate
 
