@@ -100,6 +100,7 @@ def engine_run(eng, item, warm):
         "decode_iterations": rt.decode_iterations - iters0,
         "sync_decode_s": rt.sync_decode_s - sync0,
         "window": eng.prefetcher.window.stats(),  # the link-aware prefetch window after the request
+        "duty": eng.runtime.duty.stats() if eng.runtime.duty is not None else None,  # adaptive prediction
     } | {k: getattr(c, k) for k in CACHE_KEYS}
 
 
@@ -148,6 +149,8 @@ def summarize(samples):
             out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
     if "window" in samples[0]:
         out["window"] = samples[-1]["window"]
+    if samples[0].get("duty") is not None:
+        out["duty"] = [s["duty"] for s in samples]  # per request (the duty restarts at each reconfigure)
     return out
 
 

@@ -28,9 +28,9 @@ from typing import Any
 class PredictionDuty:
     def __init__(
         self,
-        first: int = 24,
+        first: int = 16,
         probe: int = 8,
-        exploit: int = 96,
+        exploit: int = 128,
         margin: float = 0.03,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:

@@ -291,9 +291,9 @@ class Engine:
                 self.search_mode = "async"
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
-        plans = predictors and preset.predictor != "none" and not plan.all_resident
         mode = config.prediction_duty
-        if plans and (mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")):
+        adaptive = mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")
+        if predictors and preset.adaptive_duty and not plan.all_resident and adaptive:
             self.runtime.duty = PredictionDuty()
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident

@@ -21,6 +21,7 @@ class PolicyPreset:
     distance: int | None = None  # fixed prefetch distance / stride; None: the configured one
     default_distance: int = 1  # used when neither the preset nor the config fixes it
     asynchronous: bool = False  # the predictor may run on the searcher thread
+    adaptive_duty: bool = False  # may stop predicting while that shortens the step (finemoe; baselines stay faithful)
     refine_stride: int = 0  # > 0: also speculate layer l+s's router on layer l's input (synchronous)
 
 
@@ -38,6 +39,7 @@ PRESETS: dict[str, PolicyPreset] = {
             "the next layer's router on the current hidden state; decayed-frequency eviction",
             default_distance=3,
             asynchronous=True,
+            adaptive_duty=True,
             refine_stride=1,
         ),
         PolicyPreset(
@@ -49,6 +51,7 @@ PRESETS: dict[str, PolicyPreset] = {
             "trajectory, δ-sized prefetch d layers ahead, map-aware LFU eviction",
             default_distance=3,
             asynchronous=True,
+            adaptive_duty=True,
         ),
         PolicyPreset("all-gpu", "lru", "none", True, "every expert resident on the device: the no-offload reference"),
         PolicyPreset(
