@@ -61,6 +61,11 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "lru,finemoe,finemoe+prediction_duty='always'" \
       --out "$out/duty_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+  duty3b)   # after the stale-protection fix: finemoe (adaptive) and finemoe with LRU eviction, Qwen3 25%
+    timeout 330 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+eviction='lru'" \
+      --out "$out/duty_qwen3_30b_trace_b.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
   overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
             # searcher thread and worker process (~6 min)
     python -m pytest -q tests/gpu 2>&1 | tail -4
@@ -113,5 +118,5 @@ case $part in
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|mixtral1|acc3|acc15|qwen3b|check7|proc15|overhead|duty15|dutymix|duty3)"; exit 2 ;;
+  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|mixtral1|acc3|acc15|qwen3b|check7|proc15|overhead|duty15|dutymix|duty3|duty3b)"; exit 2 ;;
 esac

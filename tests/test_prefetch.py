@@ -141,6 +141,31 @@ def test_demand_load_takes_unprotected_in_flight_before_protected():
     assert cache.is_resident(ExpertId(1, 2)) and not cache.is_resident(ExpertId(0, 1))
 
 
+def test_plans_of_a_past_iteration_protect_nothing():
+    """A plan protects its experts for its own iteration only: once the next iteration starts
+    (even one without plans, e.g. prediction paused), a demand load may evict them."""
+    from finemoe.policy import DecayLFUPolicy
+
+    store = ExpertStore(SPEC, pin=False)
+    pool = SlotPool(SPEC, 2, torch.device("cpu"))
+    tr = ManualTransfer(pool)
+    policy = DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts)
+    cache = ExpertCache(SPEC, pool, store, tr, policy)
+    pf = Prefetcher(cache, max_inflight=4)
+    pf.now(0, -1)
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(1, 2), 0.5),), iteration=0))
+    assert pf.pump() == 1
+    tr.finish()
+    pf.now(0, 0)
+    cache.release(0, cache.acquire(0, [0]))
+    assert policy.protected(ExpertId(1, 2))  # layer 1 of iteration 0 not reached yet
+    pf.now(1, -1)  # iteration 1 starts, no plan for it
+    pf.now(1, 0)
+    assert not policy.protected(ExpertId(1, 2))
+    cache.release(0, cache.acquire(0, [3]))  # needs a slot: the once-planned (1, 2) may go now
+    assert not cache.is_resident(ExpertId(1, 2)) and cache.is_resident(ExpertId(0, 0))
+
+
 def event(layer, ids, iteration=0):
     t = torch.tensor(ids).view(-1, 1)
     return RoutingEvent(iteration, layer, torch.zeros(len(ids), 4), t, False)

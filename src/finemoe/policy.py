@@ -43,6 +43,7 @@ class EvictionPolicy(Protocol):
     # the on-demand misses of `layer` (the cache falls back to `victim` for the rest).
     # Optional: `prefetch_victims(evictable, n) -> list[ExpertId]`, the victims of n prefetches in
     # one pass (as n `victim` calls would pick them while what they load is not `evictable`).
+    # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
 
 
 class _PlanBlind:
@@ -196,6 +197,15 @@ class _PlanAwareHeap:
                 self._version[f] = v = self._version.get(f, 0) + 1
                 self._heap.append((self._key(f), self.last[f], f, v))
             heapq.heapify(self._heap)
+
+    def on_iteration(self, iteration: int) -> None:
+        """Iteration `iteration` starts: plans made for earlier ones protect nothing any more (with
+        no new plan, e.g. while prediction is paused, they would otherwise protect forever)."""
+        if iteration > self._iteration:
+            self._iteration, self._layer_now = iteration, -1
+            self._planned.clear()
+            if self._held:
+                self._release()
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         if plan.iteration > self._iteration:

@@ -83,10 +83,13 @@ class Prefetcher:
         self._paused = False
         self._inbox: deque[PrefetchPlan] = deque()  # plans posted by other threads
         self.iteration, self.layer = -1, -1  # where the forward pass is
+        self._on_iteration = getattr(cache.policy, "on_iteration", None)  # optional policy hook
         cache.on_demand_miss = self.pause
 
     def now(self, iteration: int, layer: int) -> None:
         """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`."""
+        if iteration != self.iteration and iteration >= 0 and self._on_iteration is not None:
+            self._on_iteration(iteration)
         self.iteration, self.layer = iteration, layer
         self.cache.now = (iteration, layer)
         if layer >= 0 and self.window.adaptive:
