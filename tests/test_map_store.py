@@ -217,3 +217,21 @@ def test_process_search_is_lossless_learns_and_saves(tiny_checkpoint, tmp_path):
         identity = eng.identity()
     assert out.token_ids == sync.token_ids
     assert msf.load(str(store), identity).maps.shape[0] == sync_maps
+
+
+def test_process_search_worker_failure_is_reported_and_loses_nothing(tiny_checkpoint):
+    """A search process that cannot start (here: told an unknown policy) is reported in the
+    stats and the engine keeps generating the same tokens without its plans."""
+    from finemoe.process_search import ProcessPredictor
+
+    path = tiny_checkpoint("qwen2_moe")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    with _engine(path, policy="lru", expert_budget="50%") as eng:
+        want = eng.generate(PROMPTS[0], params)[0].token_ids
+    with _engine(path, policy="finemoe", search="process", expert_budget="50%") as eng:
+        (remote,) = [p for p in eng.async_predictors if isinstance(p, ProcessPredictor)]
+        remote.close()  # the worker is gone: every later send fails
+        got = eng.generate(PROMPTS[0], params)[0].token_ids
+        st = eng.stats()
+        assert "search_error" in st.extra
+    assert got == want
