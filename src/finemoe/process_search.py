@@ -3,17 +3,20 @@ the history recorder run in a separate Python process, so their work never holds
 thread's GIL (the searcher *thread* of `async_search` lost to that contention on the H200:
 docs/results/policies.md, overhead).
 
-The forward thread sends each event as a few small NumPy arrays over a pipe (router
-probabilities of the routed rows, their top-k ids; at an iteration start the rows and their
-embeddings) and, on its next event, collects the plans the worker sent back and posts them to
-the prefetcher. It never waits for a search. At most `queue_size` events may be unanswered:
-beyond that an event is dropped (counted) and the predictor sits out the rest of its iteration,
-as the searcher thread does.
+The forward thread sends each routing event as one byte string over a pipe (a fixed header, the
+router probabilities of the routed rows [T, E] float32 and their top-k ids [T, k] int64; an
+iteration start is pickled: rows and embeddings) and, on its next event, collects the plans the
+worker sent back (a non-blocking poll) and posts them to the prefetcher. It never waits for a
+search. At most `queue_size` events may be unanswered: beyond that an event is dropped
+(counted) and the predictor sits out the rest of its iteration, as the searcher thread does.
 
 The worker owns copies of the history stores (sent once at start); `pull_stores` copies its
 rows back (before the engine saves the map store). Speculative gates stay on the forward
-thread: they read the model's routers. The worker never touches CUDA and is started with
-"spawn" (a fork of a process that initialised CUDA or OpenMP is not safe).
+thread: they read the model's routers. The worker never touches CUDA; it is a fresh interpreter
+(`python -c`, the parent's sys.path), neither a fork (unsafe once CUDA or OpenMP started) nor
+multiprocessing's spawn (which re-runs an unguarded `__main__` script). Measured on the H200:
+less forward-thread time than inline search, no shorter decode step (docs/results/gpu_trace.md,
+fifth campaign), so it is an option (`search=process`), not the default.
 """
 
 from __future__ import annotations
