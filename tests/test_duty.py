@@ -68,11 +68,15 @@ def test_prefill_always_predicts_and_its_gap_is_no_sample():
 
 def test_long_pauses_are_not_steps():
     clock = Clock()
-    duty = PredictionDuty(first=3, probe=2, exploit=5, clock=clock)
-    drive(duty, clock, 4, {True: 0.010, False: 0.010})
-    clock.t += 5.0  # an idle server
-    drive(duty, clock, 10, {True: 0.010, False: 0.010})
-    assert duty.median[True] == pytest.approx(0.010)
+    duty = PredictionDuty(first=2, probe=2, exploit=5, clock=clock)
+    cost = {True: 0.010, False: 0.020}
+    drive(duty, clock, 2, cost)  # one step measured
+    clock.t += 5.0  # an idle server in the first stretch: no median of either arm yet
+    drive(duty, clock, 2, cost)  # the stretch ends (2 gaps, one of them the pause); the probe starts
+    clock.t += 5.0  # and a pause in the probe
+    drive(duty, clock, 2, cost)
+    assert duty.median[True] == pytest.approx(0.010) and duty.median[False] == pytest.approx(0.020)
+    assert duty.best is True
 
 
 def test_config_refuses_an_unknown_mode():
@@ -87,12 +91,14 @@ def test_adaptive_duty_in_the_engine_is_lossless_and_reported(tiny_checkpoint):
     with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as eng:
         want = [o.token_ids for o in eng.generate(prompts, params)]
         assert eng.stats().extra["prediction_duty"] == "always"  # auto on a CPU: always predict
+        maps = eng.maps.size
     with Engine.from_pretrained(
         path, policy="finemoe", expert_budget="50%", progress=False, prediction_duty="adaptive"
     ) as eng:
         eng.runtime.duty.first, eng.runtime.duty.left, eng.runtime.duty.exploit = 8, 8, 12
         got = [o.token_ids for o in eng.generate(prompts, params)]
         st = eng.stats().extra
+        assert eng.maps.size == maps  # paused iterations are still recorded into the map store
     assert got == want
     assert st["prediction_duty"] == "adaptive"
     assert st["decode_iterations_predicting"] >= 8 and st["decode_iterations_not_predicting"] >= 8

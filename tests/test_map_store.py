@@ -214,24 +214,31 @@ def test_process_search_is_lossless_learns_and_saves(tiny_checkpoint, tmp_path):
         assert st.extra["map_store_size"] == sync_maps and eng.maps.size == 0
         assert st.extra["search_process_s"] > 0
         assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0
+        eng.reconfigure(expert_budget="60%")  # a new worker starts from what the old one learned
+        assert eng.stats().extra["map_store_size"] == sync_maps
         identity = eng.identity()
     assert out.token_ids == sync.token_ids
     assert msf.load(str(store), identity).maps.shape[0] == sync_maps
 
 
-def test_process_search_worker_failure_is_reported_and_loses_nothing(tiny_checkpoint):
-    """A search process that cannot start (here: told an unknown policy) is reported in the
-    stats and the engine keeps generating the same tokens without its plans."""
+def test_process_search_worker_death_is_reported_and_loses_nothing(tiny_checkpoint, tmp_path):
+    """A search process that dies mid-run is reported in the stats, the engine keeps generating
+    the same tokens without its plans, and the map-store file is not overwritten with the
+    engine's stale copy of the stores."""
     from finemoe.process_search import ProcessPredictor
 
     path = tiny_checkpoint("qwen2_moe")
     params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    with _engine(path, policy="lru", expert_budget="50%") as eng:
+    store = tmp_path / "maps.fmms"
+    with _engine(path, policy="finemoe", search="process", expert_budget="50%", map_store=str(store)) as eng:
         want = eng.generate(PROMPTS[0], params)[0].token_ids
-    with _engine(path, policy="finemoe", search="process", expert_budget="50%") as eng:
+    before = store.read_bytes()
+    with _engine(path, policy="finemoe", search="process", expert_budget="50%", map_store=str(store)) as eng:
         (remote,) = [p for p in eng.async_predictors if isinstance(p, ProcessPredictor)]
-        remote.close()  # the worker is gone: every later send fails
+        remote._proc.kill()
+        remote._proc.wait(timeout=10)
         got = eng.generate(PROMPTS[0], params)[0].token_ids
         st = eng.stats()
         assert "search_error" in st.extra
     assert got == want
+    assert store.read_bytes() == before  # not replaced by the engine's never-updated copy

@@ -166,6 +166,27 @@ def test_plans_of_a_past_iteration_protect_nothing():
     assert not cache.is_resident(ExpertId(1, 2)) and cache.is_resident(ExpertId(0, 0))
 
 
+def test_a_posted_replacing_plan_keeps_the_same_iterations_plans():
+    """A replacing plan posted from the searcher (thread or process) may arrive after the forward
+    thread queued plans for the same iteration: it drops only earlier iterations' requests."""
+    cache, pf, tr = setup(slots=6, inflight=1)
+    pf.now(0, -1)
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(1, 0), 0.9),), iteration=0))  # an old iteration's
+    pf.now(1, 0)
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(1, 1), 0.5),), iteration=1))  # the gate, direct
+    pf.post(PrefetchPlan((PrefetchRequest(ExpertId(1, 2), 0.7),), replace=True, iteration=1))  # late
+    assert pf.pump() == 1
+    assert pf.pending() == 1  # (1, 1) kept, (1, 0) dropped
+    tr.finish()
+    assert pf.pump() == 1
+    assert cache.is_resident(ExpertId(1, 2)) and cache.is_resident(ExpertId(1, 1))
+    assert not cache.is_resident(ExpertId(1, 0))
+    # submitted on the forward thread, a replacing plan still clears the whole queue
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(1, 3), 0.1),), iteration=1))
+    pf.submit(PrefetchPlan((PrefetchRequest(ExpertId(0, 3), 0.2),), replace=True, iteration=1))
+    assert pf.pending() == 1
+
+
 def event(layer, ids, iteration=0):
     t = torch.tensor(ids).view(-1, 1)
     return RoutingEvent(iteration, layer, torch.zeros(len(ids), 4), t, False)

@@ -41,7 +41,6 @@ class PredictionDuty:
         self.median: dict[bool, float | None] = {True: None, False: None}  # seconds per decode step
         self._samples: list[float] = []  # step times of the current stretch
         self._last: float | None = None  # start time of the previous decode iteration
-        self._last_arm = True
         self._probing = False  # the current stretch measures the arm not exploited
         self.iterations = {True: 0, False: 0}
         self.switches = 0
@@ -53,15 +52,14 @@ class PredictionDuty:
             self._last = None  # the next decode step would count the prefill: no sample
             return True
         last, self._last = self._last, now
-        if last is not None and self._last_arm == self.arm:
+        if last is not None:  # the previous decode iteration ran the current arm
             gap = now - last
-            ref = self.median[self.arm]
+            ref = self.median[self.arm] or self.median[not self.arm] or (min(self._samples) if self._samples else None)
             if ref is None or gap < 10 * ref:  # longer: a pause between requests, not a step
                 self._samples.append(gap)
         if self.left <= 0:
             self._end_stretch()
         self.left -= 1
-        self._last_arm = self.arm
         self.iterations[self.arm] += 1
         return self.arm
 

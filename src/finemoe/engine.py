@@ -195,13 +195,23 @@ class Engine:
             raise ConfigError("no map store path given")
         for ap in self.async_predictors:
             ap.flush()
-            if isinstance(ap, ProcessPredictor):  # the worker learned into its own copies
-                ap.pull_stores(self.maps, self.requests)
+            if isinstance(ap, ProcessPredictor) and not ap.pull_stores(self.maps, self.requests):
+                # the worker learned into its own copies; without them the file would go back in time
+                log.error("map store not saved to %s: the search process's stores could not be read back", path)
+                return
         contents = map_store_file.MapStoreContents(
             self.maps.state()["emb"], self.maps.state()["maps"], self.requests.state()["eams"]
         )
         map_store_file.save(path, self.identity(), contents)
         log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
+
+    def _duty_applies(self, config: EngineConfig, preset: Any, all_resident: bool) -> bool:
+        """The adaptive prediction duty runs for the finemoe presets with inline search ("auto":
+        on CUDA devices only); the searcher thread and process always predict."""
+        mode = config.prediction_duty
+        adaptive = mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")
+        inline = config.search in ("auto", "sync")
+        return adaptive and inline and preset.adaptive_duty and not all_resident
 
     def _worker_setup(self, config: EngineConfig, deps: PredictorDeps, all_resident: bool) -> WorkerSetup:
         """What the search process needs: the settings and the history stores' rows."""
@@ -281,6 +291,13 @@ class Engine:
             local = [m for m in members if isinstance(m, SpeculativeGatePredictor)]
             members = [remote, *local]
             predictors.append(members[0] if len(members) == 1 else PredictorChain(members))
+        elif members and self._duty_applies(config, preset, plan.all_resident):
+            # inline search with the adaptive duty: the recorder stays outside the planners' chain
+            # (called right after it, as in the chain), so paused iterations are still recorded
+            planners = [m for m in members if not isinstance(m, HistoryRecorder)]
+            always = [m for m in members if isinstance(m, HistoryRecorder)]
+            predictors.append(planners[0] if len(planners) == 1 else PredictorChain(planners))
+            predictors.extend(always)
         elif members:
             pred = members[0] if len(members) == 1 else PredictorChain(members)
             # "auto" searches in the forward pass: on the H200 the searcher thread's GIL contention
@@ -291,10 +308,9 @@ class Engine:
                 self.search_mode = "async"
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
-        mode = config.prediction_duty
-        adaptive = mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")
-        if predictors and preset.adaptive_duty and not plan.all_resident and adaptive:
+        if predictors and self._duty_applies(config, preset, plan.all_resident):
             self.runtime.duty = PredictionDuty()
+            self.runtime.always = [p for p in predictors if isinstance(p, HistoryRecorder)]
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
@@ -320,6 +336,7 @@ class Engine:
         it lasts until the next `reconfigure`. Its `wants_hidden` / `wants_embeddings` attributes
         ask for router inputs / embedding-layer outputs."""
         self.runtime.predictors.append(predictor)
+        self.runtime.always.append(predictor)  # the prediction duty never pauses it
         self.runtime.want_hidden |= bool(getattr(predictor, "wants_hidden", False))
         self.runtime.want_embeddings |= bool(getattr(predictor, "wants_embeddings", False))
 
@@ -345,6 +362,8 @@ class Engine:
     def _detach(self) -> None:
         for ap in self.async_predictors:
             ap.flush()
+            if isinstance(ap, ProcessPredictor):  # keep what the worker learned for the next setup
+                ap.pull_stores(self.maps, self.requests)
             ap.close()
         self.async_predictors = []
         if self._attachment is not None:

@@ -88,8 +88,9 @@ class OffloadRuntime:
     cache: ExpertCache
     prefetcher: Prefetcher
     predictors: list[Predictor] = field(default_factory=list)
-    duty: PredictionDuty | None = None  # decides per iteration whether the predictors run (None: always)
-    predicting: bool = True  # the predictors run in the current iteration
+    duty: PredictionDuty | None = None  # decides per iteration whether the planners run (None: always)
+    always: list[Predictor] = field(default_factory=list)  # predictors the duty never pauses (recorders)
+    active: list[Predictor] = field(default_factory=list)  # those running in the current iteration
     observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
     iteration: int = 0
     is_prefill: bool = True
@@ -115,6 +116,7 @@ class OffloadRuntime:
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
+        self.active = self.predictors
 
     def start_iteration(
         self,
@@ -131,8 +133,9 @@ class OffloadRuntime:
         refresh = getattr(self.cache.transfer, "refresh_stream", None)
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
-        self.predicting = bool(self.predictors) and (self.duty is None or self.duty.predict(is_prefill))
-        if not self.predicting:
+        paused = self.duty is not None and not self.duty.predict(is_prefill)
+        self.active = self.stepper.predictors = self.always if paused else self.predictors
+        if not self.active:
             self.prefetcher.now(iteration, -1)
             self.decode_iterations += not is_prefill
             return
@@ -181,6 +184,7 @@ class OffloadRuntime:
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
+        self.active = self.stepper.predictors = self.predictors
         self.stepper.end_requests()
         self.iteration = -1
 
@@ -194,7 +198,7 @@ class LayerBinding:
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         rt = self.rt
-        predicting = rt.predicting and bool(rt.predictors)
+        predicting = bool(rt.active)
         if rt.cache.all_resident and not (predicting or rt.observers):
             return  # nothing on the host needs the routing: no sync
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]

@@ -100,7 +100,8 @@ class Prefetcher:
         if plan is not None:
             self._inbox.append(plan)
 
-    def submit(self, plan: PrefetchPlan | None) -> None:
+    def submit(self, plan: PrefetchPlan | None, late: bool = False) -> None:
+        """Queue `plan`'s requests (`late`: it was posted from another thread, see `post`)."""
         if plan is None:
             return
         if 0 <= plan.iteration < self.iteration:
@@ -108,8 +109,13 @@ class Prefetcher:
             return
         self.cache.policy.on_plan(plan)
         if plan.replace:
-            self.cache.stats.prefetches_dropped += len(self._heap)
-            self._heap.clear()
+            # A posted plan (searcher thread or process) may arrive after plans the forward thread
+            # made for the same iteration: it replaces only what earlier iterations queued.
+            keep = [e for e in self._heap if e[2] >= plan.iteration >= 0] if late else []
+            self.cache.stats.prefetches_dropped += len(self._heap) - len(keep)
+            if keep:
+                heapq.heapify(keep)
+            self._heap = keep
         heap, slot_of, seq, it = self._heap, self.cache.slot_of, self._seq, plan.iteration
         for req in plan.requests:
             eid = req.expert
@@ -135,7 +141,7 @@ class Prefetcher:
         if not self._heap and not self._inbox:
             return 0  # nothing to start (a pause only matters once something is queued)
         while self._inbox:
-            self.submit(self._inbox.popleft())
+            self.submit(self._inbox.popleft(), late=True)
         cache = self.cache
         if self._paused:
             if cache.demand_pending():

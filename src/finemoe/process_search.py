@@ -217,11 +217,23 @@ class ProcessPredictor:
         from_child, to_parent = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         code = f"from finemoe.process_search import serve; serve({from_parent}, {to_parent})"
-        self._proc = subprocess.Popen(
-            [sys.executable, "-c", code], pass_fds=(from_parent, to_parent), env=env, close_fds=True
-        )
-        os.close(from_parent)
-        os.close(to_parent)
+        try:  # its own session: a Ctrl-C in the terminal stops the engine, which then stops it
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                pass_fds=(from_parent, to_parent),
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except OSError:
+            for fd in (from_parent, to_child, from_child, to_parent):
+                os.close(fd)
+            raise
+        finally:
+            if hasattr(self, "_proc"):
+                os.close(from_parent)
+                os.close(to_parent)
+        self._closed = False
         self._tx = Connection(to_child, readable=False)
         self._conn = Connection(from_child, writable=False)
         self._poller = select.poll()
@@ -261,6 +273,8 @@ class ProcessPredictor:
 
     def _collect(self) -> None:
         """Everything the worker has sent so far (never blocks)."""
+        if self.error is not None:
+            return
         conn, ready = self._conn, self._poller.poll
         try:
             while ready(0):  # a poll object made once: Connection.poll builds a selector per call
@@ -345,18 +359,22 @@ class ProcessPredictor:
     def flush(self) -> None:
         """Wait until the worker has answered every event sent so far; post its plans."""
         if self._send(("flush",), counted=False):
-            self._reply("flushed")
+            reply = self._reply("flushed")
+            if reply is not None:
+                self.handled = reply[1]
 
-    def pull_stores(self, maps, requests) -> None:
-        """Copy the worker's history stores (it learns online) into `maps` and `requests`."""
+    def pull_stores(self, maps, requests) -> bool:
+        """Copy the worker's history stores (it learns online) into `maps` and `requests`; False
+        (stores untouched) if the worker could not answer."""
         if not self._send(("stores",), counted=False):
-            return
+            return False
         reply = self._reply("stores")
         if reply is None:
-            return
+            return False
         _, emb, rows, eams = reply
         maps.load_rows(torch.from_numpy(emb), torch.from_numpy(rows))
         requests.load_rows(torch.from_numpy(eams))
+        return True
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"contexts_dropped": self.dropped}
@@ -369,11 +387,15 @@ class ProcessPredictor:
         return out
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._send(("stop",), counted=False)
+        self.error = self.error or "closed"  # nothing is sent after this (and no failure is logged)
         self._tx.close()  # EOF: the worker stops even if "stop" could not be sent
+        self._conn.close()  # and a worker blocked writing to us fails at once
         try:
             self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait(timeout=5)
-        self._conn.close()
