@@ -71,6 +71,7 @@ def test_models_health_metrics(served):
     text = httpx.get(served.base + "/metrics").text
     for name in ("finemoe_expert_hit_rate", "finemoe_queue_depth", "finemoe_cache_occupancy"):
         assert f"# TYPE {name} gauge" in text
+    assert "finemoe_prediction_active 1" in text  # finemoe on a CPU always predicts
     assert "# TYPE finemoe_time_to_first_token_seconds histogram" in text
 
 

@@ -206,6 +206,13 @@ class ServerMetrics:
         r.add(
             Gauge("finemoe_stall_seconds_total", "Time waiting for on-demand copies", lambda: snap().stall_s, "counter")
         )
+        runtime = sched.engine.runtime
+
+        def predicting() -> float:  # the policy's planners ran in the latest iteration (prediction duty)
+            active = runtime.active
+            return 1.0 if active and active is runtime.predictors else 0.0
+
+        r.add(Gauge("finemoe_prediction_active", "1 while the policy's predictor runs (0: none or paused)", predicting))
         slots = max(int(sched.engine.plan.slots), 1)
         r.add(Gauge("finemoe_cache_slots", "Expert slots in the device pool", lambda: slots))
         r.add(
