@@ -177,3 +177,31 @@ def test_grouped_pairs_exact_with_many_slots():
             gate, up = (hidden[t] @ parts["gate_up_proj"][s].T).split(I_)
             want = (torch.nn.functional.silu(gate) * up) @ parts["down_proj"][s].T * w[t, j]
             assert torch.allclose(got[t, j], want, atol=1e-5)
+
+
+def test_batched_uses_equal_one_call_per_use():
+    """`on_access_many` (one call per layer) leaves a policy exactly as `on_access` per expert."""
+    import random
+
+    from finemoe.policy import DecayLFUPolicy, LRUPolicy
+
+    rng = random.Random(3)
+    L, E = 4, 8
+    seq = [(layer, sorted(rng.sample(range(E), 3))) for layer in [0, 1, 2, 3] * 5]
+    one, many = DecayLFUPolicy(L, E), DecayLFUPolicy(L, E)
+    lru1, lru2 = LRUPolicy(), LRUPolicy()
+    for p in (one, many, lru1, lru2):
+        for layer in range(L):
+            for e in range(E):
+                p.on_insert(ExpertId(layer, e), 0)
+    for step, (layer, experts) in enumerate(seq, start=1):
+        eids = [ExpertId(layer, e) for e in experts]
+        for eid in eids:
+            one.on_access(eid, step)
+            lru1.on_access(eid, step)
+        many.on_access_many(eids, step)
+        lru2.on_access_many(eids, step)
+    assert one.count == many.count and one._keys == many._keys and one.last == many.last
+    assert one._layer_now == many._layer_now
+    assert list(lru1._order) == list(lru2._order)
+    assert one.victims(lambda eid: True, 5, 3) == many.victims(lambda eid: True, 5, 3)

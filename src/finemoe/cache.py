@@ -35,6 +35,7 @@ class ExpertCache:
         self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
+        self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -194,18 +195,21 @@ class ExpertCache:
         """
         acquired, missing = [], []
         row, refcount, prefetched, step = self.slot_of[layer], self.refcount, self.prefetched, self.step
-        on_access, eids = self.policy.on_access, self._eids[layer]
+        on_access, eids, many = self.policy.on_access, self._eids[layer], self._on_access_many
         for e in experts:
             slot = row[e]
             if slot >= 0:
                 refcount[slot] += 1
-                on_access(eids[e], step)
+                if many is None:
+                    on_access(eids[e], step)
                 if prefetched[slot]:  # prefetched while an earlier chunk of this call ran
                     prefetched[slot] = False
                     self.stats.prefetches_used += 1
                 acquired.append(e)
             else:
                 missing.append(e)
+        if many is not None and acquired:  # the same uses in the same order, before any miss's
+            many([eids[e] for e in acquired], step)
         if missing:
             self._demand_slots = demand = []
             if self.on_demand_miss is not None:

@@ -44,6 +44,7 @@ class EvictionPolicy(Protocol):
     # Optional: `prefetch_victims(evictable, n) -> list[ExpertId]`, the victims of n prefetches in
     # one pass (as n `victim` calls would pick them while what they load is not `evictable`).
     # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
+    # Optional: `on_access_many(eids, step)`, `on_access` of one layer's experts in order, one call.
 
 
 class _PlanBlind:
@@ -72,6 +73,11 @@ class LRUPolicy(_PlanBlind):
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         self._order.move_to_end(eid)
+
+    def on_access_many(self, eids: list[ExpertId], step: int) -> None:
+        move = self._order.move_to_end
+        for eid in eids:
+            move(eid)
 
     def on_evict(self, eid: ExpertId) -> None:
         del self._order[eid]
@@ -429,6 +435,24 @@ class DecayLFUPolicy(_PlanAwareHeap):
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)  # raises its key: the heap entry is refreshed lazily (`_lazy`)
         self.last[flat] = step
+
+    def on_access_many(self, eids: list[ExpertId], step: int) -> None:
+        """`on_access` of each of `eids` (one layer's, in order): the same arithmetic, one call."""
+        if not eids:
+            return
+        layer = eids[0].layer
+        if layer != self._layer_now:
+            self._reach(layer)
+        E, lg = self.num_experts, self.log_gamma
+        count, keys, last, exp, log = self.count, self._keys, self.last, math.exp, math.log
+        t = step / self.num_layers
+        for eid in eids:
+            flat = layer * E + eid.expert
+            c, t0 = count.get(flat, (0.0, t))
+            c = c * exp((t - t0) * lg) + 1.0
+            count[flat] = (c, t)
+            keys[flat] = log(c) - t * lg
+            last[flat] = step
 
 
 # name -> factory(num_layers, num_experts)
