@@ -130,3 +130,14 @@ def run_meta() -> dict:
         "device": dev,
         "cpu_count": __import__("os").cpu_count(),
     }
+
+
+def write_record(path: str | Path, config: dict, results: dict, **extra) -> dict:
+    """Write a benchmark's JSON record (`meta` from `run_meta`, `config`, `results`, `extra`
+    keys) to `path`, creating its folder; returns the record."""
+    import json
+
+    rec = {"meta": run_meta(), "config": config, "results": results, **extra}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(rec, indent=1))
+    return rec

@@ -8,7 +8,6 @@ interleaved rounds, best of N (the machine's noise moves whole runs, not one sid
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import run_meta  # noqa: E402
+from common import write_record  # noqa: E402
 from finemoe.policy import DecayLFUPolicy, LRUPolicy  # noqa: E402
 from finemoe.types import ExpertId  # noqa: E402
 
@@ -65,9 +64,7 @@ def main() -> int:
             f"{name:<10} per layer of {args.top_k} uses: one call per use {min(times['one_call_per_use']):.2f} us, "
             f"one call per layer {min(times['one_call_per_layer']):.2f} us"
         )
-    rec = {"meta": run_meta(), "config": vars(args), "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rec, indent=1))
+    write_record(args.out, vars(args), results)
     return 0
 
 

@@ -9,7 +9,6 @@ Targets (issue 5): >= 200k layer-steps/s for LRU, >= 20k for FineMoE (batch 1, t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import run_meta  # noqa: E402
+from common import write_record  # noqa: E402
 from finemoe.config import EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
 from finemoe.simulator import empty_history, record_history, simulate  # noqa: E402
@@ -63,9 +62,7 @@ def main() -> int:
             "hit_rate": r.hit_rate,
         }
         print(f"{policy:<20} {r.steps_per_s / 1e3:8.1f}k layer-steps/s  ({r.layer_steps} steps, {r.wall_s:.2f}s)")
-    rec = {"meta": run_meta(), "config": vars(args), "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rec, indent=1))
+    write_record(args.out, vars(args), rows)
     return 0
 
 

@@ -103,3 +103,16 @@ def test_adaptive_duty_in_the_engine_is_lossless_and_reported(tiny_checkpoint):
     assert st["prediction_duty"] == "adaptive"
     assert st["decode_iterations_predicting"] >= 8 and st["decode_iterations_not_predicting"] >= 8
     assert st["decode_step_ms_predicting"] > 0 and st["decode_step_ms_not_predicting"] > 0
+
+
+def test_where_the_duty_applies():
+    from finemoe.duty import duty_applies
+
+    assert duty_applies("auto", "cuda", "auto", True, False)
+    assert not duty_applies("auto", "cpu", "auto", True, False)  # a CPU always predicts
+    assert duty_applies("adaptive", "cpu", "sync", True, False)
+    assert not duty_applies("adaptive", "cuda", "process", True, False)  # thread/process always predict
+    assert not duty_applies("adaptive", "cuda", "async", True, False)
+    assert not duty_applies("always", "cuda", "auto", True, False)
+    assert not duty_applies("adaptive", "cuda", "auto", False, False)  # a baseline preset
+    assert not duty_applies("adaptive", "cuda", "auto", True, True)  # everything resident

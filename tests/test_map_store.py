@@ -188,7 +188,7 @@ def test_async_search_is_lossless_and_prefetches(tiny_checkpoint, reference_mode
         eng.generate(PROMPTS, params)
         out = eng.generate(PROMPTS[0], params)[0]
         st = eng.stats()
-        assert eng.search_mode == "async" and st.extra["contexts_dropped"] >= 0
+        assert eng.search_mode == "async" and "contexts_dropped" in st.extra
         # Plans arrive from the searcher thread (on this 2-layer toy most come too late to start).
         assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0 and st.extra["map_store_size"] > 0
     assert out.token_ids == sync.token_ids
@@ -208,7 +208,7 @@ def test_process_search_is_lossless_learns_and_saves(tiny_checkpoint, tmp_path):
         eng.generate(PROMPTS, params)
         out = eng.generate(PROMPTS[0], params)[0]
         st = eng.stats()
-        assert eng.search_mode == "process" and st.extra["contexts_dropped"] >= 0
+        assert eng.search_mode == "process" and "contexts_dropped" in st.extra
         assert "search_error" not in st.extra
         # the worker's store learned every iteration (the engine's own copy did not)
         assert st.extra["map_store_size"] == sync_maps and eng.maps.size == 0

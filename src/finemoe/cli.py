@@ -64,7 +64,7 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         "--prediction-duty",
         choices=list(DUTY_MODES),
         default="auto",
-        help="adaptive: predict only while it shortens the measured decode step (auto: adaptive on CUDA)",
+        help="adaptive: predict only while it shortens the measured decode step (auto: adaptive on CUDA, inline)",
     )
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all", help="prefill tokens stored as maps")
     ap.add_argument("--trajectory-window", type=int, default=0, help="layers a trajectory match compares (0 = all)")

@@ -180,7 +180,7 @@ class EngineConfig:
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
     search: str = "auto"  # "sync" (forward pass), "async" (searcher thread), "process" (worker); "auto" = sync
-    prediction_duty: str = "auto"  # "always" predict, or "adaptive": only while it shortens the measured step
+    prediction_duty: str = "auto"  # "always" or "adaptive" (predict while it shortens the step); auto: duty_applies
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)

@@ -25,6 +25,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+def duty_applies(mode: str, device_type: str, search: str, preset_allows: bool, all_resident: bool) -> bool:
+    """Whether an engine runs the adaptive duty: `prediction_duty` `mode` "adaptive", or "auto" on
+    a CUDA device; inline search only (the searcher thread and process always predict); a preset
+    that allows it (the finemoe ones; the paper's baselines stay as published); something to plan."""
+    adaptive = mode == "adaptive" or (mode == "auto" and device_type == "cuda")
+    return adaptive and search in ("auto", "sync") and preset_allows and not all_resident
+
+
 class PredictionDuty:
     def __init__(
         self,

@@ -3,7 +3,6 @@ and predictor into the model, and generates. Orchestration only."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -20,7 +19,7 @@ from finemoe.baselines import RequestMatrixStore, SpeculativeGatePredictor
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
-from finemoe.duty import PredictionDuty
+from finemoe.duty import PredictionDuty, duty_applies
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
@@ -47,7 +46,7 @@ from finemoe.presets import (
     prefetch_distance,
     reads_router_inputs,
 )
-from finemoe.process_search import ProcessPredictor, WorkerSetup
+from finemoe.process_search import ProcessPredictor, worker_setup
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec
@@ -205,31 +204,6 @@ class Engine:
         map_store_file.save(path, self.identity(), contents)
         log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
 
-    def _duty_applies(self, config: EngineConfig, preset: Any, all_resident: bool) -> bool:
-        """The adaptive prediction duty runs for the finemoe presets with inline search ("auto":
-        on CUDA devices only); the searcher thread and process always predict."""
-        mode = config.prediction_duty
-        adaptive = mode == "adaptive" or (mode == "auto" and self.device.type == "cuda")
-        inline = config.search in ("auto", "sync")
-        return adaptive and inline and preset.adaptive_duty and not all_resident
-
-    def _worker_setup(self, config: EngineConfig, deps: PredictorDeps, all_resident: bool) -> WorkerSetup:
-        """What the search process needs: the settings and the history stores' rows."""
-        maps, reqs = self.maps.state(), self.requests.state()
-        return WorkerSetup(
-            preset=config.policy,
-            config=config,
-            deps=dataclasses.replace(deps, maps=None, requests=None, gate=None),
-            all_resident=all_resident,
-            maps_geometry=self.maps.geometry,
-            maps_capacity=self.maps.capacity,
-            maps_distance=self.maps.distance,
-            maps_emb=maps["emb"].numpy(),
-            maps_rows=maps["maps"].numpy(),
-            requests_capacity=self.requests.capacity,
-            requests_eams=reqs["eams"].numpy(),
-        )
-
     def _gate(self, refs: list) -> RouterGate:
         """Run MoE layer l's router on any hidden state (hooks bypassed): probabilities [T, E] on the CPU."""
         return RouterGate([r.router for r in refs], self.adapter, self.spec.num_experts)
@@ -282,16 +256,21 @@ class Engine:
             layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
         )
         members = predictor_members(preset, config, deps, plan.all_resident)
+        duty = bool(members) and duty_applies(
+            config.prediction_duty, device.type, config.search, preset.adaptive_duty, plan.all_resident
+        )
+        always: list = []  # predictors the duty never pauses
         if members and preset.asynchronous and config.search == "process":
             # the map predictor and the recorder in a worker process; speculative gates (they read
             # the model's routers) stay on the forward thread, after it in the chain
-            remote = ProcessPredictor(self._worker_setup(config, deps, plan.all_resident), self.prefetcher.post)
+            setup = worker_setup(config, deps, plan.all_resident, self.maps, self.requests)
+            remote = ProcessPredictor(setup, self.prefetcher.post)
             self.async_predictors.append(remote)
             self.search_mode = "process"
             local = [m for m in members if isinstance(m, SpeculativeGatePredictor)]
             members = [remote, *local]
             predictors.append(members[0] if len(members) == 1 else PredictorChain(members))
-        elif members and self._duty_applies(config, preset, plan.all_resident):
+        elif duty:
             # inline search with the adaptive duty: the recorder stays outside the planners' chain
             # (called right after it, as in the chain), so paused iterations are still recorded
             planners = [m for m in members if not isinstance(m, HistoryRecorder)]
@@ -308,9 +287,8 @@ class Engine:
                 self.search_mode = "async"
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
-        if predictors and self._duty_applies(config, preset, plan.all_resident):
-            self.runtime.duty = PredictionDuty()
-            self.runtime.always = [p for p in predictors if isinstance(p, HistoryRecorder)]
+        if duty:
+            self.runtime.duty, self.runtime.always = PredictionDuty(), always
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (

@@ -90,7 +90,6 @@ class OffloadRuntime:
     predictors: list[Predictor] = field(default_factory=list)
     duty: PredictionDuty | None = None  # decides per iteration whether the planners run (None: always)
     always: list[Predictor] = field(default_factory=list)  # predictors the duty never pauses (recorders)
-    active: list[Predictor] = field(default_factory=list)  # those running in the current iteration
     observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
     iteration: int = 0
     is_prefill: bool = True
@@ -116,7 +115,6 @@ class OffloadRuntime:
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
-        self.active = self.predictors
 
     def start_iteration(
         self,
@@ -134,7 +132,7 @@ class OffloadRuntime:
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
         paused = self.duty is not None and not self.duty.predict(is_prefill)
-        self.active = self.stepper.predictors = self.always if paused else self.predictors
+        self.stepper.predictors = self.always if paused else self.predictors
         if not self.active:
             self.prefetcher.now(iteration, -1)
             self.decode_iterations += not is_prefill
@@ -179,12 +177,17 @@ class OffloadRuntime:
         self._gather = None
 
     @property
+    def active(self) -> list[Predictor]:
+        """The predictors running in the current iteration (all, or `always` while paused)."""
+        return self.stepper.predictors
+
+    @property
     def critical_s(self) -> float:
         return self.critical_prefill_s + self.critical_decode_s
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
-        self.active = self.stepper.predictors = self.predictors
+        self.stepper.predictors = self.predictors
         self.stepper.end_requests()
         self.iteration = -1
 

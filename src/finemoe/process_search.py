@@ -64,6 +64,25 @@ class WorkerSetup:
     requests_eams: np.ndarray  # [R, L, E]
 
 
+def worker_setup(config: Any, deps: Any, all_resident: bool, maps: Any, requests: Any) -> WorkerSetup:
+    """The `WorkerSetup` of an engine: its settings, `deps` without stores or gate, and the rows of
+    its history stores `maps` (ExpertMapStore) and `requests` (RequestMatrixStore)."""
+    m, r = maps.state(), requests.state()
+    return WorkerSetup(
+        preset=config.policy,
+        config=config,
+        deps=dataclasses.replace(deps, maps=None, requests=None, gate=None),
+        all_resident=all_resident,
+        maps_geometry=maps.geometry,
+        maps_capacity=maps.capacity,
+        maps_distance=maps.distance,
+        maps_emb=m["emb"].numpy(),
+        maps_rows=m["maps"].numpy(),
+        requests_capacity=requests.capacity,
+        requests_eams=r["eams"].numpy(),
+    )
+
+
 # Wire format: every message is one byte string. b"R" + _ROUTE header + probs [T, E] float32 +
 # top-k [T, k] int64 (a routing event: the hot path, no pickling); b"P" + a pickled tuple (the rest).
 _ROUTE = struct.Struct("<qqBIII")  # iteration, layer, is_prefill, T, E, k
