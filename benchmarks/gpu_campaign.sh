@@ -66,6 +66,17 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "lru,finemoe,finemoe+eviction='lru'" \
       --out "$out/duty_qwen3_30b_trace_b.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+  s10q3)    # session 10: finemoe with no prefill plans and the interleaved duty, against the old prefill
+            # plans and always predicting, Qwen3 25% (~7 min)
+    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" \
+      --out "$out/s10_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+  s10q15)   # the same on Qwen1.5-MoE, 25% (~5 min)
+    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" \
+      --out "$out/s10_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
   overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
             # searcher thread and worker process (~6 min)
     python -m pytest -q tests/gpu 2>&1 | tail -4

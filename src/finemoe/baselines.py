@@ -33,6 +33,7 @@ class SpeculativeGatePredictor:
         if deps.gate is None:
             raise ValueError("the speculative-gate predictor needs the model's routers (a gate function)")
         self.spec, self.gate, self.stride = deps.spec, deps.gate, deps.distance
+        self.in_prefill = deps.prefill_plans != "none"  # a finemoe refining gate may sit prefill out
         self.ctx: IterationContext | None = None
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
@@ -41,7 +42,7 @@ class SpeculativeGatePredictor:
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         target = event.layer + self.stride
-        if target >= self.spec.num_layers or event.hidden is None:
+        if target >= self.spec.num_layers or event.hidden is None or (event.is_prefill and not self.in_prefill):
             return None
         ctx = self.ctx
         live = ctx is not None and ctx.iteration == event.iteration

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from finemoe.config import DUTY_MODES, SEARCH_MODES
+from finemoe.config import DUTY_MODES, PREFILL_PLANS, SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.simstudy import add_simulate_args, add_window_args
 
@@ -88,6 +88,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--no-gate-refine", action="store_true", help="finemoe: expert maps only (no next-layer gate)")
     ap.add_argument(
+        "--prefill-plans",
+        choices=list(PREFILL_PLANS),
+        default="auto",
+        help="finemoe's prefetch plans in prefill: maps (+ gate), gate only, none (auto: the policy's)",
+    )
+    ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
     )
     add_window_args(ap)
@@ -117,6 +123,7 @@ def _engine(args: argparse.Namespace):
         map_min_score=args.map_min_score,
         map_min_precision=args.map_min_precision,
         gate_refine=not args.no_gate_refine,
+        prefill_plans=args.prefill_plans,
         eviction=args.eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
@@ -425,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
     t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
     t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
+    t.set_defaults(prefill_plans="auto")
     t.set_defaults(max_inflight_prefetches=4, prefetch_window="link", trajectory_candidates=64, map_min_precision=0.0)
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")

@@ -157,6 +157,10 @@ class SamplingParams:
 
 DTYPES = ("float32", "float16", "bfloat16")
 SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map search runs
+# finemoe's plans in prefill iterations: "maps" (expert maps matched per prompt token, plus the
+# refining gate), "gate" (the refining gate alone), "none" (prefill loads on demand); auto: the
+# policy's (finemoe "none", finemoe-paper "maps"; docs/design/finemoe.md #3.12)
+PREFILL_PLANS = ("auto", "maps", "gate", "none")
 DUTY_MODES = ("auto", "always", "adaptive")  # prediction_duty; auto: adaptive on CUDA devices, always elsewhere
 
 
@@ -186,6 +190,7 @@ class EngineConfig:
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)
     map_min_precision: float = 0.0  # finemoe: withhold map plans while their measured precision is below this
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
+    prefill_plans: str = "auto"  # finemoe in prefill: "maps", "gate" or "none" (PREFILL_PLANS); auto: the policy's
     eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own
 
     def __post_init__(self) -> None:
@@ -197,6 +202,8 @@ class EngineConfig:
             raise ConfigError(f"search must be one of {', '.join(SEARCH_MODES)}, got {self.search!r}")
         if self.delta_rule not in ("paper", "demo", "topk"):
             raise ConfigError(f"delta_rule must be paper, demo or topk, got {self.delta_rule!r}")
+        if self.prefill_plans not in PREFILL_PLANS:
+            raise ConfigError(f"prefill_plans must be one of {', '.join(PREFILL_PLANS)}, got {self.prefill_plans!r}")
         if self.map_values not in ("probs", "counts"):
             raise ConfigError(f"map_values must be probs or counts, got {self.map_values!r}")
         if self.map_store_rows not in ("all", "last"):

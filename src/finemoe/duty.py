@@ -10,11 +10,16 @@ wins. The right choice depends on the machine, the model and the budget, so it i
 decode step time (wall seconds from one decode iteration's start to the next, which counts the
 predictor's host work and every stall it saves or causes) of each arm.
 
-Schedule (decode iterations; prefill always predicts): `first` iterations predicting, then `probe`
-without, then the faster arm (by median step) for `exploit` iterations, then `probe` of the other
-arm, and so on. The arm changes only when the other's median is at least `margin` lower. A gap
-between iterations much longer than a step (a new request, a prefill, an idle server) is not a
-sample. Deterministic given the clock (tests pass a fake one).
+Schedule (decode iterations; prefill always predicts): a *comparison* alternates the arms in
+blocks of `block` iterations (predicting first), `pairs` blocks of each; then the faster arm (by
+the median step of the comparison's samples) runs for `exploit` iterations; then another
+comparison, and so on. Interleaving matters: decode steps right after a prefill are slower (the
+cache still holds the prompt's experts), and a stretch of one arm followed by a stretch of the
+other compares two phases, not two arms (seen on the H200, session 10). The first step of a block
+is no sample (it pays for the previous block's arm). The exploited arm changes only when the
+other's median is at least `margin` lower. A gap between iterations much longer than a step (a
+new request, a prefill, an idle server) is no sample either. Deterministic given the clock
+(tests pass a fake one).
 """
 
 from __future__ import annotations
@@ -36,22 +41,31 @@ def duty_applies(mode: str, device_type: str, search: str, preset_allows: bool, 
 class PredictionDuty:
     def __init__(
         self,
-        first: int = 16,
-        probe: int = 8,
+        block: int = 4,
+        pairs: int = 3,
         exploit: int = 128,
         margin: float = 0.03,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
-        self.first, self.probe, self.exploit, self.margin, self.clock = first, probe, exploit, margin, clock
+        if block < 2 or pairs < 1 or exploit < 1:
+            raise ValueError("the duty needs block >= 2, pairs >= 1 and exploit >= 1")
+        self.block, self.pairs, self.exploit, self.margin, self.clock = block, pairs, exploit, margin, clock
         self.best = True  # the arm exploited: predict (True) or not
-        self.arm = True  # the arm of the current stretch
-        self.left = first  # decode iterations left in the current stretch
+        self._comparing = True  # the phase is a comparison (else: exploiting `best`)
+        self._plan = self._comparison()  # the arms of the iterations still to run, last first
         self.median: dict[bool, float | None] = {True: None, False: None}  # seconds per decode step
-        self._samples: list[float] = []  # step times of the current stretch
+        self._samples: dict[bool, list[float]] = {True: [], False: []}  # this comparison's step times
         self._last: float | None = None  # start time of the previous decode iteration
-        self._probing = False  # the current stretch measures the arm not exploited
+        self._last_arm: bool | None = None  # the arm the previous decode iteration ran
+        self._fresh = True  # the previous decode iteration was the first of its block
         self.iterations = {True: 0, False: 0}
         self.switches = 0
+        self.comparisons = 0
+
+    def _comparison(self) -> list[bool]:
+        """The arms of one comparison, last first (popped): blocks alternating predict / not,
+        `pairs` of each, predicting first."""
+        return [arm for _ in range(self.pairs) for arm in (False, True) for _ in range(self.block)]
 
     def predict(self, is_prefill: bool) -> bool:
         """Called at every iteration start: True if the planning predictors run in it."""
@@ -60,29 +74,37 @@ class PredictionDuty:
             self._last = None  # the next decode step would count the prefill: no sample
             return True
         last, self._last = self._last, now
-        if last is not None:  # the previous decode iteration ran the current arm
-            gap = now - last
-            ref = self.median[self.arm] or self.median[not self.arm] or (min(self._samples) if self._samples else None)
+        if last is not None and self._comparing and not self._fresh and self._last_arm is not None:
+            gap = now - last  # the previous decode iteration's step, with its arm
+            ref = self.median[self._last_arm] or self.median[not self._last_arm] or self._typical()
             if ref is None or gap < 10 * ref:  # longer: a pause between requests, not a step
-                self._samples.append(gap)
-        if self.left <= 0:
-            self._end_stretch()
-        self.left -= 1
-        self.iterations[self.arm] += 1
-        return self.arm
+                self._samples[self._last_arm].append(gap)
+        if not self._plan:
+            self._end_phase()
+        arm = self._plan.pop()
+        self._fresh = arm != self._last_arm
+        self._last_arm = arm
+        self.iterations[arm] += 1
+        return arm
 
-    def _end_stretch(self) -> None:
-        if self._samples:
-            self.median[self.arm] = statistics.median(self._samples)
-        self._samples = []
-        mine, other = self.median[self.best], self.median[not self.best]
-        if mine is not None and other is not None and other < mine * (1 - self.margin):
-            self.best = not self.best
-            self.switches += 1
-        if self._probing:  # back to the faster arm
-            self.arm, self.left, self._probing = self.best, self.exploit, False
-        else:  # measure the other arm again
-            self.arm, self.left, self._probing = not self.best, self.probe, True
+    def _typical(self) -> float | None:
+        seen = self._samples[True] + self._samples[False]
+        return min(seen) if seen else None
+
+    def _end_phase(self) -> None:
+        if self._comparing:
+            self.comparisons += 1
+            for arm in (True, False):
+                if self._samples[arm]:
+                    self.median[arm] = statistics.median(self._samples[arm])
+            self._samples = {True: [], False: []}
+            mine, other = self.median[self.best], self.median[not self.best]
+            if mine is not None and other is not None and other < mine * (1 - self.margin):
+                self.best = not self.best
+                self.switches += 1
+            self._comparing, self._plan = False, [self.best] * self.exploit
+        else:
+            self._comparing, self._plan = True, self._comparison()
 
     def stats(self) -> dict[str, Any]:
         on, off = self.median[True], self.median[False]
@@ -94,4 +116,5 @@ class PredictionDuty:
             "decode_iterations_predicting": self.iterations[True],
             "decode_iterations_not_predicting": self.iterations[False],
             "prediction_switches": self.switches,
+            "prediction_comparisons": self.comparisons,
         }

@@ -47,6 +47,7 @@ class FineMoEPredictor:
         self.semantic = deps.semantic
         self.values = deps.map_values
         self.hints = deps.layer_probs
+        self.in_prefill = deps.prefill_plans == "maps"  # plan prefill iterations from the maps
         self.ctx: IterationContext | None = None
         self.traj: TrajectoryQuery | None = None
         self.layers_seen = 0  # layers of the current iteration routed so far
@@ -68,7 +69,8 @@ class FineMoEPredictor:
         self._planned = {}
         self.row0 = int(ctx.rows[0]) if ctx.rows.numel() == 1 else -1  # the only row, at batch 1
         store = self.store
-        if store.size == 0 or ctx.rows.numel() == 0:
+        if store.size == 0 or ctx.rows.numel() == 0 or (ctx.is_prefill and not self.in_prefill):
+            self.ctx = None  # nothing to match (or prefill left to the gate / to demand loads)
             return None
         self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window, self.candidates)
         emb = ctx.host_embeddings()

@@ -62,6 +62,7 @@ class PredictorDeps:
     store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)
     semantic: bool = True  # FineMoE: plan the first d layers from the semantic match (False: the ablation)
     map_values: str = "probs"  # what a map row holds: router "probs" (paper) or top-k "counts" (hit count)
+    prefill_plans: str = "maps"  # finemoe in prefill: "maps", "gate" (maps sit prefill out) or "none" (gate too)
     layer_probs: bool = True  # plans carry per-layer probabilities (False: the eviction policy ignores them)
 
 

@@ -23,6 +23,7 @@ class PolicyPreset:
     asynchronous: bool = False  # the predictor may run on the searcher thread
     adaptive_duty: bool = False  # may stop predicting while that shortens the step (finemoe; baselines stay faithful)
     refine_stride: int = 0  # > 0: also speculate layer l+s's router on layer l's input (synchronous)
+    prefill_plans: str = "maps"  # what config prefill_plans "auto" means for a finemoe predictor
 
 
 DEFAULT_POLICY = "finemoe"
@@ -41,6 +42,7 @@ PRESETS: dict[str, PolicyPreset] = {
             asynchronous=True,
             adaptive_duty=True,
             refine_stride=1,
+            prefill_plans="none",
         ),
         PolicyPreset(
             "finemoe-paper",
@@ -127,6 +129,7 @@ def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident
     from finemoe.predictor import make_predictor
 
     members = []
+    deps = dataclasses.replace(deps, prefill_plans=prefill_plans(preset, config.prefill_plans))
     if preset.predictor != "none" and not all_resident:
         members.append(make_predictor(preset.predictor, deps))
         if preset.refine_stride and config.gate_refine and deps.gate is not None:
@@ -134,6 +137,15 @@ def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident
     if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
         members.append(HistoryRecorder(deps))
     return members
+
+
+def prefill_plans(preset: PolicyPreset, configured: str) -> str:
+    """What a preset's predictors plan in prefill iterations: "maps", "gate" or "none" (see
+    config.PREFILL_PLANS). Only finemoe's predictors read it; every other preset plans prefill as
+    it plans decode."""
+    if preset.predictor != "finemoe":
+        return "maps"
+    return preset.prefill_plans if configured == "auto" else configured
 
 
 def reads_router_inputs(preset: PolicyPreset, config: Any) -> bool:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from finemoe.config import PREFILL_PLANS
+
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICIES = "finemoe,mixtral-offloading,promoe,moe-infinity,on-demand,lfu,belady,oracle"
@@ -40,6 +42,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--delta-rule", choices=["paper", "demo", "topk"], default="paper")
     ap.add_argument("--no-gate-refine", action="store_true", help="finemoe from expert maps alone")
     ap.add_argument("--no-semantic", action="store_true", help="FineMoE without the semantic match (ablation)")
+    ap.add_argument("--prefill-plans", choices=list(PREFILL_PLANS), default="auto", help="finemoe's plans in prefill")
     ap.add_argument("--map-values", choices=["probs", "counts"], default="probs", help="counts: the hit-count ablation")
     ap.add_argument("--trajectory-window", type=int, default=0)
     ap.add_argument("--trajectory-candidates", type=int, default=64, help="decode: follow the K leading maps (0: all)")
@@ -68,6 +71,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         delta_rule=args.delta_rule,
         semantic_search=not args.no_semantic,
         gate_refine=not args.no_gate_refine,
+        prefill_plans=args.prefill_plans,
         map_values=args.map_values,
         trajectory_window=args.trajectory_window,
         trajectory_candidates=args.trajectory_candidates,
