@@ -77,6 +77,11 @@ case $part in
       --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
       --policies "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" \
       --out "$out/s10_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+  s10mix)   # the same on the link-bound Mixtral-8x7B shape (16 layers), 25% (~5 min)
+    timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
+      --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+prefill_plans='maps'" \
+      --out "$out/s10_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
   overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
             # searcher thread and worker process (~6 min)
     python -m pytest -q tests/gpu 2>&1 | tail -4
