@@ -66,9 +66,9 @@ def plot(path: Path) -> int:
     runs = [r for r in rec["runs"] if r["budget"]]
     eng_runs = [r for r in runs if "hit_rate" in r]
     sv = rec.get("serving")
-    ncols = 3 if sv else 2
+    ncols = 4 if sv else 3
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.8))
-    ax1, ax2 = axes[0], axes[1]
+    ax1, ax2, ax4 = axes[0], axes[1], axes[2]
     ax1.bar([f"{r['policy']}\n{r['budget']}" for r in runs], [r["tpot_s"] * 1e3 for r in runs], color="#4c72b0")
     ax1.axhline(
         reference(rec, "transformers-generate")["tpot_s"] * 1e3, color="k", ls="--", label="transformers, all on GPU"
@@ -83,10 +83,13 @@ def plot(path: Path) -> int:
     ax2.set_ylim(0, 1.05)
     trace = str(rec["config"].get("routing", "")).startswith("trace")
     ax2.set_title("hit rate (" + ("trace routing" if trace else "random weights: optimistic") + ")", fontsize=9)
-    for ax in (ax1, ax2):
+    ax4.bar([f"{r['policy']}\n{r['budget']}" for r in runs], [r["ttft_s"] * 1e3 for r in runs], color="#c44e52")
+    ax4.set_ylabel("TTFT (ms)")
+    ax4.set_title("time to first token (prefill)", fontsize=9)
+    for ax in (ax1, ax2, ax4):
         ax.tick_params(axis="x", labelsize=7, rotation=90)
     if sv:
-        ax3 = axes[2]
+        ax3 = axes[3]
         for name, r in sv["policies"].items():
             lat = sorted(q["latency_s"] for q in r["requests"])
             ax3.step(lat, [(i + 1) / len(lat) for i in range(len(lat))], where="post", label=name)
