@@ -82,6 +82,12 @@ case $part in
       --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "lru,finemoe,finemoe+prefill_plans='maps'" \
       --out "$out/s10_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+  s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -3
+    timeout 400 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+prefill_plans='none'" \
+      --out "$out/s10_qwen3_30b_trace_gate.json" 2>&1 | grep -v "engine ready" | tail -8 ;;
   overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
             # searcher thread and worker process (~6 min)
     python -m pytest -q tests/gpu 2>&1 | tail -4

@@ -59,11 +59,15 @@ class SpeculativeGatePredictor:
             top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
             reqs = tuple(PrefetchRequest(ExpertId(target, e), row[e]) for e in top)
             return PrefetchPlan(reqs, iteration=event.iteration)
-        top_p, top_i = torch.topk(probs, k, dim=1)
-        best: dict[int, float] = {}
-        for e, p in zip(top_i.view(-1).tolist(), top_p.view(-1).tolist(), strict=True):
-            best[e] = max(p, best.get(e, 0.0))
-        reqs = tuple(PrefetchRequest(ExpertId(target, e), p) for e, p in best.items())
+        top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]
+        # union over the rows, max probability per expert (a prefill routes N = prompt rows)
+        flat = top_i.reshape(-1)
+        best = torch.zeros(probs.shape[1]).scatter_reduce_(0, flat, top_p.reshape(-1).float(), "amax")  # [E]
+        chosen = torch.zeros(probs.shape[1], dtype=torch.bool).index_fill_(0, flat, True)
+        ids = torch.nonzero(chosen).view(-1)
+        reqs = tuple(
+            PrefetchRequest(ExpertId(target, e), p) for e, p in zip(ids.tolist(), best[ids].tolist(), strict=True)
+        )
         return PrefetchPlan(reqs, iteration=event.iteration)
 
     def end_requests(self) -> None:

@@ -159,7 +159,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map search runs
 # finemoe's plans in prefill iterations: "maps" (expert maps matched per prompt token, plus the
 # refining gate), "gate" (the refining gate alone), "none" (prefill loads on demand); auto: the
-# policy's (finemoe "none", finemoe-paper "maps"; docs/design/finemoe.md #3.12)
+# policy's (finemoe "gate", finemoe-paper "maps"; docs/design/finemoe.md, ambiguity 4)
 PREFILL_PLANS = ("auto", "maps", "gate", "none")
 DUTY_MODES = ("auto", "always", "adaptive")  # prediction_duty; auto: adaptive on CUDA devices, always elsewhere
 

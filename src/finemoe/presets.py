@@ -42,7 +42,7 @@ PRESETS: dict[str, PolicyPreset] = {
             asynchronous=True,
             adaptive_duty=True,
             refine_stride=1,
-            prefill_plans="none",
+            prefill_plans="gate",
         ),
         PolicyPreset(
             "finemoe-paper",
