@@ -172,3 +172,23 @@ def test_prefetch_window_wiring(tiny_checkpoint):
         assert st["prefetch_window"] == "fixed" and st["prefetch_window_limit"] == 2
     finally:
         eng.close()
+
+
+def test_prefill_plans_are_lossless_and_none_prefetches_nothing_in_prefill(tiny_checkpoint):
+    """finemoe's prefill modes change only what is prefetched while the prompt runs: the tokens
+    are the same, and with "none" a one-token generation (a prefill alone) prefetches nothing."""
+    path = tiny_checkpoint("qwen2_moe")
+    prompts = [[5, 7, 9, 11, 13, 15, 17], [2, 4, 6, 8, 10]]
+    issued, tokens = {}, {}
+    with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as eng:
+        eng.generate(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))  # the store learns maps
+        eng.reconfigure(map_store_learn=False)  # frozen: every mode sees the same maps
+        for mode in ("maps", "gate", "none"):
+            eng.reconfigure(prefill_plans=mode)
+            one = eng.generate([prompts[0]], SamplingParams(max_new_tokens=1, ignore_eos=True))[0]
+            issued[mode] = one.cache.prefetches_issued
+            tokens[mode] = [
+                o.token_ids for o in eng.generate(prompts, SamplingParams(max_new_tokens=12, ignore_eos=True))
+            ]
+    assert tokens["maps"] == tokens["gate"] == tokens["none"]
+    assert issued["none"] == 0 and issued["maps"] > 0 and issued["gate"] > 0

@@ -363,3 +363,59 @@ def test_ranked_rows_follow_rewrites():
     store.add(torch.ones(1, 3), torch.tensor([[[0.1, 0.1, 0.1, 0.7], [0.4, 0.3, 0.2, 0.1]]]))  # replaces row 0
     assert store.ranked(1, 0)[0] == [0, 1, 2, 3]
     assert store.ranked(0, 0) == ranked_row(store.by_layer[0, 0].numpy())
+
+
+def test_prefill_plans_modes_of_the_map_predictor_and_the_refining_gate():
+    """finemoe's prefill: "maps" plans from the maps, "gate" leaves prefill to the refining gate,
+    "none" plans nothing; decode iterations are planned alike in every mode."""
+    from finemoe.baselines import SpeculativeGatePredictor
+
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    maps.add(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.7, 0.2, 0.05, 0.05], [0.05, 0.05, 0.2, 0.7]]]))
+    emb = torch.tensor([[1.0, 0.0]])
+    prefill_ev = RoutingEvent(0, 0, torch.tensor([[0.7, 0.2, 0.05, 0.05]]), torch.tensor([[0, 1]]), True)
+    for mode in ("maps", "gate", "none"):
+        pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps, prefill_plans=mode))
+        start = pred.on_iteration_start(_ctx(0, emb, prefill=True))
+        after = pred.on_routing(prefill_ev)
+        if mode == "maps":
+            assert {r.expert for r in start.requests} == {ExpertId(0, 0), ExpertId(0, 1)}
+            assert {r.expert for r in after.requests} == {ExpertId(1, 3), ExpertId(1, 2)}
+        else:
+            assert start is None and after is None
+        decode = pred.on_iteration_start(_ctx(1, emb))  # decode: planned in every mode
+        assert {r.expert for r in decode.requests} == {ExpertId(0, 0), ExpertId(0, 1)}
+
+    def gate(layer, hidden):
+        return torch.tensor([[0.1, 0.6, 0.1, 0.2]] * hidden.shape[0])
+
+    hidden = torch.zeros(1, 2)
+    pre = RoutingEvent(0, 0, torch.full((1, 4), 0.25), torch.tensor([[0, 1]]), True, hidden)
+    dec = RoutingEvent(1, 0, torch.full((1, 4), 0.25), torch.tensor([[0, 1]]), False, hidden)
+    for mode, plans_prefill in (("maps", True), ("gate", True), ("none", False)):
+        g = SpeculativeGatePredictor(PredictorDeps(SPEC, 1, gate=gate, prefill_plans=mode))
+        g.on_iteration_start(_ctx(0, emb, prefill=True))
+        assert (g.on_routing(pre) is not None) == plans_prefill
+        g.on_iteration_start(_ctx(1, emb))
+        assert {r.expert for r in g.on_routing(dec).requests} == {ExpertId(1, 1), ExpertId(1, 3)}
+
+
+def test_prefill_plans_resolution_is_finemoe_only():
+    from finemoe.config import EngineConfig
+    from finemoe.errors import ConfigError
+    from finemoe.presets import get_preset, predictor_members, prefill_plans
+
+    assert prefill_plans(get_preset("finemoe"), "auto") == "gate"
+    assert prefill_plans(get_preset("finemoe-paper"), "auto") == "maps"
+    assert prefill_plans(get_preset("finemoe"), "none") == "none"
+    assert prefill_plans(get_preset("promoe"), "none") == "maps"  # baselines stay as published
+    with pytest.raises(ConfigError, match="prefill_plans"):
+        EngineConfig(prefill_plans="some")
+
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    deps = PredictorDeps(SPEC, 1, maps, gate=lambda layer, h: torch.full((h.shape[0], 4), 0.25))
+    fm = predictor_members(get_preset("finemoe"), EngineConfig(), deps, False)
+    assert [type(m).__name__ for m in fm] == ["FineMoEPredictor", "SpeculativeGatePredictor", "HistoryRecorder"]
+    assert not fm[0].in_prefill and fm[1].in_prefill  # auto: the gate plans prefill, the maps do not
+    pm = predictor_members(get_preset("promoe"), EngineConfig(prefill_plans="none"), deps, False)
+    assert pm[0].in_prefill
