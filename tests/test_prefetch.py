@@ -81,6 +81,25 @@ def test_replace_drops_queued_requests():
     assert cache.is_resident(ExpertId(0, 3)) and not cache.is_resident(ExpertId(1, 0))
 
 
+def test_a_planned_expert_evicted_before_its_turn_is_copied_back():
+    """A plan's request for an expert resident when the plan arrives stays queued: if a demand
+    load evicts that expert before the request's turn, the prefetch brings it back."""
+    cache, pf, tr = setup(slots=2, inflight=1)
+    for e in (0, 1):  # (1, 0) and (1, 1) resident, (1, 0) the least recently used
+        cache.access(1, [e])
+        cache.acquire(1, [e])
+        cache.release(1, [e])
+    tr.finish()
+    pf.submit(plan((1, 0, 0.9), (0, 2, 0.5)))  # (1, 0) is resident now
+    cache.access(0, [3])
+    cache.acquire(0, [3])  # a miss: evicts the LRU (1, 0) and pauses prefetching
+    cache.release(0, [3])
+    assert not cache.is_resident(ExpertId(1, 0))
+    tr.finish()
+    assert pf.pump() == 1  # the queued request for (1, 0) comes first
+    assert cache.is_resident(ExpertId(1, 0)) and cache.stats.prefetches_issued == 1
+
+
 def test_miss_pauses_prefetching_until_demand_copy_done():
     cache, pf, tr = setup(inflight=4)
     pf.submit(plan((1, 0, 0.5), (1, 1, 0.4)))

@@ -116,13 +116,13 @@ class Prefetcher:
             if keep:
                 heapq.heapify(keep)
             self._heap = keep
-        heap, slot_of, seq, it = self._heap, self.cache.slot_of, self._seq, plan.iteration
+        # Every request is queued, resident ones too: a demand load may evict such an expert before
+        # the request is popped, and the plan still wants it back (skipping them at submit time
+        # changed moe-infinity's replay, 0.364 -> 0.262 hit rate on the reference study's trace).
+        heap, seq, it = self._heap, self._seq, plan.iteration
         for req in plan.requests:
-            eid = req.expert
-            if slot_of[eid.layer][eid.expert] >= 0:
-                continue  # resident already: nothing to copy (the policy saw the plan above)
             seq += 1
-            heapq.heappush(heap, (-req.priority, seq, it, eid))
+            heapq.heappush(heap, (-req.priority, seq, it, req.expert))
         self._seq = seq
 
     def pause(self) -> None:
