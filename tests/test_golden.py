@@ -77,6 +77,19 @@ def test_parity(model_type, policy, tiny_checkpoint, reference_model, hf_greedy)
         eng.close()
 
 
+def test_cpu_layer_calls_gather_their_experts_and_stay_exact(tiny_checkpoint, reference_model, hf_greedy):
+    """On a CPU the grouped kernel walks every slot of the pool, empty or not; decode calls gather
+    their few experts into scratch instead (while the copy costs less than the empty groups)."""
+    path = tiny_checkpoint("qwen2_moe")
+    prompts = _prompts(reference_model(path).config.vocab_size)
+    with Engine.from_pretrained(path, expert_budget=12, policy="lru", device="cpu", progress=False) as eng:
+        # 12 slots of tiny experts: gathering up to 5 pays (2 x 2.3 us x 12 / (copy + 2 x 2.3 us))
+        assert eng.runtime.cpu_gather_max >= 2 * eng.spec.top_k
+        outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
+        assert eng.stats().extra["gather_scratch_bytes"] == 2 * eng.spec.top_k * eng.spec.expert_bytes
+
+
 @pytest.mark.parametrize("gather", [None, 1])
 @pytest.mark.parametrize("policy,budget", [("all-gpu", 3), ("lru", 6), ("previous-token", 5)])
 def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoint, reference_model, hf_greedy):
@@ -88,6 +101,7 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
     eng = Engine.from_pretrained(path, expert_budget=budget, policy=policy, device="cpu", progress=False)
     try:
         eng.runtime.max_groups = 3
+        eng.runtime.cpu_gather_max = 0  # as on CUDA: only calls spanning several windows gather
         if gather:
             eng.runtime.gather_capacity = gather
         ids = torch.tensor([prompts[1]])
