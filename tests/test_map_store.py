@@ -242,3 +242,17 @@ def test_process_search_worker_death_is_reported_and_loses_nothing(tiny_checkpoi
         assert "search_error" in st.extra
     assert got == want
     assert store.read_bytes() == before  # not replaced by the engine's never-updated copy
+
+
+def test_a_store_grown_in_inference_mode_takes_rows_outside_it():
+    """The store grows while generate runs (inference mode); rows loaded later, outside it (a
+    saved store, a search process's rows pulled back at reconfigure), must still be writable."""
+    from finemoe.expert_map import ExpertMapStore, StoreGeometry
+
+    store = ExpertMapStore(StoreGeometry(2, 4, 3), capacity=100, distance=1)
+    with torch.inference_mode():
+        store.add(torch.ones(70, 3), torch.full((70, 2, 4), 0.25))  # grows past its first 64 rows
+    store.load_rows(torch.ones(5, 3), torch.full((5, 2, 4), 0.5))
+    assert store.size == 5 and float(store.maps[4, 1, 2]) == 0.5
+    store.add(torch.zeros(1, 3) + 2, torch.full((1, 2, 4), 0.1))  # and outside it, too
+    assert store.size == 6

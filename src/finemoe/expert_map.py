@@ -71,16 +71,20 @@ class ExpertMapStore:
             None if rows == 0 else (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
         )
         self.allocated = rows
-        self.emb = torch.zeros(rows, g.dim)  # [C, D]
-        self.emb_unit = torch.zeros(rows, g.dim)  # [C, D]
-        self.maps = torch.zeros(rows, g.num_layers, g.num_experts)  # [C, L, E]
-        self.prefix_sq = torch.zeros(rows, g.num_layers)  # [C, L]
-        # Layer-major copies for the per-layer trajectory step (contiguous [C, E] slices).
-        self.by_layer = torch.zeros(g.num_layers, rows, g.num_experts)  # [L, C, E]
-        self.prefix_norm = torch.zeros(g.num_layers, rows)  # [L, C] = sqrt(prefix_sq).T
-        if old is not None and n:
-            self.emb[:n], self.emb_unit[:n], self.maps[:n], self.prefix_sq[:n] = (t[:n] for t in old[:4])
-            self.by_layer[:, :n], self.prefix_norm[:, :n] = old[4][:, :n], old[5][:, :n]
+        # Normal tensors even when the store grows during generate (inference mode): inference
+        # tensors could not be written outside it later (loading saved rows, pulling a search
+        # process's rows back at reconfigure).
+        with torch.inference_mode(False):
+            self.emb = torch.zeros(rows, g.dim)  # [C, D]
+            self.emb_unit = torch.zeros(rows, g.dim)  # [C, D]
+            self.maps = torch.zeros(rows, g.num_layers, g.num_experts)  # [C, L, E]
+            self.prefix_sq = torch.zeros(rows, g.num_layers)  # [C, L]
+            # Layer-major copies for the per-layer trajectory step (contiguous [C, E] slices).
+            self.by_layer = torch.zeros(g.num_layers, rows, g.num_experts)  # [L, C, E]
+            self.prefix_norm = torch.zeros(g.num_layers, rows)  # [L, C] = sqrt(prefix_sq).T
+            if old is not None and n:
+                self.emb[:n], self.emb_unit[:n], self.maps[:n], self.prefix_sq[:n] = (t[:n] for t in old[:4])
+                self.by_layer[:, :n], self.prefix_norm[:, :n] = old[4][:, :n], old[5][:, :n]
         # NumPy views of the same memory: single-row searches dispatch much faster through NumPy.
         self._by_layer_np = self.by_layer.numpy()
         self._prefix_norm_np = self.prefix_norm.numpy()
