@@ -12,6 +12,23 @@ part=$1 out=${2:-$OUT}
 export PYTHONPATH=src
 B="python benchmarks/bench_offload.py"
 POL=lru,mixtral-offloading,promoe,moe-infinity,finemoe
+# Trace-routed runs at a 25% budget, 2 interleaved rounds, one function per shape and its traces:
+#   q15|q3|mix SECONDS POLICIES RECORD LINES   (timeout, --policies, record name under $out, table lines shown)
+q15() {
+  timeout "$1" $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+    --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
+    --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -"$4"
+}
+q3() {
+  timeout "$1" $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+    --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+    --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -"$4"
+}
+mix() {
+  timeout "$1" $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
+    --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+    --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -"$4"
+}
 case $part in
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
@@ -41,53 +58,26 @@ case $part in
       | grep -v "engine ready" | tail -16 ;;
   proc15)   # session 9: finemoe's map search in a worker process against the inline search, Qwen1.5 25%
             # (history ~100 s, 2 rounds x 6 configs x 3 requests ~250 s)
-    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,promoe,finemoe,finemoe+search='process'" \
-      --out "$out/process_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+    q15 560 "lru,promoe,finemoe,finemoe+search='process'" process_qwen15moe_trace.json 12 ;;
   duty15)   # session 9: the adaptive prediction duty (finemoe's default on CUDA) against always predicting,
             # Qwen1.5 25% (~4 min)
-    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,promoe,finemoe,finemoe+prediction_duty='always'" \
-      --out "$out/duty_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+    q15 560 "lru,promoe,finemoe,finemoe+prediction_duty='always'" duty_qwen15moe_trace.json 12 ;;
   dutymix)  # the same on the link-bound Mixtral-8x7B shape (16 layers), 25% (~5 min)
-    timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
-      --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prediction_duty='always'" \
-      --out "$out/duty_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+    mix 560 "lru,finemoe,finemoe+prediction_duty='always'" duty_mixtral16_trace.json 12 ;;
   duty3)    # the same on Qwen3-30B-A3B, 25% (~5 min)
-    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prediction_duty='always'" \
-      --out "$out/duty_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+    q3 560 "lru,finemoe,finemoe+prediction_duty='always'" duty_qwen3_30b_trace.json 10 ;;
   duty3b)   # after the stale-protection fix: finemoe (adaptive) and finemoe with LRU eviction, Qwen3 25%
-    timeout 330 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+eviction='lru'" \
-      --out "$out/duty_qwen3_30b_trace_b.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+    q3 330 "lru,finemoe,finemoe+eviction='lru'" duty_qwen3_30b_trace_b.json 10 ;;
   s10q3)    # session 10: finemoe with no prefill plans and the interleaved duty, against the old prefill
             # plans and always predicting, Qwen3 25% (~7 min)
-    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" \
-      --out "$out/s10_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+    q3 560 "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" s10_qwen3_30b_trace.json 10 ;;
   s10q15)   # the same on Qwen1.5-MoE, 25% (~5 min)
-    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" \
-      --out "$out/s10_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+    q15 560 "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" s10_qwen15moe_trace.json 10 ;;
   s10mix)   # the same on the link-bound Mixtral-8x7B shape (16 layers), 25% (~5 min)
-    timeout 560 $B --shape mixtral --layers 16 --trace gpu_traces/m8x2_test.fmt --trace-requests 2 \
-      --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prefill_plans='maps'" \
-      --out "$out/s10_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -10 ;;
+    mix 560 "lru,finemoe,finemoe+prefill_plans='maps'" s10_mixtral16_trace.json 10 ;;
   s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
     python -m pytest -q tests/gpu 2>&1 | tail -3
-    timeout 400 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,finemoe,finemoe+prefill_plans='none'" \
-      --out "$out/s10_qwen3_30b_trace_gate.json" 2>&1 | grep -v "engine ready" | tail -8 ;;
+    q3 400 "lru,finemoe,finemoe+prefill_plans='none'" s10_qwen3_30b_trace_gate.json 8 ;;
   overhead) # GPU tests, then the predictor's critical-path overhead on the reference shape: inline,
             # searcher thread and worker process (~6 min)
     python -m pytest -q tests/gpu 2>&1 | tail -4
@@ -100,21 +90,12 @@ case $part in
       --policies "lru,mixtral-offloading,promoe,moe-infinity,finemoe,finemoe+prefetch_window='fixed'" \
       --out "$out/offload_mixtral16_trace.json" 2>&1 | grep -v "engine ready" | tail -14 ;;
   qwen3b)   # session 7: the link window, candidate pruning and batched victims against the baselines
-    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4,finemoe+trajectory_candidates=0" \
-      --out "$out/offload_qwen3_30b_trace_s7.json" 2>&1 | grep -v "engine ready" | tail -14 ;;
+    q3 560 "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4,finemoe+trajectory_candidates=0" offload_qwen3_30b_trace_s7.json 14 ;;
   check7)   # GPU tests, then the Qwen3 25% comparison after the stream-lookup change
     python -m pytest -q tests/gpu 2>&1 | tail -3
-    timeout 420 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4" \
-      --out "$out/check_qwen3_30b_trace_s7.json" 2>&1 | grep -v "engine ready" | tail -9 ;;
+    q3 420 "lru,mixtral-offloading,promoe,finemoe,finemoe+map_min_precision=0.4" check_qwen3_30b_trace_s7.json 9 ;;
   variants3)  # what finemoe's host time buys: its variants next to the best baselines, Qwen3 25%
-    timeout 560 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "promoe,finemoe,finemoe+map_min_score=0.8,mixtral-offloading+eviction='decay-lfu'" \
-      --out "$out/variants_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -25 ;;
+    q3 560 "promoe,finemoe,finemoe+map_min_score=0.8,mixtral-offloading+eviction='decay-lfu'" variants_qwen3_30b_trace.json 25 ;;
   diag3)    # where finemoe's decode step goes: variants, late prefetches, predictor ms, cProfile tables
     timeout 580 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
