@@ -43,25 +43,40 @@ def steps(times):
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
-def hf_generate(model, ids, n):
-    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+def hf_generate(model, ids, n, processors=None):
+    return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0, logits_processor=processors)
+
+
+class StepStamps:
+    """A logits processor that only stamps the host clock when generate hands it a step's logits:
+    per-step times of transformers' own loop (which synchronises every step in its stopping check),
+    comparable with the engine's per-token times. The first stamp waits for the device (TTFT)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        if not self.times:
+            sync(self.device)
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def hf_run(model, prompt, n, device, before=lambda: None):
-    """transformers generate: TTFT from a 1-token call, TPOT from an n-token call (mean per step)."""
+    """transformers generate, one n-token call: TTFT to the first step's logits, per-step times
+    between consecutive steps (median over steps, as for the engine)."""
+    from transformers import LogitsProcessorList
+
     ids = torch.tensor([prompt], device=device)
+    stamps = StepStamps(device)
     sync(device)
     before()
     t0 = time.perf_counter()
-    hf_generate(model, ids, 1)
-    sync(device)
-    before()
-    t1 = time.perf_counter()
-    hf_generate(model, ids, n)
+    hf_generate(model, ids, n, LogitsProcessorList([stamps]))
     sync(device)
     tn = time.perf_counter()
-    ttft = t1 - t0
-    return {"ttft_s": ttft, "e2e_s": tn - t1, "steps_s": [(tn - t1 - ttft) / (n - 1)] * (n - 1)}
+    ts = stamps.times
+    return {"ttft_s": ts[0] - t0, "e2e_s": tn - t0, "steps_s": steps(ts)}
 
 
 def loop_run(model, prompt, n, device, before=lambda: None):
