@@ -8,6 +8,7 @@ copies; it never decides what to prefetch.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -36,6 +37,7 @@ class ExpertCache:
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
+        self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -59,6 +61,7 @@ class ExpertCache:
         self._table_host = torch.full((L, E), S, dtype=torch.int32, pin_memory=pin) if pin else self.table
         self._dirty = [False] * L
         self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
+        self._evictable_landed = self._landed_predicate()
 
     # -- queries -------------------------------------------------------------------------------
     def is_resident(self, eid: ExpertId) -> bool:
@@ -100,10 +103,24 @@ class ExpertCache:
         slot = self.slot_of[eid.layer][eid.expert]
         return self.refcount[slot] == 0
 
-    def _evictable_landed(self, eid: ExpertId) -> bool:
-        """Unpinned, unprotected and its copy finished (without issuing queued copies)."""
-        slot = self.slot_of[eid.layer][eid.expert]
-        return self.refcount[slot] == 0 and self.transfer.landed(slot) and not self.policy.protected(eid)
+    def _landed_predicate(self) -> Callable[[ExpertId], bool]:
+        """`_evictable_landed`: unpinned, unprotected and its copy finished (without issuing queued
+        copies). A closure over the (never rebound) residency lists, asked once per candidate
+        victim; a plan-blind policy protects nothing, so its check is skipped."""
+        slot_of, refcount, landed, protected = self.slot_of, self.refcount, self.transfer.landed, self.policy.protected
+        if getattr(self.policy, "plan_blind", False):
+
+            def evictable(eid: ExpertId) -> bool:
+                slot = slot_of[eid[0]][eid[1]]
+                return refcount[slot] == 0 and landed(slot)
+
+        else:
+
+            def evictable(eid: ExpertId) -> bool:
+                slot = slot_of[eid[0]][eid[1]]
+                return refcount[slot] == 0 and landed(slot) and not protected(eid)
+
+        return evictable
 
     def _evictable_for_prefetch(self, eid: ExpertId) -> bool:
         """A prefetch may not evict what a pending plan still needs: an expert the policy protects,
@@ -193,21 +210,54 @@ class ExpertCache:
         Returns the experts acquired; the caller computes them, calls `release`, and acquires the
         rest. With S >= k every call acquires at least one expert.
         """
-        acquired, missing = [], []
-        row, refcount, prefetched, step = self.slot_of[layer], self.refcount, self.prefetched, self.step
+        return self._acquire(layer, experts, False)[0]
+
+    def enter(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+        """`access` then `acquire` of `experts` (sorted unique ids of `layer`) in one pass, the
+        layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`."""
+        if not experts:
+            self.access(layer, experts)
+            return [], []
+        return self._acquire(layer, experts, True)
+
+    def _acquire(self, layer: int, experts: list[int], count: bool) -> tuple[list[int], list[int]]:
+        """`acquire` (and, with `count`, `access` first): (experts acquired, their slots)."""
+        if count:
+            self.step += 1
+        acquired, slots, missing = [], [], []
+        row, refcount, prefetched, step, st = self.slot_of, self.refcount, self.prefetched, self.step, self.stats
+        row = row[layer]
         on_access, eids, many = self.policy.on_access, self._eids[layer], self._on_access_many
+        hits = 0
+        done = self.transfer.is_done
         for e in experts:
             slot = row[e]
             if slot >= 0:
+                if count:  # `access`: a hit if its copy is done; a prefetch used (late if not)
+                    hit = done(slot)
+                    if hit:
+                        hits += 1
+                    if prefetched[slot]:
+                        st.prefetches_used += 1
+                        if not hit:
+                            st.prefetches_late += 1
+                        prefetched[slot] = False
+                elif prefetched[slot]:  # prefetched while an earlier chunk of this call ran
+                    prefetched[slot] = False
+                    st.prefetches_used += 1
                 refcount[slot] += 1
                 if many is None:
                     on_access(eids[e], step)
-                if prefetched[slot]:  # prefetched while an earlier chunk of this call ran
-                    prefetched[slot] = False
-                    self.stats.prefetches_used += 1
                 acquired.append(e)
+                slots.append(slot)
             else:
                 missing.append(e)
+        if count:
+            misses = len(experts) - hits
+            st.hits += hits
+            st.misses += misses
+            st.layer_hits[layer] += hits
+            st.layer_misses[layer] += misses
         if many is not None and acquired:  # the same uses in the same order, before any miss's
             many([eids[e] for e in acquired], step)
         if missing:
@@ -216,26 +266,62 @@ class ExpertCache:
                 self.on_demand_miss()
             # The victims of the whole miss list in one policy pass where the policy offers it (as
             # one call per miss would pick them: what is loaded here stays pinned meanwhile).
-            need = len(missing) - len(self._free)
+            free = self._free
+            need = len(missing) - len(free)
             victims = self._victims
             ahead = victims(self._evictable_landed, need, layer) if need > 0 and victims is not None else []
             ahead.reverse()
+            # `_evict` and `_load` inlined (the replay's hottest path): the same updates, in order;
+            # the counters are added once after the loop
+            slot_of, owner, eb = self.slot_of, self.owner, self.expert_bytes
+            on_evict, on_insert = self.policy.on_evict, self.policy.on_insert
+            load, parts = self.transfer.load, self.store.parts
+            loaded = self._on_load
+            evicted = wasted = 0
+            first = len(slots)
             for e in missing:
-                if self._free:
-                    slot = self._free.pop()
+                if free:
+                    slot = free.pop()
                 elif ahead:
-                    slot = self._evict(ahead.pop())
+                    victim = ahead.pop()
+                    vl, ve = victim
+                    slot = slot_of[vl][ve]
+                    on_evict(victim)
+                    slot_of[vl][ve] = -1
+                    self._dirty[vl] = True
+                    owner[slot] = None
+                    evicted += 1
+                    if prefetched[slot]:
+                        wasted += 1
+                        prefetched[slot] = False
                 else:
+                    st.evictions += evicted
+                    evicted = 0
                     slot = self._allocate()
                     if slot is None:
                         break
                 eid = eids[e]
-                self._load(eid, slot, True)
-                demand.append(slot)
+                load(slot, parts(eid), True)
+                owner[slot] = eid
+                row[e] = slot
                 refcount[slot] += 1
-                on_access(eid, step)
-                acquired.append(e)
-        return acquired
+                if loaded is not None:
+                    loaded(eid, step)
+                else:
+                    on_insert(eid, step)
+                    on_access(eid, step)
+                slots.append(slot)
+            n = len(slots) - first
+            if n:
+                self._dirty[layer] = True
+                acquired += missing[:n]
+                demand += slots[first:]
+            st.evictions += evicted
+            st.prefetches_wasted += wasted
+            st.prefetch_wasted_bytes += wasted * eb
+            st.bytes_copied += n * eb
+            st.demand_bytes += n * eb
+        return acquired, slots
 
     def demand_pending(self) -> bool:
         """True while an on-demand copy issued by the latest miss is still running."""
@@ -246,9 +332,12 @@ class ExpertCache:
         row = self.slot_of[layer]
         return [row[e] for e in experts]
 
-    def release(self, layer: int, experts: list[int]) -> None:
-        row, refcount = self.slot_of[layer], self.refcount
-        slots = [row[e] for e in experts]
+    def release(self, layer: int, experts: list[int], slots: list[int] | None = None) -> None:
+        """Unpin `experts` of `layer` (`slots`: theirs, if the caller has them)."""
+        refcount = self.refcount
+        if slots is None:
+            row = self.slot_of[layer]
+            slots = [row[e] for e in experts]
         self.transfer.after_compute(slots)
         for s in slots:
             refcount[s] -= 1
@@ -287,15 +376,47 @@ class ExpertCache:
         victims = self._prefetch_victims(self._evictable_for_prefetch, need) if need > 0 else []
         victims.reverse()
         slots: list[int] = []
+        # `_evict` and `_start_prefetch` inlined (the replay's second-hottest path), as in `_acquire`
+        slot_of, owner, prefetched, planned_for, eb = (
+            self.slot_of,
+            self.owner,
+            self.prefetched,
+            self.prefetch_iteration,
+            self.expert_bytes,
+        )
+        on_evict, on_insert = self.policy.on_evict, self.policy.on_insert
+        load, parts, dirty, step = self.transfer.load, self.store.parts, self._dirty, self.step
+        evicted = wasted = 0
         for eid, iteration in batch:
             if free:
                 slot = free.pop()
             elif victims:
-                slot = self._evict(victims.pop())
+                victim = victims.pop()
+                vl, ve = victim
+                slot = slot_of[vl][ve]
+                on_evict(victim)
+                slot_of[vl][ve] = -1
+                dirty[vl] = True
+                owner[slot] = None
+                evicted += 1
+                if prefetched[slot]:
+                    wasted += 1
             else:
                 break
-            self._start_prefetch(eid, slot, iteration)
+            load(slot, parts(eid), False)
+            owner[slot] = eid
+            slot_of[eid[0]][eid[1]] = slot
+            dirty[eid[0]] = True
+            on_insert(eid, step)
+            prefetched[slot] = True
+            planned_for[slot] = iteration
             slots.append(slot)
+        n, st = len(slots), self.stats
+        st.evictions += evicted
+        st.prefetches_wasted += wasted
+        st.prefetch_wasted_bytes += wasted * eb
+        st.bytes_copied += n * eb
+        st.prefetches_issued += n
         return slots
 
     def defer_access(self, layer: int, ids: torch.Tensor) -> None:

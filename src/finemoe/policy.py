@@ -45,12 +45,14 @@ class EvictionPolicy(Protocol):
     # one pass (as n `victim` calls would pick them while what they load is not `evictable`).
     # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
     # Optional: `on_access_many(eids, step)`, `on_access` of one layer's experts in order, one call.
+    # Optional: `on_demand_load(eid, step)`, `on_insert` then `on_access` of an expert just loaded.
 
 
 class _PlanBlind:
-    """Policies that ignore plans."""
+    """Policies that ignore plans (`plan_blind`: `protected` is always False)."""
 
     reads_layer_probs = False
+    plan_blind = True
 
     def on_plan(self, plan: PrefetchPlan) -> None:
         pass
@@ -73,6 +75,10 @@ class LRUPolicy(_PlanBlind):
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         self._order.move_to_end(eid)
+
+    def on_demand_load(self, eid: ExpertId, step: int) -> None:
+        """`on_insert` then `on_access` of an expert just loaded (not resident before): the end."""
+        self._order[eid] = None
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         move = self._order.move_to_end

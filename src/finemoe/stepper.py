@@ -46,23 +46,24 @@ class Stepper:
         `compute` raises."""
         cache, prefetcher = self.cache, self.prefetcher
         prefetcher.now(iteration, layer)
-        cache.access(layer, unique)
+        got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
         remaining = unique
         first = True
         while remaining:
-            got = cache.acquire(layer, remaining)
             if not got:
                 raise RuntimeError(f"no slot could be freed for layer {layer}; every slot is pinned")
             rest = [e for e in remaining if e not in got] if len(got) < len(remaining) else None
-            slots = cache.slots(layer, got)
             prefetcher.pump()
             cache.transfer.before_compute(slots)
             try:
                 compute(got, slots, first and not rest)
                 prefetcher.pump()  # the demand copies may be done by now: resume lookahead
             finally:
-                cache.release(layer, got)
+                cache.release(layer, got, slots)
             remaining, first = rest, False
+            if remaining:
+                got = cache.acquire(layer, remaining)
+                slots = cache.slots(layer, got)
 
     def end_requests(self) -> None:
         for p in self.predictors:
