@@ -75,9 +75,8 @@ case $part in
     q15 560 "lru,finemoe,finemoe+prefill_plans='maps',finemoe+prediction_duty='always'" s10_qwen15moe_trace.json 10 ;;
   s10mix)   # the same on the link-bound Mixtral-8x7B shape (16 layers), 25% (~5 min)
     mix 560 "lru,finemoe,finemoe+prefill_plans='maps'" s10_mixtral16_trace.json 10 ;;
-  s11evict) # session 11: GPU tests, then finemoe (decayed-frequency eviction) against finemoe with LRU eviction
-            # and plain LRU, Qwen3 25%, quiet host (~8 min)
-    python -m pytest -q tests/gpu 2>&1 | tail -2
+  s11evict) # session 11: finemoe (decayed-frequency eviction) against finemoe with LRU eviction and plain
+            # LRU, Qwen3 25% (~6 min)
     q3 420 "lru,finemoe,finemoe+eviction='lru'" s11_qwen3_30b_evict.json 10 ;;
   s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
     python -m pytest -q tests/gpu 2>&1 | tail -3
