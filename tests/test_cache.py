@@ -179,6 +179,26 @@ def test_grouped_pairs_exact_with_many_slots():
             assert torch.allclose(got[t, j], want, atol=1e-5)
 
 
+def test_grouped_pairs_without_masking_is_bitwise_the_same():
+    """`may_skip=False` (no pair can be skipped) leaves the masking out and changes no value."""
+    from types import SimpleNamespace
+
+    from finemoe.execution import grouped_pairs
+
+    S, H, I_ = 16, 8, 4
+    g = torch.Generator().manual_seed(1)
+    parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
+    experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
+    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
+    hidden = torch.randn(5, H, generator=g)
+    idx = torch.tensor([[3, 7], [7, 0], [15, 3], [2, 9], [9, 2]])
+    w = torch.rand(5, 2, generator=g)
+    masked = grouped_pairs(experts, parts, hidden, idx, w, S)
+    plain = grouped_pairs(experts, parts, hidden, idx, w, S, may_skip=False)
+    assert torch.equal(masked, plain)
+    assert masked.abs().sum() > 0
+
+
 def test_batched_uses_equal_one_call_per_use():
     """`on_access_many` (one call per layer) leaves a policy exactly as `on_access` per expert."""
     import random
