@@ -47,6 +47,12 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32, help="with the model's own routing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-tokens", type=int, default=8)
+    ap.add_argument(
+        "--only-profile",
+        action="store_true",
+        help="no timed rounds: profile transformers generate, finemoe's loop on the plain model and the engine, "
+        "and print host calls per decode step side by side",
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="dense_gap.json")
@@ -68,6 +74,50 @@ def profile_text(fn, label: str, rows: int = 25) -> str:
     out.append(f"== {label}: by host time")
     out.append(ka.table(sort_by="self_cpu_time_total", row_limit=rows))
     return "\n".join(out)
+
+
+def op_counts(fn) -> dict[str, tuple[int, float]]:
+    """Host op name -> (calls, self CPU us) of `fn()` under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    return {e.key: (e.count, e.self_cpu_time_total) for e in prof.key_averages()}
+
+
+def compare_profiles(args, plain, eng, traced, device) -> int:
+    """Host calls per decode step of transformers generate, finemoe's loop on the plain model and
+    the engine (all-gpu), each as the difference of an (m + n)-token and an m-token request, so
+    prefill and set-up cancel out."""
+    replays, work = traced()
+    p, _, before = work[0]
+    m, n = 2, args.profile_tokens
+    runs = {
+        "generate": lambda k: hf_run(plain, p, k, device, before),
+        "loop": lambda k: loop_run(plain, p, k, device, before),
+        "engine": lambda k: engine_run(eng, (p, k, before), (p, 2, before)),
+    }
+    per_step = {}
+    for name, fn in runs.items():
+        fn(m + n)  # warm
+        short, long = op_counts(lambda fn=fn: fn(m)), op_counts(lambda fn=fn: fn(m + n))
+        per_step[name] = {
+            k: ((long[k][0] - short.get(k, (0, 0))[0]) / n, (long[k][1] - short.get(k, (0, 0))[1]) / n) for k in long
+        }
+    keys = sorted(
+        {k for d in per_step.values() for k in d}, key=lambda k: -max(d.get(k, (0, 0))[0] for d in per_step.values())
+    )
+    print(f"{'host op (per decode step)':44s} " + " ".join(f"{x + ' calls':>14s} {x + ' us':>10s}" for x in runs))
+    for k in keys[:45]:
+        print(
+            f"{k[:44]:44s} "
+            + " ".join(f"{per_step[x].get(k, (0, 0))[0]:14.1f} {per_step[x].get(k, (0, 0))[1]:10.0f}" for x in runs)
+        )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": run_meta(), "config": vars(args), "per_step": per_step}, indent=1))
+    return 0
 
 
 def main():
@@ -111,6 +161,8 @@ def main():
                     r = engine_run(eng, (p, n, before), work[i - 1])
                 samples.setdefault(f"{name} [{tag}]", []).append(r)
 
+    if args.only_profile:
+        return compare_profiles(args, plain, eng, traced, device)
     samples: dict[str, list] = {}
     for rnd in range(args.repeats):
         measure(own, "own routing", samples)
