@@ -199,6 +199,26 @@ def test_grouped_pairs_without_masking_is_bitwise_the_same():
     assert masked.abs().sum() > 0
 
 
+def test_batched_pairs_equal_the_grouped_call():
+    """The decode-size path (gathered weights, two bmm) computes what the grouped call computes."""
+    from types import SimpleNamespace
+
+    from finemoe.execution import batched_pairs, grouped_pairs
+
+    S, H, I_ = 16, 8, 4
+    g = torch.Generator().manual_seed(2)
+    parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
+    experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
+    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
+    hidden = torch.randn(3, H, generator=g)
+    idx = torch.tensor([[3, 7], [7, 0], [15, 3]])
+    w = torch.rand(3, 2, generator=g)
+    want = grouped_pairs(experts, parts, hidden, idx, w, S)
+    got = batched_pairs(experts, parts, hidden, idx, w)
+    assert got.shape == want.shape == (6, H)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_batched_uses_equal_one_call_per_use():
     """`on_access_many` (one call per layer) leaves a policy exactly as `on_access` per expert."""
     import random

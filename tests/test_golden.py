@@ -121,3 +121,16 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
             assert eng.runtime.scratch_bytes == (2 * eng.spec.top_k + 3) * eng.spec.expert_bytes
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("policy,budget", [("all-gpu", 3), ("lru", 6), ("previous-token", 5)])
+def test_parity_with_batched_decode_calls(policy, budget, tiny_checkpoint, reference_model, hf_greedy):
+    """The decode-size path (the pairs' weights gathered from the pool, two bmm; CUDA's default)
+    stays exact when forced on the CPU, all resident or offloaded."""
+    path = tiny_checkpoint("qwen2_moe")
+    prompts = _prompts(reference_model(path).config.vocab_size)
+    with Engine.from_pretrained(path, expert_budget=budget, policy=policy, device="cpu", progress=False) as eng:
+        assert eng.runtime.batched_max_pairs == 0  # off on CPUs by default
+        eng.runtime.batched_max_pairs = 4 * eng.spec.top_k
+        outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
+        assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]

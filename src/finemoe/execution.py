@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _grouped_linear
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _batched_linear, _grouped_linear
 
 from finemoe.cache import ExpertCache
 from finemoe.duty import PredictionDuty
@@ -117,11 +117,18 @@ class OffloadRuntime:
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
+    # Layer calls of at most this many (token, expert) pairs whose experts are all resident run as
+    # a gather of their weights and two bmm (transformers' `batched_mm`, what its generate switches
+    # to for decoding on GPUs): grouped_mm's host cost per call (occupancy queries, attribute
+    # calls, copies) outweighs the weight gather at decode sizes. -1: 4 x top-k on CUDA, 0 on CPU.
+    batched_max_pairs: int = -1
     _gather: SlotGather | None = None
 
     def __post_init__(self) -> None:
         if self.gather_capacity <= 0:
             self.gather_capacity = 2 * self.spec.top_k
+        if self.batched_max_pairs < 0:
+            self.batched_max_pairs = 4 * self.spec.top_k if self.cache.pool.device.type == "cuda" else 0
         if self.max_groups <= 0:
             # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
@@ -266,16 +273,24 @@ class LayerBinding:
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
+        T, k = idx.shape
+        batched = T * k <= rt.batched_max_pairs
         if cache.all_resident:  # layer l's experts sit in slots [l*E, (l+1)*E): the stock layout
             cache.defer_access(layer, idx)
-            out = grouped_pairs(experts, rt.layer_parts[layer], hidden, idx, weights, rt.spec.num_experts, False)
-            return out.view(*idx.shape, -1).sum(dim=1).to(hidden.dtype)
+            if batched:
+                out = batched_pairs(experts, rt.layer_parts[layer], hidden, idx, weights)
+            else:
+                out = grouped_pairs(experts, rt.layer_parts[layer], hidden, idx, weights, rt.spec.num_experts, False)
+            return out.view(T, k, -1).sum(dim=1).to(hidden.dtype)
         stash, self._ids = self._ids, None
         unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
         S = cache.num_slots
         acc: list[torch.Tensor] = []
 
         def compute(got: list[int], slots: list[int], whole: bool) -> None:
+            if whole and batched:  # every routed expert is resident: gather straight from the pool
+                acc.append(batched_pairs(experts, cache.pool.parts, hidden, cache.device_table(layer)[idx], weights))
+                return
             windows = slot_windows(slots, S, rt.max_groups)
             if (len(windows) > 1 or len(got) <= rt.cpu_gather_max) and len(got) <= rt.gather_capacity:
                 # one kernel call over a scratch copy beats one call per window
@@ -303,8 +318,30 @@ class LayerBinding:
         total = acc[0]
         for out in acc[1:]:
             total = total + out
-        T, k = idx.shape
         return total.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def batched_pairs(
+    experts: nn.Module,
+    parts: dict[str, torch.Tensor],
+    hidden: torch.Tensor,  # [T, H]
+    slot_idx: torch.Tensor,  # [T, k]; every id a slot of `parts` (no skipped pairs)
+    weights: torch.Tensor,  # [T, k]
+) -> torch.Tensor:
+    """Weighted outputs of every (token, k) pair, [T*k, H] in pair order: the pairs' expert
+    weights gathered from the slots ([T*k, ...] each) and two batched matmuls, as transformers'
+    `batched_mm_experts_forward` does over a layer's experts."""
+    k = slot_idx.size(-1)
+    ids = slot_idx.reshape(-1)  # [T*k]
+    x = hidden.repeat_interleave(k, dim=0)  # [T*k, H]
+    has_bias, transposed = experts.has_bias, experts.is_transposed
+    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
+    bias = parts[f"{up_name}_bias"][ids] if has_bias else None
+    proj = _batched_linear(x, parts[up_name][ids], bias=bias, is_transposed=transposed)
+    proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
+    bias = parts["down_proj_bias"][ids] if has_bias else None
+    proj = _batched_linear(proj, parts["down_proj"][ids], bias=bias, is_transposed=transposed)
+    return proj * weights.reshape(-1).unsqueeze(-1)
 
 
 def slot_windows(slots: list[int], num_slots: int, max_groups: int) -> list[tuple[int, int]]:
