@@ -123,14 +123,23 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
         eng.close()
 
 
-@pytest.mark.parametrize("policy,budget", [("all-gpu", 3), ("lru", 6), ("previous-token", 5)])
-def test_parity_with_batched_decode_calls(policy, budget, tiny_checkpoint, reference_model, hf_greedy):
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("policy,budget", [("all-gpu", "100%"), ("lru", "50%")])
+def test_parity_with_batched_decode_calls(
+    model_type, policy, budget, tiny_checkpoint, reference_model, hf_greedy, monkeypatch
+):
     """The decode-size path (the pairs' weights gathered from the pool, two bmm; CUDA's default)
-    stays exact when forced on the CPU, all resident or offloaded."""
-    path = tiny_checkpoint("qwen2_moe")
+    stays exact when forced on the CPU, all resident or offloaded, for every family."""
+    import finemoe.execution as ex
+
+    calls = []
+    real = ex.batched_pairs
+    monkeypatch.setattr(ex, "batched_pairs", lambda *a: calls.append(1) or real(*a))
+    path = tiny_checkpoint(model_type)
     prompts = _prompts(reference_model(path).config.vocab_size)
     with Engine.from_pretrained(path, expert_budget=budget, policy=policy, device="cpu", progress=False) as eng:
         assert eng.runtime.batched_max_pairs == 0  # off on CPUs by default
         eng.runtime.batched_max_pairs = 4 * eng.spec.top_k
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
+        assert calls  # decode steps took the batched path

@@ -113,6 +113,7 @@ def test_narrow_windows_gather_and_windows_stay_exact(ckpt):
         for policy in ("lru", "finemoe"):
             base.reconfigure(policy=policy, expert_budget="50%")
             base.runtime.max_groups = 3
+            base.runtime.batched_max_pairs = 0  # decode calls too take the windows or the scratch
             if gather:
                 base.runtime.gather_capacity = gather
             for _ in range(2):
