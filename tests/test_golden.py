@@ -85,6 +85,7 @@ def test_cpu_layer_calls_gather_their_experts_and_stay_exact(tiny_checkpoint, re
     with Engine.from_pretrained(path, expert_budget=12, policy="lru", device="cpu", progress=False) as eng:
         # 12 slots of tiny experts: gathering up to 5 pays (2 x 2.3 us x 12 / (copy + 2 x 2.3 us))
         assert eng.runtime.cpu_gather_max >= 2 * eng.spec.top_k
+        eng.runtime.batched_max_pairs = 0  # decode calls too take the gather (batched calls skip it)
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
         assert eng.stats().extra["gather_scratch_bytes"] == 2 * eng.spec.top_k * eng.spec.expert_bytes
@@ -102,6 +103,7 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
     try:
         eng.runtime.max_groups = 3
         eng.runtime.cpu_gather_max = 0  # as on CUDA: only calls spanning several windows gather
+        eng.runtime.batched_max_pairs = 0  # decode calls too take the windows or the scratch
         if gather:
             eng.runtime.gather_capacity = gather
         ids = torch.tensor([prompts[1]])
@@ -128,8 +130,8 @@ def test_parity_with_narrow_group_windows(policy, budget, gather, tiny_checkpoin
 def test_parity_with_batched_decode_calls(
     model_type, policy, budget, tiny_checkpoint, reference_model, hf_greedy, monkeypatch
 ):
-    """The decode-size path (the pairs' weights gathered from the pool, two bmm; CUDA's default)
-    stays exact when forced on the CPU, all resident or offloaded, for every family."""
+    """The decode-size path (the pairs' weights gathered from the pool, two bmm; the default for
+    up to 2 x top-k pairs) stays exact, all resident or offloaded, for every family."""
     import finemoe.execution as ex
 
     calls = []
@@ -138,8 +140,8 @@ def test_parity_with_batched_decode_calls(
     path = tiny_checkpoint(model_type)
     prompts = _prompts(reference_model(path).config.vocab_size)
     with Engine.from_pretrained(path, expert_budget=budget, policy=policy, device="cpu", progress=False) as eng:
-        assert eng.runtime.batched_max_pairs == 0  # off on CPUs by default
-        eng.runtime.batched_max_pairs = 4 * eng.spec.top_k
+        assert eng.runtime.batched_max_pairs == 2 * eng.spec.top_k  # the default
+        eng.runtime.batched_max_pairs = 4 * eng.spec.top_k  # the test batches 3 prompts
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
         assert calls  # decode steps took the batched path

@@ -120,9 +120,9 @@ class OffloadRuntime:
     # Layer calls of at most this many (token, expert) pairs whose experts are all resident run as
     # a gather of their weights and two bmm (transformers' `batched_mm`, what its generate switches
     # to for decoding on GPUs): grouped_mm's host cost per call (occupancy queries, attribute
-    # calls, copies) outweighs the weight gather at decode sizes. The gathered weights are transient
-    # device memory beyond the budget, T*k experts: -1 = 2 x top-k on CUDA (batch <= 2, the same
-    # bound as the gather scratch), 0 on CPU.
+    # calls, copies) outweighs the weight gather at decode sizes; on a CPU it also beats the gather
+    # into scratch (docs/results/cpu_gather.json). The gathered weights are transient memory beyond
+    # the budget, T*k experts: -1 = 2 x top-k (batch <= 2, the same bound as the gather scratch).
     batched_max_pairs: int = -1
     _gather: SlotGather | None = None
 
@@ -130,7 +130,7 @@ class OffloadRuntime:
         if self.gather_capacity <= 0:
             self.gather_capacity = 2 * self.spec.top_k
         if self.batched_max_pairs < 0:
-            self.batched_max_pairs = 2 * self.spec.top_k if self.cache.pool.device.type == "cuda" else 0
+            self.batched_max_pairs = 2 * self.spec.top_k
         if self.max_groups <= 0:
             # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
