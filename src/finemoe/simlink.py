@@ -64,17 +64,24 @@ class TimedLink:
             raise ValueError(f"link order must be one of {', '.join(LINK_ORDERS)}, got {order!r}")
         self.clock, self.copy_s, self.order = clock, copy_s, order
         self.done = [0.0] * num_slots  # when the latest copy into each slot completes
-        self.queue: list[list] = []  # [start, end, slot, demand] of copies not finished, by start
+        self.queue: list[list] = []  # demand-first: [start, end, slot, demand] of unfinished copies, by start
+        self._tail = 0.0  # fifo: when the last copy issued ends
         self.stall_s = 0.0
         self.busy_s = 0.0
         self._fifo = order == "fifo"
 
     def load(self, slot: int, src: list, demand: bool) -> None:
-        t, c_s, q = self.clock.t, self.copy_s, self.queue
+        t, c_s = self.clock.t, self.copy_s
+        self.busy_s += c_s
+        if self._fifo:  # in issue order: only the end of the last copy matters
+            start = self._tail if self._tail > t else t
+            self._tail = end = start + c_s
+            self.done[slot] = end
+            return
+        q = self.queue
         while q and q[0][1] <= t:  # finished copies leave the queue (it is ordered by start)
             q.pop(0)
-        self.busy_s += c_s
-        if self._fifo or not demand or not q or q[-1][3] or q[-1][0] <= t:
+        if not demand or not q or q[-1][3] or q[-1][0] <= t:
             # at the end of the queue (demand-first: no queued prefetch to overtake)
             start = q[-1][1] if q and q[-1][1] > t else t
             q.append([start, start + c_s, slot, demand])
@@ -104,11 +111,7 @@ class TimedLink:
         return self.done[slot] <= self.clock.t
 
     def before_compute(self, slots: list[int]) -> None:
-        done = self.done
-        ready = 0.0
-        for s in slots:
-            if done[s] > ready:
-                ready = done[s]
+        ready = max(map(self.done.__getitem__, slots), default=0.0)
         if ready > self.clock.t:
             self.stall_s += ready - self.clock.t
             self.clock.t = ready
