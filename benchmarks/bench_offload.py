@@ -46,6 +46,7 @@ from offload_runs import (  # noqa: E402
     poisson_arrivals,
     serving_run,
     summarize,
+    trace_work,
 )
 
 log = logging.getLogger("bench")
@@ -248,14 +249,7 @@ def main():
         # model's routers on the current router input, as the simulator does
         eng.speculative_gate = replays[1].gate if trace.spec_probs else None
         log.info("trace routing: %s (%d requests), %s", args.trace, trace.num_requests, replays[0].layer_map)
-        work = []
-        for r in range(min(args.trace_requests, trace.num_requests)):
-
-            def before(r=r):
-                for rp in replays:
-                    rp.start(r)
-
-            work.append((replays[0].prompt_ids(r), replays[0].output_len(r), before))
+        work = trace_work(replays, args.trace_requests)
     samples: dict[tuple, list] = {c: [] for c in configs}
     for rnd in range(args.repeats):
         for name, budget in configs:

@@ -31,7 +31,7 @@ from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 from finemoe.trace_routing import TraceRouting  # noqa: E402
-from offload_runs import engine_run, hf_generate, hf_run, loop_run, summarize  # noqa: E402
+from offload_runs import engine_run, hf_generate, hf_run, loop_run, summarize, trace_work  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -140,15 +140,7 @@ def main():
 
     def traced():
         replays = [TraceRouting(plain, trace), TraceRouting(eng.model, trace)]
-        work = []
-        for r in range(min(args.trace_requests, trace.num_requests)):
-
-            def before(r=r):
-                for rp in replays:
-                    rp.start(r)
-
-            work.append((replays[0].prompt_ids(r), replays[0].output_len(r), before))
-        return replays, work
+        return replays, trace_work(replays, args.trace_requests)
 
     def measure(work, tag, samples):
         for name in ("transformers-generate", "transformers+finemoe-loop", "all-gpu"):

@@ -86,6 +86,21 @@ def loop_run(model, prompt, n, device, before=lambda: None):
     return {"ttft_s": c.ttft_s, "e2e_s": time.perf_counter() - t0, "steps_s": steps(c.token_times_s)}
 
 
+def trace_work(replays, requests):
+    """Work items replaying the first `requests` requests of the trace behind `replays` (one
+    `TraceRouting` per model routed alike): each item's `before` restarts every replay."""
+    trace = replays[0].trace
+    work = []
+    for r in range(min(requests, trace.num_requests)):
+
+        def before(r=r):
+            for rp in replays:
+                rp.start(r)
+
+        work.append((replays[0].prompt_ids(r), replays[0].output_len(r), before))
+    return work
+
+
 def engine_request(eng, item):
     """One request through the engine; returns (output, wall seconds)."""
     prompt, n, before = item

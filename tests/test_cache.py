@@ -153,17 +153,24 @@ def test_slot_windows_cover_and_bound():
         assert all(any(b <= s < b + n for b, n in wins) for s in slots)
 
 
-def test_grouped_pairs_exact_with_many_slots():
-    """Group offsets must be exact for pools of thousands of slots (float histc is not)."""
+def _gated_experts(S: int, H: int, I_: int, seed: int):
+    """A stand-in fused experts module (gated SiLU, no bias) and random slot parts for S experts:
+    (experts, parts {name: [S, ...]}, the generator for further inputs)."""
     from types import SimpleNamespace
 
-    from finemoe.execution import grouped_pairs
-
-    S, H, I_ = 6144, 8, 4
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
     experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
     experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
+    return experts, parts, g
+
+
+def test_grouped_pairs_exact_with_many_slots():
+    """Group offsets must be exact for pools of thousands of slots (float histc is not)."""
+    from finemoe.execution import grouped_pairs
+
+    S, H, I_ = 6144, 8, 4
+    experts, parts, g = _gated_experts(S, H, I_, seed=0)
     hidden = torch.randn(3, H, generator=g)
     idx = torch.tensor([[S - 2, S - 1], [S - 2, 5], [S, 4100]])  # S = skip
     w = torch.rand(3, 2, generator=g)
@@ -181,15 +188,10 @@ def test_grouped_pairs_exact_with_many_slots():
 
 def test_grouped_pairs_without_masking_is_bitwise_the_same():
     """`may_skip=False` (no pair can be skipped) leaves the masking out and changes no value."""
-    from types import SimpleNamespace
-
     from finemoe.execution import grouped_pairs
 
     S, H, I_ = 16, 8, 4
-    g = torch.Generator().manual_seed(1)
-    parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
-    experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
-    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
+    experts, parts, g = _gated_experts(S, H, I_, seed=1)
     hidden = torch.randn(5, H, generator=g)
     idx = torch.tensor([[3, 7], [7, 0], [15, 3], [2, 9], [9, 2]])
     w = torch.rand(5, 2, generator=g)
@@ -201,15 +203,10 @@ def test_grouped_pairs_without_masking_is_bitwise_the_same():
 
 def test_batched_pairs_equal_the_grouped_call():
     """The decode-size path (gathered weights, two bmm) computes what the grouped call computes."""
-    from types import SimpleNamespace
-
     from finemoe.execution import batched_pairs, grouped_pairs
 
     S, H, I_ = 16, 8, 4
-    g = torch.Generator().manual_seed(2)
-    parts = {"gate_up_proj": torch.randn(S, 2 * I_, H, generator=g), "down_proj": torch.randn(S, H, I_, generator=g)}
-    experts = SimpleNamespace(has_bias=False, is_transposed=False, has_gate=True, act_fn=torch.nn.functional.silu)
-    experts._apply_gate = lambda x: torch.nn.functional.silu(x[..., :I_]) * x[..., I_:]
+    experts, parts, g = _gated_experts(S, H, I_, seed=2)
     hidden = torch.randn(3, H, generator=g)
     idx = torch.tensor([[3, 7], [7, 0], [15, 3]])
     w = torch.rand(3, 2, generator=g)

@@ -376,47 +376,15 @@ class ExpertCache:
         victims = self._prefetch_victims(self._evictable_for_prefetch, need) if need > 0 else []
         victims.reverse()
         slots: list[int] = []
-        # `_evict` and `_start_prefetch` inlined (the replay's second-hottest path), as in `_acquire`
-        slot_of, owner, prefetched, planned_for, eb = (
-            self.slot_of,
-            self.owner,
-            self.prefetched,
-            self.prefetch_iteration,
-            self.expert_bytes,
-        )
-        on_evict, on_insert = self.policy.on_evict, self.policy.on_insert
-        load, parts, dirty, step = self.transfer.load, self.store.parts, self._dirty, self.step
-        evicted = wasted = 0
         for eid, iteration in batch:
             if free:
                 slot = free.pop()
             elif victims:
-                victim = victims.pop()
-                vl, ve = victim
-                slot = slot_of[vl][ve]
-                on_evict(victim)
-                slot_of[vl][ve] = -1
-                dirty[vl] = True
-                owner[slot] = None
-                evicted += 1
-                if prefetched[slot]:
-                    wasted += 1
+                slot = self._evict(victims.pop())
             else:
                 break
-            load(slot, parts(eid), False)
-            owner[slot] = eid
-            slot_of[eid[0]][eid[1]] = slot
-            dirty[eid[0]] = True
-            on_insert(eid, step)
-            prefetched[slot] = True
-            planned_for[slot] = iteration
+            self._start_prefetch(eid, slot, iteration)
             slots.append(slot)
-        n, st = len(slots), self.stats
-        st.evictions += evicted
-        st.prefetches_wasted += wasted
-        st.prefetch_wasted_bytes += wasted * eb
-        st.bytes_copied += n * eb
-        st.prefetches_issued += n
         return slots
 
     def defer_access(self, layer: int, ids: torch.Tensor) -> None:

@@ -120,17 +120,16 @@ class OffloadRuntime:
     # Layer calls of at most this many (token, expert) pairs whose experts are all resident run as
     # a gather of their weights and two bmm (transformers' `batched_mm`, what its generate switches
     # to for decoding on GPUs): grouped_mm's host cost per call (occupancy queries, attribute
-    # calls, copies) outweighs the weight gather at decode sizes; on a CPU it also beats the gather
-    # into scratch (docs/results/cpu_gather.json). The gathered weights are transient memory beyond
-    # the budget, T*k experts: -1 = 2 x top-k (batch <= 2, the same bound as the gather scratch).
+    # calls, copies) outweighs the weight gather at decode sizes. The gathered weights are transient
+    # memory beyond the budget, T*k experts: -1 = 2 x top-k (batch <= 2, the same bound as the
+    # gather scratch); on a CPU at most `cpu_gather_max` (copies there pay only for small experts:
+    # the reference model gains, a 2-layer OLMoE shape in float32 decodes 2.9x slower with them).
     batched_max_pairs: int = -1
     _gather: SlotGather | None = None
 
     def __post_init__(self) -> None:
         if self.gather_capacity <= 0:
             self.gather_capacity = 2 * self.spec.top_k
-        if self.batched_max_pairs < 0:
-            self.batched_max_pairs = 2 * self.spec.top_k
         if self.max_groups <= 0:
             # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
@@ -141,6 +140,11 @@ class OffloadRuntime:
         on_cpu = pool.device.type == "cpu"
         copy_s = self.spec.expert_bytes / CPU_COPY_BYTES_PER_S
         self.cpu_gather_max = int(2 * CPU_GROUP_S * self.cache.num_slots / (copy_s + 2 * CPU_GROUP_S)) if on_cpu else 0
+        if self.batched_max_pairs < 0:
+            # each pair copies one expert's weights: on a CPU only while such copies pay (as the gather)
+            self.batched_max_pairs = 2 * self.spec.top_k
+            if on_cpu:
+                self.batched_max_pairs = min(self.batched_max_pairs, self.cpu_gather_max)
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
 
     def start_iteration(
