@@ -180,7 +180,7 @@ def summarize(samples):
     if "window" in samples[0]:
         out["window"] = samples[-1]["window"]
     if samples[0].get("duty") is not None:
-        out["duty"] = [s["duty"] for s in samples]  # per request (the duty restarts at each reconfigure)
+        out["duty"] = [s["duty"] for s in samples]  # after each request (a reconfigure back resumes the duty)
     return out
 
 

@@ -148,3 +148,28 @@ def test_where_the_duty_applies():
     assert not duty_applies("always", "cuda", "auto", True, False)
     assert not duty_applies("adaptive", "cuda", "auto", False, False)  # a baseline preset
     assert not duty_applies("adaptive", "cuda", "auto", True, True)  # everything resident
+
+
+def test_a_reconfigure_back_resumes_the_duty_of_that_configuration(tiny_checkpoint):
+    path = tiny_checkpoint("qwen2_moe")
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    with Engine.from_pretrained(
+        path, policy="finemoe", expert_budget="50%", progress=False, prediction_duty="adaptive"
+    ) as eng:
+        first = eng.runtime.duty
+        eng.generate([[5, 7, 9, 11, 13]], params)
+        seen = dict(first.iterations)
+        assert seen[True] + seen[False] == 29  # every decode iteration asked the duty
+        eng.reconfigure(expert_budget="75%")  # another configuration: its own duty
+        other = eng.runtime.duty
+        assert other is not first and other.iterations == {True: 0, False: 0}
+        eng.reconfigure(policy="lru")  # a baseline: no duty
+        assert eng.runtime.duty is None
+        eng.reconfigure(policy="finemoe", expert_budget="50%")
+        assert eng.runtime.duty is first  # measurements carried over
+        assert first.iterations == seen and first._last is None  # the pause is no sample
+        out = eng.generate([[2, 4, 6, 8]], params)[0]
+        assert sum(first.iterations.values()) == 58
+        assert eng.stats().extra["decode_iterations_predicting"] == first.iterations[True]
+    with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as ref:
+        assert ref.generate([[2, 4, 6, 8]], params)[0].token_ids == out.token_ids  # still lossless

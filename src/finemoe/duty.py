@@ -87,6 +87,11 @@ class PredictionDuty:
         self.iterations[arm] += 1
         return arm
 
+    def resume(self) -> None:
+        """Continue after a pause in which no iteration ran (the engine was reconfigured and set
+        back up): the measurements and the phase stay, the time since the last step is no sample."""
+        self._last, self._last_arm, self._fresh = None, None, True
+
     def _typical(self) -> float | None:
         seen = self._samples[True] + self._samples[False]
         return min(seen) if seen else None

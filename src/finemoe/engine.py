@@ -156,6 +156,9 @@ class Engine:
         self.serving = False  # a continuous-batching scheduler owns the forward passes
         self._closed = False
         self.async_predictors: list[AsyncPredictor | ProcessPredictor] = []
+        # The prediction duty of each configuration run so far (keyed by the whole config): a
+        # `reconfigure` back to one resumes its measurements instead of comparing the arms afresh.
+        self._duties: dict[EngineConfig, PredictionDuty] = {}
         # Replay hook (benchmarks): a `gate(layer, hidden [T, H]) -> probs [T, E]` used by the
         # speculative predictors instead of the model's routers; applies from the next reconfigure.
         self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
@@ -288,7 +291,7 @@ class Engine:
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
         if duty:
-            self.runtime.duty, self.runtime.always = PredictionDuty(), always
+            self.runtime.duty, self.runtime.always = self._duty_for(config), always
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
@@ -308,6 +311,19 @@ class Engine:
             format_bytes(spec.total_expert_bytes),
             device,
         )
+
+    def _duty_for(self, config: EngineConfig) -> PredictionDuty:
+        """The duty `config` ran with before (its arm medians and phase carried over a
+        `reconfigure`), or a new one."""
+        duty = self._duties.pop(config, None)
+        if duty is None:
+            duty = PredictionDuty()
+            while len(self._duties) >= 32:  # a sweep over many configurations: forget the oldest
+                self._duties.pop(next(iter(self._duties)))
+        else:
+            duty.resume()
+        self._duties[config] = duty
+        return duty
 
     def add_predictor(self, predictor: Any) -> None:
         """Run `predictor` on the forward thread next to the policy's (e.g. a `TraceRecorder`);
