@@ -78,6 +78,12 @@ case $part in
   s11evict) # session 11: finemoe (decayed-frequency eviction) against finemoe with LRU eviction and plain
             # LRU, Qwen3 25% (~6 min)
     q3 420 "lru,finemoe,finemoe+eviction='lru'" s11_qwen3_30b_evict.json 10 ;;
+  s12g)     # session 12: graphed decode (cuda_graphs) — its GPU tests, then an 8-layer Qwen3 shape with its own
+            # routing: eager against graphed steps, all-gpu / lru / finemoe at 25% (~5 min)
+    python -m pytest -q tests/gpu/test_graphs.py 2>&1 | tail -25 || true
+    timeout 300 $B --shape qwen3_30b --layers 8 --budgets 25% --repeats 2 --new-tokens 32 --skip-loop \
+      --policies "all-gpu+cuda_graphs=True,lru,lru+cuda_graphs=True,finemoe,finemoe+cuda_graphs=True" \
+      --out "$out/s12_graphs_qwen3_8l.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
   s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
     python -m pytest -q tests/gpu 2>&1 | tail -3
     q3 400 "lru,finemoe,finemoe+prefill_plans='none'" s10_qwen3_30b_trace_gate.json 8 ;;

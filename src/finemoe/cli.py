@@ -96,6 +96,11 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
     )
+    ap.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="single prompts: static KV cache, decode steps replayed from CUDA graphs (host decisions per layer)",
+    )
     add_window_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
 
@@ -123,6 +128,7 @@ def _engine(args: argparse.Namespace):
         map_min_score=args.map_min_score,
         map_min_precision=args.map_min_precision,
         gate_refine=not args.no_gate_refine,
+        cuda_graphs=args.cuda_graphs,
         prefill_plans=args.prefill_plans,
         eviction=args.eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,

@@ -25,6 +25,7 @@ from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
 from finemoe.gate import RouterGate
 from finemoe.generation import Completion, generate_ids
+from finemoe.graphs import StaticDecoder
 from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.loader import (
     CheckpointExperts,
@@ -152,6 +153,7 @@ class Engine:
         self.device, self.tokenizer, self.name = device, tokenizer, name
         self.dense_bytes = dense_bytes
         self._attachment: Attachment | None = None
+        self.static: StaticDecoder | None = None  # config.cuda_graphs: single prompts over a static KV cache
         self._iterations = 0
         self.serving = False  # a continuous-batching scheduler owns the forward passes
         self._closed = False
@@ -301,6 +303,7 @@ class Engine:
             self.cache.preload_all()
             transfer.synchronize()
         self._attachment = Attachment(self.model, self.runtime, refs)
+        self.static = StaticDecoder(self.model, self.runtime, refs, device, graphs=True) if config.cuda_graphs else None
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,
@@ -360,6 +363,7 @@ class Engine:
                 ap.pull_stores(self.maps, self.requests)
             ap.close()
         self.async_predictors = []
+        self.static = None  # its graphs read the pool and the slot table being released
         if self._attachment is not None:
             self._attachment.detach()
             self._attachment = None
@@ -569,7 +573,14 @@ class Engine:
         before = self.cache.stats.copy()
         try:
             completions = generate_ids(
-                self.model, encoded, params, self._pad_id(), self.stop_ids(params), self.device, self._start_iteration
+                self.model,
+                encoded,
+                params,
+                self._pad_id(),
+                self.stop_ids(params),
+                self.device,
+                self._start_iteration,
+                static=self.static,
             )
         finally:
             self.end_requests()
@@ -631,6 +642,7 @@ class Engine:
                 **(self.runtime.duty.stats() if self.runtime.duty else {"prediction_duty": "always"}),
                 **self.prefetcher.window.stats(),
                 **self.predictor_stats(),
+                **(self.static.stats() if self.static is not None else {"cuda_graphs": False}),
             },
         )
 

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from finemoe.predictor import Predictor
 from finemoe.prefetcher import Prefetcher
 from finemoe.stepper import Stepper
 from finemoe.types import IterationContext, MoESpec, RoutingEvent
+
+if TYPE_CHECKING:
+    from finemoe.graphs import StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,7 @@ class OffloadRuntime:
     # gather scratch); on a CPU at most `cpu_gather_max` (copies there pay only for small experts:
     # the reference model gains, a 2-layer OLMoE shape in float32 decodes 2.9x slower with them).
     batched_max_pairs: int = -1
+    capture: StaticDecoder | None = None  # set while a decode step is being captured into CUDA graphs
     _gather: SlotGather | None = None
 
     def __post_init__(self) -> None:
@@ -202,6 +207,10 @@ class OffloadRuntime:
         """Device bytes of the gather scratch (0 until a layer call needed it)."""
         return self._gather.nbytes if self._gather is not None else 0
 
+    @staticmethod
+    def binding_of(ref: MoELayerRef) -> LayerBinding:
+        return getattr(ref.experts, _BINDING_ATTR)
+
     def release(self) -> None:
         """Drop the runtime's views of the pool and its scratch (the engine is detaching)."""
         self.layer_parts = []
@@ -232,6 +241,9 @@ class LayerBinding:
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         rt = self.rt
+        if rt.capture is not None:  # recording a graphed decode step: nothing is computed yet
+            rt.capture.boundary(self.layer, module, args, output)
+            return
         predicting = bool(rt.active)
         if rt.cache.all_resident and not (predicting or rt.observers):
             return  # nothing on the host needs the routing: no sync
@@ -280,6 +292,8 @@ class LayerBinding:
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
         T, k = idx.shape
+        if rt.capture is not None:  # recording a graphed decode step: device-only work, no host decision
+            return self._captured(experts, hidden, idx, weights)
         batched = T * k <= rt.batched_max_pairs
         if cache.all_resident:  # layer l's experts sit in slots [l*E, (l+1)*E): the stock layout
             cache.defer_access(layer, idx)
@@ -325,6 +339,42 @@ class LayerBinding:
         for out in acc[1:]:
             total = total + out
         return total.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _captured(
+        self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's experts as a CUDA graph records them: the weights gathered through the device
+        slot table row (updated in place between replays; `serve_graphed` makes every routed expert
+        resident first), or the stock layout when everything is resident."""
+        rt, cache = self.rt, self.rt.cache
+        T, k = idx.shape
+        if cache.all_resident:
+            out = batched_pairs(experts, rt.layer_parts[self.layer], hidden, idx, weights)
+        else:
+            out = batched_pairs(experts, cache.pool.parts, hidden, cache.table[self.layer][idx], weights)
+        return out.view(T, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def serve_graphed(self, idx: torch.Tensor, replay: Callable[[], None]) -> None:
+        """A graphed decode step at this layer, after the router's hooks ran: make the routed
+        experts (`idx` [T, k], the graph's static ids) resident, then `replay` the segment that
+        computes them (where the eager pass calls the experts)."""
+        rt, cache, layer = self.rt, self.rt.cache, self.layer
+        if cache.all_resident:
+            replay()
+            return
+        stash, self._ids = self._ids, None
+        unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
+
+        def compute(got: list[int], slots: list[int], whole: bool) -> None:
+            if not whole:
+                raise RuntimeError(
+                    f"graphed decode: layer {layer} could not hold its {len(unique)} routed experts at once; "
+                    "raise the expert budget or turn cuda_graphs off"
+                )
+            cache.device_table(layer)  # the row the graph reads, updated in place on the compute stream
+            replay()
+
+        rt.stepper.serve(rt.iteration, layer, unique, compute)
 
 
 def batched_pairs(

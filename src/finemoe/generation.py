@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from finemoe.config import SamplingParams
+
+if TYPE_CHECKING:
+    from finemoe.graphs import StaticDecoder
 
 
 @dataclass
@@ -75,13 +79,19 @@ def generate_ids(
     stop_ids: set[int],
     device: torch.device,
     on_iteration: Callable[[int, bool, torch.Tensor, torch.Tensor], None] | None = None,
+    static: StaticDecoder | None = None,
 ) -> list[Completion]:
     """Generate for a batch of token-id prompts of any lengths; returns one Completion each.
 
     `on_iteration(step, is_prefill, input_ids [B, T], live [B, T] bool CPU)` runs before each
-    forward pass; `live` marks real tokens (not padding, not finished sequences).
+    forward pass; `live` marks real tokens (not padding, not finished sequences). `static` runs a
+    single prompt over its static KV cache (decode steps from CUDA graphs where it has them).
     """
     B = len(prompts)
+    if static is not None and B == 1:
+        static.reserve(len(prompts[0]) + params.max_new_tokens)
+        with static.running():
+            return _generate_static(static, prompts[0], params, stop_ids, device, on_iteration)
     width = max(len(p) for p in prompts)
     ids = torch.full((B, width), pad_id, dtype=torch.long)
     mask = torch.zeros((B, width), dtype=torch.long)
@@ -144,6 +154,48 @@ def generate_ids(
             )
         )
     return done
+
+
+def _generate_static(
+    static: StaticDecoder,
+    prompt: list[int],
+    params: SamplingParams,
+    stop_ids: set[int],
+    device: torch.device,
+    on_iteration: Callable[[int, bool, torch.Tensor, torch.Tensor], None] | None,
+) -> list[Completion]:
+    """`generate_ids` for one prompt over `static`'s cache (no padding, no attention mask)."""
+    gen = sampling_generator(params)
+    out: list[int] = []
+    stamps: list[float] = []
+    finish = ""
+    t0 = time.perf_counter()
+    inputs = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
+    live = torch.ones((1, len(prompt)), dtype=torch.bool)
+    for step in range(params.max_new_tokens):
+        if on_iteration is not None:
+            on_iteration(step, step == 0, inputs, live)
+        logits = static.prefill(inputs) if step == 0 else static.decode(len(prompt) + step - 1)  # [1, V]
+        tok = int(sample_tokens(logits, params, gen)[0])
+        stamps.append(time.perf_counter())
+        out.append(tok)
+        if tok in stop_ids and not params.ignore_eos:
+            finish = "stop"
+            break
+        if step + 1 < params.max_new_tokens:
+            inputs = static.feed(tok)  # [1, 1]
+            live = torch.ones((1, 1), dtype=torch.bool)
+    return [
+        Completion(
+            prompt_token_ids=list(prompt),
+            token_ids=out,
+            finish_reason=finish or "length",
+            ttft_s=stamps[0] - t0,
+            tpot_s=(stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0,
+            latency_s=stamps[-1] - t0,
+            token_times_s=[t - t0 for t in stamps],
+        )
+    ]
 
 
 # (input_ids [B, T] on the device, live [B, T] bool CPU) -> None; runs before each forward pass

@@ -101,6 +101,8 @@ class TraceRouting:
         logits_at, index_at = self.adapter.router_logits_at, self.adapter.router_index_at
 
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple:
+            if output[index_at].is_cuda and torch.cuda.is_current_stream_capturing():
+                return None  # a graphed decode step being recorded: its replays run this hook on static outputs
             if self._staged is None:
                 raise ConfigError("trace routing: call start(request) before generating")
             if self.iteration >= int(trace.output_len[self.request]):

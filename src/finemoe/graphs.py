@@ -1,0 +1,231 @@
+"""Batch-1 decode steps replayed from CUDA graphs, with the offloading decisions still made per layer.
+
+A decode step of transformers' modeling code costs far more host time than GPU time (on the H200
+a Qwen3-30B-A3B token takes ~50 ms of Python around ~2 ms of kernels, `docs/results/gpu_trace.md`).
+CUDA graphs replay the kernels without the Python, but an offloading engine must look at every
+layer's routing on the host before that layer's experts run. So the step is cut at the routers:
+
+    S_0 = embeddings ... layer 0's attention and router
+    S_l = layer l-1's experts (gathered from the slot pool through the device slot table), shared
+          expert, residual, layer l's attention and router          (l = 1 .. L-1)
+    S_L = the last layer's experts ... norm, lm_head, float32 logits
+
+one CUDA graph each, all in one memory pool and replayed in capture order. Between S_l and S_l+1
+the host does what an eager pass does at layer l: the router's forward hooks run on the router's
+static outputs (a hook that returns new outputs has them copied into the static ones; finemoe's hook
+syncs on the ids and runs the predictors), then the cache serves the layer (demand loads on the
+copy stream, the compute stream waits for them) and S_l+1 is replayed where the eager pass would
+compute the experts. With every expert resident and nothing else hooked on the routers the whole
+step is one graph.
+
+Needs a static KV cache (transformers `StaticCache`: fixed addresses, the write position a device
+tensor advanced in place); the prefill runs eagerly into it. The first decode step of a new
+configuration runs eagerly too (warm-up), the graphs are captured before the second and reused by
+later requests while the cache is long enough. Without CUDA the same path runs every step eagerly
+(the static cache only), which is how the CPU tests check it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+from finemoe.errors import ConfigError
+from finemoe.loader import MoELayerRef
+
+log = logging.getLogger(__name__)
+
+MIN_CACHE_TOKENS = 512  # static caches are made in powers of two from here
+
+
+class StaticDecoder:
+    """Prefill and decode steps of one engine's model at batch 1 over a static KV cache, decode
+    steps replayed from CUDA graphs once captured (`graphs`)."""
+
+    def __init__(self, model: nn.Module, runtime, refs: list[MoELayerRef], device: torch.device, graphs: bool) -> None:
+        self.model, self.rt, self.refs, self.device = model, runtime, refs, device
+        self.use_graphs = graphs and device.type == "cuda"
+        self.max_len = 0
+        self.cache: StaticCache | None = None
+        self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)  # the decode step's token
+        self.pos = torch.zeros((1, 1), dtype=torch.long, device=device)  # its position
+        self.stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
+        self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
+        self.whole = False  # one graph for the step (nothing on the host between layers)
+        self.capturing = False
+        self._pool = None
+        self._warm = False  # an eager decode step ran with this cache (capture may follow)
+        self.replays = 0  # decode steps replayed from graphs
+        self.captures = 0
+        self.error: str | None = None  # why capture failed (decoding went on eagerly)
+
+    def stats(self) -> dict:
+        return {
+            "cuda_graphs": self.use_graphs,
+            "static_cache_tokens": self.max_len,
+            "decode_graph_replays": self.replays,
+            "decode_graph_captures": self.captures,
+            "decode_graphs": len(self.graphs),
+            "decode_graph_error": self.error,
+        }
+
+    # -- cache ---------------------------------------------------------------------------------
+    def reserve(self, tokens: int) -> None:
+        """Make the static cache hold at least `tokens` positions (a longer one drops the graphs)."""
+        if tokens <= self.max_len:
+            return
+        size = MIN_CACHE_TOKENS
+        while size < tokens:
+            size *= 2
+        self.drop_graphs()
+        self.cache = StaticCache(config=self.model.config, max_cache_len=size)
+        self.max_len = size
+        log.info("static KV cache: %d positions", size)
+
+    def drop_graphs(self) -> None:
+        self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The context generation runs in: graphs are captured and replayed on a side stream."""
+        if self.stream is None:
+            yield
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Eager pass over the prompt `ids` [1, T] from position 0; next-token logits [1, V] float32."""
+        assert self.cache is not None, "reserve() first"
+        self.cache.reset()
+        T = ids.shape[1]
+        pos = torch.arange(T, device=self.device).view(1, T)
+        return self._eager(ids, pos)
+
+    def feed(self, token: int) -> torch.Tensor:
+        """Put the next decode step's token in place; returns the input ids [1, 1] (static)."""
+        self.ids.fill_(token)
+        return self.ids
+
+    def decode(self, position: int) -> torch.Tensor:
+        """One decode step for the token `feed` put in place, at `position`; logits [1, V] float32
+        (a static buffer when replayed: read it before the next step)."""
+        self.pos.fill_(position)
+        if not self.use_graphs:
+            return self._eager(self.ids, self.pos)
+        if not self.graphs:
+            if not self._warm:
+                self._warm = True
+                return self._eager(self.ids, self.pos)
+            try:
+                self._capture()
+            except Exception as exc:  # an op the model runs cannot be captured: stay eager, say why
+                log.warning("decode graphs could not be captured, decoding eagerly: %r", exc)
+                self.error, self.use_graphs = repr(exc), False
+                return self._eager(self.ids, self.pos)
+        self._replay()
+        self.replays += 1
+        assert self.logits is not None
+        return self.logits
+
+    def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, :].to(dtype=torch.float32)
+
+    # -- capture ---------------------------------------------------------------------------------
+    def _capture(self) -> None:
+        rt, cache = self.rt, self.rt.cache
+        L = len(self.refs)
+        foreign = any(len(ref.router._forward_hooks) > 1 for ref in self.refs)  # e.g. benchmark routing replay
+        self.whole = cache.all_resident and not (self.rt.predictors or self.rt.observers) and not foreign
+        if not cache.all_resident:
+            for layer in range(L):
+                cache.device_table(layer)  # no table row left dirty: the graphs read the rows in place
+        torch.cuda.synchronize(self.device)
+        self._pool = torch.cuda.graph_pool_handle()
+        self.routed = [None] * L
+        self.graphs = [torch.cuda.CUDAGraph()]
+        self.capturing = True
+        rt.capture = self
+        begun = False
+        try:
+            self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            begun = True
+            logits = self._eager(self.ids, self.pos)
+            self.graphs[-1].capture_end()
+            begun = False
+        except BaseException:
+            if begun:
+                with suppress(Exception):  # the capture already failed: report the first error
+                    self.graphs[-1].capture_end()
+            self.drop_graphs()
+            raise
+        finally:
+            self.capturing = False
+            rt.capture = None
+        if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
+            self.drop_graphs()
+            raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model?)")
+        self.logits = logits
+        self.captures += 1
+        log.info("decode step captured: %d CUDA graph(s) over %d MoE layers", len(self.graphs), L)
+
+    def boundary(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
+        """Called by layer `layer`'s router hook while capturing: keep its static inputs and
+        outputs and, unless the step is one graph, start the next segment."""
+        self.routed[layer] = (module, args, tuple(output))
+        if self.whole:
+            return
+        self.graphs[-1].capture_end()
+        graph = torch.cuda.CUDAGraph()
+        self.graphs.append(graph)
+        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+
+    # -- replay ----------------------------------------------------------------------------------
+    def _replay(self) -> None:
+        rt, cache = self.rt, self.rt.cache
+        index_at = rt.adapter.router_index_at
+        if self.whole:
+            self.graphs[0].replay()
+        else:
+            self.graphs[0].replay()
+            for layer, ref in enumerate(self.refs):
+                module, args, output = self.routed[layer]  # type: ignore[misc]
+                run_hooks(module, args, output)
+                binding = rt.binding_of(ref)
+                binding.serve_graphed(output[index_at], self._replayer(layer + 1))
+        if cache.all_resident:  # every use a hit; counted from one copy of all layers' ids
+            ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
+            for layer in range(len(self.refs)):
+                cache.defer_access(layer, ids[layer])
+
+    def _replayer(self, segment: int) -> Callable[[], None]:
+        return self.graphs[segment].replay
+
+
+def run_hooks(module: nn.Module, args: tuple, output: tuple) -> None:
+    """Run `module`'s forward hooks as if it had just produced `output` (static tensors); a hook's
+    replacement outputs are copied into them, so later hooks and the next graph see them."""
+    if module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
+        raise ConfigError("graphed decode cannot replay routers with pre-hooks or keyword hooks")
+    current = output
+    for hook in list(module._forward_hooks.values()):
+        new = hook(module, args, current)
+        if new is None:
+            continue
+        for dst, src in zip(output, new, strict=True):
+            if isinstance(dst, torch.Tensor) and src is not dst:
+                dst.copy_(src)
+        current = output

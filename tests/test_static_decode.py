@@ -1,0 +1,69 @@
+"""`cuda_graphs`: single prompts over a static KV cache. Without CUDA every step runs eagerly over
+the static cache (the graphs themselves are checked in tests/gpu/test_graphs.py); the tokens must
+be those of the engine's usual dynamic-cache path, for every family and policy kind."""
+
+from __future__ import annotations
+
+import pytest
+
+from finemoe import Engine, SamplingParams
+from finemoe.errors import ConfigError
+from finemoe.graphs import run_hooks
+
+PARAMS = SamplingParams(max_new_tokens=10, ignore_eos=True)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"])
+def test_static_cache_path_gives_the_dynamic_cache_tokens(tiny_checkpoint, model_type):
+    path = tiny_checkpoint(model_type)
+    prompts = [[5, 7, 9, 11], [3, 4]]
+    for policy, budget in (("all-gpu", "100%"), ("lru", "50%"), ("finemoe", "50%")):
+        with Engine.from_pretrained(path, policy=policy, expert_budget=budget, progress=False) as eng:
+            want = [eng.generate(p, PARAMS)[0].token_ids for p in prompts]
+        with Engine.from_pretrained(path, policy=policy, expert_budget=budget, progress=False, cuda_graphs=True) as eng:
+            got = [eng.generate(p, PARAMS)[0].token_ids for p in prompts]
+            st = eng.stats().extra
+            batch = [o.token_ids for o in eng.generate(prompts, PARAMS)]  # batches keep the dynamic path
+        assert got == want, (policy, budget)
+        assert batch == want
+        assert st["static_cache_tokens"] == 512 and st["cuda_graphs"] is False  # no CUDA: eager steps
+
+
+def test_static_cache_grows_for_long_requests(tiny_checkpoint):
+    path = tiny_checkpoint("qwen2_moe")
+    with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False, cuda_graphs=True) as eng:
+        short = eng.generate([1, 2, 3], PARAMS)[0].token_ids
+        long = eng.generate([1, 2, 3], SamplingParams(max_new_tokens=510, ignore_eos=True))[0].token_ids
+        assert eng.stats().extra["static_cache_tokens"] == 1024
+        assert long[:10] == short
+        eng.reconfigure(cuda_graphs=False)
+        assert eng.static is None and eng.stats().extra["cuda_graphs"] is False
+
+
+class _Router:
+    """A stand-in module with forward hooks, as `run_hooks` sees a router."""
+
+    def __init__(self):
+        import torch
+
+        self.m = torch.nn.Linear(2, 2)
+
+    def hook(self, fn):
+        return self.m.register_forward_hook(fn)
+
+
+def test_run_hooks_copies_replacement_outputs_into_the_static_ones():
+    import torch
+
+    r = _Router()
+    seen = []
+    r.hook(lambda mod, args, out: (out[0] + 1, out[1] * 2))  # replaces both outputs
+    r.hook(lambda mod, args, out: seen.append((out[0].clone(), out[1].clone())))  # sees the replacement
+    a, b = torch.zeros(2), torch.ones(2)
+    static = (a, b)
+    run_hooks(r.m, (torch.zeros(2),), static)
+    assert torch.equal(a, torch.ones(2)) and torch.equal(b, torch.full((2,), 2.0))  # written in place
+    assert torch.equal(seen[0][0], a) and torch.equal(seen[0][1], b)
+    r.m.register_forward_pre_hook(lambda mod, args: None)
+    with pytest.raises(ConfigError, match="pre-hooks"):
+        run_hooks(r.m, (torch.zeros(2),), static)
