@@ -126,3 +126,16 @@ def test_inspect_is_a_dry_run(tiny_checkpoint, capsys):
     assert 0 < size - info["dense_bytes"] - info["total_expert_bytes"] < 64 * 1024  # headers only
     assert main(["inspect", "--model", str(path), "--expert-budget", "1"]) == 2
     assert "top-k = 2" in capsys.readouterr().err
+
+
+def test_trace_record_and_info(tok_ckpt, tmp_path, capsys):
+    """`finemoe trace record` builds its engine with every engine setting at its default (a setting
+    added to the engine arguments once broke it: the recorder's parser lacked it)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello there\nwhat is an expert\n")
+    out = tmp_path / "t.fmt"
+    args = ["trace", "record", "--model", str(tok_ckpt), "--prompts", str(prompts), "--max-new-tokens", "3"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main(["trace", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["requests"] == 2 and info["generated_tokens"] == 6

@@ -98,8 +98,9 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--cuda-graphs",
-        action="store_true",
-        help="single prompts: static KV cache, decode steps replayed from CUDA graphs (host decisions per layer)",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="single prompts: static KV cache, decode steps replayed from CUDA graphs (auto: on with CUDA)",
     )
     add_window_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
@@ -128,7 +129,7 @@ def _engine(args: argparse.Namespace):
         map_min_score=args.map_min_score,
         map_min_precision=args.map_min_precision,
         gate_refine=not args.no_gate_refine,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
         prefill_plans=args.prefill_plans,
         eviction=args.eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,
@@ -435,11 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("--dtype", {"choices": ["float32", "float16", "bfloat16"]}),
     ):
         t.add_argument(flag, **kw)
-    t.set_defaults(func=cmd_trace, no_progress=True, prefetch_distance=None, map_store=None)
-    t.set_defaults(map_store_capacity=1000, freeze_map_store=True, delta_rule="paper", search="sync")
-    t.set_defaults(map_store_rows="all", trajectory_window=0, map_min_score=0.0, no_gate_refine=False, eviction=None)
-    t.set_defaults(prefill_plans="auto")
-    t.set_defaults(max_inflight_prefetches=4, prefetch_window="link", trajectory_candidates=64, map_min_precision=0.0)
+    # every engine setting at its default (kept in step with _add_engine_args), then the recorder's own
+    engine_defaults = argparse.ArgumentParser(add_help=False)
+    _add_engine_args(engine_defaults)
+    t.set_defaults(
+        **{k: v for k, v in vars(engine_defaults.parse_args([])).items() if k not in ("model", "device", "dtype")}
+    )
+    t.set_defaults(func=cmd_trace, no_progress=True, freeze_map_store=True, search="sync")
 
     sm = sub.add_parser("simulate", help="replay traces through the policies against a cost model")
     add_simulate_args(sm)

@@ -193,8 +193,8 @@ class EngineConfig:
     prefill_plans: str = "auto"  # finemoe in prefill: "maps", "gate" or "none" (PREFILL_PLANS); auto: the policy's
     eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
-    # routers (graphs.py); without CUDA the static cache only, every step eager
-    cuda_graphs: bool = False
+    # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
+    cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

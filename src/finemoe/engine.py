@@ -303,7 +303,8 @@ class Engine:
             self.cache.preload_all()
             transfer.synchronize()
         self._attachment = Attachment(self.model, self.runtime, refs)
-        self.static = StaticDecoder(self.model, self.runtime, refs, device, graphs=True) if config.cuda_graphs else None
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+        self.static = StaticDecoder(self.model, self.runtime, refs, device, graphs=True) if graphs else None
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,

@@ -130,6 +130,9 @@ class OffloadRuntime:
     # the reference model gains, a 2-layer OLMoE shape in float32 decodes 2.9x slower with them).
     batched_max_pairs: int = -1
     capture: StaticDecoder | None = None  # set while a decode step is being captured into CUDA graphs
+    # graphed decode: routing events held for the predictors until the next segment is replayed
+    # (their host work then overlaps its GPU work); None: predictors run in the router hook
+    late_events: list[RoutingEvent] | None = None
     _gather: SlotGather | None = None
 
     def __post_init__(self) -> None:
@@ -280,7 +283,10 @@ class LayerBinding:
         for obs in rt.observers:
             obs(event)
         if predicting:
-            rt.stepper.route(event)
+            if rt.late_events is not None:
+                rt.late_events.append(event)
+            else:
+                rt.stepper.route(event)
         spent = (t1 - t0) + (time.perf_counter() - t2)
         rt.sync_s += t2 - t1
         if rt.is_prefill:

@@ -13,9 +13,11 @@ layer's routing on the host before that layer's experts run. So the step is cut 
 one CUDA graph each, all in one memory pool and replayed in capture order. Between S_l and S_l+1
 the host does what an eager pass does at layer l: the router's forward hooks run on the router's
 static outputs (a hook that returns new outputs has them copied into the static ones; finemoe's hook
-syncs on the ids and runs the predictors), then the cache serves the layer (demand loads on the
-copy stream, the compute stream waits for them) and S_l+1 is replayed where the eager pass would
-compute the experts. With every expert resident and nothing else hooked on the routers the whole
+syncs on the ids and copies the predictors' inputs to the host), the cache serves the layer (demand
+loads on the copy stream, the compute stream waits for them) and S_l+1 is replayed where the eager
+pass would compute the experts. Only then do the predictors see layer l's routing: their host work
+overlaps S_l+1 on the GPU instead of delaying it (their inputs are host copies; their plans still
+target later layers). With every expert resident and nothing else hooked on the routers the whole
 step is one graph.
 
 Needs a static KV cache (transformers `StaticCache`: fixed addresses, the write position a device
@@ -28,6 +30,7 @@ later requests while the cache is long enough. Without CUDA the same path runs e
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -104,6 +107,9 @@ class StaticDecoder:
                 yield
         finally:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            refresh = getattr(self.rt.cache.transfer, "refresh_stream", None)
+            if refresh is not None:  # copies issued after generation (end of requests) switch back to
+                refresh()  # the caller's stream, not to the side stream
 
     # -- steps -----------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -201,11 +207,21 @@ class StaticDecoder:
             self.graphs[0].replay()
         else:
             self.graphs[0].replay()
-            for layer, ref in enumerate(self.refs):
-                module, args, output = self.routed[layer]  # type: ignore[misc]
-                run_hooks(module, args, output)
-                binding = rt.binding_of(ref)
-                binding.serve_graphed(output[index_at], self._replayer(layer + 1))
+            late: list = []
+            rt.late_events = late
+            try:
+                for layer, ref in enumerate(self.refs):
+                    module, args, output = self.routed[layer]  # type: ignore[misc]
+                    run_hooks(module, args, output)
+                    rt.binding_of(ref).serve_graphed(output[index_at], self._replayer(layer + 1))
+                    if late:  # the predictors plan while the GPU runs the segment just replayed
+                        t0 = time.perf_counter()
+                        for event in late:
+                            rt.stepper.route(event)
+                        late.clear()
+                        rt.critical_decode_s += time.perf_counter() - t0
+            finally:
+                rt.late_events = None
         if cache.all_resident:  # every use a hit; counted from one copy of all layers' ids
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):

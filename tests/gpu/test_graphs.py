@@ -54,7 +54,9 @@ def _prompts():
 def test_graphed_decode_tokens(ckpt, policy, budget):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     prompts = _prompts()
-    with Engine.from_pretrained(ckpt, policy=policy, expert_budget="25%", device="cuda", progress=False) as eng:
+    with Engine.from_pretrained(
+        ckpt, policy=policy, expert_budget="25%", device="cuda", progress=False, cuda_graphs=False
+    ) as eng:
         if budget == "top-k":
             budget = eng.spec.top_k
         eng.reconfigure(expert_budget=budget)
@@ -100,3 +102,14 @@ def test_graphed_decode_with_trace_routing(ckpt, tmp_path):
                 replay.remove()
         assert eng.stats().extra["decode_graph_replays"] > 0
     assert out[True] == out[False]
+
+
+def test_generation_leaves_the_callers_stream_current(ckpt):
+    """Graphed generation runs on a side stream; afterwards (copies issued at the end of the
+    requests included) the caller's stream is current again."""
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    with Engine.from_pretrained(ckpt, policy="finemoe", expert_budget="25%", device="cuda", progress=False) as eng:
+        for p in _prompts():
+            eng.generate(p, params)
+            assert torch.cuda.current_stream() == torch.cuda.default_stream()
+        assert eng.stats().extra["decode_graph_replays"] > 0
