@@ -231,9 +231,10 @@ class Engine:
         )
         # Link-aware prefetch window: layer time is host wall time less the time blocked in the
         # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.
+        # Graphed decode steps count the syncs: there they wait mostly for the GPU's own work.
         window = LinkWindow(
             config.max_inflight_prefetches,
-            lambda: time.perf_counter() - self.runtime.sync_s,
+            lambda: time.perf_counter() - (self.runtime.sync_s if self.runtime.late_events is None else 0.0),
             transfer.copy_seconds,
             adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )

@@ -219,6 +219,10 @@ class StaticDecoder:
                         for event in late:
                             rt.stepper.route(event)
                         late.clear()
+                        # start the plans now: the next layer's requests would be stale by its serve; the
+                        # layer's demand copies a pause protects were issued before these
+                        rt.prefetcher.resume()
+                        rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
             finally:
                 rt.late_events = None

@@ -128,6 +128,10 @@ class Prefetcher:
     def pause(self) -> None:
         self._paused = True
 
+    def resume(self) -> None:
+        """Lift a pause before the demand copies finish (they were issued before anything queued now)."""
+        self._paused = False
+
     def pending(self) -> int:
         return len(self._heap) + len(self._inbox)
 
