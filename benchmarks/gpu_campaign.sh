@@ -91,7 +91,7 @@ case $part in
   s12q15b)  # after the graphed-step prefetch fix (5cfa275), with finemoe always predicting too (~4 min)
     q15 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen15moe_trace_b.json 15 ;;
   s12q3)    # the same on Qwen3-30B-A3B (~7 min)
-    q3 560 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen3_30b_trace.json 15 ;;
+    q3 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen3_30b_trace.json 15 ;;
   s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
     python -m pytest -q tests/gpu 2>&1 | tail -3
     q3 400 "lru,finemoe,finemoe+prefill_plans='none'" s10_qwen3_30b_trace_gate.json 8 ;;
