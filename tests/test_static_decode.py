@@ -36,6 +36,10 @@ def test_static_cache_grows_for_long_requests(tiny_checkpoint):
         long = eng.generate([1, 2, 3], SamplingParams(max_new_tokens=510, ignore_eos=True))[0].token_ids
         assert eng.stats().extra["static_cache_tokens"] == 1024
         assert long[:10] == short
+        static = eng.static
+        every = tuple(range(eng.model.config.vocab_size))  # stops after the first token
+        eng.generate([1, 2], SamplingParams(max_new_tokens=8200, stop_token_ids=every))
+        assert static.max_len == 1024  # longer than MAX_CACHE_TOKENS: the dynamic cache, no new static one
         eng.reconfigure(cuda_graphs=False)
         assert eng.static is None and eng.stats().extra["cuda_graphs"] is False
 

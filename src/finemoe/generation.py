@@ -88,7 +88,7 @@ def generate_ids(
     single prompt over its static KV cache (decode steps from CUDA graphs where it has them).
     """
     B = len(prompts)
-    if static is not None and B == 1:
+    if static is not None and B == 1 and static.fits(len(prompts[0]) + params.max_new_tokens):
         static.reserve(len(prompts[0]) + params.max_new_tokens)
         with static.running():
             return _generate_static(static, prompts[0], params, stop_ids, device, on_iteration)
