@@ -33,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -40,6 +41,9 @@ from transformers import StaticCache
 
 from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
+
+if TYPE_CHECKING:
+    from finemoe.execution import OffloadRuntime
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,9 @@ class StaticDecoder:
     """Prefill and decode steps of one engine's model at batch 1 over a static KV cache, decode
     steps replayed from CUDA graphs once captured (`graphs`)."""
 
-    def __init__(self, model: nn.Module, runtime, refs: list[MoELayerRef], device: torch.device, graphs: bool) -> None:
+    def __init__(
+        self, model: nn.Module, runtime: OffloadRuntime, refs: list[MoELayerRef], device: torch.device, graphs: bool
+    ) -> None:
         self.model, self.rt, self.refs, self.device = model, runtime, refs, device
         self.use_graphs = graphs and device.type == "cuda"
         self.max_len = 0
@@ -65,7 +71,6 @@ class StaticDecoder:
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         self.whole = False  # one graph for the step (nothing on the host between layers)
-        self.capturing = False
         self._pool = None
         self._warm = False  # an eager decode step ran with this cache (capture may follow)
         self.replays = 0  # decode steps replayed from graphs
@@ -170,7 +175,6 @@ class StaticDecoder:
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
         self.graphs = [torch.cuda.CUDAGraph()]
-        self.capturing = True
         rt.capture = self
         begun = False
         try:
@@ -186,7 +190,6 @@ class StaticDecoder:
             self.drop_graphs()
             raise
         finally:
-            self.capturing = False
             rt.capture = None
         if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
             self.drop_graphs()
