@@ -71,3 +71,17 @@ def test_run_hooks_copies_replacement_outputs_into_the_static_ones():
     r.m.register_forward_pre_hook(lambda mod, args: None)
     with pytest.raises(ConfigError, match="pre-hooks"):
         run_hooks(r.m, (torch.zeros(2),), static)
+
+
+def test_sliding_window_models_keep_the_dynamic_path(tiny_checkpoint):
+    """A static cache with sliding-window layers tracks its length in a Python int (a graph would
+    freeze it): such models decode on the dynamic path, with the same tokens."""
+    path = tiny_checkpoint("mixtral", sliding_window=4)
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False) as eng:
+        want = eng.generate([5, 7, 9, 11, 13, 2], params)[0].token_ids
+    with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False, cuda_graphs=True) as eng:
+        got = eng.generate([5, 7, 9, 11, 13, 2], params)[0].token_ids
+        assert not eng.static.supported and eng.static.max_len == 0  # no static cache was made
+        assert eng.stats().extra["cuda_graphs"] is False
+    assert got == want

@@ -76,10 +76,16 @@ class StaticDecoder:
         self.replays = 0  # decode steps replayed from graphs
         self.captures = 0
         self.error: str | None = None  # why capture failed (decoding went on eagerly)
+        # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
+        # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
+        probe = StaticCache(config=model.config, max_cache_len=MIN_CACHE_TOKENS)  # no tensors until used
+        self.supported = not any(getattr(layer, "is_sliding", False) for layer in probe.layers)
+        if not self.supported:
+            log.info("static KV cache / CUDA graphs off: the model has sliding-window attention layers")
 
     def stats(self) -> dict:
         return {
-            "cuda_graphs": self.use_graphs,
+            "cuda_graphs": self.use_graphs and self.supported,
             "static_cache_tokens": self.max_len,
             "decode_graph_replays": self.replays,
             "decode_graph_captures": self.captures,
@@ -90,7 +96,7 @@ class StaticDecoder:
     # -- cache ---------------------------------------------------------------------------------
     def fits(self, tokens: int) -> bool:
         """Whether a request of `tokens` positions (prompt + new tokens) runs over a static cache."""
-        return tokens <= MAX_CACHE_TOKENS
+        return self.supported and tokens <= MAX_CACHE_TOKENS
 
     def reserve(self, tokens: int) -> None:
         """Make the static cache hold at least `tokens` positions (a longer one drops the graphs)."""
