@@ -92,6 +92,13 @@ case $part in
     q15 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen15moe_trace_b.json 15 ;;
   s12q3)    # the same on Qwen3-30B-A3B (~7 min)
     q3 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen3_30b_trace.json 15 ;;
+  s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
+            # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
+    timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --budgets 25% --repeats 2 --skip-loop \
+      --policies "lru,finemoe,finemoe+prediction_duty='always',finemoe+search='process'" \
+      --profile "finemoe+prediction_duty='always'" --out "$out/s13_qwen15moe_prof.json" 2>&1 \
+      | grep -v "engine ready" | tail -10 ;;
   s10gate)  # GPU tests, then finemoe's prefill with the gate only (the default) against none, Qwen3 25% (~7 min)
     python -m pytest -q tests/gpu 2>&1 | tail -3
     q3 400 "lru,finemoe,finemoe+prefill_plans='none'" s10_qwen3_30b_trace_gate.json 8 ;;
