@@ -305,7 +305,7 @@ class Engine:
             transfer.synchronize()
         self._attachment = Attachment(self.model, self.runtime, refs)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
-        self.static = StaticDecoder(self.model, self.runtime, refs, device, graphs=True) if graphs else None
+        self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,

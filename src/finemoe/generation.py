@@ -139,21 +139,20 @@ def generate_ids(
         live = torch.tensor([not f for f in finish], dtype=torch.bool).view(B, 1)
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=-1)
         positions = positions[:, -1:] + 1
-    done = []
-    for i in range(B):
-        s = stamps[i]
-        done.append(
-            Completion(
-                prompt_token_ids=list(prompts[i]),
-                token_ids=out_tokens[i],
-                finish_reason=finish[i] or "length",
-                ttft_s=s[0] - t0,
-                tpot_s=(s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else 0.0,
-                latency_s=s[-1] - t0,
-                token_times_s=[t - t0 for t in s],
-            )
-        )
-    return done
+    return [_completion(prompts[i], out_tokens[i], finish[i], stamps[i], t0) for i in range(B)]
+
+
+def _completion(prompt: list[int], tokens: list[int], finish: str, stamps: list[float], t0: float) -> Completion:
+    """A finished sequence from its tokens and the perf_counter time each was ready (`t0`: the start)."""
+    return Completion(
+        prompt_token_ids=list(prompt),
+        token_ids=tokens,
+        finish_reason=finish or "length",
+        ttft_s=stamps[0] - t0,
+        tpot_s=(stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0,
+        latency_s=stamps[-1] - t0,
+        token_times_s=[t - t0 for t in stamps],
+    )
 
 
 def _generate_static(
@@ -185,17 +184,7 @@ def _generate_static(
         if step + 1 < params.max_new_tokens:
             inputs = static.feed(tok)  # [1, 1]
             live = torch.ones((1, 1), dtype=torch.bool)
-    return [
-        Completion(
-            prompt_token_ids=list(prompt),
-            token_ids=out,
-            finish_reason=finish or "length",
-            ttft_s=stamps[0] - t0,
-            tpot_s=(stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0,
-            latency_s=stamps[-1] - t0,
-            token_times_s=[t - t0 for t in stamps],
-        )
-    ]
+    return [_completion(prompt, out, finish, stamps, t0)]
 
 
 # (input_ids [B, T] on the device, live [B, T] bool CPU) -> None; runs before each forward pass

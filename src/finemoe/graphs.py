@@ -55,13 +55,13 @@ MAX_CACHE_TOKENS = 8192
 
 class StaticDecoder:
     """Prefill and decode steps of one engine's model at batch 1 over a static KV cache, decode
-    steps replayed from CUDA graphs once captured (`graphs`)."""
+    steps replayed from CUDA graphs once captured (CUDA devices; `use_graphs`)."""
 
     def __init__(
-        self, model: nn.Module, runtime: OffloadRuntime, refs: list[MoELayerRef], device: torch.device, graphs: bool
+        self, model: nn.Module, runtime: OffloadRuntime, refs: list[MoELayerRef], device: torch.device
     ) -> None:
         self.model, self.rt, self.refs, self.device = model, runtime, refs, device
-        self.use_graphs = graphs and device.type == "cuda"
+        self.use_graphs = device.type == "cuda"  # elsewhere: the static cache, every step eager
         self.max_len = 0
         self.cache: StaticCache | None = None
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)  # the decode step's token

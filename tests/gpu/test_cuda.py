@@ -8,48 +8,19 @@ import torch
 from finemoe import Engine, SamplingParams
 from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
-from finemoe.synthetic import build_random_checkpoint, make_config
 from finemoe.transfer import CudaTransfer
 from finemoe.types import ExpertId, ExpertPart, MoESpec
+
+from tests.gpu.medium import medium_checkpoint, medium_prompts
 
 # bf16 logits of the offloaded engine against transformers on the same GPU: the same kernels run
 # over a permuted slot order, so differences are at most a few bf16 ulps of the logit scale.
 BF16_REL_TOL = 2e-2
 
-MEDIUM = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-)
-
 
 @pytest.fixture(scope="module", params=["qwen2_moe", "mixtral", "deepseek_v3"])
 def ckpt(request, tmp_path_factory):
-    mt = request.param
-    extra = {
-        "qwen2_moe": dict(
-            num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=256
-        ),
-        "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-        "deepseek_v3": dict(
-            n_routed_experts=16,
-            num_experts_per_tok=4,
-            moe_intermediate_size=128,
-            n_group=4,
-            topk_group=2,
-            num_key_value_heads=4,
-        ),
-    }[mt]
-    cfg = make_config(mt, **{**MEDIUM, **extra})
-    return build_random_checkpoint(tmp_path_factory.mktemp(mt), cfg, seed=3, dtype=torch.bfloat16)
-
-
-def _prompts(n=3, vocab=500):
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (L,), generator=g).tolist() for L in (17, 40, 9)][:n]
+    return medium_checkpoint(request.param, tmp_path_factory)
 
 
 def test_bf16_parity_and_tokens(ckpt):
@@ -58,7 +29,7 @@ def test_bf16_parity_and_tokens(ckpt):
     ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16).cuda().eval()
     ref.generation_config.eos_token_id = None
     ref.config.eos_token_id = None
-    prompts = _prompts()
+    prompts = medium_prompts()
     runs = [("lru", "auto"), ("previous-token", "auto"), ("finemoe", "auto"), ("finemoe", "async")]
     runs.append(("finemoe", "process"))
     runs.append(("mixtral-offloading", "auto"))
@@ -90,7 +61,7 @@ def test_bf16_parity_and_tokens(ckpt):
 def test_stress_minimum_budget_batches(ckpt):
     """Budget = top-k slots: every layer call evicts experts other streams may still be reading."""
     base = Engine.from_pretrained(ckpt, policy="all-gpu", device="cuda", progress=False)
-    prompts = _prompts()
+    prompts = medium_prompts()
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     want = [o.token_ids for o in base.generate(prompts, params)]
     k = base.spec.top_k
@@ -106,7 +77,7 @@ def test_narrow_windows_gather_and_windows_stay_exact(ckpt):
     """Pools wider than one grouped kernel call (forced: 3 slots per call) run through the gathered
     scratch (pinned index rows, index_select) or per-window calls; tokens match all-gpu's."""
     base = Engine.from_pretrained(ckpt, policy="all-gpu", device="cuda", progress=False)
-    prompts = _prompts()
+    prompts = medium_prompts()
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     want = [o.token_ids for o in base.generate(prompts, params)]
     for gather in (None, 1):

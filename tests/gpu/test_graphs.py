@@ -8,43 +8,13 @@ import pytest
 import torch
 
 from finemoe import Engine, SamplingParams
-from finemoe.synthetic import build_random_checkpoint, make_config
 
-MEDIUM = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=512,
-)
-EXTRA = {
-    "qwen2_moe": dict(
-        num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128, shared_expert_intermediate_size=256
-    ),
-    "qwen3_moe": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128),
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "deepseek_v3": dict(
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        moe_intermediate_size=128,
-        n_group=4,
-        topk_group=2,
-        num_key_value_heads=4,
-    ),
-}
+from tests.gpu.medium import EXTRA, medium_checkpoint, medium_prompts
 
 
 @pytest.fixture(scope="module", params=list(EXTRA))
 def ckpt(request, tmp_path_factory):
-    mt = request.param
-    cfg = make_config(mt, **{**MEDIUM, **EXTRA[mt]})
-    return build_random_checkpoint(tmp_path_factory.mktemp(mt), cfg, seed=3, dtype=torch.bfloat16)
-
-
-def _prompts():
-    g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, 500, (n,), generator=g).tolist() for n in (17, 40, 9)]
+    return medium_checkpoint(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +23,7 @@ def _prompts():
 )
 def test_graphed_decode_tokens(ckpt, policy, budget):
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    prompts = _prompts()
+    prompts = medium_prompts()
     with Engine.from_pretrained(
         ckpt, policy=policy, expert_budget="25%", device="cuda", progress=False, cuda_graphs=False
     ) as eng:
@@ -84,7 +54,7 @@ def test_graphed_decode_with_trace_routing(ckpt, tmp_path):
     from finemoe.trace_routing import TraceRouting
 
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    prompts = _prompts()[:2]
+    prompts = medium_prompts()[:2]
     with Engine.from_pretrained(ckpt, policy="all-gpu", device="cpu", progress=False) as cpu:
         trace = record(cpu, prompts, params.max_new_tokens)  # recorded as the CLI does, on the CPU
     with Engine.from_pretrained(ckpt, policy="all-gpu", device="cuda", progress=False) as eng:
@@ -109,7 +79,7 @@ def test_generation_leaves_the_callers_stream_current(ckpt):
     requests included) the caller's stream is current again."""
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     with Engine.from_pretrained(ckpt, policy="finemoe", expert_budget="25%", device="cuda", progress=False) as eng:
-        for p in _prompts():
+        for p in medium_prompts():
             eng.generate(p, params)
             assert torch.cuda.current_stream() == torch.cuda.default_stream()
         assert eng.stats().extra["decode_graph_replays"] > 0
