@@ -21,6 +21,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -310,7 +311,7 @@ def main():
         except Exception:
             log.exception("profile of %s failed", name)
             continue
-        path = Path(args.out).with_suffix(f".profile-{name.replace('+', '_').replace('=', '-')}.txt")
+        path = Path(args.out).with_suffix(f".profile-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
         log.info("profile of %s at %s written to %s", name, budgets[-1], path)
