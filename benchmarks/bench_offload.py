@@ -82,6 +82,13 @@ def parse_args(argv=None):
         "stores (expert maps, request matrices); the stores are then frozen (the paper's offline setup)",
     )
     ap.add_argument("--history-requests", type=int, default=32)
+    ap.add_argument(
+        "--own-routing",
+        action="store_true",
+        help="with --trace: also every configuration with the model's own routers (random weights, one "
+        "random prompt of --prompt-len tokens, --new-tokens), before the trace routing is installed; "
+        "the record's own_routing_runs, shown as the table's 'own' columns",
+    )
     ap.add_argument("--skip-loop", action="store_true", help="skip the plain model in finemoe's token loop")
     ap.add_argument("--accelerate", action="store_true", help="also Accelerate offloading per budget (at the end)")
     ap.add_argument("--accelerate-tokens", type=int, default=8, help="new tokens per Accelerate request")
@@ -239,6 +246,7 @@ def main():
         if not args.trace:
             raise SystemExit("--history needs --trace")
         history, learn = warm_history(eng, args.history, args.history_requests, budgets[-1]), False
+    own = own_routing_rounds(args, eng, plain, configs, settings, learn, device, prompt) if args.own_routing else None
     # (prompt, new tokens, before-hook) per measured request: one random prompt with the model's own
     # routing, or the trace's requests (their prompt tokens, lengths and routing).
     work = [(prompt, args.new_tokens, lambda: None)]
@@ -267,7 +275,7 @@ def main():
                 samples[(name, budget)].append(r)
         log.info("round %d/%d done", rnd + 1, args.repeats)
     runs = [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()]
-    print_table({"config": vars(args), "meta": {"device": str(device)}, "runs": runs})
+    print_table({"config": vars(args), "meta": {"device": str(device)}, "runs": runs, "own_routing_runs": own})
     routing = f"trace ({args.trace}; {replays[0].layer_map})" if args.trace else "the model's own (random weights)"
     serving = None
     if args.serve_requests:
@@ -289,6 +297,7 @@ def main():
             "the request itself when only one is measured)",
         },
         "history": history,
+        "own_routing_runs": own,
         "spec": {
             "experts": eng.spec.num_total_experts,
             "expert_bytes": eng.spec.expert_bytes,
@@ -337,6 +346,33 @@ def main():
     out.write_text(json.dumps(record, indent=1))
     print_table(record)
     return 0
+
+
+def own_routing_rounds(args, eng, plain, configs, settings, learn, device, prompt):
+    """Every configuration with the models' own routers (issue 7's second column): one random
+    prompt, `--repeats` interleaved rounds, before any trace hook is on the routers (the engine's
+    graphs are captured per configuration, so the trace rounds after it capture their own).
+    Random weights route far from a trained model: these rows say what the engine does with that
+    routing, not what a real model would get. Returns summarized runs marked routing='own'."""
+    if not args.trace:
+        raise SystemExit("--own-routing goes with --trace (without one every run uses the model's own routing)")
+    gate, eng.speculative_gate = eng.speculative_gate, None  # the model's own next-layer routers
+    item = (prompt, args.new_tokens, lambda: None)
+    samples: dict[tuple, list] = {c: [] for c in configs}
+    for rnd in range(args.repeats):
+        for name, budget in configs:
+            if budget:
+                eng.reconfigure(**settings.get(name, {"policy": name}), expert_budget=budget, map_store_learn=learn)
+            if name == "transformers-generate":
+                r = hf_run(plain, prompt, args.new_tokens, device, item[2])
+            elif name == "transformers+finemoe-loop":
+                r = loop_run(plain, prompt, args.new_tokens, device, item[2])
+            else:
+                r = engine_run(eng, item, item)
+            samples[(name, budget)].append(r)
+        log.info("own-routing round %d/%d done", rnd + 1, args.repeats)
+    eng.speculative_gate = gate
+    return [summarize(v) | {"policy": k[0], "budget": k[1], "routing": "own"} for k, v in samples.items()]
 
 
 def serve(args, eng, work, runs, learn, settings):

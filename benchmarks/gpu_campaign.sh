@@ -92,6 +92,17 @@ case $part in
     q15 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen15moe_trace_b.json 15 ;;
   s12q3)    # the same on Qwen3-30B-A3B (~7 min)
     q3 470 "all-gpu+cuda_graphs=False,lru+cuda_graphs=False,finemoe+cuda_graphs=False,$POL,finemoe+prediction_duty='always'" s12_qwen3_30b_trace.json 15 ;;
+  s13q15)   # the consolidated graphed run: every baseline at 50% and 25%, the model's own routing as the
+            # 'own' columns, Accelerate at 25%, Qwen1.5 (~6 min)
+    timeout 570 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_hist.fmt --history-requests 24 --policies $POL --budgets 50%,25% \
+      --repeats 2 --skip-loop --own-routing --accelerate --accelerate-budgets 25% --accelerate-tokens 3 \
+      --out "$out/s13_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -18 ;;
+  s13q3)    # the same on Qwen3-30B-A3B without Accelerate (acc3 measures it; ~7 min)
+    timeout 570 $B --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies $POL --budgets 50%,25% \
+      --repeats 2 --skip-loop --own-routing --out "$out/s13_qwen3_30b_trace.json" 2>&1 \
+      | grep -v "engine ready" | tail -18 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \

@@ -10,9 +10,18 @@ def reference(rec, name):
     return next(r for r in rec["runs"] if r["policy"] == name)
 
 
+def _own_columns(r) -> str:
+    if r is None:
+        return f" {'-':>8} {'-':>7}"
+    hit = f"{r['hit_rate']:7.3f}" if "hit_rate" in r else f"{'-':>7}"
+    return f" {r['tpot_s'] * 1e3:8.2f} {hit}"
+
+
 def print_table(rec):
     gen = reference(rec, "transformers-generate")["tpot_s"]
     loop = next((r["tpot_s"] for r in rec["runs"] if r["policy"] == "transformers+finemoe-loop"), float("nan"))
+    # the same configurations with the model's own routing (bench_offload --own-routing), by (policy, budget)
+    own = {(r["policy"], r["budget"]): r for r in rec.get("own_routing_runs") or []}
     print(
         f"\n{rec['config']['shape']} ({rec['config']['dtype']}) on {rec['meta']['device']}, "
         f"{rec['config']['repeats']} interleaved rounds, routing: {rec['config'].get('routing', '?')}"
@@ -20,7 +29,7 @@ def print_table(rec):
     print(
         f"{'config':<26} {'budget':>6} {'ttft ms':>8} {'tpot ms':>8} {'e2e s':>6} {'x gen':>6} {'x loop':>6} "
         f"{'hit':>6} {'prec':>5} {'stall/tok ms':>12} {'peak GiB':>8} {'GB/s':>6} {'late':>6} {'pred ms':>7} "
-        f"{'sync ms':>7} {'win':>3}"
+        f"{'sync ms':>7} {'win':>3}" + (f" {'own tpot':>8} {'own hit':>7}" if own else "")
     )
     for r in rec["runs"]:
         eng = "hit_rate" in r
@@ -35,6 +44,7 @@ def print_table(rec):
         print(
             f"{r['policy']:<26} {r['budget'] or '-':>6} {r['ttft_s'] * 1e3:8.1f} {r['tpot_s'] * 1e3:8.2f} "
             f"{r.get('e2e_s', 0):6.2f} {r['tpot_s'] / gen:6.2f} {r['tpot_s'] / loop:6.2f} {extra}"
+            + (_own_columns(own.get((r["policy"], r["budget"]))) if own else "")
         )
     if "copy_bandwidth" in rec:
         cb = rec["copy_bandwidth"]
