@@ -103,6 +103,16 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies $POL --budgets 50%,25% \
       --repeats 2 --skip-loop --own-routing --out "$out/s13_qwen3_30b_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -18 ;;
+  s13ema)   # router-probability eviction against lru and finemoe's decayed LFU, Qwen3 then Qwen1.5, 25%
+            # (~6 min). Carry (56 MB): q128x8_t2.fmt (slim_trace --requests 2 of q128x8_test), q128x8_hist.fmt,
+            # q60x4_t3.fmt (3 of q60x4_test), q60x4_h16.fmt (16 of q60x4_hist)
+    EMA="lru,finemoe,lru+eviction='router-ema',finemoe+eviction='router-ema'"
+    timeout 320 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$EMA" --out "$out/s13_qwen3_30b_ema.json" 2>&1 | grep -v "engine ready" | tail -8
+    timeout 230 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$EMA" --out "$out/s13_qwen15moe_ema.json" 2>&1 | grep -v "engine ready" | tail -8 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \

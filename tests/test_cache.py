@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +243,49 @@ def test_batched_uses_equal_one_call_per_use():
     assert one._layer_now == many._layer_now
     assert list(lru1._order) == list(lru2._order)
     assert one.victims(lambda eid: True, 5, 3) == many.victims(lambda eid: True, 5, 3)
+
+
+def _routed(policy, iteration: int, layer: int, probs: list[float]) -> None:
+    from finemoe.types import RoutingEvent
+
+    p = torch.tensor([probs])  # [1, E]
+    policy.on_routing(RoutingEvent(iteration, layer, p, p.topk(1).indices, False))
+
+
+def test_router_ema_evicts_the_lowest_average_router_probability():
+    """Hand-computed averages (alpha = 0.3): an expert's mean router probability over iterations,
+    newest weighted alpha, the one before alpha (1 - alpha), and so on; near misses count, the
+    average survives eviction, ties go to the least recently used, plans protect."""
+    from finemoe.router_ema import RouterEMAPolicy
+    from finemoe.types import PrefetchPlan, PrefetchRequest
+
+    pol = RouterEMAPolicy(2, 4)
+    assert pol.alpha == 0.3
+    for e in range(4):
+        pol.on_insert(ExpertId(0, e), e)
+    # iteration 0: [0.5, 0.0, 0.2, 0.3]; iteration 1: [0.0, 0.3, 0.2, 0.5]
+    _routed(pol, 0, 0, [0.5, 0.0, 0.2, 0.3])
+    _routed(pol, 1, 0, [0.0, 0.3, 0.2, 0.5])
+    # averages: e0 0.7*0.3*0.5 = 0.105, e1 0.3*0.3 = 0.09, e2 0.3*0.2 + 0.21*0.2 = 0.102,
+    # e3 0.3*0.5 + 0.21*0.3 = 0.213: order e1, e2, e0, e3 (e1 was routed most recently, yet goes first)
+    want = [0.105, 0.09, 0.102, 0.213]
+    got = np.exp(pol.keys[:4] - pol.rate * 1)  # the average at iteration 1 (t = 1)
+    assert np.allclose(got, want)
+    anything = lambda eid: True  # noqa: E731
+    assert pol.victims(anything, 4, 0) == [ExpertId(0, 1), ExpertId(0, 2), ExpertId(0, 0), ExpertId(0, 3)]
+    # never-routed experts (layer 1) go before any routed one; among equals the least recent first
+    pol.on_insert(ExpertId(1, 2), 10)
+    pol.on_insert(ExpertId(1, 0), 11)
+    assert pol.victim(anything) == ExpertId(1, 2)
+    # eviction keeps the average: e1 evicted and re-inserted is still the first routed one
+    pol.on_evict(ExpertId(0, 1))
+    pol.on_insert(ExpertId(0, 1), 12)
+    assert pol.victims(anything, 3, 0)[2] == ExpertId(0, 1)
+    # a pending plan for layer 1 (not reached) protects (1, 2) and (1, 0): passed over while
+    # anything else can go, taken only by the fallback of `victim`
+    plan = PrefetchPlan((PrefetchRequest(ExpertId(1, 2), 1.0), PrefetchRequest(ExpertId(1, 0), 1.0)), iteration=2)
+    pol.on_plan(plan)
+    assert pol.protected(ExpertId(1, 2)) and not pol.protected(ExpertId(0, 2))
+    assert pol.prefetch_victims(anything, 1) == [ExpertId(0, 1)]
+    assert pol.victim(lambda eid: eid.layer == 1) == ExpertId(1, 2)
+    assert pol.prefetch_victims(lambda eid: eid.layer == 1, 2) == []

@@ -3,6 +3,7 @@ and policy, with a budget smaller than the working set (misses and evictions hap
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,3 +147,22 @@ def test_parity_with_batched_decode_calls(
         outs = eng.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
         assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
         assert calls  # decode steps took the batched path
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_router_ema_eviction_stays_exact(model_type, tiny_checkpoint, reference_model, hf_greedy):
+    """The router-probability eviction (an observer of every router) changes what is resident,
+    never the tokens: batch 1 and a batch of three, finemoe's predictor running alongside."""
+    path = tiny_checkpoint(model_type)
+    prompts = _prompts(reference_model(path).config.vocab_size)
+    with Engine.from_pretrained(
+        path, expert_budget=3, policy="finemoe", eviction="router-ema", device="cpu", progress=False
+    ) as eng:
+        assert eng.cache.policy.name == "router-ema"
+        params = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert eng.generate(prompts[0], params)[0].token_ids == hf_greedy(path, prompts[0])
+        outs = eng.generate(prompts, params)
+        assert [o.token_ids for o in outs] == [hf_greedy(path, p) for p in prompts]
+        st = eng.stats().cache
+        assert st.misses > 0 and st.evictions > 0
+        assert eng.cache.policy._t > 0 and np.isfinite(eng.cache.policy.keys).any()

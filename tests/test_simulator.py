@@ -234,6 +234,24 @@ def test_simulator_equals_the_engine_in_deterministic_mode(recorded, policy):
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
 
 
+@pytest.mark.parametrize("policy", ["lru", "finemoe"])
+def test_router_ema_eviction_is_the_same_in_the_simulator_and_the_engine(recorded, policy):
+    """The router-probability eviction reads the routers through the engine's observer and the
+    simulator's routing events: the same decisions on the same prompts."""
+    path, prompts, f = recorded
+    tr = load_trace(f)
+    config = cfg(policy, "25%", map_store_capacity=64, eviction="router-ema")
+    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+        assert eng.runtime.observers == [eng.cache.policy.on_routing]
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        want = eng.stats().cache.to_dict()
+    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
+    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    assert got["evictions"] > 0
+
+
 def test_trace_file_refusals(recorded, tmp_path):
     _, _, f = recorded
     with pytest.raises(TraceError, match="does not exist"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from finemoe.config import DUTY_MODES, PREFILL_PLANS, SEARCH_MODES
 from finemoe.errors import FineMoEError
+from finemoe.policy import EVICTION_POLICIES
 from finemoe.simstudy import add_simulate_args, add_window_args
 
 
@@ -93,9 +94,7 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         default="auto",
         help="finemoe's prefetch plans in prefill: maps (+ gate), gate only, none (auto: the policy's)",
     )
-    ap.add_argument(
-        "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override the policy's eviction policy"
-    )
+    ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override the policy's eviction policy")
     ap.add_argument(
         "--cuda-graphs",
         choices=["auto", "on", "off"],

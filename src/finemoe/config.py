@@ -191,7 +191,7 @@ class EngineConfig:
     map_min_precision: float = 0.0  # finemoe: withhold map plans while their measured precision is below this
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
     prefill_plans: str = "auto"  # finemoe in prefill: "maps", "gate" or "none" (PREFILL_PLANS); auto: the policy's
-    eviction: str | None = None  # override the policy's eviction (lru, lfu, map-lfu, decay-lfu); None: the policy's own
+    eviction: str | None = None  # override the policy's eviction (policy.EVICTION_POLICIES); None: the policy's own
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None

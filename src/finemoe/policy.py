@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
+from finemoe.router_ema import RouterEMAPolicy
 from finemoe.types import ExpertId, PrefetchPlan
 
 
@@ -467,4 +468,5 @@ EVICTION_POLICIES: dict[str, Callable[[int, int], EvictionPolicy]] = {
     "lfu": lambda num_layers, num_experts: LFUPolicy(),
     "map-lfu": MapAwarePolicy,
     "decay-lfu": DecayLFUPolicy,
+    "router-ema": RouterEMAPolicy,
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from finemoe.config import PREFILL_PLANS
+from finemoe.policy import EVICTION_POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-min-score", type=float, default=0.0, help="finemoe: plan only from matches scoring this")
     ap.add_argument("--map-min-precision", type=float, default=0.0, help="finemoe: withhold imprecise map plans")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
-    ap.add_argument(
-        "--eviction", choices=["lru", "lfu", "map-lfu", "decay-lfu"], help="override every policy's eviction"
-    )
+    ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override every policy's eviction")
     add_window_args(ap)
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")

@@ -294,7 +294,8 @@ class Simulator:
         spec, cost, clock = self.spec, self.cost, self.clock
         L = spec.num_layers
         cache, stepper = self.cache, self.stepper
-        want_events, want_hidden = bool(self.predictors), self.want_hidden
+        observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (as the engine's observer)
+        want_events, want_hidden = bool(self.predictors) or observe is not None, self.want_hidden
         batches = schedule(trace, batch_size)
         access = accesses_of(trace, batches)
         zero = (lambda *a: 0.0) if cost is None else None
@@ -337,7 +338,10 @@ class Simulator:
                         if want_hidden:
                             ids[:, 1] = layer
                         hidden = ids if want_hidden else None
-                        stepper.route(RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden))
+                        event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
+                        if observe is not None:
+                            observe(event)
+                        stepper.route(event)
                     stepper.serve(g, layer, layers[layer], compute)
                 for i in live:
                     stamps[i].append(clock.t)
