@@ -23,7 +23,7 @@ nothing else can go.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from finemoe.types import ExpertId, PrefetchPlan, RoutingEvent
 class RouterEMAPolicy:
     name = "router-ema"
     reads_layer_probs = False
+    SLACK = 24  # victims searched among the n + SLACK lowest keys first
     alpha = 0.3  # weight of the newest iteration (measured: 0.2-0.5 alike, 0.05 no better than LRU)
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
@@ -41,7 +42,9 @@ class RouterEMAPolicy:
         self.rate = -math.log(1.0 - self.alpha)  # λ per iteration
         self._t = -1  # iterations seen by `on_routing` (its own count: monotonic)
         self._routed_iteration: int | None = None
-        self.last: dict[int, int] = {}  # resident flat id -> step of its latest use
+        self.resident = np.zeros(num_layers * num_experts, dtype=bool)  # [L*E]
+        self.last = np.zeros(num_layers * num_experts, dtype=np.int64)  # [L*E] step of the latest use
+        self._count = 0  # resident experts
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._planned: set[int] = set()  # flat ids a pending plan selected
         self._iteration = -1
@@ -63,7 +66,10 @@ class RouterEMAPolicy:
 
     # -- residency ------------------------------------------------------------------------------
     def on_insert(self, eid: ExpertId, step: int) -> None:
-        self.last[eid.layer * self.num_experts + eid.expert] = step
+        flat = eid.layer * self.num_experts + eid.expert
+        self._count += not self.resident[flat]
+        self.resident[flat] = True
+        self.last[flat] = step
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         if eid.layer != self._layer_now:
@@ -79,7 +85,9 @@ class RouterEMAPolicy:
             last[eid.layer * E + eid.expert] = step
 
     def on_evict(self, eid: ExpertId) -> None:
-        del self.last[eid.layer * self.num_experts + eid.expert]
+        flat = eid.layer * self.num_experts + eid.expert
+        self._count -= bool(self.resident[flat])
+        self.resident[flat] = False
 
     # -- plans ----------------------------------------------------------------------------------
     def on_iteration(self, iteration: int) -> None:
@@ -96,17 +104,32 @@ class RouterEMAPolicy:
         return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
 
     # -- victims --------------------------------------------------------------------------------
-    def _order(self) -> list[int]:
-        """Resident flat ids, lowest key first (ties: least recent use, then flat id)."""
-        flats = np.fromiter(self.last, dtype=np.int64, count=len(self.last))  # [S]
-        steps = np.fromiter(self.last.values(), dtype=np.int64, count=len(self.last))
-        return flats[np.lexsort((flats, steps, self.keys[flats]))].tolist()
+    def _order(self, m: int | None) -> list[int]:
+        """Resident flat ids, lowest key first (ties: least recent use, then flat id): the first
+        `m` of them and every one tied with the m-th (None: all)."""
+        flats = np.flatnonzero(self.resident)  # [S]
+        keys = self.keys[flats]
+        if m is not None and m < len(flats):
+            cut = keys[np.argpartition(keys, m - 1)[m - 1]]  # the m-th lowest key
+            pick = keys <= cut
+            flats, keys = flats[pick], keys[pick]
+        return flats[np.lexsort((flats, self.last[flats], keys))].tolist()
+
+    def _candidates(self, m: int) -> Iterator[int]:
+        """`_order`, lazily: the lowest `m` keys first, the rest only if the caller reads on."""
+        head = self._order(m)
+        yield from head
+        if len(head) < self._count:
+            seen = set(head)
+            yield from (f for f in self._order(None) if f not in seen)
 
     def _pick(self, evictable: Callable[[ExpertId], bool], n: int, protected_too: bool) -> list[ExpertId]:
         planned, first_unprotected, E = self._planned, (self._layer_now + 1) * self.num_experts, self.num_experts
         found: list[ExpertId] = []
         held: list[int] = []
-        for flat in self._order():
+        # most searches end within the lowest few keys (passed over: this layer's pinned experts,
+        # protected ones, copies in flight): order those first, everything only if they run out
+        for flat in self._candidates(n + self.SLACK):
             if flat >= first_unprotected and flat in planned:
                 held.append(flat)
                 continue
