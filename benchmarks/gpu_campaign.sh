@@ -113,6 +113,14 @@ case $part in
     timeout 230 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
       --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
       --policies "$EMA" --out "$out/s13_qwen15moe_ema.json" 2>&1 | grep -v "engine ready" | tail -8 ;;
+  s13ema2)  # the same after moving the policy's router reading off the critical path, Qwen1.5 first (~5 min)
+    EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'"
+    timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$EMA" --out "$out/s13_qwen15moe_ema2.json" 2>&1 | grep -v "engine ready" | tail -7
+    timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$EMA" --out "$out/s13_qwen3_30b_ema2.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \

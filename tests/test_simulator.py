@@ -242,7 +242,7 @@ def test_router_ema_eviction_is_the_same_in_the_simulator_and_the_engine(recorde
     tr = load_trace(f)
     config = cfg(policy, "25%", map_store_capacity=64, eviction="router-ema")
     with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
-        assert eng.runtime.observers == [eng.cache.policy.on_routing]
+        assert eng.runtime.policy_routes == eng.cache.policy.on_routing
         for p in prompts:
             eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
         want = eng.stats().cache.to_dict()

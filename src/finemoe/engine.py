@@ -296,7 +296,7 @@ class Engine:
         if duty:
             self.runtime.duty, self.runtime.always = self._duty_for(config), always
         if hasattr(self.cache.policy, "on_routing") and not plan.all_resident:
-            self.runtime.observers.append(self.cache.policy.on_routing)  # router-probability eviction
+            self.runtime.policy_routes = self.cache.policy.on_routing  # router-probability eviction
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (

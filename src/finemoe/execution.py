@@ -108,6 +108,10 @@ class OffloadRuntime:
     duty: PredictionDuty | None = None  # decides per iteration whether the planners run (None: always)
     always: list[Predictor] = field(default_factory=list)  # predictors the duty never pauses (recorders)
     observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
+    # the eviction policy's reader of router probabilities (router-ema), told of a layer's routing
+    # once the layer is served (eager: after its experts ran; graphed: after the next segment was
+    # replayed, overlapping it): its host work never delays the layer's on-demand copies
+    policy_routes: Callable[[RoutingEvent], None] | None = None
     iteration: int = 0
     is_prefill: bool = True
     max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
@@ -241,6 +245,18 @@ class LayerBinding:
     def __init__(self, runtime: OffloadRuntime, ref: MoELayerRef) -> None:
         self.rt, self.ref, self.layer = runtime, ref, ref.layer
         self._ids: tuple[torch.Tensor, list[int]] | None = None  # (device idx, unique ids) from the hook
+        self._routed: RoutingEvent | None = None  # the routing the eviction policy has not seen yet
+
+    def _tell_policy(self) -> None:
+        """The eviction policy reads the layer's routing, now that the layer is served."""
+        event, self._routed = self._routed, None
+        if event is not None and self.rt.policy_routes is not None:
+            t0 = time.perf_counter()
+            self.rt.policy_routes(event)
+            if event.is_prefill:
+                self.rt.critical_prefill_s += time.perf_counter() - t0
+            else:
+                self.rt.critical_decode_s += time.perf_counter() - t0
 
     def on_router(self, module: nn.Module, args: tuple, output: tuple) -> None:
         rt = self.rt
@@ -248,10 +264,11 @@ class LayerBinding:
             rt.capture.boundary(self.layer, module, args, output)
             return
         predicting = bool(rt.active)
-        if rt.cache.all_resident and not (predicting or rt.observers):
+        listening = rt.observers or rt.policy_routes is not None
+        if rt.cache.all_resident and not (predicting or listening):
             return  # nothing on the host needs the routing: no sync
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
-        if not (predicting or rt.observers):
+        if not (predicting or listening):
             t1 = time.perf_counter()
             ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
             blocked = time.perf_counter() - t1
@@ -282,6 +299,8 @@ class LayerBinding:
         )
         for obs in rt.observers:
             obs(event)
+        if rt.policy_routes is not None:
+            self._routed = event  # for the policy once the layer is served (`_tell_policy`)
         if predicting:
             if rt.late_events is not None:
                 rt.late_events.append(event)
@@ -341,6 +360,7 @@ class LayerBinding:
                 acc.append(out)  # each pair is non-zero in exactly one term
 
         rt.stepper.serve(rt.iteration, layer, unique, compute)
+        self._tell_policy()
         total = acc[0]
         for out in acc[1:]:
             total = total + out
@@ -381,6 +401,7 @@ class LayerBinding:
             replay()
 
         rt.stepper.serve(rt.iteration, layer, unique, compute)
+        self._tell_policy()  # while the GPU runs the segment just replayed
 
 
 def batched_pairs(

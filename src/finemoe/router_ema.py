@@ -57,10 +57,14 @@ class RouterEMAPolicy:
             self._routed_iteration = event.iteration
             self._t += 1
         p = event.host_probs()  # [T, E] float32, CPU
-        mean = (p.mean(dim=0) if p.shape[0] > 1 else p[0]).numpy().astype(np.float64)  # [E]
+        if p.shape[0] > 1:
+            p = p.mean(dim=0, keepdim=True)
+        new = p.numpy()[0].astype(np.float64)  # [E]
+        new *= self.alpha
+        new += 1e-300  # log(0) stays finite: below anything routed
+        np.log(new, out=new)
+        new += self.rate * self._t
         E, lay = self.num_experts, event.layer
-        with np.errstate(divide="ignore"):
-            new = np.log(self.alpha * mean) + self.rate * self._t
         row = self.keys[lay * E : lay * E + E]
         np.logaddexp(row, new, out=row)
 

@@ -294,7 +294,7 @@ class Simulator:
         spec, cost, clock = self.spec, self.cost, self.clock
         L = spec.num_layers
         cache, stepper = self.cache, self.stepper
-        observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (as the engine's observer)
+        observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (`policy_routes`)
         want_events, want_hidden = bool(self.predictors) or observe is not None, self.want_hidden
         batches = schedule(trace, batch_size)
         access = accesses_of(trace, batches)
@@ -339,10 +339,10 @@ class Simulator:
                             ids[:, 1] = layer
                         hidden = ids if want_hidden else None
                         event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
-                        if observe is not None:
-                            observe(event)
                         stepper.route(event)
                     stepper.serve(g, layer, layers[layer], compute)
+                    if observe is not None:  # as the engine: once the layer is served
+                        observe(event)
                 for i in live:
                     stamps[i].append(clock.t)
                 g += 1
