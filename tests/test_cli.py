@@ -139,3 +139,25 @@ def test_trace_record_and_info(tok_ckpt, tmp_path, capsys):
     assert main(["trace", "info", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["requests"] == 2 and info["generated_tokens"] == 6
+
+
+def test_bench_runs_the_benchmark_script(tmp_path, capsys, monkeypatch):
+    """`finemoe bench ARGS` is benchmarks/bench_offload.py ARGS: its own help, its plotting of a
+    record (no GPU needed), and a clear error where the checkout has no benchmarks/."""
+    import shutil
+    from pathlib import Path
+
+    from finemoe import cli
+
+    assert main(["bench", "--help"]) == 0  # argparse's exit inside the script becomes the return code
+    out = capsys.readouterr().out
+    assert "--shape" in out and "--own-routing" in out and "--accelerate" in out
+    record = Path(__file__).resolve().parents[1] / "docs" / "results" / "s13_qwen15moe_trace.json"
+    mine = tmp_path / "rec.json"
+    shutil.copy(record, mine)
+    assert main(["bench", "--plot", str(mine)]) == 0
+    assert (tmp_path / "rec.png").stat().st_size > 1000
+    assert "finemoe" in capsys.readouterr().out  # the record's table, printed
+    monkeypatch.setattr(cli, "bench_script", lambda: tmp_path / "nowhere" / "bench_offload.py")
+    assert main(["bench", "--shape", "olmoe"]) == 2
+    assert "source checkout" in capsys.readouterr().err

@@ -231,6 +231,33 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_script() -> Path:
+    """`benchmarks/bench_offload.py` of the source checkout this package runs from."""
+    return Path(__file__).resolve().parents[2] / "benchmarks" / "bench_offload.py"
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """`finemoe bench ARGS`: the GPU benchmark of real MoE shapes against every baseline and
+    Accelerate (`benchmarks/bench_offload.py ARGS`, run in this process; `finemoe bench --help`)."""
+    import runpy
+
+    script = bench_script()
+    if not script.is_file():
+        raise FineMoEError(
+            f"finemoe bench runs {script}, which is not there: benchmarks/ ships with the source checkout, not "
+            "the installed package; clone the repository and install it editable (make setup)"
+        )
+    saved = sys.argv
+    sys.argv = [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def cmd_reference(args: argparse.Namespace) -> int:
     from pathlib import Path as _P
 
@@ -477,10 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_models)
     p = sub.add_parser("policies", help="list the caching/prefetch policies")
     p.set_defaults(func=cmd_policies)
+    # listed for --help; `main` hands everything after "bench" to the benchmark's own parser
+    sub.add_parser("bench", help="benchmark real MoE shapes on a GPU: every policy, Accelerate (bench --help)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        try:
+            return cmd_bench(argv[1:])
+        except FineMoEError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
