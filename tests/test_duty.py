@@ -57,6 +57,24 @@ def test_prediction_stays_when_it_pays_and_small_differences_do_not_switch():
     assert duty2.best is True and duty2.switches == 0
 
 
+def test_a_settled_verdict_is_probed_less_often_and_a_switch_starts_over():
+    clock = Clock()
+    duty = PredictionDuty(block=2, pairs=1, exploit=4, max_exploit=16, clock=clock)
+    cost = {True: 0.010, False: 0.005}
+    arms = drive(duty, clock, 4 + 4 + 4 + 8 + 4 + 16 + 4 + 16, cost)
+    # comparisons of 4 (T, T, F, F); exploit stretches 4 (the first), 8, 16, then capped at 16
+    T, F = True, False
+    probe = [T, T, F, F]
+    assert arms == probe + [F] * 4 + probe + [F] * 8 + probe + [F] * 16 + probe + [F] * 16
+    assert duty.switches == 1 and duty.stretch == 16
+    # predicting becomes faster: the next comparison switches back and the stretch starts over
+    cost = {True: 0.002, False: 0.005}
+    arms = drive(duty, clock, 4 + 4, cost)
+    assert arms == probe + [T] * 4 and duty.best is True and duty.switches == 2 and duty.stretch == 4
+    with pytest.raises(ValueError):
+        PredictionDuty(exploit=8, max_exploit=4)
+
+
 def test_a_block_first_step_is_no_sample():
     """The step of an arm's first iteration in a block pays for the other arm's prefetches and
     cache state: it is left out. Here a switch costs 30 ms once; the medians see none of it."""

@@ -17,7 +17,9 @@ comparison, and so on. Interleaving matters: decode steps right after a prefill 
 cache still holds the prompt's experts), and a stretch of one arm followed by a stretch of the
 other compares two phases, not two arms (seen on the H200, session 10). The first step of a block
 is no sample (it pays for the previous block's arm). The exploited arm changes only when the
-other's median is at least `margin` lower. A gap between iterations much longer than a step (a
+other's median is at least `margin` lower. Each comparison that keeps the arm doubles the next
+exploit stretch (up to `max_exploit`: a settled verdict costs fewer probing steps); a switch
+starts again from `exploit`. A gap between iterations much longer than a step (a
 new request, a prefill, an idle server) is no sample either. Deterministic given the clock
 (tests pass a fake one).
 """
@@ -46,10 +48,13 @@ class PredictionDuty:
         exploit: int = 128,
         margin: float = 0.03,
         clock: Callable[[], float] = time.perf_counter,
+        max_exploit: int = 1024,
     ) -> None:
-        if block < 2 or pairs < 1 or exploit < 1:
-            raise ValueError("the duty needs block >= 2, pairs >= 1 and exploit >= 1")
+        if block < 2 or pairs < 1 or exploit < 1 or max_exploit < exploit:
+            raise ValueError("the duty needs block >= 2, pairs >= 1 and 1 <= exploit <= max_exploit")
         self.block, self.pairs, self.exploit, self.margin, self.clock = block, pairs, exploit, margin, clock
+        self.max_exploit = max_exploit
+        self.stretch = exploit  # iterations of the current (or next) exploit phase
         self.best = True  # the arm exploited: predict (True) or not
         self._comparing = True  # the phase is a comparison (else: exploiting `best`)
         self._plan = self._comparison()  # the arms of the iterations still to run, last first
@@ -107,7 +112,10 @@ class PredictionDuty:
             if mine is not None and other is not None and other < mine * (1 - self.margin):
                 self.best = not self.best
                 self.switches += 1
-            self._comparing, self._plan = False, [self.best] * self.exploit
+                self.stretch = self.exploit
+            elif self.comparisons > 1:  # the verdict held again: probe half as often
+                self.stretch = min(2 * self.stretch, self.max_exploit)
+            self._comparing, self._plan = False, [self.best] * self.stretch
         else:
             self._comparing, self._plan = True, self._comparison()
 
@@ -122,4 +130,5 @@ class PredictionDuty:
             "decode_iterations_not_predicting": self.iterations[False],
             "prediction_switches": self.switches,
             "prediction_comparisons": self.comparisons,
+            "prediction_exploit_stretch": self.stretch,
         }
