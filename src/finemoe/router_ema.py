@@ -52,7 +52,9 @@ class RouterEMAPolicy:
 
     # -- what the routers said ------------------------------------------------------------------
     def on_routing(self, event: RoutingEvent) -> None:
-        """Layer `event.layer` routed: fold the mean of its probabilities [T, E] into the averages."""
+        """Layer `event.layer` routed: fold the mean of its probabilities [T, E] into the averages
+        (T: the iteration's positions; in the engine a left-padded batch's padding rows count too,
+        the simulator has none)."""
         if event.iteration != self._routed_iteration:
             self._routed_iteration = event.iteration
             self._t += 1
@@ -128,7 +130,7 @@ class RouterEMAPolicy:
             yield from (f for f in self._order(None) if f not in seen)
 
     def _pick(self, evictable: Callable[[ExpertId], bool], n: int, protected_too: bool) -> list[ExpertId]:
-        planned, first_unprotected, E = self._planned, (self._layer_now + 1) * self.num_experts, self.num_experts
+        planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         found: list[ExpertId] = []
         held: list[int] = []
         # most searches end within the lowest few keys (passed over: this layer's pinned experts,
@@ -142,10 +144,10 @@ class RouterEMAPolicy:
                 found.append(eid)
                 if len(found) == n:
                     return found
-        if protected_too:
+        if protected_too:  # nothing unprotected could go: the protected ones, lowest key first
             for flat in held:
                 eid = self._eid[flat]
-                if flat // E > self._layer_now and evictable(eid):
+                if evictable(eid):
                     found.append(eid)
                     if len(found) == n:
                         break
