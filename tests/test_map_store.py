@@ -210,15 +210,21 @@ def test_process_search_is_lossless_learns_and_saves(tiny_checkpoint, tmp_path):
         st = eng.stats()
         assert eng.search_mode == "process" and "contexts_dropped" in st.extra
         assert "search_error" not in st.extra
-        # the worker's store learned every iteration (the engine's own copy did not)
-        assert st.extra["map_store_size"] == sync_maps and eng.maps.size == 0
+        # the worker's store learned every iteration it was sent (the engine's own copy did not);
+        # on a loaded machine it falls behind and the engine skips iterations rather than wait
+        learned = st.extra["map_store_size"]
+        assert eng.maps.size == 0
+        if st.extra["contexts_dropped"] == 0:
+            assert learned == sync_maps
+        else:
+            assert 0 < learned <= sync_maps
         assert st.extra["search_process_s"] > 0
         assert st.cache.prefetches_issued + st.cache.prefetches_dropped > 0
         eng.reconfigure(expert_budget="60%")  # a new worker starts from what the old one learned
-        assert eng.stats().extra["map_store_size"] == sync_maps
+        assert eng.stats().extra["map_store_size"] == learned
         identity = eng.identity()
     assert out.token_ids == sync.token_ids
-    assert msf.load(str(store), identity).maps.shape[0] == sync_maps
+    assert msf.load(str(store), identity).maps.shape[0] == learned
 
 
 def test_process_search_worker_death_is_reported_and_loses_nothing(tiny_checkpoint, tmp_path):
