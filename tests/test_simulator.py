@@ -341,3 +341,24 @@ def test_batched_prefetch_starts_equal_one_at_a_time(policy, distance, monkeypat
         ]
     assert runs[True] == runs[False]
     assert sum(s["prefetches_issued"] for s in runs[True]) > 0  # the batched path did start copies
+
+
+def test_noisy_oracle_precision_follows_the_noise_and_replays_alike(recorded):
+    """`oracle_noise` swaps planned experts for wrong ones: none of a fully noisy oracle's
+    prefetches is ever used, a noiseless one equals the plain oracle, and a seeded noisy replay
+    repeats exactly; with an `eviction` the oracle prefetches over it instead of Belady's."""
+    _, _, f = recorded
+    tr = load_trace(f)
+    cost = unit_cost(copy_s=0.5)
+    plain = simulate(tr, cfg("oracle", "25%"), cost).stats
+    assert simulate(tr, cfg("oracle", "25%"), cost, oracle_noise=0.0).stats == plain
+    wrong = simulate(tr, cfg("oracle", "25%", eviction="lru"), cost, oracle_noise=1.0).stats
+    assert wrong["prefetches_issued"] > 0 and wrong["prefetches_used"] == 0
+    half = [simulate(tr, cfg("oracle", "25%", eviction="lru"), cost, oracle_noise=0.5).stats for _ in range(2)]
+    assert half[0] == half[1]
+    assert 0 < half[0]["prefetches_used"] < half[0]["prefetches_issued"]
+    perfect_lru = simulate(tr, cfg("oracle", "25%", eviction="lru"), cost).stats
+    assert perfect_lru["prefetches_used"] > half[0]["prefetches_used"]
+    assert perfect_lru != plain  # LRU eviction under the same perfect plans is another replay
+    with pytest.raises(ValueError):
+        simulate(tr, cfg("oracle", "25%"), cost, oracle_noise=1.5)

@@ -7,7 +7,10 @@
   sooner than what it brings in.
 - `OraclePredictor`: the experts each layer will really use, planned at the points FineMoE plans
   (layers 0..d-1 at the iteration's start, layer l+d after layer l) with priority 1 / distance.
-  With `BeladyPolicy` and the same link it bounds what an online predictor can reach.
+  With `BeladyPolicy` and the same link it bounds what an online predictor can reach. `noise`
+  (a study knob) swaps each planned expert, with that probability, for a random expert of the
+  same layer the iteration does not use: a predictor of precision = recall = 1 - noise, planning
+  as many experts as the oracle at the same points (seeded: the same replay every time).
 
 Steps: the cache counts one step per layer access; with a schedule of I iterations of L layers,
 access (iteration g, layer l) is step g*L + l + 1. `Future` holds that schedule.
@@ -15,6 +18,7 @@ access (iteration g, layer l) is step g*L + l + 1. `Future` holds that schedule.
 
 from __future__ import annotations
 
+import random
 from bisect import bisect_right
 from collections.abc import Callable
 from typing import Any
@@ -87,15 +91,29 @@ class BeladyPolicy:
 class OraclePredictor:
     name = "oracle"
 
-    def __init__(self, future: Future, distance: int) -> None:
-        self.future, self.distance = future, distance
+    def __init__(self, future: Future, distance: int, noise: float = 0.0, num_experts: int = 0, seed: int = 0) -> None:
+        if not 0.0 <= noise <= 1.0 or (noise > 0 and num_experts < 1):
+            raise ValueError("oracle noise is a probability in [0, 1] and needs the experts per layer")
+        self.future, self.distance, self.noise, self.E = future, distance, noise, num_experts
         self.L = future.num_layers
+        self._rng = random.Random(seed)
+
+    def _experts(self, iteration: int, target: int) -> list[int]:
+        used = self.future.accesses[iteration][target]
+        if self.noise == 0.0:
+            return used
+        rng, out = self._rng, []
+        wrong = [e for e in range(self.E) if e not in used]
+        rng.shuffle(wrong)
+        for e in used:
+            out.append(wrong.pop() if wrong and rng.random() < self.noise else e)
+        return out
 
     def _reqs(self, iteration: int, target: int, layer_now: int) -> list[PrefetchRequest]:
         if iteration >= len(self.future.accesses):
             return []
         dist = max(target - layer_now, 1)
-        return [PrefetchRequest(ExpertId(target, e), 1.0 / dist) for e in self.future.accesses[iteration][target]]
+        return [PrefetchRequest(ExpertId(target, e), 1.0 / dist) for e in self._experts(iteration, target)]
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         reqs = [r for t in range(min(self.distance, self.L)) for r in self._reqs(ctx.iteration, t, -1)]

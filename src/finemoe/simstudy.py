@@ -52,6 +52,13 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
     ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override every policy's eviction")
     add_window_args(ap)
+    ap.add_argument(
+        "--oracle-noise",
+        type=float,
+        default=0.0,
+        help="the oracle plans this share of wrong experts (precision = recall = 1 - noise); with --eviction "
+        "the oracle prefetches over that eviction instead of Belady's",
+    )
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -121,7 +128,15 @@ def run_sweep(args: argparse.Namespace) -> int:
         for budget in budgets:
             for policy in policies:
                 n += 1
-                r = simulate(test, _config(args, policy, budget), cost, args.link, history, args.batch_size)
+                r = simulate(
+                    test,
+                    _config(args, policy, budget),
+                    cost,
+                    args.link,
+                    history,
+                    args.batch_size,
+                    oracle_noise=args.oracle_noise,
+                )
                 row = {"shape": shape, **r.to_dict()}
                 rows.append(row)
                 print(

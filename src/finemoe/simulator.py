@@ -202,6 +202,7 @@ class Simulator:
         history: History | None = None,
         spec_probs: dict[int, torch.Tensor] | None = None,
         future: Future | None = None,
+        oracle_noise: float = 0.0,
     ) -> None:
         if link not in LINKS:
             raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
@@ -226,7 +227,9 @@ class Simulator:
         if oracle:
             if future is None:
                 raise ConfigError(f"policy {config.policy} needs the replay's future accesses")
-            policy = BeladyPolicy(future)
+            # the oracle prefetcher with another eviction (`eviction`): what prediction alone adds
+            alt = config.eviction if config.policy == "oracle" else None
+            policy = EVICTION_POLICIES[alt](spec.num_layers, spec.num_experts) if alt else BeladyPolicy(future)
         else:
             policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
         self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy)
@@ -243,7 +246,7 @@ class Simulator:
         self.history = history
         members: list = []
         if config.policy == "oracle":
-            members = [OraclePredictor(future, self.distance)]
+            members = [OraclePredictor(future, self.distance, oracle_noise, spec.num_experts)]
         elif not oracle:
             deps = PredictorDeps(
                 spec,
@@ -388,14 +391,17 @@ def simulate(
     history: History | None = None,
     batch_size: int = 1,
     progress: Callable | None = None,
+    oracle_noise: float = 0.0,
 ) -> SimResult:
     """Replay `trace` under `config` (policy, budget, predictor knobs). `history` is cloned when
-    the replay learns (so one preloaded history serves many replays)."""
+    the replay learns (so one preloaded history serves many replays). `oracle_noise`: the
+    `oracle` policy's share of wrong experts (`OraclePredictor`); with `config.eviction` set the
+    oracle prefetches over that eviction instead of Belady's."""
     hist = history
     if history is not None and config.map_store_learn:
         hist = history.clone()
     future = None
     if config.policy in ORACLES:
         future = Future(accesses_of(trace, schedule(trace, batch_size)), trace.spec.num_layers)
-    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future)
+    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future, oracle_noise)
     return sim.run(trace, batch_size, progress)
