@@ -121,6 +121,9 @@ case $part in
     timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "$EMA" --out "$out/s13_qwen3_30b_ema2.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+  s14mix)   # next session: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
+            # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
+    mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
