@@ -362,3 +362,21 @@ def test_noisy_oracle_precision_follows_the_noise_and_replays_alike(recorded):
     assert perfect_lru != plain  # LRU eviction under the same perfect plans is another replay
     with pytest.raises(ValueError):
         simulate(tr, cfg("oracle", "25%"), cost, oracle_noise=1.5)
+
+
+def test_predictor_host_time_is_charged_per_layer_where_predictors_run(recorded):
+    """`CostModel.predict_host_s`: host seconds per layer in which a policy's predictors run; with
+    an instant link the replay gets longer by exactly that per layer-step, and not at all for a
+    policy without predictors."""
+    import dataclasses
+
+    _, _, f = recorded
+    tr = load_trace(f)
+    base = unit_cost()
+    slow = dataclasses.replace(base, predict_host_s=0.25)
+    steps = int(tr.output_len.sum()) * tr.spec.num_layers
+    for policy, charged in (("previous-token", True), ("lru", False)):
+        a = simulate(tr, cfg(policy, "25%"), base, "instant")
+        b = simulate(tr, cfg(policy, "25%"), slow, "instant")
+        assert b.stats == a.stats  # the same decisions
+        assert b.total_s - a.total_s == pytest.approx(0.25 * steps if charged else 0.0)

@@ -110,6 +110,9 @@ class CostModel:
     expert_bytes: int  # bytes one traced expert stands for
     scale_layers: float = 1.0  # shape layers per traced layer
     scale_experts: float = 1.0  # shape experts per traced expert
+    # host time per traced layer in which predictors run (their plans, prefetch issue), on the
+    # step's critical path before the layer's copies are issued (a calibration knob, 0 by default)
+    predict_host_s: float = 0.0
 
     def iteration_floor_s(self, num_layers: int, tokens: int = 1) -> float:
         """A step with every expert resident (the all-GPU floor), k experts per layer."""
@@ -123,9 +126,11 @@ def make_cost_model(
     hbm_bps: float = HBM_BPS,
     flops: float = PEAK_FLOPS,
     layer_overhead_s: float = 100e-6,
+    predict_host_s: float = 0.0,
 ) -> CostModel:
     """The cost model of `shape` ("trace": the traced model itself, in bf16) for a trace of
-    `trace_spec`'s geometry; see the module docstring for the mapping."""
+    `trace_spec`'s geometry; see the module docstring for the mapping. `predict_host_s` (per layer
+    in which predictors run) is host seconds of the shape, scaled to traced layers like the rest."""
     L_t, k_t = trace_spec.num_layers, trace_spec.top_k
     if shape == "trace":
         H, I_e = trace_spec.hidden_size, trace_spec.intermediate_size
@@ -169,4 +174,5 @@ def make_cost_model(
         expert_bytes=int(e_bytes),
         scale_layers=scale_l,
         scale_experts=scale_e,
+        predict_host_s=predict_host_s * scale_l,
     )

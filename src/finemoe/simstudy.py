@@ -59,6 +59,12 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         help="the oracle plans this share of wrong experts (precision = recall = 1 - noise); with --eviction "
         "the oracle prefetches over that eviction instead of Belady's",
     )
+    ap.add_argument(
+        "--predict-host-us",
+        type=float,
+        default=0.0,
+        help="host time per layer in which a policy's predictors run (cost model calibration)",
+    )
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -123,7 +129,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     total = len(shapes) * len(budgets) * len(policies)
     n = 0
     for shape in shapes:
-        cost = make_cost_model(test.spec, shape, layer_overhead_s=args.layer_overhead_us * 1e-6)
+        cost = make_cost_model(
+            test.spec,
+            shape,
+            layer_overhead_s=args.layer_overhead_us * 1e-6,
+            predict_host_s=args.predict_host_us * 1e-6,
+        )
         floor = None
         for budget in budgets:
             for policy in policies:

@@ -304,6 +304,7 @@ class Simulator:
         zero = (lambda *a: 0.0) if cost is None else None
         layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
         head_s = 0.0 if cost is None else cost.head_s
+        predict_host = 0.0 if cost is None or not self.predictors else cost.predict_host_s
         e_s = 0.0 if cost is None else cost.expert_s
         e_tok = 0.0 if cost is None else cost.expert_token_s
         ttft, tpot, e2e = [], [], []
@@ -343,6 +344,8 @@ class Simulator:
                         hidden = ids if want_hidden else None
                         event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
                         stepper.route(event)
+                    if predict_host:  # the predictors' host work before the layer's copies are issued
+                        clock.t += predict_host
                     stepper.serve(g, layer, layers[layer], compute)
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
