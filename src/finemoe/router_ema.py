@@ -31,6 +31,9 @@ from finemoe.types import ExpertId, PrefetchPlan, RoutingEvent
 
 
 class RouterEMAPolicy:
+    """Eviction by the moving average of router probabilities (module docstring). The engine
+    (`OffloadRuntime.policy_routes`) and the simulator call `on_routing` once a layer is served."""
+
     name = "router-ema"
     reads_layer_probs = False
     SLACK = 24  # victims searched among the n + SLACK lowest keys first
