@@ -103,24 +103,18 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies $POL --budgets 50%,25% \
       --repeats 2 --skip-loop --own-routing --out "$out/s13_qwen3_30b_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -18 ;;
-  s13ema)   # router-probability eviction against lru and finemoe's decayed LFU, Qwen3 then Qwen1.5, 25%
-            # (~6 min). Carry (56 MB): q128x8_t2.fmt (slim_trace --requests 2 of q128x8_test), q128x8_hist.fmt,
-            # q60x4_t3.fmt (3 of q60x4_test), q60x4_h16.fmt (16 of q60x4_hist)
-    EMA="lru,finemoe,lru+eviction='router-ema',finemoe+eviction='router-ema'"
-    timeout 320 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen3_30b_ema.json" 2>&1 | grep -v "engine ready" | tail -8
-    timeout 230 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen15moe_ema.json" 2>&1 | grep -v "engine ready" | tail -8 ;;
-  s13ema2)  # the same after moving the policy's router reading off the critical path, Qwen1.5 first (~5 min)
-    EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'"
+  s13ema|s13ema2)  # router-probability eviction against lru and finemoe's decayed LFU, Qwen1.5 then Qwen3,
+            # 25% (~5 min; records s13_*_ema.json were made at e8d255c, before its host work left the
+            # critical path, s13_*_ema2.json at 2524b13). Carry (56 MB): q60x4_t3.fmt (slim_trace
+            # --requests 3 of q60x4_test), q60x4_h16.fmt (16 of q60x4_hist), q128x8_t2.fmt (2 of
+            # q128x8_test), q128x8_hist.fmt
+    EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'" tag=${part#s13}
     timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
       --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen15moe_ema2.json" 2>&1 | grep -v "engine ready" | tail -7
+      --policies "$EMA" --out "$out/s13_qwen15moe_$tag.json" 2>&1 | grep -v "engine ready" | tail -7
     timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen3_30b_ema2.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+      --policies "$EMA" --out "$out/s13_qwen3_30b_$tag.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
   s14mix)   # next session: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
@@ -177,5 +171,5 @@ case $part in
     timeout 560 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_test.fmt \
       --accelerate-requests 1 --accelerate-budgets 25% --accelerate-tokens 3 \
       --out "$out/accelerate_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
-  *) echo "unknown part $part (tests|qwen15|serve15|qwen3|variants3|diag3|check3|why3|mixtral|mixtral1|acc3|acc15|qwen3b|check7|proc15|overhead|duty15|dutymix|duty3|duty3b)"; exit 2 ;;
+  *) echo "unknown part $part (see the case labels of benchmarks/gpu_campaign.sh, e.g. tests|s13q15|s13q3|s13ema2|s14mix|acc15)"; exit 2 ;;
 esac
