@@ -259,22 +259,7 @@ def main():
         eng.speculative_gate = replays[1].gate if trace.spec_probs else None
         log.info("trace routing: %s (%d requests), %s", args.trace, trace.num_requests, replays[0].layer_map)
         work = trace_work(replays, args.trace_requests)
-    samples: dict[tuple, list] = {c: [] for c in configs}
-    for rnd in range(args.repeats):
-        for name, budget in configs:
-            if budget:
-                eng.reconfigure(**settings.get(name, {"policy": name}), expert_budget=budget, map_store_learn=learn)
-            for i, item in enumerate(work):
-                p, n, before = item
-                if name == "transformers-generate":
-                    r = hf_run(plain, p, n, device, before)
-                elif name == "transformers+finemoe-loop":
-                    r = loop_run(plain, p, n, device, before)
-                else:
-                    r = engine_run(eng, item, work[i - 1])
-                samples[(name, budget)].append(r)
-        log.info("round %d/%d done", rnd + 1, args.repeats)
-    runs = [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()]
+    runs = rounds(args, eng, plain, configs, settings, learn, device, work, "round")
     print_table({"config": vars(args), "meta": {"device": str(device)}, "runs": runs, "own_routing_runs": own})
     routing = f"trace ({args.trace}; {replays[0].layer_map})" if args.trace else "the model's own (random weights)"
     serving = None
@@ -357,22 +342,32 @@ def own_routing_rounds(args, eng, plain, configs, settings, learn, device, promp
     if not args.trace:
         raise SystemExit("--own-routing goes with --trace (without one every run uses the model's own routing)")
     gate, eng.speculative_gate = eng.speculative_gate, None  # the model's own next-layer routers
-    item = (prompt, args.new_tokens, lambda: None)
+    work = [(prompt, args.new_tokens, lambda: None)]
+    runs = rounds(args, eng, plain, configs, settings, learn, device, work, "own-routing round")
+    eng.speculative_gate = gate
+    return [r | {"routing": "own"} for r in runs]
+
+
+def rounds(args, eng, plain, configs, settings, learn, device, work, label):
+    """`--repeats` interleaved rounds of every (name, budget) in `configs` over the `work` items
+    (prompt, new tokens, before-hook); each engine request follows 8 tokens of the previous item
+    (the item itself when there is one). Returns the summarized runs."""
     samples: dict[tuple, list] = {c: [] for c in configs}
     for rnd in range(args.repeats):
         for name, budget in configs:
             if budget:
                 eng.reconfigure(**settings.get(name, {"policy": name}), expert_budget=budget, map_store_learn=learn)
-            if name == "transformers-generate":
-                r = hf_run(plain, prompt, args.new_tokens, device, item[2])
-            elif name == "transformers+finemoe-loop":
-                r = loop_run(plain, prompt, args.new_tokens, device, item[2])
-            else:
-                r = engine_run(eng, item, item)
-            samples[(name, budget)].append(r)
-        log.info("own-routing round %d/%d done", rnd + 1, args.repeats)
-    eng.speculative_gate = gate
-    return [summarize(v) | {"policy": k[0], "budget": k[1], "routing": "own"} for k, v in samples.items()]
+            for i, item in enumerate(work):
+                p, n, before = item
+                if name == "transformers-generate":
+                    r = hf_run(plain, p, n, device, before)
+                elif name == "transformers+finemoe-loop":
+                    r = loop_run(plain, p, n, device, before)
+                else:
+                    r = engine_run(eng, item, work[i - 1])
+                samples[(name, budget)].append(r)
+        log.info("%s %d/%d done", label, rnd + 1, args.repeats)
+    return [summarize(v) | {"policy": k[0], "budget": k[1]} for k, v in samples.items()]
 
 
 def serve(args, eng, work, runs, learn, settings):
