@@ -103,19 +103,21 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies $POL --budgets 50%,25% \
       --repeats 2 --skip-loop --own-routing --out "$out/s13_qwen3_30b_trace.json" 2>&1 \
       | grep -v "engine ready" | tail -18 ;;
-  s13ema|s13ema2)  # router-probability eviction against lru and finemoe's decayed LFU, Qwen1.5 then Qwen3,
-            # 25% (~5 min; records s13_*_ema.json were made at e8d255c, before its host work left the
-            # critical path, s13_*_ema2.json at 2524b13). Carry (56 MB): q60x4_t3.fmt (slim_trace
-            # --requests 3 of q60x4_test), q60x4_h16.fmt (16 of q60x4_hist), q128x8_t2.fmt (2 of
-            # q128x8_test), q128x8_hist.fmt
-    EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'" tag=${part#s13}
+  s13ema|s13ema2|s14ema)  # router-probability eviction against lru and finemoe's decayed LFU, Qwen1.5
+            # then Qwen3, 25% (~5 min; records s13_*_ema.json were made at e8d255c, before its host
+            # work left the critical path, s13_*_ema2.json at 2524b13, s14_*_ema.json at c9f4515 with
+            # the duty's back-off). Carry (56 MB): q60x4_t3.fmt (slim_trace --requests 3 of
+            # q60x4_test), q60x4_h16.fmt (16 of q60x4_hist), q128x8_t2.fmt (2 of q128x8_test),
+            # q128x8_hist.fmt
+    EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'"
+    case $part in s14*) pre=s14 tag=ema ;; *) pre=s13 tag=${part#s13} ;; esac
     timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
       --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen15moe_$tag.json" 2>&1 | grep -v "engine ready" | tail -7
+      --policies "$EMA" --out "$out/${pre}_qwen15moe_$tag.json" 2>&1 | grep -v "engine ready" | tail -7
     timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/s13_qwen3_30b_$tag.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
-  s14mix)   # next session: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
+      --policies "$EMA" --out "$out/${pre}_qwen3_30b_$tag.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+  s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
