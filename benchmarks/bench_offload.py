@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import offload_runs  # noqa: E402
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
@@ -107,6 +108,12 @@ def parse_args(argv=None):
     )
     ap.add_argument("--serve-budget", default="25%")
     ap.add_argument("--serve-policies", help="default: --policies")
+    ap.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() before each measured engine request (what exists then is never scanned by the "
+        "cyclic garbage collector during it); the gc ms column shows collection time either way",
+    )
     ap.add_argument(
         "--profile",
         help="comma-separated policy entries: after the timed rounds, one request of each under cProfile "
@@ -229,6 +236,7 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if args.accelerate_only:
         return accelerate_only(args, device, dtype)
+    offload_runs.GC_FREEZE = args.gc_freeze
     cfg, plain, eng, offload_s = build(args, device, dtype)
     budgets = args.budgets.split(",")
     configs = [("transformers-generate", None), ("transformers+finemoe-loop", None), ("all-gpu", "100%")]

@@ -34,6 +34,29 @@ CACHE_KEYS = (
 )
 
 
+class GCClock:
+    """Time the interpreter spends in cyclic garbage collection (a `gc.callbacks` entry): a
+    collection during a decode step is host time on its critical path, in no other column."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._t0 = 0.0, [0, 0, 0], 0.0
+        gc.callbacks.append(self._on)
+
+    def _on(self, phase, info):
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+            self.collections[info["generation"]] += 1
+
+    def read(self):
+        return self.seconds, list(self.collections)
+
+
+GC_CLOCK = GCClock()
+GC_FREEZE = False  # bench_offload --gc-freeze: gc.freeze() before each measured request
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,7 +141,13 @@ def engine_run(eng, item, warm):
         torch.cuda.reset_peak_memory_stats()
     rt = eng.runtime
     crit0, iters0, sync0 = rt.critical_decode_s, rt.decode_iterations, rt.sync_decode_s
+    if GC_FREEZE:
+        gc.freeze()  # what exists now (model, engine, stores) is never scanned again
+    gc0, n0 = GC_CLOCK.read()
     out, e2e = engine_request(eng, item)
+    gc1, n1 = GC_CLOCK.read()
+    if GC_FREEZE:
+        gc.unfreeze()
     c = out.cache
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
     return {
@@ -129,6 +158,8 @@ def engine_run(eng, item, warm):
         "predictor_decode_s": rt.critical_decode_s - crit0,
         "decode_iterations": rt.decode_iterations - iters0,
         "sync_decode_s": rt.sync_decode_s - sync0,
+        "gc_s": gc1 - gc0,  # in cyclic garbage collection during the request
+        "gc_collections": [b - a for a, b in zip(n0, n1, strict=True)],  # per generation 0/1/2
         "window": eng.prefetcher.window.stats(),  # the link-aware prefetch window after the request
         "duty": eng.runtime.duty.stats() if eng.runtime.duty is not None else None,  # adaptive prediction
     } | {k: getattr(c, k) for k in CACHE_KEYS}
@@ -177,6 +208,9 @@ def summarize(samples):
         if iters:
             out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
             out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
+        if "gc_s" in samples[0]:  # per generated token (prefill's collections included)
+            out["gc_ms_per_token"] = sum(s["gc_s"] for s in samples) / max(1, len(all_steps) + len(samples)) * 1e3
+            out["gc_collections"] = [sum(c) for c in zip(*(s["gc_collections"] for s in samples), strict=True)]
     if "window" in samples[0]:
         out["window"] = samples[-1]["window"]
     if samples[0].get("duty") is not None:
