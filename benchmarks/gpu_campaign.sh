@@ -120,6 +120,13 @@ case $part in
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
+  s14serve) # session 14: the online run with graphed decode, Qwen1.5 25%: Poisson arrivals at 0.6 req/s
+            # (utilisation ~0.6 at lru's ~1 s per request), 8 requests cycling the 3 test prompts; carry
+            # gpu_traces/q60x4_t3.fmt and q60x4_h16.fmt (21 MB; ~3 min)
+    timeout 250 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --policies lru --budgets 25% --repeats 1 \
+      --skip-loop --serve-requests 8 --serve-rate 0.6 --serve-policies lru,mixtral-offloading,moe-infinity,finemoe \
+      --out "$out/s14_serve_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
