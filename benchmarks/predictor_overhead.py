@@ -138,7 +138,8 @@ def main() -> int:
     modes = args.modes.split(",")
 
     def fine(budget: str, mode: str) -> tuple[str, dict]:
-        kw = dict(policy="finemoe", expert_budget=budget, search=mode, map_store_learn=False)
+        # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead
+        kw = dict(policy="finemoe", expert_budget=budget, search=mode, map_store_learn=False, prediction_duty="always")
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
