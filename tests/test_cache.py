@@ -252,6 +252,70 @@ def _routed(policy, iteration: int, layer: int, probs: list[float]) -> None:
     policy.on_routing(RoutingEvent(iteration, layer, p, p.topk(1).indices, False))
 
 
+def test_router_ema_victims_equal_a_full_sort_under_random_operations():
+    """The lazily refreshed heap of router-ema returns exactly what sorting every resident expert
+    by (average, last use, flat id) returns, under a random mix of routing, inserts, evictions,
+    uses, plans and pinned experts (ties included: never-routed experts share -inf)."""
+    from finemoe.router_ema import RouterEMAPolicy
+    from finemoe.types import PrefetchPlan, PrefetchRequest
+
+    rng = random.Random(7)
+    L, E = 3, 5
+    pol = RouterEMAPolicy(L, E)
+    resident: dict[int, int] = {}  # flat -> last use
+    planned: set[int] = set()
+    step, iteration, layer_now = 0, 0, -1
+    checks = 0
+    for _ in range(3000):
+        op = rng.random()
+        flat = rng.randrange(L * E)
+        eid = ExpertId(flat // E, flat % E)
+        if op < 0.25:
+            layer = rng.randrange(L)
+            probs = [rng.choice([0.0, rng.random()]) for _ in range(E)]
+            _routed(pol, iteration, layer, probs)
+            if rng.random() < 0.3:
+                iteration += 1
+                pol.on_iteration(iteration)
+                planned.clear()
+                layer_now = -1
+        elif op < 0.45 and flat not in resident:
+            step += 1
+            pol.on_insert(eid, step)
+            resident[flat] = step
+        elif op < 0.55 and flat in resident:
+            pol.on_evict(eid)
+            del resident[flat]
+        elif op < 0.75 and resident:
+            step += 1
+            layer = rng.randrange(L)
+            used = [f for f in resident if f // E == layer][:2]
+            pol.on_access_many([ExpertId(f // E, f % E) for f in used], step)
+            for f in used:
+                resident[f] = step
+            if used:
+                layer_now = layer
+        elif op < 0.8:
+            pick = rng.sample(range(L * E), 2)
+            pol.on_plan(PrefetchPlan(tuple(PrefetchRequest(ExpertId(f // E, f % E), 1.0) for f in pick), iteration))
+            planned.update(pick)
+        else:
+            n = rng.randrange(1, 5)
+            pinned = set(rng.sample(sorted(resident), min(2, len(resident))))
+            ok = lambda e, pinned=pinned: e.layer * E + e.expert not in pinned  # noqa: E731
+            keys = pol.keys
+            order = sorted(resident, key=lambda f: (keys[f], resident[f], f))
+            free = [f for f in order if f not in pinned]
+            unprot = [f for f in free if not (f // E > layer_now and f in planned)]
+            prot = [f for f in free if f // E > layer_now and f in planned]
+            want = [ExpertId(f // E, f % E) for f in unprot[:n]]
+            assert pol.prefetch_victims(ok, n) == want
+            want_one = (unprot + prot)[:1]
+            assert pol.victim(ok) == (ExpertId(want_one[0] // E, want_one[0] % E) if want_one else None)
+            checks += 1
+    assert checks > 100
+
+
 def test_router_ema_evicts_the_lowest_average_router_probability():
     """Hand-computed averages (alpha = 0.3): an expert's mean router probability over iterations,
     newest weighted alpha, the one before alpha (1 - alpha), and so on; near misses count, the
