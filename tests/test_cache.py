@@ -253,9 +253,9 @@ def _routed(policy, iteration: int, layer: int, probs: list[float]) -> None:
 
 
 def test_router_ema_victims_equal_a_full_sort_under_random_operations():
-    """The lazily refreshed heap of router-ema returns exactly what sorting every resident expert
-    by (average, last use, flat id) returns, under a random mix of routing, inserts, evictions,
-    uses, plans and pinned experts (ties included: never-routed experts share -inf)."""
+    """router-ema's victim search (partial sorts of the lowest keys first) returns exactly what
+    sorting every resident expert by (average, last use, flat id) returns, under a random mix of
+    routing, inserts, evictions, uses, plans, pinned experts and tied averages."""
     from finemoe.router_ema import RouterEMAPolicy
     from finemoe.types import PrefetchPlan, PrefetchRequest
 
@@ -272,7 +272,10 @@ def test_router_ema_victims_equal_a_full_sort_under_random_operations():
         eid = ExpertId(flat // E, flat % E)
         if op < 0.25:
             layer = rng.randrange(L)
-            probs = [rng.choice([0.0, rng.random()]) for _ in range(E)]
+            # experts 0 and 1 (and 2 and 3) of a layer always get the same probability: their keys tie
+            # and the last use decides
+            a, b = rng.choice([0.0, 0.5, rng.random()]), rng.choice([0.0, 0.5, rng.random()])
+            probs = [a, a, b, b, rng.random()]
             _routed(pol, iteration, layer, probs)
             if rng.random() < 0.3:
                 iteration += 1
@@ -295,6 +298,16 @@ def test_router_ema_victims_equal_a_full_sort_under_random_operations():
                 resident[f] = step
             if used:
                 layer_now = layer
+        elif op < 0.77:  # a burst of evictions and inserts with no search: stale entries pile up, compaction
+            for _ in range(60):
+                f = rng.randrange(L * E)
+                if f in resident:
+                    pol.on_evict(ExpertId(f // E, f % E))
+                    del resident[f]
+                else:
+                    step += 1
+                    pol.on_insert(ExpertId(f // E, f % E), step)
+                    resident[f] = step
         elif op < 0.8:
             pick = rng.sample(range(L * E), 2)
             pol.on_plan(PrefetchPlan(tuple(PrefetchRequest(ExpertId(f // E, f % E), 1.0) for f in pick), iteration))
@@ -312,8 +325,21 @@ def test_router_ema_victims_equal_a_full_sort_under_random_operations():
             assert pol.prefetch_victims(ok, n) == want
             want_one = (unprot + prot)[:1]
             assert pol.victim(ok) == (ExpertId(want_one[0] // E, want_one[0] % E) if want_one else None)
+            if rng.random() < 0.5:  # the forward pass at `layer`: its plans (and earlier ones) stop protecting
+                layer_now = max(layer_now, rng.randrange(L))
+                unprot = [f for f in free if not (f // E > layer_now and f in planned)]
+                assert pol.victims(ok, n, layer_now) == [ExpertId(f // E, f % E) for f in unprot[:n]]
             checks += 1
     assert checks > 100
+    # an `evictable` that raises loses nothing
+    everything = lambda eid: True  # noqa: E731
+
+    def boom(eid):
+        raise RuntimeError("predicate failed")
+
+    with pytest.raises(RuntimeError):
+        pol.prefetch_victims(boom, 3)
+    assert len(pol.prefetch_victims(everything, len(resident))) == len(resident)
 
 
 def test_router_ema_evicts_the_lowest_average_router_probability():

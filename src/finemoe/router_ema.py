@@ -13,8 +13,7 @@ Keys: the average at iteration t is A·e^(-λt) with A = Σ_τ α·p(τ)·e^(λ�
 e^(-λt) is common to all experts, so log A orders them and changes only when the expert's layer
 routes (a vectorised log-add-exp per layer and iteration). Experts never routed have -inf (first).
 The average survives eviction (what the routers favour does not change when an expert leaves).
-Victims: the resident experts sorted by key, ties by least recent use then flat id l*E + e, kept
-in a heap with lazy increase-key (keys and last uses only rise), as the plan-aware LFU heaps do.
+Victims: the resident experts sorted by key, ties by least recent use then flat id l*E + e.
 
 Pending-plan protection as in the plan-aware heap policies: experts a pending plan selected for a
 layer the forward pass has not reached are passed over, and taken (lowest key first) only when
@@ -23,9 +22,8 @@ nothing else can go.
 
 from __future__ import annotations
 
-import heapq
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -38,22 +36,17 @@ class RouterEMAPolicy:
 
     name = "router-ema"
     reads_layer_probs = False
+    SLACK = 24  # victims searched among the n + SLACK lowest keys first
     alpha = 0.3  # weight of the newest iteration (measured: 0.2-0.5 alike, 0.05 no better than LRU)
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_layers, self.num_experts = num_layers, num_experts
         self.keys = np.full(num_layers * num_experts, -np.inf)  # [L*E] log A, float64
-        self._key = self.keys.tolist()  # the same keys as Python floats (the heap compares these)
         self.rate = -math.log(1.0 - self.alpha)  # λ per iteration
         self._t = -1  # iterations seen by `on_routing` (its own count: monotonic)
         self._routed_iteration: int | None = None
-        self._resident = [False] * (num_layers * num_experts)
-        self._last = [0] * (num_layers * num_experts)  # step of the latest use, by flat id
-        self._version = [0] * (num_layers * num_experts)
-        # (key, last use, flat id, version) of resident experts, lowest first; keys and last uses
-        # only rise, so an entry is at most stale-low: re-pushed when it reaches the top (lazy
-        # increase-key), dropped if its version or residency moved on
-        self._heap: list[tuple[float, int, int, int]] = []
+        self.resident = np.zeros(num_layers * num_experts, dtype=bool)  # [L*E]
+        self.last = np.zeros(num_layers * num_experts, dtype=np.int64)  # [L*E] step of the latest use
         self._count = 0  # resident experts
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._planned: set[int] = set()  # flat ids a pending plan selected
@@ -79,46 +72,31 @@ class RouterEMAPolicy:
         E, lay = self.num_experts, event.layer
         row = self.keys[lay * E : lay * E + E]
         np.logaddexp(row, new, out=row)
-        self._key[lay * E : lay * E + E] = row.tolist()  # every entry of the layer is stale now
 
     # -- residency ------------------------------------------------------------------------------
-    def _push(self, flat: int) -> None:
-        v = self._version[flat] + 1
-        self._version[flat] = v
-        heapq.heappush(self._heap, (self._key[flat], self._last[flat], flat, v))
-        if len(self._heap) > 4 * self._count + 256:  # drop stale entries now and then
-            live = [f for f in range(len(self._resident)) if self._resident[f]]
-            for f in live:
-                self._version[f] += 1
-            self._heap = [(self._key[f], self._last[f], f, self._version[f]) for f in live]
-            heapq.heapify(self._heap)
-
     def on_insert(self, eid: ExpertId, step: int) -> None:
         flat = eid.layer * self.num_experts + eid.expert
-        if not self._resident[flat]:
-            self._count += 1
-            self._resident[flat] = True
-        self._last[flat] = step
-        self._push(flat)
+        self._count += not self.resident[flat]
+        self.resident[flat] = True
+        self.last[flat] = step
 
     def on_access(self, eid: ExpertId, step: int) -> None:
         if eid.layer != self._layer_now:
             self._layer_now = eid.layer
-        self._last[eid.layer * self.num_experts + eid.expert] = step
+        self.last[eid.layer * self.num_experts + eid.expert] = step
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         if not eids:
             return
-        E, last = self.num_experts, self._last
+        E, last = self.num_experts, self.last
         self._layer_now = eids[0].layer
         for eid in eids:
             last[eid.layer * E + eid.expert] = step
 
     def on_evict(self, eid: ExpertId) -> None:
         flat = eid.layer * self.num_experts + eid.expert
-        if self._resident[flat]:
-            self._count -= 1
-            self._resident[flat] = False
+        self._count -= bool(self.resident[flat])
+        self.resident[flat] = False
 
     # -- plans ----------------------------------------------------------------------------------
     def on_iteration(self, iteration: int) -> None:
@@ -135,42 +113,47 @@ class RouterEMAPolicy:
         return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
 
     # -- victims --------------------------------------------------------------------------------
+    def _order(self, m: int | None) -> list[int]:
+        """Resident flat ids, lowest key first (ties: least recent use, then flat id): the first
+        `m` of them and every one tied with the m-th (None: all)."""
+        flats = np.flatnonzero(self.resident)  # [S]
+        keys = self.keys[flats]
+        if m is not None and m < len(flats):
+            cut = keys[np.argpartition(keys, m - 1)[m - 1]]  # the m-th lowest key
+            pick = keys <= cut
+            flats, keys = flats[pick], keys[pick]
+        return flats[np.lexsort((flats, self.last[flats], keys))].tolist()
+
+    def _candidates(self, m: int) -> Iterator[int]:
+        """`_order`, lazily: the lowest `m` keys first, the rest only if the caller reads on."""
+        head = self._order(m)
+        yield from head
+        if len(head) < self._count:
+            seen = set(head)
+            yield from (f for f in self._order(None) if f not in seen)
+
     def _pick(self, evictable: Callable[[ExpertId], bool], n: int, protected_too: bool) -> list[ExpertId]:
-        """Up to `n` victims in (key, last use, flat id) order: unprotected ones `evictable`
-        accepts, then (with `protected_too`) protected ones. Every live entry examined goes back
-        in the heap (a victim the caller evicts goes stale there)."""
-        heap, version, resident, key, last = self._heap, self._version, self._resident, self._key, self._last
-        planned, first_unprotected, eids = self._planned, (self._layer_now + 1) * self.num_experts, self._eid
+        planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         found: list[ExpertId] = []
-        held: list[tuple[float, int, int, int]] = []
-        back: list[tuple[float, int, int, int]] = []
-        while heap:
-            entry = heapq.heappop(heap)
-            k, used, flat, v = entry
-            if version[flat] != v or not resident[flat]:
-                continue  # stale: a newer entry exists, or evicted
-            if k != key[flat] or used != last[flat]:
-                version[flat] = v = v + 1  # its key or last use rose since: back in at its place
-                heapq.heappush(heap, (key[flat], last[flat], flat, v))
-                continue
-            back.append(entry)
+        held: list[int] = []
+        # most searches end within the lowest few keys (passed over: this layer's pinned experts,
+        # protected ones, copies in flight): order those first, everything only if they run out
+        for flat in self._candidates(n + self.SLACK):
             if flat >= first_unprotected and flat in planned:
-                held.append(entry)
+                held.append(flat)
                 continue
-            eid = eids[flat]
+            eid = self._eid[flat]
             if evictable(eid):
                 found.append(eid)
                 if len(found) == n:
-                    break
-        if protected_too and len(found) < n:  # nothing unprotected could go: protected ones, lowest first
-            for entry in held:
-                eid = eids[entry[2]]
+                    return found
+        if protected_too:  # nothing unprotected could go: the protected ones, lowest key first
+            for flat in held:
+                eid = self._eid[flat]
                 if evictable(eid):
                     found.append(eid)
                     if len(found) == n:
                         break
-        for entry in back:
-            heapq.heappush(heap, entry)
         return found
 
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
