@@ -111,8 +111,9 @@ def parse_args(argv=None):
     ap.add_argument(
         "--gc-freeze",
         action="store_true",
-        help="gc.freeze() before each measured engine request (what exists then is never scanned by the "
-        "cyclic garbage collector during it); the gc ms column shows collection time either way",
+        help="gc.collect() + gc.freeze() before each timed engine request of the rounds (what exists then is "
+        "never scanned by the cyclic garbage collector during it; not the serving run or profiles); the gc ms "
+        "column shows collection time either way",
     )
     ap.add_argument(
         "--profile",

@@ -142,12 +142,15 @@ def engine_run(eng, item, warm):
     rt = eng.runtime
     crit0, iters0, sync0 = rt.critical_decode_s, rt.decode_iterations, rt.sync_decode_s
     if GC_FREEZE:
+        gc.collect()  # the previous request's garbage is not frozen with the rest
         gc.freeze()  # what exists now (model, engine, stores) is never scanned again
     gc0, n0 = GC_CLOCK.read()
-    out, e2e = engine_request(eng, item)
+    try:
+        out, e2e = engine_request(eng, item)
+    finally:
+        if GC_FREEZE:
+            gc.unfreeze()
     gc1, n1 = GC_CLOCK.read()
-    if GC_FREEZE:
-        gc.unfreeze()
     c = out.cache
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else 0
     return {
