@@ -364,6 +364,30 @@ def test_noisy_oracle_precision_follows_the_noise_and_replays_alike(recorded):
         simulate(tr, cfg("oracle", "25%"), cost, oracle_noise=1.5)
 
 
+def test_eviction_host_time_is_charged_per_victim_search_and_routing_read(recorded):
+    """`CostModel.victim_host_s` and `routing_host_s`: with an instant link the replay gets longer
+    by exactly one charge per victim search the cache asks for and one per layer for a policy
+    that reads the routing (router-ema), with the same decisions; LRU reads no routing."""
+    import dataclasses
+
+    _, _, f = recorded
+    tr = load_trace(f)
+    base = unit_cost()
+    steps = int(tr.output_len.sum()) * tr.spec.num_layers
+    for eviction, reads in (("router-ema", True), ("lru", False)):
+        config = cfg("lru", "25%", eviction=eviction)
+        a = simulate(tr, config, base, "instant")
+        b = simulate(tr, config, dataclasses.replace(base, routing_host_s=0.5), "instant")
+        assert b.stats == a.stats
+        assert b.total_s - a.total_s == pytest.approx(0.5 * steps if reads else 0.0)
+        c = simulate(tr, config, dataclasses.replace(base, victim_host_s=0.125), "instant")
+        assert c.stats == a.stats
+        searches = (c.total_s - a.total_s) / 0.125
+        assert searches == pytest.approx(round(searches))  # whole searches only
+        # at least one search per layer-step that evicted, at most one per eviction
+        assert 0 < searches <= a.stats["evictions"]
+
+
 def test_predictor_host_time_is_charged_per_layer_where_predictors_run(recorded):
     """`CostModel.predict_host_s`: host seconds per layer in which a policy's predictors run; with
     an instant link the replay gets longer by exactly that per layer-step, and not at all for a

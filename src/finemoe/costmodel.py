@@ -113,6 +113,10 @@ class CostModel:
     # host time per traced layer in which predictors run (their plans, prefetch issue), on the
     # step's critical path before the layer's copies are issued (a calibration knob, 0 by default)
     predict_host_s: float = 0.0
+    # host time of the eviction policy (calibration knobs, 0 by default): per victim search (before
+    # the copies it frees slots for) and per layer for a policy that reads the routing (router-ema)
+    victim_host_s: float = 0.0
+    routing_host_s: float = 0.0
 
     def iteration_floor_s(self, num_layers: int, tokens: int = 1) -> float:
         """A step with every expert resident (the all-GPU floor), k experts per layer."""
@@ -127,10 +131,14 @@ def make_cost_model(
     flops: float = PEAK_FLOPS,
     layer_overhead_s: float = 100e-6,
     predict_host_s: float = 0.0,
+    victim_host_s: float = 0.0,
+    routing_host_s: float = 0.0,
 ) -> CostModel:
     """The cost model of `shape` ("trace": the traced model itself, in bf16) for a trace of
     `trace_spec`'s geometry; see the module docstring for the mapping. `predict_host_s` (per layer
-    in which predictors run) is host seconds of the shape, scaled to traced layers like the rest."""
+    in which predictors run), `routing_host_s` (per layer) and `victim_host_s` (per victim search, at
+    most one per layer and per prefetch batch) are host seconds of the shape, scaled to traced
+    layers like the rest."""
     L_t, k_t = trace_spec.num_layers, trace_spec.top_k
     if shape == "trace":
         H, I_e = trace_spec.hidden_size, trace_spec.intermediate_size
@@ -175,4 +183,6 @@ def make_cost_model(
         scale_layers=scale_l,
         scale_experts=scale_e,
         predict_host_s=predict_host_s * scale_l,
+        victim_host_s=victim_host_s * scale_l,
+        routing_host_s=routing_host_s * scale_l,
     )

@@ -65,6 +65,19 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         default=0.0,
         help="host time per layer in which a policy's predictors run (cost model calibration)",
     )
+    ap.add_argument(
+        "--victim-host-us",
+        type=float,
+        default=0.0,
+        help="host time per victim search of the eviction policy, before the copies it makes room for "
+        "(cost model calibration; applies to every policy of the run)",
+    )
+    ap.add_argument(
+        "--routing-host-us",
+        type=float,
+        default=0.0,
+        help="host time per layer of an eviction policy that reads the routing (router-ema; calibration)",
+    )
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -134,6 +147,8 @@ def run_sweep(args: argparse.Namespace) -> int:
             shape,
             layer_overhead_s=args.layer_overhead_us * 1e-6,
             predict_host_s=args.predict_host_us * 1e-6,
+            victim_host_s=args.victim_host_us * 1e-6,
+            routing_host_s=args.routing_host_us * 1e-6,
         )
         floor = None
         for budget in budgets:

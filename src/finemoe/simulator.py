@@ -232,6 +232,8 @@ class Simulator:
             policy = EVICTION_POLICIES[alt](spec.num_layers, spec.num_experts) if alt else BeladyPolicy(future)
         else:
             policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
+        if cost is not None and (cost.victim_host_s or cost.routing_host_s):
+            _charge_host(policy, self.clock, cost.victim_host_s, cost.routing_host_s)
         self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy)
         copy_s = getattr(self.transfer, "copy_seconds", None)
         transfer = self.transfer
@@ -384,6 +386,27 @@ class Simulator:
             wall_s=wall,
             predictor={k: v for k, v in pstats.items() if not isinstance(v, list)},
         )
+
+
+def _charge_host(policy: Any, clock: Clock, victim_s: float, routing_s: float) -> None:
+    """Advance the replay's clock by the eviction policy's host time (`CostModel.victim_host_s`
+    per victim search, `routing_host_s` per routing read): this one policy object's methods are
+    wrapped (instance attributes, read by the cache and the replay loop); its decisions are unchanged."""
+
+    def charged(fn: Callable, seconds: float) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            clock.t += seconds
+            return fn(*args, **kwargs)
+
+        return call
+
+    if victim_s:
+        for name in ("victim", "victims", "prefetch_victims"):
+            fn = getattr(policy, name, None)
+            if fn is not None:
+                setattr(policy, name, charged(fn, victim_s))
+    if routing_s and getattr(policy, "on_routing", None) is not None:
+        policy.on_routing = charged(policy.on_routing, routing_s)
 
 
 def simulate(
