@@ -140,6 +140,11 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies lru,finemoe --budgets 50%,25% \
       --repeats 1 --skip-loop --accelerate --accelerate-budgets 50%,25% --accelerate-tokens 2 \
       --out "$out/s15_accelerate_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+  s15acc3b) # fallback if s15acc3 runs out of time: transformers all-GPU and Accelerate only (no engine; its
+            # rows then come from s13q3 / s14ema, not the same run), 50% and 25%, 2 tokens
+    timeout 580 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt \
+      --accelerate-requests 1 --accelerate-budgets 50%,25% --accelerate-tokens 2 \
+      --out "$out/s15_accelerate_only_qwen3_30b_trace.json" 2>&1 | tail -8 ;;
   s13prof)  # next session: where finemoe's predicting host time goes in graphed steps (cProfile tables
             # next to the record), and the map search in a worker process, Qwen1.5 25% (~5 min)
     timeout 540 $B --shape qwen15moe --trace gpu_traces/q60x4_test.fmt --trace-requests 3 \
