@@ -29,6 +29,14 @@ mix() {
     --history gpu_traces/m8x2_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
     --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -"$4"
 }
+# Accelerate side by side with lru and finemoe at 50% and 25%, 1 round, 1 request:
+#   acc SECONDS SHAPE TEST_TRACE HIST_TRACE HIST_REQUESTS ACCELERATE_TOKENS RECORD   (traces: names in gpu_traces/)
+acc() {
+  timeout "$1" $B --shape "$2" --trace "gpu_traces/$3.fmt" --trace-requests 1 \
+    --history "gpu_traces/$4.fmt" --history-requests "$5" --policies lru,finemoe --budgets 50%,25% \
+    --repeats 1 --skip-loop --accelerate --accelerate-budgets 50%,25% --accelerate-tokens "$6" \
+    --out "$out/$7" 2>&1 | grep -v "engine ready" | tail -12
+}
 case $part in
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
@@ -130,16 +138,10 @@ case $part in
   s15acc)   # next session: Accelerate at 50% and 25% side by side with lru and finemoe at the same budgets,
             # Qwen1.5 (issue 7 asks both budgets; only 25% was measured). 1 round, 1 request, 3 Accelerate
             # tokens; carry gpu_traces/q60x4_t3.fmt and q60x4_h16.fmt (~5 min)
-    timeout 560 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 1 \
-      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --policies lru,finemoe --budgets 50%,25% \
-      --repeats 1 --skip-loop --accelerate --accelerate-budgets 50%,25% --accelerate-tokens 3 \
-      --out "$out/s15_accelerate_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
-  s15acc3)  # next session: the same on Qwen3-30B-A3B (Accelerate only has no engine rows: use the engine
-            # run, 1 request; carry gpu_traces/q128x8_t2.fmt and q128x8_hist.fmt; ~8 min, check first)
-    timeout 580 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 1 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --policies lru,finemoe --budgets 50%,25% \
-      --repeats 1 --skip-loop --accelerate --accelerate-budgets 50%,25% --accelerate-tokens 2 \
-      --out "$out/s15_accelerate_qwen3_30b_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+    acc 560 qwen15moe q60x4_t3 q60x4_h16 16 3 s15_accelerate_qwen15moe_trace.json ;;
+  s15acc3)  # next session: the same on Qwen3-30B-A3B (no Qwen3 Accelerate record exists yet), 2 tokens;
+            # carry gpu_traces/q128x8_t2.fmt and q128x8_hist.fmt; ~8 min, check first
+    acc 580 qwen3_30b q128x8_t2 q128x8_hist 12 2 s15_accelerate_qwen3_30b_trace.json ;;
   s15acc3b) # fallback if s15acc3 runs out of time: transformers all-GPU and Accelerate only (no engine; its
             # rows then come from s13q3 / s14ema, not the same run), 50% and 25%, 2 tokens
     timeout 580 $B --accelerate-only --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt \
