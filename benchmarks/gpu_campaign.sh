@@ -125,6 +125,16 @@ case $part in
     timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
       --policies "$EMA" --out "$out/${pre}_qwen3_30b_$tag.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+  s15sweep) # session 15: the prefill sweep (cache.py) against each policy's own prefill victims, Qwen1.5 then
+            # Qwen3, 25%, after the GPU tests (~8 min); carry as s14ema (56 MB)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    SW="lru,lru+prefill_eviction='sweep',finemoe,finemoe+prefill_eviction='policy'"
+    timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$SW" --out "$out/s15_qwen15moe_sweep.json" 2>&1 | grep -v "engine ready" | tail -7
+    timeout 250 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --policies "$SW" --out "$out/s15_qwen3_30b_sweep.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;

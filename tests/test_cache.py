@@ -379,3 +379,77 @@ def test_router_ema_evicts_the_lowest_average_router_probability():
     assert pol.prefetch_victims(anything, 1) == [ExpertId(0, 1)]
     assert pol.victim(lambda eid: eid.layer == 1) == ExpertId(1, 2)
     assert pol.prefetch_victims(lambda eid: eid.layer == 1, 2) == []
+
+
+SPEC3 = MoESpec(
+    model_type="test",
+    moe_layers=(0, 1, 2),
+    num_experts=4,
+    top_k=1,
+    hidden_size=2,
+    intermediate_size=1,
+    parts=(ExpertPart("gate_up_proj", (2, 2)), ExpertPart("down_proj", (2, 1))),
+    dtype=torch.float32,
+    num_decoder_layers=3,
+)
+
+
+def _sweep_cache(policy, sweep: bool) -> ExpertCache:
+    pool = SlotPool(SPEC3, 6, torch.device("cpu"))
+    return ExpertCache(SPEC3, pool, ExpertStore(SPEC3, pin=False), SyncTransfer(pool), policy, prefill_sweep=sweep)
+
+
+def _enter(c: ExpertCache, layer: int, experts: list[int]) -> None:
+    c.now = (c.now[0], layer)
+    got, slots = c.enter(layer, experts)
+    c.release(layer, got, slots)
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_prefill_sweep_evicts_served_layers_first(sweep):
+    """6 slots, 3 layers x 4 experts. A decode step leaves layer 2's experts 0, 1 resident; then a
+    prefill uses all of layer 0 (4 misses, 4 free slots) and layer 1's experts 0, 1 (2 misses). LRU
+    evicts layer 2's (least recent), so the prefill misses them again at layer 2; the sweep evicts
+    from layer 0 (served), experts in id order, and layer 2 hits."""
+    c = _sweep_cache(LRUPolicy(), sweep)
+    c.begin_iteration(False)
+    _enter(c, 2, [0, 1])
+    c.begin_iteration(True)
+    _enter(c, 0, [0, 1, 2, 3])
+    _enter(c, 1, [0, 1])
+    gone = {ExpertId(0, 0), ExpertId(0, 1)} if sweep else {ExpertId(2, 0), ExpertId(2, 1)}
+    assert not gone & set(c.resident()) and len(c.resident()) == 6
+    _enter(c, 2, [0, 1])
+    assert (c.stats.hits, c.stats.misses) == ((2, 8) if sweep else (0, 10))
+
+
+def test_prefill_sweep_follows_the_policy_order_among_served_layers():
+    """Decayed LFU offers `victims_behind`: among the served layers its lowest keys go first. Layer
+    0's experts 0, 1 were used in the decode step too (count 2), experts 2, 3 only in the prefill
+    (count 1): the sweep takes 2, 3 (the id-order scan would take 0, 1); without the sweep layer
+    2's go. A decode iteration after the sweep is back to the plain order (layer 2's expert 0)."""
+    from finemoe.policy import DecayLFUPolicy
+
+    for sweep, gone in ((False, {ExpertId(2, 0), ExpertId(2, 1)}), (True, {ExpertId(0, 2), ExpertId(0, 3)})):
+        c = _sweep_cache(DecayLFUPolicy(3, 4), sweep)
+        c.begin_iteration(False)
+        c.policy.on_iteration(0)
+        _enter(c, 2, [0, 1])
+        _enter(c, 0, [0, 1])
+        c.begin_iteration(True)
+        c.policy.on_iteration(1)
+        _enter(c, 0, [0, 1, 2, 3])
+        _enter(c, 1, [0, 1])
+        assert not gone & set(c.resident()), (sweep, c.resident())
+        assert len(c.resident()) == 6
+    c.begin_iteration(False)  # decode (sweeping cache): the plain order again, the oldest count-1 expert
+    c.policy.on_iteration(2)
+    _enter(c, 1, [2])
+    assert set(c.resident()) == {
+        ExpertId(0, 0),
+        ExpertId(0, 1),
+        ExpertId(1, 0),
+        ExpertId(1, 1),
+        ExpertId(1, 2),
+        ExpertId(2, 1),
+    }

@@ -173,3 +173,15 @@ def test_token_id_outside_the_vocabulary(tiny_checkpoint):
         assert len(eng.generate([1, 2, vocab - 1])[0].token_ids) > 0  # the engine still works
     finally:
         eng.close()
+
+
+def test_prefill_eviction_is_validated_and_resolved_per_policy():
+    from finemoe.config import EngineConfig
+    from finemoe.presets import get_preset, prefill_sweep
+
+    with pytest.raises(ConfigError, match="prefill_eviction must be one of auto, sweep, policy"):
+        EngineConfig(prefill_eviction="lru")
+    auto, on, off = EngineConfig(), EngineConfig(prefill_eviction="sweep"), EngineConfig(prefill_eviction="policy")
+    assert prefill_sweep(get_preset("finemoe"), auto) and not prefill_sweep(get_preset("finemoe"), off)
+    assert not prefill_sweep(get_preset("lru"), auto) and prefill_sweep(get_preset("lru"), on)
+    assert not prefill_sweep(get_preset("mixtral-offloading"), auto)  # the paper's baselines stay faithful

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from finemoe.config import DUTY_MODES, PREFILL_PLANS, SEARCH_MODES
+from finemoe.config import DUTY_MODES, PREFILL_EVICTION, PREFILL_PLANS, SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.simstudy import add_simulate_args, add_window_args
@@ -96,6 +96,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override the policy's eviction policy")
     ap.add_argument(
+        "--prefill-eviction",
+        choices=list(PREFILL_EVICTION),
+        default="auto",
+        help="prefill victims: sweep (served layers first), policy (its own order); auto: the policy's",
+    )
+    ap.add_argument(
         "--cuda-graphs",
         choices=["auto", "on", "off"],
         default="auto",
@@ -131,6 +137,7 @@ def _engine(args: argparse.Namespace):
         cuda_graphs={"auto": None, "on": True, "off": False}[args.cuda_graphs],
         prefill_plans=args.prefill_plans,
         eviction=args.eviction,
+        prefill_eviction=args.prefill_eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         progress=not args.no_progress,

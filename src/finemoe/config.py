@@ -161,6 +161,7 @@ SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map searc
 # refining gate), "gate" (the refining gate alone), "none" (prefill loads on demand); auto: the
 # policy's (finemoe "gate", finemoe-paper "maps"; docs/design/finemoe.md, ambiguity 4)
 PREFILL_PLANS = ("auto", "maps", "gate", "none")
+PREFILL_EVICTION = ("auto", "sweep", "policy")  # prefill_eviction
 DUTY_MODES = ("auto", "always", "adaptive")  # prediction_duty; auto: adaptive on CUDA devices, always elsewhere
 
 
@@ -192,6 +193,9 @@ class EngineConfig:
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
     prefill_plans: str = "auto"  # finemoe in prefill: "maps", "gate" or "none" (PREFILL_PLANS); auto: the policy's
     eviction: str | None = None  # override the policy's eviction (policy.EVICTION_POLICIES); None: the policy's own
+    # victims in a prefill iteration: "sweep" (layers the pass has served first, `ExpertCache`), "policy"
+    # (the eviction policy's order throughout); auto: the policy's (finemoe sweeps, the baselines do not)
+    prefill_eviction: str = "auto"
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
@@ -207,6 +211,10 @@ class EngineConfig:
             raise ConfigError(f"delta_rule must be paper, demo or topk, got {self.delta_rule!r}")
         if self.prefill_plans not in PREFILL_PLANS:
             raise ConfigError(f"prefill_plans must be one of {', '.join(PREFILL_PLANS)}, got {self.prefill_plans!r}")
+        if self.prefill_eviction not in PREFILL_EVICTION:
+            raise ConfigError(
+                f"prefill_eviction must be one of {', '.join(PREFILL_EVICTION)}, got {self.prefill_eviction!r}"
+            )
         if self.map_values not in ("probs", "counts"):
             raise ConfigError(f"map_values must be probs or counts, got {self.map_values!r}")
         if self.map_store_rows not in ("all", "last"):

@@ -45,6 +45,7 @@ from finemoe.presets import (
     get_preset,
     predictor_members,
     prefetch_distance,
+    prefill_sweep,
     reads_router_inputs,
 )
 from finemoe.process_search import ProcessPredictor, worker_setup
@@ -228,6 +229,7 @@ class Engine:
             self.store,
             transfer,
             EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts),
+            prefill_sweep=prefill_sweep(preset, config),
         )
         # Link-aware prefetch window: layer time is host wall time less the time blocked in the
         # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.

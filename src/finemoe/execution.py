@@ -171,6 +171,7 @@ class OffloadRuntime:
         """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool;
         a continuous-batching scheduler also names each row's request, see `IterationContext`)."""
         self.iteration, self.is_prefill = iteration, is_prefill
+        self.cache.begin_iteration(is_prefill)
         refresh = getattr(self.cache.transfer, "refresh_stream", None)
         if refresh is not None:
             refresh()  # the stream this forward pass computes on

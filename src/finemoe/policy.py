@@ -191,6 +191,8 @@ class _PlanAwareHeap:
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
+        self._sweep: list[tuple[float, int, int]] = []  # victims_behind: (key, last use, flat), sorted
+        self._sweep_at, self._sweep_upto = -1, 0  # its iteration and the layers it holds (< upto)
 
     # True if keys only ever rise between pushes (a use raises them): uses then push nothing and a
     # victim search re-pushes an entry whose key rose when it reaches the top (lazy increase-key;
@@ -291,6 +293,32 @@ class _PlanAwareHeap:
         if layer != self._layer_now:
             self._reach(layer)
         return self._unprotected(evictable, n)
+
+    def victims_behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """Up to `n` experts `evictable` accepts in layers < `layer`, lowest key first (the cache's
+        prefill sweep; nothing there is protected). The served layers' residents are sorted once per
+        iteration as the pass reaches them (their keys hold until a later iteration uses them)."""
+        E, last, eids = self.num_experts, self.last, self._eid
+        if self._sweep_at != self._iteration or layer < self._sweep_upto:
+            self._sweep_at, self._sweep_upto, self._sweep = self._iteration, 0, []
+        if layer > self._sweep_upto:
+            key = self._key
+            new = [(key(f), last[f], f) for f in range(self._sweep_upto * E, layer * E) if f in last]
+            self._sweep = sorted(self._sweep + new)  # two sorted runs: a merge
+            self._sweep_upto = layer
+        order, found, dead = self._sweep, [], 0
+        for i, (_, t, flat) in enumerate(order):
+            if last.get(flat) != t:  # evicted (or used again) since it was sorted
+                if dead == i:
+                    dead += 1  # a leading run of such entries is dropped
+                continue
+            if evictable(eids[flat]):
+                found.append(eids[flat])  # the caller evicts it
+                if len(found) == n:
+                    break
+        if dead:
+            del order[:dead]
+        return found
 
     def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
         """Victims of `n` prefetches: unprotected only (a prefetch never evicts a protected expert,

@@ -24,6 +24,7 @@ class PolicyPreset:
     adaptive_duty: bool = False  # may stop predicting while that shortens the step (finemoe; baselines stay faithful)
     refine_stride: int = 0  # > 0: also speculate layer l+s's router on layer l's input (synchronous)
     prefill_plans: str = "maps"  # what config prefill_plans "auto" means for a finemoe predictor
+    prefill_sweep: bool = False  # what config prefill_eviction "auto" means (finemoe; baselines stay faithful)
 
 
 DEFAULT_POLICY = "finemoe"
@@ -43,6 +44,7 @@ PRESETS: dict[str, PolicyPreset] = {
             adaptive_duty=True,
             refine_stride=1,
             prefill_plans="gate",
+            prefill_sweep=True,
         ),
         PolicyPreset(
             "finemoe-paper",
@@ -151,6 +153,13 @@ def prefill_plans(preset: PolicyPreset, configured: str) -> str:
 def reads_router_inputs(preset: PolicyPreset, config: Any) -> bool:
     """True if the preset's predictors read router inputs (speculative gates)."""
     return preset.predictor == "speculative-gate" or bool(preset.refine_stride and config.gate_refine)
+
+
+def prefill_sweep(preset: PolicyPreset, config: Any) -> bool:
+    """True if prefill iterations evict from the layers already served first (`ExpertCache`)."""
+    if config.prefill_eviction == "auto":
+        return preset.prefill_sweep
+    return config.prefill_eviction == "sweep"
 
 
 def adaptive_prefetch_window(preset: PolicyPreset, config: Any, all_resident: bool) -> bool:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finemoe.config import PREFILL_PLANS
+from finemoe.config import PREFILL_EVICTION, PREFILL_PLANS
 from finemoe.policy import EVICTION_POLICIES
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-min-precision", type=float, default=0.0, help="finemoe: withhold imprecise map plans")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
     ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override every policy's eviction")
+    ap.add_argument(
+        "--prefill-eviction",
+        choices=list(PREFILL_EVICTION),
+        default="auto",
+        help="prefill victims of every policy: sweep (served layers first), policy (its own order); auto: the policy's",
+    )
     add_window_args(ap)
     ap.add_argument(
         "--oracle-noise",
@@ -104,6 +110,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         map_min_precision=args.map_min_precision,
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,
+        prefill_eviction=args.prefill_eviction,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         search="sync",

@@ -42,6 +42,7 @@ from finemoe.presets import (
     get_preset,
     predictor_members,
     prefetch_distance,
+    prefill_sweep,
     reads_router_inputs,
 )
 from finemoe.simlink import Clock, InstantLink, NoWeights, SimPool, TimedLink
@@ -234,7 +235,8 @@ class Simulator:
             policy = EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts)
         if cost is not None and (cost.victim_host_s or cost.routing_host_s):
             _charge_host(policy, self.clock, cost.victim_host_s, cost.routing_host_s)
-        self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy)
+        sweep = prefill_sweep(preset, config) and not oracle  # Belady's choices stay its own
+        self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep)
         copy_s = getattr(self.transfer, "copy_seconds", None)
         transfer = self.transfer
         window = LinkWindow(  # layer time without the stalls: the time the link has to copy in
@@ -328,6 +330,7 @@ class Simulator:
                 prefill = it == 0
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
+                cache.begin_iteration(prefill)
                 if want_events:
                     ctx, probs, topk, ids = _iteration_tensors(trace, g, prefill, parts)
                     stepper.begin(g, ctx)
