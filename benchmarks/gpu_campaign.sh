@@ -37,6 +37,16 @@ acc() {
     --repeats 1 --skip-loop --accelerate --accelerate-budgets 50%,25% --accelerate-tokens "$6" \
     --out "$out/$7" 2>&1 | grep -v "engine ready" | tail -12
 }
+# One Qwen1.5 and one Qwen3 run, 25%, 2 rounds, on the slim traces (carry q60x4_t3, q60x4_h16,
+# q128x8_t2, q128x8_hist: 56 MB):   pair POLICIES QWEN15_RECORD QWEN3_RECORD
+pair() {
+  timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+    --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
+    --policies "$1" --out "$out/$2" 2>&1 | grep -v "engine ready" | tail -7
+  timeout 280 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+    --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+    --policies "$1" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -7
+}
 case $part in
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
@@ -119,22 +129,15 @@ case $part in
             # q128x8_hist.fmt
     EMA="lru,lru+eviction='router-ema',finemoe,finemoe+eviction='router-ema'"
     case $part in s14*) pre=s14 tag=ema ;; *) pre=s13 tag=${part#s13} ;; esac
-    timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/${pre}_qwen15moe_$tag.json" 2>&1 | grep -v "engine ready" | tail -7
-    timeout 300 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$EMA" --out "$out/${pre}_qwen3_30b_$tag.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+    pair "$EMA" "${pre}_qwen15moe_$tag.json" "${pre}_qwen3_30b_$tag.json" ;;
   s15sweep) # session 15: the prefill sweep (cache.py) against each policy's own prefill victims, Qwen1.5 then
             # Qwen3, 25%, after the GPU tests (~8 min); carry as s14ema (56 MB)
     python -m pytest -q tests/gpu 2>&1 | tail -2
-    SW="lru,lru+prefill_eviction='sweep',finemoe,finemoe+prefill_eviction='policy'"
-    timeout 170 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
-      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$SW" --out "$out/s15_qwen15moe_sweep.json" 2>&1 | grep -v "engine ready" | tail -7
-    timeout 250 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
-      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
-      --policies "$SW" --out "$out/s15_qwen3_30b_sweep.json" 2>&1 | grep -v "engine ready" | tail -7 ;;
+    pair "lru,lru+prefill_eviction='sweep',finemoe,finemoe+prefill_eviction='policy'" \
+      s15_qwen15moe_sweep.json s15_qwen3_30b_sweep.json ;;
+  s15plans) # session 15: finemoe (sweep) with and without its gate's prefill plans beside lru + sweep (~3.5 min)
+    pair "lru+prefill_eviction='sweep',finemoe,finemoe+prefill_plans='none'" \
+      s15_qwen15moe_sweep_plans.json s15_qwen3_30b_sweep_plans.json ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -381,17 +382,7 @@ def test_router_ema_evicts_the_lowest_average_router_probability():
     assert pol.prefetch_victims(lambda eid: eid.layer == 1, 2) == []
 
 
-SPEC3 = MoESpec(
-    model_type="test",
-    moe_layers=(0, 1, 2),
-    num_experts=4,
-    top_k=1,
-    hidden_size=2,
-    intermediate_size=1,
-    parts=(ExpertPart("gate_up_proj", (2, 2)), ExpertPart("down_proj", (2, 1))),
-    dtype=torch.float32,
-    num_decoder_layers=3,
-)
+SPEC3 = dataclasses.replace(SPEC, moe_layers=(0, 1, 2), num_decoder_layers=3)  # 3 layers x 4 experts
 
 
 def _sweep_cache(policy, sweep: bool) -> ExpertCache:

@@ -404,3 +404,25 @@ def test_predictor_host_time_is_charged_per_layer_where_predictors_run(recorded)
         b = simulate(tr, cfg(policy, "25%"), slow, "instant")
         assert b.stats == a.stats  # the same decisions
         assert b.total_s - a.total_s == pytest.approx(0.25 * steps if charged else 0.0)
+
+
+@pytest.mark.parametrize("policy", ["lru", "finemoe-paper"])
+def test_prefill_sweep_is_the_same_in_the_simulator_and_the_engine(recorded, policy):
+    """The prefill sweep (forced on; lru takes the cache's id-order scan, finemoe-paper's map-aware
+    LFU its own `victims_behind`) reaches the cache through `begin_iteration` in both drivers: the
+    same decisions on the same prompts, and not those of the policy's plain order."""
+    path, prompts, f = recorded
+    tr = load_trace(f)
+    config = cfg(policy, "25%", map_store_capacity=64, prefill_eviction="sweep")
+    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+        assert eng.cache.prefill_sweep
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        want = eng.stats().cache.to_dict()
+    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
+    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    plain = simulate(
+        tr, cfg(policy, "25%", map_store_capacity=64, prefill_eviction="policy"), None, "instant", empty_history(tr, 64)
+    ).stats
+    assert plain["layer_hit_rate"] != got["layer_hit_rate"]

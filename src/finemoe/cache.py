@@ -7,11 +7,11 @@ copies; it never decides what to prefetch.
 Prefill sweep (`prefill_sweep`, on for finemoe): a prefill iteration uses nearly every expert of
 every layer, in layer order, so an expert of a layer the pass has not reached is needed again
 within the iteration, one of a layer it has served only in the next. Victims then come from the
-served layers first (the latest served layer first, experts in id order), the policy's order only
-when none is left. LRU's order does the opposite (what the previous request used in the coming
-layers is the least recent): on the Qwen1.5 / Qwen3 traces the sweep cuts LRU's simulated TTFT by
-17-18% (`docs/design/finemoe.md`, "Prefill sweep").
-"""
+served layers first (in the policy's order where it offers `victims_behind`, else the latest served
+layer first, experts in id order), the policy's own search among the rest only when none is
+left. LRU's order does the opposite (what the previous request used in the coming layers is the
+least recent): on the Qwen1.5 / Qwen3 traces the sweep cuts LRU's simulated TTFT by 17-18%
+(`docs/design/finemoe.md`, "Prefill sweep")."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class ExpertCache:
         self._sweeping = self.prefill_sweep and prefill
 
     def _behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
-        """Prefill sweep: up to `n` experts `evictable` accepts in layers < `layer`, the latest
-        layer first, experts in id order."""
+        """Prefill sweep: up to `n` experts `evictable` accepts in layers < `layer`: the policy's
+        `victims_behind` if it has one, else the latest layer first, experts in id order."""
         if self._victims_behind is not None:
             return self._victims_behind(evictable, n, layer)
         found: list[ExpertId] = []
