@@ -192,3 +192,17 @@ def test_prefill_plans_are_lossless_and_none_prefetches_nothing_in_prefill(tiny_
             ]
     assert tokens["maps"] == tokens["gate"] == tokens["none"]
     assert issued["none"] == 0 and issued["maps"] > 0 and issued["gate"] > 0
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-40, 1e-6])
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(temperature):
+    """A temperature float32 rounds to 0 (or one that sends logits past its range) made softmax
+    NaN and the request fail (found by the server fuzz test); it now picks the top token."""
+    from finemoe.config import SamplingParams
+    from finemoe.generation import sample_tokens
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 30
+    for extra in ({}, {"top_k": 5}, {"top_p": 0.3}):
+        params = SamplingParams(temperature=temperature, seed=1, **extra)
+        got = sample_tokens(logits, params, torch.Generator().manual_seed(1))
+        assert torch.equal(got, logits.argmax(dim=-1))

@@ -43,7 +43,10 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, gen: torch.Gener
     """Next tokens [B] from float32 logits [B, V] (greedy or temperature/top-k/top-p sampling)."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits.float().cpu() / params.temperature
+    # float64, shifted so the largest is 0: any temperature > 0 (even one float32 rounds to 0) then
+    # sends the others to -inf, never a finite logit to +inf (softmax of two infinities is NaN)
+    logits = logits.double().cpu()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
