@@ -138,6 +138,12 @@ case $part in
   s15plans) # session 15: finemoe (sweep) with and without its gate's prefill plans beside lru + sweep (~3.5 min)
     pair "lru+prefill_eviction='sweep',finemoe,finemoe+prefill_plans='none'" \
       s15_qwen15moe_sweep_plans.json s15_qwen3_30b_sweep_plans.json ;;
+  s16pred)  # session 16: finemoe's prefill predictors once its demand copies are issued (prefill_predict
+            # after-demand, its default now) against before them, beside lru + sweep, Qwen1.5 then Qwen3,
+            # 25%, after the GPU tests (~7 min); carry as s14ema (56 MB)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    pair "lru+prefill_eviction='sweep',finemoe,finemoe+prefill_predict='before'" \
+      s16_qwen15moe_predict.json s16_qwen3_30b_predict.json ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;

@@ -29,7 +29,8 @@ def print_table(rec):
     print(
         f"{'config':<26} {'budget':>6} {'ttft ms':>8} {'tpot ms':>8} {'e2e s':>6} {'x gen':>6} {'x loop':>6} "
         f"{'hit':>6} {'prec':>5} {'stall/tok ms':>12} {'peak GiB':>8} {'GB/s':>6} {'late':>6} {'pred ms':>7} "
-        f"{'sync ms':>7} {'gc ms':>5} {'win':>3}" + (f" {'own tpot':>8} {'own hit':>7}" if own else "")
+        f"{'sync ms':>7} {'gc ms':>5} {'win':>3} {'pf pred':>7} {'pf sync':>7}"
+        + (f" {'own tpot':>8} {'own hit':>7}" if own else "")
     )
     for r in rec["runs"]:
         eng = "hit_rate" in r
@@ -38,7 +39,8 @@ def print_table(rec):
             f"{r['peak_gpu_bytes'] / 2**30:8.1f} {r['demand_bandwidth_gbps']:6.1f} "
             f"{r.get('prefetches_late', 0):6d} {r.get('predictor_ms_per_decode_step') or 0:7.2f} "
             f"{r.get('sync_ms_per_decode_step') or 0:7.2f} {r.get('gc_ms_per_token', float('nan')):5.2f} "
-            f"{r.get('window', {}).get('prefetch_window_limit', '-'):>3}"
+            f"{r.get('window', {}).get('prefetch_window_limit', '-'):>3} "
+            f"{r.get('predictor_ms_per_prefill', float('nan')):7.1f} {r.get('sync_ms_per_prefill', float('nan')):7.1f}"
             if eng
             else f"{'-':>6} {'-':>5} {'-':>12} {r.get('peak_gpu_bytes', 0) / 2**30:8.1f} {'-':>6}"
         )

@@ -141,6 +141,7 @@ def engine_run(eng, item, warm):
         torch.cuda.reset_peak_memory_stats()
     rt = eng.runtime
     crit0, iters0, sync0 = rt.critical_decode_s, rt.decode_iterations, rt.sync_decode_s
+    critp0, syncp0 = rt.critical_prefill_s, rt.sync_s - rt.sync_decode_s
     if GC_FREEZE:
         gc.collect()  # the previous request's garbage is not frozen with the rest
         gc.freeze()  # what exists now (model, engine, stores) is never scanned again
@@ -161,6 +162,8 @@ def engine_run(eng, item, warm):
         "predictor_decode_s": rt.critical_decode_s - crit0,
         "decode_iterations": rt.decode_iterations - iters0,
         "sync_decode_s": rt.sync_decode_s - sync0,
+        "predictor_prefill_s": rt.critical_prefill_s - critp0,  # forward-thread predictor time in the prefill
+        "sync_prefill_s": rt.sync_s - rt.sync_decode_s - syncp0,  # the prefill's routing syncs
         "gc_s": gc1 - gc0,  # in cyclic garbage collection during the request
         "gc_collections": [b - a for a, b in zip(n0, n1, strict=True)],  # per generation 0/1/2
         "window": eng.prefetcher.window.stats(),  # the link-aware prefetch window after the request
@@ -211,6 +214,9 @@ def summarize(samples):
         if iters:
             out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
             out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
+        if "predictor_prefill_s" in samples[0]:  # per request (one prefill each)
+            out["predictor_ms_per_prefill"] = statistics.fmean(s["predictor_prefill_s"] for s in samples) * 1e3
+            out["sync_ms_per_prefill"] = statistics.fmean(s["sync_prefill_s"] for s in samples) * 1e3
         if "gc_s" in samples[0]:  # per generated token (prefill's collections included)
             out["gc_ms_per_token"] = sum(s["gc_s"] for s in samples) / max(1, len(all_steps) + len(samples)) * 1e3
             out["gc_collections"] = [sum(c) for c in zip(*(s["gc_collections"] for s in samples), strict=True)]

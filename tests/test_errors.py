@@ -185,3 +185,17 @@ def test_prefill_eviction_is_validated_and_resolved_per_policy():
     assert prefill_sweep(get_preset("finemoe"), auto) and not prefill_sweep(get_preset("finemoe"), off)
     assert not prefill_sweep(get_preset("lru"), auto) and prefill_sweep(get_preset("lru"), on)
     assert not prefill_sweep(get_preset("mixtral-offloading"), auto)  # the paper's baselines stay faithful
+
+
+def test_prefill_predict_is_validated_and_resolved_per_policy():
+    from finemoe.config import EngineConfig
+    from finemoe.presets import get_preset, predict_after_demand
+
+    with pytest.raises(ConfigError, match="prefill_predict must be one of auto, before, after-demand"):
+        EngineConfig(prefill_predict="late")
+    auto, after = EngineConfig(), EngineConfig(prefill_predict="after-demand")
+    before = EngineConfig(prefill_predict="before")
+    assert predict_after_demand(get_preset("finemoe"), auto) and not predict_after_demand(get_preset("finemoe"), before)
+    assert not predict_after_demand(get_preset("finemoe-paper"), auto)  # as the paper's hooks run them
+    assert not predict_after_demand(get_preset("mixtral-offloading"), auto)
+    assert predict_after_demand(get_preset("mixtral-offloading"), after)

@@ -277,3 +277,41 @@ def test_prefetch_window_setting_is_checked():
 
     with pytest.raises(ConfigError, match="prefetch_window"):
         EngineConfig(prefetch_window="wide")
+
+
+class _Watcher:
+    """A predictor that records, per routing it sees, the copies issued so far and plans one expert."""
+
+    def __init__(self, tr, target):
+        self.tr, self.target, self.seen = tr, target, []
+
+    def on_iteration_start(self, ctx):
+        return None
+
+    def on_routing(self, ev):
+        self.seen.append(list(self.tr.log))
+        return PrefetchPlan((PrefetchRequest(self.target, 0.9),), iteration=ev.iteration)
+
+
+@pytest.mark.parametrize("after_demand", [False, True])
+def test_predictors_see_a_layer_before_or_after_its_demand_copies(after_demand):
+    """`Stepper.serve(..., event)` hands the routing to the predictors once the layer's on-demand
+    copies are issued; a `route` call before `serve` hands it over before any copy. Either way the
+    plan's prefetch is issued after the demand copies (a miss pauses prefetching until they land)."""
+    from finemoe.stepper import Stepper
+
+    cache, pf, tr = setup(slots=4, inflight=2)
+    watcher = _Watcher(tr, ExpertId(1, 2))
+    st = Stepper(cache, pf, [watcher])
+    st.begin(0, ctx(0, is_prefill=True))
+    ev = event(0, [0, 1])
+    if not after_demand:
+        st.route(ev)
+    ran = []
+    st.serve(0, 0, [0, 1], lambda got, slots, whole: ran.append(list(got)), ev if after_demand else None)
+    assert ran == [[0, 1]]
+    assert watcher.seen == [[("demand", 0), ("demand", 1)] if after_demand else []]
+    assert [kind for kind, _ in tr.log] == ["demand", "demand"]  # the plan waits for them (a miss pauses)
+    tr.finish()
+    assert pf.pump() == 1 and tr.log[-1] == ("prefetch", 2)
+    assert st.deferred_s > 0 if after_demand else st.deferred_s == 0

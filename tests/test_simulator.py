@@ -426,3 +426,23 @@ def test_prefill_sweep_is_the_same_in_the_simulator_and_the_engine(recorded, pol
         tr, cfg(policy, "25%", map_store_capacity=64, prefill_eviction="policy"), None, "instant", empty_history(tr, 64)
     ).stats
     assert plain["layer_hit_rate"] != got["layer_hit_rate"]
+
+
+@pytest.mark.parametrize("policy", ["mixtral-offloading", "finemoe-paper", "finemoe"])
+def test_prefill_predict_after_demand_is_the_same_in_the_simulator_and_the_engine(recorded, policy):
+    """`prefill_predict='after-demand'` (finemoe's default; forced on for the others): a prefill
+    layer's routing reaches the predictors inside `Stepper.serve`, after its on-demand copies are
+    issued, in both drivers; the same decisions on the same prompts."""
+    path, prompts, f = recorded
+    tr = load_trace(f)
+    config = cfg(policy, "25%", map_store_capacity=64, prefill_predict="after-demand")
+    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+        assert eng.runtime.predict_after_demand
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        want = eng.stats().cache.to_dict()
+        assert eng.runtime.stepper.deferred_s > 0  # the predictors ran from `serve`
+    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
+    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
+    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    assert got["prefetches_issued"] > 0

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from finemoe.config import DUTY_MODES, PREFILL_EVICTION, PREFILL_PLANS, SEARCH_MODES
+from finemoe.config import DUTY_MODES, PREFILL_EVICTION, PREFILL_PLANS, PREFILL_PREDICT, SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.policy import EVICTION_POLICIES
 from finemoe.simstudy import add_simulate_args, add_window_args
@@ -102,6 +102,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         help="prefill victims: sweep (served layers first), policy (its own order); auto: the policy's",
     )
     ap.add_argument(
+        "--prefill-predict",
+        choices=list(PREFILL_PREDICT),
+        default="auto",
+        help="a prefill layer's predictors: before or after its on-demand copies are issued; auto: the policy's",
+    )
+    ap.add_argument(
         "--cuda-graphs",
         choices=["auto", "on", "off"],
         default="auto",
@@ -138,6 +144,7 @@ def _engine(args: argparse.Namespace):
         prefill_plans=args.prefill_plans,
         eviction=args.eviction,
         prefill_eviction=args.prefill_eviction,
+        prefill_predict=args.prefill_predict,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         progress=not args.no_progress,

@@ -162,6 +162,10 @@ SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map searc
 # policy's (finemoe "gate", finemoe-paper "maps"; docs/design/finemoe.md, ambiguity 4)
 PREFILL_PLANS = ("auto", "maps", "gate", "none")
 PREFILL_EVICTION = ("auto", "sweep", "policy")  # prefill_eviction
+# when a prefill layer's predictors run: "before" its on-demand copies are issued (in the router hook, the
+# baselines' order) or "after-demand" (once they are issued: their host work overlaps the copies);
+# auto: the policy's (finemoe after-demand, the others before)
+PREFILL_PREDICT = ("auto", "before", "after-demand")
 DUTY_MODES = ("auto", "always", "adaptive")  # prediction_duty; auto: adaptive on CUDA devices, always elsewhere
 
 
@@ -196,6 +200,7 @@ class EngineConfig:
     # victims in a prefill iteration: "sweep" (layers the pass has served first, `ExpertCache`), "policy"
     # (the eviction policy's order throughout); auto: the policy's (finemoe sweeps, the baselines do not)
     prefill_eviction: str = "auto"
+    prefill_predict: str = "auto"  # PREFILL_PREDICT: a prefill layer's predictors before or after its demand copies
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
@@ -214,6 +219,10 @@ class EngineConfig:
         if self.prefill_eviction not in PREFILL_EVICTION:
             raise ConfigError(
                 f"prefill_eviction must be one of {', '.join(PREFILL_EVICTION)}, got {self.prefill_eviction!r}"
+            )
+        if self.prefill_predict not in PREFILL_PREDICT:
+            raise ConfigError(
+                f"prefill_predict must be one of {', '.join(PREFILL_PREDICT)}, got {self.prefill_predict!r}"
             )
         if self.map_values not in ("probs", "counts"):
             raise ConfigError(f"map_values must be probs or counts, got {self.map_values!r}")

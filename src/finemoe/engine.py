@@ -43,6 +43,7 @@ from finemoe.prefetcher import LinkWindow, Prefetcher
 from finemoe.presets import (
     adaptive_prefetch_window,
     get_preset,
+    predict_after_demand,
     predictor_members,
     prefetch_distance,
     prefill_sweep,
@@ -295,6 +296,7 @@ class Engine:
                 self.search_mode = "async"
             predictors.append(pred)
         self.runtime = OffloadRuntime(spec, self.adapter, self.cache, self.prefetcher, predictors)
+        self.runtime.predict_after_demand = predict_after_demand(preset, config)
         if duty:
             self.runtime.duty, self.runtime.always = self._duty_for(config), always
         if hasattr(self.cache.policy, "on_routing") and not plan.all_resident:

@@ -137,6 +137,9 @@ class OffloadRuntime:
     # graphed decode: routing events held for the predictors until the next segment is replayed
     # (their host work then overlaps its GPU work); None: predictors run in the router hook
     late_events: list[RoutingEvent] | None = None
+    # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
+    # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
+    predict_after_demand: bool = False
     _gather: SlotGather | None = None
 
     def __post_init__(self) -> None:
@@ -247,6 +250,7 @@ class LayerBinding:
         self.rt, self.ref, self.layer = runtime, ref, ref.layer
         self._ids: tuple[torch.Tensor, list[int]] | None = None  # (device idx, unique ids) from the hook
         self._routed: RoutingEvent | None = None  # the routing the eviction policy has not seen yet
+        self._deferred: RoutingEvent | None = None  # the routing the predictors see in `run` (after demand)
 
     def _tell_policy(self) -> None:
         """The eviction policy reads the layer's routing, now that the layer is served."""
@@ -305,6 +309,8 @@ class LayerBinding:
         if predicting:
             if rt.late_events is not None:
                 rt.late_events.append(event)
+            elif rt.is_prefill and rt.predict_after_demand:
+                self._deferred = event  # `run` hands it to the stepper once the demand copies are issued
             else:
                 rt.stepper.route(event)
         spent = (t1 - t0) + (time.perf_counter() - t2)
@@ -321,7 +327,10 @@ class LayerBinding:
         if rt.capture is not None:  # recording a graphed decode step: device-only work, no host decision
             return self._captured(experts, hidden, idx, weights)
         batched = T * k <= rt.batched_max_pairs
+        event, self._deferred = self._deferred, None
         if cache.all_resident:  # layer l's experts sit in slots [l*E, (l+1)*E): the stock layout
+            if event is not None:  # nothing to copy: plan now
+                rt.stepper.route(event)
             cache.defer_access(layer, idx)
             if batched:
                 out = batched_pairs(experts, rt.layer_parts[layer], hidden, idx, weights)
@@ -360,7 +369,9 @@ class LayerBinding:
                 out = grouped_pairs(experts, parts, hidden, win_idx, weights, size, not whole or size != S)
                 acc.append(out)  # each pair is non-zero in exactly one term
 
-        rt.stepper.serve(rt.iteration, layer, unique, compute)
+        planned0 = rt.stepper.deferred_s
+        rt.stepper.serve(rt.iteration, layer, unique, compute, event)
+        rt.critical_prefill_s += rt.stepper.deferred_s - planned0
         self._tell_policy()
         total = acc[0]
         for out in acc[1:]:

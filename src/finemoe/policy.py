@@ -191,7 +191,7 @@ class _PlanAwareHeap:
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
-        self._sweep: list[tuple[float, int, int]] = []  # victims_behind: (key, last use, flat), sorted
+        self._sweep: list[tuple[float, int, int]] = []  # victims_behind: a heap of (key, last use, flat)
         self._sweep_at, self._sweep_upto = -1, 0  # its iteration and the layers it holds (< upto)
 
     # True if keys only ever rise between pushes (a use raises them): uses then push nothing and a
@@ -296,28 +296,36 @@ class _PlanAwareHeap:
 
     def victims_behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """Up to `n` experts `evictable` accepts in layers < `layer`, lowest key first (the cache's
-        prefill sweep; nothing there is protected). The served layers' residents are sorted once per
-        iteration as the pass reaches them (their keys hold until a later iteration uses them)."""
+        prefill sweep; nothing there is protected). A served layer's residents enter a heap of
+        (key, last use, flat) once per iteration as the pass reaches them: their keys hold until a
+        later iteration uses them, so an entry whose expert was evicted or used since is dropped."""
         E, last, eids = self.num_experts, self.last, self._eid
+        heap = self._sweep
         if self._sweep_at != self._iteration or layer < self._sweep_upto:
-            self._sweep_at, self._sweep_upto, self._sweep = self._iteration, 0, []
+            self._sweep_at, self._sweep_upto = self._iteration, 0
+            heap.clear()
         if layer > self._sweep_upto:
-            key = self._key
-            new = [(key(f), last[f], f) for f in range(self._sweep_upto * E, layer * E) if f in last]
-            self._sweep = sorted(self._sweep + new)  # two sorted runs: a merge
+            key, push = self._key, heapq.heappush
+            for f in range(self._sweep_upto * E, layer * E):
+                t = last.get(f)
+                if t is not None:
+                    push(heap, (key(f), t, f))
             self._sweep_upto = layer
-        order, found, dead = self._sweep, [], 0
-        for i, (_, t, flat) in enumerate(order):
-            if last.get(flat) != t:  # evicted (or used again) since it was sorted
-                if dead == i:
-                    dead += 1  # a leading run of such entries is dropped
-                continue
+        found: list[ExpertId] = []
+        kept: list[tuple[float, int, int]] = []
+        pop = heapq.heappop
+        while heap:
+            entry = pop(heap)
+            flat = entry[2]
+            if last.get(flat) != entry[1]:
+                continue  # evicted (or used again) since it entered: dropped
+            kept.append(entry)  # back in below; once the caller evicts it, it is dropped as above
             if evictable(eids[flat]):
-                found.append(eids[flat])  # the caller evicts it
+                found.append(eids[flat])
                 if len(found) == n:
                     break
-        if dead:
-            del order[:dead]
+        for entry in kept:
+            heapq.heappush(heap, entry)
         return found
 
     def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
@@ -470,6 +478,17 @@ class DecayLFUPolicy(_PlanAwareHeap):
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)  # raises its key: the heap entry is refreshed lazily (`_lazy`)
         self.last[flat] = step
+
+    def on_demand_load(self, eid: ExpertId, step: int) -> None:
+        """`on_insert` then `on_access` of an expert just loaded: the same count, one heap entry."""
+        if eid.layer != self._layer_now:
+            self._reach(eid.layer)
+        flat = eid.layer * self.num_experts + eid.expert
+        t = step / self.num_layers
+        c, t0 = self.count.get(flat, (self.prefetch_count, t))  # on_insert's count if never seen
+        self._set(flat, c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
+        self.last[flat] = step
+        self._push(flat)
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         """`on_access` of each of `eids` (one layer's, in order): the same arithmetic, one call."""

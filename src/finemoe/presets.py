@@ -25,6 +25,7 @@ class PolicyPreset:
     refine_stride: int = 0  # > 0: also speculate layer l+s's router on layer l's input (synchronous)
     prefill_plans: str = "maps"  # what config prefill_plans "auto" means for a finemoe predictor
     prefill_sweep: bool = False  # what config prefill_eviction "auto" means (finemoe; baselines stay faithful)
+    predict_after_demand: bool = False  # what config prefill_predict "auto" means (finemoe; baselines stay faithful)
 
 
 DEFAULT_POLICY = "finemoe"
@@ -45,6 +46,7 @@ PRESETS: dict[str, PolicyPreset] = {
             refine_stride=1,
             prefill_plans="gate",
             prefill_sweep=True,
+            predict_after_demand=True,
         ),
         PolicyPreset(
             "finemoe-paper",
@@ -160,6 +162,14 @@ def prefill_sweep(preset: PolicyPreset, config: Any) -> bool:
     if config.prefill_eviction == "auto":
         return preset.prefill_sweep
     return config.prefill_eviction == "sweep"
+
+
+def predict_after_demand(preset: PolicyPreset, config: Any) -> bool:
+    """True if a prefill layer's predictors run once its on-demand copies are issued (`Stepper.serve`)
+    rather than in the router hook before them."""
+    if config.prefill_predict == "auto":
+        return preset.predict_after_demand
+    return config.prefill_predict == "after-demand"
 
 
 def adaptive_prefetch_window(preset: PolicyPreset, config: Any, all_resident: bool) -> bool:

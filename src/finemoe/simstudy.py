@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finemoe.config import PREFILL_EVICTION, PREFILL_PLANS
+from finemoe.config import PREFILL_EVICTION, PREFILL_PLANS, PREFILL_PREDICT
 from finemoe.policy import EVICTION_POLICIES
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,12 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         choices=list(PREFILL_EVICTION),
         default="auto",
         help="prefill victims of every policy: sweep (served layers first), policy (its own order); auto: the policy's",
+    )
+    ap.add_argument(
+        "--prefill-predict",
+        choices=list(PREFILL_PREDICT),
+        default="auto",
+        help="a prefill layer's predictors: before or after its on-demand copies are issued; auto: the policy's",
     )
     add_window_args(ap)
     ap.add_argument(
@@ -111,6 +117,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         map_store_rows=args.map_store_rows,
         eviction=args.eviction,
         prefill_eviction=args.prefill_eviction,
+        prefill_predict=args.prefill_predict,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         search="sync",

@@ -40,6 +40,7 @@ from finemoe.presets import (
     PolicyPreset,
     adaptive_prefetch_window,
     get_preset,
+    predict_after_demand,
     predictor_members,
     prefetch_distance,
     prefill_sweep,
@@ -277,6 +278,7 @@ class Simulator:
             members = predictor_members(preset, config, deps, plan.all_resident)
         self.predictors = [members[0] if len(members) == 1 else PredictorChain(members)] if members else []
         self.want_hidden = not oracle and reads_router_inputs(preset, config)
+        self.after_demand = predict_after_demand(preset, config)  # prefill: predictors once the copies are issued
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
             self.cache.preload_all()
@@ -303,6 +305,7 @@ class Simulator:
         cache, stepper = self.cache, self.stepper
         observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (`policy_routes`)
         want_events, want_hidden = bool(self.predictors) or observe is not None, self.want_hidden
+        after_demand = self.after_demand and bool(self.predictors)
         batches = schedule(trace, batch_size)
         access = accesses_of(trace, batches)
         zero = (lambda *a: 0.0) if cost is None else None
@@ -328,6 +331,7 @@ class Simulator:
                 live = [i for i, n in enumerate(olen) if it < n]
                 parts = [(batch[i], *trace.rows(batch[i], it)) for i in live]
                 prefill = it == 0
+                late = prefill and after_demand and want_events
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
@@ -348,10 +352,11 @@ class Simulator:
                             ids[:, 1] = layer
                         hidden = ids if want_hidden else None
                         event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
-                        stepper.route(event)
+                        if not late:
+                            stepper.route(event)
                     if predict_host:  # the predictors' host work before the layer's copies are issued
                         clock.t += predict_host
-                    stepper.serve(g, layer, layers[layer], compute)
+                    stepper.serve(g, layer, layers[layer], compute, event if late else None)
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
                 for i in live:

@@ -5,11 +5,14 @@ Mechanism shared by the engine's forward hooks (`execution`) and the trace simul
 the same routing and a synchronous transfer they make identical decisions.
 
 Per iteration: `begin(ctx)`, then per MoE layer `route(event)` (the router ran) and `serve(...)`
-(the layer's experts run, in chunks when the pool cannot pin them all at once).
+(the layer's experts run, in chunks when the pool cannot pin them all at once). A layer's routing
+may instead go to `serve(..., event)`: the predictors then plan once the layer's on-demand copies
+are issued, so their host work overlaps those copies (`prefill_predict`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from finemoe.cache import ExpertCache
@@ -24,6 +27,7 @@ ComputeFn = Callable[[list[int], list[int], bool], None]
 class Stepper:
     def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictors: list[Predictor]) -> None:
         self.cache, self.prefetcher, self.predictors = cache, prefetcher, predictors
+        self.deferred_s = 0.0  # host seconds of the routings `serve` passed to the predictors
 
     def begin(self, iteration: int, ctx: IterationContext | None) -> None:
         """Iteration `iteration` starts; predictors see its context (None: no predictor wants one)."""
@@ -40,13 +44,20 @@ class Stepper:
         for p in self.predictors:
             submit(p.on_routing(event))
 
-    def serve(self, iteration: int, layer: int, unique: list[int], compute: ComputeFn) -> None:
+    def serve(
+        self, iteration: int, layer: int, unique: list[int], compute: ComputeFn, event: RoutingEvent | None = None
+    ) -> None:
         """Count the accesses of `unique` (sorted expert ids) in `layer`, pin them (on-demand loads
         for misses) and run `compute` on each chunk that fits; refcounts are released even if
-        `compute` raises."""
+        `compute` raises. `event`: the layer's routing, for the predictors once the first chunk's
+        on-demand copies are issued (instead of a `route` call before)."""
         cache, prefetcher = self.cache, self.prefetcher
         prefetcher.now(iteration, layer)
         got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
+        if event is not None:  # the predictors plan once the layer's demand copies are issued
+            t0 = time.perf_counter()
+            self.route(event)
+            self.deferred_s += time.perf_counter() - t0
         remaining = unique
         first = True
         while remaining:
