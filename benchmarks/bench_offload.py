@@ -120,6 +120,11 @@ def parse_args(argv=None):
         help="comma-separated policy entries: after the timed rounds, one request of each under cProfile "
         "at the last budget (text tables next to --out)",
     )
+    ap.add_argument(
+        "--profile-tokens",
+        type=int,
+        help="new tokens of the profiled request (default: the request's own; 1 profiles its prefill alone)",
+    )
     return ap.parse_args(argv)
 
 
@@ -310,7 +315,8 @@ def main():
     for name in prof_names:
         try:
             eng.reconfigure(**settings[name], expert_budget=budgets[-1], map_store_learn=learn)
-            text = engine_profile(eng, work[0], work[-1])
+            item = work[0] if args.profile_tokens is None else (work[0][0], args.profile_tokens, work[0][2])
+            text = engine_profile(eng, item, work[-1])
         except Exception:
             log.exception("profile of %s failed", name)
             continue

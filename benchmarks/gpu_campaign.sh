@@ -144,6 +144,12 @@ case $part in
     python -m pytest -q tests/gpu 2>&1 | tail -2
     pair "lru+prefill_eviction='sweep',finemoe,finemoe+prefill_predict='before'" \
       s16_qwen15moe_predict.json s16_qwen3_30b_predict.json ;;
+  s16prof)  # session 16: where the host time of a Qwen3 prefill goes, lru + sweep against finemoe: one
+            # round, then one prefill of each under cProfile (--profile-tokens 1; ~3 min; carry as s16pred)
+    timeout 280 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 1 --skip-loop \
+      --policies "lru+prefill_eviction='sweep',finemoe" --profile "lru+prefill_eviction='sweep',finemoe" \
+      --profile-tokens 1 --out "$out/s16_qwen3_30b_prefill_profile.json" 2>&1 | grep -v "engine ready" | tail -6 ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
