@@ -28,6 +28,10 @@ from finemoe.types import CacheStats, ExpertId, MoESpec
 
 log = logging.getLogger(__name__)
 
+# A layer with at least this many on-demand misses (a prefill's, not a decode step's) issues its
+# copies in growing runs while the acquire loop still picks slots (`_acquire`)
+EARLY_ISSUE_MISSES = 16
+
 
 class ExpertCache:
     """Residency of experts in the device `SlotPool`."""
@@ -50,6 +54,7 @@ class ExpertCache:
         self._victims_behind = getattr(policy, "victims_behind", None)  # optional: the sweep in the policy's order
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
+        self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -330,6 +335,10 @@ class ExpertCache:
             loaded = self._on_load
             evicted = wasted = 0
             first = len(slots)
+            # Many misses (a prefill layer): the link starts on the first copies while the loop
+            # queues the rest, in runs of 1, 4, 16, ... (a queueing transfer issues them at once)
+            flush = self._flush
+            early = 1 if flush is not None and len(missing) >= EARLY_ISSUE_MISSES else 0
             for e in missing:
                 if free:
                     slot = free.pop()
@@ -362,6 +371,9 @@ class ExpertCache:
                     on_insert(eid, step)
                     on_access(eid, step)
                 slots.append(slot)
+                if len(slots) - first == early:
+                    flush()
+                    early = 4 * early + 1
             n = len(slots) - first
             if n:
                 self._dirty[layer] = True
@@ -373,6 +385,11 @@ class ExpertCache:
             st.bytes_copied += n * eb
             st.demand_bytes += n * eb
         return acquired, slots
+
+    def flush_copies(self) -> None:
+        """Issue the copies the transfer queued (no-op for a transfer that issues them in `load`)."""
+        if self._flush is not None:
+            self._flush()
 
     def demand_pending(self) -> bool:
         """True while an on-demand copy issued by the latest miss is still running."""

@@ -55,6 +55,7 @@ class Stepper:
         prefetcher.now(iteration, layer)
         got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
         if event is not None:  # the predictors plan once the layer's demand copies are issued
+            cache.flush_copies()
             t0 = time.perf_counter()
             self.route(event)
             self.deferred_s += time.perf_counter() - t0

@@ -39,6 +39,8 @@ class Transfer(Protocol):
 
     def synchronize(self) -> None: ...
 
+    # Optional: `flush()`, issue the copies `load` queued so far now (a transfer that queues them).
+
 
 class SyncTransfer:
     """Synchronous copies for CPU devices; `demand_seconds` is the wall time of on-demand copies."""
@@ -122,6 +124,11 @@ class CudaTransfer:
     def load(self, slot: int, src: list[torch.Tensor], demand: bool) -> None:
         self._queued.append((slot, src, demand))
         self._queued_slots.add(slot)
+
+    def flush(self) -> None:
+        """Issue the queued copies now, not at the next query or compute (the link starts on them)."""
+        if self._queued:
+            self._issue()
 
     def _issue(self) -> None:
         """Issue the queued copies in order, one stream context per run of the same kind."""

@@ -162,3 +162,39 @@ def test_copy_seconds_is_the_mean_demand_copy_time_and_the_stream_is_restored():
     tr.synchronize()
     total = tr.demand_seconds()
     assert total > 0 and tr.copy_seconds() == pytest.approx(total / 4)
+
+
+def test_a_layer_with_many_misses_issues_its_copies_in_growing_runs():
+    """`ExpertCache._acquire` with >= EARLY_ISSUE_MISSES misses: the link starts on the first copy
+    while the loop queues the rest (runs of 1, 4, 16, then the remainder at compute); every slot
+    still receives its own expert."""
+    from finemoe.cache import EARLY_ISSUE_MISSES, ExpertCache
+    from finemoe.policy import LRUPolicy
+
+    E = 40
+    spec = MoESpec(
+        "test",
+        (0,),
+        E,
+        2,
+        64,
+        32,
+        (ExpertPart("gate_up_proj", (64, 64)), ExpertPart("down_proj", (64, 32))),
+        torch.float32,
+        1,
+    )
+    assert E >= EARLY_ISSUE_MISSES
+    store = ExpertStore(spec, pin=True)
+    for e in range(E):
+        store.slab(ExpertId(0, e)).fill_(float(e + 1))
+    pool = SlotPool(spec, E, torch.device("cuda"))
+    tr = CudaTransfer(pool)
+    cache = ExpertCache(spec, pool, store, tr, LRUPolicy())
+    got, slots = cache.enter(0, list(range(E)))
+    assert got == list(range(E))
+    assert len(tr._timing) == 3 and len(tr._queued) == E - 21  # runs of 1, 4, 16 issued, the rest queued
+    tr.before_compute(slots)
+    tr.synchronize()
+    assert [n for _, _, n in tr._timing] == [1, 4, 16, E - 21]
+    for e, s in zip(got, slots, strict=True):
+        assert torch.all(pool.slot(s)[0] == float(e + 1))
