@@ -371,7 +371,7 @@ class ExpertCache:
                     on_insert(eid, step)
                     on_access(eid, step)
                 slots.append(slot)
-                if len(slots) - first == early:
+                if early and len(slots) - first == early:
                     flush()
                     early = 4 * early + 1
             n = len(slots) - first
