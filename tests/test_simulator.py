@@ -446,3 +446,23 @@ def test_prefill_predict_after_demand_is_the_same_in_the_simulator_and_the_engin
     keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
     assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
     assert got["prefetches_issued"] > 0
+
+
+def test_predictor_host_time_overlaps_the_copies_when_prefill_predicts_after_demand():
+    """`predict_host_s` is charged where the predictors run: before a layer's copies are issued
+    (`before`) or once they are (`after-demand`, overlapping them). One prefill of 2 layers, copy
+    1 s, dense 0.5 s, expert 0.25 s, host 0.5 s: before, layer 0's copy starts at 1.0 and layer 1
+    waits for its host time too (TTFT 3.5); after, the copy starts at 0.5 and the host time hides
+    under it, and layer 1's host time under its late prefetch (TTFT 3.0, as with no host time)."""
+    import dataclasses
+
+    tr = scripted([[[[0], [3]], [[1], [2]]]])
+    slow = dataclasses.replace(unit_cost(), predict_host_s=0.5)
+    ttft = {
+        (mode, cost.predict_host_s): simulate(
+            tr, cfg("mixtral-offloading", "2", prefill_predict=mode), cost, "timed"
+        ).ttft_s
+        for mode in ("before", "after-demand")
+        for cost in (unit_cost(), slow)
+    }
+    assert ttft == {("before", 0.0): 3.0, ("before", 0.5): 3.5, ("after-demand", 0.0): 3.0, ("after-demand", 0.5): 3.0}

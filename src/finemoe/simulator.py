@@ -312,6 +312,12 @@ class Simulator:
         layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
         head_s = 0.0 if cost is None else cost.head_s
         predict_host = 0.0 if cost is None or not self.predictors else cost.predict_host_s
+        if after_demand and predict_host:  # deferred: charged once the layer's copies are issued
+
+            def charge() -> None:
+                clock.t += predict_host
+
+            stepper.after_deferred = charge
         e_s = 0.0 if cost is None else cost.expert_s
         e_tok = 0.0 if cost is None else cost.expert_token_s
         ttft, tpot, e2e = [], [], []
@@ -354,7 +360,7 @@ class Simulator:
                         event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
                         if not late:
                             stepper.route(event)
-                    if predict_host:  # the predictors' host work before the layer's copies are issued
+                    if predict_host and not late:  # the predictors' host work before the layer's copies
                         clock.t += predict_host
                     stepper.serve(g, layer, layers[layer], compute, event if late else None)
                     if observe is not None:  # as the engine: once the layer is served

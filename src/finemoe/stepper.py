@@ -28,6 +28,7 @@ class Stepper:
     def __init__(self, cache: ExpertCache, prefetcher: Prefetcher, predictors: list[Predictor]) -> None:
         self.cache, self.prefetcher, self.predictors = cache, prefetcher, predictors
         self.deferred_s = 0.0  # host seconds of the routings `serve` passed to the predictors
+        self.after_deferred: Callable[[], None] | None = None  # called after each (the simulator's clock)
 
     def begin(self, iteration: int, ctx: IterationContext | None) -> None:
         """Iteration `iteration` starts; predictors see its context (None: no predictor wants one)."""
@@ -59,6 +60,8 @@ class Stepper:
             t0 = time.perf_counter()
             self.route(event)
             self.deferred_s += time.perf_counter() - t0
+            if self.after_deferred is not None:
+                self.after_deferred()
         remaining = unique
         first = True
         while remaining:
