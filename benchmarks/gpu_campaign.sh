@@ -150,6 +150,14 @@ case $part in
       --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 1 --skip-loop \
       --policies "lru+prefill_eviction='sweep',finemoe" --profile "lru+prefill_eviction='sweep',finemoe" \
       --profile-tokens 1 --out "$out/s16_qwen3_30b_prefill_profile.json" 2>&1 | grep -v "engine ready" | tail -6 ;;
+  s16serve) # session 16: GPU tests at the session's last engine change, then s14serve's online run again
+            # (finemoe's prefill predictors after its demand copies, copies issued in runs); carry
+            # gpu_traces/q60x4_t3.fmt and q60x4_h16.fmt (21 MB; ~6 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    timeout 250 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --policies lru --budgets 25% --repeats 1 \
+      --skip-loop --serve-requests 8 --serve-rate 0.6 --serve-policies lru,mixtral-offloading,moe-infinity,finemoe \
+      --out "$out/s16_serve_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
