@@ -278,7 +278,8 @@ class Simulator:
             members = predictor_members(preset, config, deps, plan.all_resident)
         self.predictors = [members[0] if len(members) == 1 else PredictorChain(members)] if members else []
         self.want_hidden = not oracle and reads_router_inputs(preset, config)
-        self.after_demand = predict_after_demand(preset, config)  # prefill: predictors once the copies are issued
+        # prefill: predictors once the copies are issued (the oracles keep planning first, as they sweep not)
+        self.after_demand = predict_after_demand(preset, config) and not oracle
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
             self.cache.preload_all()
