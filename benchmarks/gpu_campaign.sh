@@ -158,6 +158,13 @@ case $part in
       --history gpu_traces/q60x4_h16.fmt --history-requests 16 --policies lru --budgets 25% --repeats 1 \
       --skip-loop --serve-requests 8 --serve-rate 0.6 --serve-policies lru,mixtral-offloading,moe-infinity,finemoe \
       --out "$out/s16_serve_qwen15moe_trace.json" 2>&1 | grep -v "engine ready" | tail -12 ;;
+  s16dprof) # session 16: where a Qwen3 decode's host time goes, lru against finemoe (the simulator says
+            # 0.90x lru's TPOT, the H200 1.00x): one round, then one whole request of each under
+            # cProfile (~2.5 min; carry the two q128x8 files as s16prof)
+    timeout 280 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 1 --skip-loop \
+      --policies lru,finemoe --profile lru,finemoe \
+      --out "$out/s16_qwen3_30b_decode_profile.json" 2>&1 | grep -v "engine ready" | tail -6 ;;
   s14mix)   # session 14: Mixtral-8x7B (16 layers) with graphed decode, every baseline at 25%; traces
             # rebuilt in session 13 (carry gpu_traces/m8x2_{test,hist}.fmt, 9 MB; ~6 min)
     mix 560 "$POL,lru+eviction='router-ema'" s14_mixtral16_trace.json 14 ;;
