@@ -315,3 +315,21 @@ def test_predictors_see_a_layer_before_or_after_its_demand_copies(after_demand):
     tr.finish()
     assert pf.pump() == 1 and tr.log[-1] == ("prefetch", 2)
     assert st.deferred_s > 0 if after_demand else st.deferred_s == 0
+
+
+def test_a_failing_deferred_predictor_leaves_nothing_pinned():
+    """A predictor that raises while `serve` hands it the layer's routing (after the demand copies
+    were issued) must not leave the layer's slots pinned: the request fails, the cache serves on."""
+    from finemoe.stepper import Stepper
+
+    class Failing(_Watcher):
+        def on_routing(self, ev):
+            raise RuntimeError("predictor failed")
+
+    cache, pf, tr = setup(slots=4, inflight=2)
+    st = Stepper(cache, pf, [Failing(tr, ExpertId(1, 2))])
+    st.begin(0, ctx(0, is_prefill=True))
+    with pytest.raises(RuntimeError, match="predictor failed"):
+        st.serve(0, 0, [0, 1], lambda got, slots, whole: None, event(0, [0, 1]))
+    assert cache.refcount == [0, 0, 0, 0]
+    assert cache.is_resident(ExpertId(0, 0)) and cache.is_resident(ExpertId(0, 1))  # loaded, unpinned

@@ -309,7 +309,7 @@ class LayerBinding:
         if predicting:
             if rt.late_events is not None:
                 rt.late_events.append(event)
-            elif rt.is_prefill and rt.predict_after_demand:
+            elif rt.is_prefill and rt.predict_after_demand and not rt.cache.all_resident:
                 self._deferred = event  # `run` hands it to the stepper once the demand copies are issued
             else:
                 rt.stepper.route(event)
@@ -328,9 +328,9 @@ class LayerBinding:
             return self._captured(experts, hidden, idx, weights)
         batched = T * k <= rt.batched_max_pairs
         event, self._deferred = self._deferred, None
+        if event is not None and (event.iteration != rt.iteration or not rt.is_prefill):
+            event = None  # left over from a forward pass that failed between the router and here
         if cache.all_resident:  # layer l's experts sit in slots [l*E, (l+1)*E): the stock layout
-            if event is not None:  # nothing to copy: plan now
-                rt.stepper.route(event)
             cache.defer_access(layer, idx)
             if batched:
                 out = batched_pairs(experts, rt.layer_parts[layer], hidden, idx, weights)

@@ -56,12 +56,16 @@ class Stepper:
         prefetcher.now(iteration, layer)
         got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
         if event is not None:  # the predictors plan once the layer's demand copies are issued
-            cache.flush_copies()
-            t0 = time.perf_counter()
-            self.route(event)
-            self.deferred_s += time.perf_counter() - t0
-            if self.after_deferred is not None:
-                self.after_deferred()
+            try:
+                cache.flush_copies()
+                t0 = time.perf_counter()
+                self.route(event)
+                self.deferred_s += time.perf_counter() - t0
+                if self.after_deferred is not None:
+                    self.after_deferred()
+            except BaseException:
+                cache.release(layer, got, slots)  # a failing predictor leaves nothing pinned
+                raise
         remaining = unique
         first = True
         while remaining:
