@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from finemoe.config import DUTY_MODES, PREFILL_EVICTION, PREFILL_PLANS, PREFILL_PREDICT, SEARCH_MODES
@@ -115,6 +118,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     )
     add_window_args(ap)
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
+    ap.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="keep Python's cyclic garbage collector scanning the loaded model and stores (by default "
+        "they are frozen once loaded: a full collection over them pauses a request for ~0.2 s)",
+    )
 
 
 def _engine(args: argparse.Namespace):
@@ -163,6 +172,23 @@ def _default_model():
     return path
 
 
+@contextlib.contextmanager
+def _frozen_gc(args: argparse.Namespace) -> Iterator[None]:
+    """Exempt everything alive now (the loaded engine: model, pool, stores) from the cyclic garbage
+    collector while the command runs: a full collection over those objects takes ~0.2 s
+    (`benchmarks/gc_pause.py`) and lands in whichever request allocates at the wrong moment. Garbage
+    is collected first; the freeze is lifted on exit. `--no-gc-freeze` turns it off."""
+    if getattr(args, "no_gc_freeze", False):
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from finemoe.config import SamplingParams
 
@@ -179,7 +205,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     chat = False if args.raw else None
-    with _engine(args) as engine:
+    with _engine(args) as engine, _frozen_gc(args):
         for i in range(0, len(prompts), args.batch_size):
             for out in engine.generate(prompts[i : i + args.batch_size], params, chat=chat):
                 if args.json:
@@ -383,7 +409,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     auth = "API key required" if api_key else "no API key"
     print(f"[finemoe] serving {name!r} on http://{args.host}:{args.port}/v1 ({auth})", file=sys.stderr)
     try:
-        serve(engine, config, close_engine=True)
+        with _frozen_gc(args):
+            serve(engine, config, close_engine=True)
     finally:
         engine.close()  # no-op when the server already closed it
     return 0
@@ -404,7 +431,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     else:
         backend = LocalChat(_engine(args))
     try:
-        return run_chat(backend, params, system=args.system)
+        with _frozen_gc(args) if isinstance(backend, LocalChat) else contextlib.nullcontext():
+            return run_chat(backend, params, system=args.system)
     finally:
         backend.close()
         if isinstance(backend, LocalChat):
