@@ -74,6 +74,34 @@ def unit_cost(copy_s=1.0, layer_s=0.5, expert_s=0.25) -> CostModel:
     return CostModel("unit", copy_s, layer_s, 0.0, expert_s, 0.0, 0.0, 1)
 
 
+# counters the engine (deterministic mode: CPU, inline search) and the simulator must agree on
+PARITY_KEYS = (
+    "hits",
+    "misses",
+    "evictions",
+    "prefetches_issued",
+    "prefetches_used",
+    "prefetches_wasted",
+    "layer_hit_rate",
+)
+
+
+def engine_and_simulator(recorded, config: EngineConfig, inspect=None) -> tuple[dict, dict]:
+    """The recorded prompts through the engine and the trace through the simulator under `config`:
+    (engine's, simulator's) cache counters of PARITY_KEYS. `inspect(engine)` runs once the prompts
+    are served, before the engine closes."""
+    path, prompts, f = recorded
+    tr = load_trace(f)
+    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+        for p in prompts:
+            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        want = eng.stats().cache.to_dict()
+        if inspect is not None:
+            inspect(eng)
+    got = simulate(tr, config, None, "instant", empty_history(tr, config.map_store_capacity)).stats
+    return {k: want[k] for k in PARITY_KEYS}, {k: got[k] for k in PARITY_KEYS}
+
+
 # layer 0 cycles experts 0, 1, 2; layer 1 always uses expert 3 (top-1)
 CYCLE = [[[[0], [3]], [[1], [3]], [[2], [3]], [[0], [3]], [[1], [3]], [[2], [3]]]]
 
@@ -221,34 +249,21 @@ def test_trace_round_trip(recorded):
 
 @pytest.mark.parametrize("policy", ONLINE)
 def test_simulator_equals_the_engine_in_deterministic_mode(recorded, policy):
-    path, prompts, f = recorded
-    tr = load_trace(f)
-    config = cfg(policy, "25%", map_store_capacity=64)
-    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
-        for p in prompts:
-            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-        want = eng.stats().cache.to_dict()
-    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
-    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "prefetches_wasted")
-    keys += ("layer_hit_rate",)
-    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+    want, got = engine_and_simulator(recorded, cfg(policy, "25%", map_store_capacity=64))
+    assert got == want
 
 
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])
 def test_router_ema_eviction_is_the_same_in_the_simulator_and_the_engine(recorded, policy):
     """The router-probability eviction reads the routers through the engine's observer and the
     simulator's routing events: the same decisions on the same prompts."""
-    path, prompts, f = recorded
-    tr = load_trace(f)
-    config = cfg(policy, "25%", map_store_capacity=64, eviction="router-ema")
-    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+
+    def reads_routing(eng):
         assert eng.runtime.policy_routes == eng.cache.policy.on_routing
-        for p in prompts:
-            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-        want = eng.stats().cache.to_dict()
-    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
-    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
-    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+    config = cfg(policy, "25%", map_store_capacity=64, eviction="router-ema")
+    want, got = engine_and_simulator(recorded, config, reads_routing)
+    assert got == want
     assert got["evictions"] > 0
 
 
@@ -411,17 +426,14 @@ def test_prefill_sweep_is_the_same_in_the_simulator_and_the_engine(recorded, pol
     """The prefill sweep (forced on; lru takes the cache's id-order scan, finemoe-paper's map-aware
     LFU its own `victims_behind`) reaches the cache through `begin_iteration` in both drivers: the
     same decisions on the same prompts, and not those of the policy's plain order."""
-    path, prompts, f = recorded
-    tr = load_trace(f)
-    config = cfg(policy, "25%", map_store_capacity=64, prefill_eviction="sweep")
-    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+
+    def sweeps(eng):
         assert eng.cache.prefill_sweep
-        for p in prompts:
-            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-        want = eng.stats().cache.to_dict()
-    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
-    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
-    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+    config = cfg(policy, "25%", map_store_capacity=64, prefill_eviction="sweep")
+    want, got = engine_and_simulator(recorded, config, sweeps)
+    assert got == want
+    tr = load_trace(recorded[2])
     plain = simulate(
         tr, cfg(policy, "25%", map_store_capacity=64, prefill_eviction="policy"), None, "instant", empty_history(tr, 64)
     ).stats
@@ -433,18 +445,14 @@ def test_prefill_predict_after_demand_is_the_same_in_the_simulator_and_the_engin
     """`prefill_predict='after-demand'` (finemoe's default; forced on for the others): a prefill
     layer's routing reaches the predictors inside `Stepper.serve`, after its on-demand copies are
     issued, in both drivers; the same decisions on the same prompts."""
-    path, prompts, f = recorded
-    tr = load_trace(f)
-    config = cfg(policy, "25%", map_store_capacity=64, prefill_predict="after-demand")
-    with Engine.from_pretrained(path, config=config, device="cpu", progress=False) as eng:
+
+    def deferred(eng):
         assert eng.runtime.predict_after_demand
-        for p in prompts:
-            eng.generate(p, SamplingParams(max_new_tokens=6, ignore_eos=True))
-        want = eng.stats().cache.to_dict()
         assert eng.runtime.stepper.deferred_s > 0  # the predictors ran from `serve`
-    got = simulate(tr, config, None, "instant", empty_history(tr, 64)).stats
-    keys = ("hits", "misses", "evictions", "prefetches_issued", "prefetches_used", "layer_hit_rate")
-    assert {k: got[k] for k in keys} == {k: want[k] for k in keys}
+
+    config = cfg(policy, "25%", map_store_capacity=64, prefill_predict="after-demand")
+    want, got = engine_and_simulator(recorded, config, deferred)
+    assert got == want
     assert got["prefetches_issued"] > 0
 
 

@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from finemoe.config import DUTY_MODES, PREFILL_EVICTION, PREFILL_PLANS, PREFILL_PREDICT, SEARCH_MODES
+from finemoe.config import DUTY_MODES, PREFILL_PLANS, SEARCH_MODES
 from finemoe.errors import FineMoEError
 from finemoe.policy import EVICTION_POLICIES
-from finemoe.simstudy import add_simulate_args, add_window_args
+from finemoe.simstudy import add_prefill_args, add_simulate_args, add_window_args
 
 
 def _read_prompts(path: str, split: str | None = None) -> list[str]:
@@ -98,18 +98,7 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         help="finemoe's prefetch plans in prefill: maps (+ gate), gate only, none (auto: the policy's)",
     )
     ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override the policy's eviction policy")
-    ap.add_argument(
-        "--prefill-eviction",
-        choices=list(PREFILL_EVICTION),
-        default="auto",
-        help="prefill victims: sweep (served layers first), policy (its own order); auto: the policy's",
-    )
-    ap.add_argument(
-        "--prefill-predict",
-        choices=list(PREFILL_PREDICT),
-        default="auto",
-        help="a prefill layer's predictors: before or after its on-demand copies are issued; auto: the policy's",
-    )
+    add_prefill_args(ap)
     ap.add_argument(
         "--cuda-graphs",
         choices=["auto", "on", "off"],

@@ -110,8 +110,9 @@ class CostModel:
     expert_bytes: int  # bytes one traced expert stands for
     scale_layers: float = 1.0  # shape layers per traced layer
     scale_experts: float = 1.0  # shape experts per traced expert
-    # host time per traced layer in which predictors run (their plans, prefetch issue), on the
-    # step's critical path before the layer's copies are issued (a calibration knob, 0 by default)
+    # host time per traced layer in which predictors run (their plans, prefetch issue; a calibration
+    # knob, 0 by default): charged where they run, before the layer's copies are issued or, with
+    # `prefill_predict` after-demand in a prefill, after (overlapping them)
     predict_host_s: float = 0.0
     # host time of the eviction policy (calibration knobs, 0 by default): per victim search (before
     # the copies it frees slots for) and per layer for a policy that reads the routing (router-ema)

@@ -19,6 +19,22 @@ log = logging.getLogger(__name__)
 DEFAULT_POLICIES = "finemoe,mixtral-offloading,promoe,moe-infinity,on-demand,lfu,belady,oracle"
 
 
+def add_prefill_args(ap: argparse.ArgumentParser) -> None:
+    """`--prefill-eviction` and `--prefill-predict`, shared by the engine commands and `simulate`."""
+    ap.add_argument(
+        "--prefill-eviction",
+        choices=list(PREFILL_EVICTION),
+        default="auto",
+        help="prefill victims: sweep (served layers first), policy (its own order); auto: the policy's",
+    )
+    ap.add_argument(
+        "--prefill-predict",
+        choices=list(PREFILL_PREDICT),
+        default="auto",
+        help="a prefill layer's predictors: before or after its on-demand copies are issued; auto: the policy's",
+    )
+
+
 def add_window_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-inflight-prefetches", type=int, default=4, help="prefetch copies in flight at most")
     ap.add_argument(
@@ -51,18 +67,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-min-precision", type=float, default=0.0, help="finemoe: withhold imprecise map plans")
     ap.add_argument("--map-store-rows", choices=["all", "last"], default="all")
     ap.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), help="override every policy's eviction")
-    ap.add_argument(
-        "--prefill-eviction",
-        choices=list(PREFILL_EVICTION),
-        default="auto",
-        help="prefill victims of every policy: sweep (served layers first), policy (its own order); auto: the policy's",
-    )
-    ap.add_argument(
-        "--prefill-predict",
-        choices=list(PREFILL_PREDICT),
-        default="auto",
-        help="a prefill layer's predictors: before or after its on-demand copies are issued; auto: the policy's",
-    )
+    add_prefill_args(ap)
     add_window_args(ap)
     ap.add_argument(
         "--oracle-noise",
