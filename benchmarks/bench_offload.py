@@ -41,6 +41,7 @@ from offload_runs import (  # noqa: E402
     accelerate_runs,
     copy_bandwidth,
     engine_profile,
+    engine_request,
     engine_run,
     hf_generate,
     hf_run,
@@ -67,6 +68,13 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=4, help="interleaved rounds")
+    ap.add_argument(
+        "--warm-requests",
+        type=int,
+        default=0,
+        help="untimed requests (the work items in turn) after each engine reconfiguration, before the "
+        "timed ones: e.g. past the adaptive prediction duty's first probe, as a long-running engine is",
+    )
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="bench_offload.json")
@@ -372,6 +380,8 @@ def rounds(args, eng, plain, configs, settings, learn, device, work, label):
         for name, budget in configs:
             if budget:
                 eng.reconfigure(**settings.get(name, {"policy": name}), expert_budget=budget, map_store_learn=learn)
+                for w in range(args.warm_requests):
+                    engine_request(eng, work[w % len(work)])
             for i, item in enumerate(work):
                 p, n, before = item
                 if name == "transformers-generate":

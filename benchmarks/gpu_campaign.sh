@@ -47,7 +47,28 @@ pair() {
     --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
     --policies "$1" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -7
 }
+# Like pair, one shape per call, with --gc-freeze and one untimed request after each reconfiguration
+# (finemoe's adaptive duty past its first probe, as in a long-running engine):   steady SHAPE POLICIES RECORD
+steady() {
+  if [ "$1" = q15 ]; then
+    timeout 300 $B --shape qwen15moe --trace gpu_traces/q60x4_t3.fmt --trace-requests 3 \
+      --history gpu_traces/q60x4_h16.fmt --history-requests 16 --budgets 25% --repeats 2 --skip-loop \
+      --gc-freeze --warm-requests 1 --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -8
+  else
+    timeout 500 $B --shape qwen3_30b --trace gpu_traces/q128x8_t2.fmt --trace-requests 2 \
+      --history gpu_traces/q128x8_hist.fmt --history-requests 12 --budgets 25% --repeats 2 --skip-loop \
+      --gc-freeze --warm-requests 1 --policies "$2" --out "$out/$3" 2>&1 | grep -v "engine ready" | tail -8
+  fi
+}
+EARLY="lru,lru+early_issue_misses=2,finemoe,finemoe+early_issue_misses=2"
 case $part in
+  s17a)     # session 17: GPU tests, then a decode step's first copy issued before its other victims are
+            # found (early_issue_misses=2) against all at once, lru and finemoe, Qwen1.5 25% (carry
+            # q60x4_t3 and q60x4_h16, 21 MB; ~6 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    steady q15 "$EARLY" s17_qwen15moe_early.json ;;
+  s17b)     # session 17: the same on Qwen3 (carry q128x8_t2 and q128x8_hist; ~5 min)
+    steady q3 "$EARLY" s17_qwen3_30b_early.json ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

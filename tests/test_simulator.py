@@ -474,3 +474,55 @@ def test_predictor_host_time_overlaps_the_copies_when_prefill_predicts_after_dem
         for cost in (unit_cost(), slow)
     }
     assert ttft == {("before", 0.0): 3.0, ("before", 0.5): 3.5, ("after-demand", 0.0): 3.0, ("after-demand", 0.5): 3.0}
+
+
+class FlushingLink(TimedLink):
+    """A timed link with the queueing transfer's `flush` (copies are timed when loaded either way):
+    the cache then issues a layer's copies in runs and searches their victims in two passes."""
+
+    flushes = 0
+
+    def flush(self) -> None:
+        FlushingLink.flushes += 1
+
+
+@pytest.mark.parametrize(
+    ("policy", "knobs"),
+    [
+        ("lru", {}),
+        ("lru", {"prefill_eviction": "sweep"}),
+        ("lfu", {}),
+        ("finemoe", {}),
+        ("finemoe", {"eviction": "router-ema"}),
+        ("finemoe-paper", {}),
+        ("moe-infinity", {}),
+        ("mixtral-offloading", {}),
+    ],
+)
+def test_copies_issued_in_runs_evict_the_same_experts(recorded, policy, knobs, monkeypatch):
+    """`early_issue_misses`: a layer with that many misses finds its first copy's victim alone, issues
+    the copy, then finds the rest. Every replay (prefill layers of real prompts, decode steps with
+    three misses) must equal the one-pass replay, counter for counter and in simulated time."""
+    import dataclasses
+
+    from finemoe import simulator as sim_module
+
+    spec = dataclasses.replace(SPEC1, moe_layers=(0, 1, 2), num_experts=8, top_k=3)
+    gen = torch.Generator().manual_seed(7)
+    w = torch.tensor([6.0, 4.0, 3.0, 2.0, 1.0, 1.0, 1.0, 1.0])
+    script = [[[torch.multinomial(w, 3, generator=gen).tolist() for _ in range(3)] for _ in range(9)] for _ in range(4)]
+    traces = [(load_trace(recorded[2]), "25%"), (scripted(script, spec), "4")]
+    drop = ("wall_s", "layer_steps_per_s")
+    for tr, budget in traces:
+        hist = empty_history(tr, 64)
+        record_history(tr, hist)
+        config = cfg(policy, budget, map_store_learn=False, **knobs)
+        plain = simulate(tr, config, unit_cost(0.4), "timed", hist).to_dict()
+        with monkeypatch.context() as m:
+            m.setattr(sim_module, "TimedLink", FlushingLink)
+            FlushingLink.flushes = 0
+            runs = simulate(tr, dataclasses.replace(config, early_issue_misses=2), unit_cost(0.4), "timed", hist)
+            assert FlushingLink.flushes > 0  # the split path ran
+        assert {k: v for k, v in runs.to_dict().items() if k not in drop} == {
+            k: v for k, v in plain.items() if k not in drop
+        }

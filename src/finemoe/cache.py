@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from finemoe.config import EARLY_ISSUE_MISSES
 from finemoe.policy import EvictionPolicy
 from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
@@ -28,9 +29,9 @@ from finemoe.types import CacheStats, ExpertId, MoESpec
 
 log = logging.getLogger(__name__)
 
-# A layer with at least this many on-demand misses (a prefill's, not a decode step's) issues its
-# copies in growing runs while the acquire loop still picks slots (`_acquire`)
-EARLY_ISSUE_MISSES = 16
+# A layer with at least EARLY_ISSUE_MISSES on-demand misses (by default a prefill's, not a decode
+# step's) issues its copies in growing runs while the acquire loop still picks slots (`_acquire`);
+# `EngineConfig.early_issue_misses` sets it per engine
 
 
 class ExpertCache:
@@ -44,9 +45,12 @@ class ExpertCache:
         transfer: Transfer,
         policy: EvictionPolicy,
         prefill_sweep: bool = False,
+        early_issue_misses: int = EARLY_ISSUE_MISSES,
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
         self.prefill_sweep = prefill_sweep
+        # misses from which a layer issues its copies in runs (0: never; needs a queueing transfer)
+        self.early_issue_misses = early_issue_misses
         self._sweeping = False  # this iteration is a prefill and prefill_sweep is on
         self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
@@ -318,15 +322,19 @@ class ExpertCache:
             # one call per miss would pick them: what is loaded here stays pinned meanwhile).
             free = self._free
             need = len(missing) - len(free)
-            victims = self._victims
-            if need <= 0:
-                ahead = []
-            elif self._sweeping:
-                find = (lambda pred, m: victims(pred, m, layer)) if victims is not None else None
-                ahead = self._swept(find, self._evictable_landed, need, layer)
-            else:
-                ahead = victims(self._evictable_landed, need, layer) if victims is not None else []
-            ahead.reverse()
+            # Many misses (a prefill layer, or a decode step with `early_issue_misses` <= top-k): the
+            # link starts on the first copy while the loop picks the rest, issued in runs of 1, 4,
+            # 16, ... (a queueing transfer issues them at once). The first copy's victim is then
+            # searched alone (none with a free slot) and the rest once it is issued: the same victims
+            # as one pass, since what a load brings in stays pinned meanwhile.
+            flush = self._flush
+            n_early = self.early_issue_misses
+            early = 1 if flush is not None and 0 < n_early <= len(missing) else 0
+            ahead, searched = [], 0
+            if need > 0:
+                searched = (0 if free else 1) if early else need
+                ahead = self._find_victims(searched, layer) if searched else []
+                ahead.reverse()
             # `_evict` and `_load` inlined (the replay's hottest path): the same updates, in order;
             # the counters are added once after the loop
             slot_of, owner, eb = self.slot_of, self.owner, self.expert_bytes
@@ -335,11 +343,11 @@ class ExpertCache:
             loaded = self._on_load
             evicted = wasted = 0
             first = len(slots)
-            # Many misses (a prefill layer): the link starts on the first copies while the loop
-            # queues the rest, in runs of 1, 4, 16, ... (a queueing transfer issues them at once)
-            flush = self._flush
-            early = 1 if flush is not None and len(missing) >= EARLY_ISSUE_MISSES else 0
             for e in missing:
+                if not free and not ahead and searched < need:  # the rest, the first copy issued
+                    ahead = self._find_victims(need - searched, layer)
+                    ahead.reverse()
+                    searched = need
                 if free:
                     slot = free.pop()
                 elif ahead:
@@ -385,6 +393,15 @@ class ExpertCache:
             st.bytes_copied += n * eb
             st.demand_bytes += n * eb
         return acquired, slots
+
+    def _find_victims(self, n: int, layer: int) -> list[ExpertId]:
+        """Up to `n` victims for on-demand misses of `layer` in one policy pass (the sweep's order
+        in a sweeping prefill); fewer when the policy offers no such pass or runs out."""
+        victims = self._victims
+        if self._sweeping:
+            find = (lambda pred, m: victims(pred, m, layer)) if victims is not None else None
+            return self._swept(find, self._evictable_landed, n, layer)
+        return victims(self._evictable_landed, n, layer) if victims is not None else []
 
     def flush_copies(self) -> None:
         """Issue the copies the transfer queued (no-op for a transfer that issues them in `load`)."""

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from finemoe.errors import BudgetError, ConfigError
 from finemoe.types import MoESpec
 
+# On-demand misses from which a layer issues its copies in runs (`ExpertCache`): prefill layers only
+EARLY_ISSUE_MISSES = 16
+
 log = logging.getLogger(__name__)
 
 _UNITS = {
@@ -201,6 +204,9 @@ class EngineConfig:
     # (the eviction policy's order throughout); auto: the policy's (finemoe sweeps, the baselines do not)
     prefill_eviction: str = "auto"
     prefill_predict: str = "auto"  # PREFILL_PREDICT: a prefill layer's predictors before or after its demand copies
+    # a layer with at least this many on-demand misses issues its copies in runs of 1, 4, 16, ... while
+    # it still picks victims (CUDA); 16 = prefill layers only, 2 = decode steps too, 0 = all at once
+    early_issue_misses: int = EARLY_ISSUE_MISSES
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
@@ -240,6 +246,8 @@ class EngineConfig:
             raise ConfigError(f"map_store_capacity must be >= 1, got {self.map_store_capacity}")
         if self.prefetch_distance is not None and self.prefetch_distance < 1:
             raise ConfigError(f"prefetch_distance must be >= 1, got {self.prefetch_distance}")
+        if self.early_issue_misses < 0:
+            raise ConfigError(f"early_issue_misses must be >= 0 (0: off), got {self.early_issue_misses}")
         if self.max_inflight_prefetches < 1:
             raise ConfigError(f"max_inflight_prefetches must be >= 1, got {self.max_inflight_prefetches}")
         if self.prefetch_window not in ("link", "fixed"):

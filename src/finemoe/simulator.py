@@ -237,7 +237,9 @@ class Simulator:
         if cost is not None and (cost.victim_host_s or cost.routing_host_s):
             _charge_host(policy, self.clock, cost.victim_host_s, cost.routing_host_s)
         sweep = prefill_sweep(preset, config) and not oracle  # Belady's choices stay its own
-        self.cache = ExpertCache(spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep)
+        self.cache = ExpertCache(
+            spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
+        )
         copy_s = getattr(self.transfer, "copy_seconds", None)
         transfer = self.transfer
         window = LinkWindow(  # layer time without the stalls: the time the link has to copy in

@@ -198,3 +198,45 @@ def test_a_layer_with_many_misses_issues_its_copies_in_growing_runs():
     assert [n for _, _, n in tr._timing] == [1, 4, 16, E - 21]
     for e, s in zip(got, slots, strict=True):
         assert torch.all(pool.slot(s)[0] == float(e + 1))
+
+
+def test_a_decode_step_issues_its_first_copy_before_finding_the_other_victims():
+    """`early_issue_misses=2` with every slot taken: three misses find the first victim, issue its
+    copy, then find the other two (LRU order either way) and leave their copies queued for compute;
+    each slot receives its own expert and the least recent experts leave."""
+    from finemoe.cache import ExpertCache
+    from finemoe.policy import LRUPolicy
+
+    E, S = 8, 4
+    spec = MoESpec(
+        "test",
+        (0,),
+        E,
+        3,
+        64,
+        32,
+        (ExpertPart("gate_up_proj", (64, 64)), ExpertPart("down_proj", (64, 32))),
+        torch.float32,
+        1,
+    )
+    store = ExpertStore(spec, pin=True)
+    for e in range(E):
+        store.slab(ExpertId(0, e)).fill_(float(e + 1))
+    pool = SlotPool(spec, S, torch.device("cuda"))
+    tr = CudaTransfer(pool)
+    cache = ExpertCache(spec, pool, store, tr, LRUPolicy(), early_issue_misses=2)
+    for e in range(S):  # residents 0..3, expert 0 least recent
+        got, slots = cache.enter(0, [e])
+        tr.before_compute(slots)
+        cache.release(0, got, slots)
+    tr.synchronize()
+    before = len(tr._timing)
+    got, slots = cache.enter(0, [3, 5, 6, 7])  # a hit and three misses: victims 0, 1, 2
+    assert got == [3, 5, 6, 7]
+    assert len(tr._timing) == before + 1 and len(tr._queued) == 2  # the first copy issued, two queued
+    assert sorted(e.expert for e in cache.resident()) == [3, 5, 6, 7]
+    tr.before_compute(slots)
+    tr.synchronize()
+    assert [n for _, _, n in tr._timing[before:]] == [1, 2]
+    for e, s in zip(got, slots, strict=True):
+        assert torch.all(pool.slot(s)[0] == float(e + 1))
