@@ -29,9 +29,8 @@ from finemoe.types import CacheStats, ExpertId, MoESpec
 
 log = logging.getLogger(__name__)
 
-# A layer with at least EARLY_ISSUE_MISSES on-demand misses (by default a prefill's, not a decode
-# step's) issues its copies in growing runs while the acquire loop still picks slots (`_acquire`);
-# `EngineConfig.early_issue_misses` sets it per engine
+# A layer with at least EARLY_ISSUE_MISSES on-demand misses issues its copies in growing runs while
+# the acquire loop still picks slots (`_acquire`); `EngineConfig.early_issue_misses` sets it per engine
 
 
 class ExpertCache:
@@ -322,7 +321,7 @@ class ExpertCache:
             # one call per miss would pick them: what is loaded here stays pinned meanwhile).
             free = self._free
             need = len(missing) - len(free)
-            # Many misses (a prefill layer, or a decode step with `early_issue_misses` <= top-k): the
+            # Several misses (`early_issue_misses`, 2 by default: a prefill layer or a decode step): the
             # link starts on the first copy while the loop picks the rest, issued in runs of 1, 4,
             # 16, ... (a queueing transfer issues them at once). The first copy's victim is then
             # searched alone (none with a free slot) and the rest once it is issued: the same victims

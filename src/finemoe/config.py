@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from finemoe.errors import BudgetError, ConfigError
 from finemoe.types import MoESpec
 
-# On-demand misses from which a layer issues its copies in runs (`ExpertCache`): prefill layers only
-EARLY_ISSUE_MISSES = 16
+# On-demand misses from which a layer issues its copies in runs (`ExpertCache`, CUDA): a decode step's
+# too (session 17, H200, 25%: finemoe's TPOT -4% on Qwen3, lru's within noise; docs/results/gpu_trace.md)
+EARLY_ISSUE_MISSES = 2
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class EngineConfig:
     prefill_eviction: str = "auto"
     prefill_predict: str = "auto"  # PREFILL_PREDICT: a prefill layer's predictors before or after its demand copies
     # a layer with at least this many on-demand misses issues its copies in runs of 1, 4, 16, ... while
-    # it still picks victims (CUDA); 16 = prefill layers only, 2 = decode steps too, 0 = all at once
+    # it still picks victims (CUDA); 2 = decode steps too, 16 = prefill layers only, 0 = all at once
     early_issue_misses: int = EARLY_ISSUE_MISSES
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
