@@ -79,6 +79,24 @@ def test_semantic_match_is_cosine_argmax():
     assert scores[0].item() == pytest.approx(2.0 / math.sqrt(4.01), rel=1e-5)
 
 
+def test_single_query_semantic_matches_are_remembered_until_the_store_changes():
+    """A recurring embedding (one query row) is matched once per store state: an added row, a
+    replaced row or loaded rows make the next match search again."""
+    s = store(dim=3)
+    s.add(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.rand(2, 2, 2))
+    q = torch.tensor([[1.0, 1.0, 0.1]])
+    first = s.semantic_match(q)
+    assert first[1].item() in (0, 1) and s.semantic_match(q)[1].item() == first[1].item()
+    assert len(s._semantic) == 1  # the second call was answered from memory
+    s.add(torch.tensor([[1.0, 1.0, 0.0]]), torch.rand(1, 2, 2))  # a better match arrives
+    scores, rows = s.semantic_match(q)
+    assert rows.item() == 2 and scores.item() == pytest.approx(2.0 / math.sqrt(2.01 * 2), rel=1e-5)
+    s.load_rows(torch.tensor([[0.0, 0.0, 1.0]]), torch.rand(1, 2, 2))
+    assert s.semantic_match(q)[1].item() == 0 and s.semantic_match(q)[0].item() == pytest.approx(
+        0.1 / math.sqrt(2.01), rel=1e-5
+    )
+
+
 def test_trajectory_incremental_equals_from_scratch():
     g = torch.Generator().manual_seed(0)
     L, E, C, N = 5, 6, 40, 3

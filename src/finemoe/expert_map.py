@@ -18,11 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from finemoe.predictor import ranked_row
+
 EPS = 1e-12
 # TrajectoryQuery.best with candidates: the full search runs for layers 0..PRUNE_AT_LAYER-1, then
 # only the rows leading at that point are followed.
 PRUNE_AT_LAYER = 4
 RANKED_CACHE = 16384  # ranked map rows kept (each 3 lists of E numbers); cleared when full
+SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
 
 
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -61,6 +64,9 @@ class ExpertMapStore:
         # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
         # first use and dropped when the row is rewritten: decode keeps matching the same rows.
         self._ranked: dict[int, tuple[list[int], list[float], list[float]]] = {}
+        # embedding bytes -> (score, row) of a single-query semantic match: a token's embedding is
+        # the same every time it recurs, and a frozen store (the offline setup) matches it alike
+        self._semantic: dict[bytes, tuple[float, int]] = {}
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -106,6 +112,7 @@ class ExpertMapStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
+        self._semantic.clear()
         if self._ranked:
             L = self.geometry.num_layers
             for key in range(row * L, row * L + L):
@@ -172,8 +179,6 @@ class ExpertMapStore:
         key = row * self.geometry.num_layers + layer
         hit = self._ranked.get(key)
         if hit is None:
-            from finemoe.predictor import ranked_row
-
             if len(self._ranked) >= RANKED_CACHE:
                 self._ranked.clear()
             hit = self._ranked[key] = ranked_row(self._by_layer_np[layer, row])
@@ -181,12 +186,18 @@ class ExpertMapStore:
 
     def semantic_match(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best stored row per query embedding: (`scores` [N] cosine, `rows` [N]). Store non-empty."""
-        if emb.shape[0] == 1:  # one query: one torch matvec, the rest in NumPy
+        if emb.shape[0] == 1:  # one query: NumPy, remembered by its bytes until the store changes
             q = emb[0].float().numpy()
-            sim = _mv(self._emb_unit_np[: self.size], q)
-            row = int(sim.argmax())
-            score = float(sim[row]) / max(float(np.sqrt(q @ q)), EPS)
-            return torch.tensor([score]), torch.tensor([row])
+            key = q.tobytes()
+            hit = self._semantic.get(key)
+            if hit is None:
+                sim = _mv(self._emb_unit_np[: self.size], q)
+                row = int(sim.argmax())
+                hit = (float(sim[row]) / max(float(np.sqrt(q @ q)), EPS), row)
+                if len(self._semantic) >= SEMANTIC_CACHE:
+                    self._semantic.clear()
+                self._semantic[key] = hit
+            return torch.tensor([hit[0]]), torch.tensor([hit[1]])
         q = emb.float() / emb.float().norm(dim=1, keepdim=True).clamp_min(EPS)
         sim = q @ self.emb_unit[: self.size].T  # [N, size]
         scores, rows = sim.max(dim=1)
@@ -209,6 +220,7 @@ class ExpertMapStore:
     def load_rows(self, emb: torch.Tensor, maps: torch.Tensor) -> None:
         """Replace the contents with saved rows (at most `capacity`; the newest kept if more)."""
         self.size = 0
+        self._semantic.clear()
         emb, maps = emb[-self.capacity :], maps[-self.capacity :]
         self._room_for(emb.shape[0])
         for i in range(emb.shape[0]):
@@ -233,6 +245,9 @@ class TrajectoryQuery:
         self.prune_at = PRUNE_AT_LAYER
         self._cand: np.ndarray | None = None  # [K] store rows followed
         self._cdot: np.ndarray | None = None  # [K] their running dot products
+        self._cbase = 0  # the first layer after the pruning
+        self._cmaps: np.ndarray | None = None  # [L - cbase, K, E] their maps from layer cbase on
+        self._cnorm: np.ndarray | None = None  # [L - cbase, K] their prefix norms (>= EPS) likewise
         self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
         self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
         self._dot1 = self.dot.numpy()[0] if num_rows == 1 else None  # best(): a view, updated in place
@@ -298,16 +313,20 @@ class TrajectoryQuery:
         row = int(ratio.argmax())
         if self.candidates and layer + 1 >= self.prune_at:
             k = self.candidates  # the rows still in the running: the best k so far (the best included)
-            self._cand = np.argpartition(-ratio, k - 1)[:k]
-            self._cdot = dot[self._cand].copy()
+            self._cand = cand = np.argpartition(-ratio, k - 1)[:k]
+            self._cdot = dot[cand].copy()
+            # the rows' remaining layers gathered once, not per layer (the same numbers)
+            self._cbase = layer + 1
+            self._cmaps = s._by_layer_np[layer + 1 :, cand]
+            self._cnorm = np.maximum(s._prefix_norm_np[layer + 1 :, cand], EPS)
         return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row
 
     def _best_pruned(self, layer: int, p: np.ndarray) -> tuple[float, int]:
-        """`best` over the candidate rows only: [K, E] gathered per layer instead of [C, E]."""
-        s, cand = self.store, self._cand
-        self._cdot += _mv(s._by_layer_np[layer][cand], p)
+        """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
+        i = layer - self._cbase
+        self._cdot += _mv(self._cmaps[i], p)
         self._q1 += float(p @ p)
         self.layers += 1
-        ratio = self._cdot / np.maximum(s._prefix_norm_np[layer][cand], EPS)
+        ratio = self._cdot / self._cnorm[i]
         i = int(ratio.argmax())
-        return float(ratio[i]) / max(self._q1**0.5, EPS), int(cand[i])
+        return float(ratio[i]) / max(self._q1**0.5, EPS), int(self._cand[i])

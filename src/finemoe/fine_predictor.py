@@ -82,8 +82,15 @@ class FineMoEPredictor:
         L, d = self.spec.num_layers, self.distance
         matched = store.maps[rows]  # [N, L, E]
         reqs: list[PrefetchRequest] = []
+        one = (int(rows[0]), float(scores[0])) if rows.numel() == 1 else None  # batch 1: the ranked rows
         for target in range(min(d, L)):
-            reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
+            if one is None:
+                chosen = self._select(matched[:, target], scores)
+            elif one[1] >= self.min_score:
+                chosen = select_ranked(store.ranked(target, one[0]), one[1], self.spec.top_k, self.rule)
+            else:
+                chosen = {}
+            reqs += plan_for_layer(target, -1, self._gated(target, chosen))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         hints = tuple(enumerate(matched.amax(dim=0).unbind(0))) if self.hints else ()  # (layer, [E]) per layer
         self.plans += 1

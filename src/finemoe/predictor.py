@@ -10,6 +10,7 @@ selection rule, the simple predictors and the registry. The FineMoE predictor li
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -131,10 +132,10 @@ def select_one(probs: np.ndarray | list[float], score: float, top_k: int, rule: 
 def ranked_row(probs: np.ndarray) -> tuple[list[int], list[float], list[float]]:
     """One map row [E] ranked for δ selection: (expert ids by descending probability, ties to the
     lower id; their probabilities; the running sums), float64 as `select_one` computes them."""
-    p = np.asarray(probs, dtype=np.float64)
-    order = np.argsort(-p, kind="stable")
-    sp = p[order]
-    return order.tolist(), sp.tolist(), np.cumsum(sp).tolist()
+    p = np.asarray(probs, dtype=np.float64).tolist()  # plain floats: E is small, list ops beat array ops
+    order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep the lower id first
+    sp = [p[e] for e in order]
+    return order, sp, list(itertools.accumulate(sp))  # running sums in order, as np.cumsum adds them
 
 
 def select_ranked(

@@ -346,6 +346,8 @@ class Simulator:
                 cache.begin_iteration(prefill)
                 if want_events:
                     ctx, probs, topk, ids = _iteration_tensors(trace, g, prefill, parts)
+                    # per layer views made at once; the stand-in's layer column written through NumPy
+                    probs, topk, ids_np = probs.unbind(0), topk.unbind(0), ids.numpy()
                     stepper.begin(g, ctx)
                 else:
                     stepper.begin(g, None)
@@ -358,9 +360,10 @@ class Simulator:
                     per_expert[0] = e_s + (tokens * spec.top_k / max(len(layers[layer]), 1) - 1) * e_tok
                     if want_events:
                         if want_hidden:
-                            ids[:, 1] = layer
+                            ids_np[:, 1] = layer
                         hidden = ids if want_hidden else None
-                        event = RoutingEvent(g, layer, probs[layer], topk[layer], prefill, hidden)
+                        p = probs[layer]  # [N, E] float32 CPU: already what `host_probs()` returns
+                        event = RoutingEvent(g, layer, p, topk[layer], prefill, hidden, _host=p)
                         if not late:
                             stepper.route(event)
                     if predict_host and not late:  # the predictors' host work before the layer's copies
