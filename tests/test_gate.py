@@ -27,7 +27,7 @@ def test_host_gate_matches_the_router_module(family):
         mine = adapter.router_probs(refs[layer].router, _host_logits(hidden, *host))
         assert mine.shape == ref.shape == (3, E)
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
-        assert torch.allclose(gate(layer, hidden), ref, atol=1e-5)  # CPU router: the module path
+        assert torch.allclose(gate(layer, hidden), ref, atol=1e-5)  # CPU router: the host copy too
 
 
 def test_non_linear_router_keeps_the_module():
