@@ -29,7 +29,7 @@ from finemoe.types import CacheStats, ExpertId, MoESpec
 log = logging.getLogger(__name__)
 
 # A layer with at least this many on-demand misses (a prefill's, not a decode step's) issues its
-# copies in growing runs while the acquire loop still picks slots (`_acquire`)
+# copies in growing runs while the acquire loop still picks slots (`enter`)
 EARLY_ISSUE_MISSES = 16
 
 
@@ -52,6 +52,7 @@ class ExpertCache:
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
         self._victims_behind = getattr(policy, "victims_behind", None)  # optional: the sweep in the policy's order
+        self._on_access, self._is_done = policy.on_access, transfer.is_done  # bound once: asked per access
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
@@ -260,26 +261,19 @@ class ExpertCache:
         Returns the experts acquired; the caller computes them, calls `release`, and acquires the
         rest. With S >= k every call acquires at least one expert.
         """
-        return self._acquire(layer, experts, False)[0]
+        return self.enter(layer, experts, False)[0]
 
-    def enter(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+    def enter(self, layer: int, experts: list[int], count: bool = True) -> tuple[list[int], list[int]]:
         """`access` then `acquire` of `experts` (sorted unique ids of `layer`) in one pass, the
-        layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`."""
-        if not experts:
-            self.access(layer, experts)
-            return [], []
-        return self._acquire(layer, experts, True)
-
-    def _acquire(self, layer: int, experts: list[int], count: bool) -> tuple[list[int], list[int]]:
-        """`acquire` (and, with `count`, `access` first): (experts acquired, their slots)."""
+        layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`.
+        `count` False: `acquire` alone (a later chunk, its accesses counted already)."""
         if count:
             self.step += 1
-        acquired, slots, missing = [], [], []
+        acquired, slots, missing, used = [], [], [], []  # used: the hits' ids, for `on_access_many`
         row, refcount, prefetched, step, st = self.slot_of, self.refcount, self.prefetched, self.step, self.stats
         row = row[layer]
-        on_access, eids, many = self.policy.on_access, self._eids[layer], self._on_access_many
+        on_access, eids, many, done = self._on_access, self._eids[layer], self._on_access_many, self._is_done
         hits = 0
-        done = self.transfer.is_done
         for e in experts:
             slot = row[e]
             if slot >= 0:
@@ -298,6 +292,8 @@ class ExpertCache:
                 refcount[slot] += 1
                 if many is None:
                     on_access(eids[e], step)
+                else:
+                    used.append(eids[e])
                 acquired.append(e)
                 slots.append(slot)
             else:
@@ -308,8 +304,8 @@ class ExpertCache:
             st.misses += misses
             st.layer_hits[layer] += hits
             st.layer_misses[layer] += misses
-        if many is not None and acquired:  # the same uses in the same order, before any miss's
-            many([eids[e] for e in acquired], step)
+        if used:  # the same uses in the same order, before any miss's
+            many(used, step)
         if missing:
             self._demand_slots = demand = []
             if self.on_demand_miss is not None:
