@@ -56,6 +56,7 @@ class ExpertCache:
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
+        self._settled = getattr(transfer, "settled", None)  # optional: every copy issued so far has landed
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -80,6 +81,7 @@ class ExpertCache:
         self._dirty = [False] * L
         self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
         self._evictable_landed = self._landed_predicate()
+        self._evictable_settled = self._landed_predicate(check_landed=False)
 
     def begin_iteration(self, prefill: bool) -> None:
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
@@ -149,16 +151,28 @@ class ExpertCache:
         slot = self.slot_of[eid.layer][eid.expert]
         return self.refcount[slot] == 0
 
-    def _landed_predicate(self) -> Callable[[ExpertId], bool]:
+    def _landed_predicate(self, check_landed: bool = True) -> Callable[[ExpertId], bool]:
         """`_evictable_landed`: unpinned, unprotected and its copy finished (without issuing queued
         copies). A closure over the (never rebound) residency lists, asked once per candidate
-        victim; a plan-blind policy protects nothing, so its check is skipped."""
+        victim; a plan-blind policy protects nothing, so its check is skipped. `check_landed`
+        False: `_evictable_settled`, the same predicate while every copy has landed (`settled`)."""
         slot_of, refcount, landed, protected = self.slot_of, self.refcount, self.transfer.landed, self.policy.protected
-        if getattr(self.policy, "plan_blind", False):
+        blind = getattr(self.policy, "plan_blind", False)
+        if blind and not check_landed:
+
+            def evictable(eid: ExpertId) -> bool:
+                return refcount[slot_of[eid[0]][eid[1]]] == 0
+
+        elif blind:
 
             def evictable(eid: ExpertId) -> bool:
                 slot = slot_of[eid[0]][eid[1]]
                 return refcount[slot] == 0 and landed(slot)
+
+        elif not check_landed:
+
+            def evictable(eid: ExpertId) -> bool:
+                return refcount[slot_of[eid[0]][eid[1]]] == 0 and not protected(eid)
 
         else:
 
@@ -274,11 +288,12 @@ class ExpertCache:
         row = row[layer]
         on_access, eids, many, done = self._on_access, self._eids[layer], self._on_access_many, self._is_done
         hits = 0
+        settled = self._settled is not None and self._settled()  # then every copy is done: no queries
         for e in experts:
             slot = row[e]
             if slot >= 0:
                 if count:  # `access`: a hit if its copy is done; a prefetch used (late if not)
-                    hit = done(slot)
+                    hit = settled or done(slot)
                     if hit:
                         hits += 1
                     if prefetched[slot]:
@@ -315,13 +330,14 @@ class ExpertCache:
             free = self._free
             need = len(missing) - len(free)
             victims = self._victims
+            evictable = self._evictable_settled if settled else self._evictable_landed
             if need <= 0:
                 ahead = []
             elif self._sweeping:
                 find = (lambda pred, m: victims(pred, m, layer)) if victims is not None else None
-                ahead = self._swept(find, self._evictable_landed, need, layer)
+                ahead = self._swept(find, evictable, need, layer)
             else:
-                ahead = victims(self._evictable_landed, need, layer) if victims is not None else []
+                ahead = victims(evictable, need, layer) if victims is not None else []
             ahead.reverse()
             # `_evict` and `_load` inlined (the replay's hottest path): the same updates, in order;
             # the counters are added once after the loop

@@ -110,6 +110,14 @@ class TimedLink:
     def landed(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 
+    def settled(self) -> bool:
+        """Every copy issued so far has landed: the last one issued ends last (copies run one at a
+        time; demand-first: the queue holds every unfinished copy, ordered by start)."""
+        if self._fifo:
+            return self._tail <= self.clock.t
+        q = self.queue
+        return not q or q[-1][1] <= self.clock.t
+
     def before_compute(self, slots: list[int]) -> None:
         t = ready = self.clock.t
         done = self.done

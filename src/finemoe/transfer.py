@@ -40,6 +40,8 @@ class Transfer(Protocol):
     def synchronize(self) -> None: ...
 
     # Optional: `flush()`, issue the copies `load` queued so far now (a transfer that queues them).
+    # Optional: `settled() -> bool`, True only if every copy issued so far has landed (then `is_done`
+    # and `landed` are True for every slot; the cache skips asking them).
 
 
 class SyncTransfer:
@@ -57,6 +59,9 @@ class SyncTransfer:
             self._demand_s += time.perf_counter() - t0
 
     def is_done(self, slot: int) -> bool:
+        return True
+
+    def settled(self) -> bool:
         return True
 
     def landed(self, slot: int) -> bool:
