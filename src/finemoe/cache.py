@@ -57,6 +57,12 @@ class ExpertCache:
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
         self._settled = getattr(transfer, "settled", None)  # optional: every copy issued so far has landed
+        # a layer's misses in one transfer call and one policy call where both offer it (`enter`),
+        # unless the transfer queues copies (`flush`: a long miss list issues them in runs meanwhile)
+        self._load_many = getattr(transfer, "load_many", None)
+        self._on_loads = getattr(policy, "on_demand_loads", None)
+        self._batched = self._load_many is not None and self._on_loads is not None and self._flush is None
+        self._parts = store.parts if getattr(store, "holds_weights", True) else None  # None: no weights to copy
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -322,7 +328,6 @@ class ExpertCache:
         if used:  # the same uses in the same order, before any miss's
             many(used, step)
         if missing:
-            self._demand_slots = demand = []
             if self.on_demand_miss is not None:
                 self.on_demand_miss()
             # The victims of the whole miss list in one policy pass where the policy offers it (as
@@ -339,64 +344,108 @@ class ExpertCache:
             else:
                 ahead = victims(evictable, need, layer) if victims is not None else []
             ahead.reverse()
-            # `_evict` and `_load` inlined (the replay's hottest path): the same updates, in order;
-            # the counters are added once after the loop
-            slot_of, owner, eb = self.slot_of, self.owner, self.expert_bytes
-            on_evict, on_insert = self.policy.on_evict, self.policy.on_insert
-            load, parts = self.transfer.load, self.store.parts
-            loaded = self._on_load
-            evicted = wasted = 0
             first = len(slots)
-            # Many misses (a prefill layer): the link starts on the first copies while the loop
-            # queues the rest, in runs of 1, 4, 16, ... (a queueing transfer issues them at once)
-            flush = self._flush
-            early = 1 if flush is not None and len(missing) >= EARLY_ISSUE_MISSES else 0
-            for e in missing:
-                if free:
-                    slot = free.pop()
-                elif ahead:
-                    victim = ahead.pop()
-                    vl, ve = victim
-                    slot = slot_of[vl][ve]
-                    on_evict(victim)
-                    slot_of[vl][ve] = -1
-                    self._dirty[vl] = True
-                    owner[slot] = None
-                    evicted += 1
-                    if prefetched[slot]:
-                        wasted += 1
-                        prefetched[slot] = False
-                else:
-                    st.evictions += evicted
-                    evicted = 0
-                    slot = self._allocate()
-                    if slot is None:
-                        break
-                eid = eids[e]
-                load(slot, parts(eid), True)
-                owner[slot] = eid
-                row[e] = slot
-                refcount[slot] += 1
-                if loaded is not None:
-                    loaded(eid, step)
-                else:
-                    on_insert(eid, step)
-                    on_access(eid, step)
-                slots.append(slot)
-                if early and len(slots) - first == early:
-                    flush()
-                    early = 4 * early + 1
-            n = len(slots) - first
+            if self._batched and len(ahead) >= need:
+                # `_load_each` with a slot for every miss, the transfer's and the policy's calls
+                # batched (`load_many`, `on_demand_loads`): the same slots, the same state after it
+                slot_of, owner, dirty = self.slot_of, self.owner, self._dirty
+                gone: list[ExpertId] = []
+                loaded: list[ExpertId] = []
+                wasted = 0
+                for e in missing:
+                    if free:
+                        slot = free.pop()
+                    else:
+                        victim = ahead.pop()
+                        vl, ve = victim
+                        slot = slot_of[vl][ve]
+                        slot_of[vl][ve] = -1
+                        dirty[vl] = True
+                        gone.append(victim)
+                        if prefetched[slot]:
+                            wasted += 1
+                            prefetched[slot] = False
+                    owner[slot] = eid = eids[e]
+                    row[e] = slot
+                    refcount[slot] += 1
+                    slots.append(slot)
+                    loaded.append(eid)
+                new = slots[first:]
+                parts = self._parts
+                self._load_many(new, [parts(x) for x in loaded] if parts is not None else [[]] * len(new), True)
+                self._on_loads(gone, loaded, step)
+                evicted = len(gone)
+            else:
+                evicted, wasted = self._load_each(layer, missing, ahead, slots, step)
+                new = slots[first:]
+            n = len(new)
+            self._demand_slots = new
             if n:
                 self._dirty[layer] = True
-                acquired += missing[:n]
-                demand += slots[first:]
+                acquired += missing if n == len(missing) else missing[:n]
+            eb = self.expert_bytes
             st.evictions += evicted
-            st.prefetches_wasted += wasted
-            st.prefetch_wasted_bytes += wasted * eb
+            if wasted:
+                st.prefetches_wasted += wasted
+                st.prefetch_wasted_bytes += wasted * eb
             st.bytes_copied += n * eb
             st.demand_bytes += n * eb
         return acquired, slots
+
+    def _load_each(
+        self, layer: int, missing: list[int], ahead: list[ExpertId], slots: list[int], step: int
+    ) -> tuple[int, int]:
+        """Load `missing` (experts of `layer`) into free slots, then those of `ahead` (victims, the
+        next one last), then `_allocate`'s, pinned, their slots appended to `slots`; stops when no
+        slot can be freed. `_evict` and `_load` inlined (the replay's hottest path): the same
+        updates, in order. Returns (evictions, prefetches wasted) not yet counted."""
+        free, slot_of, owner, refcount = self._free, self.slot_of, self.owner, self.refcount
+        row, eids, prefetched = slot_of[layer], self._eids[layer], self.prefetched
+        on_evict, on_insert, on_access = self.policy.on_evict, self.policy.on_insert, self.policy.on_access
+        load, parts = self.transfer.load, self.store.parts
+        loaded = self._on_load
+        evicted = wasted = 0
+        first = len(slots)
+        # Many misses (a prefill layer): the link starts on the first copies while the loop
+        # queues the rest, in runs of 1, 4, 16, ... (a queueing transfer issues them at once)
+        flush = self._flush
+        early = 1 if flush is not None and len(missing) >= EARLY_ISSUE_MISSES else 0
+        for e in missing:
+            if free:
+                slot = free.pop()
+            elif ahead:
+                victim = ahead.pop()
+                vl, ve = victim
+                slot = slot_of[vl][ve]
+                on_evict(victim)
+                slot_of[vl][ve] = -1
+                self._dirty[vl] = True
+                owner[slot] = None
+                evicted += 1
+                if prefetched[slot]:
+                    wasted += 1
+                    prefetched[slot] = False
+            else:
+                self.stats.evictions += evicted
+                evicted = 0
+                slot = self._allocate()
+                if slot is None:
+                    break
+            eid = eids[e]
+            load(slot, parts(eid), True)
+            owner[slot] = eid
+            row[e] = slot
+            refcount[slot] += 1
+            if loaded is not None:
+                loaded(eid, step)
+            else:
+                on_insert(eid, step)
+                on_access(eid, step)
+            slots.append(slot)
+            if early and len(slots) - first == early:
+                flush()
+                early = 4 * early + 1
+        return evicted, wasted
 
     def flush_copies(self) -> None:
         """Issue the copies the transfer queued (no-op for a transfer that issues them in `load`)."""

@@ -21,7 +21,10 @@ class SimPool:
 
 
 class NoWeights:
-    """A host store without weights (a simulated copy moves nothing)."""
+    """A host store without weights (a simulated copy moves nothing; `holds_weights` False tells
+    the cache it need not ask for `parts`)."""
+
+    holds_weights = False
 
     def parts(self, eid: ExpertId) -> list:
         return []
@@ -42,6 +45,9 @@ class InstantLink(SyncTransfer):
         super().__init__(SimPool(0))
 
     def load(self, slot: int, src: list, demand: bool) -> None:
+        pass
+
+    def load_many(self, slots: list[int], srcs: list[list], demand: bool) -> None:
         pass
 
 
@@ -100,6 +106,21 @@ class TimedLink:
             self.done[c[2]] = c[1]
             end = c[1]
         q[i:] = [[start, start + c_s, slot, True], *rest]
+
+    def load_many(self, slots: list[int], srcs: list[list], demand: bool) -> None:
+        """`load` of each of `slots` in order (fifo: the same arithmetic, inlined)."""
+        if not self._fifo:
+            for slot, src in zip(slots, srcs, strict=True):
+                self.load(slot, src, demand)
+            return
+        t, c_s, done = self.clock.t, self.copy_s, self.done
+        busy, tail = self.busy_s, self._tail
+        for slot in slots:
+            busy += c_s
+            start = tail if tail > t else t
+            tail = start + c_s
+            done[slot] = tail
+        self.busy_s, self._tail = busy, tail
 
     def copy_seconds(self) -> float:
         return self.copy_s
