@@ -30,7 +30,7 @@ from finemoe.types import CacheStats, ExpertId, MoESpec
 log = logging.getLogger(__name__)
 
 # A layer with at least EARLY_ISSUE_MISSES on-demand misses issues its copies in growing runs while
-# the acquire loop still picks slots (`_acquire`); `EngineConfig.early_issue_misses` sets it per engine
+# the acquire loop still picks slots (`enter`); `EngineConfig.early_issue_misses` sets it per engine
 
 
 class ExpertCache:
@@ -55,9 +55,17 @@ class ExpertCache:
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
         self._victims_behind = getattr(policy, "victims_behind", None)  # optional: the sweep in the policy's order
+        self._on_access, self._is_done = policy.on_access, transfer.is_done  # bound once: asked per access
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
+        self._settled = getattr(transfer, "settled", None)  # optional: every copy issued so far has landed
+        # a layer's misses in one transfer call and one policy call where both offer it (`enter`),
+        # unless the transfer queues copies (`flush`: a long miss list issues them in runs meanwhile)
+        self._load_many = getattr(transfer, "load_many", None)
+        self._on_loads = getattr(policy, "on_demand_loads", None)
+        self._batched = self._load_many is not None and self._on_loads is not None and self._flush is None
+        self._parts = store.parts if getattr(store, "holds_weights", True) else None  # None: no weights to copy
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
@@ -82,6 +90,7 @@ class ExpertCache:
         self._dirty = [False] * L
         self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
         self._evictable_landed = self._landed_predicate()
+        self._evictable_settled = self._landed_predicate(check_landed=False)
 
     def begin_iteration(self, prefill: bool) -> None:
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
@@ -151,16 +160,28 @@ class ExpertCache:
         slot = self.slot_of[eid.layer][eid.expert]
         return self.refcount[slot] == 0
 
-    def _landed_predicate(self) -> Callable[[ExpertId], bool]:
+    def _landed_predicate(self, check_landed: bool = True) -> Callable[[ExpertId], bool]:
         """`_evictable_landed`: unpinned, unprotected and its copy finished (without issuing queued
         copies). A closure over the (never rebound) residency lists, asked once per candidate
-        victim; a plan-blind policy protects nothing, so its check is skipped."""
+        victim; a plan-blind policy protects nothing, so its check is skipped. `check_landed`
+        False: `_evictable_settled`, the same predicate while every copy has landed (`settled`)."""
         slot_of, refcount, landed, protected = self.slot_of, self.refcount, self.transfer.landed, self.policy.protected
-        if getattr(self.policy, "plan_blind", False):
+        blind = getattr(self.policy, "plan_blind", False)
+        if blind and not check_landed:
+
+            def evictable(eid: ExpertId) -> bool:
+                return refcount[slot_of[eid[0]][eid[1]]] == 0
+
+        elif blind:
 
             def evictable(eid: ExpertId) -> bool:
                 slot = slot_of[eid[0]][eid[1]]
                 return refcount[slot] == 0 and landed(slot)
+
+        elif not check_landed:
+
+            def evictable(eid: ExpertId) -> bool:
+                return refcount[slot_of[eid[0]][eid[1]]] == 0 and not protected(eid)
 
         else:
 
@@ -263,31 +284,25 @@ class ExpertCache:
         Returns the experts acquired; the caller computes them, calls `release`, and acquires the
         rest. With S >= k every call acquires at least one expert.
         """
-        return self._acquire(layer, experts, False)[0]
+        return self.enter(layer, experts, False)[0]
 
-    def enter(self, layer: int, experts: list[int]) -> tuple[list[int], list[int]]:
+    def enter(self, layer: int, experts: list[int], count: bool = True) -> tuple[list[int], list[int]]:
         """`access` then `acquire` of `experts` (sorted unique ids of `layer`) in one pass, the
-        layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`."""
-        if not experts:
-            self.access(layer, experts)
-            return [], []
-        return self._acquire(layer, experts, True)
-
-    def _acquire(self, layer: int, experts: list[int], count: bool) -> tuple[list[int], list[int]]:
-        """`acquire` (and, with `count`, `access` first): (experts acquired, their slots)."""
+        layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`.
+        `count` False: `acquire` alone (a later chunk, its accesses counted already)."""
         if count:
             self.step += 1
-        acquired, slots, missing = [], [], []
+        acquired, slots, missing, used = [], [], [], []  # used: the hits' ids, for `on_access_many`
         row, refcount, prefetched, step, st = self.slot_of, self.refcount, self.prefetched, self.step, self.stats
         row = row[layer]
-        on_access, eids, many = self.policy.on_access, self._eids[layer], self._on_access_many
+        on_access, eids, many, done = self._on_access, self._eids[layer], self._on_access_many, self._is_done
         hits = 0
-        done = self.transfer.is_done
+        settled = self._settled is not None and self._settled()  # then every copy is done: no queries
         for e in experts:
             slot = row[e]
             if slot >= 0:
                 if count:  # `access`: a hit if its copy is done; a prefetch used (late if not)
-                    hit = done(slot)
+                    hit = settled or done(slot)
                     if hit:
                         hits += 1
                     if prefetched[slot]:
@@ -301,6 +316,8 @@ class ExpertCache:
                 refcount[slot] += 1
                 if many is None:
                     on_access(eids[e], step)
+                else:
+                    used.append(eids[e])
                 acquired.append(e)
                 slots.append(slot)
             else:
@@ -311,10 +328,9 @@ class ExpertCache:
             st.misses += misses
             st.layer_hits[layer] += hits
             st.layer_misses[layer] += misses
-        if many is not None and acquired:  # the same uses in the same order, before any miss's
-            many([eids[e] for e in acquired], step)
+        if used:  # the same uses in the same order, before any miss's
+            many(used, step)
         if missing:
-            self._demand_slots = demand = []
             if self.on_demand_miss is not None:
                 self.on_demand_miss()
             # The victims of the whole miss list in one policy pass where the policy offers it (as
@@ -329,78 +345,125 @@ class ExpertCache:
             flush = self._flush
             n_early = self.early_issue_misses
             early = 1 if flush is not None and 0 < n_early <= len(missing) else 0
+            evictable = self._evictable_settled if settled else self._evictable_landed
             ahead, searched = [], 0
             if need > 0:
                 searched = (0 if free else 1) if early else need
-                ahead = self._find_victims(searched, layer) if searched else []
+                ahead = self._find_victims(searched, layer, evictable) if searched else []
                 ahead.reverse()
-            # `_evict` and `_load` inlined (the replay's hottest path): the same updates, in order;
-            # the counters are added once after the loop
-            slot_of, owner, eb = self.slot_of, self.owner, self.expert_bytes
-            on_evict, on_insert = self.policy.on_evict, self.policy.on_insert
-            load, parts = self.transfer.load, self.store.parts
-            loaded = self._on_load
-            evicted = wasted = 0
             first = len(slots)
-            for e in missing:
-                if not free and not ahead and searched < need:  # the rest, the first copy issued
-                    ahead = self._find_victims(need - searched, layer)
-                    ahead.reverse()
-                    searched = need
-                if free:
-                    slot = free.pop()
-                elif ahead:
-                    victim = ahead.pop()
-                    vl, ve = victim
-                    slot = slot_of[vl][ve]
-                    on_evict(victim)
-                    slot_of[vl][ve] = -1
-                    self._dirty[vl] = True
-                    owner[slot] = None
-                    evicted += 1
-                    if prefetched[slot]:
-                        wasted += 1
-                        prefetched[slot] = False
-                else:
-                    st.evictions += evicted
-                    evicted = 0
-                    slot = self._allocate()
-                    if slot is None:
-                        break
-                eid = eids[e]
-                load(slot, parts(eid), True)
-                owner[slot] = eid
-                row[e] = slot
-                refcount[slot] += 1
-                if loaded is not None:
-                    loaded(eid, step)
-                else:
-                    on_insert(eid, step)
-                    on_access(eid, step)
-                slots.append(slot)
-                if early and len(slots) - first == early:
-                    flush()
-                    early = 4 * early + 1
-            n = len(slots) - first
+            if self._batched and not early and len(ahead) >= need:
+                # `_load_each` with a slot for every miss, the transfer's and the policy's calls
+                # batched (`load_many`, `on_demand_loads`): the same slots, the same state after it
+                slot_of, owner, dirty = self.slot_of, self.owner, self._dirty
+                gone: list[ExpertId] = []
+                loaded: list[ExpertId] = []
+                wasted = 0
+                for e in missing:
+                    if free:
+                        slot = free.pop()
+                    else:
+                        victim = ahead.pop()
+                        vl, ve = victim
+                        slot = slot_of[vl][ve]
+                        slot_of[vl][ve] = -1
+                        dirty[vl] = True
+                        gone.append(victim)
+                        if prefetched[slot]:
+                            wasted += 1
+                            prefetched[slot] = False
+                    owner[slot] = eid = eids[e]
+                    row[e] = slot
+                    refcount[slot] += 1
+                    slots.append(slot)
+                    loaded.append(eid)
+                new = slots[first:]
+                parts = self._parts
+                self._load_many(new, [parts(x) for x in loaded] if parts is not None else [[]] * len(new), True)
+                self._on_loads(gone, loaded, step)
+                evicted = len(gone)
+            else:
+                evicted, wasted = self._load_each(layer, missing, ahead, slots, step, early, need - searched)
+                new = slots[first:]
+            n = len(new)
+            self._demand_slots = new
             if n:
                 self._dirty[layer] = True
-                acquired += missing[:n]
-                demand += slots[first:]
+                acquired += missing if n == len(missing) else missing[:n]
+            eb = self.expert_bytes
             st.evictions += evicted
-            st.prefetches_wasted += wasted
-            st.prefetch_wasted_bytes += wasted * eb
+            if wasted:
+                st.prefetches_wasted += wasted
+                st.prefetch_wasted_bytes += wasted * eb
             st.bytes_copied += n * eb
             st.demand_bytes += n * eb
         return acquired, slots
 
-    def _find_victims(self, n: int, layer: int) -> list[ExpertId]:
-        """Up to `n` victims for on-demand misses of `layer` in one policy pass (the sweep's order
-        in a sweeping prefill); fewer when the policy offers no such pass or runs out."""
+    def _find_victims(self, n: int, layer: int, evictable: Callable[[ExpertId], bool]) -> list[ExpertId]:
+        """Up to `n` victims `evictable` accepts for on-demand misses of `layer` in one policy pass
+        (the sweep's order in a sweeping prefill); fewer when the policy offers no such pass or runs out."""
         victims = self._victims
         if self._sweeping:
             find = (lambda pred, m: victims(pred, m, layer)) if victims is not None else None
-            return self._swept(find, self._evictable_landed, n, layer)
-        return victims(self._evictable_landed, n, layer) if victims is not None else []
+            return self._swept(find, evictable, n, layer)
+        return victims(evictable, n, layer) if victims is not None else []
+
+    def _load_each(
+        self, layer: int, missing: list[int], ahead: list[ExpertId], slots: list[int], step: int, early: int, rest: int
+    ) -> tuple[int, int]:
+        """Load `missing` (experts of `layer`) into free slots, then those of `ahead` (victims, the
+        next one last), then `rest` more victims found once `ahead` runs out, then `_allocate`'s,
+        pinned, their slots appended to `slots`; stops when no slot can be freed. `early` (0 or 1):
+        issue the copies in runs of 1, 4, 16, ... `_evict` and `_load` inlined (the replay's
+        hottest path): the same updates, in order. Returns (evictions, prefetches wasted) not yet counted."""
+        free, slot_of, owner, refcount = self._free, self.slot_of, self.owner, self.refcount
+        row, eids, prefetched = slot_of[layer], self._eids[layer], self.prefetched
+        on_evict, on_insert, on_access = self.policy.on_evict, self.policy.on_insert, self.policy.on_access
+        load, parts = self.transfer.load, self.store.parts
+        loaded = self._on_load
+        evicted = wasted = 0
+        first = len(slots)
+        flush = self._flush
+        for e in missing:
+            if not free and not ahead and rest:  # the rest of the victims, the first copy issued
+                ahead = self._find_victims(rest, layer, self._evictable_landed)
+                ahead.reverse()
+                rest = 0
+            if free:
+                slot = free.pop()
+            elif ahead:
+                victim = ahead.pop()
+                vl, ve = victim
+                slot = slot_of[vl][ve]
+                on_evict(victim)
+                slot_of[vl][ve] = -1
+                self._dirty[vl] = True
+                owner[slot] = None
+                evicted += 1
+                if prefetched[slot]:
+                    wasted += 1
+                    prefetched[slot] = False
+            else:
+                self.stats.evictions += evicted
+                evicted = 0
+                slot = self._allocate()
+                if slot is None:
+                    break
+            eid = eids[e]
+            load(slot, parts(eid), True)
+            owner[slot] = eid
+            row[e] = slot
+            refcount[slot] += 1
+            if loaded is not None:
+                loaded(eid, step)
+            else:
+                on_insert(eid, step)
+                on_access(eid, step)
+            slots.append(slot)
+            if early and len(slots) - first == early:
+                flush()
+                early = 4 * early + 1
+        return evicted, wasted
 
     def flush_copies(self) -> None:
         """Issue the copies the transfer queued (no-op for a transfer that issues them in `load`)."""

@@ -47,6 +47,9 @@ class EvictionPolicy(Protocol):
     # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
     # Optional: `on_access_many(eids, step)`, `on_access` of one layer's experts in order, one call.
     # Optional: `on_demand_load(eid, step)`, `on_insert` then `on_access` of an expert just loaded.
+    # Optional: `on_demand_loads(evicted, loaded, step)`, one layer's misses in one call: `on_evict`
+    # of each of `evicted` then `on_demand_load` of each of `loaded`, leaving the policy as the
+    # interleaved calls (each victim evicted just before its replacement loads) would.
 
 
 class _PlanBlind:
@@ -80,6 +83,15 @@ class LRUPolicy(_PlanBlind):
     def on_demand_load(self, eid: ExpertId, step: int) -> None:
         """`on_insert` then `on_access` of an expert just loaded (not resident before): the end."""
         self._order[eid] = None
+
+    def on_demand_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
+        """`on_evict` of `evicted`, then `on_demand_load` of `loaded` (none of them resident
+        before): the order is that of the interleaved calls, `loaded` at the end."""
+        order = self._order
+        for eid in evicted:
+            del order[eid]
+        for eid in loaded:
+            order[eid] = None
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         move = self._order.move_to_end

@@ -334,11 +334,12 @@ class Simulator:
         g = 0
         for bi, batch in enumerate(batches):
             t_start = clock.t
-            olen = [int(trace.output_len[r]) for r in batch]
+            ranges = [trace.row_ranges(r) for r in batch]
+            olen = [len(x) for x in ranges]
             stamps: list[list[float]] = [[] for _ in batch]
             for it in range(max(olen)):
                 live = [i for i, n in enumerate(olen) if it < n]
-                parts = [(batch[i], *trace.rows(batch[i], it)) for i in live]
+                parts = [(batch[i], *ranges[i][it]) for i in live]
                 prefill = it == 0
                 late = prefill and after_demand and want_events
                 tokens = sum(b - a for _, a, b in parts)
@@ -354,10 +355,11 @@ class Simulator:
                 clock.t += head_s
                 layers = access[g]
                 dense = layer_s(tokens)
-                for layer in range(L):
+                pairs = tokens * spec.top_k  # routed (token, expert) pairs per layer
+                for layer, experts in enumerate(layers):
                     clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
-                    per_expert[0] = e_s + (tokens * spec.top_k / max(len(layers[layer]), 1) - 1) * e_tok
+                    per_expert[0] = e_s + (pairs / (len(experts) or 1) - 1) * e_tok
                     if want_events:
                         if want_hidden:
                             ids_np[:, 1] = layer
@@ -368,7 +370,7 @@ class Simulator:
                             stepper.route(event)
                     if predict_host and not late:  # the predictors' host work before the layer's copies
                         clock.t += predict_host
-                    stepper.serve(g, layer, layers[layer], compute, event if late else None)
+                    stepper.serve(g, layer, experts, compute, event if late else None)
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
                 for i in live:

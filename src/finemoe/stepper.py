@@ -66,6 +66,15 @@ class Stepper:
             except BaseException:
                 cache.release(layer, got, slots)  # a failing predictor leaves nothing pinned
                 raise
+        if got and len(got) == len(unique):  # the whole layer pinned: one chunk (the loop below, unrolled)
+            prefetcher.pump()
+            cache.transfer.before_compute(slots)
+            try:
+                compute(got, slots, True)
+                prefetcher.pump()
+            finally:
+                cache.release(layer, got, slots)
+            return
         remaining = unique
         first = True
         while remaining:

@@ -109,6 +109,13 @@ class Trace:
         a = start + plen + iteration - 1
         return a, a + 1
 
+    def row_ranges(self, request: int) -> list[tuple[int, int]]:
+        """`rows(request, it)` of each of `request`'s iterations, in order (one tensor read each
+        of its start, prompt and output lengths)."""
+        start, plen, n = int(self.row_start[request]), int(self.prompt_len[request]), int(self.output_len[request])
+        a = start + plen
+        return [(start, a)] + [(r, r + 1) for r in range(a, a + n - 1)] if n > 0 else []
+
     def embeddings(self, a: int, b: int) -> torch.Tensor:
         """Embedding-layer outputs of rows [a, b): [b - a, D] float32."""
         idx = torch.searchsorted(self.emb_tokens, self.token_ids[a:b])

@@ -40,6 +40,9 @@ class Transfer(Protocol):
     def synchronize(self) -> None: ...
 
     # Optional: `flush()`, issue the copies `load` queued so far now (a transfer that queues them).
+    # Optional: `load_many(slots, srcs, demand)`, `load` of each (slot, src) pair in order, one call.
+    # Optional: `settled() -> bool`, True only if every copy issued so far has landed (then `is_done`
+    # and `landed` are True for every slot; the cache skips asking them).
 
 
 class SyncTransfer:
@@ -56,7 +59,15 @@ class SyncTransfer:
         if demand:
             self._demand_s += time.perf_counter() - t0
 
+    def load_many(self, slots: list[int], srcs: list[list[torch.Tensor]], demand: bool) -> None:
+        """`load` of each pair of `slots` and `srcs`, in order."""
+        for slot, src in zip(slots, srcs, strict=True):
+            self.load(slot, src, demand)
+
     def is_done(self, slot: int) -> bool:
+        return True
+
+    def settled(self) -> bool:
         return True
 
     def landed(self, slot: int) -> bool:

@@ -165,7 +165,7 @@ def test_copy_seconds_is_the_mean_demand_copy_time_and_the_stream_is_restored():
 
 
 def test_a_layer_with_many_misses_issues_its_copies_in_growing_runs():
-    """`ExpertCache._acquire` with >= EARLY_ISSUE_MISSES misses: the link starts on the first copy
+    """`ExpertCache.enter` with >= EARLY_ISSUE_MISSES misses: the link starts on the first copy
     while the loop queues the rest (runs of 1, 4, 16, then the remainder at compute); every slot
     still receives its own expert."""
     from finemoe.cache import EARLY_ISSUE_MISSES, ExpertCache
