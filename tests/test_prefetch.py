@@ -73,6 +73,26 @@ def test_inflight_limit_and_priority_order():
     assert cache.stats.prefetches_issued == 4
 
 
+def test_idle_is_true_only_while_nothing_is_queued():
+    """`Prefetcher.idle` lets the stepper skip a `pump` that would return at once: it may lag
+    (False while empty, until a pump sees it) but is never True with a request queued or posted."""
+    cache, pf, tr = setup(inflight=1)
+    assert pf.idle and pf.pump() == 0 and pf.idle
+    pf.submit(plan((1, 0, 0.5), (1, 1, 0.4)))
+    assert not pf.idle
+    assert pf.pump() == 1 and not pf.idle and pf.pending() == 1
+    tr.finish()
+    assert pf.pump() == 1 and pf.pending() == 0 and not pf.idle  # drained: still False until a pump sees it
+    assert pf.pump() == 0 and pf.idle
+    pf.post(plan((0, 2, 0.3)))  # from another thread
+    assert not pf.idle
+    tr.finish()
+    assert pf.pump() == 1 and cache.is_resident(ExpertId(0, 2))
+    pf.submit(None)
+    pf.submit(plan())  # an empty plan queues nothing
+    assert pf.pump() == 0 and pf.idle
+
+
 def test_replace_drops_queued_requests():
     cache, pf, tr = setup(inflight=1)
     pf.submit(plan((1, 0, 0.5), (1, 1, 0.4)))

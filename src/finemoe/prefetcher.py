@@ -82,6 +82,9 @@ class Prefetcher:
         self._inflight: list[int] = []  # slots with prefetch copies possibly still running
         self._paused = False
         self._inbox: deque[PrefetchPlan] = deque()  # plans posted by other threads
+        # True only while nothing is queued (`pump` would return at once): callers on the hot path
+        # may skip the call. Set after every insertion's opposite (False after it), so True => empty.
+        self.idle = True
         self.iteration, self.layer = -1, -1  # where the forward pass is
         self._on_iteration = getattr(cache.policy, "on_iteration", None)  # optional policy hook
         cache.on_demand_miss = self.pause
@@ -99,6 +102,7 @@ class Prefetcher:
         """Thread-safe submit: the plan is applied at the next `pump()`."""
         if plan is not None:
             self._inbox.append(plan)
+            self.idle = False  # after the append: `pump` publishes idle before it re-checks
 
     def submit(self, plan: PrefetchPlan | None, late: bool = False) -> None:
         """Queue `plan`'s requests (`late`: it was posted from another thread, see `post`)."""
@@ -124,6 +128,8 @@ class Prefetcher:
             seq += 1
             heapq.heappush(heap, (-req.priority, seq, it, req.expert))
         self._seq = seq
+        if heap:
+            self.idle = False
 
     def pause(self) -> None:
         self._paused = True
@@ -143,7 +149,10 @@ class Prefetcher:
     def pump(self) -> int:
         """Start queued prefetches, highest priority first, up to the in-flight limit."""
         if not self._heap and not self._inbox:
-            return 0  # nothing to start (a pause only matters once something is queued)
+            self.idle = True  # published first, then checked again: a plan posted meanwhile is seen
+            if not self._heap and not self._inbox:
+                return 0  # nothing to start (a pause only matters once something is queued)
+            self.idle = False
         while self._inbox:
             self.submit(self._inbox.popleft(), late=True)
         cache = self.cache

@@ -67,11 +67,13 @@ class Stepper:
                 cache.release(layer, got, slots)  # a failing predictor leaves nothing pinned
                 raise
         if got and len(got) == len(unique):  # the whole layer pinned: one chunk (the loop below, unrolled)
-            prefetcher.pump()
+            if not prefetcher.idle:  # (`pump` would return at once)
+                prefetcher.pump()
             cache.transfer.before_compute(slots)
             try:
                 compute(got, slots, True)
-                prefetcher.pump()
+                if not prefetcher.idle:
+                    prefetcher.pump()
             finally:
                 cache.release(layer, got, slots)
             return
