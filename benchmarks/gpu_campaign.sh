@@ -69,6 +69,14 @@ case $part in
     steady q15 "$EARLY" s17_qwen15moe_early.json ;;
   s17b)     # session 17: the same on Qwen3 (carry q128x8_t2 and q128x8_hist; ~5 min)
     steady q3 "$EARLY" s17_qwen3_30b_early.json ;;
+  s17c)     # session 17, final code: GPU tests, then Qwen3 again with the early issue the default and
+            # off (16: prefill layers only) in the same run (carry as s17b; ~6 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    steady q3 "lru+early_issue_misses=16,lru,finemoe+early_issue_misses=16,finemoe" s17_qwen3_30b_early2.json ;;
+  s17ovh)   # session 17: the predictor's critical-path overhead, inline search only (~3 min)
+    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 2 --prompts 3 --modes sync --out "$out/overhead_gpu_reference_s17.json" 2>&1 \
+      | grep -v " INFO \|round" | tail -8 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
