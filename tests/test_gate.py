@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from finemoe.gate import RouterGate, _host_logits
+from finemoe.gate import CPU_HOST_ROWS, RouterGate, _host_logits
 from finemoe.loader import find_moe_layers
 from finemoe.models import get_adapter
 from finemoe.synthetic import make_config, random_model
@@ -28,6 +28,8 @@ def test_host_gate_matches_the_router_module(family):
         assert mine.shape == ref.shape == (3, E)
         torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-4)
         assert torch.allclose(gate(layer, hidden), ref, atol=1e-5)  # CPU router: the host copy too
+    prompt = torch.randn(CPU_HOST_ROWS + 1, model.config.hidden_size)  # a prompt's rows: the module itself
+    assert torch.equal(gate(0, prompt), gate._module_probs(refs[0].router, prompt))
 
 
 def test_non_linear_router_keeps_the_module():

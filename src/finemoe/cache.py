@@ -341,7 +341,10 @@ class ExpertCache:
             # link starts on the first copy while the loop picks the rest, issued in runs of 1, 4,
             # 16, ... (a queueing transfer issues them at once). The first copy's victim is then
             # searched alone (none with a free slot) and the rest once it is issued: the same victims
-            # as one pass, since what a load brings in stays pinned meanwhile.
+            # as one pass (what a load brings in stays pinned meanwhile) provided every layer the
+            # pass served routed an expert (so the policy already stands at the layer before; a
+            # layer that routed none could leave a plan's protection to the first search) and, with
+            # CUDA, up to the copies that land between the two searches (then evictable too).
             flush = self._flush
             n_early = self.early_issue_misses
             early = 1 if flush is not None and 0 < n_early <= len(missing) else 0
@@ -388,7 +391,7 @@ class ExpertCache:
                 self._on_loads(gone, loaded, step)
                 evicted = len(gone)
             else:
-                evicted, wasted = self._load_each(layer, missing, ahead, slots, step, early, need - searched)
+                evicted, wasted = self._load_each(layer, missing, ahead, slots, step, early, max(need - searched, 0))
                 new = slots[first:]
             n = len(new)
             self._demand_slots = new

@@ -2,12 +2,12 @@
 speculative predictors and finemoe's one-layer-ahead refinement).
 
 A router input on the compute device runs through the router module itself (hooks bypassed). A
-router input on the host (a CPU model's, or decode-sized ones copied there with the layer's
-routing, `execution.LayerBinding.on_router`) runs on a float32 host copy of the router's linear
-weight, so no predictor launches device work or waits for the device, and none runs the module's
-own top-k. Routers that are not a plain linear
-map (no `weight` [E, H]), or whose host result disagrees with the module on the first use, keep
-using the module.
+router input on the host (decode-sized ones copied there with the layer's routing,
+`execution.LayerBinding.on_router`, or a CPU model's of at most `CPU_HOST_ROWS` tokens) runs on a
+float32 host copy of the router's linear weight, so no predictor launches device work or waits
+for the device, and none runs the module's own top-k. Routers that are not a plain linear map (no
+`weight` [E, H]), or whose host result disagrees with the module on the first use, keep using the
+module.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from finemoe.models import FamilyAdapter
 log = logging.getLogger(__name__)
 
 HOST_GATE_TOLERANCE = 2e-2  # max |Δp| accepted between the host copy and the module (bf16 matmuls)
+# A CPU router's input of at most this many tokens (decode) takes the host copy; a prompt's goes
+# through the module, whose matmul uses every core where the host copy's einsum uses one
+CPU_HOST_ROWS = 64
 
 
 def _host_logits(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -43,13 +46,14 @@ class RouterGate:
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         router = self.routers[layer]
-        if hidden.device.type == "cpu":
-            # the host copy for CPU routers too: the module's forward would also pick and weigh
-            # its top-k (~0.1 ms of a 30-layer CPU decode step's predictor time per layer)
+        on_cpu = self._on_cpu[layer]
+        if hidden.device.type == "cpu" and (not on_cpu or hidden.shape[0] <= CPU_HOST_ROWS):
+            # a CPU router's decode-sized input too: the module's forward would also pick and
+            # weigh its top-k (~0.1 ms of a 30-layer CPU decode step's predictor time per layer)
             host = self._host_weights(layer, hidden)
             if host is not None:
                 return self.adapter.router_probs(router, _host_logits(hidden, *host)).float()
-            if not self._on_cpu[layer]:
+            if not on_cpu:
                 hidden = hidden.to(self._device(router))
         return self._module_probs(router, hidden)
 

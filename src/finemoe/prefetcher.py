@@ -82,8 +82,9 @@ class Prefetcher:
         self._inflight: list[int] = []  # slots with prefetch copies possibly still running
         self._paused = False
         self._inbox: deque[PrefetchPlan] = deque()  # plans posted by other threads
-        # True only while nothing is queued (`pump` would return at once): callers on the hot path
-        # may skip the call. Set after every insertion's opposite (False after it), so True => empty.
+        # True only while nothing is queued (`pump` would return at once), so callers on the hot
+        # path may skip the call. Every insertion sets it False after inserting; only `pump` sets it
+        # True, before checking that both queues are empty. So True => empty; False may be stale.
         self.idle = True
         self.iteration, self.layer = -1, -1  # where the forward pass is
         self._on_iteration = getattr(cache.policy, "on_iteration", None)  # optional policy hook
