@@ -40,7 +40,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trace = load_trace(args.traces)
-    trace = trace.subset(list(range(min(args.limit, trace.num_requests))))
+    trace = trace.head(args.limit)
     cost = make_cost_model(trace.spec, args.shape, layer_overhead_s=args.layer_overhead_us * 1e-6)
     budget = ExpertBudget.parse(args.budget)
     rows = []

@@ -58,7 +58,7 @@ def replay_all(sets: list[str]) -> dict[str, dict]:
     for n, spec in enumerate(sets):
         test_path, hist_path, shape, limit = spec.split(":")
         test = load_trace(test_path)
-        test = test.subset(list(range(min(int(limit), test.num_requests))))
+        test = test.head(int(limit))
         hist = empty_history(test, 1000)
         record_history(load_trace(hist_path), hist)
         cost = make_cost_model(test.spec, shape)

@@ -39,7 +39,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     test = load_trace(args.traces)
-    test = test.subset(list(range(min(args.limit, test.num_requests))))
+    test = test.head(args.limit)
     hist = empty_history(test, 1000)
     record_history(load_trace(args.history), hist)
     cost = make_cost_model(test.spec, "trace")

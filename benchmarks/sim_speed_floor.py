@@ -113,7 +113,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(1)
     trace = load_trace(args.traces)
-    trace = trace.subset(list(range(min(args.limit, trace.num_requests))))
+    trace = trace.head(args.limit)
     cost = make_cost_model(trace.spec, "trace")
     cfg = EngineConfig(expert_budget=ExpertBudget.parse(args.budget), policy="on-demand", map_store_learn=False)
     slots = BudgetPlan.make(cfg.expert_budget, trace.spec).slots

@@ -24,7 +24,7 @@ def main() -> int:
     ap.add_argument("--drop-speculative", action="store_true")
     args = ap.parse_args()
     t = load_trace(args.trace)
-    s = t.subset(list(range(min(args.requests, t.num_requests))))
+    s = t.head(args.requests)
     if args.drop_speculative:
         s.spec_probs = {}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

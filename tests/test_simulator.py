@@ -244,6 +244,9 @@ def test_trace_round_trip(recorded):
     assert sorted(tr.spec_probs) == [1, 2]
     a, b = tr.rows(1, 0)
     assert tr.token_ids[a:b].tolist() == prompts[1]
+    head = tr.head(2)
+    assert head.num_requests == 2 and head.prompt_len.tolist() == [len(p) for p in prompts[:2]]
+    assert tr.head(99).num_requests == len(prompts)
     assert torch.allclose(tr.probs.sum(-1), torch.ones(tr.num_rows, tr.spec.num_layers), atol=1e-5)
 
 

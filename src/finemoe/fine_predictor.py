@@ -22,7 +22,6 @@ from finemoe.predictor import (
     plan_for_layer,
     routing_rows,
     select_by_delta,
-    select_one,
     select_ranked,
 )
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
@@ -84,12 +83,7 @@ class FineMoEPredictor:
         reqs: list[PrefetchRequest] = []
         one = (int(rows[0]), float(scores[0])) if rows.numel() == 1 else None  # batch 1: the ranked rows
         for target in range(min(d, L)):
-            if one is None:
-                chosen = self._select(matched[:, target], scores)
-            elif one[1] >= self.min_score:
-                chosen = select_ranked(store.ranked(target, one[0]), one[1], self.spec.top_k, self.rule)
-            else:
-                chosen = {}
+            chosen = self._select(matched[:, target], scores) if one is None else self._select_row(target, *one)
             reqs += plan_for_layer(target, -1, self._gated(target, chosen))
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         hints = tuple(enumerate(matched.amax(dim=0).unbind(0))) if self.hints else ()  # (layer, [E]) per layer
@@ -123,11 +117,7 @@ class FineMoEPredictor:
             self.traj_sum += score
             self.traj_n += 1
             hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]
-            chosen = (
-                select_ranked(self.store.ranked(target, row), score, self.spec.top_k, self.rule)
-                if score >= self.min_score
-                else {}
-            )
+            chosen = self._select_row(target, row, score)
         else:
             sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
             scores, rows = sim.max(dim=1)
@@ -155,12 +145,16 @@ class FineMoEPredictor:
             return {}
         return chosen
 
+    def _select_row(self, target: int, row: int, score: float) -> dict[int, float]:
+        """δ selection from one matched store row at layer `target` (batch 1: its cached ranking,
+        no array ops): {expert: p}; nothing when `score` is below `map_min_score`."""
+        if score < self.min_score:
+            return {}
+        return select_ranked(self.store.ranked(target, row), score, self.spec.top_k, self.rule)
+
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
-        """δ selection and batch merge of one target layer: {expert: p}. Rows whose match scores
-        below `map_min_score` plan nothing."""
-        if probs.shape[0] == 1:  # decode at batch 1: a few NumPy ops beat a dozen tensor ops
-            score = float(scores[0])
-            return select_one(probs[0].numpy(), score, self.spec.top_k, self.rule) if score >= self.min_score else {}
+        """δ selection and batch merge of one target layer over N > 1 rows: {expert: p}. Rows
+        whose match scores below `map_min_score` plan nothing."""
         if self.min_score > -math.inf:
             keep = scores >= self.min_score  # [N]
             if not bool(keep.any()):

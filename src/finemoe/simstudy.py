@@ -144,7 +144,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be >= 1")
     test = load_trace(args.traces)
     if args.limit:
-        test = test.subset(list(range(min(args.limit, test.num_requests))))
+        test = test.head(args.limit)
     history = empty_history(test, args.map_store_capacity)
     if args.history:
         hist = load_trace(args.history)

@@ -125,6 +125,10 @@ class Trace:
         """Token-layer steps of a batch-1 replay: (prefill iterations + decode iterations) x L."""
         return int(self.output_len.sum()) * self.spec.num_layers
 
+    def head(self, n: int) -> Trace:
+        """The first `n` requests (all of them if the trace has fewer)."""
+        return self.subset(list(range(min(n, self.num_requests))))
+
     def subset(self, requests: list[int]) -> Trace:
         """A trace of the given requests (in that order); shares the embedding table."""
         bad = [r for r in requests if not 0 <= r < self.num_requests]

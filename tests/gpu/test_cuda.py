@@ -164,67 +164,60 @@ def test_copy_seconds_is_the_mean_demand_copy_time_and_the_stream_is_restored():
     assert total > 0 and tr.copy_seconds() == pytest.approx(total / 4)
 
 
-def test_a_layer_with_many_misses_issues_its_copies_in_growing_runs():
-    """`ExpertCache.enter` with >= EARLY_ISSUE_MISSES misses: the link starts on the first copy
-    while the loop queues the rest (runs of 1, 4, 16, then the remainder at compute); every slot
-    still receives its own expert."""
-    from finemoe.cache import EARLY_ISSUE_MISSES, ExpertCache
+def _one_layer_cuda_cache(num_experts: int, slots: int, top_k: int, **cache_kw):
+    """An LRU `ExpertCache` of one MoE layer on the GPU: `num_experts` pinned host experts, expert e
+    filled with e + 1; returns (cache, its CudaTransfer, its pool)."""
+    from finemoe.cache import ExpertCache
     from finemoe.policy import LRUPolicy
 
-    E = 40
     spec = MoESpec(
         "test",
         (0,),
-        E,
-        2,
+        num_experts,
+        top_k,
         64,
         32,
         (ExpertPart("gate_up_proj", (64, 64)), ExpertPart("down_proj", (64, 32))),
         torch.float32,
         1,
     )
-    assert E >= EARLY_ISSUE_MISSES
     store = ExpertStore(spec, pin=True)
-    for e in range(E):
+    for e in range(num_experts):
         store.slab(ExpertId(0, e)).fill_(float(e + 1))
-    pool = SlotPool(spec, E, torch.device("cuda"))
+    pool = SlotPool(spec, slots, torch.device("cuda"))
     tr = CudaTransfer(pool)
-    cache = ExpertCache(spec, pool, store, tr, LRUPolicy())
+    return ExpertCache(spec, pool, store, tr, LRUPolicy(), **cache_kw), tr, pool
+
+
+def _each_slot_holds_its_expert(pool, got, slots):
+    for e, s in zip(got, slots, strict=True):
+        assert torch.all(pool.slot(s)[0] == float(e + 1))
+
+
+def test_a_layer_with_many_misses_issues_its_copies_in_growing_runs():
+    """`ExpertCache.enter` with many misses: the link starts on the first copy while the loop
+    queues the rest (runs of 1, 4, 16, then the remainder at compute); every slot still receives
+    its own expert."""
+    from finemoe.cache import EARLY_ISSUE_MISSES
+
+    E = 40
+    assert E >= EARLY_ISSUE_MISSES
+    cache, tr, pool = _one_layer_cuda_cache(E, E, 2)
     got, slots = cache.enter(0, list(range(E)))
     assert got == list(range(E))
     assert len(tr._timing) == 3 and len(tr._queued) == E - 21  # runs of 1, 4, 16 issued, the rest queued
     tr.before_compute(slots)
     tr.synchronize()
     assert [n for _, _, n in tr._timing] == [1, 4, 16, E - 21]
-    for e, s in zip(got, slots, strict=True):
-        assert torch.all(pool.slot(s)[0] == float(e + 1))
+    _each_slot_holds_its_expert(pool, got, slots)
 
 
 def test_a_decode_step_issues_its_first_copy_before_finding_the_other_victims():
     """`early_issue_misses=2` with every slot taken: three misses find the first victim, issue its
     copy, then find the other two (LRU order either way) and leave their copies queued for compute;
     each slot receives its own expert and the least recent experts leave."""
-    from finemoe.cache import ExpertCache
-    from finemoe.policy import LRUPolicy
-
-    E, S = 8, 4
-    spec = MoESpec(
-        "test",
-        (0,),
-        E,
-        3,
-        64,
-        32,
-        (ExpertPart("gate_up_proj", (64, 64)), ExpertPart("down_proj", (64, 32))),
-        torch.float32,
-        1,
-    )
-    store = ExpertStore(spec, pin=True)
-    for e in range(E):
-        store.slab(ExpertId(0, e)).fill_(float(e + 1))
-    pool = SlotPool(spec, S, torch.device("cuda"))
-    tr = CudaTransfer(pool)
-    cache = ExpertCache(spec, pool, store, tr, LRUPolicy(), early_issue_misses=2)
+    S = 4
+    cache, tr, pool = _one_layer_cuda_cache(8, S, 3, early_issue_misses=2)
     for e in range(S):  # residents 0..3, expert 0 least recent
         got, slots = cache.enter(0, [e])
         tr.before_compute(slots)
@@ -238,5 +231,4 @@ def test_a_decode_step_issues_its_first_copy_before_finding_the_other_victims():
     tr.before_compute(slots)
     tr.synchronize()
     assert [n for _, _, n in tr._timing[before:]] == [1, 2]
-    for e, s in zip(got, slots, strict=True):
-        assert torch.all(pool.slot(s)[0] == float(e + 1))
+    _each_slot_holds_its_expert(pool, got, slots)
