@@ -377,10 +377,13 @@ def test_ranked_rows_follow_rewrites():
 
     store = ExpertMapStore(StoreGeometry(2, 4, 3), capacity=1)
     store.add(torch.ones(1, 3), torch.tensor([[[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]]]))
-    assert store.ranked(1, 0)[0] == [3, 2, 1, 0]
+    assert store.ranked(1, 0).order == [3, 2, 1, 0]
+    assert store.ranked(1, 0).rank() == [3, 2, 1, 0]
     store.add(torch.ones(1, 3), torch.tensor([[[0.1, 0.1, 0.1, 0.7], [0.4, 0.3, 0.2, 0.1]]]))  # replaces row 0
-    assert store.ranked(1, 0)[0] == [0, 1, 2, 3]
-    assert store.ranked(0, 0) == ranked_row(store.by_layer[0, 0].numpy())
+    assert store.ranked(1, 0).order == [0, 1, 2, 3]
+    assert store.ranked(1, 0).rank() == [0, 1, 2, 3]
+    fresh, kept = ranked_row(store.by_layer[0, 0].numpy()), store.ranked(0, 0)
+    assert (kept.order, kept.probs, kept.cum) == (fresh.order, fresh.probs, fresh.cum)
 
 
 def test_prefill_plans_modes_of_the_map_predictor_and_the_refining_gate():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from finemoe.predictor import PredictorDeps
@@ -35,9 +36,11 @@ class SpeculativeGatePredictor:
         self.spec, self.gate, self.stride = deps.spec, deps.gate, deps.distance
         self.in_prefill = deps.prefill_plans != "none"  # a finemoe refining gate may sit prefill out
         self.ctx: IterationContext | None = None
+        self.n_rows = 0  # ctx.rows.numel(), read once per iteration
+        self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(deps.spec.num_layers)]
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self.ctx = ctx
+        self.ctx, self.n_rows = ctx, ctx.rows.numel()
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
@@ -46,19 +49,21 @@ class SpeculativeGatePredictor:
             return None
         ctx = self.ctx
         live = ctx is not None and ctx.iteration == event.iteration
-        if live and ctx.rows.numel() == event.hidden.shape[0]:
+        if live and self.n_rows == event.hidden.shape[0]:
             hidden = event.hidden  # every position is a live row (batch 1, no padding)
         else:
             hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
-        probs = self.gate(target, hidden)  # [N, E] CPU, or None: the gate cannot say for this layer
+        probs = self.gate(target, hidden)  # [N, E] CPU tensor or NumPy array, or None: the gate cannot say
         if probs is None:
             return None
         k = self.spec.top_k
         if probs.shape[0] == 1:  # decode at batch 1: plain Python beats a handful of tensor ops
             row = probs[0].tolist()
+            eids = self._eids[target]
             top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
-            reqs = tuple(PrefetchRequest(ExpertId(target, e), row[e]) for e in top)
-            return PrefetchPlan(reqs, iteration=event.iteration)
+            return PrefetchPlan(tuple([PrefetchRequest(eids[e], row[e]) for e in top]), iteration=event.iteration)
+        if isinstance(probs, np.ndarray):
+            probs = torch.from_numpy(probs)
         top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]
         # union over the rows, max probability per expert (a prefill routes N = prompt rows)
         flat = top_i.reshape(-1)

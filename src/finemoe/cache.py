@@ -65,6 +65,8 @@ class ExpertCache:
         self._load_many = getattr(transfer, "load_many", None)
         self._on_loads = getattr(policy, "on_demand_loads", None)
         self._batched = self._load_many is not None and self._on_loads is not None and self._flush is None
+        on_prefetch_loads = getattr(policy, "on_prefetch_loads", None)  # likewise for a batch of prefetches
+        self._on_prefetch_loads = on_prefetch_loads if self._load_many is not None and self._flush is None else None
         self._parts = store.parts if getattr(store, "holds_weights", True) else None  # None: no weights to copy
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
@@ -91,6 +93,7 @@ class ExpertCache:
         self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
         self._evictable_landed = self._landed_predicate()
         self._evictable_settled = self._landed_predicate(check_landed=False)
+        self._evictable_prefetch = self._prefetch_predicate()
 
     def begin_iteration(self, prefill: bool) -> None:
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
@@ -202,6 +205,28 @@ class ExpertCache:
             planned = self.prefetch_iteration[slot]
             return not (planned >= 0 and planned == it and eid.layer > layer)
         return True
+
+    def _prefetch_predicate(self) -> Callable[[ExpertId], bool]:
+        """`_evictable_for_prefetch` as one closure over the (never rebound) residency lists, for the
+        policies' `prefetch_victims`: those that pass protected experts over themselves
+        (`filters_protected`) are not asked `protected` again."""
+        slot_of, refcount, prefetched = self.slot_of, self.refcount, self.prefetched
+        planned_in = self.prefetch_iteration
+        protected = None if getattr(self.policy, "filters_protected", False) else self.policy.protected
+        cache = self
+
+        def evictable(eid: ExpertId) -> bool:
+            lay = eid[0]
+            slot = slot_of[lay][eid[1]]
+            if refcount[slot] or (protected is not None and protected(eid)):
+                return False
+            if prefetched[slot]:
+                it, layer = cache.now
+                planned = planned_in[slot]
+                return not (planned >= 0 and planned == it and lay > layer)
+            return True
+
+        return evictable
 
     def _allocate(self, for_prefetch: bool = False) -> int | None:
         """A free slot, evicting the policy's victim if needed; None if every slot is pinned (or,
@@ -531,10 +556,12 @@ class ExpertCache:
         if need <= 0:
             victims = []
         elif self._sweeping:
-            victims = self._swept(self._prefetch_victims, self._evictable_for_prefetch, need, self.now[1])
+            victims = self._swept(self._prefetch_victims, self._evictable_prefetch, need, self.now[1])
         else:
-            victims = self._prefetch_victims(self._evictable_for_prefetch, need)
+            victims = self._prefetch_victims(self._evictable_prefetch, need)
         victims.reverse()
+        if self._on_prefetch_loads is not None:
+            return self._prefetch_all(batch, victims)
         slots: list[int] = []
         for eid, iteration in batch:
             if free:
@@ -545,6 +572,52 @@ class ExpertCache:
                 break
             self._start_prefetch(eid, slot, iteration)
             slots.append(slot)
+        return slots
+
+    def _prefetch_all(self, batch: list[tuple[ExpertId, int]], victims: list[ExpertId]) -> list[int]:
+        """`prefetch_batch`'s loop with `_evict` and `_start_prefetch` inlined and the transfer's and
+        the policy's calls batched (`load_many`, `on_prefetch_loads`): the same slots, the same
+        state after it. `victims`: the next one last."""
+        free, slot_of, owner, dirty = self._free, self.slot_of, self.owner, self._dirty
+        prefetched, planned_in = self.prefetched, self.prefetch_iteration
+        slots: list[int] = []
+        gone: list[ExpertId] = []
+        loaded: list[ExpertId] = []
+        wasted = 0
+        for eid, iteration in batch:
+            if free:
+                slot = free.pop()
+            elif victims:
+                victim = victims.pop()
+                vl, ve = victim
+                slot = slot_of[vl][ve]
+                slot_of[vl][ve] = -1
+                dirty[vl] = True
+                gone.append(victim)
+                if prefetched[slot]:
+                    wasted += 1
+            else:
+                break
+            owner[slot] = eid
+            lay = eid[0]
+            slot_of[lay][eid[1]] = slot
+            dirty[lay] = True
+            prefetched[slot] = True
+            planned_in[slot] = iteration
+            slots.append(slot)
+            loaded.append(eid)
+        n = len(slots)
+        if n:
+            parts = self._parts
+            self._load_many(slots, [parts(x) for x in loaded] if parts is not None else [[]] * n, False)
+            self._on_prefetch_loads(gone, loaded, self.step)
+            st, eb = self.stats, self.expert_bytes
+            st.evictions += len(gone)
+            if wasted:
+                st.prefetches_wasted += wasted
+                st.prefetch_wasted_bytes += wasted * eb
+            st.bytes_copied += n * eb
+            st.prefetches_issued += n
         return slots
 
     def defer_access(self, layer: int, ids: torch.Tensor) -> None:

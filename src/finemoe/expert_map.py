@@ -18,21 +18,31 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from finemoe.predictor import ranked_row
+from finemoe.predictor import RankedRow, ranked_row
 
 EPS = 1e-12
 # TrajectoryQuery.best with candidates: the full search runs for layers 0..PRUNE_AT_LAYER-1, then
 # only the rows leading at that point are followed.
 PRUNE_AT_LAYER = 4
-RANKED_CACHE = 16384  # ranked map rows kept (each 3 lists of E numbers); cleared when full
+RANKED_CACHE = 16384  # ranked map rows kept (each a few lists of E items); cleared when full
 SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
 
 
+# Largest product `_mv` hands to BLAS: OpenBLAS runs a matrix-vector product on one thread below
+# 2304 * 4 = 9216 elements (its GEMM_MULTITHREAD_THRESHOLD), and there `dot` costs ~0.6 us against
+# einsum's ~2.5 us for the 64 x 60 pruned trajectory step (one core here). Blocks of rows through
+# BLAS were no faster than einsum on 1000 x 60 (~11 us either way), so larger products stay on einsum.
+BLAS_SINGLE_THREAD = 8192
+
+
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    """`mat` [C, K] @ `vec` [K] on the calling thread only. BLAS (NumPy's OpenBLAS) spreads even a
-    1000 x 16 product over every core and its threads keep spinning afterwards, competing with
+    """`mat` [C, K] @ `vec` [K] on the calling thread only. A large product would spread over every
+    core through BLAS (NumPy's OpenBLAS), whose threads keep spinning afterwards, competing with
     torch's own threads: routing the semantic match (1000 x 576) through BLAS made the 2-core CPU
-    decode step ~2x slower (docs/results/policies.md, overhead); einsum's loop stays on this thread."""
+    decode step ~2x slower (docs/results/policies.md, overhead); einsum's loop stays on this thread.
+    Small ones (`BLAS_SINGLE_THREAD`) go to BLAS, which runs them on this thread."""
+    if mat.size <= BLAS_SINGLE_THREAD:
+        return mat.dot(vec)
     return np.einsum("ck,k->c", mat, vec)
 
 
@@ -63,7 +73,7 @@ class ExpertMapStore:
         self.replacements = 0  # rows overwritten because the store was full
         # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
         # first use and dropped when the row is rewritten: decode keeps matching the same rows.
-        self._ranked: dict[int, tuple[list[int], list[float], list[float]]] = {}
+        self._ranked: dict[int, RankedRow] = {}
         # embedding bytes -> (score, row) of a single-query semantic match: a token's embedding is
         # the same every time it recurs, and a frozen store (the offline setup) matches it alike
         self._semantic: dict[bytes, tuple[float, int]] = {}
@@ -174,7 +184,7 @@ class ExpertMapStore:
         return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ stored.T)
 
     # -- reads ----------------------------------------------------------------------------------
-    def ranked(self, layer: int, row: int) -> tuple[list[int], list[float], list[float]]:
+    def ranked(self, layer: int, row: int) -> RankedRow:
         """Stored row `row`'s map at `layer`, ranked for δ selection (`predictor.ranked_row`)."""
         key = row * self.geometry.num_layers + layer
         hit = self._ranked.get(key)
@@ -325,7 +335,7 @@ class TrajectoryQuery:
         """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
         i = layer - self._cbase
         self._cdot += _mv(self._cmaps[i], p)
-        self._q1 += float(p @ p)
+        self._q1 += float(p.dot(p))
         self.layers += 1
         ratio = self._cdot / self._cnorm[i]
         i = int(ratio.argmax())

@@ -18,11 +18,11 @@ import torch
 from finemoe.expert_map import ExpertMapStore, TrajectoryQuery
 from finemoe.predictor import (
     PredictorDeps,
+    RankedRow,
     merge_rows,
     plan_for_layer,
     routing_rows,
     select_by_delta,
-    select_ranked,
 )
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
@@ -58,7 +58,8 @@ class FineMoEPredictor:
         # of those the router then chose; below `min_precision` the map plans are withheld (still
         # measured, still eviction hints) until the running precision recovers.
         self.min_precision = deps.map_min_precision
-        self._planned: dict[int, set[int]] = {}  # target layer -> experts the maps chose for it
+        # target layer -> experts the maps chose for it: a set, or at batch 1 (matched row ranked, how many)
+        self._planned: dict[int, set[int] | tuple[RankedRow, int]] = {}
         self.prec_used = self.prec_planned = 0.0
         self.withheld = 0  # map plans computed but not issued
 
@@ -83,8 +84,10 @@ class FineMoEPredictor:
         reqs: list[PrefetchRequest] = []
         one = (int(rows[0]), float(scores[0])) if rows.numel() == 1 else None  # batch 1: the ranked rows
         for target in range(min(d, L)):
-            chosen = self._select(matched[:, target], scores) if one is None else self._select_row(target, *one)
-            reqs += plan_for_layer(target, -1, self._gated(target, chosen))
+            if one is None:
+                reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
+            else:
+                reqs += self._row_requests(target, -1, *one)
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         hints = tuple(enumerate(matched.amax(dim=0).unbind(0))) if self.hints else ()  # (layer, [E]) per layer
         self.plans += 1
@@ -99,10 +102,19 @@ class FineMoEPredictor:
         L, layer = self.spec.num_layers, event.layer
         planned = self._planned.pop(layer, None)
         if planned is not None and not ctx.is_prefill:  # how many of the experts planned for this layer it chose
-            routed = event.topk_ids[ctx.rows] if event.topk_ids.shape[0] != ctx.rows.numel() else event.topk_ids
-            used = len(planned.intersection(routed.view(-1).tolist()))
+            if type(planned) is tuple:  # batch 1: (matched row ranked, experts taken), one token's k distinct ids
+                ranked, n = planned
+                rank = ranked._rank or ranked.rank()
+                used = 0
+                for e in event.topk_ids.tolist()[self.row0]:
+                    if rank[e] < n:
+                        used += 1
+            else:
+                routed = event.topk_ids[ctx.rows] if event.topk_ids.shape[0] != ctx.rows.numel() else event.topk_ids
+                used = len(planned.intersection(routed.view(-1).tolist()))
+                n = len(planned)
             self.prec_used = PRECISION_DECAY * self.prec_used + used
-            self.prec_planned = PRECISION_DECAY * self.prec_planned + len(planned)
+            self.prec_planned = PRECISION_DECAY * self.prec_planned + n
         target = layer + self.distance
         if layer == L - 1:
             self.ctx = None
@@ -117,18 +129,30 @@ class FineMoEPredictor:
             self.traj_sum += score
             self.traj_n += 1
             hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]
-            chosen = self._select_row(target, row, score)
-        else:
-            sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
-            scores, rows = sim.max(dim=1)
-            self.traj_sum += float(scores.sum())
-            self.traj_n += scores.numel()
-            p = self.store.by_layer[target, rows]  # [N, E]
-            chosen = self._select(p, scores)
-            hints = ((target, p.amax(dim=0)),) if self.hints else ()
+            self.plans += 1
+            reqs = self._row_requests(target, layer, row, score)
+            return PrefetchPlan(reqs, iteration=event.iteration, layer_probs=hints)
+        sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
+        scores, rows = sim.max(dim=1)
+        self.traj_sum += float(scores.sum())
+        self.traj_n += scores.numel()
+        p = self.store.by_layer[target, rows]  # [N, E]
+        chosen = self._select(p, scores)
+        hints = ((target, p.amax(dim=0)),) if self.hints else ()
         self.plans += 1
         chosen = self._gated(target, chosen)
         return PrefetchPlan(tuple(plan_for_layer(target, layer, chosen)), iteration=event.iteration, layer_probs=hints)
+
+    def _withhold(self) -> bool:
+        """True while the measured precision is below `min_precision`: plans are then withheld."""
+        if (
+            self.min_precision > 0
+            and self.prec_planned >= PRECISION_WARMUP
+            and self.prec_used < self.min_precision * self.prec_planned
+        ):
+            self.withheld += 1
+            return True
+        return False
 
     def _gated(self, target: int, chosen: dict[int, float]) -> dict[int, float]:
         """Remember the plan for `target` (to measure it when that layer routes); withhold it while
@@ -136,21 +160,20 @@ class FineMoEPredictor:
         if not chosen:
             return chosen
         self._planned[target] = set(chosen)
-        if (
-            self.min_precision > 0
-            and self.prec_planned >= PRECISION_WARMUP
-            and self.prec_used < self.min_precision * self.prec_planned
-        ):
-            self.withheld += 1
-            return {}
-        return chosen
+        return {} if self._withhold() else chosen
 
-    def _select_row(self, target: int, row: int, score: float) -> dict[int, float]:
-        """δ selection from one matched store row at layer `target` (batch 1: its cached ranking,
-        no array ops): {expert: p}; nothing when `score` is below `map_min_score`."""
+    def _row_requests(self, target: int, layer_now: int, row: int, score: float) -> tuple[PrefetchRequest, ...]:
+        """`plan_for_layer` of the δ selection from one matched store row at layer `target` (batch
+        1: the row's cached ranking and requests, no array ops), remembered and gated as `_gated`;
+        nothing when `score` is below `map_min_score`."""
         if score < self.min_score:
-            return {}
-        return select_ranked(self.store.ranked(target, row), score, self.spec.top_k, self.rule)
+            return ()
+        ranked = self.store.ranked(target, row)
+        n = ranked.count(score, self.spec.top_k, self.rule)
+        self._planned[target] = (ranked, n)  # n >= 1 (top-k floor)
+        if self._withhold():
+            return ()
+        return ranked.requests(target, max(target - layer_now, 1), n)
 
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
         """δ selection and batch merge of one target layer over N > 1 rows: {expert: p}. Rows

@@ -93,7 +93,9 @@ class PredictorChain:
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         out = None
         for m in self.members:
-            out = self._merge(out, m.on_routing(event))
+            plan = m.on_routing(event)
+            if plan is not None:
+                out = plan if out is None else self._merge(out, plan)
         return out
 
     @staticmethod

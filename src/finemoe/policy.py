@@ -43,13 +43,16 @@ class EvictionPolicy(Protocol):
     # Optional: `victims(evictable, n, layer) -> list[ExpertId]`, up to n victims in one pass for
     # the on-demand misses of `layer` (the cache falls back to `victim` for the rest).
     # Optional: `prefetch_victims(evictable, n) -> list[ExpertId]`, the victims of n prefetches in
-    # one pass (as n `victim` calls would pick them while what they load is not `evictable`).
+    # one pass (as n `victim` calls would pick them while what they load is not `evictable`);
+    # with `filters_protected` True it passes protected experts over itself (`evictable` need not ask).
     # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
     # Optional: `on_access_many(eids, step)`, `on_access` of one layer's experts in order, one call.
     # Optional: `on_demand_load(eid, step)`, `on_insert` then `on_access` of an expert just loaded.
     # Optional: `on_demand_loads(evicted, loaded, step)`, one layer's misses in one call: `on_evict`
     # of each of `evicted` then `on_demand_load` of each of `loaded`, leaving the policy as the
     # interleaved calls (each victim evicted just before its replacement loads) would.
+    # Optional: `on_prefetch_loads(evicted, loaded, step)`, likewise for prefetches: `on_evict` of
+    # each of `evicted` then `on_insert` of each of `loaded`.
 
 
 class _PlanBlind:
@@ -92,6 +95,11 @@ class LRUPolicy(_PlanBlind):
             del order[eid]
         for eid in loaded:
             order[eid] = None
+
+    def on_prefetch_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
+        """`on_evict` of `evicted`, then `on_insert` of `loaded` (none resident before): as
+        `on_demand_loads`, an insertion being a use."""
+        self.on_demand_loads(evicted, loaded, step)
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         move = self._order.move_to_end
@@ -190,6 +198,7 @@ class _PlanAwareHeap:
     """
 
     reads_layer_probs = False
+    filters_protected = True  # `prefetch_victims` passes protected experts over itself
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -205,6 +214,7 @@ class _PlanAwareHeap:
         self._layer_now = -1
         self._sweep: list[tuple[float, int, int]] = []  # victims_behind: a heap of (key, last use, flat)
         self._sweep_at, self._sweep_upto = -1, 0  # its iteration and the layers it holds (< upto)
+        self._key_of: Callable[[int], float] = self._key  # subclasses may bind a faster lookup
 
     # True if keys only ever rise between pushes (a use raises them): uses then push nothing and a
     # victim search re-pushes an entry whose key rose when it reaches the top (lazy increase-key;
@@ -219,11 +229,15 @@ class _PlanAwareHeap:
         self._version[flat] = v
         heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
-            self._heap, self._held, self._busy = [], {}, []
-            for f in self.last:
-                self._version[f] = v = self._version.get(f, 0) + 1
-                self._heap.append((self._key(f), self.last[f], f, v))
-            heapq.heapify(self._heap)
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the residents alone (stale entries dropped, set-aside ones back)."""
+        self._heap, self._held, self._busy = [], {}, []
+        for f in self.last:
+            self._version[f] = v = self._version.get(f, 0) + 1
+            self._heap.append((self._key(f), self.last[f], f, v))
+        heapq.heapify(self._heap)
 
     def on_iteration(self, iteration: int) -> None:
         """Iteration `iteration` starts: plans made for earlier ones protect nothing any more (with
@@ -241,7 +255,7 @@ class _PlanAwareHeap:
             if self._held:
                 self._release()
         E = self.num_experts
-        self._planned.update(r.expert.layer * E + r.expert.expert for r in plan.requests)
+        self._planned.update([r[0][0] * E + r[0][1] for r in plan.requests])  # (expert (layer, e), priority)
 
     def _reach(self, layer: int) -> None:
         """The forward pass reached `layer`: plans for it (and earlier layers) no longer protect."""
@@ -271,16 +285,16 @@ class _PlanAwareHeap:
         E = self.num_experts
         kept: list[tuple[float, int, int, int]] = []
         found: list[ExpertId] = []
-        lazy = self._lazy
+        lazy, key, pop = self._lazy, self._key_of, heapq.heappop
         while heap:
-            entry = heapq.heappop(heap)
+            entry = pop(heap)
             flat = entry[2]
             if version.get(flat) != entry[3] or flat not in last:
                 continue  # stale
-            if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
+            if lazy and (entry[0] != key(flat) or entry[1] != last[flat]):
                 v = version[flat] + 1  # its key rose since: back in at its current place (in place:
                 version[flat] = v  # `_push` may compact and rebind the heap this loop walks)
-                heapq.heappush(heap, (self._key(flat), last[flat], flat, v))
+                heapq.heappush(heap, (key(flat), last[flat], flat, v))
                 continue
             if flat >= first_unprotected and flat in planned:
                 lay = flat // E  # protected: set aside until the pass reaches its layer
@@ -464,6 +478,7 @@ class DecayLFUPolicy(_PlanAwareHeap):
         self.log_gamma = math.log(gamma)
         self.count: dict[int, tuple[float, float]] = {}  # flat id -> (count, its time), every expert seen
         self._keys: dict[int, float] = {}  # flat id -> log count - time * log gamma (the heap key)
+        self._key_of = self._keys.__getitem__
 
     def _key(self, flat: int) -> float:
         return self._keys[flat]
@@ -501,6 +516,43 @@ class DecayLFUPolicy(_PlanAwareHeap):
         self._set(flat, c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
         self.last[flat] = step
         self._push(flat)
+
+    def on_prefetch_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
+        """`on_evict` of each of `evicted`, then `on_insert` of each of `loaded` (none of them
+        resident before, so the two sets are disjoint): the same state, one call. The heap is
+        compacted at most once, at the end (its entries' order, so the victims, do not depend on when)."""
+        self._loads(evicted, loaded, step, False)
+
+    def on_demand_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
+        """`on_evict` of each of `evicted`, then `on_demand_load` of each of `loaded` (one layer's
+        misses): as `on_prefetch_loads`, each loaded expert used once too."""
+        if loaded and loaded[0][0] != self._layer_now:
+            self._reach(loaded[0][0])
+        self._loads(evicted, loaded, step, True)
+
+    def _loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int, used: bool) -> None:
+        E, last, version = self.num_experts, self.last, self._version
+        for lay, e in evicted:
+            flat = lay * E + e
+            del last[flat]
+            version[flat] = version.get(flat, 0) + 1
+        count, keys, heap, push = self.count, self._keys, self._heap, heapq.heappush
+        t, lg, exp, log = step / self.num_layers, self.log_gamma, math.exp, math.log
+        first = self.prefetch_count
+        for lay, e in loaded:
+            flat = lay * E + e
+            if used:  # on_demand_load: on_insert's count if never seen, then one use
+                c, t0 = count.get(flat, (first, t))
+                c = c * exp((t - t0) * lg) + 1.0
+                count[flat] = (c, t)
+                keys[flat] = log(c) - t * lg
+            elif flat not in count:
+                self._set(flat, first, t)
+            last[flat] = step
+            version[flat] = v = version.get(flat, 0) + 1
+            push(heap, (keys[flat], step, flat, v))
+        if len(heap) > 4 * len(last) + 256:
+            self._compact()
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
         """`on_access` of each of `eids` (one layer's, in order): the same arithmetic, one call."""

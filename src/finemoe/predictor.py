@@ -22,7 +22,8 @@ from finemoe.errors import ConfigError
 from finemoe.types import ExpertId, IterationContext, MoESpec, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 # (target MoE layer, router input [T, H] on the device) -> router probabilities [T, E] on the CPU
-GateFn = Callable[[int, torch.Tensor], torch.Tensor | None]  # None: no speculation for that layer
+# (a tensor, or a NumPy array: the simulator's recorded tables)
+GateFn = Callable[[int, torch.Tensor], torch.Tensor | np.ndarray | None]  # None: no speculation for that layer
 
 DELTA_RULES = ("paper", "demo", "topk")  # topk: exactly k experts, no δ (the ablation)
 # Cumulative probabilities within this of δ count as reaching it, so float32 (tensor) and float64
@@ -129,34 +130,69 @@ def select_one(probs: np.ndarray | list[float], score: float, top_k: int, rule: 
     return dict(zip(take.tolist(), p[take].tolist(), strict=True))
 
 
-def ranked_row(probs: np.ndarray) -> tuple[list[int], list[float], list[float]]:
-    """One map row [E] ranked for δ selection: (expert ids by descending probability, ties to the
-    lower id; their probabilities; the running sums), float64 as `select_one` computes them."""
+class RankedRow:
+    """One map row [E] ranked for δ selection (`ranked_row`): `order` the expert ids by descending
+    probability, ties to the lower id; `probs` theirs; `cum` the running sums (float64, as
+    `select_one` computes them). What decode derives from a matched row again and again (each
+    expert's rank, the row as prefetch requests) is kept with it."""
+
+    __slots__ = ("order", "probs", "cum", "_rank", "_requests")
+
+    def __init__(self, order: list[int], probs: list[float], cum: list[float]) -> None:
+        self.order, self.probs, self.cum = order, probs, cum
+        self._rank: list[int] | None = None
+        self._requests: dict[tuple[int, int], tuple[PrefetchRequest, ...]] = {}
+
+    def count(self, score: float, top_k: int, rule: str = "paper") -> int:
+        """How many of the leading experts δ selection takes (`select_one`'s count): the running
+        sums are non-decreasing, so counting those below δ is a bisection."""
+        e = len(self.order)
+        if rule == "topk":
+            return min(top_k, e)
+        delta = min(max(1.0 - score, 0.0), 1.0)
+        if rule == "paper":
+            count = bisect.bisect_left(self.cum, delta - TIE_EPS) + 1
+        elif rule == "demo":
+            count = bisect.bisect_right(self.cum, delta + TIE_EPS)
+        else:
+            raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
+        return min(max(count, min(top_k, e)), e)
+
+    def rank(self) -> list[int]:
+        """[E]: each expert's position in `order` (so `rank[e] < count` iff e is selected)."""
+        if self._rank is None:
+            rank = [0] * len(self.order)
+            for i, e in enumerate(self.order):
+                rank[e] = i
+            self._rank = rank
+        return self._rank
+
+    def requests(self, layer: int, dist: int, count: int) -> tuple[PrefetchRequest, ...]:
+        """The first `count` experts of the row as requests for `layer`, priority p / `dist` (spec
+        §3.6), as `plan_for_layer` makes them for a selection of `count`. The longest prefix asked
+        for is kept."""
+        key = (layer, dist)
+        reqs = self._requests.get(key, ())
+        if len(reqs) < count:
+            reqs = self._requests[key] = reqs + tuple(
+                PrefetchRequest(ExpertId(layer, e), p / dist)
+                for e, p in zip(self.order[len(reqs) : count], self.probs[len(reqs) : count], strict=True)
+            )
+        return reqs[:count]
+
+
+def ranked_row(probs: np.ndarray) -> RankedRow:
+    """One map row [E] ranked for δ selection (`RankedRow`)."""
     p = np.asarray(probs, dtype=np.float64).tolist()  # plain floats: E is small, list ops beat array ops
     order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep the lower id first
     sp = [p[e] for e in order]
-    return order, sp, list(itertools.accumulate(sp))  # running sums in order, as np.cumsum adds them
+    return RankedRow(order, sp, list(itertools.accumulate(sp)))  # running sums in order, as np.cumsum adds them
 
 
-def select_ranked(
-    ranked: tuple[list[int], list[float], list[float]], score: float, top_k: int, rule: str = "paper"
-) -> dict[int, float]:
-    """`select_one` on a row already ranked by `ranked_row` (the same experts, no array ops):
-    the running sums are non-decreasing, so counting those below δ is a bisection."""
-    order, sp, cum = ranked
-    e = len(order)
-    if rule == "topk":
-        count = min(top_k, e)
-    else:
-        delta = min(max(1.0 - score, 0.0), 1.0)
-        if rule == "paper":
-            count = bisect.bisect_left(cum, delta - TIE_EPS) + 1
-        elif rule == "demo":
-            count = bisect.bisect_right(cum, delta + TIE_EPS)
-        else:
-            raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
-        count = min(max(count, min(top_k, e)), e)
-    return dict(zip(order[:count], sp[:count], strict=True))
+def select_ranked(ranked: RankedRow, score: float, top_k: int, rule: str = "paper") -> dict[int, float]:
+    """`select_one` on a row already ranked by `ranked_row` (the same experts, no array ops)."""
+    count = ranked.count(score, top_k, rule)
+    return dict(zip(ranked.order[:count], ranked.probs[:count], strict=True))
 
 
 def merge_rows(probs: torch.Tensor, mask: torch.Tensor) -> dict[int, float]:

@@ -241,10 +241,10 @@ class Simulator:
             spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
         )
         copy_s = getattr(self.transfer, "copy_seconds", None)
-        transfer = self.transfer
+        transfer, clock = self.transfer, self.clock
         window = LinkWindow(  # layer time without the stalls: the time the link has to copy in
             config.max_inflight_prefetches,
-            lambda: self.clock.t - getattr(transfer, "stall_s", 0.0),
+            (lambda: clock.t - transfer.stall_s) if hasattr(transfer, "stall_s") else (lambda: clock.t),
             copy_s,
             adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
@@ -287,18 +287,19 @@ class Simulator:
             self.cache.preload_all()
 
     @staticmethod
-    def _gate(spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    def _gate(spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], np.ndarray]:
         tables = {s: t.float().numpy() for s, t in spec_probs.items()}  # [N, L, E] float32, as the gate returns
 
-        def gate(target: int, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, 2] (trace row, layer)
+        def gate(target: int, hidden: torch.Tensor) -> np.ndarray:  # hidden: [N, 2] (trace row, layer)
             h = hidden.numpy()
-            source = int(h[0, 1])
+            r, s = h[0].tolist()  # floats (the stand-in is a float tensor)
+            row, source = int(r), int(s)
             table = tables.get(target - source)
             if table is None:
                 raise ConfigError(f"the trace has no speculative router outputs for stride {target - source}")
             if h.shape[0] == 1:  # decode at batch 1: one row, a view
-                return torch.from_numpy(table[int(h[0, 0]), source][None])
-            return torch.from_numpy(table[h[:, 0].astype(np.int64), source])
+                return table[row, source][None]
+            return table[h[:, 0].astype(np.int64), source]
 
         return gate
 
