@@ -62,6 +62,16 @@ steady() {
 }
 EARLY="lru,lru+early_issue_misses=2,finemoe,finemoe+early_issue_misses=2"
 case $part in
+  s18a)     # session 18: GPU tests, the map predictor's cache probe on the host, then Qwen3 25% with
+            # fewer map prefetches in decode (a precision floor; k experts per plan) beside lru and
+            # finemoe (carry q128x8_t2 and q128x8_hist; ~8 min)
+    python -m pytest -q tests/gpu 2>&1 | tail -2
+    python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
+    steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule=topk" s18_qwen3_30b_fewer.json ;;
+  s18ovh)   # session 18: the predictor's critical-path overhead, inline search only (~3 min)
+    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 2 --prompts 3 --modes sync --out "$out/overhead_gpu_reference_s18.json" 2>&1 \
+      | grep -v " INFO \|round" | tail -8 ;;
   s17a)     # session 17: GPU tests, then a decode step's first copy issued before its other victims are
             # found (early_issue_misses=2) against all at once, lru and finemoe, Qwen1.5 25% (carry
             # q60x4_t3 and q60x4_h16, 21 MB; ~6 min)
