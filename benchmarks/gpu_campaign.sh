@@ -67,7 +67,7 @@ case $part in
             # finemoe (carry q128x8_t2 and q128x8_hist; ~8 min)
     python -m pytest -q tests/gpu 2>&1 | tail -2
     python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
-    steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule=topk" s18_qwen3_30b_fewer.json ;;
+    steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule='topk'" s18_qwen3_30b_fewer.json ;;
   s18ovh)   # session 18: the predictor's critical-path overhead, inline search only (~3 min)
     timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 2 --prompts 3 --modes sync --out "$out/overhead_gpu_reference_s18.json" 2>&1 \
