@@ -65,7 +65,7 @@ case $part in
   s18a)     # session 18: GPU tests, the map predictor's cache probe on the host, then Qwen3 25% with
             # fewer map prefetches in decode (a precision floor; k experts per plan) beside lru and
             # finemoe (carry q128x8_t2 and q128x8_hist; ~8 min)
-    python -m pytest -q tests/gpu 2>&1 | tail -2
+    python -m pytest -q -rf --tb=line tests/gpu 2>&1 | tail -4 || true
     python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
     steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule='topk'" s18_qwen3_30b_fewer.json ;;
   s18ovh)   # session 18: the predictor's critical-path overhead, inline search only (~3 min)
