@@ -4,8 +4,11 @@ The same `TrajectoryQuery.best` calls (one decode iteration at batch 1: L layers
 store of random maps) timed with warm caches, as the simulator runs them back to back, and with a
 sweep over a buffer between layers (untimed), as a CPU forward pass streams each layer's weights
 through the caches between two router hooks: one the size of an L2 cache, one of a last-level cache.
+With `--engine SHAPE`, also the engine's own `best` calls inside its decode steps (a random-weight
+model of that shape on the CPU, finemoe at 99%, inline search, a store recorded from random
+prompts) against the same store searched between generations.
 
-    python benchmarks/predictor_cache_probe.py --out docs/results/predictor_cache_probe.json
+    python benchmarks/predictor_cache_probe.py --engine reference --out docs/results/predictor_cache_probe.json
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import write_record  # noqa: E402
+from finemoe import expert_map  # noqa: E402
 from finemoe.expert_map import ExpertMapStore, StoreGeometry, TrajectoryQuery  # noqa: E402
 
 
@@ -40,6 +44,52 @@ def one_iteration(store: ExpertMapStore, queries: np.ndarray, sweep: np.ndarray 
     return spent
 
 
+def in_engine(shape: str) -> dict[str, float]:
+    """µs per `TrajectoryQuery.best` call inside a CPU engine's decode steps, and per layer when the
+    same engine's store is searched between generations (warm)."""
+    import tempfile
+
+    from common import shape_config
+    from finemoe import Engine, SamplingParams
+    from finemoe.synthetic import random_model
+    from predictor_overhead import prompts
+
+    cfg = shape_config(shape, None)
+    model = random_model(cfg, dtype=torch.float32, device="cpu")
+    path = Path(tempfile.mkdtemp()) / "maps.fms"
+    eng = Engine.from_model(model, expert_budget="100%", policy="finemoe", map_store=str(path), progress=False)
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    eng.generate(prompts(40, 32, cfg.vocab_size, 1), params)  # the store, recorded
+    kw = dict(policy="finemoe", search="sync", map_store_learn=False, prediction_duty="always")
+    eng.reconfigure(expert_budget="99%", **kw)
+    test = prompts(3, 32, cfg.vocab_size, 2)
+    eng.generate(test[0], params)  # warm-up
+    spent = [0.0, 0]
+    plain = TrajectoryQuery.best
+
+    def timed(self, layer, probs):  # benchmark-only probe on the class, removed below
+        t0 = time.perf_counter()
+        try:
+            return plain(self, layer, probs)
+        finally:
+            spent[0] += time.perf_counter() - t0
+            spent[1] += 1
+
+    expert_map.TrajectoryQuery.best = timed
+    try:
+        for p in test:
+            eng.generate(p, params)
+    finally:
+        expert_map.TrajectoryQuery.best = plain
+    L, E = eng.maps.geometry.num_layers, eng.maps.geometry.num_experts
+    q = torch.softmax(torch.randn(20, L, E, generator=torch.Generator().manual_seed(3)) * 2, dim=-1).numpy()
+    between = statistics.median(one_iteration(eng.maps, x, None) / L * 1e6 for x in q)
+    eng.config = eng.config.__class__(**{**eng.config.__dict__, "map_store": None})  # do not save
+    eng.close()
+    in_decode = spent[0] / max(spent[1], 1) * 1e6
+    return {"us_per_call_in_decode": in_decode, "calls": spent[1], "us_per_layer_between": between}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=24)
@@ -48,6 +98,7 @@ def main() -> int:
     ap.add_argument("--capacity", type=int, default=1000)
     ap.add_argument("--iterations", type=int, default=40)
     ap.add_argument("--sweeps-mb", default="2,32", help="buffer sizes swept between layers (MB)")
+    ap.add_argument("--engine", help="also time the engine's own calls on a random model of this shape (CPU)")
     ap.add_argument("--out", default="docs/results/predictor_cache_probe.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -66,6 +117,12 @@ def main() -> int:
         per_layer = [one_iteration(store, q, sweep) / L * 1e6 for q in queries]
         results[name] = {"us_per_layer_median": statistics.median(per_layer), "us_per_layer_min": min(per_layer)}
         print(f"{name:<16} {results[name]['us_per_layer_median']:7.1f} us per layer (median of {len(per_layer)})")
+    if args.engine:
+        results["engine"] = got = in_engine(args.engine)
+        print(
+            f"engine decode   {got['us_per_call_in_decode']:7.1f} us per call ({got['calls']} calls); "
+            f"between generations {got['us_per_layer_between']:.1f} us per layer"
+        )
     write_record(args.out, vars(args), results)
     return 0
 
