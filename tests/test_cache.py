@@ -246,6 +246,48 @@ def test_batched_uses_equal_one_call_per_use():
     assert one.victims(lambda eid: True, 5, 3) == many.victims(lambda eid: True, 5, 3)
 
 
+def test_batched_loads_equal_one_call_per_load():
+    """`on_prefetch_loads` / `on_demand_loads` (a batch of evictions, then of loads) leave decayed
+    LFU as the interleaved `on_evict` + `on_insert` (`on_demand_load`) calls: the same counts, keys
+    and residents, and the same victims in the same order afterwards, protection included."""
+    import random
+
+    from finemoe.policy import DecayLFUPolicy
+    from finemoe.types import PrefetchPlan, PrefetchRequest
+
+    rng = random.Random(5)
+    L, E = 4, 8
+    one, many = DecayLFUPolicy(L, E), DecayLFUPolicy(L, E)
+    resident: set[ExpertId] = set()
+    for p in (one, many):
+        for layer in range(L):
+            for e in range(0, E, 2):
+                p.on_insert(ExpertId(layer, e), 0)
+    resident = {ExpertId(layer, e) for layer in range(L) for e in range(0, E, 2)}
+    for step in range(1, 60):
+        layer = step % L
+        plan = PrefetchPlan(tuple(PrefetchRequest(ExpertId(L - 1, e), 0.5) for e in range(2)), iteration=step // L)
+        one.on_plan(plan)
+        many.on_plan(plan)
+        absent = sorted({ExpertId(lay, e) for lay in range(L) for e in range(E)} - resident)
+        n = rng.randint(1, 3)
+        loaded = sorted(rng.sample(absent, n))
+        gone = sorted(rng.sample(sorted(resident), n))
+        demand = rng.random() < 0.5
+        if demand:  # one layer's misses
+            loaded = [ExpertId(layer, e.expert) for e in loaded]
+            loaded = sorted(set(loaded) - resident)
+            gone = gone[: len(loaded)]
+        for victim, eid in zip(gone, loaded, strict=False):
+            one.on_evict(victim)
+            (one.on_demand_load if demand else one.on_insert)(eid, step)
+        (many.on_demand_loads if demand else many.on_prefetch_loads)(gone, loaded, step)
+        resident = (resident - set(gone)) | set(loaded)
+        assert one.count == many.count and one._keys == many._keys and one.last == many.last
+        assert one._layer_now == many._layer_now
+        assert one.prefetch_victims(lambda eid: True, 6) == many.prefetch_victims(lambda eid: True, 6)
+
+
 def _routed(policy, iteration: int, layer: int, probs: list[float]) -> None:
     from finemoe.types import RoutingEvent
 

@@ -369,6 +369,41 @@ def test_ranked_selection_equals_select_one():
             assert select_ranked(ranked_row(row), score, 2, rule) == select_one(row, score, 2, rule)
 
 
+def test_ranked_row_requests_are_the_plan_of_its_selection():
+    """`RankedRow.requests(layer, dist, n)` is `plan_for_layer` of the first n ranked experts,
+    whatever order the prefixes are asked in (the kept prefix grows, later calls slice it)."""
+    import numpy as np
+
+    from finemoe.predictor import plan_for_layer, ranked_row, select_ranked
+
+    gen = np.random.default_rng(1)
+    row = ranked_row(gen.dirichlet(np.ones(8)).astype(np.float32))
+    for score, dist in ((0.9, 3), (0.1, 3), (0.5, 3), (0.5, 1), (0.0, 2)):
+        n = row.count(score, 2)
+        want = plan_for_layer(5, 5 - dist, select_ranked(row, score, 2))
+        assert list(row.requests(5, dist, n)) == want and len(want) == n
+    assert row.rank()[row.order[0]] == 0 and sorted(row.rank()) == list(range(8))
+
+
+def test_single_semantic_match_equals_the_batched_one():
+    """`semantic_match_one` (plain numbers, remembered per embedding) picks the row the batched
+    tensor search picks, with the same float32 score."""
+    import torch
+
+    from finemoe.expert_map import ExpertMapStore, StoreGeometry
+
+    gen = torch.Generator().manual_seed(2)
+    store = ExpertMapStore(StoreGeometry(2, 4, 16), capacity=50)
+    store.add(torch.randn(50, 16, generator=gen), torch.rand(50, 2, 4, generator=gen))
+    queries = torch.randn(20, 16, generator=gen)
+    scores, rows = store.semantic_match(queries)  # N > 1: the tensor path
+    for i in range(20):
+        for _ in range(2):  # computed, then remembered
+            score, row = store.semantic_match_one(queries[i])
+            assert row == int(rows[i]) and abs(score - float(scores[i])) <= 1e-6
+            assert score == float(torch.tensor([score]))  # float32, as the tensor holds it
+
+
 def test_ranked_rows_follow_rewrites():
     import torch
 

@@ -37,6 +37,7 @@ class SpeculativeGatePredictor:
         self.in_prefill = deps.prefill_plans != "none"  # a finemoe refining gate may sit prefill out
         self.ctx: IterationContext | None = None
         self.n_rows = 0  # ctx.rows.numel(), read once per iteration
+        self.num_layers = deps.spec.num_layers  # L (a property of the spec: read once)
         self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(deps.spec.num_layers)]
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
@@ -45,7 +46,7 @@ class SpeculativeGatePredictor:
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         target = event.layer + self.stride
-        if target >= self.spec.num_layers or event.hidden is None or (event.is_prefill and not self.in_prefill):
+        if target >= self.num_layers or event.hidden is None or (event.is_prefill and not self.in_prefill):
             return None
         ctx = self.ctx
         live = ctx is not None and ctx.iteration == event.iteration

@@ -196,22 +196,29 @@ class ExpertMapStore:
 
     def semantic_match(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best stored row per query embedding: (`scores` [N] cosine, `rows` [N]). Store non-empty."""
-        if emb.shape[0] == 1:  # one query: NumPy, remembered by its bytes until the store changes
-            q = emb[0].float().numpy()
-            key = q.tobytes()
-            hit = self._semantic.get(key)
-            if hit is None:
-                sim = _mv(self._emb_unit_np[: self.size], q)
-                row = int(sim.argmax())
-                hit = (float(sim[row]) / max(float(np.sqrt(q @ q)), EPS), row)
-                if len(self._semantic) >= SEMANTIC_CACHE:
-                    self._semantic.clear()
-                self._semantic[key] = hit
-            return torch.tensor([hit[0]]), torch.tensor([hit[1]])
+        if emb.shape[0] == 1:
+            score, row = self.semantic_match_one(emb[0])
+            return torch.tensor([score]), torch.tensor([row])
         q = emb.float() / emb.float().norm(dim=1, keepdim=True).clamp_min(EPS)
         sim = q @ self.emb_unit[: self.size].T  # [N, size]
         scores, rows = sim.max(dim=1)
         return scores, rows
+
+    def semantic_match_one(self, emb: torch.Tensor) -> tuple[float, int]:
+        """`semantic_match` of one embedding [D] as plain numbers (score, row), the score rounded to
+        float32 as `semantic_match`'s tensor holds it: NumPy, remembered by the embedding's bytes
+        until the store changes. Store non-empty."""
+        q = emb.float().numpy()
+        key = q.tobytes()
+        hit = self._semantic.get(key)
+        if hit is None:
+            sim = _mv(self._emb_unit_np[: self.size], q)
+            row = int(sim.argmax())
+            hit = (float(np.float32(float(sim[row]) / max(float(np.sqrt(q @ q)), EPS))), row)
+            if len(self._semantic) >= SEMANTIC_CACHE:
+                self._semantic.clear()
+            self._semantic[key] = hit
+        return hit
 
     def trajectory_scores_from_scratch(self, traj: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Cosine [N, size] of trajectories `traj` [N, m, E] (layers start..start+m-1) with the

@@ -38,6 +38,7 @@ class FineMoEPredictor:
             raise ValueError("the finemoe predictor needs an expert map store")
         self.spec, self.store = deps.spec, deps.maps
         self.store: ExpertMapStore
+        self.num_layers = deps.spec.num_layers  # L (a property of the spec: read once)
         self.distance = deps.distance
         self.rule = deps.delta_rule
         self.window = deps.trajectory_window
@@ -76,18 +77,22 @@ class FineMoEPredictor:
         emb = ctx.host_embeddings()
         if emb is None or not self.semantic:
             return None
-        scores, rows = store.semantic_match(emb)  # [N], [N]
-        self.sem_sum += float(scores.sum())
-        self.sem_n += scores.numel()
-        L, d = self.spec.num_layers, self.distance
-        matched = store.maps[rows]  # [N, L, E]
+        L, d = self.num_layers, self.distance
         reqs: list[PrefetchRequest] = []
-        one = (int(rows[0]), float(scores[0])) if rows.numel() == 1 else None  # batch 1: the ranked rows
-        for target in range(min(d, L)):
-            if one is None:
+        if emb.shape[0] == 1:  # batch 1: plain numbers and the matched row's cached ranking
+            score, row = store.semantic_match_one(emb[0])
+            self.sem_sum += score
+            self.sem_n += 1
+            for target in range(min(d, L)):
+                reqs += self._row_requests(target, -1, row, score)
+            matched = store.maps[row : row + 1] if self.hints else None  # [1, L, E]
+        else:
+            scores, rows = store.semantic_match(emb)  # [N], [N]
+            self.sem_sum += float(scores.sum())
+            self.sem_n += scores.numel()
+            matched = store.maps[rows]  # [N, L, E]
+            for target in range(min(d, L)):
                 reqs += plan_for_layer(target, -1, self._gated(target, self._select(matched[:, target], scores)))
-            else:
-                reqs += self._row_requests(target, -1, *one)
         # The matched rows forecast every layer of this iteration: hints for map-aware eviction.
         hints = tuple(enumerate(matched.amax(dim=0).unbind(0))) if self.hints else ()  # (layer, [E]) per layer
         self.plans += 1
@@ -99,7 +104,7 @@ class FineMoEPredictor:
             self.ctx = None  # out of step (e.g. a dropped context): sit this iteration out
             return None
         self.layers_seen += 1
-        L, layer = self.spec.num_layers, event.layer
+        L, layer = self.num_layers, event.layer
         planned = self._planned.pop(layer, None)
         if planned is not None and not ctx.is_prefill:  # how many of the experts planned for this layer it chose
             if type(planned) is tuple:  # batch 1: (matched row ranked, experts taken), one token's k distinct ids

@@ -30,6 +30,7 @@ class HistoryRecorder:
         self.ctx: IterationContext | None = None
         self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
         self.running = RunningActivations(self.spec.num_layers, self.spec.num_experts)
+        self.last_layer = self.spec.num_layers - 1
         self.maps_added = 0
         self.requests_added = 0
 
@@ -45,7 +46,7 @@ class HistoryRecorder:
             return None
         self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
         self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
-        if event.layer == self.spec.num_layers - 1:
+        if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
             if self.maps is not None and emb is not None and ctx.rows.numel():
                 maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
