@@ -203,7 +203,7 @@ class _PlanAwareHeap:
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
         self.last: dict[int, int] = {}  # resident flat id -> step of the latest use
-        self._version: dict[int, int] = {}
+        self._version = [0] * (num_layers * num_experts)  # flat id -> version of its live heap entry
         self._heap: list[tuple[float, int, int, int]] = []
         self._planned: set[int] = set()  # flat ids a pending plan selected
         # entries `victim` found protected, by layer: back in the heap once the pass reaches it
@@ -225,7 +225,7 @@ class _PlanAwareHeap:
         raise NotImplementedError
 
     def _push(self, flat: int) -> None:
-        v = self._version.get(flat, 0) + 1
+        v = self._version[flat] + 1
         self._version[flat] = v
         heapq.heappush(self._heap, (self._key(flat), self.last[flat], flat, v))
         if len(self._heap) > 4 * len(self.last) + 256:  # drop stale entries now and then
@@ -235,7 +235,7 @@ class _PlanAwareHeap:
         """Rebuild the heap from the residents alone (stale entries dropped, set-aside ones back)."""
         self._heap, self._held, self._busy = [], {}, []
         for f in self.last:
-            self._version[f] = v = self._version.get(f, 0) + 1
+            self._version[f] = v = self._version[f] + 1
             self._heap.append((self._key(f), self.last[f], f, v))
         heapq.heapify(self._heap)
 
@@ -275,7 +275,7 @@ class _PlanAwareHeap:
     def on_evict(self, eid: ExpertId) -> None:
         flat = eid.layer * self.num_experts + eid.expert
         del self.last[flat]
-        self._version[flat] = self._version.get(flat, 0) + 1  # its heap entries are stale now
+        self._version[flat] += 1  # its heap entries are stale now
 
     def _unprotected(self, evictable: Callable[[ExpertId], bool], n: int, pinned_only: bool = False) -> list[ExpertId]:
         """Up to `n` unprotected experts `evictable` accepts, lowest key first (the victims `n`
@@ -289,7 +289,7 @@ class _PlanAwareHeap:
         while heap:
             entry = pop(heap)
             flat = entry[2]
-            if version.get(flat) != entry[3] or flat not in last:
+            if version[flat] != entry[3] or flat not in last:
                 continue  # stale
             if lazy and (entry[0] != key(flat) or entry[1] != last[flat]):
                 v = version[flat] + 1  # its key rose since: back in at its current place (in place:
@@ -376,7 +376,7 @@ class _PlanAwareHeap:
         while pool:
             entry = heapq.heappop(pool)
             flat = entry[2]
-            if version.get(flat) != entry[3] or flat not in last:
+            if version[flat] != entry[3] or flat not in last:
                 continue
             if lazy and (entry[0] != self._key(flat) or entry[1] != last[flat]):
                 v = version[flat] + 1
@@ -535,7 +535,7 @@ class DecayLFUPolicy(_PlanAwareHeap):
         for lay, e in evicted:
             flat = lay * E + e
             del last[flat]
-            version[flat] = version.get(flat, 0) + 1
+            version[flat] += 1
         count, keys, heap, push = self.count, self._keys, self._heap, heapq.heappush
         t, lg, exp, log = step / self.num_layers, self.log_gamma, math.exp, math.log
         first = self.prefetch_count
@@ -546,10 +546,11 @@ class DecayLFUPolicy(_PlanAwareHeap):
                 c = c * exp((t - t0) * lg) + 1.0
                 count[flat] = (c, t)
                 keys[flat] = log(c) - t * lg
-            elif flat not in count:
-                self._set(flat, first, t)
+            elif flat not in count:  # `_set`, inlined
+                count[flat] = (first, t)
+                keys[flat] = log(first) - t * lg
             last[flat] = step
-            version[flat] = v = version.get(flat, 0) + 1
+            version[flat] = v = version[flat] + 1
             push(heap, (keys[flat], step, flat, v))
         if len(heap) > 4 * len(last) + 256:
             self._compact()
