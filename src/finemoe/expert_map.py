@@ -28,21 +28,16 @@ RANKED_CACHE = 16384  # ranked map rows kept (each a few lists of E items); clea
 SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
 
 
-# Largest product `_mv` hands to BLAS: OpenBLAS runs a matrix-vector product on one thread below
-# 2304 * 4 = 9216 elements (its GEMM_MULTITHREAD_THRESHOLD), and there `dot` costs ~0.6 us against
-# einsum's ~2.5 us for the 64 x 60 pruned trajectory step (one core here). Blocks of rows through
-# BLAS were no faster than einsum on 1000 x 60 (~11 us either way), so larger products stay on einsum.
-BLAS_SINGLE_THREAD = 8192
-
-
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
-    """`mat` [C, K] @ `vec` [K] on the calling thread only. A large product would spread over every
-    core through BLAS (NumPy's OpenBLAS), whose threads keep spinning afterwards, competing with
+    """`mat` [C, K] @ `vec` [K] on the calling thread only. BLAS (NumPy's OpenBLAS) spreads even a
+    1000 x 16 product over every core and its threads keep spinning afterwards, competing with
     torch's own threads: routing the semantic match (1000 x 576) through BLAS made the 2-core CPU
     decode step ~2x slower (docs/results/policies.md, overhead); einsum's loop stays on this thread.
-    Small ones (`BLAS_SINGLE_THREAD`) go to BLAS, which runs them on this thread."""
-    if mat.size <= BLAS_SINGLE_THREAD:
-        return mat.dot(vec)
+
+    Small products through BLAS `dot` (one thread below 9,216 elements) were 4x faster but not
+    kept (session 18): its kernel sums the last rows of a block in another order, so identical
+    stored rows (a token stored twice) got scores differing in the last bit and `argmax` picked
+    another copy, changing plans; einsum scores identical rows identically, on every machine."""
     return np.einsum("ck,k->c", mat, vec)
 
 
@@ -342,7 +337,7 @@ class TrajectoryQuery:
         """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
         i = layer - self._cbase
         self._cdot += _mv(self._cmaps[i], p)
-        self._q1 += float(p.dot(p))
+        self._q1 += float(p @ p)
         self.layers += 1
         ratio = self._cdot / self._cnorm[i]
         i = int(ratio.argmax())
