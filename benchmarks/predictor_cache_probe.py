@@ -47,19 +47,13 @@ def one_iteration(store: ExpertMapStore, queries: np.ndarray, sweep: np.ndarray 
 def in_engine(shape: str) -> dict[str, float]:
     """µs per `TrajectoryQuery.best` call inside a CPU engine's decode steps, and per layer when the
     same engine's store is searched between generations (warm)."""
-    import tempfile
-
     from common import shape_config
-    from finemoe import Engine, SamplingParams
-    from finemoe.synthetic import random_model
-    from predictor_overhead import prompts
+    from finemoe import SamplingParams
+    from predictor_overhead import prompts, recorded_engine
 
     cfg = shape_config(shape, None)
-    model = random_model(cfg, dtype=torch.float32, device="cpu")
-    path = Path(tempfile.mkdtemp()) / "maps.fms"
-    eng = Engine.from_model(model, expert_budget="100%", policy="finemoe", map_store=str(path), progress=False)
+    eng = recorded_engine(cfg, torch.float32, "cpu", history=40, prompt_len=32, new_tokens=32)
     params = SamplingParams(max_new_tokens=32, ignore_eos=True)
-    eng.generate(prompts(40, 32, cfg.vocab_size, 1), params)  # the store, recorded
     kw = dict(policy="finemoe", search="sync", map_store_learn=False, prediction_duty="always")
     eng.reconfigure(expert_budget="99%", **kw)
     test = prompts(3, 32, cfg.vocab_size, 2)

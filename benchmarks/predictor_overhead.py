@@ -44,6 +44,18 @@ def prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return [torch.randint(10, vocab - 10, (length,), generator=g).tolist() for _ in range(n)]
 
 
+def recorded_engine(cfg, dtype: torch.dtype, device: str, history: int, prompt_len: int, new_tokens: int) -> Engine:
+    """A finemoe engine over a random-weight model of `cfg` whose map store (a temporary file) has
+    recorded `history` random prompts of `prompt_len` tokens, `new_tokens` generated each."""
+    model = random_model(cfg, dtype=dtype, device=device)
+    store = Path(tempfile.mkdtemp()) / "maps.fms"
+    eng = Engine.from_model(model, expert_budget="100%", policy="finemoe", map_store=str(store), progress=False)
+    hist = prompts(history, prompt_len, cfg.vocab_size, seed=1)
+    eng.generate(hist, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))  # recording
+    log.info("map store: %d maps (capacity %d)", eng.maps.size, eng.maps.capacity)
+    return eng
+
+
 class Timed:
     """Benchmark-only probe: wraps one method of one object and sums its wall time in decode
     iterations (`rt.is_prefill` false)."""
@@ -126,12 +138,7 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = shape_config(args.shape, args.layers)
-    model = random_model(cfg, dtype=getattr(torch, args.dtype), device=args.device)
-    store = Path(tempfile.mkdtemp()) / "maps.fms"
-    eng = Engine.from_model(model, expert_budget="100%", policy="finemoe", map_store=str(store), progress=False)
-    hist = prompts(args.history, args.prompt_len, cfg.vocab_size, seed=1)
-    eng.generate(hist, SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True))  # recording
-    log.info("map store: %d maps (capacity %d)", eng.maps.size, eng.maps.capacity)
+    eng = recorded_engine(cfg, getattr(torch, args.dtype), args.device, args.history, args.prompt_len, args.new_tokens)
     test = prompts(args.prompts, args.prompt_len, cfg.vocab_size, seed=2)
     rec: dict = {"meta": run_meta(), "config": vars(args), "rounds": [], "results": {}}
     near = args.near_full

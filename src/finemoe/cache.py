@@ -577,7 +577,10 @@ class ExpertCache:
     def _prefetch_all(self, batch: list[tuple[ExpertId, int]], victims: list[ExpertId]) -> list[int]:
         """`prefetch_batch`'s loop with `_evict` and `_start_prefetch` inlined and the transfer's and
         the policy's calls batched (`load_many`, `on_prefetch_loads`): the same slots, the same
-        state after it. `victims`: the next one last."""
+        state after it. `victims`: the next one last. Its eviction lines repeat those of `enter`'s
+        batched miss loop on purpose: one shared helper for both (tried in session 18) slowed the
+        LRU replay below issue 5's 200k layer-steps/s (an alternating A/B on one core: 188-202k
+        without it, 101-165k with it)."""
         free, slot_of, owner, dirty = self._free, self.slot_of, self.owner, self._dirty
         prefetched, planned_in = self.prefetched, self.prefetch_iteration
         slots: list[int] = []
