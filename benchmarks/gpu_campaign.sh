@@ -68,6 +68,16 @@ case $part in
     python -m pytest -q -rf --tb=line tests/gpu 2>&1 | tail -4 || true
     python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
     steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule='topk'" s18_qwen3_30b_fewer.json ;;
+  s19ovh)   # session 19: the predictor's critical-path overhead with the speculative gates computed in
+            # the graph (sync, process) beside the host gate (sync:host-gate), one run (~5 min)
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 3 --prompts 3 --modes "${MODES:-sync,sync:host-gate,process}" --out "$out/overhead_gpu_reference_${TAG:-s19}.json" 2>&1 \
+      | grep -v " INFO \|round" | tail -14 ;;
+  s19q3)    # session 19: Qwen3 25%, the speculative gate in the graph and on the host, beside lru
+            # (carry q128x8_t2 and q128x8_hist; ~6 min)
+    steady q3 "lru,finemoe,finemoe+graph_gates=False" s19_qwen3_30b_graph_gates.json ;;
+  s19t)     # session 19: the GPU tests, failures in full (~4 min)
+    python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -30 ;;
   s18ovh)   # session 18: the predictor's critical-path overhead, inline search only (~3 min)
     timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 2 --prompts 3 --modes sync --out "$out/overhead_gpu_reference_s18.json" 2>&1 \

@@ -98,7 +98,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False) 
     eng.generate(ps[0], params)  # warm-up
     timers = probes(eng) if breakdown else {}
     rt = eng.runtime
-    c0, n0 = rt.critical_decode_s, rt.decode_iterations
+    c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     steps = []
     for p in ps:
         out = eng.generate(p, params)[0]
@@ -109,6 +109,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False) 
     return {
         "step_ms": statistics.median(steps) * 1e3,
         "predictor_ms_per_decode_iteration": (rt.critical_decode_s - c0) / n * 1e3 if n else 0.0,
+        # graphed decode: host ms per step between the layers' routing syncs and their segments' launches
+        "prelaunch_ms_per_decode_iteration": (rt.prelaunch_decode_s - pl0) / n * 1e3 if n else 0.0,
         "decode_iterations": n,
         "breakdown_ms_per_iteration": {k: t.total / n * 1e3 for k, t in timers.items()} if n else {},
         "hit_rate": st.cache.hit_rate,
@@ -133,7 +135,12 @@ def main() -> int:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--near-full", default="99%", help="budget of the overhead comparison (predictor runs, ~no misses)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--modes", default="sync,async,process", help="finemoe search modes compared")
+    ap.add_argument(
+        "--modes",
+        default="sync,async,process",
+        help="finemoe search modes compared; a mode ending in ':host-gate' runs the speculative gate on the "
+        "host from the router input even in graphed steps (graph_gates=False, the side-by-side reference)",
+    )
     ap.add_argument("--out", default="docs/results/overhead.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -146,7 +153,9 @@ def main() -> int:
 
     def fine(budget: str, mode: str) -> tuple[str, dict]:
         # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead
-        kw = dict(policy="finemoe", expert_budget=budget, search=mode, map_store_learn=False, prediction_duty="always")
+        search, _, variant = mode.partition(":")
+        kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
+        kw.update(prediction_duty="always", graph_gates=variant != "host-gate")
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
@@ -169,6 +178,7 @@ def main() -> int:
             **per[-1],
             "step_ms": statistics.median(p["step_ms"] for p in per),
             "predictor_ms_per_decode_iteration": statistics.median(p["predictor_ms_per_decode_iteration"] for p in per),
+            "prelaunch_ms_per_decode_iteration": statistics.median(p["prelaunch_ms_per_decode_iteration"] for p in per),
         }
     res = rec["results"]
     base = res["all-gpu 100%"]["step_ms"]
@@ -187,7 +197,7 @@ def main() -> int:
     out.write_text(json.dumps(rec, indent=1))
     print(
         f"{'run':<28} {'step ms':>8} {'fwd-thread ms/it':>16} {'share':>7} "
-        f"{'added ms vs lru':>15} {'share':>7} {'hit':>6}"
+        f"{'added ms vs lru':>15} {'share':>7} {'hit':>6} {'pre-launch ms/it':>16}"
     )
     for k, r in res.items():
         added = r.get("added_ms_vs_lru")
@@ -195,6 +205,7 @@ def main() -> int:
         print(
             f"{k:<28} {r['step_ms']:>8.2f} {r['predictor_ms_per_decode_iteration']:>16.3f} "
             f"{r['predictor_share_of_100pct_step']:>7.2%} {extra} {r['hit_rate']:>6.3f}"
+            f" {r['prelaunch_ms_per_decode_iteration']:>16.3f}"
         )
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):

@@ -47,3 +47,51 @@ def test_non_linear_router_keeps_the_module():
     assert gate._host_weights(0, torch.randn(2, 8)) is None  # no `weight` [E, H]: not a plain linear map
     out = gate(0, torch.randn(2, 8))
     assert out.shape == (2, 4) and torch.allclose(out.sum(-1), torch.ones(2))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_device_linear_logits_give_the_gates_plan(family):
+    """What a graphed decode step computes for a gate (the router's own linear map on the router
+    input, `device_linear`), turned into probabilities by `probs_of`, is the gate's result; a
+    speculative-gate predictor reading it from the event plans what it plans from the input."""
+    from finemoe.baselines import SpeculativeGatePredictor
+    from finemoe.loader import build_spec
+    from finemoe.predictor import PredictorDeps
+    from finemoe.types import IterationContext, RoutingEvent
+
+    model = random_model(make_config(family), seed=5)
+    adapter = get_adapter(model.config.model_type)
+    refs = find_moe_layers(model, adapter)
+    E = refs[0].experts.gate_up_proj.shape[0]
+    gate = RouterGate([r.router for r in refs], adapter, E)
+    spec = build_spec(model, adapter, torch.float32)
+    hidden = torch.randn(1, model.config.hidden_size)
+    for layer in range(len(refs)):
+        lin = gate.device_linear(layer)
+        assert lin is not None and lin[0] is not None
+        logits = torch.nn.functional.linear(hidden, *lin)  # [1, E]
+        torch.testing.assert_close(gate.probs_of(layer, logits), gate(layer, hidden), atol=1e-5, rtol=1e-4)
+    pred = SpeculativeGatePredictor(PredictorDeps(spec, 1, None, None, gate))
+    ctx = IterationContext(0, False, 1, torch.arange(1), torch.zeros(1, dtype=torch.int64), None)
+    pred.on_iteration_start(ctx)
+    ids = torch.zeros(1, spec.top_k, dtype=torch.int64)
+    probs = torch.full((1, E), 1.0 / E)
+    from_hidden = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden))
+    done = {1: torch.nn.functional.linear(hidden, *gate.device_linear(1))}
+    from_logits = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, None, speculated=done))
+    assert from_logits is not None and from_hidden is not None
+    assert [r.expert for r in from_logits.requests] == [r.expert for r in from_hidden.requests]
+
+
+def test_device_linear_refuses_a_router_that_is_not_its_weight():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x):
+            logits = torch.nn.functional.linear(x, self.weight) * 3  # not F.linear(x, weight)
+            return logits, None, logits.topk(2).indices
+
+    gate = RouterGate([Scaled()], get_adapter("qwen2_moe"), 4)
+    assert gate.device_linear(0) is None

@@ -46,15 +46,20 @@ class SpeculativeGatePredictor:
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         target = event.layer + self.stride
-        if target >= self.num_layers or event.hidden is None or (event.is_prefill and not self.in_prefill):
+        if target >= self.num_layers or (event.is_prefill and not self.in_prefill):
+            return None
+        done = event.speculated.get(target) if event.speculated is not None else None  # [T, E], CPU
+        source = done if done is not None else event.hidden
+        if source is None:
             return None
         ctx = self.ctx
         live = ctx is not None and ctx.iteration == event.iteration
-        if live and self.n_rows == event.hidden.shape[0]:
-            hidden = event.hidden  # every position is a live row (batch 1, no padding)
+        if live and self.n_rows == source.shape[0]:
+            rows = source  # every position is a live row (batch 1, no padding)
         else:
-            hidden = event.hidden[ctx.rows.to(event.hidden.device)] if live else event.hidden  # [N, H]
-        probs = self.gate(target, hidden)  # [N, E] CPU tensor or NumPy array, or None: the gate cannot say
+            rows = source[ctx.rows.to(source.device)] if live else source  # [N, H] or [N, E]
+        # [N, E] CPU tensor or NumPy array, or None: the gate cannot say
+        probs = self.gate.probs_of(target, rows) if done is not None else self.gate(target, rows)
         if probs is None:
             return None
         k = self.spec.top_k

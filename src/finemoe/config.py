@@ -211,6 +211,9 @@ class EngineConfig:
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
+    # graphed decode: the speculative gates' logits computed in the graph, on the device (one small
+    # matmul per layer), instead of on the host from a copy of the router input (graphs.py)
+    graph_gates: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

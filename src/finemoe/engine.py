@@ -304,6 +304,10 @@ class Engine:
             self.runtime.policy_routes = self.cache.policy.on_routing  # router-probability eviction
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
+        if self.runtime.want_hidden and isinstance(self.gate, RouterGate) and config.graph_gates:
+            # a graphed decode step computes these gates' logits itself (not a replaced gate's)
+            strides = {m.stride for m in members if isinstance(m, SpeculativeGatePredictor)}
+            self.runtime.gate_strides, self.runtime.router_gate = tuple(sorted(strides)), self.gate
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
             preset.predictor == "finemoe"
         )
@@ -344,6 +348,7 @@ class Engine:
         self.runtime.predictors.append(predictor)
         self.runtime.always.append(predictor)  # the prediction duty never pauses it
         self.runtime.want_hidden |= bool(getattr(predictor, "wants_hidden", False))
+        self.runtime.extra_hidden |= bool(getattr(predictor, "wants_hidden", False))
         self.runtime.want_embeddings |= bool(getattr(predictor, "wants_embeddings", False))
 
     def reconfigure(self, **overrides: Any) -> None:

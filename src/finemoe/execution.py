@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -122,6 +122,10 @@ class OffloadRuntime:
     critical_decode_s: float = 0.0  # the same in decode iterations
     sync_decode_s: float = 0.0  # decode: host time blocked in the layers' routing syncs (device-bound time)
     sync_s: float = 0.0  # the same over prefill and decode
+    # graphed decode: host time from each layer's routing sync to its next segment's launch (the
+    # host work on the critical path between two segments), and when the latest sync returned
+    prelaunch_decode_s: float = 0.0
+    routed_at: float = 0.0
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -137,6 +141,15 @@ class OffloadRuntime:
     # graphed decode: routing events held for the predictors until the next segment is replayed
     # (their host work then overlaps its GPU work); None: predictors run in the router hook
     late_events: list[RoutingEvent] | None = None
+    # Speculative gates a graphed decode step computes on the device (`graphs.StaticDecoder`): the
+    # strides of the gate predictors, their gate (`gate.RouterGate`), and whether anything else
+    # reads router inputs (then they are still copied to the host).
+    gate_strides: tuple[int, ...] = ()
+    router_gate: Any = None
+    extra_hidden: bool = False
+    # set while a graphed step replays: per MoE layer, (speculative logits {target layer: [T, E]}
+    # static on the device, whether they cover every gate stride)
+    speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
     # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
     # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
     predict_after_demand: bool = False
@@ -276,7 +289,8 @@ class LayerBinding:
         if not (predicting or listening):
             t1 = time.perf_counter()
             ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
-            blocked = time.perf_counter() - t1
+            rt.routed_at = time.perf_counter()
+            blocked = rt.routed_at - t1
             rt.sync_s += blocked
             if not rt.is_prefill:
                 rt.sync_decode_s += blocked
@@ -287,20 +301,34 @@ class LayerBinding:
         if rt.want_hidden and args:
             hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
         logits = logits.detach()
+        speculated = None
         if idx.device.type != "cpu":
             # The predictors' inputs ride on the layer's one host sync: logits (and a decode-sized
-            # router input) are copied to pinned host memory first, then the blocking copy of the
-            # ids waits for all of them. No predictor touches the device afterwards.
+            # router input, or the speculative logits a graphed step computed) are copied to pinned
+            # host memory first, then the blocking copy of the ids waits for all of them. No
+            # predictor touches the device afterwards.
             logits = logits.to("cpu", non_blocking=True)
+            if rt.speculated is not None:
+                done, covers = rt.speculated[self.layer]
+                speculated = {t: s.to("cpu", non_blocking=True) for t, s in done.items()}
+                if covers and not rt.extra_hidden:
+                    hidden = None  # every gate reads its logits instead
             if hidden is not None and hidden.shape[0] <= HOST_HIDDEN_ROWS:
                 hidden = hidden.to("cpu", non_blocking=True)
         t1 = time.perf_counter()
         ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
-        t2 = time.perf_counter()
+        t2 = rt.routed_at = time.perf_counter()
         router_probs = rt.adapter.router_probs
         event = RoutingEvent(
-            rt.iteration, self.layer, logits, ids_cpu, rt.is_prefill, hidden, lambda x: router_probs(module, x)
+            rt.iteration,
+            self.layer,
+            logits,
+            ids_cpu,
+            rt.is_prefill,
+            hidden,
+            lambda x: router_probs(module, x),
+            speculated=speculated,
         )
         for obs in rt.observers:
             obs(event)
@@ -410,9 +438,10 @@ class LayerBinding:
                     "raise the expert budget or turn cuda_graphs off"
                 )
             cache.device_table(layer)  # the row the graph reads, updated in place on the compute stream
+            rt.prelaunch_decode_s += time.perf_counter() - rt.routed_at
             replay()
 
-        rt.stepper.serve(rt.iteration, layer, unique, compute)
+        rt.stepper.serve(rt.iteration, layer, unique, compute, pump_first=False)  # prefetches after the launch
         self._tell_policy()  # while the GPU runs the segment just replayed
 
 

@@ -43,6 +43,7 @@ class RouterGate:
         self._host: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(routers)
         self._checked = [False] * len(routers)
         self._on_cpu = [self._device(r).type == "cpu" for r in routers]
+        self._linear: dict[int, tuple[torch.Tensor, torch.Tensor | None] | None] = {}  # `device_linear`
 
     def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         router = self.routers[layer]
@@ -56,6 +57,34 @@ class RouterGate:
             if not on_cpu:
                 hidden = hidden.to(self._device(router))
         return self._module_probs(router, hidden)
+
+    def device_linear(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The router's own (weight [E, H], bias [E] or None) on its device, for a graphed decode
+        step to compute this layer's speculative logits itself (`torch.nn.functional.linear`), or
+        None when the router's logits are not that linear map. Checked once per router on a random
+        input against the module's forward; not while a CUDA graph is being captured (it syncs)."""
+        if layer in self._linear:
+            return self._linear[layer]
+        router = self.routers[layer]
+        w, b = getattr(router, "weight", None), getattr(router, "bias", None)
+        found = None
+        linear = isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] == self.num_experts
+        if linear and (b is None or (isinstance(b, torch.Tensor) and b.shape == (self.num_experts,))):
+            w, b = w.detach(), None if b is None else b.detach()
+            gen = torch.Generator(device="cpu").manual_seed(layer)
+            sample = torch.randn(2, w.shape[1], generator=gen).to(w.device, w.dtype)  # [2, H]
+            with torch.no_grad():
+                ref = router.forward(sample)[self.adapter.router_logits_at].reshape(-1, self.num_experts)
+                mine = torch.nn.functional.linear(sample, w, b)
+            if ref.shape == mine.shape and torch.allclose(mine.float(), ref.float(), rtol=1e-2, atol=1e-3):
+                found = (w, b)
+        self._linear[layer] = found
+        return found
+
+    def probs_of(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        """Router `layer`'s probabilities [T, E] float32 from its logits [T, E] on the CPU (those
+        `device_linear` gave a graphed step): the family's routing math, on the calling thread."""
+        return self.adapter.router_probs(self.routers[layer], logits).float()
 
     def _module_probs(self, router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

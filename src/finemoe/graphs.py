@@ -69,6 +69,10 @@ class StaticDecoder:
         self.stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
+        # per MoE layer: the speculative gates' logits the segment computes ({target: [T, E]}, static)
+        # and whether they cover every gate stride (`OffloadRuntime.speculated`)
+        self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
+        self._linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         self.whole = False  # one graph for the step (nothing on the host between layers)
         self._pool = None
@@ -91,6 +95,7 @@ class StaticDecoder:
             "decode_graph_captures": self.captures,
             "decode_graphs": len(self.graphs),
             "decode_graph_error": self.error,
+            "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # speculative logits per step
         }
 
     # -- cache ---------------------------------------------------------------------------------
@@ -112,6 +117,7 @@ class StaticDecoder:
 
     def drop_graphs(self) -> None:
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
+        self.speculated = []
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -177,9 +183,13 @@ class StaticDecoder:
         if not cache.all_resident:
             for layer in range(L):
                 cache.device_table(layer)  # no table row left dirty: the graphs read the rows in place
+        gate = rt.router_gate
+        speculate = not self.whole and bool(rt.gate_strides) and gate is not None
+        self._linear = [gate.device_linear(t) for t in range(L)] if speculate else []  # checked before capture
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
+        self.speculated = [({}, False)] * L
         self.graphs = [torch.cuda.CUDAGraph()]
         rt.capture = self
         begun = False
@@ -210,10 +220,33 @@ class StaticDecoder:
         self.routed[layer] = (module, args, tuple(output))
         if self.whole:
             return
+        if self._linear:
+            self.speculated[layer] = self._speculate(layer, args)
         self.graphs[-1].capture_end()
         graph = torch.cuda.CUDAGraph()
         self.graphs.append(graph)
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+
+    def _speculate(self, layer: int, args: tuple) -> tuple[dict[int, torch.Tensor], bool]:
+        """The speculative gates' logits on layer `layer`'s router input, computed at the end of the
+        segment being captured (one small matmul per gate stride): the host then copies them with
+        the routing instead of the router input and runs no router itself (`RouterGate.probs_of`).
+        A target whose router is not a plain linear map, or whose weight's dtype differs from the
+        input's, is left to the host gate (and the router input is still copied)."""
+        done: dict[int, torch.Tensor] = {}
+        covers = True
+        hidden = args[0].reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
+        for stride in self.rt.gate_strides:
+            target = layer + stride
+            if target >= len(self.refs):
+                continue
+            lin = self._linear[target]
+            if lin is None or hidden is None or hidden.dtype != lin[0].dtype:
+                covers = False
+                continue
+            with torch.no_grad():
+                done[target] = torch.nn.functional.linear(hidden, *lin)  # [T, E]
+        return done, covers
 
     # -- replay ----------------------------------------------------------------------------------
     def _replay(self) -> None:
@@ -225,6 +258,7 @@ class StaticDecoder:
             self.graphs[0].replay()
             late: list = []
             rt.late_events = late
+            rt.speculated = self.speculated if self._linear else None
             try:
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
@@ -241,7 +275,7 @@ class StaticDecoder:
                         rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
             finally:
-                rt.late_events = None
+                rt.late_events, rt.speculated = None, None
         if cache.all_resident:  # every use a hit; counted from one copy of all layers' ids
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):

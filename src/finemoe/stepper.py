@@ -46,12 +46,20 @@ class Stepper:
             submit(p.on_routing(event))
 
     def serve(
-        self, iteration: int, layer: int, unique: list[int], compute: ComputeFn, event: RoutingEvent | None = None
+        self,
+        iteration: int,
+        layer: int,
+        unique: list[int],
+        compute: ComputeFn,
+        event: RoutingEvent | None = None,
+        pump_first: bool = True,
     ) -> None:
         """Count the accesses of `unique` (sorted expert ids) in `layer`, pin them (on-demand loads
         for misses) and run `compute` on each chunk that fits; refcounts are released even if
         `compute` raises. `event`: the layer's routing, for the predictors once the first chunk's
-        on-demand copies are issued (instead of a `route` call before)."""
+        on-demand copies are issued (instead of a `route` call before). `pump_first=False`: a
+        whole layer's queued prefetches start only once `compute` returned (a graphed step, whose
+        `compute` only launches the segment: the launch is not delayed by the prefetch issue)."""
         cache, prefetcher = self.cache, self.prefetcher
         prefetcher.now(iteration, layer)
         got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
@@ -67,7 +75,7 @@ class Stepper:
                 cache.release(layer, got, slots)  # a failing predictor leaves nothing pinned
                 raise
         if got and len(got) == len(unique):  # the whole layer pinned: one chunk (the loop below, unrolled)
-            if not prefetcher.idle:  # (`pump` would return at once)
+            if pump_first and not prefetcher.idle:  # (`pump` would return at once)
                 prefetcher.pump()
             cache.transfer.before_compute(slots)
             try:

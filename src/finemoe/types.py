@@ -151,6 +151,9 @@ class RoutingEvent:
     thread can hand them to the searcher thread without a softmax or a device sync).
     `topk_ids` are the selected experts, int64 [T, k], on the CPU. `hidden` is the router's input
     [T, H] on the compute device (read only by speculative predictors, synchronously).
+    `speculated` maps a later layer to its router's logits on this layer's router input [T, E]
+    (CPU, the router's dtype), where the forward pass computed them already (graphed decode): a
+    speculative gate then only turns them into probabilities (`RouterGate.probs_of`).
     """
 
     iteration: int
@@ -161,6 +164,7 @@ class RoutingEvent:
     hidden: torch.Tensor | None = None  # [T, H], compute device
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
     _host: torch.Tensor | None = field(default=None, repr=False)
+    speculated: dict[int, torch.Tensor] | None = None  # target layer -> logits [T, E], CPU
 
     def host_probs(self) -> torch.Tensor:
         """Router probabilities [T, E], float32 on the CPU (computed once)."""

@@ -83,3 +83,56 @@ def test_generation_leaves_the_callers_stream_current(ckpt):
             eng.generate(p, params)
             assert torch.cuda.current_stream() == torch.cuda.default_stream()
         assert eng.stats().extra["decode_graph_replays"] > 0
+
+
+class _Inputs:
+    """A predictor that never plans and reads router inputs: keeps the decode events it sees."""
+
+    name = "inputs"
+    wants_hidden = True
+    wants_embeddings = False
+
+    def __init__(self):
+        self.events = []
+
+    def on_iteration_start(self, ctx):
+        return None
+
+    def on_routing(self, event):
+        if not event.is_prefill:
+            self.events.append(event)
+        return None
+
+    def end_requests(self):
+        pass
+
+    def stats(self):
+        return {}
+
+
+@pytest.mark.parametrize("policy,stride", [("finemoe", 1), ("promoe", 2)])
+def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
+    """A graphed step computes the speculative gates' logits itself (the router's linear map on the
+    router input, copied with the routing): they give the host gate's probabilities on the same
+    input, every layer with a target has them, and the tokens stay those of the eager steps."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    prompt = medium_prompts()[0]
+    with Engine.from_pretrained(
+        ckpt, policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always"
+    ) as eng:
+        eng.reconfigure(cuda_graphs=False)
+        eager = eng.generate(prompt, params)[0].token_ids
+        eng.reconfigure(cuda_graphs=True)
+        seen = _Inputs()
+        eng.add_predictor(seen)
+        graphed = eng.generate(prompt, params)[0].token_ids
+        L = eng.spec.num_layers
+        assert eng.stats().extra["decode_graph_gates"] == L - stride
+        replayed = [e for e in seen.events if e.speculated is not None]
+        assert len(replayed) == L * (params.max_new_tokens - 2)  # every step but the prefill and the warm-up
+        for event in replayed:
+            assert sorted(event.speculated) == [t for t in [event.layer + stride] if t < L]
+            for target, logits in event.speculated.items():
+                host = eng.gate(target, event.hidden)  # the host gate on the copied router input
+                torch.testing.assert_close(eng.gate.probs_of(target, logits), host, atol=2e-2, rtol=0)
+    assert graphed == eager
