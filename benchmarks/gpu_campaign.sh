@@ -76,6 +76,11 @@ case $part in
   s19q3)    # session 19: Qwen3 25%, the speculative gate in the graph and on the host, beside lru
             # (carry q128x8_t2 and q128x8_hist; ~6 min)
     steady q3 "lru,finemoe,finemoe+graph_gates=False" s19_qwen3_30b_graph_gates.json ;;
+  s19q3a)   # session 19: s19q3 with prediction always on (the duty kept it off in s19q3), ~4 min
+    steady q3 "lru,finemoe+prediction_duty='always',finemoe+prediction_duty='always'+graph_gates=False" \
+      s19_qwen3_30b_graph_gates_always.json ;;
+  s19q15)   # session 19: the same on Qwen1.5 (carry q60x4_t3 and q60x4_h16; ~5 min)
+    steady q15 "lru,finemoe,finemoe+graph_gates=False" s19_qwen15moe_graph_gates.json ;;
   s19t)     # session 19: the GPU tests, failures in full (~4 min)
     python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -30 ;;
   s18ovh)   # session 18: the predictor's critical-path overhead, inline search only (~3 min)
