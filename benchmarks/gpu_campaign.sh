@@ -71,7 +71,7 @@ case $part in
   s19ovh)   # session 19: the predictor's critical-path overhead with the speculative gates computed in
             # the graph (sync, process) beside the host gate (sync:host-gate), one run (~5 min)
     timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 3 --prompts 3 --modes "${MODES:-sync,sync:host-gate,process}" --out "$out/overhead_gpu_reference_${TAG:-s19}.json" 2>&1 \
+      --rounds 3 --prompts 3 --modes "${MODES:-sync,sync:pump-first,sync:graph-gates,process}" --out "$out/overhead_gpu_reference_${TAG:-s19}.json" 2>&1 \
       | grep -v " INFO \|round" | tail -14 ;;
   s19q3)    # session 19: Qwen3 25%, the speculative gate in the graph and on the host, beside lru
             # (carry q128x8_t2 and q128x8_hist; ~6 min)

@@ -138,8 +138,9 @@ def main() -> int:
     ap.add_argument(
         "--modes",
         default="sync,async,process",
-        help="finemoe search modes compared; a mode ending in ':host-gate' runs the speculative gate on the "
-        "host from the router input even in graphed steps (graph_gates=False, the side-by-side reference)",
+        help="finemoe search modes compared; a suffix varies graphed decode: ':graph-gates' computes the "
+        "speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
+        "prefetches before its segment's launch (the behaviour before session 19)",
     )
     ap.add_argument("--out", default="docs/results/overhead.json")
     args = ap.parse_args()
@@ -155,7 +156,7 @@ def main() -> int:
         # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead
         search, _, variant = mode.partition(":")
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
-        kw.update(prediction_duty="always", graph_gates=variant != "host-gate")
+        kw.update(prediction_duty="always", graph_gates=variant == "graph-gates")
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
@@ -169,6 +170,7 @@ def main() -> int:
         got = {}
         for name, kw in runs:
             eng.reconfigure(**kw)
+            eng.runtime.pump_before_launch = ":pump-first" in name
             got[name] = decode(eng, test, args.new_tokens, breakdown=rnd == args.rounds - 1 and "sync" in name)
             log.info("round %d %s: %s", rnd, name, got[name])
         rec["rounds"].append(got)

@@ -212,8 +212,10 @@ class EngineConfig:
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
     # graphed decode: the speculative gates' logits computed in the graph, on the device (one small
-    # matmul per layer), instead of on the host from a copy of the router input (graphs.py)
-    graph_gates: bool = True
+    # matmul per layer), instead of on the host from a copy of the router input (graphs.py). Off by
+    # default: it cut the gate's host time but not the step on the H200 (docs/results/policies.md,
+    # session 19), and its matmuls run even while the prediction duty pauses the predictors
+    graph_gates: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -126,6 +126,9 @@ class OffloadRuntime:
     # host work on the critical path between two segments), and when the latest sync returned
     prelaunch_decode_s: float = 0.0
     routed_at: float = 0.0
+    # graphed decode: start a layer's queued prefetches before its segment's launch (True), or after
+    # it (False, the default: the launch is not delayed by the prefetch issue; a measurement switch)
+    pump_before_launch: bool = False
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -441,7 +444,7 @@ class LayerBinding:
             rt.prelaunch_decode_s += time.perf_counter() - rt.routed_at
             replay()
 
-        rt.stepper.serve(rt.iteration, layer, unique, compute, pump_first=False)  # prefetches after the launch
+        rt.stepper.serve(rt.iteration, layer, unique, compute, pump_first=rt.pump_before_launch)
         self._tell_policy()  # while the GPU runs the segment just replayed
 
 

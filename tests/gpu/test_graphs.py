@@ -117,9 +117,8 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
     input, every layer with a target has them, and the tokens stay those of the eager steps."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompt = medium_prompts()[0]
-    with Engine.from_pretrained(
-        ckpt, policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always"
-    ) as eng:
+    kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always")
+    with Engine.from_pretrained(ckpt, graph_gates=True, **kw) as eng:
         eng.reconfigure(cuda_graphs=False)
         eager = eng.generate(prompt, params)[0].token_ids
         eng.reconfigure(cuda_graphs=True)
@@ -135,4 +134,7 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
             for target, logits in event.speculated.items():
                 host = eng.gate(target, event.hidden)  # the host gate on the copied router input
                 torch.testing.assert_close(eng.gate.probs_of(target, logits), host, atol=2e-2, rtol=0)
-    assert graphed == eager
+        eng.reconfigure(graph_gates=False)  # the default: the gates run on the host
+        on_host = eng.generate(prompt, params)[0].token_ids
+        assert eng.stats().extra["decode_graph_gates"] == 0 and eng.stats().extra["decode_graph_replays"] > 0
+    assert graphed == eager == on_host
