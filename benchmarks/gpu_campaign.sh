@@ -79,6 +79,11 @@ case $part in
   s19q3a)   # session 19: s19q3 with prediction always on (the duty kept it off in s19q3), ~4 min
     steady q3 "lru,finemoe+prediction_duty='always',finemoe+prediction_duty='always'+graph_gates=False" \
       s19_qwen3_30b_graph_gates_always.json ;;
+  s19q3b)   # session 19: always predicting on Qwen3, with fewer map prefetches (a precision floor,
+            # k per plan): the comparison the thirteenth campaign meant to make (carry as s19q3; ~4 min)
+    A="prediction_duty='always'"
+    steady q3 "lru,finemoe+$A,finemoe+$A+map_min_precision=0.5,finemoe+$A+delta_rule='topk'" \
+      s19_qwen3_30b_fewer_always.json ;;
   s19q15)   # session 19: the same on Qwen1.5 (carry q60x4_t3 and q60x4_h16; ~5 min)
     steady q15 "lru,finemoe,finemoe+graph_gates=False" s19_qwen15moe_graph_gates.json ;;
   s19t)     # session 19: the GPU tests, failures in full (~4 min)
