@@ -68,6 +68,11 @@ case $part in
     python -m pytest -q -rf --tb=line tests/gpu 2>&1 | tail -4 || true
     python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
     steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule='topk'" s18_qwen3_30b_fewer.json ;;
+  ovhpin)   # the overhead protocol proposed in session 19 (not yet run): the process pinned to 6 host
+            # cores, the collector frozen, 5 rounds x 2 prompts, added step = median of same-round differences
+    timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 5 --prompts 2 --modes "${MODES:-sync,process}" \
+      --out "$out/overhead_gpu_reference_${TAG:-pinned}.json" 2>&1 | grep -v " INFO \|round" | tail -14 ;;
   s19ovh)   # session 19: the predictor's critical-path overhead with the speculative gates computed in
             # the graph (sync, process) beside the host gate (sync:host-gate), one run (~5 min)
     timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \

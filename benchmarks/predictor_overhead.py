@@ -5,7 +5,11 @@ Two figures: the predictor's time on the forward thread (timed around its calls)
 honest one, the whole decode step's extra time over the same cache without a predictor (LRU) at
 a near-full budget (99%: the predictor searches and plans every layer, almost nothing misses),
 which also counts contention between the forward thread and the searcher (the GIL) and the plan
-bookkeeping of the eviction policy. Configurations run in interleaved rounds; medians.
+bookkeeping of the eviction policy. Configurations run in interleaved rounds; the added step is
+the median over rounds of (finemoe's step - lru's step in the same round), with its range, so drift
+between rounds cancels. As `finemoe generate` does for users, the cyclic garbage collector is frozen
+over each measured configuration (`--no-gc-freeze`: not; the gc ms column says what collections cost);
+`--cores` pins the process to some host cores.
 
 A random-weight model of a real shape (weights do not change the predictor's work: that depends
 on L, E, the embedding width and the store size), a map store filled to capacity by recording
@@ -19,8 +23,10 @@ random prompts, then batch-1 greedy decoding. Runs on CPU and on the GPU machine
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -35,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
 from finemoe.synthetic import random_model  # noqa: E402
+from offload_runs import GC_CLOCK  # noqa: E402
 
 log = logging.getLogger("predictor_overhead")
 
@@ -92,18 +99,28 @@ def probes(eng: Engine) -> dict[str, Timed]:
     return out
 
 
-def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False) -> dict:
-    """Median decode-step time (ms) and the predictor's forward-thread ms per decode iteration."""
+def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, freeze: bool = True) -> dict:
+    """Median decode-step time (ms) and the predictor's forward-thread ms per decode iteration;
+    `freeze`: the garbage collector frozen over the measured requests (what exists then is not scanned)."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate(ps[0], params)  # warm-up
     timers = probes(eng) if breakdown else {}
     rt = eng.runtime
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     steps = []
-    for p in ps:
-        out = eng.generate(p, params)[0]
-        t = out.token_times_s
-        steps += [b - a for a, b in zip(t[1:], t[2:], strict=False)]
+    if freeze:
+        gc.collect()
+        gc.freeze()
+    gc0, _ = GC_CLOCK.read()
+    try:
+        for p in ps:
+            out = eng.generate(p, params)[0]
+            t = out.token_times_s
+            steps += [b - a for a, b in zip(t[1:], t[2:], strict=False)]
+    finally:
+        if freeze:
+            gc.unfreeze()
+    gc_s = GC_CLOCK.read()[0] - gc0
     n = rt.decode_iterations - n0
     st = eng.stats()
     return {
@@ -112,6 +129,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False) 
         # graphed decode: host ms per step between the layers' routing syncs and their segments' launches
         "prelaunch_ms_per_decode_iteration": (rt.prelaunch_decode_s - pl0) / n * 1e3 if n else 0.0,
         "decode_iterations": n,
+        "gc_ms_per_decode_iteration": gc_s / n * 1e3 if n else 0.0,  # cyclic collections, prefill included
         "breakdown_ms_per_iteration": {k: t.total / n * 1e3 for k, t in timers.items()} if n else {},
         "hit_rate": st.cache.hit_rate,
         "search": eng.search_mode,
@@ -142,8 +160,16 @@ def main() -> int:
         "speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
         "prefetches before its segment's launch (the behaviour before session 19)",
     )
+    ap.add_argument("--no-gc-freeze", action="store_true", help="leave the garbage collector running")
+    ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
     ap.add_argument("--out", default="docs/results/overhead.json")
     args = ap.parse_args()
+    if args.cores:
+        cores: set[int] = set()
+        for part in args.cores.split(","):
+            lo, _, hi = part.partition("-")
+            cores.update(range(int(lo), int(hi or lo) + 1))
+        os.sched_setaffinity(0, cores)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = shape_config(args.shape, args.layers)
     eng = recorded_engine(cfg, getattr(torch, args.dtype), args.device, args.history, args.prompt_len, args.new_tokens)
@@ -171,7 +197,8 @@ def main() -> int:
         for name, kw in runs:
             eng.reconfigure(**kw)
             eng.runtime.pump_before_launch = ":pump-first" in name
-            got[name] = decode(eng, test, args.new_tokens, breakdown=rnd == args.rounds - 1 and "sync" in name)
+            last = rnd == args.rounds - 1 and "sync" in name
+            got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
             log.info("round %d %s: %s", rnd, name, got[name])
         rec["rounds"].append(got)
     for name, _ in runs:
@@ -181,6 +208,7 @@ def main() -> int:
             "step_ms": statistics.median(p["step_ms"] for p in per),
             "predictor_ms_per_decode_iteration": statistics.median(p["predictor_ms_per_decode_iteration"] for p in per),
             "prelaunch_ms_per_decode_iteration": statistics.median(p["prelaunch_ms_per_decode_iteration"] for p in per),
+            "gc_ms_per_decode_iteration": statistics.median(p["gc_ms_per_decode_iteration"] for p in per),
         }
     res = rec["results"]
     base = res["all-gpu 100%"]["step_ms"]
@@ -190,7 +218,10 @@ def main() -> int:
         # The honest figure: the whole step's extra time over the same cache without a predictor
         # (forward-thread work, lock/GIL contention with the searcher, plan bookkeeping).
         if name.startswith("finemoe") and ref is not None:
-            r["added_ms_vs_lru"] = r["step_ms"] - ref["step_ms"]
+            lru_name = f"lru {near}" if near in name else f"lru {args.budget}"
+            paired = [rd[name]["step_ms"] - rd[lru_name]["step_ms"] for rd in rec["rounds"]]  # same round
+            r["added_ms_vs_lru_rounds"] = paired
+            r["added_ms_vs_lru"] = statistics.median(paired)
             r["added_share_of_100pct_step"] = r["added_ms_vs_lru"] / base
     eng.config = eng.config.__class__(**{**eng.config.__dict__, "map_store": None})  # do not save
     eng.close()
@@ -199,15 +230,19 @@ def main() -> int:
     out.write_text(json.dumps(rec, indent=1))
     print(
         f"{'run':<28} {'step ms':>8} {'fwd-thread ms/it':>16} {'share':>7} "
-        f"{'added ms vs lru':>15} {'share':>7} {'hit':>6} {'pre-launch ms/it':>16}"
+        f"{'added ms vs lru':>15} {'share':>7} {'rounds (min..max)':>17} {'hit':>6} {'pre-launch':>10} {'gc ms/it':>8}"
     )
     for k, r in res.items():
         added = r.get("added_ms_vs_lru")
-        extra = f"{added:>15.2f} {r['added_share_of_100pct_step']:>7.2%}" if added is not None else f"{'':>15} {'':>7}"
+        if added is not None:
+            lo, hi = min(r["added_ms_vs_lru_rounds"]), max(r["added_ms_vs_lru_rounds"])
+            extra = f"{added:>15.2f} {r['added_share_of_100pct_step']:>7.2%} {f'{lo:.2f}..{hi:.2f}':>17}"
+        else:
+            extra = f"{'':>15} {'':>7} {'':>17}"
         print(
             f"{k:<28} {r['step_ms']:>8.2f} {r['predictor_ms_per_decode_iteration']:>16.3f} "
             f"{r['predictor_share_of_100pct_step']:>7.2%} {extra} {r['hit_rate']:>6.3f}"
-            f" {r['prelaunch_ms_per_decode_iteration']:>16.3f}"
+            f" {r['prelaunch_ms_per_decode_iteration']:>10.3f} {r['gc_ms_per_decode_iteration']:>8.3f}"
         )
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):
