@@ -68,6 +68,12 @@ case $part in
     python -m pytest -q -rf --tb=line tests/gpu 2>&1 | tail -4 || true
     python benchmarks/predictor_cache_probe.py --out "$out/predictor_cache_probe_gpu_host.json" | tail -3
     steady q3 "lru,finemoe,finemoe+map_min_precision=0.4,finemoe+delta_rule='topk'" s18_qwen3_30b_fewer.json ;;
+  s20q3)    # prepared in session 19, not yet run: Qwen3 25% always predicting, with and without its
+            # prefetch copies (prefetch_copies=False: the plans' host time and eviction hints only),
+            # beside lru: is it the host time or the copies that make prediction lose? (carry as s19q3)
+    A="prediction_duty='always'"
+    steady q3 "lru,finemoe+$A,finemoe+$A+prefetch_copies=False,finemoe+$A+search='process'" \
+      s20_qwen3_30b_host_or_copies.json ;;
   ovhpin)   # the overhead protocol proposed in session 19 (not yet run): the process pinned to 6 host
             # cores, the collector frozen, 5 rounds x 2 prompts, added step = median of same-round differences
     timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \

@@ -529,3 +529,20 @@ def test_copies_issued_in_runs_evict_the_same_experts(recorded, policy, knobs, m
         assert {k: v for k, v in runs.to_dict().items() if k not in drop} == {
             k: v for k, v in plain.items() if k not in drop
         }
+
+
+@pytest.mark.parametrize("policy", ["finemoe", "mixtral-offloading"])
+def test_planning_without_prefetch_copies(recorded, policy):
+    """`prefetch_copies=False`: the predictors still plan and the plans reach the eviction policy,
+    but no prefetch copy starts; the engine and the simulator agree on it."""
+    seen = []
+
+    def planned(eng):
+        seen.append(eng.cache.stats.prefetches_dropped)
+
+    config = cfg(policy, "25%", map_store_capacity=64, prefetch_copies=False)
+    want, got = engine_and_simulator(recorded, config, planned)
+    assert got == want
+    assert got["prefetches_issued"] == 0 and seen[0] > 0  # planned, every request dropped
+    with_copies = engine_and_simulator(recorded, cfg(policy, "25%", map_store_capacity=64))[1]
+    assert with_copies["prefetches_issued"] > 0

@@ -183,6 +183,9 @@ class EngineConfig:
     dtype: str | None = None  # None keeps the checkpoint's dtype
     prefetch_distance: int | None = None  # layers ahead a predictor plans for; None: the policy's default
     max_inflight_prefetches: int = 4  # speculative copies outstanding at once (at most)
+    # False: the predictors still plan (their host time, their plans' eviction hints and protection)
+    # but no prefetch copy starts: a diagnostic that separates the predictor's host cost from its copies
+    prefetch_copies: bool = True
     prefetch_window: str = "link"  # "link": in flight only what the link copies in a layer's time; "fixed": the max
     progress: bool = True
     map_store: str | None = None  # file to warm-start the history stores from and save them to at close

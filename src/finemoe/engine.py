@@ -242,7 +242,7 @@ class Engine:
             transfer.copy_seconds,
             adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
-        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window, config.prefetch_copies)
         refs = find_moe_layers(self.model, self.adapter)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.maps.distance = self.distance

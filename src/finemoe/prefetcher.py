@@ -73,8 +73,14 @@ class LinkWindow:
 
 
 class Prefetcher:
-    def __init__(self, cache: ExpertCache, max_inflight: int = 4, window: LinkWindow | None = None) -> None:
+    """`copies=False`: plans reach the eviction policy (`on_plan`) but their requests are dropped
+    at once, so no prefetch copy starts (`EngineConfig.prefetch_copies`)."""
+
+    def __init__(
+        self, cache: ExpertCache, max_inflight: int = 4, window: LinkWindow | None = None, copies: bool = True
+    ) -> None:
         self.cache = cache
+        self.copies = copies
         self.max_inflight = max_inflight
         self.window = window if window is not None else LinkWindow(max_inflight)
         self._heap: list[tuple[float, int, int, ExpertId]] = []  # (-priority, seq, iteration, expert)
@@ -114,6 +120,9 @@ class Prefetcher:
             self.cache.stats.prefetches_dropped += len(plan.requests)
             return
         self.cache.policy.on_plan(plan)
+        if not self.copies:
+            self.cache.stats.prefetches_dropped += len(plan.requests)
+            return
         if plan.replace:
             # A posted plan (searcher thread or process) may arrive after plans the forward thread
             # made for the same iteration: it replaces only what earlier iterations queued.

@@ -248,7 +248,7 @@ class Simulator:
             copy_s,
             adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
-        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window)
+        self.prefetcher = Prefetcher(self.cache, config.max_inflight_prefetches, window, config.prefetch_copies)
         self.distance = prefetch_distance(preset, config.prefetch_distance)
         self.history = history
         members: list = []
