@@ -475,3 +475,40 @@ def test_prefill_plans_resolution_is_finemoe_only():
     assert not fm[0].in_prefill and fm[1].in_prefill  # auto: the gate plans prefill, the maps do not
     pm = predictor_members(get_preset("promoe"), EngineConfig(prefill_plans="none"), deps, False)
     assert pm[0].in_prefill
+
+
+@pytest.mark.parametrize("experts", [16, 128])
+def test_batch1_gate_top_k_orders_ties_by_expert_id(experts):
+    """The speculative gate's batch-1 top-k (plain Python below `NUMPY_TOPK_MIN_E` experts, NumPy's
+    stable argsort from there): descending probability, equal probabilities by expert id, for a
+    torch row (the engine) and a NumPy row (the simulator) alike."""
+    import numpy as np
+
+    from finemoe.baselines import NUMPY_TOPK_MIN_E, SpeculativeGatePredictor
+
+    spec = dataclasses.replace(SPEC, num_experts=experts, top_k=4)
+    row = torch.full((experts,), 0.5 / (experts - 3))
+    row[[2, 9, 11]] = 0.125  # three tied leaders, then many tied followers (ids 0, 1, 3, ... by id)
+    row[5] = 0.25
+    want = [5, 2, 9, 11]
+    for as_numpy in (False, True):
+
+        def gate(layer, hidden, as_numpy=as_numpy):
+            return row[None].numpy() if as_numpy else row[None].clone()
+
+        g = SpeculativeGatePredictor(PredictorDeps(spec, 1, gate=gate))
+        g.on_iteration_start(_ctx(1, torch.zeros(1, 2)))
+        plan = g.on_routing(
+            RoutingEvent(1, 0, torch.full((1, experts), 1.0 / experts), torch.zeros(1, 4), False, torch.zeros(1, 2))
+        )
+        assert [r.expert.expert for r in plan.requests] == want
+        assert [r.priority for r in plan.requests] == [float(np.float32(row[e])) for e in want]
+    assert (experts >= NUMPY_TOPK_MIN_E) == (experts == 128)  # both paths are covered
+    # the followers' ties too: top-6 continues with the lowest ids
+    spec6 = dataclasses.replace(spec, top_k=6)
+    g = SpeculativeGatePredictor(PredictorDeps(spec6, 1, gate=lambda layer, h: row[None].clone()))
+    g.on_iteration_start(_ctx(1, torch.zeros(1, 2)))
+    plan = g.on_routing(
+        RoutingEvent(1, 0, torch.full((1, experts), 1.0 / experts), torch.zeros(1, 6), False, torch.zeros(1, 2))
+    )
+    assert [r.expert.expert for r in plan.requests] == [*want, 0, 1]

@@ -23,6 +23,10 @@ from finemoe.predictor import PredictorDeps
 from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 EPS = 1e-12
+# A batch-1 top-k over at least this many experts takes NumPy's stable argsort (E = 128: 3.4 µs
+# against 6.8 for `tolist` and `sorted`); fewer take plain Python (E = 16: 1.1 against 2.2 µs).
+# Both order equal probabilities by expert id, so they pick the same experts.
+NUMPY_TOPK_MIN_E = 64
 
 
 class SpeculativeGatePredictor:
@@ -63,10 +67,15 @@ class SpeculativeGatePredictor:
         if probs is None:
             return None
         k = self.spec.top_k
-        if probs.shape[0] == 1:  # decode at batch 1: plain Python beats a handful of tensor ops
-            row = probs[0].tolist()
+        if probs.shape[0] == 1:  # decode at batch 1: plain Python or NumPy beat a handful of tensor ops
             eids = self._eids[target]
-            top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]
+            if probs.shape[1] >= NUMPY_TOPK_MIN_E:
+                p = probs[0] if isinstance(probs, np.ndarray) else probs[0].numpy()  # [E] float32
+                order = np.argsort(-p, kind="stable")[:k]  # descending, ties by expert id
+                reqs = [PrefetchRequest(eids[e], v) for e, v in zip(order.tolist(), p[order].tolist(), strict=True)]
+                return PrefetchPlan(tuple(reqs), iteration=event.iteration)
+            row = probs[0].tolist()
+            top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
             return PrefetchPlan(tuple([PrefetchRequest(eids[e], row[e]) for e in top]), iteration=event.iteration)
         if isinstance(probs, np.ndarray):
             probs = torch.from_numpy(probs)
