@@ -2,7 +2,8 @@
 
 finemoe's decode plans cost host time in every layer. In the replay that time is charged on the
 critical path, per layer in which predictors run (`--predict-host-us`, `CostModel.predict_host_s`).
-The sweep compares finemoe at several such costs with:
+The sweep compares finemoe at several such costs (`--graphed`: charged after each decode layer's copies are issued, as
+the graphed engine runs its predictors, so the time overlaps them) with:
 
 - `lru`, the baseline;
 - finemoe's eviction alone: decayed LFU with the prefill sweep and no predictor, which is what the
@@ -44,6 +45,11 @@ def main() -> int:
     ap.add_argument("--layer-overhead-us", type=float, required=True, help="calibrates the all-gpu step")
     ap.add_argument("--host-us", default="0,5,10,20,40,80,160,280", help="predictor host µs per layer")
     ap.add_argument("--measured-us", type=float, help="the engine's measured predictor µs per layer (plot)")
+    ap.add_argument(
+        "--graphed",
+        action="store_true",
+        help="decode as the engine's CUDA graphs run it: the predictors' host time after the layer's copies",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trace = load_trace(args.traces).head(args.limit)
@@ -78,7 +84,7 @@ def main() -> int:
     rows.append(row("eviction alone", None, simulate(trace, alone, cost(0), "timed")))
     fine = EngineConfig(policy="finemoe", expert_budget=budget, map_store_learn=False)
     for us in (float(x) for x in args.host_us.split(",")):
-        rows.append(row("finemoe", us, simulate(trace, fine, cost(us), "timed", history)))
+        rows.append(row("finemoe", us, simulate(trace, fine, cost(us), "timed", history, graphed=args.graphed)))
     base = rows[1]["tpot_s"]
     sweep = [r for r in rows if r["run"] == "finemoe"]
     breakeven = None
@@ -112,7 +118,8 @@ def plot(rows: list[dict], path: Path, args, breakeven: float | None) -> None:
         ax.axvline(breakeven, color="tab:green", lw=0.8, label=f"break-even ({breakeven:.0f} µs)")
     ax.set_xlabel("predictor host time per layer on the critical path (µs)")
     ax.set_ylabel("simulated TPOT (ms)")
-    ax.set_title(f"{args.shape}, {args.budget}: what prediction is worth")
+    order = "graphed decode: host time after the copies" if args.graphed else "host time before the copies"
+    ax.set_title(f"{args.shape}, {args.budget}: what prediction is worth ({order})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

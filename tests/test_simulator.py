@@ -546,3 +546,34 @@ def test_planning_without_prefetch_copies(recorded, policy):
     assert got["prefetches_issued"] == 0 and seen[0] > 0  # planned, every request dropped
     with_copies = engine_and_simulator(recorded, cfg(policy, "25%", map_store_capacity=64))[1]
     assert with_copies["prefetches_issued"] > 0
+
+
+def test_graphed_decode_plans_after_the_copies_and_hides_host_time_under_them():
+    """`graphed=True`: a decode layer's predictors run once its on-demand copies are issued (as the
+    graphed engine runs them after the segment's launch), so `predict_host_s` overlaps the copies.
+    One request, a prefill then 2 decode iterations of 2 layers that each miss (2 slots, experts
+    rotate), copy 1 s, dense 0.5 s, expert 0.25 s: the host time adds to the eager replay's
+    decode steps and hides under the graphed replay's copies; without host time both are equal."""
+    import dataclasses
+
+    tr = scripted([[[[0], [3]], [[1], [2]], [[2], [1]]]])
+    slow = dataclasses.replace(unit_cost(), predict_host_s=0.5)
+    tpot = {}
+    for graphed in (False, True):
+        for cost in (unit_cost(), slow):
+            r = simulate(tr, cfg("mixtral-offloading", "2", prefill_predict="before"), cost, "timed", graphed=graphed)
+            tpot[graphed, cost.predict_host_s] = r.tpot_s
+            if cost.predict_host_s == 0.0:
+                assert r.stats["misses"] > 0
+    assert tpot[False, 0.5] > tpot[False, 0.0]  # eager: each layer's host time before its copies
+    assert tpot[True, 0.5] < tpot[False, 0.5]  # graphed: under the copies
+    assert tpot[True, 0.5] >= tpot[True, 0.0]
+
+
+def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(recorded):
+    _, _, f = recorded
+    tr = load_trace(f)
+    for policy, batch in (("lru", 1), ("finemoe", 2)):
+        a = simulate(tr, cfg(policy, "25%"), unit_cost(), "timed", empty_history(tr, 64), batch)
+        b = simulate(tr, cfg(policy, "25%"), unit_cost(), "timed", empty_history(tr, 64), batch, graphed=True)
+        assert a.stats == b.stats and a.total_s == b.total_s

@@ -96,6 +96,12 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         help="host time per layer of an eviction policy that reads the routing (router-ema; calibration)",
     )
     ap.add_argument("--layer-overhead-us", type=float, default=100.0, help="fixed cost per layer (cost model)")
+    ap.add_argument(
+        "--graphed-decode",
+        action="store_true",
+        help="decode as the engine's CUDA graphs run it (single prompts): a layer's predictors plan once its "
+        "on-demand copies are issued, their host time (--predict-host-us) overlapping those copies",
+    )
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
     ap.add_argument("--plot", help="write a PNG (hit rate and estimated TPOT vs budget) here")
@@ -181,6 +187,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                     history,
                     args.batch_size,
                     oracle_noise=args.oracle_noise,
+                    graphed=args.graphed_decode,
                 )
                 row = {"shape": shape, **r.to_dict()}
                 rows.append(row)

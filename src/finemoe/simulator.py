@@ -193,7 +193,13 @@ def accesses_of(trace: Trace, batches: list[list[int]]) -> list[list[list[int]]]
 
 
 class Simulator:
-    """One policy at one budget over traces; build once, `run` once."""
+    """One policy at one budget over traces; build once, `run` once.
+
+    `graphed`: model the engine's graphed decode (CUDA, single prompts): a decode layer's
+    predictors plan once the layer's on-demand copies are issued, as the graphed engine runs them
+    after the layer's segment is launched, so their host time (`CostModel.predict_host_s`) overlaps
+    those copies. Off, decode plans come before the copies, as in the eager engine (and the CPU
+    engine the deterministic-mode tests compare with)."""
 
     def __init__(
         self,
@@ -205,6 +211,7 @@ class Simulator:
         spec_probs: dict[int, torch.Tensor] | None = None,
         future: Future | None = None,
         oracle_noise: float = 0.0,
+        graphed: bool = False,
     ) -> None:
         if link not in LINKS:
             raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
@@ -282,6 +289,7 @@ class Simulator:
         self.want_hidden = not oracle and reads_router_inputs(preset, config)
         # prefill: predictors once the copies are issued (the oracles keep planning first, as they sweep not)
         self.after_demand = predict_after_demand(preset, config) and not oracle
+        self.graphed = graphed and not oracle  # decode plans after the copies (the oracles plan first)
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
             self.cache.preload_all()
@@ -310,13 +318,14 @@ class Simulator:
         observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (`policy_routes`)
         want_events, want_hidden = bool(self.predictors) or observe is not None, self.want_hidden
         after_demand = self.after_demand and bool(self.predictors)
+        graphed = self.graphed and bool(self.predictors)
         batches = schedule(trace, batch_size)
         access = accesses_of(trace, batches)
         zero = (lambda *a: 0.0) if cost is None else None
         layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
         head_s = 0.0 if cost is None else cost.head_s
         predict_host = 0.0 if cost is None or not self.predictors else cost.predict_host_s
-        if after_demand and predict_host:  # deferred: charged once the layer's copies are issued
+        if (after_demand or graphed) and predict_host:  # deferred: charged once the layer's copies are issued
 
             def charge() -> None:
                 clock.t += predict_host
@@ -342,7 +351,8 @@ class Simulator:
                 live = [i for i, n in enumerate(olen) if it < n]
                 parts = [(batch[i], *ranges[i][it]) for i in live]
                 prefill = it == 0
-                late = prefill and after_demand and want_events
+                # the predictors after the layer's copies: prefill (`prefill_predict`), graphed decode
+                late = want_events and (after_demand if prefill else graphed and len(parts) == 1)
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
@@ -441,16 +451,18 @@ def simulate(
     batch_size: int = 1,
     progress: Callable | None = None,
     oracle_noise: float = 0.0,
+    graphed: bool = False,
 ) -> SimResult:
     """Replay `trace` under `config` (policy, budget, predictor knobs). `history` is cloned when
     the replay learns (so one preloaded history serves many replays). `oracle_noise`: the
     `oracle` policy's share of wrong experts (`OraclePredictor`); with `config.eviction` set the
-    oracle prefetches over that eviction instead of Belady's."""
+    oracle prefetches over that eviction instead of Belady's. `graphed`: decode as the engine's
+    CUDA graphs run it (`Simulator`)."""
     hist = history
     if history is not None and config.map_store_learn:
         hist = history.clone()
     future = None
     if config.policy in ORACLES:
         future = Future(accesses_of(trace, schedule(trace, batch_size)), trace.spec.num_layers)
-    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future, oracle_noise)
+    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future, oracle_noise, graphed)
     return sim.run(trace, batch_size, progress)
