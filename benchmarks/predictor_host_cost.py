@@ -119,7 +119,7 @@ def plot(rows: list[dict], path: Path, args, breakeven: float | None) -> None:
     ax.set_xlabel("predictor host time per layer on the critical path (µs)")
     ax.set_ylabel("simulated TPOT (ms)")
     order = "graphed decode: host time after the copies" if args.graphed else "host time before the copies"
-    ax.set_title(f"{args.shape}, {args.budget}: what prediction is worth ({order})", fontsize=10)
+    ax.set_title(f"{args.shape}, {args.budget}: what prediction is worth\n({order})", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
