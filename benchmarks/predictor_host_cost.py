@@ -7,7 +7,9 @@ the graphed engine runs its predictors, so the time overlaps them) with:
 
 - `lru`, the baseline;
 - finemoe's eviction alone: decayed LFU with the prefill sweep and no predictor, which is what the
-  adaptive duty leaves running when it pauses prediction.
+  adaptive duty leaves running when it pauses prediction;
+- finemoe planning without copies (`prefetch_copies=False`) at the same host costs: the plans' host
+  time and eviction hints, no prefetch (what the `s20q3` device run measures).
 
 The cost model is calibrated to a measured graphed all-gpu step (`--layer-overhead-us`). The
 break-even is the host cost at which finemoe's TPOT reaches its eviction alone's: above it,
@@ -22,6 +24,7 @@ engine's predictor was measured to cost per layer on the GPU machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -83,8 +86,10 @@ def main() -> int:
     alone = EngineConfig(policy="on-demand", eviction="decay-lfu", prefill_eviction="sweep", expert_budget=budget)
     rows.append(row("eviction alone", None, simulate(trace, alone, cost(0), "timed")))
     fine = EngineConfig(policy="finemoe", expert_budget=budget, map_store_learn=False)
+    plans_only = dataclasses.replace(fine, prefetch_copies=False)
     for us in (float(x) for x in args.host_us.split(",")):
-        rows.append(row("finemoe", us, simulate(trace, fine, cost(us), "timed", history, graphed=args.graphed)))
+        for name, config in (("finemoe", fine), ("plans only", plans_only)):
+            rows.append(row(name, us, simulate(trace, config, cost(us), "timed", history, graphed=args.graphed)))
     base = rows[1]["tpot_s"]
     sweep = [r for r in rows if r["run"] == "finemoe"]
     breakeven = None
@@ -107,8 +112,10 @@ def plot(rows: list[dict], path: Path, args, breakeven: float | None) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    sweep = [r for r in rows if r["run"] == "finemoe"]
-    ax.plot([r["host_us"] for r in sweep], [r["tpot_s"] * 1e3 for r in sweep], marker="o", label="finemoe")
+    for run, style in (("finemoe", "o-"), ("plans only", "x--")):
+        sweep = [r for r in rows if r["run"] == run]
+        label = "finemoe" if run == "finemoe" else "finemoe planning, no copies"
+        ax.plot([r["host_us"] for r in sweep], [r["tpot_s"] * 1e3 for r in sweep], style, label=label)
     for r, style in zip(rows[:2], ("--", ":"), strict=True):
         ax.axhline(r["tpot_s"] * 1e3, ls=style, color="grey", label=r["run"])
     if args.measured_us:

@@ -78,7 +78,11 @@ def test_device_linear_logits_give_the_gates_plan(family):
     probs = torch.full((1, E), 1.0 / E)
     from_hidden = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden))
     done = {1: torch.nn.functional.linear(hidden, *gate.device_linear(1))}
-    from_logits = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, None, speculated=done))
+    from_logits = pred.on_routing(
+        RoutingEvent(0, 0, probs, ids, False, None, speculated=done, speculated_probs=gate.probs_of)
+    )
+    # logits without their converter are not read (and there is no router input to fall back on)
+    assert pred.on_routing(RoutingEvent(0, 0, probs, ids, False, None, speculated=done)) is None
     assert from_logits is not None and from_hidden is not None
     assert [r.expert for r in from_logits.requests] == [r.expert for r in from_hidden.requests]
 

@@ -52,18 +52,18 @@ class SpeculativeGatePredictor:
         target = event.layer + self.stride
         if target >= self.num_layers or (event.is_prefill and not self.in_prefill):
             return None
-        done = event.speculated.get(target) if event.speculated is not None else None  # [T, E], CPU
+        spec, to_probs = event.speculated, event.speculated_probs
+        done = spec.get(target) if spec is not None and to_probs is not None else None  # logits [T, E], CPU
         source = done if done is not None else event.hidden
         if source is None:
             return None
         ctx = self.ctx
-        live = ctx is not None and ctx.iteration == event.iteration
-        if live and self.n_rows == source.shape[0]:
-            rows = source  # every position is a live row (batch 1, no padding)
+        if ctx is None or ctx.iteration != event.iteration or self.n_rows == source.shape[0]:
+            rows = source  # not a live iteration, or every position is a live row (batch 1, no padding)
         else:
-            rows = source[ctx.rows.to(source.device)] if live else source  # [N, H] or [N, E]
+            rows = source[ctx.rows.to(source.device)]  # [N, H] or [N, E]
         # [N, E] CPU tensor or NumPy array, or None: the gate cannot say
-        probs = self.gate.probs_of(target, rows) if done is not None else self.gate(target, rows)
+        probs = to_probs(target, rows) if done is not None and to_probs is not None else self.gate(target, rows)
         if probs is None:
             return None
         k = self.spec.top_k
@@ -72,8 +72,8 @@ class SpeculativeGatePredictor:
             if probs.shape[1] >= NUMPY_TOPK_MIN_E:
                 p = probs[0] if isinstance(probs, np.ndarray) else probs[0].numpy()  # [E] float32
                 order = np.argsort(-p, kind="stable")[:k]  # descending, ties by expert id
-                reqs = [PrefetchRequest(eids[e], v) for e, v in zip(order.tolist(), p[order].tolist(), strict=True)]
-                return PrefetchPlan(tuple(reqs), iteration=event.iteration)
+                pairs = zip(order.tolist(), p[order].tolist(), strict=True)
+                return PrefetchPlan(tuple([PrefetchRequest(eids[e], v) for e, v in pairs]), iteration=event.iteration)
             row = probs[0].tolist()
             top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
             return PrefetchPlan(tuple([PrefetchRequest(eids[e], row[e]) for e in top]), iteration=event.iteration)

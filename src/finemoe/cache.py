@@ -81,7 +81,7 @@ class ExpertCache:
         self.stats = CacheStats(L)
         self.expert_bytes = spec.expert_bytes
         self.step = 0
-        self.on_demand_miss = None  # callable run before on-demand copies (pauses prefetching)
+        self.on_demand_miss: Callable[[], None] | None = None  # run before on-demand copies (pauses prefetching)
         self._demand_slots: list[int] = []  # slots of the latest on-demand copies
         self.all_resident = False  # set by preload_all: expert (l, e) sits in slot l*E + e, forever
         self._deferred: list[tuple[int, torch.Tensor]] = []  # (layer, top-k ids on device), counted later

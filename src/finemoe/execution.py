@@ -332,6 +332,7 @@ class LayerBinding:
             hidden,
             lambda x: router_probs(module, x),
             speculated=speculated,
+            speculated_probs=None if speculated is None else rt.router_gate.probs_of,
         )
         for obs in rt.observers:
             obs(event)

@@ -48,22 +48,23 @@ class LinkWindow:
         self.limit = max_inflight
 
     def on_layer(self, iteration: int, layer: int) -> None:
-        if not self.adaptive or layer < 0:
+        clock, copy_s = self.clock, self.copy_s
+        if not self.adaptive or layer < 0 or clock is None or copy_s is None:  # (adaptive: both set)
             return
-        t = self.clock()
+        t = clock()
         last = self._last
         self._last = (iteration, layer, t)
         if last is None or last[0] != iteration or layer != last[1] + 1 or t <= last[2]:
             return
         gap = t - last[2]
         self.layer_s = gap if self.layer_s == 0.0 else self.layer_s + self.smoothing * (gap - self.layer_s)
-        c = self.copy_s()
+        c = copy_s()
         if c > 0:
             self.limit = max(1, min(self.max_inflight, int(self.layer_s / c)))
 
     def stats(self) -> dict[str, float | int | str]:
         """The window's state: its mode, current limit, layer time and copy time (ms)."""
-        c = self.copy_s() if self.adaptive else 0.0
+        c = self.copy_s() if self.adaptive and self.copy_s is not None else 0.0
         return {
             "prefetch_window": "link" if self.adaptive else "fixed",
             "prefetch_window_limit": self.limit,

@@ -42,7 +42,7 @@ class InstantLink(SyncTransfer):
     reuses) but without moving memory: no stalls, no late prefetches."""
 
     def __init__(self) -> None:
-        super().__init__(SimPool(0))
+        super().__init__(SimPool(0))  # type: ignore[arg-type]  # a pool without memory: the bookkeeping only
 
     def load(self, slot: int, src: list, demand: bool) -> None:
         pass

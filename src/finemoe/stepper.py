@@ -85,7 +85,7 @@ class Stepper:
             finally:
                 cache.release(layer, got, slots)
             return
-        remaining = unique
+        remaining: list[int] | None = unique
         first = True
         while remaining:
             if not got:

@@ -153,7 +153,8 @@ class RoutingEvent:
     [T, H] on the compute device (read only by speculative predictors, synchronously).
     `speculated` maps a later layer to its router's logits on this layer's router input [T, E]
     (CPU, the router's dtype), where the forward pass computed them already (graphed decode): a
-    speculative gate then only turns them into probabilities (`RouterGate.probs_of`).
+    speculative gate then only turns them into probabilities with `speculated_probs(layer,
+    logits)` (`RouterGate.probs_of`), which whoever sets `speculated` sets too.
     """
 
     iteration: int
@@ -165,6 +166,7 @@ class RoutingEvent:
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
     _host: torch.Tensor | None = field(default=None, repr=False)
     speculated: dict[int, torch.Tensor] | None = None  # target layer -> logits [T, E], CPU
+    speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, logits) -> [T, E]
 
     def host_probs(self) -> torch.Tensor:
         """Router probabilities [T, E], float32 on the CPU (computed once)."""
