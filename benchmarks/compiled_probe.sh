@@ -12,7 +12,9 @@ set -euo pipefail
 trace=$(realpath "$1") hist=$(realpath "$2") out=$(realpath -m "$3")
 mods=${4:-policy prefetcher stepper simlink baselines}
 root=$(cd "$(dirname "$0")/.." && pwd)
-python -c "import mypyc" 2>/dev/null || python -m pip install -q mypy
+py=${PYTHON:-$root/.venv/bin/python}  # the project's environment (`make setup`), or $PYTHON
+"$py" -c "import torch" 2>/dev/null || { echo "no torch in $py: run make setup, or set PYTHON" >&2; exit 2; }
+"$py" -c "import mypyc" 2>/dev/null || { echo "installing mypy into $py's environment"; "$py" -m pip install -q mypy; }
 scratch=$(mktemp -d)
 trap 'git -C "$root" worktree remove --force "$scratch/tree" >/dev/null 2>&1 || true; rm -rf "$scratch"' EXIT
 git -C "$root" worktree add -q --detach "$scratch/tree" HEAD
@@ -21,7 +23,7 @@ for m in $mods; do
   files+=("finemoe/$m.py")
 done
 echo "compiling ${files[*]} (a few minutes)"
-(cd "$scratch/tree/src" && mypyc "${files[@]}" >"$scratch/mypyc.log" 2>&1) || { tail -20 "$scratch/mypyc.log"; exit 1; }
+(cd "$scratch/tree/src" && "$py" -m mypyc "${files[@]}" >"$scratch/mypyc.log" 2>&1) || { tail -20 "$scratch/mypyc.log"; exit 1; }
 mkdir -p "$out"
 sha=$(git -C "$root" rev-parse HEAD)
 for round in 1 2; do
@@ -30,7 +32,7 @@ for round in 1 2; do
     [ "$tree" = compiled ] && dir=$scratch/tree
     echo -n "round $round, $tree: "
     log=$scratch/${tree}_$round.log
-    (cd "$dir" && FINEMOE_GIT_SHA=$sha taskset -c 1 python benchmarks/sim_speed.py --traces "$trace" \
+    (cd "$dir" && FINEMOE_GIT_SHA=$sha taskset -c 1 "$py" benchmarks/sim_speed.py --traces "$trace" \
       --history "$hist" --limit 40 --policies finemoe,lru,mixtral-offloading --repeat 3 \
       --out "$out/${tree}_$round.json" >"$log" 2>&1) || { tail -20 "$log"; exit 1; }
     grep layer-steps "$log" | awk '{printf "%s %s  ", $1, $2}'
