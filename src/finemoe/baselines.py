@@ -73,10 +73,16 @@ class SpeculativeGatePredictor:
                 p = probs[0] if isinstance(probs, np.ndarray) else probs[0].numpy()  # [E] float32
                 order = np.argsort(-p, kind="stable")[:k]  # descending, ties by expert id
                 pairs = zip(order.tolist(), p[order].tolist(), strict=True)
-                return PrefetchPlan(tuple([PrefetchRequest(eids[e], v) for e, v in pairs]), iteration=event.iteration)
+                new = tuple.__new__
+                return PrefetchPlan(
+                    tuple([new(PrefetchRequest, (eids[e], v)) for e, v in pairs]), iteration=event.iteration
+                )
             row = probs[0].tolist()
             top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
-            return PrefetchPlan(tuple([PrefetchRequest(eids[e], row[e]) for e in top]), iteration=event.iteration)
+            new = tuple.__new__  # PrefetchRequest's own constructor, without its Python frame
+            return PrefetchPlan(
+                tuple([new(PrefetchRequest, (eids[e], row[e])) for e in top]), iteration=event.iteration
+            )
         if isinstance(probs, np.ndarray):
             probs = torch.from_numpy(probs)
         top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]

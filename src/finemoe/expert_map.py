@@ -28,6 +28,12 @@ RANKED_CACHE = 16384  # ranked map rows kept (each a few lists of E items); clea
 SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
 
 
+try:  # `np.einsum` without `optimize` hands its operands to this C function unchanged
+    from numpy._core._multiarray_umath import c_einsum as _c_einsum
+except ImportError:  # another NumPy layout: the public function (the same result, ~1.3 µs more per call)
+    _c_einsum = np.einsum
+
+
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
     """`mat` [C, K] @ `vec` [K] on the calling thread only. BLAS (NumPy's OpenBLAS) spreads even a
     1000 x 16 product over every core and its threads keep spinning afterwards, competing with
@@ -38,7 +44,7 @@ def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
     kept (session 18): its kernel sums the last rows of a block in another order, so identical
     stored rows (a token stored twice) got scores differing in the last bit and `argmax` picked
     another copy, changing plans; einsum scores identical rows identically, on every machine."""
-    return np.einsum("ck,k->c", mat, vec)
+    return _c_einsum("ck,k->c", mat, vec)
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,7 @@ class TrajectoryQuery:
             return self._best_pruned(layer, p)
         dot = self._dot1
         d = _mv(s._by_layer_np[layer, : s.size], p)
-        q = float(p @ p)
+        q = float(p.dot(p))  # (`@` gives the same sdot, through the slower matmul dispatch)
         dot += d
         q_sq = self._q1 + q
         if self.window > 0:
@@ -337,7 +343,7 @@ class TrajectoryQuery:
         """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
         i = layer - self._cbase
         self._cdot += _mv(self._cmaps[i], p)
-        self._q1 += float(p @ p)
+        self._q1 += float(p.dot(p))
         self.layers += 1
         ratio = self._cdot / self._cnorm[i]
         i = int(ratio.argmax())

@@ -24,7 +24,7 @@ from finemoe.predictor import (
     routing_rows,
     select_by_delta,
 )
-from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
 
 PRECISION_DECAY = 0.995  # per measured layer plan: the running precision spans a few hundred plans
 PRECISION_WARMUP = 50.0  # planned experts measured before the precision floor may withhold plans
@@ -63,6 +63,7 @@ class FineMoEPredictor:
         self._planned: dict[int, set[int] | tuple[RankedRow, int]] = {}
         self.prec_used = self.prec_planned = 0.0
         self.withheld = 0  # map plans computed but not issued
+        self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(self.num_layers)]
 
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
@@ -127,7 +128,7 @@ class FineMoEPredictor:
             return None  # no layer left to plan for from here
         if self.row0 >= 0:  # decode at batch 1: the lean path, NumPy on host rows
             if self.values == "probs":
-                q = event.host_probs().numpy()[self.row0]
+                q = event.host_probs_np()[self.row0]
             else:
                 q = routing_rows(event, ctx.rows, "counts")[0].numpy()
             score, row = self.traj.best(layer, q)
@@ -178,7 +179,7 @@ class FineMoEPredictor:
         self._planned[target] = (ranked, n)  # n >= 1 (top-k floor)
         if self._withhold():
             return ()
-        return ranked.requests(target, max(target - layer_now, 1), n)
+        return ranked.requests(target, max(target - layer_now, 1), n, self._eids[target])
 
     def _select(self, probs: torch.Tensor, scores: torch.Tensor) -> dict[int, float]:
         """δ selection and batch merge of one target layer over N > 1 rows: {expert: p}. Rows

@@ -167,16 +167,22 @@ class RankedRow:
             self._rank = rank
         return self._rank
 
-    def requests(self, layer: int, dist: int, count: int) -> tuple[PrefetchRequest, ...]:
+    def requests(
+        self, layer: int, dist: int, count: int, eids: list[ExpertId] | None = None
+    ) -> tuple[PrefetchRequest, ...]:
         """The first `count` experts of the row as requests for `layer`, priority p / `dist` (spec
         §3.6), as `plan_for_layer` makes them for a selection of `count`. The longest prefix asked
-        for is kept."""
+        for is kept. `eids` [E]: the layer's `ExpertId`s, if the caller keeps them (fewer objects made)."""
         key = (layer, dist)
         reqs = self._requests.get(key, ())
         if len(reqs) < count:
+            ids = eids if eids is not None else [ExpertId(layer, e) for e in range(len(self.order))]
+            new = tuple.__new__  # PrefetchRequest's own constructor, without its Python frame
             reqs = self._requests[key] = reqs + tuple(
-                PrefetchRequest(ExpertId(layer, e), p / dist)
-                for e, p in zip(self.order[len(reqs) : count], self.probs[len(reqs) : count], strict=True)
+                [
+                    new(PrefetchRequest, (ids[e], p / dist))
+                    for e, p in zip(self.order[len(reqs) : count], self.probs[len(reqs) : count], strict=True)
+                ]
             )
         return reqs[:count]
 

@@ -135,6 +135,36 @@ def _iteration_tensors(
     return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), stand_in
 
 
+class _BatchRows:
+    """`_iteration_tensors` for the iterations of one batch of consecutive requests, its rows'
+    tensors laid out once: probs [L, n, E] float32 and top-k [L, n, k] per layer contiguous, the
+    embeddings [n, D], where n is the batch's rows (the same values, fewer tensor ops per iteration)."""
+
+    def __init__(self, trace: Trace, batch: list[int]) -> None:
+        self.trace = trace
+        a, b = int(trace.row_start[batch[0]]), int(trace.row_start[batch[-1] + 1])
+        self.base = a
+        self.probs = trace.probs[a:b].float().transpose(0, 1).contiguous()  # [L, n, E]
+        self.topk = trace.topk[a:b].transpose(0, 1).contiguous()  # [L, n, k]
+        self.emb = trace.embeddings(a, b)  # [n, D]
+        self.probs_np = self.probs.numpy()  # the same memory
+
+    def iteration(
+        self, g: int, prefill: bool, parts: list[tuple[int, int, int]]
+    ) -> tuple[IterationContext, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, np.ndarray]:
+        """Context, per-layer probs ([N, E] each), per-layer top-k ([N, k] each) and the router
+        stand-in [N, 2], as `_iteration_tensors` gives them (unbound by layer), and the probs as
+        one NumPy array [L, N, E] (the same memory)."""
+        if len(parts) != 1:
+            ctx, probs, topk, ids = _iteration_tensors(self.trace, g, prefill, parts)
+            return ctx, probs.unbind(0), topk.unbind(0), ids, probs.numpy()
+        _, a, b = parts[0]
+        n, i, j = b - a, a - self.base, b - self.base
+        ctx = IterationContext(g, prefill, 1, torch.arange(n), torch.zeros(n, dtype=torch.int64), self.emb[i:j])
+        stand_in = torch.stack([torch.arange(a, b).float(), torch.zeros(n)], dim=1)  # [N, 2]
+        return ctx, self.probs[:, i:j].unbind(0), self.topk[:, i:j].unbind(0), stand_in, self.probs_np[:, i:j]
+
+
 # -- the replay ----------------------------------------------------------------------------------
 @dataclass
 class SimResult:
@@ -227,6 +257,7 @@ class Simulator:
         plan = BudgetPlan.make(ExpertBudget("fraction", 1.0) if preset.all_resident else config.expert_budget, spec)
         self.plan = plan
         self.clock = Clock()
+        self._stand_in: list = [None, None]  # the current iteration's router stand-in and its NumPy view
         order = "demand-first" if link == "demand-first" else "fifo"
         self.transfer = (
             InstantLink()
@@ -294,12 +325,12 @@ class Simulator:
         if plan.all_resident:
             self.cache.preload_all()
 
-    @staticmethod
-    def _gate(spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], np.ndarray]:
+    def _gate(self, spec_probs: dict[int, torch.Tensor]) -> Callable[[int, torch.Tensor], np.ndarray]:
         tables = {s: t.float().numpy() for s, t in spec_probs.items()}  # [N, L, E] float32, as the gate returns
+        current = self._stand_in  # (the iteration's stand-in tensor, its NumPy view), set by `run`
 
         def gate(target: int, hidden: torch.Tensor) -> np.ndarray:  # hidden: [N, 2] (trace row, layer)
-            h = hidden.numpy()
+            h = current[1] if hidden is current[0] else hidden.numpy()
             r, s = h[0].tolist()  # floats (the stand-in is a float tensor)
             row, source = int(r), int(s)
             table = tables.get(target - source)
@@ -347,6 +378,7 @@ class Simulator:
             ranges = [trace.row_ranges(r) for r in batch]
             olen = [len(x) for x in ranges]
             stamps: list[list[float]] = [[] for _ in batch]
+            rows = _BatchRows(trace, batch) if want_events else None
             for it in range(max(olen)):
                 live = [i for i, n in enumerate(olen) if it < n]
                 parts = [(batch[i], *ranges[i][it]) for i in live]
@@ -356,10 +388,11 @@ class Simulator:
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
-                if want_events:
-                    ctx, probs, topk, ids = _iteration_tensors(trace, g, prefill, parts)
+                if rows is not None:
                     # per layer views made at once; the stand-in's layer column written through NumPy
-                    probs, topk, ids_np = probs.unbind(0), topk.unbind(0), ids.numpy()
+                    ctx, probs, topk, ids, probs_np = rows.iteration(g, prefill, parts)
+                    ids_np = ids.numpy()
+                    self._stand_in[:] = ids, ids_np  # the gate reads the stand-in through NumPy
                     stepper.begin(g, ctx)
                 else:
                     stepper.begin(g, None)
@@ -376,7 +409,9 @@ class Simulator:
                             ids_np[:, 1] = layer
                         hidden = ids if want_hidden else None
                         p = probs[layer]  # [N, E] float32 CPU: already what `host_probs()` returns
-                        event = RoutingEvent(g, layer, p, topk[layer], prefill, hidden, _host=p)
+                        event = RoutingEvent(
+                            g, layer, p, topk[layer], prefill, hidden, _host=p, _host_np=probs_np[layer]
+                        )
                         if not late:
                             stepper.route(event)
                     if predict_host and not late:  # the predictors' host work before the layer's copies
