@@ -266,12 +266,30 @@ class TrajectoryQuery:
         self._cbase = 0  # the first layer after the pruning
         self._cmaps: np.ndarray | None = None  # [L - cbase, K, E] their maps from layer cbase on
         self._cnorm: np.ndarray | None = None  # [L - cbase, K] their prefix norms (>= EPS) likewise
-        self.dot = torch.zeros(num_rows, store.size)  # [N, size] running dot products
-        self.q_sq = torch.zeros(num_rows)  # [N] running squared norms
-        self._dot1 = self.dot.numpy()[0] if num_rows == 1 else None  # best(): a view, updated in place
+        self._rows = num_rows
+        self._dot: torch.Tensor | None = None  # [N, size] running dot products (`dot`, made on first use)
+        self._q_sq: torch.Tensor | None = None  # [N] running squared norms (`q_sq`, likewise)
+        # best(): the single row's running dot products, updated in place (`dot`'s memory, if made)
+        self._dot1 = np.zeros(store.size, dtype=np.float32) if num_rows == 1 else None
         self._q1 = 0.0  # best(): the single row's running squared norm
         self.layers = 0
         self._parts: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (dot [N, size], q_sq [N])
+
+    @property
+    def dot(self) -> torch.Tensor:
+        """[N, size] running dot products of `extend` (made on first use: a batch-1 decode query
+        that only calls `best` makes no tensor)."""
+        if self._dot is None:
+            one = self._dot1
+            self._dot = torch.from_numpy(one)[None] if one is not None else torch.zeros(self._rows, self.store.size)
+        return self._dot
+
+    @property
+    def q_sq(self) -> torch.Tensor:
+        """[N] running squared norms of `extend` (made on first use)."""
+        if self._q_sq is None:
+            self._q_sq = torch.zeros(self._rows)
+        return self._q_sq
 
     def _stored_norm(self, layer: int) -> torch.Tensor:
         """Norms [size] of every stored row's compared layers (prefix, or the window)."""
@@ -289,14 +307,15 @@ class TrajectoryQuery:
         probs = probs.float()
         d = probs @ s.by_layer[layer, : s.size].T
         q = (probs * probs).sum(dim=1)
-        self.dot += d
-        self.q_sq += q
+        dot, q_sq = self.dot, self.q_sq
+        dot += d
+        q_sq += q
         if self.window > 0:
             self._parts.append((d, q))
             if len(self._parts) > self.window:
                 old_d, old_q = self._parts.pop(0)
-                self.dot -= old_d
-                self.q_sq -= old_q
+                dot -= old_d
+                q_sq -= old_q
         self.layers += 1
         den = self.q_sq.clamp_min(0).sqrt().unsqueeze(1) * self._stored_norm(layer).unsqueeze(0)
         return self.dot / den.clamp_min(EPS)

@@ -69,12 +69,13 @@ class FineMoEPredictor:
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.layers_seen, self.traj = ctx, 0, None
         self._planned = {}
-        self.row0 = int(ctx.rows[0]) if ctx.rows.numel() == 1 else -1  # the only row, at batch 1
+        n_rows = ctx.rows.numel()
+        self.row0 = int(ctx.rows[0]) if n_rows == 1 else -1  # the only row, at batch 1
         store = self.store
-        if store.size == 0 or ctx.rows.numel() == 0 or (ctx.is_prefill and not self.in_prefill):
+        if store.size == 0 or n_rows == 0 or (ctx.is_prefill and not self.in_prefill):
             self.ctx = None  # nothing to match (or prefill left to the gate / to demand loads)
             return None
-        self.traj = TrajectoryQuery(store, ctx.rows.numel(), self.window, self.candidates)
+        self.traj = TrajectoryQuery(store, n_rows, self.window, self.candidates)
         emb = ctx.host_embeddings()
         if emb is None or not self.semantic:
             return None
@@ -112,7 +113,7 @@ class FineMoEPredictor:
                 ranked, n = planned
                 rank = ranked._rank or ranked.rank()
                 used = 0
-                for e in event.topk_ids.tolist()[self.row0]:
+                for e in event.topk_lists()[self.row0]:
                     if rank[e] < n:
                         used += 1
             else:

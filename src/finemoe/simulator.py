@@ -128,7 +128,7 @@ def _iteration_tensors(
         emb = torch.cat([trace.embeddings(a, b) for _, a, b in parts])
         req = torch.cat([torch.full((b - a,), i, dtype=torch.int64) for i, (_, a, b) in enumerate(parts)])
     n = ids.numel()
-    ctx = IterationContext(g, prefill, len(parts), torch.arange(n), req, emb)
+    ctx = IterationContext(g, prefill, len(parts), torch.arange(n), req, emb, emb)  # float32 CPU: its own host copy
     # per layer contiguous, as the engine's router outputs are: [L, N, E] and [L, N, k]; the
     # stand-in router input: [N, 2] (trace row, layer), the layer column set per event
     stand_in = torch.stack([ids.float(), torch.zeros(n)], dim=1)
@@ -138,7 +138,10 @@ def _iteration_tensors(
 class _BatchRows:
     """`_iteration_tensors` for the iterations of one batch of consecutive requests, its rows'
     tensors laid out once: probs [L, n, E] float32 and top-k [L, n, k] per layer contiguous, the
-    embeddings [n, D], where n is the batch's rows (the same values, fewer tensor ops per iteration)."""
+    embeddings [n, D], where n is the batch's rows (the same values, fewer tensor ops per iteration).
+    A single-row iteration (a decode step at batch 1) makes no tensor at all: its per-layer views,
+    top-k lists and context tensors are made for all such rows at once here (a torch call costs
+    ~10x more amid the replay's Python than in a tight loop: cold caches)."""
 
     def __init__(self, trace: Trace, batch: list[int]) -> None:
         self.trace = trace
@@ -148,21 +151,46 @@ class _BatchRows:
         self.topk = trace.topk[a:b].transpose(0, 1).contiguous()  # [L, n, k]
         self.emb = trace.embeddings(a, b)  # [n, D]
         self.probs_np = self.probs.numpy()  # the same memory
+        self._one: dict[int, tuple] = {}  # batch row of a single-row iteration -> its inputs
+        self._rows1, self._req1 = torch.arange(1), torch.zeros(1, dtype=torch.int64)  # [1] each, shared
+        self._stand_in1 = torch.zeros(1, 2)  # [1, 2], rewritten per single-row iteration
+        self._stand_in1_np = self._stand_in1.numpy()
+        L = self.probs.shape[0]
+        for r in batch:  # each request's decode rows: one row per iteration
+            start, plen, n = int(trace.row_start[r]), int(trace.prompt_len[r]), int(trace.output_len[r])
+            lo, hi = start + plen - a, start + plen + max(n - 1, 0) - a
+            if hi <= lo:
+                continue
+            probs = [t.unbind(0) for t in self.probs[:, lo:hi].split(1, dim=1)]  # [m][L] of [1, E]
+            topk = [t.unbind(0) for t in self.topk[:, lo:hi].split(1, dim=1)]  # [m][L] of [1, k]
+            lists = self.topk[:, lo:hi].tolist()  # [L][m][k]
+            emb = self.emb[lo:hi].split(1)  # [m] of [1, D]
+            for i in range(hi - lo):
+                rows_np = self.probs_np[:, lo + i : lo + i + 1]  # [L, 1, E]
+                self._one[lo + i] = (probs[i], topk[i], emb[i], rows_np, [[lists[lay][i]] for lay in range(L)])
 
     def iteration(
         self, g: int, prefill: bool, parts: list[tuple[int, int, int]]
-    ) -> tuple[IterationContext, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, np.ndarray]:
+    ) -> tuple[IterationContext, tuple, tuple, torch.Tensor, np.ndarray, list | None]:
         """Context, per-layer probs ([N, E] each), per-layer top-k ([N, k] each) and the router
-        stand-in [N, 2], as `_iteration_tensors` gives them (unbound by layer), and the probs as
-        one NumPy array [L, N, E] (the same memory)."""
+        stand-in [N, 2], as `_iteration_tensors` gives them (unbound by layer), the probs as one
+        NumPy array [L, N, E] (the same memory) and, where made already, the top-k as lists
+        [L][N][k]."""
         if len(parts) != 1:
             ctx, probs, topk, ids = _iteration_tensors(self.trace, g, prefill, parts)
-            return ctx, probs.unbind(0), topk.unbind(0), ids, probs.numpy()
+            return ctx, probs.unbind(0), topk.unbind(0), ids, probs.numpy(), None
         _, a, b = parts[0]
         n, i, j = b - a, a - self.base, b - self.base
-        ctx = IterationContext(g, prefill, 1, torch.arange(n), torch.zeros(n, dtype=torch.int64), self.emb[i:j])
+        one = self._one.get(i) if n == 1 else None
+        if one is not None:
+            probs, topk, emb, probs_np, lists = one
+            ctx = IterationContext(g, prefill, 1, self._rows1, self._req1, emb, emb)
+            self._stand_in1_np[0, 0] = a  # (trace row, layer): the layer column is set per event
+            return ctx, probs, topk, self._stand_in1, probs_np, lists
+        emb = self.emb[i:j]
+        ctx = IterationContext(g, prefill, 1, torch.arange(n), torch.zeros(n, dtype=torch.int64), emb, emb)
         stand_in = torch.stack([torch.arange(a, b).float(), torch.zeros(n)], dim=1)  # [N, 2]
-        return ctx, self.probs[:, i:j].unbind(0), self.topk[:, i:j].unbind(0), stand_in, self.probs_np[:, i:j]
+        return ctx, self.probs[:, i:j].unbind(0), self.topk[:, i:j].unbind(0), stand_in, self.probs_np[:, i:j], None
 
 
 # -- the replay ----------------------------------------------------------------------------------
@@ -390,9 +418,10 @@ class Simulator:
                 cache.begin_iteration(prefill)
                 if rows is not None:
                     # per layer views made at once; the stand-in's layer column written through NumPy
-                    ctx, probs, topk, ids, probs_np = rows.iteration(g, prefill, parts)
-                    ids_np = ids.numpy()
-                    self._stand_in[:] = ids, ids_np  # the gate reads the stand-in through NumPy
+                    ctx, probs, topk, ids, probs_np, lists = rows.iteration(g, prefill, parts)
+                    if ids is not self._stand_in[0]:  # (a single-row iteration reuses one stand-in)
+                        self._stand_in[:] = ids, ids.numpy()  # the gate reads the stand-in through NumPy
+                    ids_np = self._stand_in[1]
                     stepper.begin(g, ctx)
                 else:
                     stepper.begin(g, None)
@@ -410,7 +439,15 @@ class Simulator:
                         hidden = ids if want_hidden else None
                         p = probs[layer]  # [N, E] float32 CPU: already what `host_probs()` returns
                         event = RoutingEvent(
-                            g, layer, p, topk[layer], prefill, hidden, _host=p, _host_np=probs_np[layer]
+                            g,
+                            layer,
+                            p,
+                            topk[layer],
+                            prefill,
+                            hidden,
+                            _host=p,
+                            _host_np=probs_np[layer],
+                            _topk_list=lists[layer] if lists is not None else None,
                         )
                         if not late:
                             stepper.route(event)

@@ -171,6 +171,7 @@ class RoutingEvent:
     speculated: dict[int, torch.Tensor] | None = None  # target layer -> logits [T, E], CPU
     speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, logits) -> [T, E]
     _host_np: np.ndarray | None = field(default=None, repr=False)
+    _topk_list: list[list[int]] | None = field(default=None, repr=False)
 
     def host_probs(self) -> torch.Tensor:
         """Router probabilities [T, E], float32 on the CPU (computed once)."""
@@ -186,6 +187,12 @@ class RoutingEvent:
         if self._host_np is None:
             self._host_np = self.host_probs().numpy()
         return self._host_np
+
+    def topk_lists(self) -> list[list[int]]:
+        """`topk_ids` as nested lists [T][k] of plain ints (made once)."""
+        if self._topk_list is None:
+            self._topk_list = self.topk_ids.tolist()
+        return self._topk_list
 
 
 @dataclass
