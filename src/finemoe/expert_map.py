@@ -205,11 +205,11 @@ class ExpertMapStore:
         scores, rows = sim.max(dim=1)
         return scores, rows
 
-    def semantic_match_one(self, emb: torch.Tensor) -> tuple[float, int]:
-        """`semantic_match` of one embedding [D] as plain numbers (score, row), the score rounded to
-        float32 as `semantic_match`'s tensor holds it: NumPy, remembered by the embedding's bytes
-        until the store changes. Store non-empty."""
-        q = emb.float().numpy()
+    def semantic_match_one(self, emb: torch.Tensor | np.ndarray) -> tuple[float, int]:
+        """`semantic_match` of one embedding [D] (a tensor, or float32 NumPy) as plain numbers
+        (score, row), the score rounded to float32 as `semantic_match`'s tensor holds it: NumPy,
+        remembered by the embedding's bytes until the store changes. Store non-empty."""
+        q = emb if isinstance(emb, np.ndarray) else emb.float().numpy()
         key = q.tobytes()
         hit = self._semantic.get(key)
         if hit is None:

@@ -82,7 +82,7 @@ class FineMoEPredictor:
         L, d = self.num_layers, self.distance
         reqs: list[PrefetchRequest] = []
         if emb.shape[0] == 1:  # batch 1: plain numbers and the matched row's cached ranking
-            score, row = store.semantic_match_one(emb[0])
+            score, row = store.semantic_match_one(emb.numpy()[0])  # (host embeddings: float32 CPU)
             self.sem_sum += score
             self.sem_n += 1
             for target in range(min(d, L)):

@@ -135,6 +135,34 @@ def _iteration_tensors(
     return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), stand_in
 
 
+class _ReplayEvent(RoutingEvent):
+    """A replayed routing whose `probs` and `topk_ids` may arrive as NumPy rows: read, they become
+    tensors of the same memory (`torch.from_numpy`), so a layer whose consumers read only the
+    event's host views (`host_probs_np`, `topk_lists`) makes no tensor. The same values either way."""
+
+    @property  # type: ignore[override]
+    def probs(self) -> torch.Tensor:
+        v = self.__dict__["probs"]
+        if isinstance(v, np.ndarray):
+            v = self.__dict__["probs"] = torch.from_numpy(v)
+        return v
+
+    @probs.setter
+    def probs(self, value: torch.Tensor | np.ndarray) -> None:
+        self.__dict__["probs"] = value
+
+    @property  # type: ignore[override]
+    def topk_ids(self) -> torch.Tensor:
+        v = self.__dict__["topk_ids"]
+        if isinstance(v, np.ndarray):
+            v = self.__dict__["topk_ids"] = torch.from_numpy(v)
+        return v
+
+    @topk_ids.setter
+    def topk_ids(self, value: torch.Tensor | np.ndarray) -> None:
+        self.__dict__["topk_ids"] = value
+
+
 class _BatchRows:
     """`_iteration_tensors` for the iterations of one batch of consecutive requests, its rows'
     tensors laid out once: probs [L, n, E] float32 and top-k [L, n, k] per layer contiguous, the
@@ -150,7 +178,7 @@ class _BatchRows:
         self.probs = trace.probs[a:b].float().transpose(0, 1).contiguous()  # [L, n, E]
         self.topk = trace.topk[a:b].transpose(0, 1).contiguous()  # [L, n, k]
         self.emb = trace.embeddings(a, b)  # [n, D]
-        self.probs_np = self.probs.numpy()  # the same memory
+        self.probs_np, self.topk_np = self.probs.numpy(), self.topk.numpy()  # the same memory
         self._one: dict[int, tuple] = {}  # batch row of a single-row iteration -> its inputs
         self._rows1, self._req1 = torch.arange(1), torch.zeros(1, dtype=torch.int64)  # [1] each, shared
         self._stand_in1 = torch.zeros(1, 2)  # [1, 2], rewritten per single-row iteration
@@ -161,13 +189,12 @@ class _BatchRows:
             lo, hi = start + plen - a, start + plen + max(n - 1, 0) - a
             if hi <= lo:
                 continue
-            probs = [t.unbind(0) for t in self.probs[:, lo:hi].split(1, dim=1)]  # [m][L] of [1, E]
-            topk = [t.unbind(0) for t in self.topk[:, lo:hi].split(1, dim=1)]  # [m][L] of [1, k]
             lists = self.topk[:, lo:hi].tolist()  # [L][m][k]
             emb = self.emb[lo:hi].split(1)  # [m] of [1, D]
             for i in range(hi - lo):
-                rows_np = self.probs_np[:, lo + i : lo + i + 1]  # [L, 1, E]
-                self._one[lo + i] = (probs[i], topk[i], emb[i], rows_np, [[lists[lay][i]] for lay in range(L)])
+                row = lo + i  # its layers as NumPy rows [L, 1, E], [L, 1, k]: `_ReplayEvent` makes tensors if read
+                rows_np, topk_np = self.probs_np[:, row : row + 1], self.topk_np[:, row : row + 1]
+                self._one[row] = (rows_np, topk_np, emb[i], rows_np, [[lists[lay][i]] for lay in range(L)])
 
     def iteration(
         self, g: int, prefill: bool, parts: list[tuple[int, int, int]]
@@ -437,18 +464,15 @@ class Simulator:
                         if want_hidden:
                             ids_np[:, 1] = layer
                         hidden = ids if want_hidden else None
-                        p = probs[layer]  # [N, E] float32 CPU: already what `host_probs()` returns
-                        event = RoutingEvent(
-                            g,
-                            layer,
-                            p,
-                            topk[layer],
-                            prefill,
-                            hidden,
-                            _host=p,
-                            _host_np=probs_np[layer],
-                            _topk_list=lists[layer] if lists is not None else None,
-                        )
+                        p = probs[layer]  # [N, E] float32 CPU (or its NumPy rows): what `host_probs()` returns
+                        if lists is None:
+                            event = RoutingEvent(
+                                g, layer, p, topk[layer], prefill, hidden, _host=p, _host_np=probs_np[layer]
+                            )
+                        else:  # a single-row iteration: NumPy rows, tensors made only if read
+                            event = _ReplayEvent(
+                                g, layer, p, topk[layer], prefill, hidden, _host_np=p, _topk_list=lists[layer]
+                            )
                         if not late:
                             stepper.route(event)
                     if predict_host and not late:  # the predictors' host work before the layer's copies
