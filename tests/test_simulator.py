@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -577,3 +578,45 @@ def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(record
         a = simulate(tr, cfg(policy, "25%"), unit_cost(), "timed", empty_history(tr, 64), batch)
         b = simulate(tr, cfg(policy, "25%"), unit_cost(), "timed", empty_history(tr, 64), batch, graphed=True)
         assert a.stats == b.stats and a.total_s == b.total_s
+
+
+def test_batch_rows_single_row_inputs_equal_the_general_path():
+    """A decode row of `_BatchRows` (NumPy rows, shared context tensors, no tensor made) carries the
+    values `_iteration_tensors` makes for the same iteration; `_ReplayEvent` turns them into
+    tensors of the same memory only when read."""
+    from finemoe.simulator import _BatchRows, _iteration_tensors, _ReplayEvent
+
+    trace = random_trace(requests=2)
+    rows = _BatchRows(trace, [1])
+    ranges = trace.row_ranges(1)
+    decode = [it for it in range(1, len(ranges))]
+    assert decode, "the trace needs decode iterations"
+    for it in decode:
+        part = [(1, *ranges[it])]
+        ctx, probs, topk, stand_in, probs_np, lists = rows.iteration(7, False, part)
+        ctx2, probs2, topk2, stand_in2 = _iteration_tensors(trace, 7, False, part)
+        assert lists is not None  # the single-row path, not the general one
+        assert torch.equal(ctx.rows, ctx2.rows) and torch.equal(ctx.request_of_row, ctx2.request_of_row)
+        assert torch.equal(ctx.host_embeddings(), ctx2.host_embeddings())
+        assert torch.equal(stand_in[:, 0], stand_in2[:, 0])
+        for layer in range(trace.spec.num_layers):
+            assert isinstance(probs[layer], np.ndarray)
+            assert torch.equal(torch.from_numpy(probs_np[layer]), probs2[layer])
+            assert lists[layer] == topk2[layer].tolist()
+            event = _ReplayEvent(
+                7, layer, probs[layer], topk[layer], False, _host_np=probs[layer], _topk_list=lists[layer]
+            )
+            assert isinstance(event.__dict__["probs"], np.ndarray)  # nothing read yet: no tensor
+            assert torch.equal(event.probs, probs2[layer]) and torch.equal(event.topk_ids, topk2[layer])
+            assert event.probs.data_ptr() == probs[layer].ctypes.data  # the same memory, kept once made
+            assert torch.equal(event.host_probs(), probs2[layer]) and event.topk_lists() == topk2[layer].tolist()
+
+
+def test_routing_event_host_views_equal_its_tensors():
+    from finemoe.types import RoutingEvent
+
+    probs, topk = torch.rand(3, 5), torch.tensor([[4, 1], [0, 2], [3, 3]])
+    event = RoutingEvent(0, 1, probs, topk, False)
+    assert np.array_equal(event.host_probs_np(), probs.numpy())
+    assert event.host_probs_np() is event.host_probs_np()  # made once
+    assert event.topk_lists() == [[4, 1], [0, 2], [3, 3]]

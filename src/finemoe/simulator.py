@@ -135,32 +135,32 @@ def _iteration_tensors(
     return ctx, probs.transpose(0, 1).contiguous(), topk.transpose(0, 1).contiguous(), stand_in
 
 
+class _TensorOnRead:
+    """A field that may hold a NumPy array until read: read, it becomes a tensor of the same memory
+    (`torch.from_numpy`), kept in the instance's `__dict__` under the field's name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        v = obj.__dict__[self.name]
+        if isinstance(v, np.ndarray):
+            v = obj.__dict__[self.name] = torch.from_numpy(v)
+        return v
+
+    def __set__(self, obj: Any, value: torch.Tensor | np.ndarray) -> None:
+        obj.__dict__[self.name] = value
+
+
 class _ReplayEvent(RoutingEvent):
-    """A replayed routing whose `probs` and `topk_ids` may arrive as NumPy rows: read, they become
-    tensors of the same memory (`torch.from_numpy`), so a layer whose consumers read only the
-    event's host views (`host_probs_np`, `topk_lists`) makes no tensor. The same values either way."""
+    """A replayed routing whose `probs` and `topk_ids` may arrive as NumPy rows, made tensors only
+    if a consumer reads them: a layer whose consumers read only the event's host views
+    (`host_probs_np`, `topk_lists`) makes no tensor. The same values either way."""
 
-    @property  # type: ignore[override]
-    def probs(self) -> torch.Tensor:
-        v = self.__dict__["probs"]
-        if isinstance(v, np.ndarray):
-            v = self.__dict__["probs"] = torch.from_numpy(v)
-        return v
-
-    @probs.setter
-    def probs(self, value: torch.Tensor | np.ndarray) -> None:
-        self.__dict__["probs"] = value
-
-    @property  # type: ignore[override]
-    def topk_ids(self) -> torch.Tensor:
-        v = self.__dict__["topk_ids"]
-        if isinstance(v, np.ndarray):
-            v = self.__dict__["topk_ids"] = torch.from_numpy(v)
-        return v
-
-    @topk_ids.setter
-    def topk_ids(self, value: torch.Tensor | np.ndarray) -> None:
-        self.__dict__["topk_ids"] = value
+    probs = _TensorOnRead()  # type: ignore[assignment]
+    topk_ids = _TensorOnRead()  # type: ignore[assignment]
 
 
 class _BatchRows:
