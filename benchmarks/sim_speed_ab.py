@@ -72,7 +72,8 @@ def main() -> int:
     speed: dict[str, list[float]] = {name: [] for name in trees}
     hits: dict[str, float] = {}
     for r in range(args.rounds):
-        for name, tree in trees.items():
+        for name in list(trees)[:: 1 if r % 2 == 0 else -1]:  # ABBA: neither tree always first
+            tree = trees[name]
             sys.modules.update(tree["mods"])
             res = tree["run"]()
             speed[name].append(res.layer_steps / res.wall_s)
