@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_record  # noqa: E402
 
 HERE_SRC = str(Path(__file__).resolve().parents[1] / "src")
-SKIP = ("server", "cli", "chat", "__main__")  # need the server extra; nothing the replay uses
+SKIP = ("server", "cli", "chat", "__main__")  # prefixes: need the server extra; nothing the replay uses
 
 
 def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         pkg = importlib.import_module("finemoe")
         for info in pkgutil.iter_modules(pkg.__path__):
-            if not info.ispkg and info.name not in SKIP:
+            if not info.ispkg and not info.name.startswith(SKIP):
                 importlib.import_module("finemoe." + info.name)
     finally:
         sys.path.remove(src)
