@@ -135,17 +135,11 @@ class Prefetcher:
         # Every request is queued, resident ones too: a demand load may evict such an expert before
         # the request is popped, and the plan still wants it back (skipping them at submit time
         # changed moe-infinity's replay, 0.364 -> 0.262 hit rate on the reference study's trace).
-        heap, seq, it = self._heap, self._seq, plan.iteration
-        reqs = plan.requests
-        if reqs:
-            new = [(-priority, s, it, eid) for s, (eid, priority) in enumerate(reqs, seq + 1)]
-            self._seq = seq + len(new)
-            if len(heap) <= 4 * len(new) + 32:  # a short queue: one heapify over old and new entries
-                heap += new  # (seq makes every key distinct: the pop order is that of pushing them)
-                heapq.heapify(heap)
-            else:
-                for entry in new:
-                    heapq.heappush(heap, entry)
+        heap, seq, it, push = self._heap, self._seq, plan.iteration, heapq.heappush
+        for eid, priority in plan.requests:
+            seq += 1
+            push(heap, (-priority, seq, it, eid))
+        self._seq = seq
         if heap:
             self.idle = False
 
