@@ -97,6 +97,11 @@ case $part in
       s19_qwen3_30b_fewer_always.json ;;
   s19q15)   # session 19: the same on Qwen1.5 (carry q60x4_t3 and q60x4_h16; ~5 min)
     steady q15 "lru,finemoe,finemoe+graph_gates=False" s19_qwen15moe_graph_gates.json ;;
+  s21q3)    # session 21: Qwen3 25% always predicting (as s20q3): do plans two layers ahead land in time?
+            # the maps at distance 2 with and without the one-layer gate (carry as s19q3; ~8 min)
+    A="prediction_duty='always'"
+    steady q3 "lru,finemoe+$A,finemoe+$A+prefetch_distance=2,finemoe+$A+prefetch_distance=2+gate_refine=False" \
+      s21_qwen3_30b_distance.json ;;
   s21)      # session 21: the GPU tests, then the replay's speed on one pinned host core, this tree and
             # (alternated) another one's src/ copied to out/base_src (carry gpu_traces/ref40_test.fmt,
             # gpu_traces/ref_hist.fmt, out/base_src; ~7 min)
