@@ -11,7 +11,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Protocol
 
-from finemoe.plan_policy import DecayLFUPolicy, MapAwarePolicy
+from finemoe.decay_lfu import DecayLFUPolicy
+from finemoe.plan_policy import MapAwarePolicy
 from finemoe.router_ema import RouterEMAPolicy
 from finemoe.types import ExpertId, PrefetchPlan
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from finemoe.plan_policy import DecayLFUPolicy
+from finemoe.decay_lfu import DecayLFUPolicy
 from finemoe.types import ExpertId, PrefetchPlan, PrefetchRequest
 
 
