@@ -11,7 +11,7 @@ from finemoe.types import ExpertId, PrefetchPlan, PrefetchRequest
 def _reference(policy: DecayLFUPolicy, evictable, n: int, fallback: bool) -> list[ExpertId]:
     """The victims from scratch: residents by (current key, last use, flat), unprotected first."""
     E = policy.num_experts
-    ranked = sorted((policy._keys[f], t, f) for f, t in policy.last.items())
+    ranked = sorted((policy.count[f][2], t, f) for f, t in policy.last.items())
     eids = [ExpertId(f // E, f % E) for _, _, f in ranked]
     free = [e for e in eids if not policy.protected(e) and evictable(e)]
     if free or not fallback:

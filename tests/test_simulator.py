@@ -7,6 +7,7 @@ through the same objects, makes exactly the engine's decisions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -603,9 +604,11 @@ def test_batch_rows_single_row_inputs_equal_the_general_path():
             assert isinstance(probs[layer], np.ndarray)
             assert torch.equal(torch.from_numpy(probs_np[layer]), probs2[layer])
             assert lists[layer] == topk2[layer].tolist()
-            event = _ReplayEvent(
-                7, layer, probs[layer], topk[layer], False, _host_np=probs[layer], _topk_list=lists[layer]
-            )
+            p, t = probs[layer], topk[layer]  # (a NumPy index makes a new view: the same one to both)
+            event = _ReplayEvent.of(7, layer, p, t, False, None, lists[layer])
+            made = _ReplayEvent(7, layer, p, t, False, _host_np=p, _topk_list=lists[layer])
+            assert set(event.__dict__) == {f.name for f in dataclasses.fields(_ReplayEvent)}  # every field set
+            assert all(event.__dict__[k] is v for k, v in made.__dict__.items())  # as the constructor sets them
             assert isinstance(event.__dict__["probs"], np.ndarray)  # nothing read yet: no tensor
             assert torch.equal(event.probs, probs2[layer]) and torch.equal(event.topk_ids, topk2[layer])
             assert event.probs.data_ptr() == probs[layer].ctypes.data  # the same memory, kept once made

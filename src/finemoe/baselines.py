@@ -41,11 +41,12 @@ class SpeculativeGatePredictor:
         self.in_prefill = deps.prefill_plans != "none"  # a finemoe refining gate may sit prefill out
         self.ctx: IterationContext | None = None
         self.n_rows = 0  # ctx.rows.numel(), read once per iteration
+        self._whole: Any = None  # a router input of this iteration whose every position is a live row
         self.num_layers = deps.spec.num_layers  # L (a property of the spec: read once)
         self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(deps.spec.num_layers)]
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self.ctx, self.n_rows = ctx, ctx.rows.numel()
+        self.ctx, self.n_rows, self._whole = ctx, len(ctx.row_list()), None
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
@@ -58,8 +59,10 @@ class SpeculativeGatePredictor:
         if source is None:
             return None
         ctx = self.ctx
-        if ctx is None or ctx.iteration != event.iteration or self.n_rows == source.shape[0]:
-            rows = source  # not a live iteration, or every position is a live row (batch 1, no padding)
+        if ctx is None or ctx.iteration != event.iteration or source is self._whole:
+            rows = source  # not a live iteration, or an input seen whole already
+        elif self.n_rows == source.shape[0]:
+            rows = self._whole = source  # every position is a live row (batch 1, no padding)
         else:
             rows = source[ctx.rows.to(source.device)]  # [N, H] or [N, E]
         # [N, E] CPU tensor or NumPy array, or None: the gate cannot say
@@ -79,10 +82,9 @@ class SpeculativeGatePredictor:
                 )
             row = probs[0].tolist()
             top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
-            new = tuple.__new__  # PrefetchRequest's own constructor, without its Python frame
-            return PrefetchPlan(
-                tuple([new(PrefetchRequest, (eids[e], row[e])) for e in top]), iteration=event.iteration
-            )
+            new = tuple.__new__  # the named tuples' own constructor, without their Python frames
+            reqs = tuple([new(PrefetchRequest, (eids[e], row[e])) for e in top])
+            return new(PrefetchPlan, (reqs, False, event.iteration, ()))  # (requests, replace, iteration, probs)
         if isinstance(probs, np.ndarray):
             probs = torch.from_numpy(probs)
         top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]

@@ -35,33 +35,33 @@ class DecayLFUPolicy(PlanProtection):
         super().__init__(num_layers, num_experts)
         self.num_layers = num_layers
         self.log_gamma = math.log(gamma)
-        self.count: dict[int, tuple[float, float]] = {}  # flat id -> (count, its time), every expert seen
-        self._keys: dict[int, float] = {}  # flat id -> log count - time * log gamma
+        # flat id -> (count, its time, key = log count - time * log gamma), every expert seen
+        self.count: dict[int, tuple[float, float, float]] = {}
         self._order: list[tuple[float, int, int]] = []  # residents' (key, last use, flat) when filed, ascending
         self._item: dict[int, tuple[float, int, int]] = {}  # flat id in `_order` -> its item there
+        # resident flat id -> its (key, last use, flat) now: `last`'s stamp of the latest use
+        self._cur: dict[int, tuple[float, int, int]] = self.last
 
     def _key(self, flat: int) -> float:
-        return self._keys[flat]
-
-    def _set(self, flat: int, c: float, t: float) -> None:
-        self.count[flat] = (c, t)
-        self._keys[flat] = math.log(c) - t * self.log_gamma
+        return self.count[flat][2]
 
     def _use(self, flat: int, step: int) -> None:
+        lg = self.log_gamma
         t = step / self.num_layers
-        c, t0 = self.count.get(flat, (0.0, t))
-        self._set(flat, c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
+        c, t0, _ = self.count.get(flat, (0.0, t, 0.0))
+        c = c * math.exp((t - t0) * lg) + 1.0
+        self.count[flat] = (c, t, math.log(c) - t * lg)
 
     def _file(self, flat: int, step: int) -> None:
         """`flat`, just loaded (not in `_order`), used last at `step`: filed at its key."""
-        self.last[flat] = step
-        self._item[flat] = item = (self._keys[flat], step, flat)
+        self._item[flat] = self._cur[flat] = item = (self.count[flat][2], step, flat)
         insort(self._order, item)
 
     def on_insert(self, eid: ExpertId, step: int) -> None:
         flat = eid.layer * self.num_experts + eid.expert
         if flat not in self.count:
-            self._set(flat, self.prefetch_count, step / self.num_layers)
+            t = step / self.num_layers
+            self.count[flat] = (self.prefetch_count, t, math.log(self.prefetch_count) - t * self.log_gamma)
         self._file(flat, step)
 
     def on_access(self, eid: ExpertId, step: int) -> None:
@@ -69,21 +69,21 @@ class DecayLFUPolicy(PlanProtection):
             self._reach(eid.layer)
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)  # its item is re-filed when a search reaches it
-        self.last[flat] = step
+        self._cur[flat] = (self.count[flat][2], step, flat)
 
     def on_demand_load(self, eid: ExpertId, step: int) -> None:
         """`on_insert` then `on_access` of an expert just loaded: the same count, one filing."""
         if eid.layer != self._layer_now:
             self._reach(eid.layer)
         flat = eid.layer * self.num_experts + eid.expert
-        t = step / self.num_layers
-        c, t0 = self.count.get(flat, (self.prefetch_count, t))  # on_insert's count if never seen
-        self._set(flat, c * math.exp((t - t0) * self.log_gamma) + 1.0, t)
+        if flat not in self.count:  # on_insert's count if never seen
+            self.count[flat] = (self.prefetch_count, step / self.num_layers, 0.0)
+        self._use(flat, step)
         self._file(flat, step)
 
     def on_evict(self, eid: ExpertId) -> None:
         flat = eid.layer * self.num_experts + eid.expert
-        del self.last[flat]
+        del self._cur[flat]
         item = self._item.pop(flat, None)
         if item is not None:  # (a victim found by a search has left the list already)
             del self._order[bisect_left(self._order, item)]
@@ -101,30 +101,27 @@ class DecayLFUPolicy(PlanProtection):
         self._loads(evicted, loaded, step, True)
 
     def _loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int, used: bool) -> None:
-        E, last, order, items = self.num_experts, self.last, self._order, self._item
+        E, order, items, cur = self.num_experts, self._order, self._item, self._cur
         for lay, e in evicted:
             flat = lay * E + e
-            del last[flat]
+            del cur[flat]
             item = items.pop(flat, None)
             if item is not None:
                 del order[bisect_left(order, item)]
-        count, keys = self.count, self._keys
+        count = self.count
         t, lg, exp, log = step / self.num_layers, self.log_gamma, math.exp, math.log
-        first = self.prefetch_count
+        tlg, first = t * lg, self.prefetch_count
         for lay, e in loaded:
             flat = lay * E + e
             if used:  # on_demand_load: on_insert's count if never seen, then one use
-                c, t0 = count.get(flat, (first, t))
+                c, t0, _ = count.get(flat, (first, t, 0.0))
                 c = c * exp((t - t0) * lg) + 1.0
-                count[flat] = (c, t)
-                keys[flat] = k = log(c) - t * lg
-            elif flat not in count:  # `_set`, inlined
-                count[flat] = (first, t)
-                keys[flat] = k = log(first) - t * lg
-            else:
-                k = keys[flat]
-            last[flat] = step
-            items[flat] = item = (k, step, flat)
+                count[flat] = (c, t, k := log(c) - tlg)
+            elif flat in count:
+                k = count[flat][2]
+            else:  # on_insert's first count, inlined
+                count[flat] = (first, t, k := log(first) - tlg)
+            items[flat] = cur[flat] = item = (k, step, flat)
             insort(order, item)
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
@@ -134,47 +131,50 @@ class DecayLFUPolicy(PlanProtection):
         layer = eids[0].layer
         if layer != self._layer_now:
             self._reach(layer)
-        E, lg = self.num_experts, self.log_gamma
-        count, keys, last, exp, log = self.count, self._keys, self.last, math.exp, math.log
+        lg = self.log_gamma
+        count, cur, exp, log = self.count, self._cur, math.exp, math.log
         t = step / self.num_layers
+        tlg, base, zero = t * lg, layer * self.num_experts, (0.0, t, 0.0)
         for eid in eids:
-            flat = layer * E + eid.expert
-            c, t0 = count.get(flat, (0.0, t))
+            flat = base + eid[1]
+            c, t0, _ = count.get(flat, zero)
             c = c * exp((t - t0) * lg) + 1.0
-            count[flat] = (c, t)
-            keys[flat] = log(c) - t * lg
-            last[flat] = step
+            count[flat] = (c, t, k := log(c) - tlg)
+            cur[flat] = (k, step, flat)
 
     def _walk(self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool) -> list[ExpertId]:
         """Up to `n` unprotected experts `evictable` accepts, lowest key first, removed from
         `_order` (the caller evicts them). `fallback`: if none, the lowest-key protected one."""
-        order, items, keys, last, eids = self._order, self._item, self._keys, self.last, self._eid
+        order, items, cur, eids = self._order, self._item, self._cur, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         found: list[ExpertId] = []
         spare = -1  # index of the lowest protected one `evictable` accepts (`fallback`)
         i = 0
-        while i < len(order):
-            item = order[i]
-            flat = item[2]
-            k, t = keys[flat], last[flat]
-            if item[0] != k or item[1] != t:  # used since filed: further back (its key rose)
-                del order[i]
-                items[flat] = item = (k, t, flat)
-                insort(order, item, i)
-                continue
-            if flat >= first_unprotected and flat in planned:  # protected
-                if fallback and spare < 0 and evictable(eids[flat]):
-                    spare = i  # (re-filing happens at i or later: this index holds)
-                i += 1
-                continue
-            if evictable(eids[flat]):
-                found.append(eids[flat])
-                del order[i]
-                del items[flat]
-                if len(found) == n:
-                    break
-                continue
-            i += 1
+        try:
+            while True:
+                item = order[i]  # (IndexError: the end of the list)
+                flat = item[2]
+                now = cur[flat]
+                if now is not item:  # used since filed: further back (its key rose)
+                    del order[i]
+                    items[flat] = now
+                    insort(order, now, i)
+                    continue
+                eid = eids[flat]
+                if flat >= first_unprotected and eid in planned:  # protected
+                    if fallback and spare < 0 and evictable(eid):
+                        spare = i  # (re-filing happens at i or later: this index holds)
+                    i += 1
+                elif evictable(eid):
+                    found.append(eid)
+                    del order[i]
+                    del items[flat]
+                    if len(found) == n:
+                        break
+                else:
+                    i += 1
+        except IndexError:
+            pass
         if fallback and not found and spare >= 0:
             flat = order.pop(spare)[2]
             del items[flat]

@@ -69,8 +69,9 @@ class FineMoEPredictor:
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.layers_seen, self.traj = ctx, 0, None
         self._planned = {}
-        n_rows = ctx.rows.numel()
-        self.row0 = int(ctx.rows[0]) if n_rows == 1 else -1  # the only row, at batch 1
+        row_list = ctx.row_list()
+        n_rows = len(row_list)
+        self.row0 = row_list[0] if n_rows == 1 else -1  # the only row, at batch 1
         store = self.store
         if store.size == 0 or n_rows == 0 or (ctx.is_prefill and not self.in_prefill):
             self.ctx = None  # nothing to match (or prefill left to the gate / to demand loads)
@@ -138,7 +139,7 @@ class FineMoEPredictor:
             hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]
             self.plans += 1
             reqs = self._row_requests(target, layer, row, score)
-            return PrefetchPlan(reqs, iteration=event.iteration, layer_probs=hints)
+            return tuple.__new__(PrefetchPlan, (reqs, False, event.iteration, hints))  # (no Python frame)
         sim = self.traj.extend(layer, routing_rows(event, ctx.rows, self.values))  # [N, C]
         scores, rows = sim.max(dim=1)
         self.traj_sum += float(scores.sum())

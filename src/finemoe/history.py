@@ -103,11 +103,10 @@ class PredictorChain:
     def _merge(a: PrefetchPlan | None, b: PrefetchPlan | None) -> PrefetchPlan | None:
         if a is None or b is None:
             return b if a is None else a
-        return PrefetchPlan(
-            a.requests + b.requests,
-            replace=a.replace or b.replace,
-            iteration=max(a.iteration, b.iteration),
-            layer_probs=a.layer_probs + b.layer_probs,
+        it = a.iteration if a.iteration >= b.iteration else b.iteration  # max, without the call
+        # (requests, replace, iteration, layer_probs), made without the named tuple's Python frame
+        return tuple.__new__(
+            PrefetchPlan, (a.requests + b.requests, a.replace or b.replace, it, a.layer_probs + b.layer_probs)
         )
 
     def end_requests(self) -> None:

@@ -12,21 +12,27 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from operator import itemgetter
+from typing import Any
 
 from finemoe.types import ExpertId, PrefetchPlan
+
+_expert = itemgetter(0)  # a PrefetchRequest's expert
 
 
 class PlanProtection:
     """Pending-plan protection and the prefill sweep's order, shared by the plan-aware policies.
-    `last` [resident flat id -> step of the latest use]; subclasses define `_key(flat)`."""
+    `last` [resident flat id -> stamp of the latest use]; subclasses define `_key(flat)`."""
 
     reads_layer_probs = False
     filters_protected = True  # `prefetch_victims` passes protected experts over itself
 
     def __init__(self, num_layers: int, num_experts: int) -> None:
         self.num_experts = num_experts
-        self.last: dict[int, int] = {}  # resident flat id -> step of the latest use
-        self._planned: set[int] = set()  # flat ids a pending plan selected
+        # resident flat id -> stamp of its latest use: its step, or a subclass's value that orders
+        # residents with one key like the step does and changes with every use (decayed LFU's item)
+        self.last: dict[int, Any] = {}
+        self._planned: set[ExpertId] = set()  # the experts a pending plan selected
         self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
         self._iteration = -1
         self._layer_now = -1
@@ -53,15 +59,14 @@ class PlanProtection:
             self._iteration, self._layer_now = plan.iteration, -1
             self._planned.clear()
             self._release()
-        E = self.num_experts
-        self._planned.update([r[0][0] * E + r[0][1] for r in plan.requests])  # (expert (layer, e), priority)
+        self._planned.update(map(_expert, plan.requests))  # no Python frame per request
 
     def _reach(self, layer: int) -> None:
         """The forward pass reached `layer`: plans for it (and earlier layers) no longer protect."""
         self._layer_now = layer
 
     def protected(self, eid: ExpertId) -> bool:
-        return eid.layer > self._layer_now and eid.layer * self.num_experts + eid.expert in self._planned
+        return eid.layer > self._layer_now and eid in self._planned
 
     def victims_behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """Up to `n` experts `evictable` accepts in layers < `layer`, lowest key first (the cache's
@@ -157,7 +162,7 @@ class _PlanAwareHeap(PlanProtection):
             flat = entry[2]
             if version[flat] != entry[3] or flat not in last:
                 continue  # stale
-            if flat >= first_unprotected and flat in planned:
+            if flat >= first_unprotected and eids[flat] in planned:
                 lay = flat // E  # protected: set aside until the pass reaches its layer
                 if lay in held:
                     held[lay].append(entry)

@@ -191,7 +191,7 @@ def ranked_row(probs: np.ndarray) -> RankedRow:
     """One map row [E] ranked for δ selection (`RankedRow`)."""
     p = np.asarray(probs, dtype=np.float64).tolist()  # plain floats: E is small, list ops beat array ops
     order = sorted(range(len(p)), key=p.__getitem__, reverse=True)  # stable: ties keep the lower id first
-    sp = [p[e] for e in order]
+    sp = list(map(p.__getitem__, order))
     return RankedRow(order, sp, list(itertools.accumulate(sp)))  # running sums in order, as np.cumsum adds them
 
 

@@ -208,23 +208,32 @@ class Prefetcher:
         twins: list[ExpertId] = []  # requests for an expert already in the batch
         unfinished = False
         now_it, now_layer, pop = self.iteration, self.layer, heapq.heappop
+        if now_it < 0:
+            now_it = -2  # before the first iteration nothing is stale (and no request has iteration -2)
         dropped = 0
-        while heap and len(batch) < room:
+        while heap and room > 0:
             entry = pop(heap)
-            iteration, eid = entry[2], entry[3]
-            if iteration >= 0 and (iteration < now_it or (iteration == now_it and eid[0] <= now_layer)):
-                dropped += 1  # stale (`_stale`, inlined)
-            elif slot_of[eid[0]][eid[1]] >= 0:
-                pass  # resident: nothing to copy
-            elif iteration < 0:  # a prefetch without an iteration stays evictable: one at a time
+            _, _, iteration, eid = entry
+            if iteration == now_it:  # stale (`_stale`, inlined): a layer already reached, or an older iteration
+                if eid[0] <= now_layer:
+                    dropped += 1
+                    continue
+            elif 0 <= iteration < now_it:
+                dropped += 1
+                continue
+            if slot_of[eid[0]][eid[1]] >= 0:
+                continue  # resident: nothing to copy
+            if iteration < 0:  # a prefetch without an iteration stays evictable: one at a time
                 heapq.heappush(heap, entry)  # back at the front (everything popped before it ranked higher)
                 unfinished = True
                 break
-            elif eid in seen:
+            if eid in seen:
                 twins.append(eid)
-            else:
-                seen.add(eid)
-                batch.append((eid, iteration))
+                continue
+            seen.add(eid)
+            batch.append((eid, iteration))
+            if len(batch) == room:
+                break
         stats.prefetches_dropped += dropped
         slots = cache.prefetch_batch(batch) if batch else []
         self._inflight += slots

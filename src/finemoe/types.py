@@ -127,6 +127,13 @@ class IterationContext:
     _host: torch.Tensor | None = field(default=None, repr=False)
     request_ids: tuple[int, ...] | None = None  # [B] stable id per batch row; None: the row index
     finished_ids: tuple[int, ...] = ()  # requests that left the batch before this iteration
+    _rows_list: list[int] | None = field(default=None, repr=False)
+
+    def row_list(self) -> list[int]:
+        """`rows` as plain ints [N] (made once; a producer may pass them as `_rows_list`)."""
+        if self._rows_list is None:
+            self._rows_list = self.rows.tolist()
+        return self._rows_list
 
     def host_embeddings(self) -> torch.Tensor | None:
         if self._host is None and self.embeddings is not None:
