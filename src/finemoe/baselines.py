@@ -88,15 +88,16 @@ class SpeculativeGatePredictor:
         if isinstance(probs, np.ndarray):
             probs = torch.from_numpy(probs)
         top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]
-        # union over the rows, max probability per expert (a prefill routes N = prompt rows)
-        flat = top_i.reshape(-1)
-        best = torch.zeros(probs.shape[1]).scatter_reduce_(0, flat, top_p.reshape(-1).float(), "amax")  # [E]
-        chosen = torch.zeros(probs.shape[1], dtype=torch.bool).index_fill_(0, flat, True)
-        ids = torch.nonzero(chosen).view(-1)
-        reqs = tuple(
-            PrefetchRequest(ExpertId(target, e), p) for e, p in zip(ids.tolist(), best[ids].tolist(), strict=True)
-        )
-        return PrefetchPlan(reqs, iteration=event.iteration)
+        # union over the rows, max probability per expert (a prefill routes N = prompt rows), in
+        # NumPy: a handful of torch ops cost more than the work at these sizes
+        flat = top_i.numpy().reshape(-1)  # [N*k]
+        best = np.zeros(probs.shape[1], dtype=np.float32)  # [E]
+        np.maximum.at(best, flat, top_p.float().numpy().reshape(-1))
+        ids = np.unique(flat)  # ascending
+        eids, new = self._eids[target], tuple.__new__
+        pairs = zip(ids.tolist(), best[ids].tolist(), strict=True)
+        reqs = tuple([new(PrefetchRequest, (eids[e], p)) for e, p in pairs])
+        return new(PrefetchPlan, (reqs, False, event.iteration, ()))  # (requests, replace, iteration, probs)
 
     def end_requests(self) -> None:
         self.ctx = None

@@ -34,6 +34,9 @@ except ImportError:  # another NumPy layout: the public function (the same resul
     _c_einsum = np.einsum
 
 
+_F32 = np.dtype(np.float32)
+
+
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
     """`mat` [C, K] @ `vec` [K] on the calling thread only. BLAS (NumPy's OpenBLAS) spreads even a
     1000 x 16 product over every core and its threads keep spinning afterwards, competing with
@@ -104,6 +107,7 @@ class ExpertMapStore:
                 self.by_layer[:, :n], self.prefix_norm[:, :n] = old[4][:, :n], old[5][:, :n]
         # NumPy views of the same memory: single-row searches dispatch much faster through NumPy.
         self._by_layer_np = self.by_layer.numpy()
+        self._maps_np = self.maps.numpy()
         self._prefix_norm_np = self.prefix_norm.numpy()
         self._emb_unit_np = self.emb_unit.numpy()
 
@@ -326,7 +330,9 @@ class TrajectoryQuery:
         if layer != self.layers:
             raise ValueError(f"trajectory layers must arrive in order: expected {self.layers}, got {layer}")
         s = self.store
-        p = probs.float().numpy() if isinstance(probs, torch.Tensor) else probs.astype(np.float32, copy=False)
+        if type(probs) is not np.ndarray or probs.dtype is not _F32:  # (host rows arrive as float32 NumPy)
+            probs = probs.float().numpy() if isinstance(probs, torch.Tensor) else probs.astype(np.float32)
+        p = probs
         if self._cand is not None:
             return self._best_pruned(layer, p)
         dot = self._dot1
@@ -352,9 +358,10 @@ class TrajectoryQuery:
             k = self.candidates  # the rows still in the running: the best k so far (the best included)
             self._cand = cand = np.argpartition(-ratio, k - 1)[:k]
             self._cdot = dot[cand].copy()
-            # the rows' remaining layers gathered once, not per layer (the same numbers)
+            # the rows' remaining layers gathered once, not per layer (the same numbers): from the
+            # row-major maps (one run per row; the layer-major copy scatters them), then layer-major
             self._cbase = layer + 1
-            self._cmaps = s._by_layer_np[layer + 1 :, cand]
+            self._cmaps = np.ascontiguousarray(s._maps_np[cand, layer + 1 :].transpose(1, 0, 2))  # [L-b, K, E]
             self._cnorm = np.maximum(s._prefix_norm_np[layer + 1 :, cand], EPS)
         return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row
 

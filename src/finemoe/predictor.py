@@ -149,14 +149,21 @@ class RankedRow:
         e = len(self.order)
         if rule == "topk":
             return min(top_k, e)
-        delta = min(max(1.0 - score, 0.0), 1.0)
+        delta = 1.0 - score  # clipped to [0, 1] (compares, not min/max calls: a per-layer cost)
+        if delta < 0.0:
+            delta = 0.0
+        elif delta > 1.0:
+            delta = 1.0
         if rule == "paper":
             count = bisect.bisect_left(self.cum, delta - TIE_EPS) + 1
         elif rule == "demo":
             count = bisect.bisect_right(self.cum, delta + TIE_EPS)
         else:
             raise ConfigError(f"unknown delta rule {rule!r}; choose one of {', '.join(DELTA_RULES)}")
-        return min(max(count, min(top_k, e)), e)
+        floor = top_k if top_k < e else e  # at least the top k (of e)
+        if count < floor:
+            return floor
+        return count if count < e else e
 
     def rank(self) -> list[int]:
         """[E]: each expert's position in `order` (so `rank[e] < count` iff e is selected)."""

@@ -16,9 +16,11 @@ request leaves its batch when it has generated its tokens.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -440,6 +442,12 @@ class Simulator:
         return gate
 
     def run(self, trace: Trace, batch_size: int = 1, progress: Callable | None = None) -> SimResult:
+        """Replay `trace` in batches of `batch_size` consecutive requests. Python's cyclic garbage
+        collector is paused meanwhile (`_collector_paused`)."""
+        with _collector_paused():
+            return self._run(trace, batch_size, progress)
+
+    def _run(self, trace: Trace, batch_size: int, progress: Callable | None) -> SimResult:
         spec, cost, clock = self.spec, self.cost, self.clock
         L = spec.num_layers
         cache, stepper = self.cache, self.stepper
@@ -560,6 +568,23 @@ class Simulator:
             wall_s=wall,
             predictor={k: v for k, v in pstats.items() if not isinstance(v, list)},
         )
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector, restoring its state on exit (exceptions included).
+    A replay keeps ~100k new objects alive (accesses, per-row inputs, policy state), enough to set
+    off a full collection over every object the process tracks (~430k with torch and a 1K store):
+    ~0.19 s, ~10% of a 40-request finemoe replay (measured with `gc.callbacks`). The replay makes
+    no reference cycles (what it drops, reference counting frees at once), so nothing piles up;
+    a collection runs as usual once the replay is done."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _charge_host(policy: Any, clock: Clock, victim_s: float, routing_s: float) -> None:
