@@ -59,8 +59,11 @@ class LinkWindow:
         gap = t - last[2]
         self.layer_s = gap if self.layer_s == 0.0 else self.layer_s + self.smoothing * (gap - self.layer_s)
         c = copy_s()
-        if c > 0:
-            self.limit = max(1, min(self.max_inflight, int(self.layer_s / c)))
+        if c > 0:  # clip(layer time / copy time, 1, max_inflight), compares rather than min/max calls
+            n = int(self.layer_s / c)
+            if n > self.max_inflight:
+                n = self.max_inflight
+            self.limit = n if n > 1 else 1
 
     def stats(self) -> dict[str, float | int | str]:
         """The window's state: its mode, current limit, layer time and copy time (ms)."""
