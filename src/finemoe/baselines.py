@@ -93,7 +93,9 @@ class SpeculativeGatePredictor:
         flat = top_i.numpy().reshape(-1)  # [N*k]
         best = np.zeros(probs.shape[1], dtype=np.float32)  # [E]
         np.maximum.at(best, flat, top_p.float().numpy().reshape(-1))
-        ids = np.unique(flat)  # ascending
+        chosen = np.zeros(probs.shape[1], dtype=bool)
+        chosen[flat] = True
+        ids = np.flatnonzero(chosen)  # the experts of any row's top k, ascending
         eids, new = self._eids[target], tuple.__new__
         pairs = zip(ids.tolist(), best[ids].tolist(), strict=True)
         reqs = tuple([new(PrefetchRequest, (eids[e], p)) for e, p in pairs])
