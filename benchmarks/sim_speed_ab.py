@@ -15,6 +15,7 @@ is swapped in before that tree's replay (a lazy import inside a replay finds its
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import pkgutil
 import statistics
@@ -75,6 +76,7 @@ def main() -> int:
         for name in list(trees)[:: 1 if r % 2 == 0 else -1]:  # ABBA: neither tree always first
             tree = trees[name]
             sys.modules.update(tree["mods"])
+            gc.collect()  # each replay starts clean: none pays for the other tree's survivors (untimed)
             res = tree["run"]()
             speed[name].append(res.layer_steps / res.wall_s)
             hits[name] = res.hit_rate
