@@ -42,7 +42,7 @@ class SpeculativeGatePredictor:
         self.ctx: IterationContext | None = None
         self.n_rows = 0  # ctx.rows.numel(), read once per iteration
         self._whole: Any = None  # a router input of this iteration whose every position is a live row
-        self.num_layers = deps.spec.num_layers  # L (a property of the spec: read once)
+        self.num_layers, self.k = deps.spec.num_layers, deps.spec.top_k  # (properties of the spec: read once)
         self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(deps.spec.num_layers)]
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
@@ -69,10 +69,11 @@ class SpeculativeGatePredictor:
         probs = to_probs(target, rows) if done is not None and to_probs is not None else self.gate(target, rows)
         if probs is None:
             return None
-        k = self.spec.top_k
-        if probs.shape[0] == 1:  # decode at batch 1: plain Python or NumPy beat a handful of tensor ops
+        k = self.k
+        n, e = probs.shape
+        if n == 1:  # decode at batch 1: plain Python or NumPy beat a handful of tensor ops
             eids = self._eids[target]
-            if probs.shape[1] >= NUMPY_TOPK_MIN_E:
+            if e >= NUMPY_TOPK_MIN_E:
                 p = probs[0] if isinstance(probs, np.ndarray) else probs[0].numpy()  # [E] float32
                 order = np.argsort(-p, kind="stable")[:k]  # descending, ties by expert id
                 pairs = zip(order.tolist(), p[order].tolist(), strict=True)
@@ -81,7 +82,7 @@ class SpeculativeGatePredictor:
                     tuple([new(PrefetchRequest, (eids[e], v)) for e, v in pairs]), iteration=event.iteration
                 )
             row = probs[0].tolist()
-            top = sorted(range(len(row)), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
+            top = sorted(range(e), key=row.__getitem__, reverse=True)[:k]  # stable: ties by expert id
             new = tuple.__new__  # the named tuples' own constructor, without their Python frames
             reqs = tuple([new(PrefetchRequest, (eids[e], row[e])) for e in top])
             return new(PrefetchPlan, (reqs, False, event.iteration, ()))  # (requests, replace, iteration, probs)
@@ -91,9 +92,9 @@ class SpeculativeGatePredictor:
         # union over the rows, max probability per expert (a prefill routes N = prompt rows), in
         # NumPy: a handful of torch ops cost more than the work at these sizes
         flat = top_i.numpy().reshape(-1)  # [N*k]
-        best = np.zeros(probs.shape[1], dtype=np.float32)  # [E]
+        best = np.zeros(e, dtype=np.float32)  # [E]
         np.maximum.at(best, flat, top_p.float().numpy().reshape(-1))
-        chosen = np.zeros(probs.shape[1], dtype=bool)
+        chosen = np.zeros(e, dtype=bool)
         chosen[flat] = True
         ids = np.flatnonzero(chosen)  # the experts of any row's top k, ascending
         eids, new = self._eids[target], tuple.__new__

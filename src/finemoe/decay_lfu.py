@@ -88,11 +88,6 @@ class DecayLFUPolicy(PlanProtection):
         if item is not None:  # (a victim found by a search has left the list already)
             del self._order[bisect_left(self._order, item)]
 
-    def on_prefetch_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
-        """`on_evict` of each of `evicted`, then `on_insert` of each of `loaded` (none of them
-        resident before, so the two sets are disjoint): the same state, one call."""
-        self._loads(evicted, loaded, step, False)
-
     def on_demand_loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int) -> None:
         """`on_evict` of each of `evicted`, then `on_demand_load` of each of `loaded` (one layer's
         misses): as `on_prefetch_loads`, each loaded expert used once too."""
@@ -100,7 +95,9 @@ class DecayLFUPolicy(PlanProtection):
             self._reach(loaded[0][0])
         self._loads(evicted, loaded, step, True)
 
-    def _loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int, used: bool) -> None:
+    def _loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int, used: bool = False) -> None:
+        """`on_evict` of each of `evicted`, then `on_insert` (`used`: `on_demand_load`) of each of
+        `loaded` (none of them resident before, so the two sets are disjoint): the same state."""
         E, order, items, cur = self.num_experts, self._order, self._item, self._cur
         for lay, e in evicted:
             flat = lay * E + e
@@ -142,7 +139,7 @@ class DecayLFUPolicy(PlanProtection):
             count[flat] = (c, t, k := log(c) - tlg)
             cur[flat] = (k, step, flat)
 
-    def _walk(self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool) -> list[ExpertId]:
+    def _walk(self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool = False) -> list[ExpertId]:
         """Up to `n` unprotected experts `evictable` accepts, lowest key first, removed from
         `_order` (the caller evicts them). `fallback`: if none, the lowest-key protected one."""
         order, items, cur, eids = self._order, self._item, self._cur, self._eid
@@ -188,12 +185,15 @@ class DecayLFUPolicy(PlanProtection):
             self._reach(layer)
         return self._walk(evictable, n, False)
 
-    def prefetch_victims(self, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
-        """Victims of `n` prefetches: unprotected only (a prefetch never evicts a protected expert,
-        so `victim`'s protected fallback would find nothing for it)."""
-        return self._walk(evictable, n, False)
-
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         """The lowest-key unprotected expert `evictable` accepts, else the lowest-key protected one."""
         found = self._walk(evictable, 1, True)
         return found[0] if found else None
+
+    # The cache's prefetch hooks are the methods themselves (one Python call fewer per prefetch batch):
+    # `prefetch_victims(evictable, n)`: victims of `n` prefetches, unprotected only (a prefetch never
+    # evicts a protected expert, so `victim`'s protected fallback would find nothing for it).
+    prefetch_victims = _walk
+    # `on_prefetch_loads(evicted, loaded, step)`: `on_evict` of each of `evicted`, then `on_insert` of
+    # each of `loaded`: the same state, one call.
+    on_prefetch_loads = _loads
