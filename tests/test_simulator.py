@@ -582,20 +582,20 @@ def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(record
 
 
 def test_batch_rows_single_row_inputs_equal_the_general_path():
-    """A decode row of `_BatchRows` (NumPy rows, shared context tensors, no tensor made) carries the
-    values `_iteration_tensors` makes for the same iteration; `_ReplayEvent` turns them into
+    """A decode row of `BatchRows` (NumPy rows, shared context tensors, no tensor made) carries the
+    values `iteration_tensors` makes for the same iteration; `ReplayEvent` turns them into
     tensors of the same memory only when read."""
-    from finemoe.simulator import _BatchRows, _iteration_tensors, _ReplayEvent
+    from finemoe.replay_rows import BatchRows, ReplayEvent, iteration_tensors
 
     trace = random_trace(requests=2)
-    rows = _BatchRows(trace, [1])
+    rows = BatchRows(trace, [1])
     ranges = trace.row_ranges(1)
     decode = [it for it in range(1, len(ranges))]
     assert decode, "the trace needs decode iterations"
     for it in decode:
         part = [(1, *ranges[it])]
         ctx, probs, topk, stand_in, probs_np, lists = rows.iteration(7, False, part)
-        ctx2, probs2, topk2, stand_in2 = _iteration_tensors(trace, 7, False, part)
+        ctx2, probs2, topk2, stand_in2 = iteration_tensors(trace, 7, False, part)
         assert lists is not None  # the single-row path, not the general one
         assert torch.equal(ctx.rows, ctx2.rows) and torch.equal(ctx.request_of_row, ctx2.request_of_row)
         assert torch.equal(ctx.host_embeddings(), ctx2.host_embeddings())
@@ -605,9 +605,9 @@ def test_batch_rows_single_row_inputs_equal_the_general_path():
             assert torch.equal(torch.from_numpy(probs_np[layer]), probs2[layer])
             assert lists[layer] == topk2[layer].tolist()
             p, t = probs[layer], topk[layer]  # (a NumPy index makes a new view: the same one to both)
-            event = _ReplayEvent.of(7, layer, p, t, False, None, lists[layer])
-            made = _ReplayEvent(7, layer, p, t, False, _host_np=p, _topk_list=lists[layer])
-            assert set(event.__dict__) == {f.name for f in dataclasses.fields(_ReplayEvent)}  # every field set
+            event = ReplayEvent.of(7, layer, p, t, False, None, lists[layer])
+            made = ReplayEvent(7, layer, p, t, False, _host_np=p, _topk_list=lists[layer])
+            assert set(event.__dict__) == {f.name for f in dataclasses.fields(ReplayEvent)}  # every field set
             assert all(event.__dict__[k] is v for k, v in made.__dict__.items())  # as the constructor sets them
             assert isinstance(event.__dict__["probs"], np.ndarray)  # nothing read yet: no tensor
             assert torch.equal(event.probs, probs2[layer]) and torch.equal(event.topk_ids, topk2[layer])
