@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from finemoe.predictor import PredictorDeps
-from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent, expert_id_table
 
 EPS = 1e-12
 # A batch-1 top-k over at least this many experts takes NumPy's stable argsort (E = 128: 3.4 µs
@@ -37,13 +37,13 @@ class SpeculativeGatePredictor:
     def __init__(self, deps: PredictorDeps) -> None:
         if deps.gate is None:
             raise ValueError("the speculative-gate predictor needs the model's routers (a gate function)")
-        self.spec, self.gate, self.stride = deps.spec, deps.gate, deps.distance
+        self.gate, self.stride = deps.gate, deps.distance
         self.in_prefill = deps.prefill_plans != "none"  # a finemoe refining gate may sit prefill out
         self.ctx: IterationContext | None = None
         self.n_rows = 0  # ctx.rows.numel(), read once per iteration
         self._whole: Any = None  # a router input of this iteration whose every position is a live row
         self.num_layers, self.k = deps.spec.num_layers, deps.spec.top_k  # (properties of the spec: read once)
-        self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(deps.spec.num_layers)]
+        self._eids = expert_id_table(deps.spec.num_layers, deps.spec.num_experts)
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.n_rows, self._whole = ctx, len(ctx.row_list()), None

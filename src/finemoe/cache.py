@@ -25,7 +25,7 @@ from finemoe.policy import EvictionPolicy
 from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
 from finemoe.transfer import Transfer
-from finemoe.types import CacheStats, ExpertId, MoESpec
+from finemoe.types import CacheStats, ExpertId, MoESpec, expert_id_table
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class ExpertCache:
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
-        self._eids = [[ExpertId(layer, e) for e in range(E)] for layer in range(L)]  # shared keys
+        self._eids = expert_id_table(L, E)  # shared keys
         self.owner: list[ExpertId | None] = [None] * S
         self.refcount = [0] * S
         self.prefetched = [False] * S  # loaded by a prefetch and not used yet

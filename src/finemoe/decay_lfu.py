@@ -39,8 +39,8 @@ class DecayLFUPolicy(PlanProtection):
         self.count: dict[int, tuple[float, float, float]] = {}
         self._order: list[tuple[float, int, int]] = []  # residents' (key, last use, flat) when filed, ascending
         self._item: dict[int, tuple[float, int, int]] = {}  # flat id in `_order` -> its item there
-        # resident flat id -> its (key, last use, flat) now: `last`'s stamp of the latest use
-        self._cur: dict[int, tuple[float, int, int]] = self.last
+        # `last` (PlanProtection's resident flat id -> stamp of the latest use) holds each resident's
+        # (key, last use, flat) now: an `_order` item whose `last` entry is another object is stale
 
     def _key(self, flat: int) -> float:
         return self.count[flat][2]
@@ -54,7 +54,7 @@ class DecayLFUPolicy(PlanProtection):
 
     def _file(self, flat: int, step: int) -> None:
         """`flat`, just loaded (not in `_order`), used last at `step`: filed at its key."""
-        self._item[flat] = self._cur[flat] = item = (self.count[flat][2], step, flat)
+        self._item[flat] = self.last[flat] = item = (self.count[flat][2], step, flat)
         insort(self._order, item)
 
     def on_insert(self, eid: ExpertId, step: int) -> None:
@@ -69,7 +69,7 @@ class DecayLFUPolicy(PlanProtection):
             self._reach(eid.layer)
         flat = eid.layer * self.num_experts + eid.expert
         self._use(flat, step)  # its item is re-filed when a search reaches it
-        self._cur[flat] = (self.count[flat][2], step, flat)
+        self.last[flat] = (self.count[flat][2], step, flat)
 
     def on_demand_load(self, eid: ExpertId, step: int) -> None:
         """`on_insert` then `on_access` of an expert just loaded: the same count, one filing."""
@@ -83,7 +83,7 @@ class DecayLFUPolicy(PlanProtection):
 
     def on_evict(self, eid: ExpertId) -> None:
         flat = eid.layer * self.num_experts + eid.expert
-        del self._cur[flat]
+        del self.last[flat]
         item = self._item.pop(flat, None)
         if item is not None:  # (a victim found by a search has left the list already)
             del self._order[bisect_left(self._order, item)]
@@ -98,10 +98,10 @@ class DecayLFUPolicy(PlanProtection):
     def _loads(self, evicted: list[ExpertId], loaded: list[ExpertId], step: int, used: bool = False) -> None:
         """`on_evict` of each of `evicted`, then `on_insert` (`used`: `on_demand_load`) of each of
         `loaded` (none of them resident before, so the two sets are disjoint): the same state."""
-        E, order, items, cur = self.num_experts, self._order, self._item, self._cur
+        E, order, items, last = self.num_experts, self._order, self._item, self.last
         for lay, e in evicted:
             flat = lay * E + e
-            del cur[flat]
+            del last[flat]
             item = items.pop(flat, None)
             if item is not None:
                 del order[bisect_left(order, item)]
@@ -118,7 +118,7 @@ class DecayLFUPolicy(PlanProtection):
                 k = count[flat][2]
             else:  # on_insert's first count, inlined
                 count[flat] = (first, t, k := log(first) - tlg)
-            items[flat] = cur[flat] = item = (k, step, flat)
+            items[flat] = last[flat] = item = (k, step, flat)
             insort(order, item)
 
     def on_access_many(self, eids: list[ExpertId], step: int) -> None:
@@ -129,7 +129,7 @@ class DecayLFUPolicy(PlanProtection):
         if layer != self._layer_now:
             self._reach(layer)
         lg = self.log_gamma
-        count, cur, exp, log = self.count, self._cur, math.exp, math.log
+        count, last, exp, log = self.count, self.last, math.exp, math.log
         t = step / self.num_layers
         tlg, base, zero = t * lg, layer * self.num_experts, (0.0, t, 0.0)
         for eid in eids:
@@ -137,12 +137,12 @@ class DecayLFUPolicy(PlanProtection):
             c, t0, _ = count.get(flat, zero)
             c = c * exp((t - t0) * lg) + 1.0
             count[flat] = (c, t, k := log(c) - tlg)
-            cur[flat] = (k, step, flat)
+            last[flat] = (k, step, flat)
 
     def _walk(self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool = False) -> list[ExpertId]:
         """Up to `n` unprotected experts `evictable` accepts, lowest key first, removed from
         `_order` (the caller evicts them). `fallback`: if none, the lowest-key protected one."""
-        order, items, cur, eids = self._order, self._item, self._cur, self._eid
+        order, items, last, eids = self._order, self._item, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         found: list[ExpertId] = []
         spare = -1  # index of the lowest protected one `evictable` accepts (`fallback`)
@@ -151,7 +151,7 @@ class DecayLFUPolicy(PlanProtection):
             while True:
                 item = order[i]  # (IndexError: the end of the list)
                 flat = item[2]
-                now = cur[flat]
+                now = last[flat]
                 if now is not item:  # used since filed: further back (its key rose)
                     del order[i]
                     items[flat] = now

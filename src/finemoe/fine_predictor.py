@@ -24,7 +24,7 @@ from finemoe.predictor import (
     routing_rows,
     select_by_delta,
 )
-from finemoe.types import ExpertId, IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent
+from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent, expert_id_table
 
 PRECISION_DECAY = 0.995  # per measured layer plan: the running precision spans a few hundred plans
 PRECISION_WARMUP = 50.0  # planned experts measured before the precision floor may withhold plans
@@ -63,7 +63,7 @@ class FineMoEPredictor:
         self._planned: dict[int, set[int] | tuple[RankedRow, int]] = {}
         self.prec_used = self.prec_planned = 0.0
         self.withheld = 0  # map plans computed but not issued
-        self._eids = [[ExpertId(lay, e) for e in range(deps.spec.num_experts)] for lay in range(self.num_layers)]
+        self._eids = expert_id_table(self.num_layers, deps.spec.num_experts)
 
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
-from finemoe.types import ExpertId, PrefetchPlan
+from finemoe.types import ExpertId, PrefetchPlan, expert_id_table
 
 _expert = itemgetter(0)  # a PrefetchRequest's expert
 
@@ -33,7 +33,7 @@ class PlanProtection:
         # residents with one key like the step does and changes with every use (decayed LFU's item)
         self.last: dict[int, Any] = {}
         self._planned: set[ExpertId] = set()  # the experts a pending plan selected
-        self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
+        self._eid = [e for row in expert_id_table(num_layers, num_experts) for e in row]  # by flat id l*E+e
         self._iteration = -1
         self._layer_now = -1
         self._sweep: list[tuple[float, int, int]] = []  # victims_behind: a heap of (key, last use, flat)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from finemoe.types import ExpertId, PrefetchPlan, RoutingEvent
+from finemoe.types import ExpertId, PrefetchPlan, RoutingEvent, expert_id_table
 
 
 class RouterEMAPolicy:
@@ -48,7 +48,7 @@ class RouterEMAPolicy:
         self.resident = np.zeros(num_layers * num_experts, dtype=bool)  # [L*E]
         self.last = np.zeros(num_layers * num_experts, dtype=np.int64)  # [L*E] step of the latest use
         self._count = 0  # resident experts
-        self._eid = [ExpertId(f // num_experts, f % num_experts) for f in range(num_layers * num_experts)]
+        self._eid = [e for row in expert_id_table(num_layers, num_experts) for e in row]  # by flat id l*E+e
         self._planned: set[int] = set()  # flat ids a pending plan selected
         self._iteration = -1
         self._layer_now = -1

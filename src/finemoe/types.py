@@ -22,6 +22,12 @@ class ExpertId(NamedTuple):
     expert: int
 
 
+def expert_id_table(num_layers: int, num_experts: int) -> list[list[ExpertId]]:
+    """[L][E]: every expert's `ExpertId`, made once by the hot-path code that hands them out
+    (indexing a list beats constructing a named tuple per use)."""
+    return [[ExpertId(layer, e) for e in range(num_experts)] for layer in range(num_layers)]
+
+
 @dataclass(frozen=True)
 class ExpertPart:
     """One tensor of an expert, e.g. `gate_up_proj` of shape (2I, H), as the experts module holds it."""
