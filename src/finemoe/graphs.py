@@ -67,6 +67,12 @@ class StaticDecoder:
         self.ids = torch.zeros((1, 1), dtype=torch.long, device=device)  # the decode step's token
         self.pos = torch.zeros((1, 1), dtype=torch.long, device=device)  # its position
         self.stream = torch.cuda.Stream(device) if self.use_graphs else None
+        # Graphs are captured on a stream of their own, never used for a host copy. A pinned host
+        # tensor copied on `self.stream` and freed by another thread (the searcher) has torch's host
+        # allocator record an event on `self.stream`; were that stream capturing, the event would
+        # be recorded into the graph, and the allocator's next query of it fail with "invalid
+        # argument" at an unrelated copy (seen in the GPU tests with search="async").
+        self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         # per MoE layer: the speculative gates' logits the segment computes ({target: [T, E]}, static)
@@ -186,6 +192,10 @@ class StaticDecoder:
         gate = rt.router_gate
         speculate = not self.whole and bool(rt.gate_strides) and gate is not None
         self._linear = [gate.device_linear(t) for t in range(L)] if speculate else []  # checked before capture
+        here = torch.cuda.current_stream(self.device)
+        cap = self.capture_stream
+        assert cap is not None
+        cap.wait_stream(here)
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
@@ -194,11 +204,12 @@ class StaticDecoder:
         rt.capture = self
         begun = False
         try:
-            self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
-            begun = True
-            logits = self._eager(self.ids, self.pos)
-            self.graphs[-1].capture_end()
-            begun = False
+            with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
+                self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                begun = True
+                logits = self._eager(self.ids, self.pos)
+                self.graphs[-1].capture_end()
+                begun = False
         except BaseException:
             if begun:
                 with suppress(Exception):  # the capture already failed: report the first error
@@ -207,6 +218,7 @@ class StaticDecoder:
             raise
         finally:
             rt.capture = None
+            here.wait_stream(cap)
         if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
             self.drop_graphs()
             raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model?)")

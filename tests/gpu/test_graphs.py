@@ -4,6 +4,8 @@ all-resident, offloaded and speculative policies; the graphs are captured once a
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -72,6 +74,49 @@ def test_graphed_decode_with_trace_routing(ckpt, tmp_path):
                 replay.remove()
         assert eng.stats().extra["decode_graph_replays"] > 0
     assert out[True] == out[False]
+
+
+def test_capture_is_untouched_by_pinned_copies_another_thread_frees(ckpt):
+    """Pinned host copies made on the decode stream and freed by another thread while the step is
+    captured (the searcher thread's pattern with search="async"): torch's host allocator records
+    an event on the copy's stream at the free, so the graphs are captured on a stream of their own.
+    On the copies' stream the event joined the graph and the next pinned copy failed ("CUDA error:
+    invalid argument"). Graphed tokens equal the eager ones."""
+    from finemoe.loader import find_moe_layers
+
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    prompt = medium_prompts()[0]
+    held: list[torch.Tensor] = []
+    freed_during_capture: list[int] = []
+    with Engine.from_pretrained(
+        ckpt, policy="lru", expert_budget="25%", device="cuda", progress=False, cuda_graphs=False
+    ) as eng:
+        at = eng.adapter.router_logits_at
+
+        def hook(module, args, output):
+            if torch.cuda.is_current_stream_capturing():
+                if held:  # another thread drops the last references, now, mid-capture
+                    box = [held[:]]
+                    freed_during_capture.append(len(held))
+                    held.clear()
+                    worker = threading.Thread(target=box.clear)
+                    worker.start()
+                    worker.join()
+            else:
+                held.append(output[at].detach().to("cpu", non_blocking=True))  # pinned, on the current stream
+
+        handle = find_moe_layers(eng.model, eng.adapter)[0].router.register_forward_hook(hook)
+        try:
+            eager = eng.generate(prompt, params)[0].token_ids
+            eng.reconfigure(cuda_graphs=True)
+            graphed = eng.generate(prompt, params)[0].token_ids
+            again = eng.generate(prompt, params)[0].token_ids
+        finally:
+            handle.remove()
+        extra = eng.stats().extra
+    assert freed_during_capture and freed_during_capture[0] > 0
+    assert extra["decode_graph_error"] is None and extra["decode_graph_replays"] > 0
+    assert graphed == eager and again == eager
 
 
 def test_generation_leaves_the_callers_stream_current(ckpt):
