@@ -268,7 +268,7 @@ class TrajectoryQuery:
         self._cand: np.ndarray | None = None  # [K] store rows followed
         self._cdot: np.ndarray | None = None  # [K] their running dot products
         self._cbase = 0  # the first layer after the pruning
-        self._cmaps: np.ndarray | None = None  # [L - cbase, K, E] their maps from layer cbase on
+        self._cmaps: np.ndarray | None = None  # [K, L - cbase, E] their maps from layer cbase on
         self._cnorm: np.ndarray | None = None  # [L - cbase, K] their prefix norms (>= EPS) likewise
         self._rows = num_rows
         self._dot: torch.Tensor | None = None  # [N, size] running dot products (`dot`, made on first use)
@@ -358,17 +358,19 @@ class TrajectoryQuery:
             k = self.candidates  # the rows still in the running: the best k so far (the best included)
             self._cand = cand = np.argpartition(-ratio, k - 1)[:k]
             self._cdot = dot[cand].copy()
-            # the rows' remaining layers gathered once, not per layer (the same numbers): from the
-            # row-major maps (one run per row; the layer-major copy scatters them), then layer-major
+            # the rows' remaining layers gathered once, not per layer (the same numbers), from the
+            # row-major maps: one run per row (the layer-major copy scatters them). Read per layer as
+            # a strided [K, E] view: einsum sums each row's contiguous E the same way, and a
+            # layer-major copy cost more than the views (10.7 against 2.1 µs per iteration)
             self._cbase = layer + 1
-            self._cmaps = np.ascontiguousarray(s._maps_np[cand, layer + 1 :].transpose(1, 0, 2))  # [L-b, K, E]
+            self._cmaps = s._maps_np[cand, layer + 1 :]  # [K, L-b, E]
             self._cnorm = np.maximum(s._prefix_norm_np[layer + 1 :, cand], EPS)
         return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row
 
     def _best_pruned(self, layer: int, p: np.ndarray) -> tuple[float, int]:
         """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
         i = layer - self._cbase
-        self._cdot += _mv(self._cmaps[i], p)
+        self._cdot += _mv(self._cmaps[:, i], p)  # [K, E] view
         self._q1 += float(p.dot(p))
         self.layers += 1
         ratio = self._cdot / self._cnorm[i]
