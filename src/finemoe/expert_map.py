@@ -109,6 +109,9 @@ class ExpertMapStore:
         self._by_layer_np = self.by_layer.numpy()
         self._maps_np = self.maps.numpy()
         self._prefix_norm_np = self.prefix_norm.numpy()
+        # [C, L] the prefix norms row-major, clipped to >= EPS: a pruned trajectory query gathers
+        # its candidates' remaining layers as one run per row (`TrajectoryQuery.best`)
+        self._norm_rows_np = np.ascontiguousarray(np.maximum(self._prefix_norm_np, EPS).T)
         self._emb_unit_np = self.emb_unit.numpy()
 
     def _room_for(self, rows: int) -> None:
@@ -123,7 +126,7 @@ class ExpertMapStore:
 
     def nbytes(self) -> int:
         parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
-        return sum(t.numel() * t.element_size() for t in parts)
+        return sum(t.numel() * t.element_size() for t in parts) + self._norm_rows_np.nbytes
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
@@ -138,6 +141,7 @@ class ExpertMapStore:
         self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
         self.by_layer[:, row] = emap
         self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
+        self._norm_rows_np[row] = np.maximum(self._prefix_norm_np[:, row], EPS)
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
@@ -269,7 +273,7 @@ class TrajectoryQuery:
         self._cdot: np.ndarray | None = None  # [K] their running dot products
         self._cbase = 0  # the first layer after the pruning
         self._cmaps: np.ndarray | None = None  # [K, L - cbase, E] their maps from layer cbase on
-        self._cnorm: np.ndarray | None = None  # [L - cbase, K] their prefix norms (>= EPS) likewise
+        self._cnorm: np.ndarray | None = None  # [K, L - cbase] their prefix norms (>= EPS) likewise
         self._rows = num_rows
         self._dot: torch.Tensor | None = None  # [N, size] running dot products (`dot`, made on first use)
         self._q_sq: torch.Tensor | None = None  # [N] running squared norms (`q_sq`, likewise)
@@ -364,7 +368,7 @@ class TrajectoryQuery:
             # layer-major copy cost more than the views (10.7 against 2.1 µs per iteration)
             self._cbase = layer + 1
             self._cmaps = s._maps_np[cand, layer + 1 :]  # [K, L-b, E]
-            self._cnorm = np.maximum(s._prefix_norm_np[layer + 1 :, cand], EPS)
+            self._cnorm = s._norm_rows_np[cand, layer + 1 :]  # [K, L-b], likewise (>= EPS)
         return float(ratio[row]) / max(max(q_sq, 0.0) ** 0.5, EPS), row
 
     def _best_pruned(self, layer: int, p: np.ndarray) -> tuple[float, int]:
@@ -373,6 +377,6 @@ class TrajectoryQuery:
         self._cdot += _mv(self._cmaps[:, i], p)  # [K, E] view
         self._q1 += float(p.dot(p))
         self.layers += 1
-        ratio = self._cdot / self._cnorm[i]
+        ratio = self._cdot / self._cnorm[:, i]
         i = int(ratio.argmax())
         return float(ratio[i]) / max(self._q1**0.5, EPS), int(self._cand[i])
