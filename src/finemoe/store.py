@@ -101,5 +101,7 @@ class ExpertStore:
 def _unregister(chunks: list[torch.Tensor]) -> None:
     cudart = torch.cuda.cudart()
     for c in chunks:
-        cudart.cudaHostUnregister(c.data_ptr())
+        err = int(cudart.cudaHostUnregister(c.data_ptr()))
+        if err != 0:  # the memory is freed regardless; say so rather than fail a close
+            log.warning("cudaHostUnregister failed with CUDA error %d for %d bytes of the expert store", err, c.nbytes)
     chunks.clear()
