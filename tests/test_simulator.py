@@ -551,8 +551,8 @@ def test_planning_without_prefetch_copies(recorded, policy):
 
 
 def test_graphed_decode_plans_after_the_copies_and_hides_host_time_under_them():
-    """`graphed=True`: a decode layer's predictors run once its on-demand copies are issued (as the
-    graphed engine runs them after the segment's launch), so `predict_host_s` overlaps the copies.
+    """`graphed=True`: a decode layer's predictors run once its segment is launched (as the graphed
+    engine runs them), so `predict_host_s` overlaps the copies and the GPU's work.
     One request, a prefill then 2 decode iterations of 2 layers that each miss (2 slots, experts
     rotate), copy 1 s, dense 0.5 s, expert 0.25 s: the host time adds to the eager replay's
     decode steps and hides under the graphed replay's copies; without host time both are equal."""
@@ -570,6 +570,33 @@ def test_graphed_decode_plans_after_the_copies_and_hides_host_time_under_them():
     assert tpot[False, 0.5] > tpot[False, 0.0]  # eager: each layer's host time before its copies
     assert tpot[True, 0.5] < tpot[False, 0.5]  # graphed: under the copies
     assert tpot[True, 0.5] >= tpot[True, 0.0]
+
+
+def test_graphed_decode_runs_the_gpu_on_its_own_timeline():
+    """Graphed decode, hand-computed: the host launches a layer's segment (its experts, then the
+    next layer's dense part up to the router) and plans while the GPU runs it; the GPU waits for
+    the segment's copies, the host for the next router. The scripted request of the test above,
+    mixtral-offloading (the next layer's gate), 2 slots, copy 1 s, dense 0.5 s, expert 0.25 s.
+    Decode 1 starts at 3.0 (the prefill's end, as the eager replay's): S_0 ends at 3.5; layer 0's
+    expert 1 misses, copied 3.5-4.5; the segment runs 4.5-4.75 plus dense to 5.25; the gate's
+    prefetch of layer 1's expert 2, issued at 3.5, queues behind it (4.5-5.5): at the 5.25 sync it
+    is late, and the last segment runs 5.5-5.75. Decode 2 likewise: 5.75 -> 8.5. TPOT 2.75 (the
+    eager replay: 3.0). With 2 s of predictor host time per layer, the host sets the pace: the
+    decode step is 7.0 (S_0) -> 8.0 (copy) -> host 9.0 (the prefetch then lands at 10.0) -> layer 1
+    at 9.0, its segment 10.0-10.25 -> host 11.0: TPOT 4.5 (eager: 6.5)."""
+    import dataclasses
+
+    tr = scripted([[[[0], [3]], [[1], [2]], [[2], [1]]]])
+    got = {}
+    for graphed in (False, True):
+        for host in (0.0, 2.0):
+            cost = dataclasses.replace(unit_cost(), predict_host_s=host)
+            r = simulate(tr, cfg("mixtral-offloading", "2", prefill_predict="before"), cost, "timed", graphed=graphed)
+            got[graphed, host] = r
+    assert got[True, 0.0].ttft_s == got[False, 0.0].ttft_s == 3.0  # the prefill is eager in both
+    assert got[True, 0.0].tpot_s == 2.75 and got[False, 0.0].tpot_s == 3.0
+    assert got[True, 0.0].stats["prefetches_late"] == 3  # every prefetch still in flight when needed
+    assert got[True, 2.0].ttft_s == 6.5 and got[True, 2.0].tpot_s == 4.5 and got[False, 2.0].tpot_s == 6.5
 
 
 def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(recorded):

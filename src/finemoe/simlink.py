@@ -75,6 +75,10 @@ class TimedLink:
         self.stall_s = 0.0
         self.busy_s = 0.0
         self._fifo = order == "fifo"
+        # graphed decode (`Simulator`): the GPU waits for the copies, not the host; `before_compute`
+        # then only notes when the needed copies are done (`ready`) and the replay charges the wait
+        self.defer = False
+        self.ready = 0.0
 
     def load(self, slot: int, src: list, demand: bool) -> None:
         t, c_s = self.clock.t, self.copy_s
@@ -145,7 +149,9 @@ class TimedLink:
         for s in slots:  # a loop: max() over a few slots costs more
             if done[s] > ready:
                 ready = done[s]
-        if ready > t:
+        if self.defer:
+            self.ready = ready
+        elif ready > t:
             self.stall_s += ready - t
             self.clock.t = ready
 

@@ -287,7 +287,7 @@ class Simulator:
     def _run(self, trace: Trace, batch_size: int, progress: Callable | None) -> SimResult:
         spec, cost, clock = self.spec, self.cost, self.clock
         L = spec.num_layers
-        cache, stepper = self.cache, self.stepper
+        cache, stepper, prefetcher = self.cache, self.stepper, self.prefetcher
         observe = getattr(cache.policy, "on_routing", None)  # router-probability eviction (`policy_routes`)
         want_events, want_hidden = bool(self.predictors) or observe is not None, self.want_hidden
         after_demand = self.after_demand and bool(self.predictors)
@@ -312,6 +312,21 @@ class Simulator:
         def compute(got: list[int], slots: list[int], whole: bool) -> None:
             clock.t += per_expert[0] * len(got)
 
+        # graphed decode: the GPU's own timeline. A layer's segment (its experts, then the next
+        # layer's dense part up to its router) starts once its copies are done and the GPU is free;
+        # the host meanwhile runs the predictors and starts their copies, then waits at the next
+        # router (`gpu[0]`: when the segments launched so far end)
+        link = self.transfer
+        timed = isinstance(link, TimedLink)  # (an instant link has no time to model)
+        gpu = [0.0]
+
+        def launch(got: list[int], slots: list[int], whole: bool) -> None:
+            start = link.ready if link.ready > gpu[0] else gpu[0]  # (`before_compute` noted `ready`)
+            free = clock.t if clock.t > gpu[0] else gpu[0]
+            if start > free:
+                link.stall_s += start - free  # the GPU waits for the copies
+            gpu[0] = start + per_expert[0] * len(got)
+
         wall0 = time.perf_counter()
         steps = 0
         g = 0
@@ -327,6 +342,7 @@ class Simulator:
                 prefill = it == 0
                 # the predictors after the layer's copies: prefill (`prefill_predict`), graphed decode
                 late = want_events and (after_demand if prefill else graphed and len(parts) == 1)
+                replayed = late and timed and not prefill  # a graphed decode step: the GPU on its own timeline
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
@@ -346,8 +362,14 @@ class Simulator:
                 layers = access[g]
                 dense = layer_s(tokens)
                 pairs = tokens * spec.top_k  # routed (token, expert) pairs per layer
+                if replayed:
+                    gpu[0] = clock.t + dense  # the first segment: up to layer 0's router
                 for layer, experts in enumerate(layers):
-                    clock.t += dense
+                    if replayed:  # the routing sync: the host waits for the segment ending in this router
+                        if gpu[0] > clock.t:
+                            clock.t = gpu[0]
+                    else:
+                        clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
                     per_expert[0] = e_s + (pairs / (len(experts) or 1) - 1) * e_tok
                     if want_events:
@@ -365,11 +387,28 @@ class Simulator:
                             event = ReplayEvent.of(g, layer, p, topk[layer], prefill, hidden, lists[layer])
                         if not late:
                             stepper.route(event)
+                    if replayed:  # as the graphed engine: serve, launch, then the predictors and their copies
+                        link.defer = True
+                        try:
+                            stepper.serve(g, layer, experts, launch, None, pump_first=False)
+                        finally:
+                            link.defer = False
+                        if layer < L - 1:
+                            gpu[0] += dense  # the segment runs on to the next router
+                        if observe is not None:
+                            observe(event)
+                        stepper.route(event)
+                        clock.t += predict_host
+                        prefetcher.resume()
+                        prefetcher.pump()
+                        continue
                     if predict_host and not late:  # the predictors' host work before the layer's copies
                         clock.t += predict_host
                     stepper.serve(g, layer, experts, compute, event if late else None)
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
+                if replayed and gpu[0] > clock.t:
+                    clock.t = gpu[0]  # the host waits for the step's logits
                 for i in live:
                     stamps[i].append(clock.t)
                 g += 1
