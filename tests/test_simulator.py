@@ -597,6 +597,16 @@ def test_graphed_decode_runs_the_gpu_on_its_own_timeline():
     assert got[True, 0.0].tpot_s == 2.75 and got[False, 0.0].tpot_s == 3.0
     assert got[True, 0.0].stats["prefetches_late"] == 3  # every prefetch still in flight when needed
     assert got[True, 2.0].ttft_s == 6.5 and got[True, 2.0].tpot_s == 4.5 and got[False, 2.0].tpot_s == 6.5
+    # the host's other work per layer (`layer_host_s`) sits on the same timeline, after the launch:
+    # 2 s of it paces decode as 2 s of predictor time did (4.5), and leaves the eager prefill alone
+    busy = simulate(
+        tr,
+        cfg("mixtral-offloading", "2", prefill_predict="before"),
+        dataclasses.replace(unit_cost(), layer_host_s=2.0),
+        "timed",
+        graphed=True,
+    )
+    assert busy.ttft_s == 3.0 and busy.tpot_s == 4.5
 
 
 def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(recorded):

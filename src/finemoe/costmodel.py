@@ -118,6 +118,10 @@ class CostModel:
     # the copies it frees slots for) and per layer for a policy that reads the routing (router-ema)
     victim_host_s: float = 0.0
     routing_host_s: float = 0.0
+    # host time per traced layer of a graphed decode step besides the predictors (the routing sync's
+    # return, serving, the launch, the policy's bookkeeping; a calibration knob, 0 by default):
+    # charged on the host's timeline after the layer's segment is launched (`Simulator`, graphed)
+    layer_host_s: float = 0.0
 
     def iteration_floor_s(self, num_layers: int, tokens: int = 1) -> float:
         """A step with every expert resident (the all-GPU floor), k experts per layer."""
@@ -134,12 +138,13 @@ def make_cost_model(
     predict_host_s: float = 0.0,
     victim_host_s: float = 0.0,
     routing_host_s: float = 0.0,
+    layer_host_s: float = 0.0,
 ) -> CostModel:
     """The cost model of `shape` ("trace": the traced model itself, in bf16) for a trace of
     `trace_spec`'s geometry; see the module docstring for the mapping. `predict_host_s` (per layer
-    in which predictors run), `routing_host_s` (per layer) and `victim_host_s` (per victim search, at
-    most one per layer and per prefetch batch) are host seconds of the shape, scaled to traced
-    layers like the rest."""
+    in which predictors run), `routing_host_s` (per layer), `victim_host_s` (per victim search, at
+    most one per layer and per prefetch batch) and `layer_host_s` (per layer of a graphed decode
+    step) are host seconds of the shape, scaled to traced layers like the rest."""
     L_t, k_t = trace_spec.num_layers, trace_spec.top_k
     if shape == "trace":
         H, I_e = trace_spec.hidden_size, trace_spec.intermediate_size
@@ -186,4 +191,5 @@ def make_cost_model(
         predict_host_s=predict_host_s * scale_l,
         victim_host_s=victim_host_s * scale_l,
         routing_host_s=routing_host_s * scale_l,
+        layer_host_s=layer_host_s * scale_l,
     )

@@ -99,8 +99,15 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--graphed-decode",
         action="store_true",
-        help="decode as the engine's CUDA graphs run it (single prompts): a layer's predictors plan once its "
-        "on-demand copies are issued, their host time (--predict-host-us) overlapping those copies",
+        help="decode as the engine's CUDA graphs run it (single prompts), the host and the GPU on their own "
+        "timelines: a layer's host work after its segment's launch (--layer-host-us, --predict-host-us) "
+        "overlaps the copies and the GPU's work",
+    )
+    ap.add_argument(
+        "--layer-host-us",
+        type=float,
+        default=0.0,
+        help="with --graphed-decode: host time per layer besides the predictors (sync, serving, launch; calibration)",
     )
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
@@ -174,6 +181,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             predict_host_s=args.predict_host_us * 1e-6,
             victim_host_s=args.victim_host_us * 1e-6,
             routing_host_s=args.routing_host_us * 1e-6,
+            layer_host_s=args.layer_host_us * 1e-6,
         )
         floor = None
         for budget in budgets:

@@ -155,11 +155,13 @@ class SimResult:
 class Simulator:
     """One policy at one budget over traces; build once, `run` once.
 
-    `graphed`: model the engine's graphed decode (CUDA, single prompts): a decode layer's
-    predictors plan once the layer's on-demand copies are issued, as the graphed engine runs them
-    after the layer's segment is launched, so their host time (`CostModel.predict_host_s`) overlaps
-    those copies. Off, decode plans come before the copies, as in the eager engine (and the CPU
-    engine the deterministic-mode tests compare with)."""
+    `graphed`: model the engine's graphed decode (CUDA, single prompts) on two timelines. The
+    host serves a layer (its on-demand copies), launches the layer's segment (its experts, then the
+    next layer's dense part up to the router), then spends `CostModel.layer_host_s` and runs the
+    predictors (`predict_host_s`) and starts their copies, and waits at the next router; the GPU
+    runs the segment once its copies are done. So host time overlaps the copies and the GPU's work.
+    Off, one clock runs everything in sequence and decode plans come before the copies, as in the
+    eager engine (and the CPU engine the deterministic-mode tests compare with)."""
 
     def __init__(
         self,
@@ -297,6 +299,7 @@ class Simulator:
         zero = (lambda *a: 0.0) if cost is None else None
         layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
         head_s = 0.0 if cost is None else cost.head_s
+        layer_host = 0.0 if cost is None else cost.layer_host_s
         predict_host = 0.0 if cost is None or not self.predictors else cost.predict_host_s
         if (after_demand or graphed) and predict_host:  # deferred: charged once the layer's copies are issued
 
@@ -342,7 +345,8 @@ class Simulator:
                 prefill = it == 0
                 # the predictors after the layer's copies: prefill (`prefill_predict`), graphed decode
                 late = want_events and (after_demand if prefill else graphed and len(parts) == 1)
-                replayed = late and timed and not prefill  # a graphed decode step: the GPU on its own timeline
+                # a graphed decode step (single prompts): the GPU on its own timeline
+                replayed = self.graphed and timed and not prefill and len(parts) == 1
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
@@ -397,10 +401,12 @@ class Simulator:
                             gpu[0] += dense  # the segment runs on to the next router
                         if observe is not None:
                             observe(event)
-                        stepper.route(event)
-                        clock.t += predict_host
-                        prefetcher.resume()
-                        prefetcher.pump()
+                        clock.t += layer_host
+                        if late:
+                            stepper.route(event)
+                            clock.t += predict_host
+                            prefetcher.resume()
+                            prefetcher.pump()
                         continue
                     if predict_host and not late:  # the predictors' host work before the layer's copies
                         clock.t += predict_host
