@@ -2,8 +2,9 @@
 
 finemoe's decode plans cost host time in every layer. In the replay that time is charged on the
 critical path, per layer in which predictors run (`--predict-host-us`, `CostModel.predict_host_s`).
-The sweep compares finemoe at several such costs (`--graphed`: charged after each decode layer's copies are issued, as
-the graphed engine runs its predictors, so the time overlaps them) with:
+The sweep compares finemoe at several such costs (`--graphed`: the graphed engine's order, the host
+and the GPU on their own timelines, so host time overlaps the copies and the GPU's work; give the
+host's other work with `--layer-host-us` and `--victim-host-us`, or it idles) with:
 
 - `lru`, the baseline;
 - finemoe's eviction alone: decayed LFU with the prefill sweep and no predictor, which is what the
@@ -53,6 +54,13 @@ def main() -> int:
         action="store_true",
         help="decode as the engine's CUDA graphs run it: the predictors' host time after the layer's copies",
     )
+    ap.add_argument(
+        "--layer-host-us",
+        type=float,
+        default=0.0,
+        help="with --graphed: the host's other work per layer after the launch (every run; calibration)",
+    )
+    ap.add_argument("--victim-host-us", type=float, default=0.0, help="host µs per victim search (every run)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     trace = load_trace(args.traces).head(args.limit)
@@ -62,7 +70,12 @@ def main() -> int:
 
     def cost(host_us: float):
         return make_cost_model(
-            trace.spec, args.shape, layer_overhead_s=args.layer_overhead_us * 1e-6, predict_host_s=host_us * 1e-6
+            trace.spec,
+            args.shape,
+            layer_overhead_s=args.layer_overhead_us * 1e-6,
+            predict_host_s=host_us * 1e-6,
+            layer_host_s=args.layer_host_us * 1e-6,
+            victim_host_s=args.victim_host_us * 1e-6,
         )
 
     def row(name: str, host_us: float | None, r) -> dict:
@@ -82,9 +95,11 @@ def main() -> int:
 
     floor = simulate(trace, EngineConfig(policy="all-gpu", expert_budget=budget), cost(0), "timed")
     print(f"all-gpu TPOT {floor.tpot_s * 1e3:.2f} ms (calibrate --layer-overhead-us to the measured step)")
-    rows = [row("lru", None, simulate(trace, EngineConfig(policy="lru", expert_budget=budget), cost(0), "timed"))]
+    g = args.graphed
+    lru = EngineConfig(policy="lru", expert_budget=budget)
+    rows = [row("lru", None, simulate(trace, lru, cost(0), "timed", graphed=g))]
     alone = EngineConfig(policy="on-demand", eviction="decay-lfu", prefill_eviction="sweep", expert_budget=budget)
-    rows.append(row("eviction alone", None, simulate(trace, alone, cost(0), "timed")))
+    rows.append(row("eviction alone", None, simulate(trace, alone, cost(0), "timed", graphed=g)))
     fine = EngineConfig(policy="finemoe", expert_budget=budget, map_store_learn=False)
     plans_only = dataclasses.replace(fine, prefetch_copies=False)
     for us in (float(x) for x in args.host_us.split(",")):
