@@ -76,6 +76,7 @@ def main() -> int:
     ap.add_argument("--finemoe-host-us", type=float, default=150.0, help="finemoe's extra host µs per layer")
     ap.add_argument("--plan-us", type=float, default=300.0, help="predictor µs per layer, planning only")
     ap.add_argument("--plan-copy-us", type=float, default=360.0, help="predictor µs per layer with the copies")
+    ap.add_argument("--levers", action="store_true", help="also screen finemoe's knobs in the graphed order")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -129,7 +130,43 @@ def main() -> int:
             f"{name:<11} {'H200':<8} {m['tpot_ms']:8.2f} {m['hit_rate']:6.3f} {m['issued_per_100']:7.1f} "
             f"{m['late_per_100']:6.1f}"
         )
-    write_record(args.out, vars(args), rows, measured=want, all_gpu_tpot_ms=floor.tpot_s * 1e3)
+    levers = []
+    if args.levers:  # finemoe's knobs, and its costs removed, in the graphed order at the same host costs
+        alone = EngineConfig(policy="on-demand", eviction="decay-lfu", prefill_eviction="sweep", expert_budget=budget)
+        screen = [
+            ("finemoe's eviction alone", alone, 0.0, args.finemoe_host_us),
+            *(
+                (f"max_inflight_prefetches={m}", dataclasses.replace(fine, max_inflight_prefetches=m), None, None)
+                for m in (1, 2)
+            ),
+            *((f"prefetch_distance={d}", dataclasses.replace(fine, prefetch_distance=d), None, None) for d in (2, 3)),
+            *(
+                (f"map_min_precision={p}", dataclasses.replace(fine, map_min_precision=p), None, None)
+                for p in (0.3, 0.5)
+            ),
+            ("prefetch_window=fixed", dataclasses.replace(fine, prefetch_window="fixed"), None, None),
+            ("a free predictor", fine, 0.0, None),
+            ("a free predictor, no extra bookkeeping", fine, 0.0, 0.0),
+        ]
+        print("levers (graphed order):")
+        for name, config, predict_us, extra_us in screen:
+            predict_us = args.plan_copy_us if predict_us is None else predict_us
+            extra_us = args.finemoe_host_us if extra_us is None else extra_us
+            r = simulate(test, config, cost(predict_us, extra_us), "timed", history, graphed=True)
+            uses = r.stats["hits"] + r.stats["misses"]
+            row = {
+                "lever": name,
+                "tpot_ms": r.tpot_s * 1e3,
+                "hit_rate": r.hit_rate,
+                "issued_per_100": 100 * r.stats["prefetches_issued"] / uses,
+                "late_per_100": 100 * r.stats["prefetches_late"] / uses,
+            }
+            levers.append(row)
+            print(
+                f"  {name:<40} {row['tpot_ms']:8.2f} {row['hit_rate']:6.3f} "
+                f"{row['issued_per_100']:7.1f} {row['late_per_100']:6.1f}"
+            )
+    write_record(args.out, vars(args), rows, measured=want, all_gpu_tpot_ms=floor.tpot_s * 1e3, levers=levers)
     plot(rows, want, Path(args.out).with_suffix(".png"), args)
     return 0
 
