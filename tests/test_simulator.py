@@ -319,6 +319,10 @@ def test_cli_simulate_writes_json_and_plot(recorded, tmp_path):
         timeout=120,
     )
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    lone = subprocess.run(
+        cmd[:6] + ["--policies", "lru", "--layer-host-us", "50"], capture_output=True, text=True, timeout=120
+    )
+    assert lone.returncode != 0 and "--graphed-decode" in lone.stderr and "Traceback" not in lone.stderr
 
 
 # one request, 2 iterations: layer 0 always expert 0, layer 1 expert 1 then expert 2 (top-1);

@@ -205,17 +205,18 @@ class StaticDecoder:
         begun = False
         try:
             with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
-                self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                begun = True
-                logits = self._eager(self.ids, self.pos)
-                self.graphs[-1].capture_end()
-                begun = False
-        except BaseException:
-            if begun:
-                with suppress(Exception):  # the capture already failed: report the first error
+                try:
+                    self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                    begun = True
+                    logits = self._eager(self.ids, self.pos)
                     self.graphs[-1].capture_end()
-            self.drop_graphs()
-            raise
+                    begun = False
+                except BaseException:
+                    if begun:  # ended on the stream it began on, so `cap` is no longer capturing
+                        with suppress(Exception):  # the capture already failed: report the first error
+                            self.graphs[-1].capture_end()
+                    self.drop_graphs()
+                    raise
         finally:
             rt.capture = None
             here.wait_stream(cap)

@@ -79,12 +79,20 @@ class TimedLink:
         # then only notes when the needed copies are done (`ready`) and the replay charges the wait
         self.defer = False
         self.ready = 0.0
+        # graphed decode: per slot, when the GPU stops reading it (the segment that uses it ends);
+        # a copy into the slot starts no earlier, as the engine's copy waits for the slot's last
+        # use. None: the host waited for the compute already (one sequential clock)
+        self.busy: list[float] | None = None
 
     def load(self, slot: int, src: list, demand: bool) -> None:
         t, c_s = self.clock.t, self.copy_s
         self.busy_s += c_s
+        earliest = t
+        busy = self.busy
+        if busy is not None and busy[slot] > t:
+            earliest = busy[slot]  # the GPU still reads the slot (graphed decode)
         if self._fifo:  # in issue order: only the end of the last copy matters
-            start = self._tail if self._tail > t else t
+            start = self._tail if self._tail > earliest else earliest
             self._tail = end = start + c_s
             self.done[slot] = end
             return
@@ -93,7 +101,7 @@ class TimedLink:
             q.pop(0)
         if not demand or not q or q[-1][3] or q[-1][0] <= t:
             # at the end of the queue (demand-first: no queued prefetch to overtake)
-            start = q[-1][1] if q and q[-1][1] > t else t
+            start = q[-1][1] if q and q[-1][1] > earliest else earliest
             q.append([start, start + c_s, slot, demand])
             self.done[slot] = start + c_s
             return
@@ -101,7 +109,7 @@ class TimedLink:
         i = 0
         while i < len(q) and (q[i][0] <= t or q[i][3]):
             i += 1
-        start = q[i - 1][1] if i and q[i - 1][1] > t else t
+        start = q[i - 1][1] if i and q[i - 1][1] > earliest else earliest
         end = start + c_s
         self.done[slot] = end
         rest = q[i:]
@@ -113,7 +121,7 @@ class TimedLink:
 
     def load_many(self, slots: list[int], srcs: list[list], demand: bool) -> None:
         """`load` of each of `slots` in order (fifo: the same arithmetic, inlined)."""
-        if not self._fifo:
+        if not self._fifo or self.busy is not None:
             for slot, src in zip(slots, srcs, strict=True):
                 self.load(slot, src, demand)
             return

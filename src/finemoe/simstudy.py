@@ -155,6 +155,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown policies {bad}; choose from {', '.join([*PRESETS, *ORACLES])}")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
+    if args.layer_host_us and not args.graphed_decode:
+        raise ConfigError("--layer-host-us is the host's time in a graphed decode step: add --graphed-decode")
     test = load_trace(args.traces)
     if args.limit:
         test = test.head(args.limit)

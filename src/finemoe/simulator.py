@@ -214,9 +214,14 @@ class Simulator:
         )
         copy_s = getattr(self.transfer, "copy_seconds", None)
         transfer, clock = self.transfer, self.clock
-        window = LinkWindow(  # layer time without the stalls: the time the link has to copy in
+        # layer time without the stalls: the time the link has to copy in; in a graphed decode step
+        # the wall time, as the engine's window reads it there (its stalls are the GPU's)
+        replaying = self._replaying = [False]
+        window = LinkWindow(
             config.max_inflight_prefetches,
-            (lambda: clock.t - transfer.stall_s) if hasattr(transfer, "stall_s") else (lambda: clock.t),
+            (lambda: clock.t - (0.0 if replaying[0] else transfer.stall_s))
+            if hasattr(transfer, "stall_s")
+            else (lambda: clock.t),
             copy_s,
             adaptive=adaptive_prefetch_window(preset, config, plan.all_resident),
         )
@@ -322,13 +327,18 @@ class Simulator:
         link = self.transfer
         timed = isinstance(link, TimedLink)  # (an instant link has no time to model)
         gpu = [0.0]
+        if timed and self.graphed:
+            link.busy = [0.0] * len(link.done)
 
         def launch(got: list[int], slots: list[int], whole: bool) -> None:
             start = link.ready if link.ready > gpu[0] else gpu[0]  # (`before_compute` noted `ready`)
             free = clock.t if clock.t > gpu[0] else gpu[0]
             if start > free:
                 link.stall_s += start - free  # the GPU waits for the copies
-            gpu[0] = start + per_expert[0] * len(got)
+            gpu[0] = end = start + per_expert[0] * len(got)
+            busy = link.busy
+            for s in slots:  # a copy into these slots waits until the segment has read them
+                busy[s] = end
 
         wall0 = time.perf_counter()
         steps = 0
@@ -344,9 +354,11 @@ class Simulator:
                 parts = [(batch[i], *ranges[i][it]) for i in live]
                 prefill = it == 0
                 # the predictors after the layer's copies: prefill (`prefill_predict`), graphed decode
-                late = want_events and (after_demand if prefill else graphed and len(parts) == 1)
-                # a graphed decode step (single prompts): the GPU on its own timeline
-                replayed = self.graphed and timed and not prefill and len(parts) == 1
+                # (the engine graphs the decode of single-prompt batches only, not a batch's last request)
+                late = want_events and (after_demand if prefill else graphed and len(batch) == 1)
+                # a graphed decode step: the GPU on its own timeline
+                replayed = self.graphed and timed and not prefill and len(batch) == 1
+                self._replaying[0] = replayed
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)

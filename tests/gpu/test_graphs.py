@@ -119,6 +119,39 @@ def test_capture_is_untouched_by_pinned_copies_another_thread_frees(ckpt):
     assert graphed == eager and again == eager
 
 
+def test_a_capture_that_fails_leaves_eager_steps_and_no_open_capture(ckpt):
+    """A router hook that syncs with the host while the step is being captured makes the capture
+    fail. The decoder ends the capture on the stream it began on (so the allocator stops routing
+    into the graph pool and no stream stays capturing), says why, and decodes eagerly: the tokens
+    of the eager path, for that request and the next."""
+    from finemoe.loader import find_moe_layers
+
+    params = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    prompt = medium_prompts()[0]
+    with Engine.from_pretrained(
+        ckpt, policy="lru", expert_budget="25%", device="cuda", progress=False, cuda_graphs=False
+    ) as eng:
+        eager = eng.generate(prompt, params)[0].token_ids
+        at = eng.adapter.router_logits_at
+
+        def hook(module, args, output):
+            if torch.cuda.is_current_stream_capturing():
+                output[at].sum().item()  # a host sync: not allowed in a capture
+
+        handle = find_moe_layers(eng.model, eng.adapter)[0].router.register_forward_hook(hook)
+        try:
+            eng.reconfigure(cuda_graphs=True)
+            first = eng.generate(prompt, params)[0].token_ids
+            second = eng.generate(prompt, params)[0].token_ids
+        finally:
+            handle.remove()
+        extra = eng.stats().extra
+        assert not torch.cuda.is_current_stream_capturing()
+        torch.cuda.synchronize()
+    assert extra["decode_graph_error"] is not None and extra["decode_graph_replays"] == 0
+    assert first == eager and second == eager
+
+
 def test_generation_leaves_the_callers_stream_current(ckpt):
     """Graphed generation runs on a side stream; afterwards (copies issued at the end of the
     requests included) the caller's stream is current again."""
