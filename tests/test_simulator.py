@@ -611,6 +611,16 @@ def test_graphed_decode_runs_the_gpu_on_its_own_timeline():
         graphed=True,
     )
     assert busy.ttft_s == 3.0 and busy.tpot_s == 4.5
+    # the LM head (1 s) runs on the GPU at the end of the last segment (7.75 -> 8.75), while the host
+    # does the last layer's 2 s (6.5 -> 8.5): only 0.25 s of it shows (the eager prefill: all of it)
+    headed = simulate(
+        tr,
+        cfg("mixtral-offloading", "2", prefill_predict="before"),
+        dataclasses.replace(unit_cost(), layer_host_s=2.0, head_s=1.0),
+        "timed",
+        graphed=True,
+    )
+    assert headed.ttft_s == 4.0 and headed.tpot_s == 4.75
 
 
 def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(recorded):

@@ -374,7 +374,8 @@ class Simulator:
                     stepper.begin(g, ctx)
                 else:
                     stepper.begin(g, None)
-                clock.t += head_s
+                if not replayed:
+                    clock.t += head_s
                 layers = access[g]
                 dense = layer_s(tokens)
                 pairs = tokens * spec.top_k  # routed (token, expert) pairs per layer
@@ -409,8 +410,9 @@ class Simulator:
                             stepper.serve(g, layer, experts, launch, None, pump_first=False)
                         finally:
                             link.defer = False
-                        if layer < L - 1:
-                            gpu[0] += dense  # the segment runs on to the next router
+                        # the segment runs on to the next router; the last one to the logits (the
+                        # LM head on the GPU, while the host does the last layer's work)
+                        gpu[0] += dense if layer < L - 1 else head_s
                         if observe is not None:
                             observe(event)
                         clock.t += layer_host
