@@ -171,3 +171,46 @@ class TimedLink:
 
     def synchronize(self) -> None:
         pass
+
+
+class GpuTimeline:
+    """The GPU of a graphed decode step, on its own clock beside the host's (`clock`).
+
+    The host launches a segment (a layer's experts, then the next layer's dense part up to its
+    router, or the LM head after the last layer) and goes on with its own work; the segment starts
+    once its copies are done (`TimedLink.before_compute` in `defer` mode notes when) and the GPU is
+    free. The host waits for the GPU at each routing sync (`sync`). A copy into a slot the segment
+    reads starts only once the segment has read it (`TimedLink.busy`), as the engine's copy waits
+    for the slot's last-use event. The GPU's waits for copies count as the link's stall."""
+
+    def __init__(self, clock: Clock, link: TimedLink) -> None:
+        self.clock, self.link = clock, link
+        self.end = 0.0  # when the segments launched so far end (seconds)
+        self.expert_s = 0.0  # one routed expert's compute in the current layer
+        link.busy = [0.0] * len(link.done)
+
+    def begin(self, first_s: float) -> None:
+        """A step starts: its first segment (`first_s`, up to layer 0's router) runs from now."""
+        self.end = self.clock.t + first_s
+
+    def sync(self) -> None:
+        """The host waits for the segments launched so far (a routing sync, or the logits)."""
+        if self.end > self.clock.t:
+            self.clock.t = self.end
+
+    def launch(self, got: list[int], slots: list[int], whole: bool) -> None:
+        """The compute callback of a graphed layer: its experts (`got`, in `slots`) on the GPU."""
+        link, t = self.link, self.clock.t
+        free = self.end if self.end > t else t
+        start = link.ready if link.ready > self.end else self.end
+        if start > free:
+            link.stall_s += start - free
+        self.end = end = start + self.expert_s * len(got)
+        busy = link.busy
+        assert busy is not None
+        for s in slots:
+            busy[s] = end
+
+    def then(self, seconds: float) -> None:
+        """The launched segment runs on for `seconds` more (the next dense part, or the LM head)."""
+        self.end += seconds

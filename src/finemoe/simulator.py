@@ -49,7 +49,7 @@ from finemoe.presets import (
     reads_router_inputs,
 )
 from finemoe.replay_rows import BatchRows, ReplayEvent, accesses_of, iteration_tensors, schedule
-from finemoe.simlink import Clock, InstantLink, NoWeights, SimPool, TimedLink
+from finemoe.simlink import Clock, GpuTimeline, InstantLink, NoWeights, SimPool, TimedLink
 from finemoe.stepper import Stepper
 from finemoe.trace import Trace
 from finemoe.types import MoESpec, RoutingEvent
@@ -320,25 +320,9 @@ class Simulator:
         def compute(got: list[int], slots: list[int], whole: bool) -> None:
             clock.t += per_expert[0] * len(got)
 
-        # graphed decode: the GPU's own timeline. A layer's segment (its experts, then the next
-        # layer's dense part up to its router) starts once its copies are done and the GPU is free;
-        # the host meanwhile runs the predictors and starts their copies, then waits at the next
-        # router (`gpu[0]`: when the segments launched so far end)
+        # graphed decode: the GPU on its own timeline (an instant link has no time to model)
         link = self.transfer
-        timed = isinstance(link, TimedLink)  # (an instant link has no time to model)
-        gpu = [0.0]
-        if timed and self.graphed:
-            link.busy = [0.0] * len(link.done)
-
-        def launch(got: list[int], slots: list[int], whole: bool) -> None:
-            start = link.ready if link.ready > gpu[0] else gpu[0]  # (`before_compute` noted `ready`)
-            free = clock.t if clock.t > gpu[0] else gpu[0]
-            if start > free:
-                link.stall_s += start - free  # the GPU waits for the copies
-            gpu[0] = end = start + per_expert[0] * len(got)
-            busy = link.busy
-            for s in slots:  # a copy into these slots waits until the segment has read them
-                busy[s] = end
+        gpu = GpuTimeline(clock, link) if self.graphed and isinstance(link, TimedLink) else None
 
         wall0 = time.perf_counter()
         steps = 0
@@ -357,7 +341,7 @@ class Simulator:
                 # (the engine graphs the decode of single-prompt batches only, not a batch's last request)
                 late = want_events and (after_demand if prefill else graphed and len(batch) == 1)
                 # a graphed decode step: the GPU on its own timeline
-                replayed = self.graphed and timed and not prefill and len(batch) == 1
+                replayed = gpu is not None and not prefill and len(batch) == 1
                 self._replaying[0] = replayed
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
@@ -380,11 +364,10 @@ class Simulator:
                 dense = layer_s(tokens)
                 pairs = tokens * spec.top_k  # routed (token, expert) pairs per layer
                 if replayed:
-                    gpu[0] = clock.t + dense  # the first segment: up to layer 0's router
+                    gpu.begin(dense)  # the first segment: up to layer 0's router
                 for layer, experts in enumerate(layers):
-                    if replayed:  # the routing sync: the host waits for the segment ending in this router
-                        if gpu[0] > clock.t:
-                            clock.t = gpu[0]
+                    if replayed:
+                        gpu.sync()  # the routing sync: the host waits for the segment ending in this router
                     else:
                         clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
@@ -405,14 +388,15 @@ class Simulator:
                         if not late:
                             stepper.route(event)
                     if replayed:  # as the graphed engine: serve, launch, then the predictors and their copies
+                        gpu.expert_s = per_expert[0]
                         link.defer = True
                         try:
-                            stepper.serve(g, layer, experts, launch, None, pump_first=False)
+                            stepper.serve(g, layer, experts, gpu.launch, None, pump_first=False)
                         finally:
                             link.defer = False
                         # the segment runs on to the next router; the last one to the logits (the
                         # LM head on the GPU, while the host does the last layer's work)
-                        gpu[0] += dense if layer < L - 1 else head_s
+                        gpu.then(dense if layer < L - 1 else head_s)
                         if observe is not None:
                             observe(event)
                         clock.t += layer_host
@@ -427,8 +411,8 @@ class Simulator:
                     stepper.serve(g, layer, experts, compute, event if late else None)
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
-                if replayed and gpu[0] > clock.t:
-                    clock.t = gpu[0]  # the host waits for the step's logits
+                if replayed:
+                    gpu.sync()  # the host waits for the step's logits
                 for i in live:
                     stamps[i].append(clock.t)
                 g += 1
