@@ -623,6 +623,35 @@ def test_graphed_decode_runs_the_gpu_on_its_own_timeline():
     assert headed.ttft_s == 4.0 and headed.tpot_s == 4.75
 
 
+def test_gpu_timeline_copies_wait_for_the_segment_reading_their_slot():
+    """`GpuTimeline` by hand: a copy of 1 s, a segment of one expert (0.25 s). The segment waits for
+    its copy (the GPU stalls, the host does not); a prefetch into the slot it reads, issued at host
+    time 0.5, starts only once the segment is done with the slot (1.75), and the next copy queues
+    behind it."""
+    from finemoe.simlink import Clock, GpuTimeline, TimedLink
+
+    clock = Clock()
+    link = TimedLink(clock, 2, copy_s=1.0)
+    gpu = GpuTimeline(clock, link)
+    gpu.begin(0.5)
+    gpu.sync()
+    assert clock.t == 0.5
+    link.load(0, [], True)  # 0.5 -> 1.5
+    link.defer = True
+    link.before_compute([0])
+    link.defer = False
+    gpu.expert_s = 0.25
+    gpu.launch([7], [0], True)  # 1.5 -> 1.75
+    assert gpu.end == 1.75 and link.stall_s == 1.0 and clock.t == 0.5
+    link.load(0, [], False)  # the link is free at 1.5, the slot at 1.75
+    assert link.done[0] == 2.75
+    link.load(1, [], False)
+    assert link.done[1] == 3.75
+    gpu.then(0.5)
+    gpu.sync()
+    assert clock.t == 2.25
+
+
 def test_graphed_decode_changes_nothing_without_predictors_or_for_batches(recorded):
     _, _, f = recorded
     tr = load_trace(f)
