@@ -109,11 +109,9 @@ class ExpertMapStore:
         self._by_layer_np = self.by_layer.numpy()
         self._maps_np = self.maps.numpy()
         self._prefix_norm_np = self.prefix_norm.numpy()
-        # The prefix norms clipped to >= EPS once per stored row, not per query: [L, C] for a
-        # query's full layers, and [C, L] row-major for a pruned query, which gathers its
-        # candidates' remaining layers as one run per row (`TrajectoryQuery.best`)
-        self._norm_eps_np = np.maximum(self._prefix_norm_np, EPS)
-        self._norm_rows_np = np.ascontiguousarray(self._norm_eps_np.T)
+        # [C, L] the prefix norms row-major, clipped to >= EPS: a pruned trajectory query gathers
+        # its candidates' remaining layers as one run per row (`TrajectoryQuery.best`)
+        self._norm_rows_np = np.ascontiguousarray(np.maximum(self._prefix_norm_np, EPS).T)
         self._emb_unit_np = self.emb_unit.numpy()
 
     def _room_for(self, rows: int) -> None:
@@ -128,7 +126,7 @@ class ExpertMapStore:
 
     def nbytes(self) -> int:
         parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
-        return sum(t.numel() * t.element_size() for t in parts) + 2 * self._norm_rows_np.nbytes
+        return sum(t.numel() * t.element_size() for t in parts) + self._norm_rows_np.nbytes
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
@@ -143,7 +141,7 @@ class ExpertMapStore:
         self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
         self.by_layer[:, row] = emap
         self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
-        self._norm_eps_np[:, row] = self._norm_rows_np[row] = np.maximum(self._prefix_norm_np[:, row], EPS)
+        self._norm_rows_np[row] = np.maximum(self._prefix_norm_np[:, row], EPS)
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
@@ -355,9 +353,10 @@ class TrajectoryQuery:
         self._q1 = q_sq
         self.layers += 1
         if self.window > 0 and layer >= self.window:
-            ratio = dot / np.maximum(self._stored_norm(layer).numpy(), EPS)
+            norm = self._stored_norm(layer).numpy()
         else:
-            ratio = dot / s._norm_eps_np[layer, : s.size]  # (clipped once per stored row)
+            norm = s._prefix_norm_np[layer, : s.size]
+        ratio = dot / np.maximum(norm, EPS)
         row = int(ratio.argmax())
         if self.candidates and layer + 1 >= self.prune_at:
             k = self.candidates  # the rows still in the running: the best k so far (the best included)
