@@ -102,20 +102,12 @@ case $part in
     A="prediction_duty='always'"
     steady q3 "lru,finemoe+$A,finemoe+$A+prefetch_distance=2,finemoe+$A+prefetch_distance=2+gate_refine=False" \
       s21_qwen3_30b_distance.json ;;
-  s23)      # session 23: the GPU tests, the graphed-capture regression test's neighbours once more (the
-            # bf16 parity test had failed intermittently with search="async"), then as s22 (~8 min)
-    python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -30
-    python -m pytest -q -rf --tb=short tests/gpu/test_cuda.py -k bf16 2>&1 | tail -4
-    lscpu | grep "Model name"
-    T="--traces gpu_traces/ref40_test.fmt --history gpu_traces/ref_hist.fmt --limit 40"
-    taskset -c 3 python benchmarks/sim_speed.py $T --repeat 3 --policies lru,on-demand,finemoe \
-      --out "$out/sim_speed_h200host_$part.json" 2>&1 | tail -4
-    taskset -c 3 python benchmarks/sim_speed_ab.py --base-src out/base_src $T --policy finemoe --rounds 8 \
-      --out "$out/sim_speed_ab_h200host_$part.json" 2>&1 | tail -4 ;;
-  s21|s22)  # sessions 21 and 22: the GPU tests, then the replay's speed on one pinned host core, this
+  s21|s22|s23)  # sessions 21-23: the GPU tests, then the replay's speed on one pinned host core, this
             # tree and (alternated) another one's src/ copied to out/base_src (carry
-            # gpu_traces/ref40_test.fmt, gpu_traces/ref_hist.fmt, out/base_src; ~7 min). Records named by part.
+            # gpu_traces/ref40_test.fmt, gpu_traces/ref_hist.fmt, out/base_src; ~7 min). Records named by
+            # part. s23 runs the bf16 parity test once more (it had failed intermittently with search="async")
     python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -30
+    if [ "$part" = s23 ]; then python -m pytest -q -rf --tb=short tests/gpu/test_cuda.py -k bf16 2>&1 | tail -4; fi
     lscpu | grep "Model name"
     T="--traces gpu_traces/ref40_test.fmt --history gpu_traces/ref_hist.fmt --limit 40"
     taskset -c 3 python benchmarks/sim_speed.py $T --repeat 3 --policies lru,on-demand,finemoe \

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import write_record  # noqa: E402
 from finemoe.config import EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
-from finemoe.simulator import empty_history, record_history, simulate  # noqa: E402
+from finemoe.sim_history import empty_history, record_history  # noqa: E402
+from finemoe.simulator import simulate  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 
 MEASURED = Path(__file__).resolve().parents[1] / "docs/results/s20_qwen3_30b_host_or_copies.json"
@@ -44,22 +45,25 @@ LABELS = {
 }
 
 
+def figures(tpot_s: float, hit_rate: float, counts: dict) -> dict:
+    """TPOT (ms), hit rate and prefetches issued / used / late per 100 expert uses, from `counts`
+    (hits, misses, prefetches_*: a device run's record or a replay's cache stats)."""
+    uses = counts["hits"] + counts["misses"]
+    return {
+        "tpot_ms": tpot_s * 1e3,
+        "hit_rate": hit_rate,
+        **{f"{k}_per_100": 100 * counts[f"prefetches_{k}"] / uses for k in ("issued", "used", "late")},
+    }
+
+
+def line(label: str, f: dict) -> str:
+    return f"{label:<44} {f['tpot_ms']:8.2f} {f['hit_rate']:6.3f} {f['issued_per_100']:7.1f} {f['late_per_100']:6.1f}"
+
+
 def measured() -> dict[str, dict]:
-    """The device run's TPOT, hit rate and prefetch counts per 100 expert uses, by run name."""
-    out = {}
-    for r in json.loads(MEASURED.read_text())["runs"]:
-        name = LABELS.get(r["policy"])
-        if name is None:
-            continue
-        uses = r["hits"] + r["misses"]
-        out[name] = {
-            "tpot_ms": r["tpot_s"] * 1e3,
-            "hit_rate": r["hit_rate"],
-            "issued_per_100": 100 * r["prefetches_issued"] / uses,
-            "late_per_100": 100 * r["prefetches_late"] / uses,
-            "used_per_100": 100 * r["prefetches_used"] / uses,
-        }
-    return out
+    """The device run's figures, by run name."""
+    runs = json.loads(MEASURED.read_text())["runs"]
+    return {LABELS[r["policy"]]: figures(r["tpot_s"], r["hit_rate"], r) for r in runs if r["policy"] in LABELS}
 
 
 def main() -> int:
@@ -106,30 +110,14 @@ def main() -> int:
     want = measured()
     rows = []
     print(f"all-gpu graphed step {floor.tpot_s * 1e3:.2f} ms (measured 12.78)")
-    print(f"{'run':<11} {'order':<8} {'TPOT ms':>8} {'hit':>6} {'issued':>7} {'late':>6}   (per 100 expert uses)")
+    print(f"{'run, order':<44} {'TPOT ms':>8} {'hit':>6} {'issued':>7} {'late':>6}   (per 100 expert uses)")
     for name, config, predict_us, extra_us in runs:
         for graphed in (True, False):
             r = simulate(test, config, cost(predict_us, extra_us), "timed", history, graphed=graphed)
-            uses = r.stats["hits"] + r.stats["misses"]
-            row = {
-                "run": name,
-                "order": "graphed" if graphed else "eager",
-                "tpot_ms": r.tpot_s * 1e3,
-                "hit_rate": r.hit_rate,
-                "issued_per_100": 100 * r.stats["prefetches_issued"] / uses,
-                "late_per_100": 100 * r.stats["prefetches_late"] / uses,
-                "used_per_100": 100 * r.stats["prefetches_used"] / uses,
-            }
+            row = {"run": name, "order": "graphed" if graphed else "eager", **figures(r.tpot_s, r.hit_rate, r.stats)}
             rows.append(row)
-            print(
-                f"{name:<11} {row['order']:<8} {row['tpot_ms']:8.2f} {row['hit_rate']:6.3f} "
-                f"{row['issued_per_100']:7.1f} {row['late_per_100']:6.1f}"
-            )
-        m = want[name]
-        print(
-            f"{name:<11} {'H200':<8} {m['tpot_ms']:8.2f} {m['hit_rate']:6.3f} {m['issued_per_100']:7.1f} "
-            f"{m['late_per_100']:6.1f}"
-        )
+            print(line(f"{name}, {row['order']}", row))
+        print(line(f"{name}, H200", want[name]))
     levers = []
     if args.levers:  # finemoe's knobs, and its costs removed, in the graphed order at the same host costs
         alone = EngineConfig(policy="on-demand", eviction="decay-lfu", prefill_eviction="sweep", expert_budget=budget)
@@ -153,19 +141,8 @@ def main() -> int:
             predict_us = args.plan_copy_us if predict_us is None else predict_us
             extra_us = args.finemoe_host_us if extra_us is None else extra_us
             r = simulate(test, config, cost(predict_us, extra_us), "timed", history, graphed=True)
-            uses = r.stats["hits"] + r.stats["misses"]
-            row = {
-                "lever": name,
-                "tpot_ms": r.tpot_s * 1e3,
-                "hit_rate": r.hit_rate,
-                "issued_per_100": 100 * r.stats["prefetches_issued"] / uses,
-                "late_per_100": 100 * r.stats["prefetches_late"] / uses,
-            }
-            levers.append(row)
-            print(
-                f"  {name:<40} {row['tpot_ms']:8.2f} {row['hit_rate']:6.3f} "
-                f"{row['issued_per_100']:7.1f} {row['late_per_100']:6.1f}"
-            )
+            levers.append({"lever": name, **figures(r.tpot_s, r.hit_rate, r.stats)})
+            print(line(f"  {name}", levers[-1]))
     write_record(args.out, vars(args), rows, measured=want, all_gpu_tpot_ms=floor.tpot_s * 1e3, levers=levers)
     plot(rows, want, Path(args.out).with_suffix(".png"), args)
     return 0

@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import write_record  # noqa: E402
 from finemoe.config import EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
-from finemoe.simulator import empty_history, record_history, simulate  # noqa: E402
+from finemoe.sim_history import empty_history, record_history  # noqa: E402
+from finemoe.simulator import simulate  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 
 

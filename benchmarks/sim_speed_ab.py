@@ -48,8 +48,9 @@ def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
     mods = {m: mod for m, mod in sys.modules.items() if m == "finemoe" or m.startswith("finemoe.")}
     cfgm, sim, trace = mods["finemoe.config"], mods["finemoe.simulator"], mods["finemoe.trace"]
     test = trace.load_trace(args.traces).head(args.limit)
-    hist = sim.empty_history(test, 1000)
-    sim.record_history(trace.load_trace(args.history), hist)
+    hmod = mods.get("finemoe.sim_history", sim)  # (trees before session 23 keep it in the simulator)
+    hist = hmod.empty_history(test, 1000)
+    hmod.record_history(trace.load_trace(args.history), hist)
     cost = mods["finemoe.costmodel"].make_cost_model(test.spec, "trace")
     cfg = cfgm.EngineConfig(
         expert_budget=cfgm.ExpertBudget.parse(args.budget), policy=args.policy, map_store_learn=False

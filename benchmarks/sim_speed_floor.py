@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import write_record  # noqa: E402
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
-from finemoe.simulator import accesses_of, schedule, simulate  # noqa: E402
+from finemoe.replay_rows import accesses_of, schedule  # noqa: E402
+from finemoe.simulator import simulate  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 
 

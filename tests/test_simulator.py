@@ -20,8 +20,9 @@ from finemoe import Engine, SamplingParams
 from finemoe.config import EngineConfig, ExpertBudget
 from finemoe.costmodel import SHAPES, CostModel, make_cost_model
 from finemoe.map_store_file import ModelIdentity
+from finemoe.sim_history import empty_history, record_history
 from finemoe.simlink import Clock, TimedLink
-from finemoe.simulator import empty_history, record_history, simulate
+from finemoe.simulator import simulate
 from finemoe.trace import Trace, TraceError, load_trace, record
 
 from tests.test_cache import SPEC as SPEC1

@@ -146,7 +146,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from finemoe.costmodel import make_cost_model
     from finemoe.errors import ConfigError
     from finemoe.presets import PRESETS
-    from finemoe.simulator import ORACLES, empty_history, record_history, simulate
+    from finemoe.sim_history import empty_history, record_history
+    from finemoe.simulator import ORACLES, simulate
     from finemoe.trace import load_trace
 
     policies = [p for p in args.policies.split(",") if p]
