@@ -52,6 +52,8 @@ class ExpertCache:
         self.early_issue_misses = early_issue_misses
         self._sweeping = False  # this iteration is a prefill and prefill_sweep is on
         self._on_release = getattr(policy, "on_release", None)  # optional: unpinning news for the policy
+        # a transfer whose `after_compute` does nothing (`after_compute_noop`) is not called per layer
+        self._after_compute = None if getattr(transfer, "after_compute_noop", False) else transfer.after_compute
         self._victims = getattr(policy, "victims", None)  # optional: several victims in one pass
         self._prefetch_victims = getattr(policy, "prefetch_victims", None)  # optional: likewise for prefetches
         self._victims_behind = getattr(policy, "victims_behind", None)  # optional: the sweep in the policy's order
@@ -518,7 +520,8 @@ class ExpertCache:
         if slots is None:
             row = self.slot_of[layer]
             slots = [row[e] for e in experts]
-        self.transfer.after_compute(slots)
+        if self._after_compute is not None:
+            self._after_compute(slots)
         for s in slots:
             refcount[s] -= 1
         if self._on_release is not None:

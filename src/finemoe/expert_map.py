@@ -112,6 +112,9 @@ class ExpertMapStore:
         # [C, L] the prefix norms row-major, clipped to >= EPS: a pruned trajectory query gathers
         # its candidates' remaining layers as one run per row (`TrajectoryQuery.best`)
         self._norm_rows_np = np.ascontiguousarray(np.maximum(self._prefix_norm_np, EPS).T)
+        # [L, C] the same clipped norms layer-major: the full search's per-layer divisor, one
+        # contiguous slice (no clipping pass per layer)
+        self._norm_layers_np = np.maximum(self._prefix_norm_np, EPS)
         self._emb_unit_np = self.emb_unit.numpy()
 
     def _room_for(self, rows: int) -> None:
@@ -126,7 +129,7 @@ class ExpertMapStore:
 
     def nbytes(self) -> int:
         parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
-        return sum(t.numel() * t.element_size() for t in parts) + self._norm_rows_np.nbytes
+        return sum(t.numel() * t.element_size() for t in parts) + 2 * self._norm_rows_np.nbytes
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
@@ -141,7 +144,7 @@ class ExpertMapStore:
         self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
         self.by_layer[:, row] = emap
         self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
-        self._norm_rows_np[row] = np.maximum(self._prefix_norm_np[:, row], EPS)
+        self._norm_rows_np[row] = self._norm_layers_np[:, row] = np.maximum(self._prefix_norm_np[:, row], EPS)
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
@@ -353,10 +356,10 @@ class TrajectoryQuery:
         self._q1 = q_sq
         self.layers += 1
         if self.window > 0 and layer >= self.window:
-            norm = self._stored_norm(layer).numpy()
+            norm = np.maximum(self._stored_norm(layer).numpy(), EPS)
         else:
-            norm = s._prefix_norm_np[layer, : s.size]
-        ratio = dot / np.maximum(norm, EPS)
+            norm = s._norm_layers_np[layer, : s.size]  # (clipped to >= EPS)
+        ratio = dot / norm
         row = int(ratio.argmax())
         if self.candidates and layer + 1 >= self.prune_at:
             k = self.candidates  # the rows still in the running: the best k so far (the best included)
@@ -374,7 +377,7 @@ class TrajectoryQuery:
     def _best_pruned(self, layer: int, p: np.ndarray) -> tuple[float, int]:
         """`best` over the candidate rows only: [K, E] per layer instead of [C, E]."""
         i = layer - self._cbase
-        self._cdot += _mv(self._cmaps[:, i], p)  # [K, E] view
+        self._cdot += _c_einsum("ck,k->c", self._cmaps[:, i], p)  # [K, E] view (`_mv`, without its frame)
         self._q1 += float(p.dot(p))
         self.layers += 1
         ratio = self._cdot / self._cnorm[:, i]

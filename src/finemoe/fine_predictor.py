@@ -179,7 +179,7 @@ class FineMoEPredictor:
         ranked = self.store.ranked(target, row)
         n = ranked.count(score, self.spec.top_k, self.rule)
         self._planned[target] = (ranked, n)  # n >= 1 (top-k floor)
-        if self._withhold():
+        if self.min_precision > 0 and self._withhold():  # (the guard spares a call per layer when off)
             return ()
         return ranked.requests(target, max(target - layer_now, 1), n, self._eids[target])
 

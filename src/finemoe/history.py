@@ -96,7 +96,12 @@ class PredictorChain:
         for m in self.members:
             plan = m.on_routing(event)
             if plan is not None:
-                out = plan if out is None else self._merge(out, plan)
+                if out is None:
+                    out = plan
+                else:  # `_merge`, inlined (a call per layer-step in the replay)
+                    it = out.iteration if out.iteration >= plan.iteration else plan.iteration
+                    reqs, hints = out.requests + plan.requests, out.layer_probs + plan.layer_probs
+                    out = tuple.__new__(PrefetchPlan, (reqs, out.replace or plan.replace, it, hints))
         return out
 
     @staticmethod

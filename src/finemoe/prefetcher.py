@@ -12,7 +12,7 @@ searcher); everything else runs on the forward thread.
 
 from __future__ import annotations
 
-import heapq
+from bisect import insort
 from collections import deque
 from collections.abc import Callable
 
@@ -28,18 +28,23 @@ class LinkWindow:
     `clock()`: seconds (wall time in the engine, simulated time in the replay), read when the
     forward pass reaches a layer; the layer time is a moving average of the gaps between
     consecutive layers of an iteration. `copy_s()`: seconds per expert copy as the transfer
-    measures it (0: unknown, or copies finish when issued).
+    measures it (0: unknown, or copies finish when issued), or a number where it never changes
+    (the replay's link: no call per layer).
     """
 
     def __init__(
         self,
         max_inflight: int,
         clock: Callable[[], float] | None = None,
-        copy_s: Callable[[], float] | None = None,
+        copy_s: Callable[[], float] | float | None = None,
         adaptive: bool = True,
         smoothing: float = 0.1,
     ) -> None:
         self.max_inflight = max_inflight
+        self._fixed_copy_s = float(copy_s) if isinstance(copy_s, (int, float)) else None
+        if self._fixed_copy_s is not None:
+            fixed = self._fixed_copy_s
+            copy_s = lambda: fixed  # noqa: E731 (`stats` and outside readers still call it)
         self.clock, self.copy_s = clock, copy_s
         self.adaptive = adaptive and clock is not None and copy_s is not None
         self.smoothing = smoothing
@@ -58,7 +63,9 @@ class LinkWindow:
             return
         gap = t - last[2]
         self.layer_s = gap if self.layer_s == 0.0 else self.layer_s + self.smoothing * (gap - self.layer_s)
-        c = copy_s()
+        c = self._fixed_copy_s
+        if c is None:
+            c = copy_s()
         if c > 0:  # clip(layer time / copy time, 1, max_inflight), compares rather than min/max calls
             n = int(self.layer_s / c)
             if n > self.max_inflight:
@@ -87,7 +94,10 @@ class Prefetcher:
         self.copies = copies
         self.max_inflight = max_inflight
         self.window = window if window is not None else LinkWindow(max_inflight)
-        self._heap: list[tuple[float, int, int, ExpertId]] = []  # (-priority, seq, iteration, expert)
+        # (priority, -seq, iteration, expert), ascending: the next request is the last (the highest
+        # priority, the earliest queued of equals). A sorted list, not a heap: `insort` compares fewer
+        # entries than a push and a pop together, and popping the end compares none.
+        self._queue: list[tuple[float, int, int, ExpertId]] = []
         self._seq = 0
         self._inflight: list[int] = []  # slots with prefetch copies possibly still running
         self._paused = False
@@ -99,6 +109,8 @@ class Prefetcher:
         self.iteration, self.layer = -1, -1  # where the forward pass is
         self._on_iteration = getattr(cache.policy, "on_iteration", None)  # optional policy hook
         self._settled = getattr(cache.transfer, "settled", None)  # optional: every copy issued has landed
+        self._unfinished = getattr(cache.transfer, "unfinished", None)  # optional: `is_done` of many, one call
+        self._batched = cache.batches_prefetches  # (fixed with the policy: read once, not per pump)
         cache.on_demand_miss = self.pause
 
     def now(self, iteration: int, layer: int) -> None:
@@ -130,20 +142,18 @@ class Prefetcher:
         if plan.replace:
             # A posted plan (searcher thread or process) may arrive after plans the forward thread
             # made for the same iteration: it replaces only what earlier iterations queued.
-            keep = [e for e in self._heap if e[2] >= plan.iteration >= 0] if late else []
-            self.cache.stats.prefetches_dropped += len(self._heap) - len(keep)
-            if keep:
-                heapq.heapify(keep)
-            self._heap = keep
+            keep = [e for e in self._queue if e[2] >= plan.iteration >= 0] if late else []  # (still sorted)
+            self.cache.stats.prefetches_dropped += len(self._queue) - len(keep)
+            self._queue = keep
         # Every request is queued, resident ones too: a demand load may evict such an expert before
         # the request is popped, and the plan still wants it back (skipping them at submit time
         # changed moe-infinity's replay, 0.364 -> 0.262 hit rate on the reference study's trace).
-        heap, seq, it, push = self._heap, self._seq, plan.iteration, heapq.heappush
+        queue, seq, it = self._queue, self._seq, plan.iteration
         for eid, priority in plan.requests:
             seq += 1
-            push(heap, (-priority, seq, it, eid))
+            insort(queue, (priority, -seq, it, eid))
         self._seq = seq
-        if heap:
+        if queue:
             self.idle = False
 
     def pause(self) -> None:
@@ -154,7 +164,7 @@ class Prefetcher:
         self._paused = False
 
     def pending(self) -> int:
-        return len(self._heap) + len(self._inbox)
+        return len(self._queue) + len(self._inbox)
 
     def _stale(self, iteration: int, eid: ExpertId) -> bool:
         if iteration < 0:
@@ -163,9 +173,9 @@ class Prefetcher:
 
     def pump(self) -> int:
         """Start queued prefetches, highest priority first, up to the in-flight limit."""
-        if not self._heap and not self._inbox:
+        if not self._queue and not self._inbox:
             self.idle = True  # published first, then checked again: a plan posted meanwhile is seen
-            if not self._heap and not self._inbox:
+            if not self._queue and not self._inbox:
                 return 0  # nothing to start (a pause only matters once something is queued)
             self.idle = False
         while self._inbox:
@@ -176,19 +186,21 @@ class Prefetcher:
                 return 0
             self._paused = False
         if self._inflight:
-            if self._settled is not None and self._settled():
+            if self._unfinished is not None:
+                self._inflight = self._unfinished(self._inflight)
+            elif self._settled is not None and self._settled():
                 self._inflight = []
             else:
                 done = cache.transfer.is_done
                 self._inflight = [s for s in self._inflight if not done(s)]
         started = 0
         limit = self.window.limit
-        if cache.batches_prefetches:
+        if self._batched:
             started, finished = self._start_batch(limit - len(self._inflight))
             if finished:
                 return started
-        while self._heap and len(self._inflight) < limit:
-            _, _, iteration, eid = heapq.heappop(self._heap)
+        while self._queue and len(self._inflight) < limit:
+            _, _, iteration, eid = self._queue.pop()
             if self._stale(iteration, eid):
                 cache.stats.prefetches_dropped += 1
                 continue
@@ -204,18 +216,18 @@ class Prefetcher:
         (`ExpertCache.prefetch_batch`): the same copies started, the same requests dropped.
         Returns (copies started, finished); not finished when it met a request without an
         iteration, left at the front of the queue for the one-at-a-time loop."""
-        cache, heap, stats = self.cache, self._heap, self.cache.stats
+        cache, queue, stats = self.cache, self._queue, self.cache.stats
         slot_of = cache.slot_of
         batch: list[tuple[ExpertId, int]] = []
         seen: set[ExpertId] = set()
         twins: list[ExpertId] = []  # requests for an expert already in the batch
         unfinished = False
-        now_it, now_layer, pop = self.iteration, self.layer, heapq.heappop
+        now_it, now_layer, pop = self.iteration, self.layer, queue.pop
         if now_it < 0:
             now_it = -2  # before the first iteration nothing is stale (and no request has iteration -2)
         dropped = 0
-        while heap and room > 0:
-            entry = pop(heap)
+        while queue and room > 0:
+            entry = pop()
             _, _, iteration, eid = entry
             if iteration == now_it:  # stale (`_stale`, inlined): a layer already reached, or an older iteration
                 if eid[0] <= now_layer:
@@ -227,7 +239,7 @@ class Prefetcher:
             if slot_of[eid[0]][eid[1]] >= 0:
                 continue  # resident: nothing to copy
             if iteration < 0:  # a prefetch without an iteration stays evictable: one at a time
-                heapq.heappush(heap, entry)  # back at the front (everything popped before it ranked higher)
+                queue.append(entry)  # back at the front (everything popped before it ranked higher)
                 unfinished = True
                 break
             if eid in seen:
@@ -243,13 +255,13 @@ class Prefetcher:
         if len(slots) < len(batch):  # no slot for the rest: every later request finds none either
             stats.prefetches_dropped += len(batch) - len(slots)
             stats.prefetches_dropped += sum(slot_of[e.layer][e.expert] < 0 for e in twins)
-            while heap:
-                _, _, iteration, eid = heapq.heappop(heap)
+            for _, _, iteration, eid in queue:  # (the order does not matter for the count)
                 if self._stale(iteration, eid) or slot_of[eid.layer][eid.expert] < 0:
                     stats.prefetches_dropped += 1
+            queue.clear()
             return len(slots), True
         return len(slots), not unfinished
 
     def clear(self) -> None:
-        self._heap.clear()
+        self._queue.clear()
         self._inbox.clear()

@@ -143,6 +143,11 @@ class TimedLink:
     def landed(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 
+    def unfinished(self, slots: list[int]) -> list[int]:
+        """The slots of `slots` whose copies are not done (`is_done` False), in order."""
+        t, done = self.clock.t, self.done
+        return [s for s in slots if done[s] > t]
+
     def settled(self) -> bool:
         """Every copy issued so far has landed: the last one issued ends last (copies run one at a
         time; demand-first: the queue holds every unfinished copy, ordered by start)."""
@@ -162,6 +167,8 @@ class TimedLink:
         elif ready > t:
             self.stall_s += ready - t
             self.clock.t = ready
+
+    after_compute_noop = True  # (the cache skips the call)
 
     def after_compute(self, slots: list[int]) -> None:
         pass

@@ -157,6 +157,8 @@ class Simulator:
             spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
         )
         copy_s = getattr(self.transfer, "copy_seconds", None)
+        if isinstance(self.transfer, TimedLink):
+            copy_s = self.transfer.copy_s  # fixed for the replay: the window reads the number
         transfer, clock = self.transfer, self.clock
         # layer time without the stalls: the time the link has to copy in; in a graphed decode step
         # the wall time, as the engine's window reads it there (its stalls are the GPU's)

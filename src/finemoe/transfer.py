@@ -43,6 +43,8 @@ class Transfer(Protocol):
     # Optional: `load_many(slots, srcs, demand)`, `load` of each (slot, src) pair in order, one call.
     # Optional: `settled() -> bool`, True only if every copy issued so far has landed (then `is_done`
     # and `landed` are True for every slot; the cache skips asking them).
+    # Optional: `unfinished(slots) -> list[int]`, the slots of `slots` whose copies are not done
+    # (`is_done` False), in order: one call for a prefetcher's in-flight list.
 
 
 class SyncTransfer:
