@@ -99,3 +99,41 @@ def test_device_linear_refuses_a_router_that_is_not_its_weight():
 
     gate = RouterGate([Scaled()], get_adapter("qwen2_moe"), 4)
     assert gate.device_linear(0) is None
+
+
+def test_gate_plans_of_many_rows_are_the_union_of_single_row_plans_ties_to_the_lower_id():
+    """A prefill (or batched) routing's gate plan is the union of every row's top k with each
+    expert's highest probability, ties at the k-th place going to the lower expert id exactly as
+    a single row's plan breaks them (hand-computed: E = 6, k = 2)."""
+    from finemoe.baselines import SpeculativeGatePredictor
+    from finemoe.predictor import PredictorDeps
+    from finemoe.types import IterationContext, MoESpec, RoutingEvent
+
+    spec = MoESpec("qwen2_moe", (0, 1), 6, 2, 8, 4, (), torch.float32, 2)
+    table = torch.tensor(
+        [
+            [0.1, 0.3, 0.3, 0.3, 0.0, 0.0],  # a three-way tie: experts 1 and 2
+            [0.5, 0.0, 0.0, 0.2, 0.2, 0.1],  # 0, then 3 (tied with 4)
+            [0.0, 0.0, 0.0, 0.0, 0.6, 0.4],  # 4 and 5
+        ]
+    )
+
+    def gate(target: int, rows: torch.Tensor) -> torch.Tensor:  # rows [N, 1]: indices into `table`
+        return table[rows[:, 0].long()]
+
+    pred = SpeculativeGatePredictor(PredictorDeps(spec, 1, None, None, gate))
+
+    def plan(rows: list[int]) -> dict[int, float]:
+        n = len(rows)
+        pred.on_iteration_start(IterationContext(0, True, n, torch.arange(n), torch.zeros(n, dtype=torch.int64), None))
+        hidden = torch.tensor(rows, dtype=torch.float32)[:, None]  # [N, 1]
+        event = RoutingEvent(0, 0, torch.zeros(n, 6), torch.zeros(n, 2, dtype=torch.int64), True, hidden)
+        return {r.expert.expert: r.priority for r in pred.on_routing(event).requests}
+
+    assert plan([0, 1, 2]) == pytest.approx({0: 0.5, 1: 0.3, 2: 0.3, 3: 0.2, 4: 0.6, 5: 0.4})
+    union: dict[int, float] = {}
+    for r in range(3):
+        for e, p in plan([r]).items():
+            union[e] = max(p, union.get(e, 0.0))
+    assert plan([0, 1, 2]) == union
+    assert plan([0, 1]) == pytest.approx({0: 0.5, 1: 0.3, 2: 0.3, 3: 0.2})  # 4 loses its tie with 3

@@ -86,14 +86,14 @@ class SpeculativeGatePredictor:
             new = tuple.__new__  # the named tuples' own constructor, without their Python frames
             reqs = tuple([new(PrefetchRequest, (eids[e], row[e])) for e in top])
             return new(PrefetchPlan, (reqs, False, event.iteration, ()))  # (requests, replace, iteration, probs)
-        if isinstance(probs, np.ndarray):
-            probs = torch.from_numpy(probs)
-        top_p, top_i = torch.topk(probs, k, dim=1)  # [N, k]
-        # union over the rows, max probability per expert (a prefill routes N = prompt rows), in
-        # NumPy: a handful of torch ops cost more than the work at these sizes
-        flat = top_i.numpy().reshape(-1)  # [N*k]
+        # each row's top k, then the union over the rows with the max probability per expert (a
+        # prefill routes N = prompt rows), in NumPy: a handful of torch ops cost more than the work
+        # at these sizes. Ties go to the lower expert id, as at batch 1.
+        p = probs if isinstance(probs, np.ndarray) else probs.float().numpy()  # [N, E]
+        flat = np.argsort(-p, axis=1, kind="stable")[:, :k].reshape(-1)  # [N*k] expert ids, row by row
+        at = np.arange(0, n * e, e).repeat(k)  # [N*k] each pick's row offset in the flat [N*E]
         best = np.zeros(e, dtype=np.float32)  # [E]
-        np.maximum.at(best, flat, top_p.float().numpy().reshape(-1))
+        np.maximum.at(best, flat, p.reshape(-1)[at + flat])
         chosen = np.zeros(e, dtype=bool)
         chosen[flat] = True
         ids = np.flatnonzero(chosen)  # the experts of any row's top k, ascending
