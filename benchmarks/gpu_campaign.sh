@@ -102,7 +102,15 @@ case $part in
     A="prediction_duty='always'"
     steady q3 "lru,finemoe+$A,finemoe+$A+prefetch_distance=2,finemoe+$A+prefetch_distance=2+gate_refine=False" \
       s21_qwen3_30b_distance.json ;;
-  s21|s22|s23)  # sessions 21-23: the GPU tests, then the replay's speed on one pinned host core, this
+  s24q3)    # session 24: where finemoe's extra host time outside the predictors goes (~160 us per layer
+            # in s20q3: TPOT - sync - critical against lru). Always predicting, no prefetch copies, the
+            # map search inline (sync), on its thread (async, the default) or in a process: if the
+            # searcher thread's GIL holds are the cause, sync's other host time falls to lru's
+            # (carry q128x8_t2 and q128x8_hist; ~9 min)
+    A="prediction_duty='always'+prefetch_copies=False"
+    steady q3 "lru,finemoe+$A,finemoe+$A+search='sync',finemoe+$A+search='process'" \
+      s24_qwen3_30b_host_split.json ;;
+  s21|s22|s23|s24)  # sessions 21-24: the GPU tests, then the replay's speed on one pinned host core, this
             # tree and (alternated) another one's src/ copied to out/base_src (carry
             # gpu_traces/ref40_test.fmt, gpu_traces/ref_hist.fmt, out/base_src; ~7 min). Records named by
             # part. s23 runs the bf16 parity test once more (it had failed intermittently with search="async")
