@@ -110,6 +110,11 @@ case $part in
     A="prediction_duty='always'+prefetch_copies=False"
     steady q3 "lru,finemoe+$A,finemoe+$A+search='sync',finemoe+$A+search='process'" \
       s24_qwen3_30b_host_split.json ;;
+  s24q3b)   # session 24, after s24q3 (sync's other host time fell ~4 ms per token against async): the
+            # same with the prefetch copies on, beside the no-copy pair again (carry as s24q3; ~9 min)
+    A="prediction_duty='always'"
+    steady q3 "lru,finemoe+$A,finemoe+$A+search='sync',finemoe+$A+prefetch_copies=False,finemoe+$A+prefetch_copies=False+search='sync'" \
+      s24_qwen3_30b_sync_copies.json ;;
   s21|s22|s23|s24)  # sessions 21-24: the GPU tests, then the replay's speed on one pinned host core, this
             # tree and (alternated) another one's src/ copied to out/base_src (carry
             # gpu_traces/ref40_test.fmt, gpu_traces/ref_hist.fmt, out/base_src; ~7 min). Records named by
