@@ -116,6 +116,28 @@ def git_sha() -> str:
         return "unknown"
 
 
+def _python_build() -> dict:
+    """What the interpreter was built with: pure-Python replays differ ~10% between builds (a
+    shared libpython without profile-guided optimisation against a distribution's static, PGO
+    build: docs/results/simulator.md, "Session 24"), so speed records name theirs."""
+    import sysconfig
+
+    args = sysconfig.get_config_var("CONFIG_ARGS") or ""
+    cpu = ""
+    info = Path("/proc/cpuinfo")
+    if info.exists():
+        names = [x.split(":", 1)[1].strip() for x in info.read_text().splitlines() if x.startswith("model name")]
+        cpu = names[0] if names else ""
+    return {
+        "executable": sys.executable,
+        "shared_libpython": bool(sysconfig.get_config_var("Py_ENABLE_SHARED")),
+        "configure_pgo": "--enable-optimizations" in args,
+        "configure_lto": "--with-lto" in args,
+        "compiler": platform.python_compiler(),
+        "cpu_model": cpu,
+    }
+
+
 def run_meta() -> dict:
     import transformers
 
@@ -125,6 +147,8 @@ def run_meta() -> dict:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "python": platform.python_version(),
+        "python_build": _python_build(),
+        "numpy": __import__("numpy").__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": dev,
