@@ -115,6 +115,12 @@ case $part in
     A="prediction_duty='always'"
     steady q3 "lru,finemoe+$A,finemoe+$A+search='sync',finemoe+$A+prefetch_copies=False,finemoe+$A+prefetch_copies=False+search='sync'" \
       s24_qwen3_30b_sync_copies.json ;;
+  s24q3c)   # session 24, final library: the GPU tests, then the layers' serve timed around each launch
+            # (serve_decode_s, launch_decode_s, post_launch_decode_s) for lru and finemoe always
+            # predicting, with and without copies (carry as s24q3; ~8 min)
+    python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -30
+    A="prediction_duty='always'"
+    steady q3 "lru,finemoe+$A+prefetch_copies=False,finemoe+$A" s24_qwen3_30b_serve_split.json ;;
   s21|s22|s23|s24)  # sessions 21-24: the GPU tests, then the replay's speed on one pinned host core, this
             # tree and (alternated) another one's src/ copied to out/base_src (carry
             # gpu_traces/ref40_test.fmt, gpu_traces/ref_hist.fmt, out/base_src; ~7 min). Records named by

@@ -141,6 +141,7 @@ def engine_run(eng, item, warm):
         torch.cuda.reset_peak_memory_stats()
     rt = eng.runtime
     crit0, iters0, sync0 = rt.critical_decode_s, rt.decode_iterations, rt.sync_decode_s
+    serve0 = (rt.serve_decode_s, rt.launch_decode_s, rt.post_launch_decode_s)
     critp0, syncp0 = rt.critical_prefill_s, rt.sync_s - rt.sync_decode_s
     if GC_FREEZE:
         gc.collect()  # the previous request's garbage is not frozen with the rest
@@ -162,6 +163,10 @@ def engine_run(eng, item, warm):
         "predictor_decode_s": rt.critical_decode_s - crit0,
         "decode_iterations": rt.decode_iterations - iters0,
         "sync_decode_s": rt.sync_decode_s - sync0,
+        # graphed decode: a layer's serve before its launch, the launch call, and after it
+        "serve_decode_s": rt.serve_decode_s - serve0[0],
+        "launch_decode_s": rt.launch_decode_s - serve0[1],
+        "post_launch_decode_s": rt.post_launch_decode_s - serve0[2],
         "predictor_prefill_s": rt.critical_prefill_s - critp0,  # forward-thread predictor time in the prefill
         "sync_prefill_s": rt.sync_s - rt.sync_decode_s - syncp0,  # the prefill's routing syncs
         "gc_s": gc1 - gc0,  # in cyclic garbage collection during the request
@@ -214,6 +219,9 @@ def summarize(samples):
         if iters:
             out["predictor_ms_per_decode_step"] = sum(s["predictor_decode_s"] for s in samples) / iters * 1e3
             out["sync_ms_per_decode_step"] = sum(s["sync_decode_s"] for s in samples) / iters * 1e3
+            for key in ("serve", "launch", "post_launch"):
+                if f"{key}_decode_s" in samples[0]:
+                    out[f"{key}_ms_per_decode_step"] = sum(s[f"{key}_decode_s"] for s in samples) / iters * 1e3
         if "predictor_prefill_s" in samples[0]:  # per request (one prefill each)
             out["predictor_ms_per_prefill"] = statistics.fmean(s["predictor_prefill_s"] for s in samples) * 1e3
             out["sync_ms_per_prefill"] = statistics.fmean(s["sync_prefill_s"] for s in samples) * 1e3

@@ -126,6 +126,12 @@ class OffloadRuntime:
     # host work on the critical path between two segments), and when the latest sync returned
     prelaunch_decode_s: float = 0.0
     routed_at: float = 0.0
+    # graphed decode, the layer's serve split in three (summing to `Stepper.serve`'s time there):
+    # before the segment's launch (the accesses, the eviction policy's uses and victims, the
+    # demand copies' issue), the launch call itself, and after it (unpinning, starting prefetches)
+    serve_decode_s: float = 0.0
+    launch_decode_s: float = 0.0
+    post_launch_decode_s: float = 0.0
     # graphed decode: start a layer's queued prefetches before its segment's launch (True), or after
     # it (False, the default: the launch is not delayed by the prefetch issue; a measurement switch)
     pump_before_launch: bool = False
@@ -434,6 +440,8 @@ class LayerBinding:
             return
         stash, self._ids = self._ids, None
         unique = stash[1] if stash is not None and stash[0] is idx else sorted(set(idx.view(-1).tolist()))
+        launched = [0.0]  # when the launch call returned
+        t0 = time.perf_counter()
 
         def compute(got: list[int], slots: list[int], whole: bool) -> None:
             if not whole:
@@ -442,10 +450,15 @@ class LayerBinding:
                     "raise the expert budget or turn cuda_graphs off"
                 )
             cache.device_table(layer)  # the row the graph reads, updated in place on the compute stream
-            rt.prelaunch_decode_s += time.perf_counter() - rt.routed_at
+            t1 = time.perf_counter()
+            rt.prelaunch_decode_s += t1 - rt.routed_at
+            rt.serve_decode_s += t1 - t0
             replay()
+            launched[0] = time.perf_counter()
+            rt.launch_decode_s += launched[0] - t1
 
         rt.stepper.serve(rt.iteration, layer, unique, compute, pump_first=rt.pump_before_launch)
+        rt.post_launch_decode_s += time.perf_counter() - launched[0]
         self._tell_policy()  # while the GPU runs the segment just replayed
 
 

@@ -43,6 +43,10 @@ def test_graphed_decode_tokens(ckpt, policy, budget):
         assert extra["decode_graphs"] == (1 if policy == "all-gpu" else eng.spec.num_layers + 1)
         if policy != "all-gpu":
             assert st.cache.misses > 0
+            # the layers' serve timed in three spans around each segment's launch (host seconds)
+            rt = eng.runtime
+            assert rt.serve_decode_s > 0 and rt.launch_decode_s > 0 and rt.post_launch_decode_s > 0
+            assert rt.serve_decode_s <= rt.prelaunch_decode_s  # the serve starts after the routing sync
         eng.static.use_graphs = False  # the same static cache, every step eager
         eager = [eng.generate(p, params)[0].token_ids for p in prompts]
     assert graphed == eager
