@@ -74,7 +74,7 @@ class SpeculativeGatePredictor:
         if n == 1:  # decode at batch 1: plain Python or NumPy beat a handful of tensor ops
             eids = self._eids[target]
             if e >= NUMPY_TOPK_MIN_E:
-                p = probs[0] if isinstance(probs, np.ndarray) else probs[0].numpy()  # [E] float32
+                p = probs[0] if isinstance(probs, np.ndarray) else probs[0].float().numpy()  # [E] float32
                 order = np.argsort(-p, kind="stable")[:k]  # descending, ties by expert id
                 pairs = zip(order.tolist(), p[order].tolist(), strict=True)
                 new = tuple.__new__

@@ -168,7 +168,9 @@ class TimedLink:
             self.stall_s += ready - t
             self.clock.t = ready
 
-    after_compute_noop = True  # (the cache skips the call)
+    # (the cache skips the call; a subclass that overrides `after_compute` must set this False, as
+    # one that overrides `is_done` must override `unfinished` too)
+    after_compute_noop = True
 
     def after_compute(self, slots: list[int]) -> None:
         pass
