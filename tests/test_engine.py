@@ -167,6 +167,11 @@ def test_prefetch_window_wiring(tiny_checkpoint):
         assert st["window_layer_ms"] > 0 and st["window_copy_ms"] == 0.0
         eng.reconfigure(policy="lru")
         assert eng.stats().extra["prefetch_window"] == "fixed"
+        # eager decode on a CPU: the graphed serve's host-time spans stay empty, the syncs are timed
+        host = {k: v for k, v in eng.stats().extra.items() if k.startswith("decode_") and k.endswith("_s")}
+        assert set(host) == {"decode_sync_s", "decode_serve_s", "decode_launch_s", "decode_post_launch_s"}
+        assert host["decode_serve_s"] == host["decode_launch_s"] == host["decode_post_launch_s"] == 0.0
+        assert host["decode_sync_s"] >= 0.0
         eng.reconfigure(policy="finemoe", prefetch_window="fixed", max_inflight_prefetches=2)
         st = eng.stats().extra
         assert st["prefetch_window"] == "fixed" and st["prefetch_window_limit"] == 2

@@ -657,8 +657,22 @@ class Engine:
                 **self.prefetcher.window.stats(),
                 **self.predictor_stats(),
                 **(self.static.stats() if self.static is not None else {"cuda_graphs": False}),
+                **self.host_time_stats(),
             },
         )
+
+    def host_time_stats(self) -> dict[str, float]:
+        """Where the decode iterations' host time went, seconds in total: blocked in the routing
+        syncs, in the predictors (`predictor_critical_decode_s`, above), and in graphed decode the
+        layers' serve before their segments' launches, the launch calls and the serve after them
+        (0 in eager decode)."""
+        rt = self.runtime
+        return {
+            "decode_sync_s": rt.sync_decode_s,
+            "decode_serve_s": rt.serve_decode_s,
+            "decode_launch_s": rt.launch_decode_s,
+            "decode_post_launch_s": rt.post_launch_decode_s,
+        }
 
     def close(self) -> None:
         """Save the map store (if one is configured), detach from the model (hooks, experts
