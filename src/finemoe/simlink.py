@@ -211,6 +211,8 @@ class GpuTimeline:
         """The compute callback of a graphed layer: its experts (`got`, in `slots`) on the GPU."""
         link, t = self.link, self.clock.t
         free = self.end if self.end > t else t
+        # `link.ready` (from `before_compute` just before, in `defer` mode) is never before now, so
+        # the segment never starts before its launch
         start = link.ready if link.ready > self.end else self.end
         if start > free:
             link.stall_s += start - free

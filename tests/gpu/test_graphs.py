@@ -5,6 +5,7 @@ all-resident, offloaded and speculative policies; the graphs are captured once a
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -17,6 +18,18 @@ from tests.gpu.medium import EXTRA, medium_checkpoint, medium_prompts
 @pytest.fixture(scope="module", params=list(EXTRA))
 def ckpt(request, tmp_path_factory):
     return medium_checkpoint(request.param, tmp_path_factory)
+
+
+@contextmanager
+def first_router_hook(eng, hook):
+    """`hook` as a forward hook of the engine's first MoE router for the block, removed after it."""
+    from finemoe.loader import find_moe_layers
+
+    handle = find_moe_layers(eng.model, eng.adapter)[0].router.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @pytest.mark.parametrize(
@@ -86,8 +99,6 @@ def test_capture_is_untouched_by_pinned_copies_another_thread_frees(ckpt):
     an event on the copy's stream at the free, so the graphs are captured on a stream of their own.
     On the copies' stream the event joined the graph and the next pinned copy failed ("CUDA error:
     invalid argument"). Graphed tokens equal the eager ones."""
-    from finemoe.loader import find_moe_layers
-
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompt = medium_prompts()[0]
     held: list[torch.Tensor] = []
@@ -109,14 +120,11 @@ def test_capture_is_untouched_by_pinned_copies_another_thread_frees(ckpt):
             else:
                 held.append(output[at].detach().to("cpu", non_blocking=True))  # pinned, on the current stream
 
-        handle = find_moe_layers(eng.model, eng.adapter)[0].router.register_forward_hook(hook)
-        try:
+        with first_router_hook(eng, hook):
             eager = eng.generate(prompt, params)[0].token_ids
             eng.reconfigure(cuda_graphs=True)
             graphed = eng.generate(prompt, params)[0].token_ids
             again = eng.generate(prompt, params)[0].token_ids
-        finally:
-            handle.remove()
         extra = eng.stats().extra
     assert freed_during_capture and freed_during_capture[0] > 0
     assert extra["decode_graph_error"] is None and extra["decode_graph_replays"] > 0
@@ -128,8 +136,6 @@ def test_a_capture_that_fails_leaves_eager_steps_and_no_open_capture(ckpt):
     fail. The decoder ends the capture on the stream it began on (so the allocator stops routing
     into the graph pool and no stream stays capturing), says why, and decodes eagerly: the tokens
     of the eager path, for that request and the next."""
-    from finemoe.loader import find_moe_layers
-
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     prompt = medium_prompts()[0]
     with Engine.from_pretrained(
@@ -142,13 +148,10 @@ def test_a_capture_that_fails_leaves_eager_steps_and_no_open_capture(ckpt):
             if torch.cuda.is_current_stream_capturing():
                 output[at].sum().item()  # a host sync: not allowed in a capture
 
-        handle = find_moe_layers(eng.model, eng.adapter)[0].router.register_forward_hook(hook)
-        try:
+        with first_router_hook(eng, hook):
             eng.reconfigure(cuda_graphs=True)
             first = eng.generate(prompt, params)[0].token_ids
             second = eng.generate(prompt, params)[0].token_ids
-        finally:
-            handle.remove()
         extra = eng.stats().extra
         assert not torch.cuda.is_current_stream_capturing()
         torch.cuda.synchronize()
