@@ -1,0 +1,155 @@
+"""What a trajectory match on the GPU would cost a graphed decode segment (design probe for the
+device-resident planning of docs/design/device_plans.md; GPU only).
+
+A stand-in segment of a real shape's batch-1 decode layer (its top-k experts' three GEMVs each and
+an attention-sized GEMV block, bf16) is captured in a CUDA graph four ways and replayed many times:
+
+- `segment`: the layer alone;
+- `match, main stream`: then the trajectory match of one layer on the same stream (the running dot
+  products over the store `addmv_`, the query's squared norm, the ratio to the stored prefix norms,
+  the best row and its ratio written to a static buffer);
+- `match, side branch`: the same match forked onto a second stream at the segment's start and
+  joined at its end, so it may overlap the layer's kernels;
+- `match alone`: the match's kernels without the layer.
+
+Prints µs per replay (CUDA events, median of `--repeat` timed blocks) and writes a JSON record:
+
+    PYTHONPATH=src python benchmarks/device_match_probe.py --out "$OUT/device_match_probe.json"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_meta  # noqa: E402
+
+# (hidden, expert intermediate, top-k, experts, MoE layers): the configs' numbers (Hugging Face
+# config.json of each model; the reference shape is this project's reference model)
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 8, 128, 48),
+    "qwen1.5-moe-a2.7b": (2048, 1408, 4, 60, 24),
+    "reference": (576, 256, 4, 16, 30),
+}
+
+
+class Segment:
+    """Static tensors of one stand-in decode layer and of a one-layer trajectory match."""
+
+    def __init__(self, shape: str, capacity: int, device: torch.device) -> None:
+        h, i, k, e, _ = SHAPES[shape]
+        g = torch.Generator(device="cpu").manual_seed(0)
+
+        def rnd(*s: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+            return (torch.randn(*s, generator=g) * 0.02).to(device, dtype)
+
+        self.x = rnd(1, h)  # [1, H]
+        self.attn = [rnd(h, h) for _ in range(4)]  # q, k, v, o stand-ins [H, H]
+        self.experts = [(rnd(2 * i, h), rnd(h, i)) for _ in range(k)]  # gate_up [2I, H], down [H, I]
+        self.out = torch.zeros(1, h, device=device, dtype=torch.bfloat16)
+        self.maps = torch.rand(capacity, e, generator=g).to(device)  # [C, E] float32, one layer's store slice
+        self.norm = torch.rand(capacity, generator=g).to(device) + 0.5  # [C] prefix norms
+        self.probs = torch.softmax(torch.randn(e, generator=g), 0).to(device)  # [E] this layer's router probs
+        self.dot = torch.zeros(capacity, device=device)  # [C] running dot products
+        self.q = torch.zeros(1, device=device)  # [1] running squared norm of the query
+        self.ratio = torch.zeros(capacity, device=device)  # [C]
+        self.best = torch.zeros(2, device=device)  # [2] (best ratio, its row) for the host copy
+
+    def layer(self) -> None:
+        y = self.x
+        for w in self.attn:
+            y = torch.nn.functional.linear(y, w)
+        acc = torch.zeros_like(y)
+        for w1, w2 in self.experts:
+            gu = torch.nn.functional.linear(y, w1)
+            a, b = gu.chunk(2, dim=-1)
+            acc = acc + torch.nn.functional.linear(torch.nn.functional.silu(a) * b, w2)
+        self.out.copy_(acc)
+
+    def match(self) -> None:
+        p = self.probs
+        self.dot.addmv_(self.maps, p)
+        self.q.add_(torch.dot(p, p))
+        torch.div(self.dot, self.norm, out=self.ratio)
+        v, i = self.ratio.max(dim=0)
+        self.best[0].copy_(v)
+        self.best[1].copy_(i)
+
+
+def capture(seg: Segment, variant: str, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up outside the capture (allocations, kernel selection)
+            seg.layer()
+            seg.match()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            if variant == "segment":
+                seg.layer()
+            elif variant == "match, main stream":
+                seg.layer()
+                seg.match()
+            elif variant == "match, side branch":
+                here = torch.cuda.current_stream()
+                side.wait_stream(here)  # fork
+                with torch.cuda.stream(side):
+                    seg.match()
+                seg.layer()
+                here.wait_stream(side)  # join
+            elif variant == "match alone":
+                seg.match()
+    torch.cuda.synchronize()
+    return graph
+
+
+def time_replays(graph: torch.cuda.CUDAGraph, n: int, repeat: int) -> float:
+    """Median µs per replay over `repeat` blocks of `n` back-to-back replays."""
+    out = []
+    for _ in range(repeat):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(n):
+            graph.replay()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) * 1e3 / n)
+    return statistics.median(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="qwen3-30b-a3b,reference")
+    ap.add_argument("--capacity", type=int, default=1000, help="map store rows")
+    ap.add_argument("--replays", type=int, default=500)
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--out", default="docs/results/device_match_probe.json")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("device_match_probe needs CUDA", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    side = torch.cuda.Stream()
+    variants = ["segment", "match, main stream", "match, side branch", "match alone"]
+    rec: dict = {"meta": run_meta(), "config": vars(args), "results": {}}
+    print(f"{'shape':<20} " + " ".join(f"{v:>20}" for v in variants) + "   (µs per replay)")
+    for shape in args.shapes.split(","):
+        seg = Segment(shape, args.capacity, dev)
+        graphs = {v: capture(seg, v, side) for v in variants}
+        got = {v: time_replays(g, args.replays, args.repeat) for v, g in graphs.items()}
+        rec["results"][shape] = got
+        print(f"{shape:<20} " + " ".join(f"{got[v]:>20.2f}" for v in variants))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rec, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
