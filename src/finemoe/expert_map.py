@@ -75,6 +75,7 @@ class ExpertMapStore:
         self.size = 0
         self.inserts = 0  # rows ever offered
         self.replacements = 0  # rows overwritten because the store was full
+        self.version = 0  # counts writes: a copy elsewhere (`device_plans.DevicePlanner`) is current iff equal
         # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
         # first use and dropped when the row is rewritten: decode keeps matching the same rows.
         self._ranked: dict[int, RankedRow] = {}
@@ -133,6 +134,7 @@ class ExpertMapStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
+        self.version += 1
         self._semantic.clear()
         if self._ranked:
             L = self.geometry.num_layers

@@ -1,0 +1,157 @@
+"""FineMoE's per-layer planning as device tensor ops: the trajectory match, δ selection and the
+residency filter (design and measurements: docs/design/device_plans.md; not yet used by the engine).
+
+Batch-1 decode only. Every operation writes into tensors allocated up front, reads nothing back to
+the host and takes no data-dependent branch on the host, so a graphed decode segment can capture it
+(on a side stream, where it overlaps the layer's own kernels). It mirrors the host objects'
+arithmetic (`expert_map.TrajectoryQuery.best` with every stored map followed, i.e.
+`trajectory_candidates=0`, and `predictor.select_by_delta`) in float32: the same best rows up to
+exact score ties, the same δ counts up to running sums within `TIE_EPS` of δ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from finemoe.errors import ConfigError
+from finemoe.expert_map import EPS, ExpertMapStore, StoreGeometry
+from finemoe.predictor import TIE_EPS
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """One layer's planning result, read back to the host: the best map row and its trajectory
+    score, the experts δ selected at the target layer, those of them not resident, and the matched
+    row's probabilities there ([E] lists, expert ids ascending)."""
+
+    score: float
+    row: int
+    planned: list[int]
+    needed: list[int]
+    probs: list[float]
+
+
+class DevicePlanner:
+    """A fixed-capacity device mirror of an `ExpertMapStore` and one query's running match.
+
+    Tensors (C = the store's capacity, so captured graphs keep their addresses):
+    `maps` [L, C, E] float32 layer-major; `norms` [L, C] the stored rows' prefix norms clipped to
+    >= EPS (1 past the valid rows); `bias` [C] 0 for valid rows, -inf past them; `dot` [C] and
+    `q_sq` [1] the running sums of the current iteration; `score` [1], `row` [1] the best match after
+    the latest `step`; `planned`, `needed` [E] bool and `probs` [E] of the latest `plan`.
+    """
+
+    def __init__(
+        self,
+        geometry: StoreGeometry,
+        capacity: int,
+        top_k: int,
+        device: torch.device | str = "cpu",
+        rule: str = "paper",
+        min_score: float = 0.0,
+    ) -> None:
+        if rule not in ("paper", "demo", "topk"):
+            raise ConfigError(f"unknown delta rule {rule!r}; choose one of paper, demo, topk")
+        L, E = geometry.num_layers, geometry.num_experts
+        self.geometry, self.capacity, self.rule = geometry, capacity, rule
+        self.top_k = min(top_k, E)
+        self.min_score = min_score
+        self.size = 0
+        self.version = -1  # the store version loaded (`ExpertMapStore.version`)
+        dev = torch.device(device)
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.maps = torch.zeros(L, capacity, E, **f32)
+        self.norms = torch.ones(L, capacity, **f32)
+        self.bias = torch.full((capacity,), -torch.inf, **f32)
+        self.dot = torch.zeros(capacity, **f32)
+        self.q_sq = torch.zeros(1, **f32)
+        self.p = torch.zeros(E, **f32)  # this layer's router probabilities, float32
+        self.ratio = torch.zeros(capacity, **f32)
+        self.best = torch.zeros(1, **f32)  # the best ratio (before the query's norm)
+        self.score = torch.zeros(1, **f32)
+        self.row = torch.zeros(1, device=dev, dtype=torch.int64)
+        self.probs = torch.zeros(E, **f32)
+        self.planned = torch.zeros(E, device=dev, dtype=torch.bool)
+        self.needed = torch.zeros(E, device=dev, dtype=torch.bool)
+        self._sorted = torch.zeros(E, **f32)
+        self._order = torch.zeros(E, device=dev, dtype=torch.int64)
+        self._cum = torch.zeros(E, **f32)
+        self._rank = torch.arange(E, device=dev)  # [E] positions in sorted order
+        self._take = torch.zeros(E, device=dev, dtype=torch.bool)
+
+    def load(self, store: ExpertMapStore) -> None:
+        """Copy `store`'s valid rows in (between decode steps, never while a graph is captured)."""
+        g = store.geometry
+        if (g.num_layers, g.num_experts) != (self.geometry.num_layers, self.geometry.num_experts):
+            raise ConfigError(
+                f"map store geometry {g.num_layers}x{g.num_experts} does not match the planner's "
+                f"{self.geometry.num_layers}x{self.geometry.num_experts}"
+            )
+        n = store.size
+        if n > self.capacity:
+            raise ConfigError(f"map store holds {n} rows, more than the planner's capacity {self.capacity}")
+        with torch.no_grad():
+            self.maps[:, :n].copy_(store.by_layer[:, :n])
+            self.maps[:, n:].zero_()
+            self.norms[:, :n].copy_(torch.from_numpy(store._norm_layers_np[:, :n]))  # (clipped to >= EPS)
+            self.norms[:, n:].fill_(1.0)
+            self.bias[:n].zero_()
+            self.bias[n:].fill_(-torch.inf)
+        self.size, self.version = n, store.version
+
+    def begin(self) -> None:
+        """A new iteration: the running sums start from zero."""
+        self.dot.zero_()
+        self.q_sq.zero_()
+
+    def step(self, layer: int, probs: torch.Tensor) -> None:
+        """Add layer `layer`'s router probabilities `probs` ([E] or [1, E], any float dtype, on the
+        planner's device); `score` and `row` then hold the best match over layers 0..`layer`
+        (`TrajectoryQuery.best` of every stored row). Layers must arrive in order after `begin`."""
+        p = self.p
+        p.copy_(probs.reshape(-1))
+        self.dot.addmv_(self.maps[layer], p)
+        self.q_sq.add_(torch.dot(p, p))
+        torch.div(self.dot, self.norms[layer], out=self.ratio)
+        self.ratio.add_(self.bias)
+        torch.max(self.ratio, 0, keepdim=True, out=(self.best, self.row))  # the first of equal maxima
+        torch.div(self.best, self.q_sq.clamp_min(0.0).sqrt().clamp_min(EPS), out=self.score)
+
+    def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
+        """δ selection from the matched row's map at layer `target` (after `step`): `planned` the
+        experts selected (at least k; none when the score is below `min_score`), `needed` those
+        whose slot in `slots` ([E] the device slot table's row of `target`, -1: not resident) is
+        -1 (all of them without `slots`), `probs` the row's probabilities."""
+        E = self.geometry.num_experts
+        torch.index_select(self.maps[target], 0, self.row, out=self.probs.view(1, E))
+        torch.sort(self.probs, descending=True, stable=True, out=(self._sorted, self._order))  # ties: lower id
+        torch.cumsum(self._sorted, 0, out=self._cum)
+        delta = (1.0 - self.score).clamp(0.0, 1.0)  # [1]
+        if self.rule == "paper":
+            count = (self._cum < delta - TIE_EPS).sum() + 1
+        elif self.rule == "demo":
+            count = (self._cum <= delta + TIE_EPS).sum()
+        else:
+            count = torch.zeros((), dtype=torch.int64, device=self._cum.device)
+        count = count.clamp(min=self.top_k, max=E)
+        torch.lt(self._rank, count, out=self._take)  # [E] in sorted order
+        if self.min_score > 0:
+            self._take.logical_and_(self.score >= self.min_score)
+        self.planned.scatter_(0, self._order, self._take)
+        if slots is None:
+            self.needed.copy_(self.planned)
+        else:
+            torch.logical_and(self.planned, slots.reshape(-1) < 0, out=self.needed)
+
+    def read(self) -> DevicePlan:
+        """The latest `step` and `plan` on the host (syncs: for tests and the first host path)."""
+        planned, needed = self.planned.cpu(), self.needed.cpu()
+        return DevicePlan(
+            score=float(self.score.item()),
+            row=int(self.row.item()),
+            planned=planned.nonzero().view(-1).tolist(),
+            needed=needed.nonzero().view(-1).tolist(),
+            probs=self.probs.cpu().tolist(),
+        )

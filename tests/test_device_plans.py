@@ -1,0 +1,132 @@
+"""The device planner (`device_plans.DevicePlanner`) against hand-computed cases and the host
+objects it mirrors (`TrajectoryQuery.best` over every stored row, `select_ranked`), on CPU tensors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from finemoe.device_plans import DevicePlanner
+from finemoe.errors import ConfigError
+from finemoe.expert_map import ExpertMapStore, StoreGeometry, TrajectoryQuery
+from finemoe.predictor import select_ranked
+
+
+def small_store() -> ExpertMapStore:
+    """3 rows, L = 2, E = 4 (embeddings unused here)."""
+    s = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8)
+    maps = torch.tensor(
+        [
+            [[1.0, 0, 0, 0], [0, 1.0, 0, 0]],
+            [[0.5, 0.5, 0, 0], [0, 0, 1.0, 0]],
+            [[0, 0, 0, 1.0], [0.25, 0.25, 0.25, 0.25]],
+        ]
+    )
+    s.add(torch.ones(3, 2), maps)
+    return s
+
+
+def test_hand_computed_match_selection_and_residency_filter():
+    """Layer 0 query p = [0.6, 0.4, 0, 0]: dots 0.6 / 0.5 / 0 over norms 1 / sqrt(0.5) / 1 -> row 1,
+    score sqrt(0.5) / sqrt(0.52). Its layer-1 map [0, 0, 1, 0] reaches δ = 1 - score with expert 2
+    alone; the top-2 floor adds expert 0 (the lower id among the equal zeros). Expert 2 is resident
+    (slot 3): only expert 0 is needed."""
+    s = small_store()
+    dp = DevicePlanner(s.geometry, capacity=8, top_k=2)
+    dp.load(s)
+    dp.begin()
+    dp.step(0, torch.tensor([0.6, 0.4, 0.0, 0.0]))
+    dp.plan(1, torch.tensor([-1, 5, 3, -1]))
+    got = dp.read()
+    assert got.row == 1
+    assert got.score == pytest.approx(math.sqrt(0.5) / math.sqrt(0.52), rel=1e-6)
+    assert got.planned == [0, 2] and got.needed == [0]
+    assert got.probs == [0.0, 0.0, 1.0, 0.0]
+    dp.plan(1)  # no slot table: every planned expert is needed
+    assert dp.read().needed == [0, 2]
+
+
+def test_rows_past_the_store_size_never_match_and_begin_restarts():
+    s = small_store()
+    dp = DevicePlanner(s.geometry, capacity=8, top_k=1)
+    dp.load(s)
+    dp.begin()
+    dp.step(0, torch.zeros(4))  # every valid ratio is 0; the five empty rows must not win
+    assert dp.read().row == 0
+    dp.begin()
+    dp.step(0, torch.tensor([0.0, 0.0, 0.0, 1.0]))
+    assert dp.read().row == 2 and dp.read().score == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rule", ["paper", "demo", "topk"])
+def test_device_plans_equal_the_host_search_and_selection(rule):
+    """Random stores and trajectories: each layer's best row and score equal `TrajectoryQuery.best`
+    with every row followed, and the δ selection at target = layer + d equals `select_ranked` on
+    the store's ranked row, whenever the best score is not tied and no running sum sits within
+    1e-5 of δ (float32 against float64 sums)."""
+    g = torch.Generator().manual_seed(5)
+    L, E, C, k, d = 7, 8, 60, 2, 2
+    compared = 0
+    for trial in range(6):
+        s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C)
+        n = C if trial % 2 == 0 else C // 2  # a full store and a half-full one
+        s.add(torch.randn(n, 3, generator=g), torch.softmax(2 * torch.randn(n, L, E, generator=g), dim=-1))
+        dp = DevicePlanner(s.geometry, capacity=C, top_k=k, rule=rule)
+        dp.load(s)
+        for _ in range(3):
+            traj = torch.softmax(2 * torch.randn(L, E, generator=g), dim=-1)
+            host = TrajectoryQuery(s, 1, candidates=0)
+            dp.begin()
+            for layer in range(L - d):
+                score, row = host.best(layer, traj[layer])
+                dp.step(layer, traj[layer])
+                ref = s.trajectory_scores_from_scratch(traj[None, : layer + 1])[0]  # [n]
+                top2 = torch.topk(ref, 2).values
+                if float(top2[0] - top2[1]) < 1e-5:
+                    continue  # an exact tie may go either way in float32
+                dp.plan(layer + d)
+                got = dp.read()
+                assert got.row == row
+                assert got.score == pytest.approx(score, abs=1e-5)
+                ranked = s.ranked(layer + d, row)
+                delta = min(max(1.0 - score, 0.0), 1.0)
+                if any(abs(c - delta) < 1e-5 for c in ranked.cum):
+                    continue
+                assert got.planned == sorted(select_ranked(ranked, score, k, rule))
+                assert got.probs == pytest.approx(s.maps[row, layer + d].tolist())
+                compared += 1
+    assert compared > 60  # most layers were compared, not skipped
+
+
+def test_min_score_plans_nothing_below_it():
+    s = small_store()
+    dp = DevicePlanner(s.geometry, capacity=8, top_k=2, min_score=0.99)
+    dp.load(s)
+    dp.begin()
+    dp.step(0, torch.tensor([0.6, 0.4, 0.0, 0.0]))  # score 0.98
+    dp.plan(1)
+    assert dp.read().planned == [] and dp.read().needed == []
+    dp.begin()
+    dp.step(0, torch.tensor([1.0, 0.0, 0.0, 0.0]))  # row 0, score 1
+    dp.plan(1)
+    assert dp.read().planned == [0, 1]
+
+
+def test_load_tracks_the_store_version_and_refuses_mismatches():
+    s = small_store()
+    dp = DevicePlanner(s.geometry, capacity=8, top_k=2)
+    dp.load(s)
+    assert dp.version == s.version and dp.size == 3
+    s.add(torch.ones(1, 2), torch.full((1, 2, 4), 0.25))
+    assert dp.version != s.version  # a write since the copy: the caller reloads
+    dp.load(s)
+    assert dp.size == 4 and np.allclose(dp.maps[:, 3].numpy(), 0.25)
+    with pytest.raises(ConfigError, match="geometry"):
+        DevicePlanner(StoreGeometry(3, 4, 2), capacity=8, top_k=2).load(s)
+    with pytest.raises(ConfigError, match="capacity"):
+        DevicePlanner(s.geometry, capacity=2, top_k=2).load(s)
+    with pytest.raises(ConfigError, match="delta rule"):
+        DevicePlanner(s.geometry, capacity=8, top_k=2, rule="nope")
