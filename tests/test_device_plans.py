@@ -3,6 +3,7 @@ objects it mirrors (`TrajectoryQuery.best` over every stored row, `select_ranked
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -130,3 +131,83 @@ def test_load_tracks_the_store_version_and_refuses_mismatches():
         DevicePlanner(s.geometry, capacity=2, top_k=2).load(s)
     with pytest.raises(ConfigError, match="delta rule"):
         DevicePlanner(s.geometry, capacity=8, top_k=2, rule="nope")
+
+
+def test_sync_copies_only_the_rows_written_since_and_equals_a_full_load():
+    g = torch.Generator().manual_seed(2)
+    L, E, C = 4, 6, 20
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C)
+    s.add(torch.randn(8, 3, generator=g), torch.softmax(torch.randn(8, L, E, generator=g), dim=-1))
+    dp = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    assert dp.sync(s) == 8  # the first sync loads everything
+    assert dp.sync(s) == 0
+    s.add(torch.randn(2, 3, generator=g), torch.softmax(torch.randn(2, L, E, generator=g), dim=-1))
+    assert s.rows_written_since(dp.version) == [8, 9]
+    assert dp.sync(s) == 2 and dp.size == 10
+    s.add(torch.randn(20, 3, generator=g), torch.softmax(torch.randn(20, L, E, generator=g), dim=-1))  # fills, replaces
+    dp.sync(s)
+    full = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    full.load(s)
+    for name in ("maps", "norms", "bias"):
+        assert torch.equal(getattr(dp, name), getattr(full, name)), name
+    assert s.rows_written_since(-1) is None  # (a copy that never loaded takes everything)
+
+
+def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late():
+    """A FineMoE predictor fed its matches by `DeviceMatches` (filled here eagerly, layer by layer,
+    in the order a graphed step fills them) plans exactly what the host search with every map
+    followed and `trajectory_lag=1` plans."""
+    from finemoe.device_plans import DeviceMatches
+    from finemoe.fine_predictor import FineMoEPredictor
+    from finemoe.predictor import PredictorDeps
+    from finemoe.types import IterationContext, RoutingEvent
+
+    from tests.test_cache import SPEC as SPEC1
+
+    g = torch.Generator().manual_seed(9)
+    L, E, C, k, d = 6, 8, 40, 2, 2
+    spec = dataclasses.replace(SPEC1, moe_layers=tuple(range(L)), num_experts=E, top_k=k, num_decoder_layers=L)
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C, distance=d)
+    s.add(torch.randn(C, 3, generator=g), torch.softmax(2 * torch.randn(C, L, E, generator=g), dim=-1))
+    host = FineMoEPredictor(PredictorDeps(spec, d, s, trajectory_candidates=0, trajectory_lag=1))
+    dev = FineMoEPredictor(PredictorDeps(spec, d, s))
+    dev.device = matches = DeviceMatches(DevicePlanner(s.geometry, C, k), s)
+    compared = 0
+    for it in range(4):
+        emb = torch.randn(1, 3, generator=g)
+        ctx = IterationContext(it, False, 1, torch.arange(1), torch.arange(1), emb)
+        a, b = host.on_iteration_start(ctx), dev.on_iteration_start(ctx)
+        assert a.requests == b.requests
+        matches.before_step(it)
+        for layer in range(L):
+            probs = torch.softmax(2 * torch.randn(1, E, generator=g), dim=-1)
+            event = RoutingEvent(it, layer, probs, torch.topk(probs, k, dim=1).indices, False)
+            matches.capture_layer(layer, probs)  # (the graph computes it beside the next segment)
+            pa, pb = host.on_routing(event), dev.on_routing(event)
+            assert (pa is None) == (pb is None)
+            if pa is not None:
+                assert pa.requests == pb.requests
+                compared += 1
+        matches.after_step()
+    assert compared == 4 * (L - d)
+    assert matches.steps == 4 and matches.rows_copied == 0
+
+
+def test_engine_without_cuda_graphs_searches_inline_and_says_why(tiny_checkpoint, caplog):
+    from finemoe import Engine, SamplingParams
+
+    path = tiny_checkpoint("qwen2_moe")
+    outs = {}
+    for search in ("sync", "device"):
+        with caplog.at_level("WARNING", logger="finemoe.engine"):
+            eng = Engine.from_pretrained(
+                path, expert_budget="50%", policy="finemoe", search=search, device="cpu", progress=False
+            )
+        try:
+            outs[search] = eng.generate([[5, 9, 2, 7]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0].token_ids
+            assert eng.search_mode == "sync" and eng.runtime.device_matches is None
+            assert "device_match_steps" not in eng.predictor_stats()
+        finally:
+            eng.close()
+    assert "search='device' unavailable" in caplog.text and "CUDA graphs" in caplog.text
+    assert outs["device"] == outs["sync"]

@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from finemoe.config import EngineConfig
+from finemoe.errors import ConfigError
 from finemoe.expert_map import ExpertMapStore, StoreGeometry, TrajectoryQuery
 from finemoe.fine_predictor import FineMoEPredictor
 from finemoe.history import HistoryRecorder, PredictorChain
@@ -261,6 +263,28 @@ def test_finemoe_predictor_semantic_then_trajectory():
     assert pred.on_routing(_ev(0, 1, [[0.7, 0.2, 0.05, 0.05]])) is None  # last layer: no target
     st = pred.stats()
     assert st["mean_semantic_score"] == pytest.approx(1.0) and st["mean_trajectory_score"] == pytest.approx(1.0)
+
+
+def test_trajectory_lag_plans_from_the_match_one_layer_behind():
+    """`trajectory_lag=1` (what a match computed on the GPU beside the next layer delivers): after
+    layer 0 routes like row b, the plan for layer 1 still comes from the match before it, the
+    semantic one (row a: its layer 1 ranks experts 3, 2), where lag 0 follows row b (experts 0, 1)."""
+    maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+    row_a = torch.tensor([[0.7, 0.2, 0.05, 0.05], [0.05, 0.05, 0.2, 0.7]])
+    row_b = torch.tensor([[0.05, 0.05, 0.2, 0.7], [0.7, 0.2, 0.05, 0.05]])
+    maps.add(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.stack([row_a, row_b]))
+    with pytest.raises(ConfigError, match="trajectory_lag"):
+        EngineConfig(trajectory_lag=2)
+    for lag, want in ((0, {0, 1}), (1, {3, 2})):
+        pred = FineMoEPredictor(PredictorDeps(SPEC, 1, maps, trajectory_lag=lag))
+        pred.on_iteration_start(_ctx(0, torch.tensor([[1.0, 0.0]])))  # semantic: row a
+        plan = pred.on_routing(_ev(0, 0, [[0.05, 0.05, 0.2, 0.7]]))  # trajectory: row b
+        assert {r.expert for r in plan.requests} == {ExpertId(1, e) for e in want}
+        assert pred.on_routing(_ev(0, 1, [[0.7, 0.2, 0.05, 0.05]])) is None  # last layer: no target
+    pred.on_iteration_start(
+        IterationContext(1, False, 1, torch.arange(1), torch.arange(1), None)
+    )  # no embedding: nothing to plan layer 1 from at layer 0
+    assert pred.on_routing(_ev(1, 0, [[0.05, 0.05, 0.2, 0.7]])) is None
 
 
 def test_finemoe_weak_match_prefetches_more_and_out_of_step_events_are_ignored():

@@ -160,7 +160,9 @@ class SamplingParams:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-SEARCH_MODES = ("auto", "sync", "async", "process")  # where FineMoE's map search runs
+# where FineMoE's map search runs; "device": graphed decode steps match on the GPU inside their captured
+# segments (CUDA, batch 1; docs/design/device_plans.md), everything else searches inline as "sync"
+SEARCH_MODES = ("auto", "sync", "async", "process", "device")
 # finemoe's plans in prefill iterations: "maps" (expert maps matched per prompt token, plus the
 # refining gate), "gate" (the refining gate alone), "none" (prefill loads on demand); auto: the
 # policy's (finemoe "gate", finemoe-paper "maps"; docs/design/finemoe.md, ambiguity 4)
@@ -195,10 +197,13 @@ class EngineConfig:
     gate_refine: bool = True  # finemoe: also speculate the next layer's router (False: maps only)
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
-    search: str = "auto"  # "sync" (forward pass), "async" (searcher thread), "process" (worker); "auto" = sync
+    search: str = "auto"  # "sync" (forward pass), "async" (thread), "process" (worker), "device" (GPU); "auto" = sync
     prediction_duty: str = "auto"  # "always" or "adaptive" (predict while it shortens the step); auto: duty_applies
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
+    # batch-1 decode plans target m + d from the trajectory through layer m - lag (1: what a match computed on
+    # the GPU beside the next layer delivers, docs/design/device_plans.md; 0: through m, the paper)
+    trajectory_lag: int = 0
     map_min_score: float = 0.0  # finemoe: plan from a matched map only if its match score reaches this (0: always)
     map_min_precision: float = 0.0  # finemoe: withhold map plans while their measured precision is below this
     map_store_rows: str = "all"  # prefill tokens stored as maps: "all" (the authors' demo) or "last" per prompt
@@ -249,6 +254,8 @@ class EngineConfig:
             raise ConfigError(f"map_min_score must be in [0, 1], got {self.map_min_score}")
         if self.trajectory_candidates < 0:
             raise ConfigError(f"trajectory_candidates must be >= 0, got {self.trajectory_candidates}")
+        if self.trajectory_lag not in (0, 1):
+            raise ConfigError(f"trajectory_lag must be 0 or 1, got {self.trajectory_lag}")
         if self.trajectory_window < 0:
             raise ConfigError(f"trajectory_window must be >= 0, got {self.trajectory_window}")
         if self.map_store_capacity < 1:

@@ -1,5 +1,7 @@
 """FineMoE's per-layer planning as device tensor ops: the trajectory match, δ selection and the
-residency filter (design and measurements: docs/design/device_plans.md; not yet used by the engine).
+residency filter (design and measurements: docs/design/device_plans.md). The engine's
+`search="device"` captures the match in its graphed decode segments (`DeviceMatches`); δ selection
+and the residency filter are not used by the engine yet.
 
 Batch-1 decode only. Every operation writes into tensors allocated up front, reads nothing back to
 the host and takes no data-dependent branch on the host, so a graphed decode segment can capture it
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from finemoe.errors import ConfigError
@@ -72,6 +75,7 @@ class DevicePlanner:
         self.best = torch.zeros(1, **f32)  # the best ratio (before the query's norm)
         self.score = torch.zeros(1, **f32)
         self.row = torch.zeros(1, device=dev, dtype=torch.int64)
+        self.packed = torch.zeros(2, **f32)  # (score, row) for one host copy (rows < 2^24 are exact)
         self.probs = torch.zeros(E, **f32)
         self.planned = torch.zeros(E, device=dev, dtype=torch.bool)
         self.needed = torch.zeros(E, device=dev, dtype=torch.bool)
@@ -101,6 +105,28 @@ class DevicePlanner:
             self.bias[n:].fill_(-torch.inf)
         self.size, self.version = n, store.version
 
+    def sync(self, store: ExpertMapStore) -> int:
+        """Bring the copy up to `store`'s version, row by row where the store's write log reaches
+        back to the copy's version (online learning writes a few rows per token), else whole.
+        Returns the rows copied. Between decode steps only, like `load`."""
+        if store.version == self.version and store.size == self.size:
+            return 0
+        rows = store.rows_written_since(self.version)
+        if rows is None or store.size > self.capacity:
+            self.load(store)
+            return store.size
+        if rows:
+            idx = torch.tensor(rows)
+            with torch.no_grad():
+                self.maps[:, idx] = store.by_layer[:, idx].to(self.maps.device)
+                self.norms[:, idx] = torch.from_numpy(store._norm_layers_np[:, rows]).to(self.norms.device)
+        if store.size != self.size:
+            with torch.no_grad():
+                self.bias[: store.size].zero_()
+                self.bias[store.size :].fill_(-torch.inf)
+        self.size, self.version = store.size, store.version
+        return len(rows)
+
     def begin(self) -> None:
         """A new iteration: the running sums start from zero."""
         self.dot.zero_()
@@ -118,6 +144,8 @@ class DevicePlanner:
         self.ratio.add_(self.bias)
         torch.max(self.ratio, 0, keepdim=True, out=(self.best, self.row))  # the first of equal maxima
         torch.div(self.best, self.q_sq.clamp_min(0.0).sqrt().clamp_min(EPS), out=self.score)
+        self.packed[0:1].copy_(self.score)
+        self.packed[1:2].copy_(self.row)
 
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
         """δ selection from the matched row's map at layer `target` (after `step`): `planned` the
@@ -155,3 +183,51 @@ class DevicePlanner:
             needed=needed.nonzero().view(-1).tolist(),
             probs=self.probs.cpu().tolist(),
         )
+
+
+class DeviceMatches:
+    """The engine's side of `search="device"`: a `DevicePlanner` over the engine's map store, and
+    a pinned host buffer [L, 2] of each layer's (score, row) that the captured decode segments fill.
+
+    Layer l's match runs on a side stream of the segment after router l (it overlaps layer l's
+    experts and layer l+1's attention; `graphs.StaticDecoder`), so the host finds it with layer
+    l+1's routing: the predictor plans from the match one layer behind (`trajectory_lag=1`).
+    `iteration` names the step whose matches the buffer holds (-1: none; eager steps keep the host
+    search)."""
+
+    def __init__(self, planner: DevicePlanner, store: ExpertMapStore) -> None:
+        self.planner, self.store = planner, store
+        L = planner.geometry.num_layers
+        pin = planner.maps.device.type == "cuda"
+        self.host = torch.zeros(L, 2, pin_memory=pin)  # [L, (score, row)]
+        self._np: np.ndarray = self.host.numpy()
+        self.iteration = -1
+        self.steps = 0  # graphed steps matched on the device
+        self.rows_copied = 0  # store rows copied to the device after the first load
+
+    def capture_layer(self, layer: int, probs: torch.Tensor) -> None:
+        """Record layer `layer`'s match (on the capturing stream): `probs` [1, E] its router's
+        probabilities on the device. Layer 0 restarts the running sums."""
+        if layer == 0:
+            self.planner.begin()
+        self.planner.step(layer, probs)
+        self.host[layer].copy_(self.planner.packed, non_blocking=True)
+
+    def before_step(self, iteration: int) -> None:
+        """A graphed decode step of `iteration` is about to replay: the store's copy made current."""
+        first = self.planner.version < 0
+        copied = self.planner.sync(self.store)
+        if not first:
+            self.rows_copied += copied
+        self.iteration = iteration
+        self.steps += 1
+
+    def after_step(self) -> None:
+        """The step ended (or failed): no later event may read its matches."""
+        self.iteration = -1
+
+    def match(self, layer: int) -> tuple[float, int]:
+        """The best (score, row) through layer `layer` of the current graphed step (its segment
+        after router `layer` has completed)."""
+        score, row = self._np[layer]
+        return float(score), int(row)

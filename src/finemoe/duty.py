@@ -37,7 +37,7 @@ def duty_applies(mode: str, device_type: str, search: str, preset_allows: bool, 
     a CUDA device; inline search only (the searcher thread and process always predict); a preset
     that allows it (the finemoe ones; the paper's baselines stay as published); something to plan."""
     adaptive = mode == "adaptive" or (mode == "auto" and device_type == "cuda")
-    return adaptive and search in ("auto", "sync") and preset_allows and not all_resident
+    return adaptive and search in ("auto", "sync", "device") and preset_allows and not all_resident
 
 
 class PredictionDuty:

@@ -19,10 +19,12 @@ from finemoe.baselines import RequestMatrixStore, SpeculativeGatePredictor
 from finemoe.cache import ExpertCache
 from finemoe.checkpoint import Checkpoint
 from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParams, format_bytes
+from finemoe.device_plans import DeviceMatches, DevicePlanner
 from finemoe.duty import PredictionDuty, duty_applies
 from finemoe.errors import ConfigError
 from finemoe.execution import Attachment, OffloadRuntime
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
+from finemoe.fine_predictor import FineMoEPredictor
 from finemoe.gate import RouterGate
 from finemoe.generation import Completion, generate_ids
 from finemoe.graphs import StaticDecoder
@@ -260,6 +262,7 @@ class Engine:
             map_values=config.map_values,
             trajectory_window=config.trajectory_window,
             trajectory_candidates=config.trajectory_candidates,
+            trajectory_lag=config.trajectory_lag,
             map_min_score=config.map_min_score,
             map_min_precision=config.map_min_precision,
             store_rows=config.map_store_rows,
@@ -317,6 +320,8 @@ class Engine:
         self._attachment = Attachment(self.model, self.runtime, refs)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
         self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
+        if config.search == "device":
+            self._device_search(config, members, device)
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,
@@ -619,6 +624,34 @@ class Engine:
             c.token_times_s,
         )
 
+    def _device_search(self, config: EngineConfig, members: list, device: torch.device) -> None:
+        """`search="device"`: graphed decode steps match the maps on the GPU (`DeviceMatches`);
+        where that cannot run, the search stays inline ("sync") and a warning says why."""
+        fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
+        why = None
+        if fine is None:
+            why = f"policy {self.preset.name} has no map predictor"
+        elif device.type != "cuda" or self.static is None or not self.static.use_graphs:
+            why = "it needs CUDA graphs (a CUDA device, cuda_graphs not off)"
+        elif config.map_values != "probs" or config.trajectory_window:
+            why = "it matches router probabilities over the whole prefix (map_values='probs', trajectory_window=0)"
+        if why is not None:
+            log.warning("search='device' unavailable (%s): searching inline", why)
+            return
+        planner = DevicePlanner(
+            self.maps.geometry,
+            self.maps.capacity,
+            self.spec.top_k,
+            device,
+            rule=config.delta_rule,
+            min_score=config.map_min_score,
+        )
+        self.runtime.device_matches = fine.device = DeviceMatches(planner, self.maps)
+        # steps the graphs do not take (the warm-up, eager fallbacks) search on the host alike:
+        # every map, one layer late, so a request's plans do not depend on which steps were graphed
+        fine.lag, fine.candidates = 1, 0
+        self.search_mode = "device"
+
     def predictor_stats(self) -> dict[str, Any]:
         """Telemetry of the predictor: map-store size and match scores, critical-path time."""
         out: dict[str, Any] = {
@@ -634,6 +667,10 @@ class Engine:
             ),
             "prefetch_wasted_bytes": self.cache.stats.prefetch_wasted_bytes,
         }
+        matches = self.runtime.device_matches
+        if matches is not None:
+            out["device_match_steps"] = matches.steps
+            out["device_store_rows_copied"] = matches.rows_copied
         for p in self.runtime.predictors:
             out.update(p.stats())
         return out

@@ -13,6 +13,7 @@ searcher's, when search runs asynchronously).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ EPS = 1e-12
 PRUNE_AT_LAYER = 4
 RANKED_CACHE = 16384  # ranked map rows kept (each a few lists of E items); cleared when full
 SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
+WRITE_LOG = 4096  # (version, row) of the latest writes kept, for copies that follow the store row by row
 
 
 try:  # `np.einsum` without `optimize` hands its operands to this C function unchanged
@@ -76,6 +78,7 @@ class ExpertMapStore:
         self.inserts = 0  # rows ever offered
         self.replacements = 0  # rows overwritten because the store was full
         self.version = 0  # counts writes: a copy elsewhere (`device_plans.DevicePlanner`) is current iff equal
+        self._written: deque[tuple[int, int]] = deque(maxlen=WRITE_LOG)  # (version after, row) per write
         # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
         # first use and dropped when the row is rewritten: decode keeps matching the same rows.
         self._ranked: dict[int, RankedRow] = {}
@@ -135,6 +138,7 @@ class ExpertMapStore:
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
         self.version += 1
+        self._written.append((self.version, row))
         self._semantic.clear()
         if self._ranked:
             L = self.geometry.num_layers
@@ -147,6 +151,16 @@ class ExpertMapStore:
         self.by_layer[:, row] = emap
         self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
         self._norm_rows_np[row] = self._norm_layers_np[:, row] = np.maximum(self._prefix_norm_np[:, row], EPS)
+
+    def rows_written_since(self, version: int) -> list[int] | None:
+        """The rows written after `version` (ascending, each once), or None when the write log no
+        longer reaches back that far (then a copy must take every row)."""
+        if version == self.version:
+            return []
+        log = self._written
+        if version < 0 or not log or log[0][0] > version + 1:
+            return None
+        return sorted({row for v, row in log if v > version})
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.

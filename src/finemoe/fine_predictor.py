@@ -43,6 +43,11 @@ class FineMoEPredictor:
         self.rule = deps.delta_rule
         self.window = deps.trajectory_window
         self.candidates = deps.trajectory_candidates
+        self.lag = deps.trajectory_lag  # 1: batch-1 decode plans from the match one layer behind
+        self._prev: tuple[float, int] | None = None  # (score, row) of that match (lag 1)
+        # search="device": graphed decode steps match on the GPU (`device_plans.DeviceMatches`, one
+        # layer behind); set by the engine
+        self.device: Any = None
         self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
@@ -68,6 +73,7 @@ class FineMoEPredictor:
     # -- events ---------------------------------------------------------------------------------
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.ctx, self.layers_seen, self.traj = ctx, 0, None
+        self._prev = None
         self._planned = {}
         row_list = ctx.row_list()
         n_rows = len(row_list)
@@ -84,6 +90,7 @@ class FineMoEPredictor:
         reqs: list[PrefetchRequest] = []
         if emb.shape[0] == 1:  # batch 1: plain numbers and the matched row's cached ranking
             score, row = store.semantic_match_one(emb.numpy()[0])  # (host embeddings: float32 CPU)
+            self._prev = (score, row)  # lag 1: layer 0 plans from the semantic match
             self.sem_sum += score
             self.sem_n += 1
             for target in range(min(d, L)):
@@ -129,11 +136,23 @@ class FineMoEPredictor:
         if self.traj is None or target >= L:
             return None  # no layer left to plan for from here
         if self.row0 >= 0:  # decode at batch 1: the lean path, NumPy on host rows
-            if self.values == "probs":
-                q = event.host_probs_np()[self.row0]
+            dev = self.device
+            if dev is not None and dev.iteration == event.iteration:  # matched on the GPU, one layer behind
+                match = dev.match(layer - 1) if layer > 0 else self._prev  # (the semantic match at layer 0)
+                if match is None:
+                    return None
+                score, row = match
             else:
-                q = routing_rows(event, ctx.rows, "counts")[0].numpy()
-            score, row = self.traj.best(layer, q)
+                if self.values == "probs":
+                    q = event.host_probs_np()[self.row0]
+                else:
+                    q = routing_rows(event, ctx.rows, "counts")[0].numpy()
+                score, row = self.traj.best(layer, q)
+                if self.lag:  # plan from the match through the layer before (the semantic one at layer 0)
+                    prev, self._prev = self._prev, (score, row)
+                    if prev is None:
+                        return None
+                    score, row = prev
             self.traj_sum += score
             self.traj_n += 1
             hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]

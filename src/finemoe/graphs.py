@@ -73,6 +73,10 @@ class StaticDecoder:
         # be recorded into the graph, and the allocator's next query of it fail with "invalid
         # argument" at an unrelated copy (seen in the GPU tests with search="async").
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        # search="device": each segment forks the previous layer's map match onto this stream and
+        # joins it at its end, so the match overlaps the segment's own kernels (`_fork_match`)
+        self.match_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self._forked = False  # a match forked in the segment being captured, not yet joined
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         # per MoE layer: the speculative gates' logits the segment computes ({target: [T, E]}, static)
@@ -203,12 +207,14 @@ class StaticDecoder:
         self.graphs = [torch.cuda.CUDAGraph()]
         rt.capture = self
         begun = False
+        self._forked = False
         try:
             with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
                 try:
                     self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
                     begun = True
                     logits = self._eager(self.ids, self.pos)
+                    self._join()
                     self.graphs[-1].capture_end()
                     begun = False
                 except BaseException:
@@ -235,10 +241,33 @@ class StaticDecoder:
             return
         if self._linear:
             self.speculated[layer] = self._speculate(layer, args)
+        self._join()
         self.graphs[-1].capture_end()
         graph = torch.cuda.CUDAGraph()
         self.graphs.append(graph)
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        if self.rt.device_matches is not None:
+            self._fork_match(layer, module, output)
+
+    def _fork_match(self, layer: int, module: nn.Module, output: tuple) -> None:
+        """Start layer `layer`'s map match (`device_plans.DeviceMatches`) on `match_stream`, forked
+        from the segment just begun: it runs beside layer `layer`'s experts and the next layer's
+        attention, and its (score, row) reaches the pinned host buffer before the segment ends."""
+        side = self.match_stream
+        assert side is not None
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.no_grad():
+            logits = output[self.rt.adapter.router_logits_at].detach()
+            probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
+            self.rt.device_matches.capture_layer(layer, probs)
+        self._forked = True
+
+    def _join(self) -> None:
+        """The segment being captured ends only once its forked match has (the capture needs it)."""
+        if self._forked:
+            assert self.match_stream is not None
+            torch.cuda.current_stream(self.device).wait_stream(self.match_stream)
+            self._forked = False
 
     def _speculate(self, layer: int, args: tuple) -> tuple[dict[int, torch.Tensor], bool]:
         """The speculative gates' logits on layer `layer`'s router input, computed at the end of the
@@ -268,6 +297,9 @@ class StaticDecoder:
         if self.whole:
             self.graphs[0].replay()
         else:
+            matches = rt.device_matches
+            if matches is not None:
+                matches.before_step(rt.iteration)
             self.graphs[0].replay()
             late: list = []
             rt.late_events = late
@@ -289,6 +321,8 @@ class StaticDecoder:
                         rt.critical_decode_s += time.perf_counter() - t0
             finally:
                 rt.late_events, rt.speculated = None, None
+                if matches is not None:
+                    matches.after_step()
         if cache.all_resident:  # every use a hit; counted from one copy of all layers' ids
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):

@@ -59,6 +59,7 @@ class PredictorDeps:
     delta_rule: str = "paper"
     trajectory_window: int = 0  # 0: the whole prefix (paper); w: only the latest w layers
     trajectory_candidates: int = 64  # 0: every stored map at every layer (paper); K: the K leading ones later on
+    trajectory_lag: int = 0  # batch-1 decode: plan target m + d from the trajectory through m - lag (0 or 1)
     map_min_score: float = 0.0  # plans only from matches scoring at least this (cosine); 0: every match
     map_min_precision: float = 0.0  # withhold map plans while their measured precision is below this; 0: never
     store_rows: str = "all"  # which prefill tokens become store rows: "all" or "last" (per prompt)

@@ -189,6 +189,7 @@ class Simulator:
                 map_values=config.map_values,
                 trajectory_window=config.trajectory_window,
                 trajectory_candidates=config.trajectory_candidates,
+                trajectory_lag=config.trajectory_lag,
                 map_min_score=config.map_min_score,
                 map_min_precision=config.map_min_precision,
                 store_rows=config.map_store_rows,

@@ -223,3 +223,35 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
         on_host = eng.generate(prompt, params)[0].token_ids
         assert eng.stats().extra["decode_graph_gates"] == 0 and eng.stats().extra["decode_graph_replays"] > 0
     assert graphed == eager == on_host
+
+
+def test_device_search_matches_on_the_gpu_as_the_host_does_one_layer_late(ckpt):
+    """search="device": graphed decode steps match the maps on the GPU, beside the next segment.
+    Same tokens as the inline search; the map predictor's plan count and mean trajectory score equal
+    the inline search's with every map followed, one layer late (what the GPU's match delivers), and
+    online learning's new rows reach the device copy row by row."""
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompts = medium_prompts()
+    got = {}
+    for search, knobs in (("sync", {"trajectory_candidates": 0, "trajectory_lag": 1}), ("device", {})):
+        with Engine.from_pretrained(
+            ckpt,
+            policy="finemoe",
+            expert_budget="25%",
+            device="cuda",
+            progress=False,
+            search=search,
+            prediction_duty="always",
+            prefetch_distance=1,  # (4 layers: layers 1 and 2 plan from trajectory matches)
+            **knobs,
+        ) as eng:
+            assert eng.search_mode == search
+            tokens = [eng.generate(p, params)[0].token_ids for p in prompts]
+            got[search] = (tokens, eng.predictor_stats(), eng.stats().extra)
+    (sync_tokens, sync_stats, _), (dev_tokens, dev_stats, extra) = got["sync"], got["device"]
+    assert dev_tokens == sync_tokens
+    assert extra["decode_graph_error"] is None and extra["decode_graph_replays"] > 0
+    assert dev_stats["device_match_steps"] == extra["decode_graph_replays"]
+    assert dev_stats["device_store_rows_copied"] > 0  # the rows learned while generating
+    assert dev_stats["plans"] == sync_stats["plans"]
+    assert dev_stats["mean_trajectory_score"] == pytest.approx(sync_stats["mean_trajectory_score"], rel=1e-4)
