@@ -197,7 +197,7 @@ def main() -> int:
         for name, kw in runs:
             eng.reconfigure(**kw)
             eng.runtime.pump_before_launch = ":pump-first" in name
-            last = rnd == args.rounds - 1 and "sync" in name
+            last = rnd == args.rounds - 1 and name.startswith("finemoe")
             got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
             log.info("round %d %s: %s", rnd, name, got[name])
         rec["rounds"].append(got)

@@ -48,6 +48,7 @@ class FineMoEPredictor:
         # search="device": graphed decode steps match on the GPU (`device_plans.DeviceMatches`, one
         # layer behind); set by the engine
         self.device: Any = None
+        self.device_matched = 0  # plans made from a device match (layers after the first)
         self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
@@ -138,7 +139,11 @@ class FineMoEPredictor:
         if self.row0 >= 0:  # decode at batch 1: the lean path, NumPy on host rows
             dev = self.device
             if dev is not None and dev.iteration == event.iteration:  # matched on the GPU, one layer behind
-                match = dev.match(layer - 1) if layer > 0 else self._prev  # (the semantic match at layer 0)
+                if layer > 0:
+                    match: tuple[float, int] | None = dev.match(layer - 1)
+                    self.device_matched += 1
+                else:
+                    match = self._prev  # (the semantic match at layer 0)
                 if match is None:
                     return None
                 score, row = match
@@ -225,4 +230,5 @@ class FineMoEPredictor:
             "plans": self.plans,
             "map_plan_precision": self.prec_used / self.prec_planned if self.prec_planned else None,
             "map_plans_withheld": self.withheld,
+            "device_matched_plans": self.device_matched,
         }

@@ -242,16 +242,21 @@ def test_device_search_matches_on_the_gpu_as_the_host_does_one_layer_late(ckpt):
             progress=False,
             search=search,
             prediction_duty="always",
-            prefetch_distance=1,  # (4 layers: layers 1 and 2 plan from trajectory matches)
+            prefetch_distance=1,  # (3-4 MoE layers: layers 1 .. L-2 plan from trajectory matches)
             **knobs,
         ) as eng:
             assert eng.search_mode == search
+            L = eng.spec.num_layers
             tokens = [eng.generate(p, params)[0].token_ids for p in prompts]
             got[search] = (tokens, eng.predictor_stats(), eng.stats().extra)
     (sync_tokens, sync_stats, _), (dev_tokens, dev_stats, extra) = got["sync"], got["device"]
     assert dev_tokens == sync_tokens
     assert extra["decode_graph_error"] is None and extra["decode_graph_replays"] > 0
     assert dev_stats["device_match_steps"] == extra["decode_graph_replays"]
+    # every graphed step planned layers 1 .. L-2 from the GPU's matches (layer 0 from the semantic
+    # match, the last layer plans nothing); the inline search never did
+    assert dev_stats["device_matched_plans"] == (L - 2) * extra["decode_graph_replays"]
+    assert sync_stats["device_matched_plans"] == 0
     assert dev_stats["device_store_rows_copied"] > 0  # the rows learned while generating
     assert dev_stats["plans"] == sync_stats["plans"]
     assert dev_stats["mean_trajectory_score"] == pytest.approx(sync_stats["mean_trajectory_score"], rel=1e-4)
