@@ -23,6 +23,13 @@ from finemoe.expert_map import EPS, ExpertMapStore, StoreGeometry
 from finemoe.predictor import TIE_EPS
 
 
+def packed_score(packed: np.ndarray) -> tuple[float, int]:
+    """(score, row) of a `DevicePlanner.packed` [3] read on the host: the best ratio over the
+    query's norm, as `TrajectoryQuery.best` scores it."""
+    best, row, q_sq = packed.tolist()
+    return best / max(max(q_sq, 0.0) ** 0.5, EPS), int(row)
+
+
 @dataclass(frozen=True)
 class DevicePlan:
     """One layer's planning result, read back to the host: the best map row and its trajectory
@@ -41,9 +48,12 @@ class DevicePlanner:
 
     Tensors (C = the store's capacity, so captured graphs keep their addresses):
     `maps` [L, C, E] float32 layer-major; `norms` [L, C] the stored rows' prefix norms clipped to
-    >= EPS (1 past the valid rows); `bias` [C] 0 for valid rows, -inf past them; `dot` [C] and
-    `q_sq` [1] the running sums of the current iteration; `score` [1], `row` [1] the best match after
-    the latest `step`; `planned`, `needed` [E] bool and `probs` [E] of the latest `plan`.
+    >= EPS, +inf past the valid rows (whose ratio is then 0, and a valid row ranks first among
+    equals); `dot` [C] the running dot products of the current iteration; `packed` [3] = (the best
+    ratio, its row, the query's running squared norm) after the latest `step`, one host copy (rows
+    < 2^24 are exact in float32; the score is the ratio over the query's norm, `packed_score`);
+    `score` [1] and `row` [1] likewise for `plan`; `planned`, `needed` [E] bool and `probs` [E] of
+    the latest `plan`. `step` is six kernels: the fewer, the less a graphed segment waits on it.
     """
 
     def __init__(
@@ -66,16 +76,14 @@ class DevicePlanner:
         dev = torch.device(device)
         f32 = dict(device=dev, dtype=torch.float32)
         self.maps = torch.zeros(L, capacity, E, **f32)
-        self.norms = torch.ones(L, capacity, **f32)
-        self.bias = torch.full((capacity,), -torch.inf, **f32)
+        self.norms = torch.full((L, capacity), torch.inf, **f32)
         self.dot = torch.zeros(capacity, **f32)
-        self.q_sq = torch.zeros(1, **f32)
-        self.p = torch.zeros(E, **f32)  # this layer's router probabilities, float32
+        self.packed = torch.zeros(3, **f32)  # (best ratio, its row, the query's squared norm)
+        self.best, self.q_sq = self.packed[0:1], self.packed[2:3]  # views: written in place
+        self.p = torch.zeros(E, **f32)  # this layer's router probabilities, when not float32 already
         self.ratio = torch.zeros(capacity, **f32)
-        self.best = torch.zeros(1, **f32)  # the best ratio (before the query's norm)
         self.score = torch.zeros(1, **f32)
         self.row = torch.zeros(1, device=dev, dtype=torch.int64)
-        self.packed = torch.zeros(2, **f32)  # (score, row) for one host copy (rows < 2^24 are exact)
         self.probs = torch.zeros(E, **f32)
         self.planned = torch.zeros(E, device=dev, dtype=torch.bool)
         self.needed = torch.zeros(E, device=dev, dtype=torch.bool)
@@ -100,9 +108,7 @@ class DevicePlanner:
             self.maps[:, :n].copy_(store.by_layer[:, :n])
             self.maps[:, n:].zero_()
             self.norms[:, :n].copy_(torch.from_numpy(store._norm_layers_np[:, :n]))  # (clipped to >= EPS)
-            self.norms[:, n:].fill_(1.0)
-            self.bias[:n].zero_()
-            self.bias[n:].fill_(-torch.inf)
+            self.norms[:, n:].fill_(torch.inf)
         self.size, self.version = n, store.version
 
     def sync(self, store: ExpertMapStore) -> int:
@@ -120,31 +126,26 @@ class DevicePlanner:
             with torch.no_grad():
                 self.maps[:, idx] = store.by_layer[:, idx].to(self.maps.device)
                 self.norms[:, idx] = torch.from_numpy(store._norm_layers_np[:, rows]).to(self.norms.device)
-        if store.size != self.size:
-            with torch.no_grad():
-                self.bias[: store.size].zero_()
-                self.bias[store.size :].fill_(-torch.inf)
         self.size, self.version = store.size, store.version
         return len(rows)
 
     def begin(self) -> None:
         """A new iteration: the running sums start from zero."""
         self.dot.zero_()
-        self.q_sq.zero_()
+        self.packed.zero_()
 
     def step(self, layer: int, probs: torch.Tensor) -> None:
         """Add layer `layer`'s router probabilities `probs` ([E] or [1, E], any float dtype, on the
-        planner's device); `score` and `row` then hold the best match over layers 0..`layer`
+        planner's device); `packed` and `row` then hold the best match over layers 0..`layer`
         (`TrajectoryQuery.best` of every stored row). Layers must arrive in order after `begin`."""
-        p = self.p
-        p.copy_(probs.reshape(-1))
+        p = probs.reshape(-1)
+        if p.dtype != torch.float32:
+            p = self.p
+            p.copy_(probs.reshape(-1))
         self.dot.addmv_(self.maps[layer], p)
-        self.q_sq.add_(torch.dot(p, p))
+        self.q_sq.addmv_(p.view(1, -1), p)  # += p . p
         torch.div(self.dot, self.norms[layer], out=self.ratio)
-        self.ratio.add_(self.bias)
         torch.max(self.ratio, 0, keepdim=True, out=(self.best, self.row))  # the first of equal maxima
-        torch.div(self.best, self.q_sq.clamp_min(0.0).sqrt().clamp_min(EPS), out=self.score)
-        self.packed[0:1].copy_(self.score)
         self.packed[1:2].copy_(self.row)
 
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
@@ -153,6 +154,7 @@ class DevicePlanner:
         whose slot in `slots` ([E] the device slot table's row of `target`, -1: not resident) is
         -1 (all of them without `slots`), `probs` the row's probabilities."""
         E = self.geometry.num_experts
+        torch.div(self.best, self.q_sq.clamp_min(0.0).sqrt().clamp_min(EPS), out=self.score)
         torch.index_select(self.maps[target], 0, self.row, out=self.probs.view(1, E))
         torch.sort(self.probs, descending=True, stable=True, out=(self._sorted, self._order))  # ties: lower id
         torch.cumsum(self._sorted, 0, out=self._cum)
@@ -176,9 +178,10 @@ class DevicePlanner:
     def read(self) -> DevicePlan:
         """The latest `step` and `plan` on the host (syncs: for tests and the first host path)."""
         planned, needed = self.planned.cpu(), self.needed.cpu()
+        score, row = packed_score(self.packed.cpu().numpy())
         return DevicePlan(
-            score=float(self.score.item()),
-            row=int(self.row.item()),
+            score=score,
+            row=row,
             planned=planned.nonzero().view(-1).tolist(),
             needed=needed.nonzero().view(-1).tolist(),
             probs=self.probs.cpu().tolist(),
@@ -187,7 +190,7 @@ class DevicePlanner:
 
 class DeviceMatches:
     """The engine's side of `search="device"`: a `DevicePlanner` over the engine's map store, and
-    a pinned host buffer [L, 2] of each layer's (score, row) that the captured decode segments fill.
+    a pinned host buffer [L, 3] of each layer's `packed` match that the captured decode segments fill.
 
     Layer l's match runs on a side stream of the segment after router l (it overlaps layer l's
     experts and layer l+1's attention; `graphs.StaticDecoder`), so the host finds it with layer
@@ -199,7 +202,7 @@ class DeviceMatches:
         self.planner, self.store = planner, store
         L = planner.geometry.num_layers
         pin = planner.maps.device.type == "cuda"
-        self.host = torch.zeros(L, 2, pin_memory=pin)  # [L, (score, row)]
+        self.host = torch.zeros(L, 3, pin_memory=pin)  # [L, packed]: (best ratio, row, squared norm)
         self._np: np.ndarray = self.host.numpy()
         self.iteration = -1
         self.steps = 0  # graphed steps matched on the device
@@ -229,5 +232,4 @@ class DeviceMatches:
     def match(self, layer: int) -> tuple[float, int]:
         """The best (score, row) through layer `layer` of the current graphed step (its segment
         after router `layer` has completed)."""
-        score, row = self._np[layer]
-        return float(score), int(row)
+        return packed_score(self._np[layer])
