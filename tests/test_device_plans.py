@@ -121,6 +121,7 @@ def test_load_tracks_the_store_version_and_refuses_mismatches():
     dp = DevicePlanner(s.geometry, capacity=8, top_k=2)
     dp.load(s)
     assert dp.version == s.version and dp.size == 3
+    assert dp.nbytes() >= (2 * 8 * 4 + 2 * 8) * 4  # at least the maps and the norms, float32
     s.add(torch.ones(1, 2), torch.full((1, 2, 4), 0.25))
     assert dp.version != s.version  # a write since the copy: the caller reloads
     dp.load(s)

@@ -93,6 +93,10 @@ class DevicePlanner:
         self._rank = torch.arange(E, device=dev)  # [E] positions in sorted order
         self._take = torch.zeros(E, device=dev, dtype=torch.bool)
 
+    def nbytes(self) -> int:
+        """Device memory held (the store copy dominates: L x C x E float32), outside the expert budget."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+
     def load(self, store: ExpertMapStore) -> None:
         """Copy `store`'s valid rows in (between decode steps, never while a graph is captured)."""
         g = store.geometry

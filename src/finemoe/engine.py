@@ -647,6 +647,7 @@ class Engine:
             min_score=config.map_min_score,
         )
         self.runtime.device_matches = fine.device = DeviceMatches(planner, self.maps)
+        log.info("search='device': the map store's copy takes %s of device memory", format_bytes(planner.nbytes()))
         # steps the graphs do not take (the warm-up, eager fallbacks) search on the host alike:
         # every map, one layer late, so a request's plans do not depend on which steps were graphed
         fine.lag, fine.candidates = 1, 0
@@ -671,6 +672,7 @@ class Engine:
         if matches is not None:
             out["device_match_steps"] = matches.steps
             out["device_store_rows_copied"] = matches.rows_copied
+            out["device_store_bytes"] = matches.planner.nbytes()
         for p in self.runtime.predictors:
             out.update(p.stats())
         return out

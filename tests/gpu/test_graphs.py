@@ -258,5 +258,6 @@ def test_device_search_matches_on_the_gpu_as_the_host_does_one_layer_late(ckpt):
     assert dev_stats["device_matched_plans"] == (L - 2) * extra["decode_graph_replays"]
     assert sync_stats["device_matched_plans"] == 0
     assert dev_stats["device_store_rows_copied"] > 0  # the rows learned while generating
+    assert dev_stats["device_store_bytes"] > 0
     assert dev_stats["plans"] == sync_stats["plans"]
     assert dev_stats["mean_trajectory_score"] == pytest.approx(sync_stats["mean_trajectory_score"], rel=1e-4)
