@@ -172,9 +172,12 @@ def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late()
     s.add(torch.randn(C, 3, generator=g), torch.softmax(2 * torch.randn(C, L, E, generator=g), dim=-1))
     host = FineMoEPredictor(PredictorDeps(spec, d, s, trajectory_candidates=0, trajectory_lag=1))
     dev = FineMoEPredictor(PredictorDeps(spec, d, s))
-    dev.device = matches = DeviceMatches(DevicePlanner(s.geometry, C, k), s)
+    dev.device = matches = DeviceMatches(DevicePlanner(s.geometry, C, k), s, d)
+    assert [matches.wants(m) for m in range(L)] == [m <= L - 2 - d for m in range(L)]
     compared = 0
     for it in range(4):
+        if it:  # online learning between iterations: rows replaced (the store is full); the copy follows
+            s.add(torch.randn(2, 3, generator=g), torch.softmax(2 * torch.randn(2, L, E, generator=g), dim=-1))
         emb = torch.randn(1, 3, generator=g)
         ctx = IterationContext(it, False, 1, torch.arange(1), torch.arange(1), emb)
         a, b = host.on_iteration_start(ctx), dev.on_iteration_start(ctx)
@@ -183,7 +186,8 @@ def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late()
         for layer in range(L):
             probs = torch.softmax(2 * torch.randn(1, E, generator=g), dim=-1)
             event = RoutingEvent(it, layer, probs, torch.topk(probs, k, dim=1).indices, False)
-            matches.capture_layer(layer, probs)  # (the graph computes it beside the next segment)
+            if matches.wants(layer):
+                matches.capture_layer(layer, probs)  # (the graph computes it beside the next segment)
             pa, pb = host.on_routing(event), dev.on_routing(event)
             assert (pa is None) == (pb is None)
             if pa is not None:
@@ -191,7 +195,9 @@ def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late()
                 compared += 1
         matches.after_step()
     assert compared == 4 * (L - d)
-    assert matches.steps == 4 and matches.rows_copied == 0
+    assert dev.device_matched == 4 * (L - d - 1)  # every layer after the first planned from a device match
+    assert matches.steps == 4 and matches.rows_copied == 6  # 2 rows before each of the last three
+    assert host.stats()["mean_trajectory_score"] == pytest.approx(dev.stats()["mean_trajectory_score"], rel=1e-5)
 
 
 def test_engine_without_cuda_graphs_searches_inline_and_says_why(tiny_checkpoint, caplog):
@@ -211,4 +217,35 @@ def test_engine_without_cuda_graphs_searches_inline_and_says_why(tiny_checkpoint
         finally:
             eng.close()
     assert "search='device' unavailable" in caplog.text and "CUDA graphs" in caplog.text
-    assert outs["device"] == outs["sync"]
+    assert outs["device"] == outs["sync"]  # (lossless either way: the fallback is what the asserts above check)
+
+
+def test_sync_reloads_when_the_log_is_short_the_rows_many_or_the_store_shrank(monkeypatch):
+    from collections import deque
+
+    from finemoe import device_plans
+
+    g = torch.Generator().manual_seed(4)
+    L, E, C = 3, 4, 30
+
+    def rows(n):
+        return torch.randn(n, 2, generator=g), torch.softmax(torch.randn(n, L, E, generator=g), dim=-1)
+
+    s = ExpertMapStore(StoreGeometry(L, E, 2), capacity=C)
+    s.add(*rows(6))
+    dp = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    dp.sync(s)
+    s._written = deque(s._written, maxlen=3)  # a short write log: 5 writes overflow it
+    s.add(*rows(5))
+    assert s.rows_written_since(dp.version) is None
+    assert dp.sync(s) == 11  # the whole store
+    monkeypatch.setattr(device_plans, "STAGED_ROWS", 2)
+    s._written = deque(maxlen=4096)
+    s.add(*rows(3))  # more rows than the staging holds
+    assert dp.sync(s) == 14
+    s.load_rows(*[t[:4] for t in rows(4)])  # the store shrank to 4 rows
+    assert dp.sync(s) == 4 and dp.size == 4
+    assert torch.isinf(dp.norms[:, 4:]).all() and torch.equal(dp.maps[:, 4:], torch.zeros(L, C - 4, E))
+    dp.begin()
+    dp.step(0, torch.full((E,), 0.25))
+    assert dp.read().row < 4  # no stale row wins

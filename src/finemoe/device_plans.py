@@ -22,6 +22,8 @@ from finemoe.errors import ConfigError
 from finemoe.expert_map import EPS, ExpertMapStore, StoreGeometry
 from finemoe.predictor import TIE_EPS
 
+STAGED_ROWS = 64  # rows `DevicePlanner.sync` copies one by one; more are copied as a whole store
+
 
 def packed_score(packed: np.ndarray) -> tuple[float, int]:
     """(score, row) of a `DevicePlanner.packed` [3] read on the host: the best ratio over the
@@ -33,8 +35,8 @@ def packed_score(packed: np.ndarray) -> tuple[float, int]:
 @dataclass(frozen=True)
 class DevicePlan:
     """One layer's planning result, read back to the host: the best map row and its trajectory
-    score, the experts δ selected at the target layer, those of them not resident, and the matched
-    row's probabilities there ([E] lists, expert ids ascending)."""
+    score, the expert ids δ selected at the target layer and those of them not resident (ascending),
+    and the matched row's probabilities there ([E])."""
 
     score: float
     row: int
@@ -74,28 +76,36 @@ class DevicePlanner:
         self.size = 0
         self.version = -1  # the store version loaded (`ExpertMapStore.version`)
         dev = torch.device(device)
-        f32 = dict(device=dev, dtype=torch.float32)
-        self.maps = torch.zeros(L, capacity, E, **f32)
-        self.norms = torch.full((L, capacity), torch.inf, **f32)
-        self.dot = torch.zeros(capacity, **f32)
-        self.packed = torch.zeros(3, **f32)  # (best ratio, its row, the query's squared norm)
+        f32 = torch.float32
+        self.maps = torch.zeros(L, capacity, E, device=dev, dtype=f32)
+        self.norms = torch.full((L, capacity), torch.inf, device=dev, dtype=f32)
+        self.dot = torch.zeros(capacity, device=dev, dtype=f32)
+        self.packed = torch.zeros(3, device=dev, dtype=f32)  # (best ratio, its row, the query's squared norm)
         self.best, self.q_sq = self.packed[0:1], self.packed[2:3]  # views: written in place
-        self.p = torch.zeros(E, **f32)  # this layer's router probabilities, when not float32 already
-        self.ratio = torch.zeros(capacity, **f32)
-        self.score = torch.zeros(1, **f32)
+        self.p = torch.zeros(E, device=dev, dtype=f32)  # this layer's router probabilities, when not float32 already
+        self.ratio = torch.zeros(capacity, device=dev, dtype=f32)
+        self.score = torch.zeros(1, device=dev, dtype=f32)
         self.row = torch.zeros(1, device=dev, dtype=torch.int64)
-        self.probs = torch.zeros(E, **f32)
+        self.probs = torch.zeros(E, device=dev, dtype=f32)
         self.planned = torch.zeros(E, device=dev, dtype=torch.bool)
         self.needed = torch.zeros(E, device=dev, dtype=torch.bool)
-        self._sorted = torch.zeros(E, **f32)
+        self._sorted = torch.zeros(E, device=dev, dtype=f32)
         self._order = torch.zeros(E, device=dev, dtype=torch.int64)
-        self._cum = torch.zeros(E, **f32)
+        self._cum = torch.zeros(E, device=dev, dtype=f32)
         self._rank = torch.arange(E, device=dev)  # [E] positions in sorted order
         self._take = torch.zeros(E, device=dev, dtype=torch.bool)
+        # `sync`'s staging of a few rows, row-major so the first n are contiguous: pinned host
+        # [R, L, E] maps, [R, L] norms, [R] ids, and their device twins
+        self._stage: tuple[torch.Tensor, ...] | None = None
+        self._staged: torch.cuda.Event | None = None  # the staged copies' completion (CUDA)
 
     def nbytes(self) -> int:
-        """Device memory held (the store copy dominates: L x C x E float32), outside the expert budget."""
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
+        """Device memory held (the store copy dominates: L x C x E float32), outside the expert
+        budget; each storage counted once (`best`, `q_sq` are views of `packed`)."""
+        tensors = [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
+        tensors += [t for t in self._stage or () if t.device.type != "cpu"]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values())
 
     def load(self, store: ExpertMapStore) -> None:
         """Copy `store`'s valid rows in (between decode steps, never while a graph is captured)."""
@@ -111,27 +121,56 @@ class DevicePlanner:
         with torch.no_grad():
             self.maps[:, :n].copy_(store.by_layer[:, :n])
             self.maps[:, n:].zero_()
-            self.norms[:, :n].copy_(torch.from_numpy(store._norm_layers_np[:, :n]))  # (clipped to >= EPS)
+            self.norms[:, :n].copy_(torch.from_numpy(store.clipped_norms()))
             self.norms[:, n:].fill_(torch.inf)
         self.size, self.version = n, store.version
 
     def sync(self, store: ExpertMapStore) -> int:
-        """Bring the copy up to `store`'s version, row by row where the store's write log reaches
-        back to the copy's version (online learning writes a few rows per token), else whole.
-        Returns the rows copied. Between decode steps only, like `load`."""
+        """Bring the copy up to `store`'s version: the rows written since, when the store's write
+        log reaches back to the copy's version and they are at most `STAGED_ROWS` (online learning
+        writes a row per decode token), through pinned staging buffers without a host wait; else
+        the whole store (`load`; also when the store shrank). Returns the rows copied. Between
+        decode steps only, like `load`."""
         if store.version == self.version and store.size == self.size:
             return 0
-        rows = store.rows_written_since(self.version)
-        if rows is None or store.size > self.capacity:
+        rows = None if store.size < self.size else store.rows_written_since(self.version)
+        if rows is None or len(rows) > STAGED_ROWS or store.size > self.capacity:
             self.load(store)
             return store.size
         if rows:
-            idx = torch.tensor(rows)
-            with torch.no_grad():
-                self.maps[:, idx] = store.by_layer[:, idx].to(self.maps.device)
-                self.norms[:, idx] = torch.from_numpy(store._norm_layers_np[:, rows]).to(self.norms.device)
+            self._copy_rows(store, rows)
         self.size, self.version = store.size, store.version
         return len(rows)
+
+    def _copy_rows(self, store: ExpertMapStore, rows: list[int]) -> None:
+        """Rows `rows` (at most `STAGED_ROWS`) of `store` into the copy: gathered into pinned host
+        buffers, copied to the device asynchronously, scattered by `index_copy_`."""
+        n, L, E = len(rows), self.geometry.num_layers, self.geometry.num_experts
+        dev = self.maps.device
+        if self._stage is None:
+            pin = dev.type == "cuda"
+            host = (
+                torch.zeros(STAGED_ROWS, L, E, pin_memory=pin),
+                torch.zeros(STAGED_ROWS, L, pin_memory=pin),
+                torch.zeros(STAGED_ROWS, dtype=torch.int64, pin_memory=pin),
+            )
+            self._stage = host + tuple(torch.empty_like(t, device=dev) for t in host)
+        hm, hn, hi, dm, dn, di = self._stage
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous copies have left the host buffers
+        idx = torch.tensor(rows)
+        torch.index_select(store.maps, 0, idx, out=hm[:n])  # the store's row-major maps [n, L, E]
+        hn[:n].copy_(torch.from_numpy(store.clipped_norms()[:, rows].T))  # [n, L]
+        hi[:n].copy_(idx)
+        with torch.no_grad():
+            dm[:n].copy_(hm[:n], non_blocking=True)
+            dn[:n].copy_(hn[:n], non_blocking=True)
+            di[:n].copy_(hi[:n], non_blocking=True)
+            self.maps.index_copy_(1, di[:n], dm[:n].transpose(0, 1))
+            self.norms.index_copy_(1, di[:n], dn[:n].transpose(0, 1))
+        if dev.type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
 
     def begin(self) -> None:
         """A new iteration: the running sums start from zero."""
@@ -202,15 +241,21 @@ class DeviceMatches:
     `iteration` names the step whose matches the buffer holds (-1: none; eager steps keep the host
     search)."""
 
-    def __init__(self, planner: DevicePlanner, store: ExpertMapStore) -> None:
+    def __init__(self, planner: DevicePlanner, store: ExpertMapStore, distance: int) -> None:
         self.planner, self.store = planner, store
         L = planner.geometry.num_layers
+        # the last layer whose match a plan reads: layer m plans target m + distance from match(m - 1)
+        self.through = L - 2 - distance
         pin = planner.maps.device.type == "cuda"
         self.host = torch.zeros(L, 3, pin_memory=pin)  # [L, packed]: (best ratio, row, squared norm)
         self._np: np.ndarray = self.host.numpy()
         self.iteration = -1
         self.steps = 0  # graphed steps matched on the device
         self.rows_copied = 0  # store rows copied to the device after the first load
+
+    def wants(self, layer: int) -> bool:
+        """Whether a plan reads layer `layer`'s match (later layers' matches are not computed)."""
+        return layer <= self.through
 
     def capture_layer(self, layer: int, probs: torch.Tensor) -> None:
         """Record layer `layer`'s match (on the capturing stream): `probs` [1, E] its router's

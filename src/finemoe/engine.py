@@ -646,11 +646,15 @@ class Engine:
             rule=config.delta_rule,
             min_score=config.map_min_score,
         )
-        self.runtime.device_matches = fine.device = DeviceMatches(planner, self.maps)
-        log.info("search='device': the map store's copy takes %s of device memory", format_bytes(planner.nbytes()))
+        self.runtime.device_matches = fine.device = DeviceMatches(planner, self.maps, self.distance)
         # steps the graphs do not take (the warm-up, eager fallbacks) search on the host alike:
         # every map, one layer late, so a request's plans do not depend on which steps were graphed
         fine.lag, fine.candidates = 1, 0
+        log.info(
+            "search='device': the map store's copy takes %s of device memory; plans follow every map "
+            "one layer late (trajectory_lag=1, trajectory_candidates=0, whatever was configured)",
+            format_bytes(planner.nbytes()),
+        )
         self.search_mode = "device"
 
     def predictor_stats(self) -> dict[str, Any]:

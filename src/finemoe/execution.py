@@ -30,6 +30,7 @@ from finemoe.stepper import Stepper
 from finemoe.types import IterationContext, MoESpec, RoutingEvent
 
 if TYPE_CHECKING:
+    from finemoe.device_plans import DeviceMatches
     from finemoe.graphs import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,8 @@ class OffloadRuntime:
     # set while a graphed step replays: per MoE layer, (speculative logits {target layer: [T, E]}
     # static on the device, whether they cover every gate stride)
     speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
-    # search="device": the map match a graphed decode step computes on the GPU (`device_plans.DeviceMatches`)
-    device_matches: Any = None
+    # search="device": the map match a graphed decode step computes on the GPU
+    device_matches: DeviceMatches | None = None
     # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
     # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
     predict_after_demand: bool = False

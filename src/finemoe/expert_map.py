@@ -160,7 +160,17 @@ class ExpertMapStore:
         log = self._written
         if version < 0 or not log or log[0][0] > version + 1:
             return None
-        return sorted({row for v, row in log if v > version})
+        rows = set()
+        for v, row in reversed(log):  # newest first: a step's copy reads only the few latest writes
+            if v <= version:
+                break
+            rows.add(row)
+        return sorted(rows)
+
+    def clipped_norms(self) -> np.ndarray:
+        """[L, size] the valid rows' prefix norms, clipped to >= EPS, layer-major (a NumPy view:
+        read it before the next write)."""
+        return self._norm_layers_np[:, : self.size]
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.

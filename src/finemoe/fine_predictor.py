@@ -11,7 +11,7 @@ every row a store row when the iteration's last layer has routed (online mode).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from finemoe.predictor import (
     select_by_delta,
 )
 from finemoe.types import IterationContext, PrefetchPlan, PrefetchRequest, RoutingEvent, expert_id_table
+
+if TYPE_CHECKING:
+    from finemoe.device_plans import DeviceMatches
 
 PRECISION_DECAY = 0.995  # per measured layer plan: the running precision spans a few hundred plans
 PRECISION_WARMUP = 50.0  # planned experts measured before the precision floor may withhold plans
@@ -47,8 +50,8 @@ class FineMoEPredictor:
         self._prev: tuple[float, int] | None = None  # (score, row) of that match (lag 1)
         # search="device": graphed decode steps match on the GPU (`device_plans.DeviceMatches`, one
         # layer behind); set by the engine
-        self.device: Any = None
-        self.device_matched = 0  # plans made from a device match (layers after the first)
+        self.device: DeviceMatches | None = None
+        self.device_matched = 0  # device matches planned from (layers after the first; before `map_min_score`)
         self.min_score = deps.map_min_score if deps.map_min_score > 0 else -math.inf  # 0: every match
         self.semantic = deps.semantic
         self.values = deps.map_values
@@ -137,13 +140,15 @@ class FineMoEPredictor:
         if self.traj is None or target >= L:
             return None  # no layer left to plan for from here
         if self.row0 >= 0:  # decode at batch 1: the lean path, NumPy on host rows
+            lagged = False  # planned from the match one layer behind (at layer 0: the semantic one)
             dev = self.device
             if dev is not None and dev.iteration == event.iteration:  # matched on the GPU, one layer behind
+                lagged = True
                 if layer > 0:
                     match: tuple[float, int] | None = dev.match(layer - 1)
                     self.device_matched += 1
                 else:
-                    match = self._prev  # (the semantic match at layer 0)
+                    match = self._prev
                 if match is None:
                     return None
                 score, row = match
@@ -153,13 +158,15 @@ class FineMoEPredictor:
                 else:
                     q = routing_rows(event, ctx.rows, "counts")[0].numpy()
                 score, row = self.traj.best(layer, q)
-                if self.lag:  # plan from the match through the layer before (the semantic one at layer 0)
+                if self.lag:
+                    lagged = True
                     prev, self._prev = self._prev, (score, row)
                     if prev is None:
                         return None
                     score, row = prev
-            self.traj_sum += score
-            self.traj_n += 1
+            if layer or not lagged:  # (a lagged layer 0's score is the semantic one, counted as such)
+                self.traj_sum += score
+                self.traj_n += 1
             hints = ((target, self.store.by_layer[target, row]),) if self.hints else ()  # [E]
             self.plans += 1
             reqs = self._row_requests(target, layer, row, score)

@@ -220,6 +220,8 @@ class StaticDecoder:
                 except BaseException:
                     if begun:  # ended on the stream it began on, so `cap` is no longer capturing
                         with suppress(Exception):  # the capture already failed: report the first error
+                            self._join()  # (a forked match joins first, or its stream stays capturing)
+                        with suppress(Exception):
                             self.graphs[-1].capture_end()
                     self.drop_graphs()
                     raise
@@ -246,7 +248,8 @@ class StaticDecoder:
         graph = torch.cuda.CUDAGraph()
         self.graphs.append(graph)
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-        if self.rt.device_matches is not None:
+        matches = self.rt.device_matches
+        if matches is not None and matches.wants(layer):
             self._fork_match(layer, module, output)
 
     def _fork_match(self, layer: int, module: nn.Module, output: tuple) -> None:
@@ -298,13 +301,15 @@ class StaticDecoder:
             self.graphs[0].replay()
         else:
             matches = rt.device_matches
-            if matches is not None:
-                matches.before_step(rt.iteration)
-            self.graphs[0].replay()
             late: list = []
             rt.late_events = late
             rt.speculated = self.speculated if self._linear else None
             try:
+                if matches is not None:  # the store's new rows copied first: a predictor cost per step
+                    t0 = time.perf_counter()
+                    matches.before_step(rt.iteration)
+                    rt.critical_decode_s += time.perf_counter() - t0
+                self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     run_hooks(module, args, output)
