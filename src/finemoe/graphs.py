@@ -18,7 +18,8 @@ loads on the copy stream, the compute stream waits for them) and S_l+1 is replay
 pass would compute the experts. Only then do the predictors see layer l's routing: their host work
 overlaps S_l+1 on the GPU instead of delaying it (their inputs are host copies; their plans still
 target later layers). With every expert resident and nothing else hooked on the routers the whole
-step is one graph.
+step is one graph. With `search="device"` each segment also forks the previous layer's map match
+onto a side stream and joins it at its end (`device_plans.DeviceMatches`).
 
 Needs a static KV cache (transformers `StaticCache`: fixed addresses, the write position a device
 tensor advanced in place); the prefill runs eagerly into it. The first decode step of a new
@@ -255,7 +256,7 @@ class StaticDecoder:
     def _fork_match(self, layer: int, module: nn.Module, output: tuple) -> None:
         """Start layer `layer`'s map match (`device_plans.DeviceMatches`) on `match_stream`, forked
         from the segment just begun: it runs beside layer `layer`'s experts and the next layer's
-        attention, and its (score, row) reaches the pinned host buffer before the segment ends."""
+        attention, and its packed result reaches the pinned host buffer before the segment ends."""
         side = self.match_stream
         assert side is not None
         side.wait_stream(torch.cuda.current_stream(self.device))
