@@ -249,3 +249,19 @@ def test_sync_reloads_when_the_log_is_short_the_rows_many_or_the_store_shrank(mo
     dp.begin()
     dp.step(0, torch.full((E,), 0.25))
     assert dp.read().row < 4  # no stale row wins
+
+
+def test_sync_stages_rows_inside_inference_mode_and_after_it():
+    """The staging buffers are made during generate (inference mode) and written by later syncs
+    in or out of it."""
+    g = torch.Generator().manual_seed(6)
+    s = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=10)
+    s.add(torch.randn(3, 2, generator=g), torch.softmax(torch.randn(3, 2, 4, generator=g), dim=-1))
+    dp = DevicePlanner(s.geometry, capacity=10, top_k=2)
+    dp.sync(s)
+    with torch.inference_mode():
+        s.add(torch.randn(1, 2, generator=g), torch.softmax(torch.randn(1, 2, 4, generator=g), dim=-1))
+        assert dp.sync(s) == 1
+    s.add(torch.randn(1, 2, generator=g), torch.softmax(torch.randn(1, 2, 4, generator=g), dim=-1))
+    assert dp.sync(s) == 1 and dp.size == 5
+    assert torch.allclose(dp.maps[:, 4], s.maps[4])

@@ -149,12 +149,13 @@ class DevicePlanner:
         dev = self.maps.device
         if self._stage is None:
             pin = dev.type == "cuda"
-            host = (
-                torch.zeros(STAGED_ROWS, L, E, pin_memory=pin),
-                torch.zeros(STAGED_ROWS, L, pin_memory=pin),
-                torch.zeros(STAGED_ROWS, dtype=torch.int64, pin_memory=pin),
-            )
-            self._stage = host + tuple(torch.empty_like(t, device=dev) for t in host)
+            with torch.inference_mode(False):  # made during generate; written by any later sync
+                host = (
+                    torch.zeros(STAGED_ROWS, L, E, pin_memory=pin),
+                    torch.zeros(STAGED_ROWS, L, pin_memory=pin),
+                    torch.zeros(STAGED_ROWS, dtype=torch.int64, pin_memory=pin),
+                )
+                self._stage = host + tuple(torch.empty_like(t, device=dev) for t in host)
         hm, hn, hi, dm, dn, di = self._stage
         if self._staged is not None:
             self._staged.synchronize()  # the previous copies have left the host buffers
