@@ -63,7 +63,13 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--delta-rule", choices=["paper", "demo", "topk"], default="paper", help="FineMoE selection count rule"
     )
-    ap.add_argument("--search", choices=list(SEARCH_MODES), default="auto", help="where map search runs")
+    ap.add_argument(
+        "--search",
+        choices=list(SEARCH_MODES),
+        default="auto",
+        help="where map search runs: inline (auto, sync), a searcher thread (async), a worker process "
+        "(process), or on the GPU inside graphed decode steps (device: CUDA only, experimental)",
+    )
     ap.add_argument(
         "--prediction-duty",
         choices=list(DUTY_MODES),
