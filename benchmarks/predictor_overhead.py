@@ -107,6 +107,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     timers = probes(eng) if breakdown else {}
     rt = eng.runtime
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
+    spans0 = eng.host_time_stats()
+    copies0 = rt.graphed_logits_copies
     steps = []
     if freeze:
         gc.collect()
@@ -123,6 +125,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     gc_s = GC_CLOCK.read()[0] - gc0
     n = rt.decode_iterations - n0
     st = eng.stats()
+    spans = {k: (v - spans0[k]) / n * 1e3 if n else 0.0 for k, v in eng.host_time_stats().items()}
     return {
         "step_ms": statistics.median(steps) * 1e3,
         "predictor_ms_per_decode_iteration": (rt.critical_decode_s - c0) / n * 1e3 if n else 0.0,
@@ -131,6 +134,9 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "decode_iterations": n,
         "gc_ms_per_decode_iteration": gc_s / n * 1e3 if n else 0.0,  # cyclic collections, prefill included
         "breakdown_ms_per_iteration": {k: t.total / n * 1e3 for k, t in timers.items()} if n else {},
+        # where the decode steps' host time went, ms per iteration (`Engine.host_time_stats`)
+        "host_ms_per_iteration": spans,
+        "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
         "hit_rate": st.cache.hit_rate,
         "search": eng.search_mode,
         "search_thread_s": st.extra.get("search_thread_s"),
@@ -160,6 +166,12 @@ def main() -> int:
         "speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
         "prefetches before its segment's launch (the behaviour before session 19)",
     )
+    ap.add_argument(
+        "--no-eviction-reference",
+        action="store_true",
+        help="leave out the run of finemoe's eviction without a predictor (policy lru, eviction decay-lfu) "
+        "at the near-full budget, against which the finemoe runs' step is also compared",
+    )
     ap.add_argument("--no-gc-freeze", action="store_true", help="leave the garbage collector running")
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
     ap.add_argument("--out", default="docs/results/overhead.json")
@@ -186,7 +198,11 @@ def main() -> int:
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
-    runs += [(f"lru {near}", dict(policy="lru", expert_budget=near)), *(fine(near, m) for m in modes)]
+    runs += [(f"lru {near}", dict(policy="lru", expert_budget=near))]
+    evict = f"decay-lfu {near}"  # finemoe's eviction alone: what the predictor adds, apart from the eviction
+    if not args.no_eviction_reference:
+        runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near))]
+    runs += [fine(near, m) for m in modes]
     runs += [
         (f"lru {args.budget}", dict(policy="lru", expert_budget=args.budget)),
         (f"mixtral-offloading {args.budget}", dict(policy="mixtral-offloading", expert_budget=args.budget)),
@@ -223,6 +239,11 @@ def main() -> int:
             r["added_ms_vs_lru_rounds"] = paired
             r["added_ms_vs_lru"] = statistics.median(paired)
             r["added_share_of_100pct_step"] = r["added_ms_vs_lru"] / base
+            if near in name and evict in res:  # the predictor's own addition, the eviction policy apart
+                paired = [rd[name]["step_ms"] - rd[evict]["step_ms"] for rd in rec["rounds"]]
+                r["added_ms_vs_eviction_rounds"] = paired
+                r["added_ms_vs_eviction"] = statistics.median(paired)
+                r["added_vs_eviction_share_of_100pct_step"] = r["added_ms_vs_eviction"] / base
     eng.config = eng.config.__class__(**{**eng.config.__dict__, "map_store": None})  # do not save
     eng.close()
     out = Path(args.out)
@@ -244,6 +265,13 @@ def main() -> int:
             f"{r['predictor_share_of_100pct_step']:>7.2%} {extra} {r['hit_rate']:>6.3f}"
             f" {r['prelaunch_ms_per_decode_iteration']:>10.3f} {r['gc_ms_per_decode_iteration']:>8.3f}"
         )
+    print(f"{'run':<28} {'added ms vs decay-lfu':>21} {'share':>7}  host ms per iteration (last round)")
+    for k, r in res.items():
+        added = r.get("added_ms_vs_eviction")
+        col = f"{added:>21.2f} {r['added_vs_eviction_share_of_100pct_step']:>7.2%}" if added is not None else " " * 29
+        host = r["host_ms_per_iteration"].items()
+        spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
+        print(f"{k:<28} {col}  {spans}, logits copies {r['graphed_logits_copies_per_iteration']:.1f}")
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):
             parts = ", ".join(f"{p} {v:.2f}" for p, v in r["breakdown_ms_per_iteration"].items())

@@ -160,10 +160,11 @@ def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late()
     followed and `trajectory_lag=1` plans."""
     from finemoe.device_plans import DeviceMatches
     from finemoe.fine_predictor import FineMoEPredictor
-    from finemoe.predictor import PredictorDeps
+    from finemoe.predictor import PredictorDeps, reads_router_probs
     from finemoe.types import IterationContext, RoutingEvent
 
     from tests.test_cache import SPEC as SPEC1
+    from tests.test_map_store import Unread
 
     g = torch.Generator().manual_seed(9)
     L, E, C, k, d = 6, 8, 40, 2, 2
@@ -188,13 +189,15 @@ def test_predictor_with_device_matches_plans_as_the_host_search_one_layer_late()
             event = RoutingEvent(it, layer, probs, torch.topk(probs, k, dim=1).indices, False)
             if matches.wants(layer):
                 matches.capture_layer(layer, probs)  # (the graph computes it beside the next segment)
-            pa, pb = host.on_routing(event), dev.on_routing(event)
+            # the device-matched predictor never reads the probabilities (a graphed step leaves them on the GPU)
+            pa, pb = host.on_routing(event), dev.on_routing(dataclasses.replace(event, probs=Unread()))
             assert (pa is None) == (pb is None)
             if pa is not None:
                 assert pa.requests == pb.requests
                 compared += 1
         matches.after_step()
     assert compared == 4 * (L - d)
+    assert reads_router_probs(host) and not reads_router_probs(dev)
     assert dev.device_matched == 4 * (L - d - 1)  # every layer after the first planned from a device match
     assert matches.steps == 4 and matches.rows_copied == 6  # 2 rows before each of the last three
     assert host.stats()["mean_trajectory_score"] == pytest.approx(dev.stats()["mean_trajectory_score"], rel=1e-5)

@@ -71,6 +71,47 @@ def test_moe_infinity_matches_request_matrices():
     assert plan.replace and pred.stats()["mean_request_match_score"] == pytest.approx(3**-0.5)
 
 
+class Unread:
+    """Router probabilities no reader may touch (a graphed step leaves them on the device)."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"router probabilities read ({name})")
+
+
+def test_predictors_that_say_so_never_read_router_probs():
+    """`graphed_reads_probs = False` holds: the baselines plan the same with the probabilities
+    unreadable (a graphed step then copies no router logits); the history recorder says it reads."""
+    from finemoe.history import HistoryRecorder, PredictorChain
+    from finemoe.predictor import NonePredictor, PreviousTokenPredictor, reads_router_probs
+
+    store = RequestMatrixStore(3, 4, capacity=4)
+    store.add(torch.tensor([[5.0, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]]))
+    table = {1: [0.1, 0.6, 0.1, 0.2], 2: [0.5, 0.0, 0.3, 0.2]}
+    spec_logits = {1: torch.tensor([table[1]])}  # a graphed step's speculative logits for layer 1
+    made = [
+        SpeculativeGatePredictor(PredictorDeps(SPEC3, 1, gate=lambda t, h: torch.tensor([table[t]] * h.shape[0]))),
+        MoEInfinityPredictor(PredictorDeps(SPEC3, 2, requests=store)),
+        PreviousTokenPredictor(PredictorDeps(SPEC3, 1)),
+        NonePredictor(PredictorDeps(SPEC3, 1)),
+    ]
+    for pred in made:
+        assert reads_router_probs(pred) is False
+        for c in (ctx(0), ctx(1)):
+            pred.on_iteration_start(c)
+            for layer in range(3):
+                ev = event(c.iteration, layer, [[layer, 3]], torch.zeros(1, 2))
+                blind = dataclasses.replace(ev, probs=Unread())
+                if layer == 0:
+                    blind.speculated, blind.speculated_probs = spec_logits, lambda t, x: x
+                plan = pred.on_routing(blind)  # raises if the probabilities were read
+                assert plan is None or plan.requests == tuple(plan.requests)
+    recorder = HistoryRecorder(PredictorDeps(SPEC3, 1))
+    assert reads_router_probs(recorder) is True
+    assert reads_router_probs(PredictorChain([made[0], recorder])) is True
+    assert reads_router_probs(PredictorChain(made[:2])) is False
+    assert reads_router_probs(object()) is True  # one that does not say is assumed to read
+
+
 def test_prefetcher_drops_stale_plans():
     cache, pf, tr = setup(slots=6, inflight=8)
     pf.now(5, 0)

@@ -33,6 +33,7 @@ class SpeculativeGatePredictor:
     """Next-gate speculation: after layer l routes, run router l+s on layer l's router input."""
 
     name = "speculative-gate"
+    graphed_reads_probs = False  # the router input, or the speculative logits a graphed step computed
 
     def __init__(self, deps: PredictorDeps) -> None:
         if deps.gate is None:
@@ -217,6 +218,7 @@ class MoEInfinityPredictor:
     """Request-level activation matching (the MoE-Infinity role in the paper's comparison)."""
 
     name = "moe-infinity"
+    graphed_reads_probs = False  # the routed ids only
 
     def __init__(self, deps: PredictorDeps) -> None:
         if deps.requests is None:

@@ -24,7 +24,7 @@ from finemoe.duty import PredictionDuty
 from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
 from finemoe.pool import SlotGather
-from finemoe.predictor import Predictor
+from finemoe.predictor import Predictor, reads_router_probs
 from finemoe.prefetcher import Prefetcher
 from finemoe.stepper import Stepper
 from finemoe.types import IterationContext, MoESpec, RoutingEvent
@@ -162,6 +162,11 @@ class OffloadRuntime:
     speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
     # search="device": the map match a graphed decode step computes on the GPU
     device_matches: DeviceMatches | None = None
+    # set per graphed step: whether anything reads the routers' probabilities on the host (an
+    # observer, the eviction policy, a predictor whose `graphed_reads_probs` says so); if not, the
+    # router logits stay on the device (no pinned copy, one D2H fewer before the routing sync)
+    graphed_probs: bool = True
+    graphed_logits_copies: int = 0  # layers of graphed steps whose router logits went to the host
     # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
     # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
     predict_after_demand: bool = False
@@ -252,6 +257,10 @@ class OffloadRuntime:
         self.layer_parts = []
         self._gather = None
 
+    def reads_graphed_probs(self) -> bool:
+        """Whether a graphed step's routing must bring the router logits to the host (see `graphed_probs`)."""
+        return bool(self.observers) or self.policy_routes is not None or any(map(reads_router_probs, self.active))
+
     @property
     def active(self) -> list[Predictor]:
         """The predictors running in the current iteration (all, or `always` while paused)."""
@@ -319,7 +328,9 @@ class LayerBinding:
             # router input, or the speculative logits a graphed step computed) are copied to pinned
             # host memory first, then the blocking copy of the ids waits for all of them. No
             # predictor touches the device afterwards.
-            logits = logits.to("cpu", non_blocking=True)
+            if rt.late_events is None or rt.graphed_probs:  # (graphed: else the device logits, unread)
+                logits = logits.to("cpu", non_blocking=True)
+                rt.graphed_logits_copies += rt.late_events is not None
             if rt.speculated is not None:
                 done, covers = rt.speculated[self.layer]
                 speculated = {t: s.to("cpu", non_blocking=True) for t, s in done.items()}

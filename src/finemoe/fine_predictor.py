@@ -112,6 +112,12 @@ class FineMoEPredictor:
         self.plans += 1
         return PrefetchPlan(tuple(reqs), replace=True, iteration=ctx.iteration, layer_probs=hints)
 
+    @property
+    def graphed_reads_probs(self) -> bool:
+        """A graphed step's router probabilities are read unless the GPU matches the maps
+        (search="device": the routed ids only)."""
+        return self.device is None
+
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         ctx = self.ctx
         if ctx is None or event.iteration != ctx.iteration or event.layer != self.layers_seen:

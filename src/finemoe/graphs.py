@@ -107,6 +107,8 @@ class StaticDecoder:
             "decode_graphs": len(self.graphs),
             "decode_graph_error": self.error,
             "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # speculative logits per step
+            # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
+            "decode_graph_logits_copies": self.rt.graphed_logits_copies,
         }
 
     # -- cache ---------------------------------------------------------------------------------
@@ -305,6 +307,7 @@ class StaticDecoder:
             late: list = []
             rt.late_events = late
             rt.speculated = self.speculated if self._linear else None
+            rt.graphed_probs = rt.reads_graphed_probs()
             try:
                 if matches is not None:  # the store's new rows copied first: a predictor cost per step
                     t0 = time.perf_counter()

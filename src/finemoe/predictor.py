@@ -45,6 +45,17 @@ class Predictor(Protocol):
     def stats(self) -> dict[str, Any]: ...
 
 
+def reads_router_probs(predictor: Any) -> bool:
+    """Whether `predictor.on_routing` may read `event.probs` in a graphed decode step: its
+    `graphed_reads_probs` (True when it does not say), any member's for a chain. A graphed step
+    copies a router's logits to the host only when one of the layer's readers may
+    (`execution.LayerBinding.on_router`)."""
+    members = getattr(predictor, "members", None)
+    if members is not None:
+        return any(reads_router_probs(m) for m in members)
+    return bool(getattr(predictor, "graphed_reads_probs", True))
+
+
 @dataclass
 class PredictorDeps:
     """What a predictor may use. `maps` / `requests` are the engine's history stores (they outlive
@@ -227,6 +238,7 @@ class NonePredictor:
     """Never prefetches: every miss is loaded on demand."""
 
     name = "none"
+    graphed_reads_probs = False
 
     def __init__(self, deps: PredictorDeps) -> None:
         pass
@@ -249,6 +261,7 @@ class PreviousTokenPredictor:
     iteration (wrapping into the next iteration's first layers). Priority falls with distance."""
 
     name = "previous-token"
+    graphed_reads_probs = False  # the routed ids only
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.num_layers = deps.spec.num_layers

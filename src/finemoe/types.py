@@ -164,7 +164,9 @@ class RoutingEvent:
     `probs` holds the full router probabilities over all E routed experts [T, E] (T = B*T_block,
     every position including padding) — or, when `to_probs` is set, the raw router logits on the
     compute device, turned into probabilities by `host_probs()` on first use (so the forward
-    thread can hand them to the searcher thread without a softmax or a device sync).
+    thread can hand them to the searcher thread without a softmax or a device sync). In a graphed
+    decode step where no reader wants probabilities (`predictor.reads_router_probs`), the logits
+    stay on the device: the step's static router output, valid until the next step's replay.
     `topk_ids` are the selected experts, int64 [T, k], on the CPU. `hidden` is the router's input
     [T, H] on the compute device (read only by speculative predictors, synchronously).
     `speculated` maps a later layer to its router's logits on this layer's router input [T, E]

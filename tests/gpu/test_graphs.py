@@ -261,3 +261,28 @@ def test_device_search_matches_on_the_gpu_as_the_host_does_one_layer_late(ckpt):
     assert dev_stats["device_store_bytes"] > 0
     assert dev_stats["plans"] == sync_stats["plans"]
     assert dev_stats["mean_trajectory_score"] == pytest.approx(sync_stats["mean_trajectory_score"], rel=1e-4)
+
+
+def test_graphed_steps_copy_router_logits_only_when_a_reader_wants_them(ckpt):
+    """A graphed step copies a router's logits to the host only for a reader of probabilities: with
+    the maps matched on the GPU, the gates computed in the graph and nothing learning, none is left
+    (no copy in any layer); a learning store (its recorder reads them) has every layer's copied.
+    The tokens are those of the eager steps either way."""
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompt = medium_prompts()[0]
+    kw = dict(policy="finemoe", expert_budget="25%", device="cuda", progress=False, prediction_duty="always")
+    with Engine.from_pretrained(ckpt, search="device", graph_gates=True, prefetch_distance=1, **kw) as eng:
+        L = eng.spec.num_layers
+        eng.reconfigure(cuda_graphs=False)
+        eager = eng.generate(prompt, params)[0].token_ids  # (learns the prompt's maps)
+        eng.reconfigure(cuda_graphs=True)
+        learning = eng.generate(prompt, params)[0].token_ids
+        extra = eng.stats().extra
+        assert extra["decode_graph_replays"] > 0 and extra["decode_graph_error"] is None
+        assert extra["decode_graph_logits_copies"] == L * extra["decode_graph_replays"]
+        eng.reconfigure(map_store_learn=False)
+        blind = eng.generate(prompt, params)[0].token_ids
+        extra = eng.stats().extra
+        assert extra["decode_graph_replays"] > 0 and extra["decode_graph_logits_copies"] == 0
+        assert eng.predictor_stats()["device_matched_plans"] > 0  # the map predictor still planned
+    assert learning == eager and blind == eager
