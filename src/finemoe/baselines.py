@@ -55,7 +55,7 @@ class SpeculativeGatePredictor:
         if target >= self.num_layers or (event.is_prefill and not self.in_prefill):
             return None
         spec, to_probs = event.speculated, event.speculated_probs
-        done = spec.get(target) if spec is not None and to_probs is not None else None  # logits [T, E], CPU
+        done = spec.get(target) if spec is not None and to_probs is not None else None  # [T, E], CPU
         source = done if done is not None else event.hidden
         if source is None:
             return None

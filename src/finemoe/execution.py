@@ -325,23 +325,26 @@ class LayerBinding:
         speculated = None
         if idx.device.type != "cpu":
             # The predictors' inputs ride on the layer's one host sync: logits (and a decode-sized
-            # router input, or the speculative logits a graphed step computed) are copied to pinned
+            # router input, unless a graphed step computed the gates itself) are copied to pinned
             # host memory first, then the blocking copy of the ids waits for all of them. No
             # predictor touches the device afterwards.
             if rt.late_events is None or rt.graphed_probs:  # (graphed: else the device logits, unread)
                 logits = logits.to("cpu", non_blocking=True)
                 rt.graphed_logits_copies += rt.late_events is not None
             if rt.speculated is not None:
-                done, covers = rt.speculated[self.layer]
-                speculated = {t: s.to("cpu", non_blocking=True) for t, s in done.items()}
+                _, covers = rt.speculated[self.layer]
                 if covers and not rt.extra_hidden:
-                    hidden = None  # every gate reads its logits instead
+                    hidden = None  # every gate reads the step's probabilities instead
             if hidden is not None and hidden.shape[0] <= HOST_HIDDEN_ROWS:
                 hidden = hidden.to("cpu", non_blocking=True)
         t1 = time.perf_counter()
         ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         t2 = rt.routed_at = time.perf_counter()
+        if rt.speculated is not None and idx.device.type != "cpu":
+            # the graphed step's gate probabilities, in pinned rows it rewrites every step: complete
+            # after the sync above; copied for readers that keep the event (the searcher thread)
+            speculated = {t: s.clone() for t, s in rt.speculated[self.layer][0].items()}
         router_probs = rt.adapter.router_probs
         event = RoutingEvent(
             rt.iteration,
@@ -352,7 +355,7 @@ class LayerBinding:
             hidden,
             lambda x: router_probs(module, x),
             speculated=speculated,
-            speculated_probs=None if speculated is None else rt.router_gate.probs_of,
+            speculated_probs=None if speculated is None else _given_probs,
         )
         for obs in rt.observers:
             obs(event)
@@ -474,6 +477,11 @@ class LayerBinding:
         rt.stepper.serve(rt.iteration, layer, unique, compute, pump_first=rt.pump_before_launch)
         rt.post_launch_decode_s += time.perf_counter() - launched[0]
         self._tell_policy()  # while the GPU runs the segment just replayed
+
+
+def _given_probs(layer: int, probs: torch.Tensor) -> torch.Tensor:
+    """`RoutingEvent.speculated_probs` of a graphed step's gates: they are probabilities already."""
+    return probs
 
 
 def batched_pairs(

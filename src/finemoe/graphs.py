@@ -80,9 +80,13 @@ class StaticDecoder:
         self._forked = False  # a match forked in the segment being captured, not yet joined
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
-        # per MoE layer: the speculative gates' logits the segment computes ({target: [T, E]}, static)
-        # and whether they cover every gate stride (`OffloadRuntime.speculated`)
+        # per MoE layer: the speculative gates' probabilities the segment computes and copies to
+        # pinned host memory ({target: [T, E] float32}, static) and whether they cover every gate
+        # stride (`OffloadRuntime.speculated`); computed on `gate_stream`, forked at the router's start
         self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
+        self.gate_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self._gate_forked = False  # gates forked in the segment being captured, not yet joined
+        self._gate_host: dict[int, torch.Tensor] = {}  # target layer -> pinned [1, E] float32
         self._linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         self.whole = False  # one graph for the step (nothing on the host between layers)
@@ -203,6 +207,12 @@ class StaticDecoder:
         cap = self.capture_stream
         assert cap is not None
         cap.wait_stream(here)
+        gate_hooks = (
+            [ref.router.register_forward_pre_hook(self._gate_hook(layer)) for layer, ref in enumerate(self.refs)]
+            if self._linear
+            else []
+        )
+        self._gate_host = self._gate_buffers(L) if self._linear else {}
         torch.cuda.synchronize(self.device)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
@@ -210,7 +220,7 @@ class StaticDecoder:
         self.graphs = [torch.cuda.CUDAGraph()]
         rt.capture = self
         begun = False
-        self._forked = False
+        self._forked = self._gate_forked = False
         try:
             with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
                 try:
@@ -230,6 +240,8 @@ class StaticDecoder:
                     raise
         finally:
             rt.capture = None
+            for handle in gate_hooks:
+                handle.remove()
             here.wait_stream(cap)
         if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
             self.drop_graphs()
@@ -244,8 +256,6 @@ class StaticDecoder:
         self.routed[layer] = (module, args, tuple(output))
         if self.whole:
             return
-        if self._linear:
-            self.speculated[layer] = self._speculate(layer, args)
         self._join()
         self.graphs[-1].capture_end()
         graph = torch.cuda.CUDAGraph()
@@ -269,31 +279,68 @@ class StaticDecoder:
         self._forked = True
 
     def _join(self) -> None:
-        """The segment being captured ends only once its forked match has (the capture needs it)."""
+        """The segment being captured ends only once its forked match and gates have (the capture
+        needs it; the host reads their pinned results after the layer's routing sync)."""
         if self._forked:
             assert self.match_stream is not None
             torch.cuda.current_stream(self.device).wait_stream(self.match_stream)
             self._forked = False
+        if self._gate_forked:
+            assert self.gate_stream is not None
+            torch.cuda.current_stream(self.device).wait_stream(self.gate_stream)
+            self._gate_forked = False
+
+    def _gate_buffers(self, L: int) -> dict[int, torch.Tensor]:
+        """Pinned host rows [1, E] float32 per speculative target, made before the capture (no
+        pinned allocation while capturing); the graphs copy the gates' probabilities into them."""
+        E = self.rt.spec.num_experts
+        out = {}
+        with torch.inference_mode(False):  # written by replays, read by later requests
+            for layer in range(L):
+                for stride in self.rt.gate_strides:
+                    target = layer + stride
+                    if target < L and self._linear[target] is not None and target not in out:
+                        out[target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
+        return out
+
+    def _gate_hook(self, layer: int) -> Callable:
+        def pre(module: nn.Module, args: tuple) -> None:
+            if self.rt.capture is self and not self.whole:
+                self.speculated[layer] = self._speculate(layer, args)
+            return None
+
+        return pre
 
     def _speculate(self, layer: int, args: tuple) -> tuple[dict[int, torch.Tensor], bool]:
-        """The speculative gates' logits on layer `layer`'s router input, computed at the end of the
-        segment being captured (one small matmul per gate stride): the host then copies them with
-        the routing instead of the router input and runs no router itself (`RouterGate.probs_of`).
-        A target whose router is not a plain linear map, or whose weight's dtype differs from the
-        input's, is left to the host gate (and the router input is still copied)."""
+        """The speculative gates' probabilities on layer `layer`'s router input (a router forward
+        pre-hook while capturing): forked onto `gate_stream` as the router starts, so they overlap
+        its own kernels; per gate stride the target router's linear map and routing function, and a
+        copy into its pinned host row, joined at the segment's end. The host then reads them after
+        the routing sync instead of copying the router input, and runs no router itself. A target
+        whose router is not a plain linear map, or whose weight's dtype differs from the input's,
+        is left to the host gate (and the router input is still copied)."""
         done: dict[int, torch.Tensor] = {}
         covers = True
         hidden = args[0].reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
+        side = self.gate_stream
+        assert side is not None
         for stride in self.rt.gate_strides:
             target = layer + stride
             if target >= len(self.refs):
                 continue
             lin = self._linear[target]
-            if lin is None or hidden is None or hidden.dtype != lin[0].dtype:
+            if lin is None or hidden is None or hidden.dtype != lin[0].dtype or hidden.shape[0] != 1:
                 covers = False
                 continue
-            with torch.no_grad():
-                done[target] = torch.nn.functional.linear(hidden, *lin)  # [T, E]
+            if not self._gate_forked:
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                self._gate_forked = True
+            host = self._gate_host[target]
+            with torch.cuda.stream(side), torch.no_grad():
+                logits = torch.nn.functional.linear(hidden, *lin)  # [1, E]
+                probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
+                host.copy_(probs, non_blocking=True)  # [1, E] into pinned memory, inside the graph
+            done[target] = host
         return done, covers
 
     # -- replay ----------------------------------------------------------------------------------

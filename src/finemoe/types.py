@@ -169,10 +169,11 @@ class RoutingEvent:
     stay on the device: the step's static router output, valid until the next step's replay.
     `topk_ids` are the selected experts, int64 [T, k], on the CPU. `hidden` is the router's input
     [T, H] on the compute device (read only by speculative predictors, synchronously).
-    `speculated` maps a later layer to its router's logits on this layer's router input [T, E]
-    (CPU, the router's dtype), where the forward pass computed them already (graphed decode): a
-    speculative gate then only turns them into probabilities with `speculated_probs(layer,
-    logits)` (`RouterGate.probs_of`), which whoever sets `speculated` sets too.
+    `speculated` maps a later layer to its router's output on this layer's router input [T, E]
+    (CPU), where the forward pass computed it already: a speculative gate then only turns it into
+    probabilities with `speculated_probs(layer, values)`, which whoever sets `speculated` sets too
+    (graphed decode computes the probabilities themselves, float32, and passes the identity; logits
+    take `RouterGate.probs_of`).
     """
 
     iteration: int
@@ -183,8 +184,8 @@ class RoutingEvent:
     hidden: torch.Tensor | None = None  # [T, H], compute device
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
     _host: torch.Tensor | None = field(default=None, repr=False)
-    speculated: dict[int, torch.Tensor] | None = None  # target layer -> logits [T, E], CPU
-    speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, logits) -> [T, E]
+    speculated: dict[int, torch.Tensor] | None = None  # target layer -> router output [T, E], CPU
+    speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, output) -> [T, E]
     _host_np: np.ndarray | None = field(default=None, repr=False)
     _topk_list: list[list[int]] | None = field(default=None, repr=False)
 
