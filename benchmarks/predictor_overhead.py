@@ -108,7 +108,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     rt = eng.runtime
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     spans0 = eng.host_time_stats()
-    copies0 = rt.graphed_logits_copies
+    copies0, rows0 = rt.graphed_logits_copies, eng.cache.table_rows_copied
     steps = []
     if freeze:
         gc.collect()
@@ -137,6 +137,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         # where the decode steps' host time went, ms per iteration (`Engine.host_time_stats`)
         "host_ms_per_iteration": spans,
         "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
+        "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         "hit_rate": st.cache.hit_rate,
         "search": eng.search_mode,
         "search_thread_s": st.extra.get("search_thread_s"),
@@ -271,7 +272,8 @@ def main() -> int:
         col = f"{added:>21.2f} {r['added_vs_eviction_share_of_100pct_step']:>7.2%}" if added is not None else " " * 29
         host = r["host_ms_per_iteration"].items()
         spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
-        print(f"{k:<28} {col}  {spans}, logits copies {r['graphed_logits_copies_per_iteration']:.1f}")
+        copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
+        print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}")
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):
             parts = ", ".join(f"{p} {v:.2f}" for p, v in r["breakdown_ms_per_iteration"].items())

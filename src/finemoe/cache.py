@@ -92,6 +92,7 @@ class ExpertCache:
         pin = pool.device.type == "cuda"
         self._table_host = torch.full((L, E), S, dtype=torch.int32, pin_memory=pin) if pin else self.table
         self._dirty = [False] * L
+        self.table_rows_copied = 0  # device slot-table rows refreshed (`device_table`)
         self._row_copied: list[torch.cuda.Event | None] = [None] * L  # last H2D copy of each host row
         self._evictable_landed = self._landed_predicate()
         self._evictable_settled = self._landed_predicate(check_landed=False)
@@ -139,6 +140,7 @@ class ExpertCache:
         """The layer's expert -> slot row [E] on the device (sentinel S: not resident), rebuilt
         from `slot_of` if residency changed since the last call."""
         if self._dirty[layer]:
+            self.table_rows_copied += 1
             S = self.num_slots
             row = torch.tensor([s if s >= 0 else S for s in self.slot_of[layer]], dtype=torch.int32)
             if self._table_host is not self.table:

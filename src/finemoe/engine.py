@@ -713,6 +713,7 @@ class Engine:
         return {
             "decode_sync_s": rt.sync_decode_s,
             "decode_serve_s": rt.serve_decode_s,
+            "decode_table_s": rt.table_decode_s,  # (part of the serve)
             "decode_launch_s": rt.launch_decode_s,
             "decode_post_launch_s": rt.post_launch_decode_s,
         }

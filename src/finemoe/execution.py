@@ -131,6 +131,7 @@ class OffloadRuntime:
     # before the segment's launch (the accesses, the eviction policy's uses and victims, the
     # demand copies' issue), the launch call itself, and after it (unpinning, starting prefetches)
     serve_decode_s: float = 0.0
+    table_decode_s: float = 0.0  # of which refreshing the layer's device slot-table row (a copy when it changed)
     launch_decode_s: float = 0.0
     post_launch_decode_s: float = 0.0
     # graphed decode: start a layer's queued prefetches before its segment's launch (True), or after
@@ -148,9 +149,10 @@ class OffloadRuntime:
     # the reference model gains, a 2-layer OLMoE shape in float32 decodes 2.9x slower with them).
     batched_max_pairs: int = -1
     capture: StaticDecoder | None = None  # set while a decode step is being captured into CUDA graphs
-    # graphed decode: routing events held for the predictors until the next segment is replayed
-    # (their host work then overlaps its GPU work); None: predictors run in the router hook
-    late_events: list[RoutingEvent] | None = None
+    # graphed decode: routings held for the predictors until the next segment is replayed (their
+    # host work then overlaps its GPU work), each (binding, module, logits, ids, hidden) to build
+    # the event from (`LayerBinding.late_event`), or (None, event); None: predictors run in the hook
+    late_events: list[tuple] | None = None
     # Speculative gates a graphed decode step computes on the device (`graphs.StaticDecoder`): the
     # strides of the gate predictors, their gate (`gate.RouterGate`), and whether anything else
     # reads router inputs (then they are still copied to the host).
@@ -322,7 +324,6 @@ class LayerBinding:
         if rt.want_hidden and args:
             hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
         logits = logits.detach()
-        speculated = None
         if idx.device.type != "cpu":
             # The predictors' inputs ride on the layer's one host sync: logits (and a decode-sized
             # router input, unless a graphed step computed the gates itself) are copied to pinned
@@ -341,29 +342,22 @@ class LayerBinding:
         ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         t2 = rt.routed_at = time.perf_counter()
-        if rt.speculated is not None and idx.device.type != "cpu":
-            # the graphed step's gate probabilities, in pinned rows it rewrites every step: complete
-            # after the sync above; copied for readers that keep the event (the searcher thread)
-            speculated = {t: s.clone() for t, s in rt.speculated[self.layer][0].items()}
-        router_probs = rt.adapter.router_probs
-        event = RoutingEvent(
-            rt.iteration,
-            self.layer,
-            logits,
-            ids_cpu,
-            rt.is_prefill,
-            hidden,
-            lambda x: router_probs(module, x),
-            speculated=speculated,
-            speculated_probs=None if speculated is None else _given_probs,
-        )
+        if rt.late_events is not None and not listening:
+            # graphed, only predictors listen: the event is built after the next segment's launch
+            # (`late_event`), so the host work before that launch is lru's
+            rt.late_events.append((self, module, logits, ids_cpu, hidden))
+            rt.sync_s += t2 - t1
+            rt.sync_decode_s += t2 - t1
+            rt.critical_decode_s += (t1 - t0) + (time.perf_counter() - t2)
+            return
+        event = self.late_event(module, logits, ids_cpu, hidden)
         for obs in rt.observers:
             obs(event)
         if rt.policy_routes is not None:
             self._routed = event  # for the policy once the layer is served (`_tell_policy`)
         if predicting:
             if rt.late_events is not None:
-                rt.late_events.append(event)
+                rt.late_events.append((None, event))  # (built already: a listener needed it)
             elif rt.is_prefill and rt.predict_after_demand and not rt.cache.all_resident:
                 self._deferred = event  # `run` hands it to the stepper once the demand copies are issued
             else:
@@ -375,6 +369,32 @@ class LayerBinding:
         else:
             rt.critical_decode_s += spent
             rt.sync_decode_s += t2 - t1
+
+    def late_event(
+        self, module: nn.Module, logits: torch.Tensor, ids_cpu: torch.Tensor, hidden: torch.Tensor | None
+    ) -> RoutingEvent:
+        """The layer's `RoutingEvent` from what its router hook gathered (`logits` [T, E] on the host,
+        or on the device where no reader wants them; `ids_cpu` [T, k]; `hidden` [T, H] or None).
+        In a graphed step it carries copies of the gates' pinned rows: call it before the step's
+        next replay, which rewrites them."""
+        rt = self.rt
+        speculated = None
+        if rt.speculated is not None:  # (set only while a graphed step replays)
+            # the graphed step's gate probabilities, in pinned rows it rewrites every step (complete
+            # after the routing sync); copied for readers that keep the event (the searcher thread)
+            speculated = {t: s.clone() for t, s in rt.speculated[self.layer][0].items()}
+        router_probs = rt.adapter.router_probs
+        return RoutingEvent(
+            rt.iteration,
+            self.layer,
+            logits,
+            ids_cpu,
+            rt.is_prefill,
+            hidden,
+            lambda x: router_probs(module, x),
+            speculated=speculated,
+            speculated_probs=None if speculated is None else _given_probs,
+        )
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rt, cache, layer = self.rt, self.rt.cache, self.layer
@@ -466,8 +486,10 @@ class LayerBinding:
                     f"graphed decode: layer {layer} could not hold its {len(unique)} routed experts at once; "
                     "raise the expert budget or turn cuda_graphs off"
                 )
+            tt = time.perf_counter()
             cache.device_table(layer)  # the row the graph reads, updated in place on the compute stream
             t1 = time.perf_counter()
+            rt.table_decode_s += t1 - tt
             rt.prelaunch_decode_s += t1 - rt.routed_at
             rt.serve_decode_s += t1 - t0
             replay()

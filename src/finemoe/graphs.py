@@ -113,6 +113,7 @@ class StaticDecoder:
             "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # speculative logits per step
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
+            "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
         }
 
     # -- cache ---------------------------------------------------------------------------------
@@ -367,8 +368,8 @@ class StaticDecoder:
                     rt.binding_of(ref).serve_graphed(output[index_at], self._replayer(layer + 1))
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
-                        for event in late:
-                            rt.stepper.route(event)
+                        for binding, *gathered in late:  # (what the router hook gathered)
+                            rt.stepper.route(gathered[0] if binding is None else binding.late_event(*gathered))
                         late.clear()
                         # start the plans now: the next layer's requests would be stale by its serve; the
                         # layer's demand copies a pause protects were issued before these

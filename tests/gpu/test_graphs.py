@@ -60,6 +60,8 @@ def test_graphed_decode_tokens(ckpt, policy, budget):
             rt = eng.runtime
             assert rt.serve_decode_s > 0 and rt.launch_decode_s > 0 and rt.post_launch_decode_s > 0
             assert rt.serve_decode_s <= rt.prelaunch_decode_s  # the serve starts after the routing sync
+            assert 0 < rt.table_decode_s <= rt.serve_decode_s  # the slot-table rows: part of the serve
+            assert eng.cache.table_rows_copied > 0 and extra["table_rows_copied"] == eng.cache.table_rows_copied
         eng.static.use_graphs = False  # the same static cache, every step eager
         eager = [eng.generate(p, params)[0].token_ids for p in prompts]
     assert graphed == eager
