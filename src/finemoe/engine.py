@@ -308,7 +308,7 @@ class Engine:
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         if self.runtime.want_hidden and isinstance(self.gate, RouterGate) and config.graph_gates:
-            # a graphed decode step computes these gates' logits itself (not a replaced gate's)
+            # a graphed decode step computes these gates' probabilities itself (not a replaced gate's)
             strides = {m.stride for m in members if isinstance(m, SpeculativeGatePredictor)}
             self.runtime.gate_strides, self.runtime.router_gate = tuple(sorted(strides)), self.gate
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (

@@ -86,7 +86,7 @@ class StaticDecoder:
         self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
         self.gate_stream = torch.cuda.Stream(device) if self.use_graphs else None
         self._gate_forked = False  # gates forked in the segment being captured, not yet joined
-        self._gate_host: dict[int, torch.Tensor] = {}  # target layer -> pinned [1, E] float32
+        self._gate_host: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target) -> pinned [1, E] float32
         self._linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         self.whole = False  # one graph for the step (nothing on the host between layers)
@@ -291,17 +291,18 @@ class StaticDecoder:
             torch.cuda.current_stream(self.device).wait_stream(self.gate_stream)
             self._gate_forked = False
 
-    def _gate_buffers(self, L: int) -> dict[int, torch.Tensor]:
-        """Pinned host rows [1, E] float32 per speculative target, made before the capture (no
-        pinned allocation while capturing); the graphs copy the gates' probabilities into them."""
+    def _gate_buffers(self, L: int) -> dict[tuple[int, int], torch.Tensor]:
+        """Pinned host rows [1, E] float32 per (layer, speculative target), made before the capture
+        (no pinned allocation while capturing); the graphs copy the gates' probabilities into them.
+        One row per pair: with several strides, two layers' gates may target the same layer."""
         E = self.rt.spec.num_experts
         out = {}
         with torch.inference_mode(False):  # written by replays, read by later requests
             for layer in range(L):
                 for stride in self.rt.gate_strides:
                     target = layer + stride
-                    if target < L and self._linear[target] is not None and target not in out:
-                        out[target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
+                    if target < L and self._linear[target] is not None:
+                        out[layer, target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
         return out
 
     def _gate_hook(self, layer: int) -> Callable:
@@ -336,7 +337,7 @@ class StaticDecoder:
             if not self._gate_forked:
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 self._gate_forked = True
-            host = self._gate_host[target]
+            host = self._gate_host[layer, target]
             with torch.cuda.stream(side), torch.no_grad():
                 logits = torch.nn.functional.linear(hidden, *lin)  # [1, E]
                 probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
