@@ -80,7 +80,8 @@ class Unread:
 
 def test_predictors_that_say_so_never_read_router_probs():
     """`graphed_reads_probs = False` holds: the baselines plan the same with the probabilities
-    unreadable (a graphed step then copies no router logits); the history recorder says it reads."""
+    unreadable as a twin does with them readable (a graphed step then copies no router logits);
+    the history recorder says it reads them."""
     from finemoe.history import HistoryRecorder, PredictorChain
     from finemoe.predictor import NonePredictor, PreviousTokenPredictor, reads_router_probs
 
@@ -88,27 +89,37 @@ def test_predictors_that_say_so_never_read_router_probs():
     store.add(torch.tensor([[5.0, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]]))
     table = {1: [0.1, 0.6, 0.1, 0.2], 2: [0.5, 0.0, 0.3, 0.2]}
     spec_logits = {1: torch.tensor([table[1]])}  # a graphed step's speculative logits for layer 1
-    made = [
-        SpeculativeGatePredictor(PredictorDeps(SPEC3, 1, gate=lambda t, h: torch.tensor([table[t]] * h.shape[0]))),
-        MoEInfinityPredictor(PredictorDeps(SPEC3, 2, requests=store)),
-        PreviousTokenPredictor(PredictorDeps(SPEC3, 1)),
-        NonePredictor(PredictorDeps(SPEC3, 1)),
-    ]
-    for pred in made:
+
+    def made():
+        return [
+            SpeculativeGatePredictor(PredictorDeps(SPEC3, 1, gate=lambda t, h: torch.tensor([table[t]] * h.shape[0]))),
+            MoEInfinityPredictor(PredictorDeps(SPEC3, 2, requests=store)),
+            PreviousTokenPredictor(PredictorDeps(SPEC3, 1)),
+            NonePredictor(PredictorDeps(SPEC3, 1)),
+        ]
+
+    planned = 0
+    for pred, twin in zip(made(), made(), strict=True):
         assert reads_router_probs(pred) is False
         for c in (ctx(0), ctx(1)):
             pred.on_iteration_start(c)
+            twin.on_iteration_start(c)
             for layer in range(3):
-                ev = event(c.iteration, layer, [[layer, 3]], torch.zeros(1, 2))
-                blind = dataclasses.replace(ev, probs=Unread())
-                if layer == 0:
-                    blind.speculated, blind.speculated_probs = spec_logits, lambda t, x: x
-                plan = pred.on_routing(blind)  # raises if the probabilities were read
-                assert plan is None or plan.requests == tuple(plan.requests)
+                ev = event(c.iteration, layer, [[layer, 3]], torch.zeros(1, 2))  # (the gate's router input)
+                if layer == 0:  # a graphed step's gate output; later layers run the gate on the input
+                    ev.speculated, ev.speculated_probs = spec_logits, lambda t, x: x
+                plan = pred.on_routing(dataclasses.replace(ev, probs=Unread()))  # raises if read
+                seen = twin.on_routing(ev)
+                assert (plan is None) == (seen is None)
+                if plan is not None:
+                    assert plan.requests == seen.requests
+                    planned += 1
+    assert planned >= 6  # the gate (layers 0, 1), moe-infinity and previous-token planned
     recorder = HistoryRecorder(PredictorDeps(SPEC3, 1))
     assert reads_router_probs(recorder) is True
-    assert reads_router_probs(PredictorChain([made[0], recorder])) is True
-    assert reads_router_probs(PredictorChain(made[:2])) is False
+    gate, infinity = made()[:2]
+    assert reads_router_probs(PredictorChain([gate, recorder])) is True
+    assert reads_router_probs(PredictorChain([gate, infinity])) is False
     assert reads_router_probs(object()) is True  # one that does not say is assumed to read
 
 

@@ -110,7 +110,7 @@ class StaticDecoder:
             "decode_graph_captures": self.captures,
             "decode_graphs": len(self.graphs),
             "decode_graph_error": self.error,
-            "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # speculative logits per step
+            "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # gate probability rows per step
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -208,13 +208,8 @@ class StaticDecoder:
         cap = self.capture_stream
         assert cap is not None
         cap.wait_stream(here)
-        gate_hooks = (
-            [ref.router.register_forward_pre_hook(self._gate_hook(layer)) for layer, ref in enumerate(self.refs)]
-            if self._linear
-            else []
-        )
-        self._gate_host = self._gate_buffers(L) if self._linear else {}
         torch.cuda.synchronize(self.device)
+        self._gate_host = self._gate_buffers(L) if self._linear else {}  # (older rows freed: the device is idle)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
         self.speculated = [({}, False)] * L
@@ -222,7 +217,11 @@ class StaticDecoder:
         rt.capture = self
         begun = False
         self._forked = self._gate_forked = False
+        gate_hooks: list = []  # removed below whatever happens: the routers outlive this decoder
         try:
+            if self._linear:
+                for layer, ref in enumerate(self.refs):
+                    gate_hooks.append(ref.router.register_forward_pre_hook(self._gate_hook(layer)))
             with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
                 try:
                     self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
