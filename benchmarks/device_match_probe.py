@@ -10,9 +10,18 @@ an attention-sized GEMV block, bf16) is captured in a CUDA graph four ways and r
   the best row and its ratio written to a static buffer);
 - `match, side branch`: the same match forked onto a second stream at the segment's start and
   joined at its end, so it may overlap the layer's kernels;
-- `match alone`: the match's kernels without the layer.
+- `match alone`: the match's kernels without the layer;
+- `gate, side branch` (session 26): the speculative gate as `graph_gates` captures it, forked onto
+  its own stream: the next router's linear map on the layer's input, softmax, and a copy of the
+  probabilities into a pinned host row inside the graph;
+- `match + gate, two branches`: both, each on its own side stream (what the engine does);
+- `match + gate, one branch`: both on one side stream, one after the other.
 
-Prints µs per replay (CUDA events, median of `--repeat` timed blocks) and writes a JSON record:
+Three figures per variant: µs per replay back to back (CUDA events, median of `--repeat` timed
+blocks: the GPU's time); the host time of the `replay()` call alone (the launch: it grows with the
+graph's nodes); and µs per iteration of the engine's per-layer loop, `replay()` then a blocking
+copy of the routed ids to the host (launch, GPU time, the copy and the host's wake-up: what a
+graphed decode layer costs when the host does nothing else). Writes a JSON record:
 
     PYTHONPATH=src python benchmarks/device_match_probe.py --out "$OUT/device_match_probe.json"
 """
@@ -23,6 +32,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +70,9 @@ class Segment:
         self.q = torch.zeros(1, device=device)  # [1] running squared norm of the query
         self.ratio = torch.zeros(capacity, device=device)  # [C]
         self.best = torch.zeros(2, device=device)  # [2] (best ratio, its row) for the host copy
+        self.router = rnd(e, h)  # [E, H] the next layer's router weight (the speculative gate)
+        self.gate_host = torch.zeros(1, e, pin_memory=True)  # [1, E] float32, written inside the graph
+        self.ids = torch.arange(k, device=device).view(1, k)  # [1, k] the routed ids the host syncs on
 
     def layer(self) -> None:
         y = self.x
@@ -72,6 +85,10 @@ class Segment:
             acc = acc + torch.nn.functional.linear(torch.nn.functional.silu(a) * b, w2)
         self.out.copy_(acc)
 
+    def gate(self) -> None:
+        probs = torch.softmax(torch.nn.functional.linear(self.x, self.router).float(), dim=-1)  # [1, E]
+        self.gate_host.copy_(probs, non_blocking=True)
+
     def match(self) -> None:
         p = self.probs
         self.dot.addmv_(self.maps, p)
@@ -82,7 +99,15 @@ class Segment:
         self.best[1].copy_(i)
 
 
-def capture(seg: Segment, variant: str, side: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
+def _branch(here: torch.cuda.Stream, side: torch.cuda.Stream, *work) -> None:
+    """Fork `side` from `here`, run `work` on it (the caller joins)."""
+    side.wait_stream(here)
+    with torch.cuda.stream(side):
+        for fn in work:
+            fn()
+
+
+def capture(seg: Segment, variant: str, side: torch.cuda.Stream, side2: torch.cuda.Stream) -> torch.cuda.CUDAGraph:
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -90,6 +115,7 @@ def capture(seg: Segment, variant: str, side: torch.cuda.Stream) -> torch.cuda.C
         for _ in range(2):  # warm-up outside the capture (allocations, kernel selection)
             seg.layer()
             seg.match()
+            seg.gate()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, stream=stream):
             if variant == "segment":
@@ -106,6 +132,23 @@ def capture(seg: Segment, variant: str, side: torch.cuda.Stream) -> torch.cuda.C
                 here.wait_stream(side)  # join
             elif variant == "match alone":
                 seg.match()
+            elif variant == "gate, side branch":
+                here = torch.cuda.current_stream()
+                _branch(here, side2, seg.gate)
+                seg.layer()
+                here.wait_stream(side2)
+            elif variant == "match + gate, two branches":
+                here = torch.cuda.current_stream()
+                _branch(here, side, seg.match)
+                _branch(here, side2, seg.gate)
+                seg.layer()
+                here.wait_stream(side)
+                here.wait_stream(side2)
+            elif variant == "match + gate, one branch":
+                here = torch.cuda.current_stream()
+                _branch(here, side, seg.match, seg.gate)
+                seg.layer()
+                here.wait_stream(side)
     torch.cuda.synchronize()
     return graph
 
@@ -124,6 +167,32 @@ def time_replays(graph: torch.cuda.CUDAGraph, n: int, repeat: int) -> float:
     return statistics.median(out)
 
 
+def time_launches(graph: torch.cuda.CUDAGraph, n: int) -> float:
+    """Median host µs of the `replay()` call itself (the device idle before each)."""
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        out.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(out) * 1e6
+
+
+def time_layer_loop(graph: torch.cuda.CUDAGraph, ids: torch.Tensor, n: int, repeat: int) -> float:
+    """Median µs per iteration of `replay()` then a blocking copy of `ids` to the host (the
+    engine's per-layer critical path when the host does nothing else)."""
+    out = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            graph.replay()
+            ids.to("cpu")
+        out.append((time.perf_counter() - t0) / n)
+    return statistics.median(out) * 1e6
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="qwen3-30b-a3b,reference")
@@ -136,16 +205,27 @@ def main() -> int:
         print("device_match_probe needs CUDA", file=sys.stderr)
         return 2
     dev = torch.device("cuda")
-    side = torch.cuda.Stream()
-    variants = ["segment", "match, main stream", "match, side branch", "match alone"]
-    rec: dict = {"meta": run_meta(), "config": vars(args), "results": {}}
-    print(f"{'shape':<20} " + " ".join(f"{v:>20}" for v in variants) + "   (µs per replay)")
+    side, side2 = torch.cuda.Stream(), torch.cuda.Stream()
+    variants = [
+        "segment",
+        "match, main stream",
+        "match, side branch",
+        "match alone",
+        "gate, side branch",
+        "match + gate, two branches",
+        "match + gate, one branch",
+    ]
+    rec: dict = {"meta": run_meta(), "config": vars(args), "results": {}, "launch_us": {}, "layer_loop_us": {}}
+    print(f"{'shape':<20} {'variant':<28} {'GPU µs/replay':>14} {'launch µs':>10} {'layer loop µs':>14}")
     for shape in args.shapes.split(","):
         seg = Segment(shape, args.capacity, dev)
-        graphs = {v: capture(seg, v, side) for v in variants}
+        graphs = {v: capture(seg, v, side, side2) for v in variants}
         got = {v: time_replays(g, args.replays, args.repeat) for v, g in graphs.items()}
-        rec["results"][shape] = got
-        print(f"{shape:<20} " + " ".join(f"{got[v]:>20.2f}" for v in variants))
+        launch = {v: time_launches(g, args.replays) for v, g in graphs.items()}
+        loop = {v: time_layer_loop(g, seg.ids, args.replays, args.repeat) for v, g in graphs.items()}
+        rec["results"][shape], rec["launch_us"][shape], rec["layer_loop_us"][shape] = got, launch, loop
+        for v in variants:
+            print(f"{shape:<20} {v:<28} {got[v]:>14.2f} {launch[v]:>10.2f} {loop[v]:>14.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=1))
     return 0
