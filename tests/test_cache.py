@@ -143,7 +143,7 @@ def test_invariants_under_random_use(policy, seed):
 
 
 def test_slot_windows_cover_and_bound():
-    from finemoe.execution import slot_windows
+    from finemoe.pair_kernels import slot_windows
 
     assert slot_windows([3, 9], 16, 16) == [(0, 16)]
     assert slot_windows([700, 5, 1500, 40], 2048, 512) == [(5, 36), (700, 1), (1500, 1)]
@@ -169,7 +169,7 @@ def _gated_experts(S: int, H: int, I_: int, seed: int):
 
 def test_grouped_pairs_exact_with_many_slots():
     """Group offsets must be exact for pools of thousands of slots (float histc is not)."""
-    from finemoe.execution import grouped_pairs
+    from finemoe.pair_kernels import grouped_pairs
 
     S, H, I_ = 6144, 8, 4
     experts, parts, g = _gated_experts(S, H, I_, seed=0)
@@ -190,7 +190,7 @@ def test_grouped_pairs_exact_with_many_slots():
 
 def test_grouped_pairs_without_masking_is_bitwise_the_same():
     """`may_skip=False` (no pair can be skipped) leaves the masking out and changes no value."""
-    from finemoe.execution import grouped_pairs
+    from finemoe.pair_kernels import grouped_pairs
 
     S, H, I_ = 16, 8, 4
     experts, parts, g = _gated_experts(S, H, I_, seed=1)
@@ -205,7 +205,7 @@ def test_grouped_pairs_without_masking_is_bitwise_the_same():
 
 def test_batched_pairs_equal_the_grouped_call():
     """The decode-size path (gathered weights, two bmm) computes what the grouped call computes."""
-    from finemoe.execution import batched_pairs, grouped_pairs
+    from finemoe.pair_kernels import batched_pairs, grouped_pairs
 
     S, H, I_ = 16, 8, 4
     experts, parts, g = _gated_experts(S, H, I_, seed=2)

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, _batched_linear, _grouped_linear
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from finemoe.cache import ExpertCache
 from finemoe.duty import PredictionDuty
 from finemoe.loader import MoELayerRef
 from finemoe.models import FamilyAdapter
+from finemoe.pair_kernels import batched_pairs, grouped_pairs, slot_windows
 from finemoe.pool import SlotGather
 from finemoe.predictor import Predictor, reads_router_probs
 from finemoe.prefetcher import Prefetcher
@@ -46,55 +47,6 @@ CPU_COPY_BYTES_PER_S = 5e9
 HOST_HIDDEN_ROWS = 64  # router inputs of at most this many tokens go to the host for speculative gates
 _BINDING_ATTR = "_finemoe_binding"
 _registrations = 0
-
-
-def grouped_pairs(
-    experts: nn.Module,
-    parts: dict[str, torch.Tensor],
-    hidden: torch.Tensor,  # [T, H]
-    slot_idx: torch.Tensor,  # [T, k]; value S (= number of slots) means "skip this pair"
-    weights: torch.Tensor,  # [T, k]
-    num_slots: int,
-    may_skip: bool = True,
-) -> torch.Tensor:
-    """Weighted outputs of every (token, k) pair, [T*k, H] in pair order; skipped pairs are 0.
-
-    Mirrors transformers' `grouped_mm_experts_forward` step by step over the slot pool.
-    `may_skip=False` promises no pair is skipped (every id < S): the masking is left out, five
-    fewer kernel launches per call, the same values.
-    """
-    device = hidden.device
-    k = slot_idx.size(-1)
-    sample_weights = weights.reshape(-1)  # [T*k]
-    ids = slot_idx.reshape(-1)
-    ids_g, perm = torch.sort(ids)
-    hidden_g = hidden[perm // k]  # [T*k, H]
-    weights_g = sample_weights[perm]
-    if device.type == "cuda":  # as transformers does (graph-capturable)
-        per_slot = torch.histc(ids_g.int(), bins=num_slots, min=0, max=num_slots - 1)
-    else:  # float histc misplaces ids above ~4096 bins; counts must be exact
-        per_slot = torch.bincount(ids_g, minlength=num_slots + 1)[:num_slots]
-    offsets = torch.cumsum(per_slot, dim=0, dtype=torch.int32)
-    has_bias, transposed = experts.has_bias, experts.is_transposed
-    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-    skip = None
-    if may_skip:
-        skip = (ids_g >= num_slots).unsqueeze(-1)
-        ids_g = ids_g.clamp(max=num_slots - 1)
-        hidden_g.masked_fill_(skip, 0.0)
-    bias = parts[f"{up_name}_bias"][ids_g] if has_bias else None
-    proj = _grouped_linear(hidden_g, parts[up_name], offsets, bias=bias, is_transposed=transposed)
-    if skip is not None:
-        proj = proj.masked_fill(skip, 0.0)
-    proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
-    bias = parts["down_proj_bias"][ids_g] if has_bias else None
-    proj = _grouped_linear(proj, parts["down_proj"], offsets, bias=bias, is_transposed=transposed)
-    if skip is not None:
-        proj = proj.masked_fill(skip, 0.0)
-    weighted = proj * weights_g.unsqueeze(-1)  # [T*k, H] in sorted order
-    out = torch.empty_like(weighted)
-    out[perm] = weighted  # back to pair order: one scatter
-    return out
 
 
 @dataclass
@@ -151,7 +103,7 @@ class OffloadRuntime:
     capture: StaticDecoder | None = None  # set while a decode step is being captured into CUDA graphs
     # graphed decode: routings held for the predictors until the next segment is replayed (their
     # host work then overlaps its GPU work), each (binding, module, logits, ids, hidden) to build
-    # the event from (`LayerBinding.late_event`), or (None, event); None: predictors run in the hook
+    # the event from (`LayerBinding.routing_event`), or (None, event); None: predictors run in the hook
     late_events: list[tuple] | None = None
     # Speculative gates a graphed decode step computes on the device (`graphs.StaticDecoder`): the
     # strides of the gate predictors, their gate (`gate.RouterGate`), and whether anything else
@@ -344,13 +296,13 @@ class LayerBinding:
         t2 = rt.routed_at = time.perf_counter()
         if rt.late_events is not None and not listening:
             # graphed, only predictors listen: the event is built after the next segment's launch
-            # (`late_event`), so the host work before that launch is lru's
+            # (`routing_event`), so the host work before that launch is lru's
             rt.late_events.append((self, module, logits, ids_cpu, hidden))
             rt.sync_s += t2 - t1
             rt.sync_decode_s += t2 - t1
             rt.critical_decode_s += (t1 - t0) + (time.perf_counter() - t2)
             return
-        event = self.late_event(module, logits, ids_cpu, hidden)
+        event = self.routing_event(module, logits, ids_cpu, hidden)
         for obs in rt.observers:
             obs(event)
         if rt.policy_routes is not None:
@@ -370,7 +322,7 @@ class LayerBinding:
             rt.critical_decode_s += spent
             rt.sync_decode_s += t2 - t1
 
-    def late_event(
+    def routing_event(
         self, module: nn.Module, logits: torch.Tensor, ids_cpu: torch.Tensor, hidden: torch.Tensor | None
     ) -> RoutingEvent:
         """The layer's `RoutingEvent` from what its router hook gathered (`logits` [T, E] on the host,
@@ -504,48 +456,6 @@ class LayerBinding:
 def _given_probs(layer: int, probs: torch.Tensor) -> torch.Tensor:
     """`RoutingEvent.speculated_probs` of a graphed step's gates: they are probabilities already."""
     return probs
-
-
-def batched_pairs(
-    experts: nn.Module,
-    parts: dict[str, torch.Tensor],
-    hidden: torch.Tensor,  # [T, H]
-    slot_idx: torch.Tensor,  # [T, k]; every id a slot of `parts` (no skipped pairs)
-    weights: torch.Tensor,  # [T, k]
-) -> torch.Tensor:
-    """Weighted outputs of every (token, k) pair, [T*k, H] in pair order: the pairs' expert
-    weights gathered from the slots ([T*k, ...] each) and two batched matmuls, as transformers'
-    `batched_mm_experts_forward` does over a layer's experts."""
-    k = slot_idx.size(-1)
-    ids = slot_idx.reshape(-1)  # [T*k]
-    x = hidden.repeat_interleave(k, dim=0)  # [T*k, H]
-    has_bias, transposed = experts.has_bias, experts.is_transposed
-    up_name = "gate_up_proj" if experts.has_gate else "up_proj"
-    bias = parts[f"{up_name}_bias"][ids] if has_bias else None
-    proj = _batched_linear(x, parts[up_name][ids], bias=bias, is_transposed=transposed)
-    proj = experts._apply_gate(proj) if experts.has_gate else experts.act_fn(proj)
-    bias = parts["down_proj_bias"][ids] if has_bias else None
-    proj = _batched_linear(proj, parts["down_proj"][ids], bias=bias, is_transposed=transposed)
-    return proj * weights.reshape(-1).unsqueeze(-1)
-
-
-def slot_windows(slots: list[int], num_slots: int, max_groups: int) -> list[tuple[int, int]]:
-    """Cover `slots` with (base, size) windows of the pool no wider than `max_groups` slots.
-
-    The CUDA grouped_mm kernel takes a bounded number of groups; a pool that fits is one window.
-    """
-    if num_slots <= max_groups:
-        return [(0, num_slots)]
-    out: list[tuple[int, int]] = []
-    ordered = sorted(slots)
-    base = last = ordered[0]
-    for s in ordered[1:]:
-        if s - base >= max_groups:
-            out.append((base, last - base + 1))
-            base = s
-        last = s
-    out.append((base, last - base + 1))
-    return out
 
 
 def finemoe_experts_forward(

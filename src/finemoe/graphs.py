@@ -369,7 +369,7 @@ class StaticDecoder:
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
                         for binding, *gathered in late:  # (what the router hook gathered)
-                            rt.stepper.route(gathered[0] if binding is None else binding.late_event(*gathered))
+                            rt.stepper.route(gathered[0] if binding is None else binding.routing_event(*gathered))
                         late.clear()
                         # start the plans now: the next layer's requests would be stale by its serve; the
                         # layer's demand copies a pause protects were issued before these
