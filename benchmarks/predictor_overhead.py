@@ -109,6 +109,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     spans0 = eng.host_time_stats()
     copies0, rows0 = rt.graphed_logits_copies, eng.cache.table_rows_copied
+    cs0 = eng.stats().cache
     steps = []
     if freeze:
         gc.collect()
@@ -125,6 +126,15 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     gc_s = GC_CLOCK.read()[0] - gc0
     n = rt.decode_iterations - n0
     st = eng.stats()
+    cs = st.cache
+    link = {  # the link's traffic per iteration (prefill included: the counters do not split it)
+        "mb_copied": (cs.bytes_copied - cs0.bytes_copied) / n / 1e6 if n else 0.0,
+        "misses": (cs.misses - cs0.misses) / n if n else 0.0,
+        "prefetches_issued": (cs.prefetches_issued - cs0.prefetches_issued) / n if n else 0.0,
+        "prefetches_wasted": (cs.prefetches_wasted - cs0.prefetches_wasted) / n if n else 0.0,
+        "prefetches_late": (cs.prefetches_late - cs0.prefetches_late) / n if n else 0.0,
+        "stall_ms": (cs.stall_s - cs0.stall_s) / n * 1e3 if n else 0.0,
+    }
     spans = {k: (v - spans0[k]) / n * 1e3 if n else 0.0 for k, v in eng.host_time_stats().items()}
     return {
         "step_ms": statistics.median(steps) * 1e3,
@@ -139,6 +149,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         "hit_rate": st.cache.hit_rate,
+        "link_per_iteration": link,
         "search": eng.search_mode,
         "search_thread_s": st.extra.get("search_thread_s"),
         "contexts_dropped": st.extra.get("contexts_dropped"),
@@ -163,9 +174,10 @@ def main() -> int:
     ap.add_argument(
         "--modes",
         default="sync,async,process",
-        help="finemoe search modes compared; a suffix varies graphed decode: ':graph-gates' computes the "
-        "speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
-        "prefetches before its segment's launch (the behaviour before session 19)",
+        help="finemoe search modes compared; a suffix of '+'-joined flags varies the run: ':graph-gates' computes "
+        "the speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
+        "prefetches before its segment's launch (the behaviour before session 19), ':no-copies' plans but "
+        "starts no prefetch copy (prefetch_copies=False: the predictor's own cost, its copies apart)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -194,8 +206,10 @@ def main() -> int:
     def fine(budget: str, mode: str) -> tuple[str, dict]:
         # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead
         search, _, variant = mode.partition(":")
+        flags = set(variant.split("+")) - {""}
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
-        kw.update(prediction_duty="always", graph_gates=variant == "graph-gates")
+        kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
+        kw.update(prefetch_copies="no-copies" not in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
@@ -213,7 +227,7 @@ def main() -> int:
         got = {}
         for name, kw in runs:
             eng.reconfigure(**kw)
-            eng.runtime.pump_before_launch = ":pump-first" in name
+            eng.runtime.pump_before_launch = "pump-first" in name
             last = rnd == args.rounds - 1 and name.startswith("finemoe")
             got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
             log.info("round %d %s: %s", rnd, name, got[name])
@@ -274,6 +288,14 @@ def main() -> int:
         spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
         copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
         print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}")
+    print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
+    for k, r in res.items():
+        lk = r.get("link_per_iteration") or {}
+        if lk:
+            print(
+                f"{k:<36} {lk['mb_copied']:8.2f} {lk['misses']:6.2f} {lk['prefetches_issued']:6.2f} "
+                f"{lk['prefetches_wasted']:6.2f} {lk['prefetches_late']:6.2f} {lk['stall_ms']:7.3f}"
+            )
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):
             parts = ", ".join(f"{p} {v:.2f}" for p, v in r["breakdown_ms_per_iteration"].items())
