@@ -1,7 +1,7 @@
 """FineMoE's per-layer planning as device tensor ops: the trajectory match, δ selection and the
 residency filter (design and measurements: docs/design/device_plans.md). The engine's
-`search="device"` captures the match in its graphed decode segments (`DeviceMatches`); δ selection
-and the residency filter are not used by the engine yet.
+`search="device"` captures the match in graphs beside its graphed decode segments
+(`DeviceMatches`); δ selection and the residency filter are not used by the engine yet.
 
 Batch-1 decode only. Every operation writes into tensors allocated up front, reads nothing back to
 the host and takes no data-dependent branch on the host, so a graphed decode segment can capture it
@@ -13,6 +13,7 @@ exact score ties, the same δ counts up to running sums within `TIE_EPS` of δ.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -234,11 +235,12 @@ class DevicePlanner:
 
 class DeviceMatches:
     """The engine's side of `search="device"`: a `DevicePlanner` over the engine's map store, and
-    a pinned host buffer [L, 3] of each layer's `packed` match that the captured decode segments fill.
+    a pinned host buffer [L, 3] of each layer's `packed` match that the side graphs fill.
 
-    Layer l's match runs on a side stream of the segment after router l (it overlaps layer l's
-    experts and layer l+1's attention; `graphs.StaticDecoder`), so the host finds it with layer
-    l+1's routing: the predictor plans from the match one layer behind (`trajectory_lag=1`).
+    Layer l's match is captured into layer l's side graph, replayed on a side stream once the
+    segment after router l is launched (it overlaps layer l's experts and layer l+1's attention;
+    `graphs.StaticDecoder`), so the host finds it with layer l+1's routing (`match` waits for it
+    through `settle`): the predictor plans from the match one layer behind (`trajectory_lag=1`).
     `iteration` names the step whose matches the buffer holds (-1: none; eager steps keep the host
     search)."""
 
@@ -252,6 +254,8 @@ class DeviceMatches:
         self._np: np.ndarray = self.host.numpy()
         self.iteration = -1
         self.steps = 0  # graphed steps matched on the device
+        # set while a graphed step replays: settle(l) waits until layer l's match is in `host`
+        self.settle: Callable[[int], None] | None = None
         self.rows_copied = 0  # store rows copied to the device after the first load
 
     def wants(self, layer: int) -> bool:
@@ -282,4 +286,6 @@ class DeviceMatches:
     def match(self, layer: int) -> tuple[float, int]:
         """The best (score, row) through layer `layer` of the current graphed step (its segment
         after router `layer` has completed)."""
+        if self.settle is not None:
+            self.settle(layer)
         return packed_score(self._np[layer])

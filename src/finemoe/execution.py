@@ -116,6 +116,9 @@ class OffloadRuntime:
     speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
     # search="device": the map match a graphed decode step computes on the GPU
     device_matches: DeviceMatches | None = None
+    # set while a graphed step replays with predictor graphs beside the segments: settle_side(l)
+    # makes layer l's gate rows and match readable (`graphs.StaticDecoder.settle`)
+    settle_side: Callable[[int], None] | None = None
     # set per graphed step: whether anything reads the routers' probabilities on the host (an
     # observer, the eviction policy, a predictor whose `graphed_reads_probs` says so); if not, the
     # router logits stay on the device (no pinned copy, one D2H fewer before the routing sync)
@@ -332,9 +335,12 @@ class LayerBinding:
         rt = self.rt
         speculated = None
         if rt.speculated is not None:  # (set only while a graphed step replays)
-            # the graphed step's gate probabilities, in pinned rows it rewrites every step (complete
-            # after the routing sync); copied for readers that keep the event (the searcher thread)
-            speculated = {t: s.clone() for t, s in rt.speculated[self.layer][0].items()}
+            # the graphed step's gate probabilities, in pinned rows its side graph rewrites every
+            # step (complete once settled); copied for readers that keep the event (the searcher thread)
+            rows = rt.speculated[self.layer][0]
+            if rows and rt.settle_side is not None:
+                rt.settle_side(self.layer)
+            speculated = {t: s.clone() for t, s in rows.items()}
         router_probs = rt.adapter.router_probs
         return RoutingEvent(
             rt.iteration,

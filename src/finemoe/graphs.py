@@ -18,8 +18,11 @@ loads on the copy stream, the compute stream waits for them) and S_l+1 is replay
 pass would compute the experts. Only then do the predictors see layer l's routing: their host work
 overlaps S_l+1 on the GPU instead of delaying it (their inputs are host copies; their plans still
 target later layers). With every expert resident and nothing else hooked on the routers the whole
-step is one graph. With `search="device"` each segment also forks the previous layer's map match
-onto a side stream and joins it at its end (`device_plans.DeviceMatches`).
+step is one graph. The predictors' own device work at layer l (`search="device"`: the map match,
+`device_plans.DeviceMatches`; `graph_gates`: the speculative gates) is a small graph of its own,
+replayed on a side stream once S_l+1 is launched, so the segments are the same graphs with or
+without a predictor (their launch and GPU time included); the host waits for it only before it
+reads its results, while the GPU runs S_l+1.
 
 Needs a static KV cache (transformers `StaticCache`: fixed addresses, the write position a device
 tensor advanced in place); the prefill runs eagerly into it. The first decode step of a new
@@ -74,18 +77,25 @@ class StaticDecoder:
         # be recorded into the graph, and the allocator's next query of it fail with "invalid
         # argument" at an unrelated copy (seen in the GPU tests with search="async").
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        # search="device": each segment forks the previous layer's map match onto this stream and
-        # joins it at its end, so the match overlaps the segment's own kernels (`_fork_match`)
-        self.match_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self._forked = False  # a match forked in the segment being captured, not yet joined
+        # The predictors' device work per MoE layer l (search="device": the map match of layer l;
+        # graph_gates: the speculative gates' probabilities on layer l's router input) is a small
+        # graph of its own, `sides[l]`, replayed on `side_stream` after segment l+1 is launched: the
+        # segments stay lru's (same nodes, launch and GPU time) and the host pays the side launch
+        # while the GPU runs segment l+1. It reads router l's static outputs and inputs, complete
+        # once the host has synced on layer l's ids; the host waits on `side_done[l]` before it
+        # reads the results (`settle`).
+        self.side_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self.sides: list[torch.cuda.CUDAGraph | None] = []
+        self.side_done: list[torch.cuda.Event | None] = []
+        self._side_pool = None
+        self._side_state: list[int] = []  # per layer in the current step: 0 not launched, 1 launched, 2 settled
+        self._side_pending = False  # sides launched in a step the next one must not overlap
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
-        # per MoE layer: the speculative gates' probabilities the segment computes and copies to
+        # per MoE layer: the speculative gates' probabilities `sides[l]` computes and copies to
         # pinned host memory ({target: [T, E] float32}, static) and whether they cover every gate
-        # stride (`OffloadRuntime.speculated`); computed on `gate_stream`, forked at the router's start
+        # stride (`OffloadRuntime.speculated`)
         self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
-        self.gate_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self._gate_forked = False  # gates forked in the segment being captured, not yet joined
         self._gate_host: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target) -> pinned [1, E] float32
         self._linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
@@ -111,6 +121,7 @@ class StaticDecoder:
             "decode_graphs": len(self.graphs),
             "decode_graph_error": self.error,
             "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # gate probability rows per step
+            "decode_side_graphs": sum(g is not None for g in self.sides),  # predictors' graphs per step
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -135,7 +146,7 @@ class StaticDecoder:
 
     def drop_graphs(self) -> None:
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
-        self.speculated = []
+        self.speculated, self.sides, self.side_done, self._side_pool = [], [], [], None
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -212,43 +223,38 @@ class StaticDecoder:
         self._gate_host = self._gate_buffers(L) if self._linear else {}  # (older rows freed: the device is idle)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
-        self.speculated = [({}, False)] * L
         self.graphs = [torch.cuda.CUDAGraph()]
         rt.capture = self
         begun = False
-        self._forked = self._gate_forked = False
-        gate_hooks: list = []  # removed below whatever happens: the routers outlive this decoder
         try:
-            if self._linear:
-                for layer, ref in enumerate(self.refs):
-                    gate_hooks.append(ref.router.register_forward_pre_hook(self._gate_hook(layer)))
             with torch.cuda.stream(cap):  # replays go on `here`; see `capture_stream`
                 try:
                     self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
                     begun = True
                     logits = self._eager(self.ids, self.pos)
-                    self._join()
                     self.graphs[-1].capture_end()
                     begun = False
+                    if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
+                        raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model)")
+                    if not self.whole:
+                        self._capture_sides(L)
                 except BaseException:
                     if begun:  # ended on the stream it began on, so `cap` is no longer capturing
                         with suppress(Exception):  # the capture already failed: report the first error
-                            self._join()  # (a forked match joins first, or its stream stays capturing)
-                        with suppress(Exception):
                             self.graphs[-1].capture_end()
                     self.drop_graphs()
                     raise
         finally:
             rt.capture = None
-            for handle in gate_hooks:
-                handle.remove()
             here.wait_stream(cap)
-        if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
-            self.drop_graphs()
-            raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model?)")
         self.logits = logits
         self.captures += 1
-        log.info("decode step captured: %d CUDA graph(s) over %d MoE layers", len(self.graphs), L)
+        log.info(
+            "decode step captured: %d CUDA graph(s) over %d MoE layers, %d predictor graph(s) beside them",
+            len(self.graphs),
+            L,
+            sum(g is not None for g in self.sides),
+        )
 
     def boundary(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
         """Called by layer `layer`'s router hook while capturing: keep its static inputs and
@@ -256,39 +262,44 @@ class StaticDecoder:
         self.routed[layer] = (module, args, tuple(output))
         if self.whole:
             return
-        self._join()
         self.graphs[-1].capture_end()
         graph = torch.cuda.CUDAGraph()
         self.graphs.append(graph)
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+
+    def _capture_sides(self, L: int) -> None:
+        """Capture `sides[l]` per MoE layer whose match a plan reads or whose router input feeds a
+        gate (on the capturing stream, into a pool of their own: they run beside the segments)."""
         matches = self.rt.device_matches
-        if matches is not None and matches.wants(layer):
-            self._fork_match(layer, module, output)
-
-    def _fork_match(self, layer: int, module: nn.Module, output: tuple) -> None:
-        """Start layer `layer`'s map match (`device_plans.DeviceMatches`) on `match_stream`, forked
-        from the segment just begun: it runs beside layer `layer`'s experts and the next layer's
-        attention, and its packed result reaches the pinned host buffer before the segment ends."""
-        side = self.match_stream
-        assert side is not None
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            logits = output[self.rt.adapter.router_logits_at].detach()
-            probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
-            self.rt.device_matches.capture_layer(layer, probs)
-        self._forked = True
-
-    def _join(self) -> None:
-        """The segment being captured ends only once its forked match and gates have (the capture
-        needs it; the host reads their pinned results after the layer's routing sync)."""
-        if self._forked:
-            assert self.match_stream is not None
-            torch.cuda.current_stream(self.device).wait_stream(self.match_stream)
-            self._forked = False
-        if self._gate_forked:
-            assert self.gate_stream is not None
-            torch.cuda.current_stream(self.device).wait_stream(self.gate_stream)
-            self._gate_forked = False
+        self._side_pool = torch.cuda.graph_pool_handle()
+        self.sides, self.side_done = [], []
+        self.speculated = [({}, False)] * L
+        for layer in range(L):
+            module, args, output = self.routed[layer]  # type: ignore[misc]
+            match = matches is not None and matches.wants(layer)
+            targets, covers = self._gate_targets(layer, args) if self._linear else ([], False)
+            if not (match or targets):
+                self.speculated[layer] = ({}, covers)
+                self.sides.append(None)
+                self.side_done.append(None)
+                continue
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self._side_pool, capture_error_mode="thread_local")
+            try:
+                with torch.no_grad():
+                    if match:
+                        assert matches is not None
+                        logits = output[self.rt.adapter.router_logits_at].detach()
+                        probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
+                        matches.capture_layer(layer, probs)
+                    self.speculated[layer] = (self._speculate(layer, args, targets), covers)
+            except BaseException:
+                with suppress(Exception):  # (report the first error)
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+            self.sides.append(graph)
+            self.side_done.append(torch.cuda.Event())
 
     def _gate_buffers(self, L: int) -> dict[tuple[int, int], torch.Tensor]:
         """Pinned host rows [1, E] float32 per (layer, speculative target), made before the capture
@@ -304,45 +315,39 @@ class StaticDecoder:
                         out[layer, target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
         return out
 
-    def _gate_hook(self, layer: int) -> Callable:
-        def pre(module: nn.Module, args: tuple) -> None:
-            if self.rt.capture is self and not self.whole:
-                self.speculated[layer] = self._speculate(layer, args)
-            return None
-
-        return pre
-
-    def _speculate(self, layer: int, args: tuple) -> tuple[dict[int, torch.Tensor], bool]:
-        """The speculative gates' probabilities on layer `layer`'s router input (a router forward
-        pre-hook while capturing): forked onto `gate_stream` as the router starts, so they overlap
-        its own kernels; per gate stride the target router's linear map and routing function, and a
-        copy into its pinned host row, joined at the segment's end. The host then reads them after
-        the routing sync instead of copying the router input, and runs no router itself. A target
-        whose router is not a plain linear map, or whose weight's dtype differs from the input's,
-        is left to the host gate (and the router input is still copied)."""
-        done: dict[int, torch.Tensor] = {}
-        covers = True
-        hidden = args[0].reshape(-1, args[0].shape[-1]) if args else None  # [T, H]
-        side = self.gate_stream
-        assert side is not None
+    def _gate_targets(self, layer: int, args: tuple) -> tuple[list[int], bool]:
+        """The gate targets of layer `layer` computed on the device, and whether they are all of
+        its strides' targets within the model. A target whose router is not a plain linear map, or
+        whose weight's dtype differs from the router input's, is left to the host gate (and the
+        router input is still copied)."""
+        hidden = args[0] if args else None
+        targets, covers = [], True
         for stride in self.rt.gate_strides:
             target = layer + stride
             if target >= len(self.refs):
                 continue
             lin = self._linear[target]
-            if lin is None or hidden is None or hidden.dtype != lin[0].dtype or hidden.shape[0] != 1:
+            rows = None if hidden is None else hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            if lin is None or hidden is None or hidden.dtype != lin[0].dtype or rows != 1:
                 covers = False
                 continue
-            if not self._gate_forked:
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                self._gate_forked = True
+            targets.append(target)
+        return targets, covers
+
+    def _speculate(self, layer: int, args: tuple, targets: list[int]) -> dict[int, torch.Tensor]:
+        """Record into `sides[layer]` the speculative gates' probabilities on layer `layer`'s router
+        input `args[0]`: per target the target router's linear map and routing function, and a copy
+        into its pinned host row. The host reads the rows after `settle(layer)` instead of copying
+        the router input, and runs no router itself."""
+        done: dict[int, torch.Tensor] = {}
+        hidden = args[0].reshape(-1, args[0].shape[-1])  # [1, H]
+        for target in targets:
             host = self._gate_host[layer, target]
-            with torch.cuda.stream(side), torch.no_grad():
-                logits = torch.nn.functional.linear(hidden, *lin)  # [1, E]
-                probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
-                host.copy_(probs, non_blocking=True)  # [1, E] into pinned memory, inside the graph
+            logits = torch.nn.functional.linear(hidden, *self._linear[target])  # [1, E]
+            probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
+            host.copy_(probs, non_blocking=True)  # [1, E] into pinned memory, inside the graph
             done[target] = host
-        return done, covers
+        return done
 
     # -- replay ----------------------------------------------------------------------------------
     def _replay(self) -> None:
@@ -354,18 +359,34 @@ class StaticDecoder:
             matches = rt.device_matches
             late: list = []
             rt.late_events = late
-            rt.speculated = self.speculated if self._linear else None
+            sides = bool(rt.active) and any(g is not None for g in self.sides)  # (no predictor: no reader)
+            rt.speculated = self.speculated if self._linear and sides else None
             rt.graphed_probs = rt.reads_graphed_probs()
+            here = torch.cuda.current_stream(self.device)
+            if self._side_pending:  # the last step's sides read the static tensors this one rewrites
+                here.wait_stream(self.side_stream)
+                self._side_pending = False
             try:
                 if matches is not None:  # the store's new rows copied first: a predictor cost per step
                     t0 = time.perf_counter()
                     matches.before_step(rt.iteration)
                     rt.critical_decode_s += time.perf_counter() - t0
+                if sides:
+                    self.side_stream.wait_stream(here)  # (after the store's rows are copied)
+                    self._side_state = [0] * len(self.refs)
+                    self._side_pending = True
+                    rt.settle_side = self.settle
+                    if matches is not None:
+                        matches.settle = self.settle
                 self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     run_hooks(module, args, output)
                     rt.binding_of(ref).serve_graphed(output[index_at], self._replayer(layer + 1))
+                    if sides and self.sides[layer] is not None and not self._side_state[layer]:
+                        t0 = time.perf_counter()  # the GPU runs segment layer + 1: launch this layer's side
+                        self._launch_side(layer)
+                        rt.critical_decode_s += time.perf_counter() - t0
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
                         for binding, *gathered in late:  # (what the router hook gathered)
@@ -377,13 +398,35 @@ class StaticDecoder:
                         rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
             finally:
-                rt.late_events, rt.speculated = None, None
+                rt.late_events, rt.speculated, rt.settle_side = None, None, None
                 if matches is not None:
                     matches.after_step()
+                    matches.settle = None
         if cache.all_resident:  # every use a hit; counted from one copy of all layers' ids
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):
                 cache.defer_access(layer, ids[layer])
+
+    def _launch_side(self, layer: int) -> None:
+        """Replay `sides[layer]` on `side_stream` (router `layer`'s outputs are complete: the host
+        synced on its ids) and mark its end with `side_done[layer]`."""
+        side = self.side_stream
+        with torch.cuda.stream(side):
+            self.sides[layer].replay()  # type: ignore[union-attr]
+        self.side_done[layer].record(side)  # type: ignore[union-attr]
+        self._side_state[layer] = 1
+
+    def settle(self, layer: int) -> None:
+        """Make layer `layer`'s side results (its gate rows, its match) readable on the host: its
+        side graph launched if it was not yet (a listener built the event in the router hook), and
+        waited for. A layer without a side graph has nothing to wait for."""
+        state = self._side_state[layer] if layer < len(self._side_state) else 2
+        if state == 2 or self.sides[layer] is None:
+            return
+        if state == 0:
+            self._launch_side(layer)
+        self.side_done[layer].synchronize()  # type: ignore[union-attr]
+        self._side_state[layer] = 2
 
     def _replayer(self, segment: int) -> Callable[[], None]:
         return self.graphs[segment].replay
