@@ -311,6 +311,7 @@ class Engine:
             # a graphed decode step computes these gates' probabilities itself (not a replaced gate's)
             strides = {m.stride for m in members if isinstance(m, SpeculativeGatePredictor)}
             self.runtime.gate_strides, self.runtime.router_gate = tuple(sorted(strides)), self.gate
+            self.runtime.lazy_gate_rows = self.search_mode != "async"  # (a searcher thread keeps events)
         self.runtime.want_embeddings = any(isinstance(m, HistoryRecorder) for m in members) or (
             preset.predictor == "finemoe"
         )

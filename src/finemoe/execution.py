@@ -119,6 +119,8 @@ class OffloadRuntime:
     # set while a graphed step replays with predictor graphs beside the segments: settle_side(l)
     # makes layer l's gate rows and match readable (`graphs.StaticDecoder.settle`)
     settle_side: Callable[[int], None] | None = None
+    # the gate rows reach their readers uncopied until read (no searcher thread keeps the events)
+    lazy_gate_rows: bool = True
     # set per graphed step: whether anything reads the routers' probabilities on the host (an
     # observer, the eviction policy, a predictor whose `graphed_reads_probs` says so); if not, the
     # router logits stay on the device (no pinned copy, one D2H fewer before the routing sync)
@@ -330,17 +332,21 @@ class LayerBinding:
     ) -> RoutingEvent:
         """The layer's `RoutingEvent` from what its router hook gathered (`logits` [T, E] on the host,
         or on the device where no reader wants them; `ids_cpu` [T, k]; `hidden` [T, H] or None).
-        In a graphed step it carries copies of the gates' pinned rows: call it before the step's
-        next replay, which rewrites them."""
+        In a graphed step it carries the gates' pinned rows, copied when read (`settled_rows`) or
+        here for a searcher thread: read them before the step's next replay, which rewrites them."""
         rt = self.rt
-        speculated = None
+        speculated, given = None, None
         if rt.speculated is not None:  # (set only while a graphed step replays)
-            # the graphed step's gate probabilities, in pinned rows its side graph rewrites every
-            # step (complete once settled); copied for readers that keep the event (the searcher thread)
-            rows = rt.speculated[self.layer][0]
-            if rows and rt.settle_side is not None:
-                rt.settle_side(self.layer)
-            speculated = {t: s.clone() for t, s in rows.items()}
+            # the graphed step's gate probabilities, in pinned rows its side graph rewrites every step
+            rows, settle = rt.speculated[self.layer][0], rt.settle_side
+            if rows and settle is not None and rt.lazy_gate_rows:
+                # read in this step by a reader on this thread: the wait for the side graph happens
+                # at the first read, after the readers before it in the chain (`settled_rows`)
+                speculated, given = dict(rows), settled_rows(settle, self.layer)
+            else:  # copied now for readers that keep the event (the searcher thread)
+                if rows and settle is not None:
+                    settle(self.layer)
+                speculated, given = {t: s.clone() for t, s in rows.items()}, _given_probs
         router_probs = rt.adapter.router_probs
         return RoutingEvent(
             rt.iteration,
@@ -351,7 +357,7 @@ class LayerBinding:
             hidden,
             lambda x: router_probs(module, x),
             speculated=speculated,
-            speculated_probs=None if speculated is None else _given_probs,
+            speculated_probs=given,
         )
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -462,6 +468,17 @@ class LayerBinding:
 def _given_probs(layer: int, probs: torch.Tensor) -> torch.Tensor:
     """`RoutingEvent.speculated_probs` of a graphed step's gates: they are probabilities already."""
     return probs
+
+
+def settled_rows(settle: Callable[[int], None], layer: int) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """`RoutingEvent.speculated_probs` over a graphed step's pinned gate rows of layer `layer`: waits
+    for the layer's side graph (`settle`), then copies the row (the next step rewrites it)."""
+
+    def probs_of(target: int, probs: torch.Tensor) -> torch.Tensor:
+        settle(layer)
+        return probs.clone()
+
+    return probs_of
 
 
 def finemoe_experts_forward(

@@ -188,6 +188,8 @@ class _Inputs:
     def on_routing(self, event):
         if not event.is_prefill:
             self.events.append(event)
+            if event.speculated is not None:  # read now, as a gate does (the rows are rewritten every step)
+                event.resolved = {t: event.speculated_probs(t, p) for t, p in event.speculated.items()}
         return None
 
     def end_requests(self):
@@ -200,10 +202,10 @@ class _Inputs:
 @pytest.mark.parametrize("policy,stride", [("finemoe", 1), ("promoe", 2)])
 def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
     """A graphed step computes the speculative gates' probabilities itself (the router's linear map
-    and routing function on the router input, beside the router, copied into pinned host rows):
-    they equal the host gate's on the same input, every layer with a target has them, the events
-    keep their own copies (the rows are rewritten every step), and the tokens stay those of the
-    eager steps."""
+    and routing function on the router input, in a graph beside the next segment, copied into pinned
+    host rows): read during the step they equal the host gate's on the same input, every layer with
+    a target has them, what a reader got is its own copy (the rows are rewritten every step), and
+    the tokens stay those of the eager steps."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompt = medium_prompts()[0]
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always")
@@ -220,9 +222,9 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
         assert len(replayed) == L * (params.max_new_tokens - 2)  # every step but the prefill and the warm-up
         for event in replayed:
             assert sorted(event.speculated) == [t for t in [event.layer + stride] if t < L]
-            for target, probs in event.speculated.items():
+            for target, probs in event.resolved.items():
                 host = eng.gate(target, event.hidden)  # the host gate on the copied router input
-                assert probs.dtype == torch.float32 and event.speculated_probs(target, probs) is probs
+                assert probs.dtype == torch.float32
                 torch.testing.assert_close(probs, host, atol=2e-2, rtol=0)
         eng.reconfigure(graph_gates=False)  # the default: the gates run on the host
         on_host = eng.generate(prompt, params)[0].token_ids
