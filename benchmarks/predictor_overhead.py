@@ -223,10 +223,16 @@ def main() -> int:
         (f"mixtral-offloading {args.budget}", dict(policy="mixtral-offloading", expert_budget=args.budget)),
         *(fine(args.budget, m) for m in modes),
     ]
+    # `reconfigure` keeps every knob it is not given: each run starts from the engine's first
+    # configuration for the knobs any run sets (before session 27 they leaked from one run into the
+    # next: e.g. `eviction="decay-lfu"` from the eviction reference into lru's later rounds and the
+    # 25% baselines, finemoe's `prefetch_copies`, `graph_gates` and duty into mixtral-offloading)
+    base = eng.config
+    knobs = sorted({k for _, kw in runs for k in kw})
     for rnd in range(args.rounds):  # interleaved rounds: drift hits every configuration alike
         got = {}
         for name, kw in runs:
-            eng.reconfigure(**kw)
+            eng.reconfigure(**{**{k: getattr(base, k) for k in knobs}, **kw})
             eng.runtime.pump_before_launch = "pump-first" in name
             last = rnd == args.rounds - 1 and name.startswith("finemoe")
             got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
