@@ -58,7 +58,7 @@ def main() -> int:
             line = " ".join(f"{r[p]:>9.2f}" for p in PARTS)
             print(f"{name:<32} {k:<32} {last[k]['step_ms']:>6.2f} {line}")
         bottom = [0.0] * len(runs)
-        labels = [k.removesuffix(f" {args.budget}").replace("finemoe ", "finemoe\n") for k in runs]
+        labels = [k.removesuffix(f" {args.budget}").replace("finemoe ", "finemoe\n").replace("+", "\n+") for k in runs]
         for part, color in zip(PARTS, COLORS, strict=True):
             vals = [max(r[part], 0.0) for r in rows]
             ax.bar(labels, vals, bottom=bottom, color=color, label=part)

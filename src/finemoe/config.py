@@ -219,11 +219,11 @@ class EngineConfig:
     # one prompt at a time: a static KV cache, decode steps replayed from CUDA graphs cut at the
     # routers (graphs.py); None: on for CUDA devices; True without CUDA: the static cache, eager steps
     cuda_graphs: bool | None = None
-    # graphed decode: the speculative gates' probabilities computed in the graph, on the device
-    # (a small matmul and the routing function per layer, beside the router, copied into pinned
-    # host rows; session 26), instead of on the host from a copy of the router input (graphs.py).
-    # Off by default: it cut the gate's host time but not the step on the H200 (docs/results/
-    # policies.md, session 19), and its kernels run even while the prediction duty pauses the predictors
+    # graphed decode: the speculative gates' probabilities computed on the device (a small matmul
+    # and the routing function per layer, in the layer's side graph replayed beside the next
+    # segment, copied into pinned host rows; session 27), instead of on the host from a copy of the
+    # router input (graphs.py). Off by default: with search="device" the 99% added step is +0.60 ms
+    # (12%) on the H200, not yet the <= 2% target (docs/design/device_plans.md, session 27)
     graph_gates: bool = False
 
     def __post_init__(self) -> None:
