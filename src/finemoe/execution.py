@@ -90,12 +90,6 @@ class OffloadRuntime:
     # it (False, the default: the launch is not delayed by the prefetch issue; a measurement switch)
     pump_before_launch: bool = False
     decode_iterations: int = 0
-    # set while a static decoder's generation runs (`graphs.StaticDecoder.running`): a decode step it
-    # replays from graphs starts the predictors (`stepper.begin`) only once its first segment is
-    # launched (`begin_pending`), so the semantic match overlaps the GPU's work
-    static: StaticDecoder | None = None
-    _pending: tuple | None = None  # (iteration, ctx, embedding copy's event or None)
-    _emb_pin: torch.Tensor | None = None  # [N, D] float32 pinned: the staged embeddings
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
     # Layer calls of at most this many (token, expert) pairs whose experts are all resident run as
@@ -192,43 +186,12 @@ class OffloadRuntime:
         ctx = IterationContext(
             iteration, is_prefill, B, rows, req_of_row, emb, request_ids=request_ids, finished_ids=finished_ids
         )
-        self._pending = None  # (a step that failed before its first segment's launch)
-        dec = self.static
-        if not is_prefill and dec is not None and dec.replays_next():
-            staged = None
-            if emb is not None and emb.device.type == "cuda":  # its host copy issued now, read after the launch
-                pin = self._emb_pin
-                if pin is None or pin.shape != emb.shape:
-                    with torch.inference_mode(False):
-                        pin = self._emb_pin = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
-                pin.copy_(emb, non_blocking=True)
-                staged = torch.cuda.Event()
-                staged.record()
-            self._pending = (iteration, ctx, staged)
-            self.critical_decode_s += time.perf_counter() - t0
-            self.decode_iterations += 1
-            return
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
         else:
             self.critical_decode_s += time.perf_counter() - t0
             self.decode_iterations += 1
-
-    def begin_pending(self) -> None:
-        """The predictors' start of a graphed decode step, deferred by `start_iteration` until the
-        step's first segment is launched (its embeddings copied to the host by then)."""
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        t0 = time.perf_counter()
-        iteration, ctx, staged = pending
-        if staged is not None:
-            staged.synchronize()
-            assert self._emb_pin is not None
-            ctx._host = self._emb_pin.clone()  # [N, D] float32 (the buffer is rewritten next step)
-        self.stepper.begin(iteration, ctx)
-        self.critical_decode_s += time.perf_counter() - t0
 
     def gather(self) -> SlotGather:
         """The scratch for layers whose experts span several slot windows (made on first use)."""

@@ -155,21 +155,14 @@ class StaticDecoder:
             yield
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self.rt.static = self
         try:
             with torch.cuda.stream(self.stream):
                 yield
         finally:
-            self.rt.static = None
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             refresh = getattr(self.rt.cache.transfer, "refresh_stream", None)
             if refresh is not None:  # copies issued after generation (end of requests) switch back to
                 refresh()  # the caller's stream, not to the side stream
-
-    def replays_next(self) -> bool:
-        """Whether the next decode step replays segments with host work between them (not eager,
-        not one whole graph)."""
-        return self.use_graphs and bool(self.graphs) and not self.whole
 
     # -- steps -----------------------------------------------------------------------------------
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -386,7 +379,6 @@ class StaticDecoder:
                     if matches is not None:
                         matches.settle = self.settle
                 self.graphs[0].replay()
-                rt.begin_pending()  # the predictors' iteration start, while the GPU runs segment 0
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     run_hooks(module, args, output)
