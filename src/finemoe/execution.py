@@ -336,15 +336,15 @@ class LayerBinding:
         here for a searcher thread: read them before the step's next replay, which rewrites them."""
         rt = self.rt
         speculated, given = None, None
-        if rt.speculated is not None:  # (set only while a graphed step replays)
+        if rt.speculated is not None and rt.settle_side is not None:  # (a graphed step with side graphs)
             # the graphed step's gate probabilities, in pinned rows its side graph rewrites every step
             rows, settle = rt.speculated[self.layer][0], rt.settle_side
-            if rows and settle is not None and rt.lazy_gate_rows:
+            if rows and rt.lazy_gate_rows:
                 # read in this step by a reader on this thread: the wait for the side graph happens
                 # at the first read, after the readers before it in the chain (`settled_rows`)
                 speculated, given = dict(rows), settled_rows(settle, self.layer)
             else:  # copied now for readers that keep the event (the searcher thread)
-                if rows and settle is not None:
+                if rows:
                     settle(self.layer)
                 speculated, given = {t: s.clone() for t, s in rows.items()}, _given_probs
         router_probs = rt.adapter.router_probs

@@ -37,6 +37,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,7 @@ from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
 
 if TYPE_CHECKING:
+    from finemoe.device_plans import DeviceMatches
     from finemoe.execution import OffloadRuntime
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class StaticDecoder:
         self._side_pool = None
         self._side_state: list[int] = []  # per layer in the current step: 0 not launched, 1 launched, 2 settled
         self._side_pending = False  # sides launched in a step the next one must not overlap
+        self._step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         # per MoE layer: the speculative gates' probabilities `sides[l]` computes and copies to
@@ -145,6 +148,7 @@ class StaticDecoder:
         log.info("static KV cache: %d positions", size)
 
     def drop_graphs(self) -> None:
+        self._finish_sides()  # (they write pinned rows and read tensors about to be freed)
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
         self.speculated, self.sides, self.side_done, self._side_pool = [], [], [], None
 
@@ -159,6 +163,7 @@ class StaticDecoder:
             with torch.cuda.stream(self.stream):
                 yield
         finally:
+            self._finish_sides()
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             refresh = getattr(self.rt.cache.transfer, "refresh_stream", None)
             if refresh is not None:  # copies issued after generation (end of requests) switch back to
@@ -274,6 +279,17 @@ class StaticDecoder:
         self._side_pool = torch.cuda.graph_pool_handle()
         self.sides, self.side_done = [], []
         self.speculated = [({}, False)] * L
+        # Captured on the stream they replay on, not on the segments' capture stream: torch gives
+        # each stream its own cuBLAS workspace and a graph keeps the one it was captured with, so
+        # a side graph and the segment running beside it must not share one.
+        side, cap = self.side_stream, torch.cuda.current_stream(self.device)
+        assert side is not None
+        side.wait_stream(cap)
+        with torch.cuda.stream(side):
+            self._capture_side_graphs(L, matches)
+        cap.wait_stream(side)
+
+    def _capture_side_graphs(self, L: int, matches: DeviceMatches | None) -> None:
         for layer in range(L):
             module, args, output = self.routed[layer]  # type: ignore[misc]
             match = matches is not None and matches.wants(layer)
@@ -359,25 +375,27 @@ class StaticDecoder:
             matches = rt.device_matches
             late: list = []
             rt.late_events = late
-            sides = bool(rt.active) and any(g is not None for g in self.sides)  # (no predictor: no reader)
-            rt.speculated = self.speculated if self._linear and sides else None
+            # (a paused duty leaves only the recorders, which read neither matches nor gates)
+            sides = bool(rt.active) and rt.active is not rt.always and any(g is not None for g in self.sides)
+            rt.speculated = self.speculated if self._linear else None
             rt.graphed_probs = rt.reads_graphed_probs()
             here = torch.cuda.current_stream(self.device)
             if self._side_pending:  # the last step's sides read the static tensors this one rewrites
                 here.wait_stream(self.side_stream)
                 self._side_pending = False
             try:
-                if matches is not None:  # the store's new rows copied first: a predictor cost per step
-                    t0 = time.perf_counter()
-                    matches.before_step(rt.iteration)
-                    rt.critical_decode_s += time.perf_counter() - t0
                 if sides:
+                    if matches is not None:  # the store's new rows copied first: a predictor cost per step
+                        t0 = time.perf_counter()
+                        matches.before_step(rt.iteration)
+                        rt.critical_decode_s += time.perf_counter() - t0
                     self.side_stream.wait_stream(here)  # (after the store's rows are copied)
                     self._side_state = [0] * len(self.refs)
                     self._side_pending = True
-                    rt.settle_side = self.settle
+                    self._step += 1
+                    rt.settle_side = partial(self.settle, step=self._step)
                     if matches is not None:
-                        matches.settle = self.settle
+                        matches.settle = rt.settle_side
                 self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
@@ -416,10 +434,16 @@ class StaticDecoder:
         self.side_done[layer].record(side)  # type: ignore[union-attr]
         self._side_state[layer] = 1
 
-    def settle(self, layer: int) -> None:
-        """Make layer `layer`'s side results (its gate rows, its match) readable on the host: its
-        side graph launched if it was not yet (a listener built the event in the router hook), and
-        waited for. A layer without a side graph has nothing to wait for."""
+    def settle(self, layer: int, step: int) -> None:
+        """Make layer `layer`'s side results (its gate rows, its match) of replayed step `step`
+        readable on the host: its side graph launched if it was not yet (a listener built the event
+        in the router hook), and waited for. A layer without a side graph has nothing to wait for.
+        Raises if a later step has replayed since (the rows and matches are rewritten every step)."""
+        if step != self._step:
+            raise RuntimeError(
+                f"a graphed decode step's gate rows or map match were read after the step (step {step}, now "
+                f"{self._step}): read them while the step runs (e.g. in the predictor's on_routing)"
+            )
         state = self._side_state[layer] if layer < len(self._side_state) else 2
         if state == 2 or self.sides[layer] is None:
             return
@@ -427,6 +451,12 @@ class StaticDecoder:
             self._launch_side(layer)
         self.side_done[layer].synchronize()  # type: ignore[union-attr]
         self._side_state[layer] = 2
+
+    def _finish_sides(self) -> None:
+        """Wait for the side graphs still running (the end of a generation, or their graphs dropped)."""
+        if self._side_pending and self.side_stream is not None:
+            self.side_stream.synchronize()
+            self._side_pending = False
 
     def _replayer(self, segment: int) -> Callable[[], None]:
         return self.graphs[segment].replay
