@@ -274,7 +274,7 @@ class StaticDecoder:
 
     def _capture_sides(self, L: int) -> None:
         """Capture `sides[l]` per MoE layer whose match a plan reads or whose router input feeds a
-        gate (on the capturing stream, into a pool of their own: they run beside the segments)."""
+        gate (on `side_stream`, into a pool of their own: they run beside the segments)."""
         matches = self.rt.device_matches
         self._side_pool = torch.cuda.graph_pool_handle()
         self.sides, self.side_done = [], []
