@@ -96,6 +96,13 @@ def probes(eng: Engine) -> dict[str, Timed]:
     out["prefetcher.pump"] = Timed(eng.prefetcher, "pump", rt)
     out["cache.access"] = Timed(eng.cache, "access", rt)
     out["cache.acquire"] = Timed(eng.cache, "acquire", rt)
+    # the graphed serve's parts before the launch (session 27: finemoe's serve is ~0.2 ms per token
+    # above lru's without copies); each wrapper adds ~1 µs per call, alike for every run
+    out["serve.prefetcher.now"] = Timed(eng.prefetcher, "now", rt)
+    out["serve.cache.enter"] = Timed(eng.cache, "enter", rt)
+    out["serve.before_compute"] = Timed(eng.cache.transfer, "before_compute", rt)
+    out["serve.device_table"] = Timed(eng.cache, "device_table", rt)
+    out["serve.release"] = Timed(eng.cache, "release", rt)
     return out
 
 
@@ -108,6 +115,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     rt = eng.runtime
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     spans0 = eng.host_time_stats()
+    waits0 = eng.sync_wait_by_layer()
     copies0, rows0 = rt.graphed_logits_copies, eng.cache.table_rows_copied
     cs0 = eng.stats().cache
     steps = []
@@ -146,6 +154,10 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "breakdown_ms_per_iteration": {k: t.total / n * 1e3 for k, t in timers.items()} if n else {},
         # where the decode steps' host time went, ms per iteration (`Engine.host_time_stats`)
         "host_ms_per_iteration": spans,
+        # per MoE layer, ms per iteration blocked in its routing sync (near 0: the host was late)
+        "sync_ms_by_layer": [
+            (b - a) / n * 1e3 if n else 0.0 for a, b in zip(waits0, eng.sync_wait_by_layer(), strict=True)
+        ],
         "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         "hit_rate": st.cache.hit_rate,
@@ -229,12 +241,14 @@ def main() -> int:
     # 25% baselines, finemoe's `prefetch_copies`, `graph_gates` and duty into mixtral-offloading)
     base = eng.config
     knobs = sorted({k for _, kw in runs for k in kw})
+    reset = {k: getattr(base, k) for k in knobs}
+    reset["map_store_learn"] = False  # nothing learns in any run (a learning lru would record history)
     for rnd in range(args.rounds):  # interleaved rounds: drift hits every configuration alike
         got = {}
         for name, kw in runs:
-            eng.reconfigure(**{**{k: getattr(base, k) for k in knobs}, **kw})
+            eng.reconfigure(**{**reset, **kw})
             eng.runtime.pump_before_launch = "pump-first" in name
-            last = rnd == args.rounds - 1 and name.startswith("finemoe")
+            last = rnd == args.rounds - 1 and not name.startswith("all-gpu")
             got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
             log.info("round %d %s: %s", rnd, name, got[name])
         rec["rounds"].append(got)
@@ -304,8 +318,14 @@ def main() -> int:
             )
     for k, r in res.items():
         if r.get("breakdown_ms_per_iteration"):
-            parts = ", ".join(f"{p} {v:.2f}" for p, v in r["breakdown_ms_per_iteration"].items())
+            parts = ", ".join(f"{p} {v:.3f}" for p, v in r["breakdown_ms_per_iteration"].items())
             print(f"{k} (last round, decode iterations, ms per iteration): {parts}")
+    print("routing-sync wait per layer (last round, µs per iteration): min, median, layers under 20 µs")
+    for k, r in res.items():
+        waits = sorted(w * 1e3 for w in r.get("sync_ms_by_layer", []))
+        if waits and waits[-1] > 0:
+            short = sum(w < 20 for w in waits)
+            print(f"{k:<36} {waits[0]:8.1f} {statistics.median(waits):8.1f} {short:4d} of {len(waits)}")
     return 0
 
 

@@ -212,3 +212,20 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_failing(temperature):
         params = SamplingParams(temperature=temperature, seed=1, **extra)
         got = sample_tokens(logits, params, torch.Generator().manual_seed(1))
         assert torch.equal(got, logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("policy", ["lru", "finemoe"])
+def test_routing_sync_wait_is_split_by_layer(tiny_checkpoint, policy):
+    """`sync_wait_by_layer` holds one entry per MoE layer, each non-negative, summing to the decode
+    sync time of `host_time_stats`; only decode iterations count (0 after a prefill alone)."""
+    with Engine.from_pretrained(
+        tiny_checkpoint("olmoe"), policy=policy, expert_budget="50%", device="cpu", progress=False
+    ) as eng:
+        L = eng.spec.num_layers
+        eng.generate([3, 4, 5], SamplingParams(max_new_tokens=1, ignore_eos=True))  # prefill only
+        assert eng.sync_wait_by_layer() == [0.0] * L
+        eng.generate([3, 4, 5, 6], SamplingParams(max_new_tokens=5, ignore_eos=True))
+        waits = eng.sync_wait_by_layer()
+        assert len(waits) == L and all(w >= 0.0 for w in waits)
+        assert sum(waits) == pytest.approx(eng.host_time_stats()["decode_sync_s"], rel=1e-9, abs=1e-12)
+        assert eng.host_time_stats()["decode_sync_s"] > 0.0

@@ -719,6 +719,11 @@ class Engine:
             "decode_post_launch_s": rt.post_launch_decode_s,
         }
 
+    def sync_wait_by_layer(self) -> list[float]:
+        """Decode host time blocked in each MoE layer's routing sync, seconds in total [L]: in graphed
+        decode a layer with almost no wait is one whose host work kept the GPU waiting."""
+        return list(self.runtime.sync_layer_decode_s)
+
     def close(self) -> None:
         """Save the map store (if one is configured), detach from the model (hooks, experts
         implementation) and free the pool and store. A second call does nothing."""

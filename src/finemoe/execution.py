@@ -74,6 +74,8 @@ class OffloadRuntime:
     critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
     critical_decode_s: float = 0.0  # the same in decode iterations
     sync_decode_s: float = 0.0  # decode: host time blocked in the layers' routing syncs (device-bound time)
+    # the same per MoE layer [L] (a layer whose wait is near zero: the host was late for its sync)
+    sync_layer_decode_s: list[float] = field(default_factory=list)
     sync_s: float = 0.0  # the same over prefill and decode
     # graphed decode: host time from each layer's routing sync to its next segment's launch (the
     # host work on the critical path between two segments), and when the latest sync returned
@@ -139,6 +141,7 @@ class OffloadRuntime:
             self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
+        self.sync_layer_decode_s = [0.0] * self.spec.num_layers
         # CPU: gathering n experts pays while n copies cost less than the (S - n) empty groups of
         # the two grouped calls over the whole pool (0 on CUDA: its calls span windows of slots)
         on_cpu = pool.device.type == "cpu"
@@ -274,6 +277,7 @@ class LayerBinding:
             rt.sync_s += blocked
             if not rt.is_prefill:
                 rt.sync_decode_s += blocked
+                rt.sync_layer_decode_s[self.layer] += blocked
             self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
             return
         t0 = time.perf_counter()
@@ -305,6 +309,7 @@ class LayerBinding:
             rt.late_events.append((self, module, logits, ids_cpu, hidden))
             rt.sync_s += t2 - t1
             rt.sync_decode_s += t2 - t1
+            rt.sync_layer_decode_s[self.layer] += t2 - t1
             rt.critical_decode_s += (t1 - t0) + (time.perf_counter() - t2)
             return
         event = self.routing_event(module, logits, ids_cpu, hidden)
@@ -326,6 +331,7 @@ class LayerBinding:
         else:
             rt.critical_decode_s += spent
             rt.sync_decode_s += t2 - t1
+            rt.sync_layer_decode_s[self.layer] += t2 - t1
 
     def routing_event(
         self, module: nn.Module, logits: torch.Tensor, ids_cpu: torch.Tensor, hidden: torch.Tensor | None
