@@ -160,8 +160,8 @@ class SamplingParams:
 
 
 DTYPES = ("float32", "float16", "bfloat16")
-# where FineMoE's map search runs; "device": graphed decode steps match on the GPU inside their captured
-# segments (CUDA, batch 1; docs/design/device_plans.md), everything else searches inline as "sync"
+# where FineMoE's map search runs; "device": graphed decode steps match on the GPU in small graphs
+# beside their segments (CUDA, batch 1; docs/design/device_plans.md), everything else searches inline as "sync"
 SEARCH_MODES = ("auto", "sync", "async", "process", "device")
 # finemoe's plans in prefill iterations: "maps" (expert maps matched per prompt token, plus the
 # refining gate), "gate" (the refining gate alone), "none" (prefill loads on demand); auto: the

@@ -172,8 +172,10 @@ class RoutingEvent:
     `speculated` maps a later layer to its router's output on this layer's router input [T, E]
     (CPU), where the forward pass computed it already: a speculative gate then only turns it into
     probabilities with `speculated_probs(layer, values)`, which whoever sets `speculated` sets too
-    (graphed decode computes the probabilities themselves, float32, and passes the identity; logits
-    take `RouterGate.probs_of`).
+    (logits take `RouterGate.probs_of`). Graphed decode computes the probabilities themselves,
+    float32, in pinned rows the next step rewrites: for a reader on the forward thread `speculated`
+    holds those rows and `speculated_probs` waits for them and returns a copy (read them during the
+    step: a later read raises); a searcher thread gets copies and the identity.
     """
 
     iteration: int
