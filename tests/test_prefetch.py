@@ -353,3 +353,44 @@ def test_a_failing_deferred_predictor_leaves_nothing_pinned():
         st.serve(0, 0, [0, 1], lambda got, slots, whole: None, event(0, [0, 1]))
     assert cache.refcount == [0, 0, 0, 0]
     assert cache.is_resident(ExpertId(0, 0)) and cache.is_resident(ExpertId(0, 1))  # loaded, unpinned
+
+
+@pytest.mark.parametrize("pump_first", [True, False])
+def test_a_graphed_serve_tells_the_policy_of_its_hits_after_the_launch(pump_first):
+    """`serve(pump_first=False)` (a graphed step: `compute` launches the segment) holds an all-hit
+    layer's uses back from the policy until `compute` returned, then tells it before any prefetch
+    is issued; a layer with a miss tells it at once (its victim search needs them). Either way the
+    policy sees the same uses, and the eviction that follows picks the same victim."""
+    from finemoe.stepper import Stepper
+
+    order: list[tuple] = []
+
+    class Recording(LRUPolicy):
+        def on_access_many(self, eids, step):
+            order.append(("uses", tuple(eids), step))
+            super().on_access_many(eids, step)
+
+    store = ExpertStore(SPEC, pin=False)
+    pool = SlotPool(SPEC, 3, torch.device("cpu"))
+    tr = ManualTransfer(pool)
+    cache = ExpertCache(SPEC, pool, store, tr, Recording())
+    pf = Prefetcher(cache, max_inflight=2)
+    st = Stepper(cache, pf, [])
+    launch = lambda got, slots, whole: order.append(("launch", tuple(got)))  # noqa: E731
+    st.begin(0, None)
+    st.serve(0, 0, [0, 1, 2], launch, pump_first=pump_first)  # three misses: uses told before the launch
+    tr.finish()
+    st.serve(1, 0, [0, 2], launch, pump_first=pump_first)  # all hits
+    st.serve(2, 0, [0, 3], launch, pump_first=pump_first)  # a hit and a miss: LRU evicts expert 1
+    hits_at = order.index(("launch", (0, 2)))
+    if pump_first:
+        assert order[hits_at - 1] == ("uses", (ExpertId(0, 0), ExpertId(0, 2)), 2)
+    else:
+        assert order[hits_at + 1] == ("uses", (ExpertId(0, 0), ExpertId(0, 2)), 2)
+    assert [o for o in order if o[0] == "uses"] == [
+        ("uses", (ExpertId(0, 0), ExpertId(0, 2)), 2),
+        ("uses", (ExpertId(0, 0),), 3),
+    ]
+    assert order[-2:] == [("uses", (ExpertId(0, 0),), 3), ("launch", (0, 3))]
+    assert not cache.is_resident(ExpertId(0, 1)) and cache.is_resident(ExpertId(0, 3))
+    assert cache.refcount == [0, 0, 0] and cache._deferred_uses is None

@@ -59,6 +59,7 @@ class ExpertCache:
         self._victims_behind = getattr(policy, "victims_behind", None)  # optional: the sweep in the policy's order
         self._on_access, self._is_done = policy.on_access, transfer.is_done  # bound once: asked per access
         self._on_access_many = getattr(policy, "on_access_many", None)  # optional: a layer's uses in one call
+        self._deferred_uses: tuple[list[ExpertId], int] | None = None  # `enter(defer_uses=True)`'s, until flushed
         self._on_load = getattr(policy, "on_demand_load", None)  # optional: on_insert + on_access, one call
         self._flush = getattr(transfer, "flush", None)  # optional: a transfer that queues copies issues them
         self._settled = getattr(transfer, "settled", None)  # optional: every copy issued so far has landed
@@ -315,10 +316,22 @@ class ExpertCache:
         """
         return self.enter(layer, experts, False)[0]
 
-    def enter(self, layer: int, experts: list[int], count: bool = True) -> tuple[list[int], list[int]]:
+    def flush_uses(self) -> None:
+        """Tell the policy the uses a `enter(defer_uses=True)` held back (nothing if none)."""
+        held = self._deferred_uses
+        if held is not None:
+            self._deferred_uses = None
+            self._on_access_many(*held)
+
+    def enter(
+        self, layer: int, experts: list[int], count: bool = True, defer_uses: bool = False
+    ) -> tuple[list[int], list[int]]:
         """`access` then `acquire` of `experts` (sorted unique ids of `layer`) in one pass, the
         layer's first chunk: returns (experts acquired, their slots), as `acquire` and `slots`.
-        `count` False: `acquire` alone (a later chunk, its accesses counted already)."""
+        `count` False: `acquire` alone (a later chunk, its accesses counted already). `defer_uses`:
+        when every expert hit, a policy with `on_access_many` is told of the uses only at
+        `flush_uses()` (the caller's next cache call; e.g. after a graphed segment's launch, so the
+        policy's bookkeeping leaves the launch's critical path; its decisions are the same)."""
         if count:
             self.step += 1
         acquired, slots, missing, used = [], [], [], []  # used: the hits' ids, for `on_access_many`
@@ -358,7 +371,10 @@ class ExpertCache:
             st.layer_hits[layer] += hits
             st.layer_misses[layer] += misses
         if used:  # the same uses in the same order, before any miss's
-            many(used, step)
+            if defer_uses and not missing:
+                self._deferred_uses = (used, step)
+            else:
+                many(used, step)
         if missing:
             if self.on_demand_miss is not None:
                 self.on_demand_miss()

@@ -59,11 +59,14 @@ class Stepper:
         `compute` raises. `event`: the layer's routing, for the predictors once the first chunk's
         on-demand copies are issued (instead of a `route` call before). `pump_first=False`: a
         whole layer's queued prefetches start only once `compute` returned (a graphed step, whose
-        `compute` only launches the segment: the launch is not delayed by the prefetch issue)."""
+        `compute` only launches the segment: the launch is not delayed by the prefetch issue), and
+        the policy's bookkeeping of an all-hit layer's uses waits until then too (the policy sees
+        the same calls in the same order)."""
         cache, prefetcher = self.cache, self.prefetcher
         prefetcher.now(iteration, layer)
-        got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
+        got, slots = cache.enter(layer, unique, defer_uses=not pump_first)  # counts, pins the first chunk
         if event is not None:  # the predictors plan once the layer's demand copies are issued
+            cache.flush_uses()
             try:
                 cache.flush_copies()
                 t0 = time.perf_counter()
@@ -80,11 +83,14 @@ class Stepper:
             cache.transfer.before_compute(slots)
             try:
                 compute(got, slots, True)
+                cache.flush_uses()
                 if not prefetcher.idle:
                     prefetcher.pump()
             finally:
+                cache.flush_uses()  # (if `compute` raised)
                 cache.release(layer, got, slots)
             return
+        cache.flush_uses()
         remaining: list[int] | None = unique
         first = True
         while remaining:
