@@ -119,7 +119,7 @@ class OffloadRuntime:
     # search="device": the map match a graphed decode step computes on the GPU
     device_matches: DeviceMatches | None = None
     # set while a graphed step replays with predictor graphs beside the segments: settle_side(l)
-    # makes layer l's gate rows and match readable (`graphs.StaticDecoder.settle`)
+    # makes layer l's gate rows and match readable (`side_graphs.SideGraphs.settle`)
     settle_side: Callable[[int], None] | None = None
     # the gate rows reach their readers uncopied until read (no searcher thread keeps the events)
     lazy_gate_rows: bool = True

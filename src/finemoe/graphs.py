@@ -19,10 +19,10 @@ pass would compute the experts. Only then do the predictors see layer l's routin
 overlaps S_l+1 on the GPU instead of delaying it (their inputs are host copies; their plans still
 target later layers). With every expert resident and nothing else hooked on the routers the whole
 step is one graph. The predictors' own device work at layer l (`search="device"`: the map match,
-`device_plans.DeviceMatches`; `graph_gates`: the speculative gates) is a small graph of its own,
-replayed on a side stream once S_l+1 is launched, so the segments are the same graphs with or
-without a predictor (their launch and GPU time included); the host waits for it only before it
-reads its results, while the GPU runs S_l+1.
+`device_plans.DeviceMatches`; `graph_gates`: the speculative gates) is a small graph of its own
+(`side_graphs.SideGraphs`), replayed on a side stream once S_l+1 is launched, so the segments are
+the same graphs with or without a predictor (their launch and GPU time included); the host waits
+for it only before it reads its results, while the GPU runs S_l+1.
 
 Needs a static KV cache (transformers `StaticCache`: fixed addresses, the write position a device
 tensor advanced in place); the prefill runs eagerly into it. The first decode step of a new
@@ -46,9 +46,9 @@ from transformers import StaticCache
 
 from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
+from finemoe.side_graphs import SideGraphs
 
 if TYPE_CHECKING:
-    from finemoe.device_plans import DeviceMatches
     from finemoe.execution import OffloadRuntime
 
 log = logging.getLogger(__name__)
@@ -79,28 +79,10 @@ class StaticDecoder:
         # be recorded into the graph, and the allocator's next query of it fail with "invalid
         # argument" at an unrelated copy (seen in the GPU tests with search="async").
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        # The predictors' device work per MoE layer l (search="device": the map match of layer l;
-        # graph_gates: the speculative gates' probabilities on layer l's router input) is a small
-        # graph of its own, `sides[l]`, replayed on `side_stream` after segment l+1 is launched: the
-        # segments stay lru's (same nodes, launch and GPU time) and the host pays the side launch
-        # while the GPU runs segment l+1. It reads router l's static outputs and inputs, complete
-        # once the host has synced on layer l's ids; the host waits on `side_done[l]` before it
-        # reads the results (`settle`).
-        self.side_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self.sides: list[torch.cuda.CUDAGraph | None] = []
-        self.side_done: list[torch.cuda.Event | None] = []
-        self._side_pool = None
-        self._side_state: list[int] = []  # per layer in the current step: 0 not launched, 1 launched, 2 settled
-        self._side_pending = False  # sides launched in a step the next one must not overlap
-        self._step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
+        # the predictors' device work per MoE layer, beside the segments (`side_graphs`)
+        self.sides = SideGraphs(runtime, len(refs), device) if self.use_graphs else None
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
-        # per MoE layer: the speculative gates' probabilities `sides[l]` computes and copies to
-        # pinned host memory ({target: [T, E] float32}, static) and whether they cover every gate
-        # stride (`OffloadRuntime.speculated`)
-        self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
-        self._gate_host: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target) -> pinned [1, E] float32
-        self._linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         self.whole = False  # one graph for the step (nothing on the host between layers)
         self._pool = None
@@ -123,8 +105,8 @@ class StaticDecoder:
             "decode_graph_captures": self.captures,
             "decode_graphs": len(self.graphs),
             "decode_graph_error": self.error,
-            "decode_graph_gates": sum(len(done) for done, _ in self.speculated),  # gate probability rows per step
-            "decode_side_graphs": sum(g is not None for g in self.sides),  # predictors' graphs per step
+            "decode_graph_gates": self.sides.gate_rows() if self.sides else 0,  # gate probability rows per step
+            "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -148,9 +130,9 @@ class StaticDecoder:
         log.info("static KV cache: %d positions", size)
 
     def drop_graphs(self) -> None:
-        self._finish_sides()  # (they write pinned rows and read tensors about to be freed)
+        if self.sides is not None:
+            self.sides.drop()  # (they write pinned rows and read tensors about to be freed)
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
-        self.speculated, self.sides, self.side_done, self._side_pool = [], [], [], None
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -163,7 +145,8 @@ class StaticDecoder:
             with torch.cuda.stream(self.stream):
                 yield
         finally:
-            self._finish_sides()
+            if self.sides is not None:
+                self.sides.finish()
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             refresh = getattr(self.rt.cache.transfer, "refresh_stream", None)
             if refresh is not None:  # copies issued after generation (end of requests) switch back to
@@ -217,15 +200,14 @@ class StaticDecoder:
         if not cache.all_resident:
             for layer in range(L):
                 cache.device_table(layer)  # no table row left dirty: the graphs read the rows in place
-        gate = rt.router_gate
-        speculate = not self.whole and bool(rt.gate_strides) and gate is not None
-        self._linear = [gate.device_linear(t) for t in range(L)] if speculate else []  # checked before capture
+        sides = self.sides
+        assert sides is not None
         here = torch.cuda.current_stream(self.device)
         cap = self.capture_stream
         assert cap is not None
         cap.wait_stream(here)
         torch.cuda.synchronize(self.device)
-        self._gate_host = self._gate_buffers(L) if self._linear else {}  # (older rows freed: the device is idle)
+        sides.prepare(speculate=not self.whole and bool(rt.gate_strides))  # (the device is idle)
         self._pool = torch.cuda.graph_pool_handle()
         self.routed = [None] * L
         self.graphs = [torch.cuda.CUDAGraph()]
@@ -242,7 +224,7 @@ class StaticDecoder:
                     if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
                         raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model)")
                     if not self.whole:
-                        self._capture_sides(L)
+                        sides.capture(self.routed, cap)  # type: ignore[arg-type]
                 except BaseException:
                     if begun:  # ended on the stream it began on, so `cap` is no longer capturing
                         with suppress(Exception):  # the capture already failed: report the first error
@@ -258,7 +240,7 @@ class StaticDecoder:
             "decode step captured: %d CUDA graph(s) over %d MoE layers, %d predictor graph(s) beside them",
             len(self.graphs),
             L,
-            sum(g is not None for g in self.sides),
+            sides.count(),
         )
 
     def boundary(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
@@ -272,99 +254,6 @@ class StaticDecoder:
         self.graphs.append(graph)
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
 
-    def _capture_sides(self, L: int) -> None:
-        """Capture `sides[l]` per MoE layer whose match a plan reads or whose router input feeds a
-        gate (on `side_stream`, into a pool of their own: they run beside the segments)."""
-        matches = self.rt.device_matches
-        self._side_pool = torch.cuda.graph_pool_handle()
-        self.sides, self.side_done = [], []
-        self.speculated = [({}, False)] * L
-        # Captured on the stream they replay on, not on the segments' capture stream: torch gives
-        # each stream its own cuBLAS workspace and a graph keeps the one it was captured with, so
-        # a side graph and the segment running beside it must not share one.
-        side, cap = self.side_stream, torch.cuda.current_stream(self.device)
-        assert side is not None
-        side.wait_stream(cap)
-        with torch.cuda.stream(side):
-            self._capture_side_graphs(L, matches)
-        cap.wait_stream(side)
-
-    def _capture_side_graphs(self, L: int, matches: DeviceMatches | None) -> None:
-        for layer in range(L):
-            module, args, output = self.routed[layer]  # type: ignore[misc]
-            match = matches is not None and matches.wants(layer)
-            targets, covers = self._gate_targets(layer, args) if self._linear else ([], False)
-            if not (match or targets):
-                self.speculated[layer] = ({}, covers)
-                self.sides.append(None)
-                self.side_done.append(None)
-                continue
-            graph = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self._side_pool, capture_error_mode="thread_local")
-            try:
-                with torch.no_grad():
-                    if match:
-                        assert matches is not None
-                        logits = output[self.rt.adapter.router_logits_at].detach()
-                        probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
-                        matches.capture_layer(layer, probs)
-                    self.speculated[layer] = (self._speculate(layer, args, targets), covers)
-            except BaseException:
-                with suppress(Exception):  # (report the first error)
-                    graph.capture_end()
-                raise
-            graph.capture_end()
-            self.sides.append(graph)
-            self.side_done.append(torch.cuda.Event())
-
-    def _gate_buffers(self, L: int) -> dict[tuple[int, int], torch.Tensor]:
-        """Pinned host rows [1, E] float32 per (layer, speculative target), made before the capture
-        (no pinned allocation while capturing); the graphs copy the gates' probabilities into them.
-        One row per pair: with several strides, two layers' gates may target the same layer."""
-        E = self.rt.spec.num_experts
-        out = {}
-        with torch.inference_mode(False):  # written by replays, read by later requests
-            for layer in range(L):
-                for stride in self.rt.gate_strides:
-                    target = layer + stride
-                    if target < L and self._linear[target] is not None:
-                        out[layer, target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
-        return out
-
-    def _gate_targets(self, layer: int, args: tuple) -> tuple[list[int], bool]:
-        """The gate targets of layer `layer` computed on the device, and whether they are all of
-        its strides' targets within the model. A target whose router is not a plain linear map, or
-        whose weight's dtype differs from the router input's, is left to the host gate (and the
-        router input is still copied)."""
-        hidden = args[0] if args else None
-        targets, covers = [], True
-        for stride in self.rt.gate_strides:
-            target = layer + stride
-            if target >= len(self.refs):
-                continue
-            lin = self._linear[target]
-            rows = None if hidden is None else hidden.reshape(-1, hidden.shape[-1]).shape[0]
-            if lin is None or hidden is None or hidden.dtype != lin[0].dtype or rows != 1:
-                covers = False
-                continue
-            targets.append(target)
-        return targets, covers
-
-    def _speculate(self, layer: int, args: tuple, targets: list[int]) -> dict[int, torch.Tensor]:
-        """Record into `sides[layer]` the speculative gates' probabilities on layer `layer`'s router
-        input `args[0]`: per target the target router's linear map and routing function, and a copy
-        into its pinned host row. The host reads the rows after `settle(layer)` instead of copying
-        the router input, and runs no router itself."""
-        done: dict[int, torch.Tensor] = {}
-        hidden = args[0].reshape(-1, args[0].shape[-1])  # [1, H]
-        for target in targets:
-            host = self._gate_host[layer, target]
-            logits = torch.nn.functional.linear(hidden, *self._linear[target])  # [1, E]
-            probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
-            host.copy_(probs, non_blocking=True)  # [1, E] into pinned memory, inside the graph
-            done[target] = host
-        return done
-
     # -- replay ----------------------------------------------------------------------------------
     def _replay(self) -> None:
         rt, cache = self.rt, self.rt.cache
@@ -373,37 +262,39 @@ class StaticDecoder:
             self.graphs[0].replay()
         else:
             matches = rt.device_matches
+            side = self.sides
+            assert side is not None
             late: list = []
             rt.late_events = late
             # (a paused duty leaves only the recorders, which read neither matches nor gates)
-            sides = bool(rt.active) and rt.active is not rt.always and any(g is not None for g in self.sides)
-            rt.speculated = self.speculated if self._linear else None
+            sides = bool(rt.active) and rt.active is not rt.always and side.count() > 0
+            rt.speculated = side.speculated if side.linear else None
             rt.graphed_probs = rt.reads_graphed_probs()
             here = torch.cuda.current_stream(self.device)
-            if self._side_pending:  # the last step's sides read the static tensors this one rewrites
-                here.wait_stream(self.side_stream)
-                self._side_pending = False
+            side.before_step(here)
+            first = sides and side.first
             try:
                 if sides:
                     if matches is not None:  # the store's new rows copied first: a predictor cost per step
                         t0 = time.perf_counter()
                         matches.before_step(rt.iteration)
                         rt.critical_decode_s += time.perf_counter() - t0
-                    self.side_stream.wait_stream(here)  # (after the store's rows are copied)
-                    self._side_state = [0] * len(self.refs)
-                    self._side_pending = True
-                    self._step += 1
-                    rt.settle_side = partial(self.settle, step=self._step)
+                    side.begin_step(here)  # (after the store's rows are copied)
+                    rt.settle_side = partial(side.settle, step=side.step)
                     if matches is not None:
                         matches.settle = rt.settle_side
                 self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     run_hooks(module, args, output)
+                    if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
+                        t0 = time.perf_counter()
+                        side.launch(layer)
+                        rt.critical_decode_s += time.perf_counter() - t0
                     rt.binding_of(ref).serve_graphed(output[index_at], self._replayer(layer + 1))
-                    if sides and self.sides[layer] is not None and not self._side_state[layer]:
-                        t0 = time.perf_counter()  # the GPU runs segment layer + 1: launch this layer's side
-                        self._launch_side(layer)
+                    if sides and side.due(layer):  # the GPU runs segment layer + 1: launch this layer's side
+                        t0 = time.perf_counter()
+                        side.launch(layer)
                         rt.critical_decode_s += time.perf_counter() - t0
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
@@ -424,39 +315,6 @@ class StaticDecoder:
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):
                 cache.defer_access(layer, ids[layer])
-
-    def _launch_side(self, layer: int) -> None:
-        """Replay `sides[layer]` on `side_stream` (router `layer`'s outputs are complete: the host
-        synced on its ids) and mark its end with `side_done[layer]`."""
-        side = self.side_stream
-        with torch.cuda.stream(side):
-            self.sides[layer].replay()  # type: ignore[union-attr]
-        self.side_done[layer].record(side)  # type: ignore[union-attr]
-        self._side_state[layer] = 1
-
-    def settle(self, layer: int, step: int) -> None:
-        """Make layer `layer`'s side results (its gate rows, its match) of replayed step `step`
-        readable on the host: its side graph launched if it was not yet (a listener built the event
-        in the router hook), and waited for. A layer without a side graph has nothing to wait for.
-        Raises if a later step has replayed since (the rows and matches are rewritten every step)."""
-        if step != self._step:
-            raise RuntimeError(
-                f"a graphed decode step's gate rows or map match were read after the step (step {step}, now "
-                f"{self._step}): read them while the step runs (e.g. in the predictor's on_routing)"
-            )
-        state = self._side_state[layer] if layer < len(self._side_state) else 2
-        if state == 2 or self.sides[layer] is None:
-            return
-        if state == 0:
-            self._launch_side(layer)
-        self.side_done[layer].synchronize()  # type: ignore[union-attr]
-        self._side_state[layer] = 2
-
-    def _finish_sides(self) -> None:
-        """Wait for the side graphs still running (the end of a generation, or their graphs dropped)."""
-        if self._side_pending and self.side_stream is not None:
-            self.side_stream.synchronize()
-            self._side_pending = False
 
     def _replayer(self, segment: int) -> Callable[[], None]:
         return self.graphs[segment].replay

@@ -1,0 +1,215 @@
+"""The predictors' device work in a graphed decode step: one small CUDA graph per MoE layer beside
+the segments (`graphs.StaticDecoder`).
+
+Layer l's side graph holds `search="device"`'s map match of layer l (`device_plans.DeviceMatches`)
+and `graph_gates`' speculative gates on layer l's router input (their probabilities copied into
+pinned host rows). It is replayed on a stream of its own once segment l+1 is launched (or, with
+`first`, once the host has synced on layer l's ids, before the serve): the segments stay the same
+graphs lru replays, and the host pays the side launch while the GPU runs segment l+1. Router l's
+static outputs and inputs are complete by then (the host synced on its ids); the host waits on the
+side graph's event only before it reads a result (`settle`).
+"""
+
+from __future__ import annotations
+
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from finemoe.device_plans import DeviceMatches
+    from finemoe.execution import OffloadRuntime
+
+NOT_LAUNCHED, LAUNCHED, SETTLED = 0, 1, 2  # a layer's side graph in the current step
+
+
+class SideGraphs:
+    """The side graphs of one engine's graphed decode steps, their stream, pool and pinned rows."""
+
+    def __init__(self, runtime: OffloadRuntime, layers: int, device: torch.device) -> None:
+        self.rt, self.layers, self.device = runtime, layers, device
+        self.stream = torch.cuda.Stream(device)
+        self.graphs: list[torch.cuda.CUDAGraph | None] = []  # per MoE layer (None: nothing to do there)
+        self.done: list[torch.cuda.Event | None] = []
+        self._pool = None
+        self._state: list[int] = []  # per layer in the current step (NOT_LAUNCHED, LAUNCHED, SETTLED)
+        self._pending = False  # sides launched in a step the next one must not overlap
+        self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
+        # Launch layer l's side graph right after the host synced on its ids, before the serve: the
+        # GPU, idle until segment l+1's launch, starts it there instead of beside segment l+1's
+        # kernels (whose spans it lengthens, `benchmarks/decode_gpu_timeline.py`), at the cost of
+        # the side launch on the host before the segment's (an experiment's knob; off by default).
+        self.first = False
+        # per MoE layer: the speculative gates' probabilities its side graph computes and copies to
+        # pinned host memory ({target: [T, E] float32}, static) and whether they cover every gate
+        # stride (`OffloadRuntime.speculated`)
+        self.speculated: list[tuple[dict[int, torch.Tensor], bool]] = []
+        self._gate_host: dict[tuple[int, int], torch.Tensor] = {}  # (layer, target) -> pinned [1, E] float32
+        self.linear: list = []  # per MoE layer: its router's (weight, bias) when a plain linear map, else None
+
+    def count(self) -> int:
+        """Side graphs per step."""
+        return sum(g is not None for g in self.graphs)
+
+    def gate_rows(self) -> int:
+        """Gate probability rows per step."""
+        return sum(len(done) for done, _ in self.speculated)
+
+    # -- capture ---------------------------------------------------------------------------------
+    def prepare(self, speculate: bool) -> None:
+        """Before the segments' capture (the device idle): the gates' linear maps checked and their
+        pinned rows made (older rows freed), when the step computes gates."""
+        rt = self.rt
+        gate = rt.router_gate
+        self.linear = [gate.device_linear(t) for t in range(self.layers)] if speculate and gate is not None else []
+        self._gate_host = self._gate_buffers() if self.linear else {}
+
+    def capture(self, routed: list[tuple[nn.Module, tuple, tuple]], capturing: torch.cuda.Stream) -> None:
+        """Capture the side graph of every MoE layer whose match a plan reads or whose router input
+        feeds a gate, after the segments (`routed`: per layer the router, its static inputs and
+        outputs), into a pool of their own. Captured on the stream they replay on, not on the
+        segments' capture stream `capturing`: torch gives each stream its own cuBLAS workspace and
+        a graph keeps the one it was captured with, so a side graph and the segment beside it must
+        not share one."""
+        matches = self.rt.device_matches
+        self._pool = torch.cuda.graph_pool_handle()
+        self.graphs, self.done = [], []
+        self.speculated = [({}, False)] * self.layers
+        self.stream.wait_stream(capturing)
+        with torch.cuda.stream(self.stream):
+            for layer in range(self.layers):
+                self._capture_layer(layer, routed[layer], matches)
+        capturing.wait_stream(self.stream)
+
+    def _capture_layer(self, layer: int, routed: tuple[nn.Module, tuple, tuple], matches: DeviceMatches | None) -> None:
+        module, args, output = routed
+        match = matches is not None and matches.wants(layer)
+        targets, covers = self._gate_targets(layer, args) if self.linear else ([], False)
+        if not (match or targets):
+            self.speculated[layer] = ({}, covers)
+            self.graphs.append(None)
+            self.done.append(None)
+            return
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        try:
+            with torch.no_grad():
+                if match:
+                    assert matches is not None
+                    logits = output[self.rt.adapter.router_logits_at].detach()
+                    probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
+                    matches.capture_layer(layer, probs)
+                self.speculated[layer] = (self._speculate(layer, args, targets), covers)
+        except BaseException:
+            with suppress(Exception):  # (report the first error)
+                graph.capture_end()
+            raise
+        graph.capture_end()
+        self.graphs.append(graph)
+        self.done.append(torch.cuda.Event())
+
+    def _gate_buffers(self) -> dict[tuple[int, int], torch.Tensor]:
+        """Pinned host rows [1, E] float32 per (layer, speculative target), made before the capture
+        (no pinned allocation while capturing); the graphs copy the gates' probabilities into them.
+        One row per pair: with several strides, two layers' gates may target the same layer."""
+        E = self.rt.spec.num_experts
+        out = {}
+        with torch.inference_mode(False):  # written by replays, read by later requests
+            for layer in range(self.layers):
+                for stride in self.rt.gate_strides:
+                    target = layer + stride
+                    if target < self.layers and self.linear[target] is not None:
+                        out[layer, target] = torch.zeros((1, E), dtype=torch.float32, pin_memory=True)
+        return out
+
+    def _gate_targets(self, layer: int, args: tuple) -> tuple[list[int], bool]:
+        """The gate targets of layer `layer` computed on the device, and whether they are all of
+        its strides' targets within the model. A target whose router is not a plain linear map, or
+        whose weight's dtype differs from the router input's, is left to the host gate (and the
+        router input is still copied)."""
+        hidden = args[0] if args else None
+        targets, covers = [], True
+        for stride in self.rt.gate_strides:
+            target = layer + stride
+            if target >= self.layers:
+                continue
+            lin = self.linear[target]
+            rows = None if hidden is None else hidden.reshape(-1, hidden.shape[-1]).shape[0]
+            if lin is None or hidden is None or hidden.dtype != lin[0].dtype or rows != 1:
+                covers = False
+                continue
+            targets.append(target)
+        return targets, covers
+
+    def _speculate(self, layer: int, args: tuple, targets: list[int]) -> dict[int, torch.Tensor]:
+        """Record into layer `layer`'s side graph the speculative gates' probabilities on its router
+        input `args[0]`: per target the target router's linear map and routing function, and a copy
+        into its pinned host row. The host reads the rows after `settle(layer)` instead of copying
+        the router input, and runs no router itself."""
+        done: dict[int, torch.Tensor] = {}
+        hidden = args[0].reshape(-1, args[0].shape[-1])  # [1, H]
+        for target in targets:
+            host = self._gate_host[layer, target]
+            logits = torch.nn.functional.linear(hidden, *self.linear[target])  # [1, E]
+            probs = self.rt.adapter.router_probs(self.rt.router_gate.routers[target], logits).float()
+            host.copy_(probs, non_blocking=True)  # [1, E] into pinned memory, inside the graph
+            done[target] = host
+        return done
+
+    # -- replay ----------------------------------------------------------------------------------
+    def begin_step(self, compute: torch.cuda.Stream) -> None:
+        """A replayed step with sides starts on `compute` (after the store's new rows were copied
+        there): the side stream follows it; the step's layers are not launched yet."""
+        self.stream.wait_stream(compute)
+        self._state = [NOT_LAUNCHED] * self.layers
+        self._pending = True
+        self.step += 1
+
+    def before_step(self, compute: torch.cuda.Stream) -> None:
+        """Any replayed step: the last step's sides read static tensors this one rewrites."""
+        if self._pending:
+            compute.wait_stream(self.stream)
+            self._pending = False
+
+    def due(self, layer: int) -> bool:
+        """Whether layer `layer` has a side graph not yet launched in the current step."""
+        return self.graphs[layer] is not None and self._state[layer] == NOT_LAUNCHED
+
+    def launch(self, layer: int) -> None:
+        """Replay layer `layer`'s side graph on the side stream and mark its end with its event
+        (router `layer`'s outputs are complete: the host synced on its ids)."""
+        with torch.cuda.stream(self.stream):
+            self.graphs[layer].replay()  # type: ignore[union-attr]
+        self.done[layer].record(self.stream)  # type: ignore[union-attr]
+        self._state[layer] = LAUNCHED
+
+    def settle(self, layer: int, step: int) -> None:
+        """Make layer `layer`'s side results (its gate rows, its match) of replayed step `step`
+        readable on the host: its side graph launched if it was not yet (a listener built the event
+        in the router hook), and waited for. A layer without a side graph has nothing to wait for.
+        Raises if a later step has replayed since (the rows and matches are rewritten every step)."""
+        if step != self.step:
+            raise RuntimeError(
+                f"a graphed decode step's gate rows or map match were read after the step (step {step}, now "
+                f"{self.step}): read them while the step runs (e.g. in the predictor's on_routing)"
+            )
+        state = self._state[layer] if layer < len(self._state) else SETTLED
+        if state == SETTLED or self.graphs[layer] is None:
+            return
+        if state == NOT_LAUNCHED:
+            self.launch(layer)
+        self.done[layer].synchronize()  # type: ignore[union-attr]
+        self._state[layer] = SETTLED
+
+    def finish(self) -> None:
+        """Wait for the side graphs still running (the end of a generation, or their graphs dropped)."""
+        if self._pending:
+            self.stream.synchronize()
+            self._pending = False
+
+    def drop(self) -> None:
+        """Wait for them, then free the graphs and the gates' state."""
+        self.finish()
+        self.graphs, self.done, self._pool, self.speculated = [], [], None, []
