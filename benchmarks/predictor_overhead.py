@@ -106,6 +106,33 @@ def probes(eng: Engine) -> dict[str, Timed]:
     return out
 
 
+def name_flags(name: str) -> set[str]:
+    """The '+'-joined flags of a run named "policy mode:flags budget" (none without a colon)."""
+    head = name.rsplit(" ", 1)[0]
+    return set(head.partition(":")[2].split("+")) - {""}
+
+
+def engine_flags(eng: Engine, flags: set[str]) -> None:
+    """Apply the flags `reconfigure` has no knob for to a freshly configured engine (before its first
+    request: the graphs are captured then). `prio`: the segments' streams (capture, replay) at the
+    highest priority and the predictors' side stream at the lowest, so the GPU's block scheduler
+    prefers the segments' kernels; `side-first`: side graphs launched before the serve
+    (`SideGraphs.first`); `pump-first`: a layer's queued prefetches start before its
+    segment's launch (`OffloadRuntime.pump_before_launch`)."""
+    eng.runtime.pump_before_launch = "pump-first" in flags
+    static = eng.static
+    if static is None or not static.use_graphs:
+        return
+    assert static.sides is not None
+    static.sides.first = "side-first" in flags
+    if "prio" in flags:
+        least, greatest = torch.cuda.Stream.priority_range()
+        dev = static.device
+        static.stream = torch.cuda.Stream(dev, priority=greatest)
+        static.capture_stream = torch.cuda.Stream(dev, priority=greatest)
+        static.sides.stream = torch.cuda.Stream(dev, priority=least)
+
+
 def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, freeze: bool = True) -> dict:
     """Median decode-step time (ms) and the predictor's forward-thread ms per decode iteration;
     `freeze`: the garbage collector frozen over the measured requests (what exists then is not scanned)."""
@@ -189,7 +216,10 @@ def main() -> int:
         help="finemoe search modes compared; a suffix of '+'-joined flags varies the run: ':graph-gates' computes "
         "the speculative gates' logits in the graph (graph_gates=True), ':pump-first' starts a layer's queued "
         "prefetches before its segment's launch (the behaviour before session 19), ':no-copies' plans but "
-        "starts no prefetch copy (prefetch_copies=False: the predictor's own cost, its copies apart)",
+        "starts no prefetch copy (prefetch_copies=False: the predictor's own cost, its copies apart), ':prio' gives "
+        "the segments' streams the highest priority and "
+        "the side graphs' the lowest, ':side-first' launches a layer's side graph before its serve "
+        "(SideGraphs.first)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -247,7 +277,7 @@ def main() -> int:
         got = {}
         for name, kw in runs:
             eng.reconfigure(**{**reset, **kw})
-            eng.runtime.pump_before_launch = "pump-first" in name
+            engine_flags(eng, name_flags(name))
             last = rnd == args.rounds - 1 and not name.startswith("all-gpu")
             got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
             log.info("round %d %s: %s", rnd, name, got[name])
