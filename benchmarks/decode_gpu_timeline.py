@@ -83,7 +83,8 @@ def gpu_groups(trace: dict) -> tuple[list[dict], dict[int, float]]:
         if cat == "cuda_runtime" and ev.get("name", "").startswith("cudaGraphLaunch"):
             launches[corr] = float(ev["ts"])
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
-            gpu[corr].append((float(ev["ts"]), float(ev.get("dur", 0.0)), int(args.get("stream", -1))))
+            stream, name = int(args.get("stream", -1)), ev.get("name", "")
+            gpu[corr].append((float(ev["ts"]), float(ev.get("dur", 0.0)), stream, name))
     groups = []
     for corr, cpu in sorted(launches.items(), key=lambda kv: kv[1]):
         evs = gpu.get(corr)
@@ -91,20 +92,21 @@ def gpu_groups(trace: dict) -> tuple[list[dict], dict[int, float]]:
             continue
         evs.sort()
         busy, end_so_far = 0.0, -1.0  # union of the intervals
-        for ts, dur, _ in evs:
+        for ts, dur, _, _ in evs:
             start = max(ts, end_so_far)
             if ts + dur > start:
                 busy += ts + dur - start
             end_so_far = max(end_so_far, ts + dur)
-        streams = collections.Counter(s for _, _, s in evs)
+        streams = collections.Counter(s for _, _, s, _ in evs)
         groups.append(
             dict(
                 cpu=cpu,
                 gpu_start=evs[0][0],
-                gpu_end=max(ts + dur for ts, dur, _ in evs),
+                gpu_end=max(ts + dur for ts, dur, _, _ in evs),
                 busy=busy,
                 stream=streams.most_common(1)[0][0],
                 kernels=len(evs),
+                nodes=[(name, dur) for _, dur, _, name in evs],
             )
         )
     return groups, launches
@@ -159,6 +161,14 @@ def analyse(trace: dict, segments: int) -> dict:
                 kernels=sum(g["kernels"] for g in step),
             )
         )
+    side_nodes: dict[str, list[float]] = collections.defaultdict(list)  # kernel name -> durations (µs)
+    for s in sides:
+        for name, dur in s["nodes"]:
+            side_nodes[name[:60]].append(dur)
+    per_side = len(sides) or 1
+    side_kernels = sorted(
+        ((name, len(d) / per_side, statistics.median(d)) for name, d in side_nodes.items()), key=lambda x: -x[1] * x[2]
+    )
     med = {k: statistics.median(r[k] for r in rows) / (1e3 if k not in ("sides", "kernels") else 1) for k in rows[0]}
     return dict(
         steps=len(rows),
@@ -167,6 +177,9 @@ def analyse(trace: dict, segments: int) -> dict:
         seg_span_us=[statistics.median(v) for v in per_seg_span],
         gap_us=[statistics.median(v) for v in per_gap],
         host_late_us=[statistics.median(v) for v in per_late],
+        # per side graph: (kernel or copy name, occurrences per side graph, median µs)
+        side_kernels=side_kernels,
+        side_nodes_per_graph=sum(len(s["nodes"]) for s in sides) / per_side,
     )
 
 
@@ -221,6 +234,11 @@ def main() -> int:
     for name, r in rec["results"].items():
         m = r["median_per_step_ms"]
         print(f"{name:<34} {r['unprofiled_ms_per_token']:>7.2f} " + " ".join(f"{m[c]:>12.3f}" for c in cols))
+    for name, r in rec["results"].items():
+        if r["side_kernels"]:
+            print(f"{name}: {r['side_nodes_per_graph']:.1f} nodes per side graph (per graph, median µs):")
+            for kname, n, us in r["side_kernels"]:
+                print(f"    {n:4.1f} x {us:6.2f}  {kname}")
     first = next(iter(rec["results"].values()))
     for name, r in list(rec["results"].items())[1:]:
         grow = sorted(
