@@ -118,13 +118,16 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     highest priority and the predictors' side stream at the lowest, so the GPU's block scheduler
     prefers the segments' kernels; `side-first`: side graphs launched before the serve
     (`SideGraphs.first`); `pump-first`: a layer's queued prefetches start before its
-    segment's launch (`OffloadRuntime.pump_before_launch`)."""
+    segment's launch (`OffloadRuntime.pump_before_launch`); `torch-match`: search="device"'s match as
+    torch ops, not the fused Triton kernel (`fused_match`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
     assert static.sides is not None
     static.sides.first = "side-first" in flags
+    if eng.runtime.device_matches is not None and "torch-match" in flags:
+        eng.runtime.device_matches.fused = False  # the match's torch ops instead of the fused kernel
     if "prio" in flags:
         least, greatest = torch.cuda.Stream.priority_range()
         dev = static.device
@@ -219,7 +222,7 @@ def main() -> int:
         "starts no prefetch copy (prefetch_copies=False: the predictor's own cost, its copies apart), ':prio' gives "
         "the segments' streams the highest priority and "
         "the side graphs' the lowest, ':side-first' launches a layer's side graph before its serve "
-        "(SideGraphs.first)",
+        "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel",
     )
     ap.add_argument(
         "--no-eviction-reference",

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from finemoe import fused_match
 from finemoe.errors import ConfigError
 from finemoe.expert_map import EPS, ExpertMapStore, StoreGeometry
+from finemoe.fused_match import match_step
 from finemoe.predictor import TIE_EPS
 
 STAGED_ROWS = 64  # rows `DevicePlanner.sync` copies one by one; more are copied as a whole store
@@ -193,6 +195,12 @@ class DevicePlanner:
         torch.max(self.ratio, 0, keepdim=True, out=(self.best, self.row))  # the first of equal maxima
         self.packed[1:2].copy_(self.row)
 
+    def step_logits(self, layer: int, logits: torch.Tensor) -> None:
+        """`step` from the router's logits ([E] or [1, E]) of a softmax-routed family, in one fused
+        kernel (`fused_match`; Triton on CUDA): the same running sums, `packed` written in place
+        (`row` is not). Layer 0 starts the sums itself (no `begin`)."""
+        match_step(logits, self.maps[layer], self.norms[layer], self.dot, self.packed, first=layer == 0)
+
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
         """δ selection from the matched row's map at layer `target` (after `step`): `planned` the
         experts selected (at least k; none when the score is below `min_score`), `needed` those
@@ -254,6 +262,9 @@ class DeviceMatches:
         self._np: np.ndarray = self.host.numpy()
         self.iteration = -1
         self.steps = 0  # graphed steps matched on the device
+        # the match step as one fused kernel where it can run (Triton on CUDA) and the family's
+        # routing is a softmax (`SideGraphs` checks that); False: the torch ops (an A/B knob)
+        self.fused = fused_match.available(planner.maps.device)
         # set while a graphed step replays: settle(l) waits until layer l's match is in `host`
         self.settle: Callable[[int], None] | None = None
         self.rows_copied = 0  # store rows copied to the device after the first load
@@ -268,6 +279,12 @@ class DeviceMatches:
         if layer == 0:
             self.planner.begin()
         self.planner.step(layer, probs)
+        self.host[layer].copy_(self.planner.packed, non_blocking=True)
+
+    def capture_logits(self, layer: int, logits: torch.Tensor) -> None:
+        """`capture_layer` from the router's logits [1, E] of a softmax-routed family, the fused
+        kernel (`fused`)."""
+        self.planner.step_logits(layer, logits)
         self.host[layer].copy_(self.planner.packed, non_blocking=True)
 
     def before_step(self, iteration: int) -> None:

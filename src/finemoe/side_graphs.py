@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from finemoe.models.base import softmax_probs
+
 if TYPE_CHECKING:
     from finemoe.device_plans import DeviceMatches
     from finemoe.execution import OffloadRuntime
@@ -78,7 +80,13 @@ class SideGraphs:
         self.graphs, self.done = [], []
         self.speculated = [({}, False)] * self.layers
         self.stream.wait_stream(capturing)
+        fused = matches is not None and matches.fused and self.rt.adapter.router_probs is softmax_probs
         with torch.cuda.stream(self.stream):
+            if fused and self.layers > 1:  # compile both variants now: no compiling while capturing
+                assert matches is not None
+                for layer in (0, 1):
+                    logits = routed[layer][2][self.rt.adapter.router_logits_at].detach()
+                    matches.planner.step_logits(layer, logits.reshape(-1, logits.shape[-1]))
             for layer in range(self.layers):
                 self._capture_layer(layer, routed[layer], matches)
         capturing.wait_stream(self.stream)
@@ -99,8 +107,11 @@ class SideGraphs:
                 if match:
                     assert matches is not None
                     logits = output[self.rt.adapter.router_logits_at].detach()
-                    probs = self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1]))  # [T, E]
-                    matches.capture_layer(layer, probs)
+                    logits = logits.reshape(-1, logits.shape[-1])  # [1, E]
+                    if matches.fused and self.rt.adapter.router_probs is softmax_probs:
+                        matches.capture_logits(layer, logits)  # one kernel, the softmax included
+                    else:
+                        matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits))
                 self.speculated[layer] = (self._speculate(layer, args, targets), covers)
         except BaseException:
             with suppress(Exception):  # (report the first error)

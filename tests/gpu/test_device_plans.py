@@ -68,3 +68,61 @@ def test_planner_captured_on_a_side_branch_equals_the_cpu_planner():
             assert all(e % 3 != 0 for e in got.needed)  # the resident ones filtered out
             compared += 1
     assert compared >= 10
+
+
+def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
+    """The fused Triton step (`fused_match`, the side graphs' match for softmax routing), captured
+    in one CUDA graph per layer and replayed token after token from bf16 logits: the same running
+    sums, best row and score as `DevicePlanner.step` on the softmax of the same logits; on an exact
+    tie across row tiles the first row wins, as torch.max picks it."""
+    from finemoe import fused_match
+
+    if not fused_match.available(torch.device("cuda")):
+        pytest.fail("Triton is missing on a CUDA machine: the fused match step cannot run")
+    g = torch.Generator().manual_seed(5)
+    L, E, C = 6, 60, 1000
+    dev = torch.device("cuda")
+    store = ExpertMapStore(StoreGeometry(L, E, 4), capacity=C)
+    maps = torch.softmax(2 * torch.randn(700, L, E, generator=g), dim=-1)
+    maps[650] = maps[10]  # an exact duplicate in a later row tile: row 10 must win whenever it is best
+    store.add(torch.randn(700, 4, generator=g), maps)
+    ref = DevicePlanner(store.geometry, capacity=C, top_k=4, device=dev)
+    fused = DevicePlanner(store.geometry, capacity=C, top_k=4, device=dev)
+    ref.load(store)
+    fused.load(store)
+    logits = torch.zeros(1, E, device=dev, dtype=torch.bfloat16)  # the router's static output stand-in
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graphs = []
+    with torch.cuda.stream(side):
+        fused.step_logits(0, logits)  # (Triton compiles outside the capture)
+        fused.step_logits(1, logits)
+        for layer in range(L):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                fused.step_logits(layer, logits)
+            graphs.append(graph)
+    torch.cuda.current_stream().wait_stream(side)
+    compared = 0
+    for _ in range(4):
+        traj = (3 * torch.randn(L, E, generator=g)).to(torch.bfloat16)
+        traj[:, 0] = traj[:, 0] + 4  # some tokens lean on one expert
+        ref.begin()
+        for layer, graph in enumerate(graphs):
+            logits.copy_(traj[layer].view(1, E))
+            graph.replay()
+            torch.cuda.synchronize()
+            ref.step(layer, torch.softmax(traj[layer].to(dev).float(), dim=-1))
+            want = ref.read()
+            best, row, q_sq = fused.packed.tolist()
+            assert torch.allclose(fused.dot, ref.dot, rtol=1e-5, atol=1e-7)
+            assert q_sq == pytest.approx(float(ref.q_sq), rel=1e-5)
+            assert row != 650  # the duplicate never beats its first copy
+            ratio = ref.ratio[: store.size].cpu()
+            top = torch.topk(torch.cat([ratio[:650], ratio[651:]]), 2).values
+            if float(top[0] - top[1]) < 1e-5 * float(top[0]):
+                continue  # a near-tie between distinct rows: either order is right
+            assert int(row) == want.row
+            assert best / max(q_sq**0.5, 1e-12) == pytest.approx(want.score, rel=1e-5)
+            compared += 1
+    assert compared >= 12
