@@ -3,6 +3,10 @@
     python benchmarks/sim_speed.py --traces /tmp/tr/test.fmt --history /tmp/tr/history.fmt \
         --out docs/results/sim_speed.json
 
+`--history-cache FILE` keeps the stores recorded from `--history` in FILE (written when missing,
+read when present, ~15 MB for the reference model's 1,000 maps), so a machine that cannot take the
+history trace (the GPU machine: 64 MiB per call) replays from the same stores.
+
 Targets (issue 5): >= 200k layer-steps/s for LRU, >= 20k for FineMoE (batch 1, timed link).
 """
 
@@ -21,15 +25,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import write_record  # noqa: E402
 from finemoe.config import EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
-from finemoe.sim_history import empty_history, record_history  # noqa: E402
+from finemoe.sim_history import History, empty_history, record_history  # noqa: E402
 from finemoe.simulator import simulate  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
+
+
+def history(test, path: str | None, cache: str | None) -> History:
+    """The stores the replays start from: recorded from the trace `path`, or read from `cache`
+    (then `path` may be omitted); written to `cache` after recording."""
+    hist = empty_history(test, 1000)
+    if cache and Path(cache).exists():
+        st = torch.load(cache)
+        hist.maps.load_rows(st["emb"], st["maps"])
+        hist.requests.load_rows(st["eams"])
+        return hist
+    if path is None:
+        raise SystemExit("give --history (a trace), or --history-cache naming an existing file")
+    record_history(load_trace(path), hist)
+    if cache:
+        maps = hist.maps.state()
+        torch.save({"emb": maps["emb"], "maps": maps["maps"], "eams": hist.requests.state()["eams"]}, cache)
+    return hist
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", required=True)
-    ap.add_argument("--history", required=True)
+    ap.add_argument("--history", help="the trace whose iterations fill the stores (or --history-cache)")
+    ap.add_argument("--history-cache", help="the recorded stores: read if the file exists, else written")
     ap.add_argument("--limit", type=int, default=100, help="requests of --traces replayed")
     ap.add_argument("--budget", default="25%")
     ap.add_argument(
@@ -41,8 +64,7 @@ def main() -> int:
     torch.set_num_threads(1)
     test = load_trace(args.traces)
     test = test.head(args.limit)
-    hist = empty_history(test, 1000)
-    record_history(load_trace(args.history), hist)
+    hist = history(test, args.history, args.history_cache)
     cost = make_cost_model(test.spec, "trace")
     rows = {}
     for policy in args.policies.split(","):

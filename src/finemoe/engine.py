@@ -22,7 +22,7 @@ from finemoe.config import BudgetPlan, EngineConfig, ExpertBudget, SamplingParam
 from finemoe.device_plans import DeviceMatches, DevicePlanner
 from finemoe.duty import PredictionDuty, duty_applies
 from finemoe.errors import ConfigError
-from finemoe.execution import Attachment, OffloadRuntime
+from finemoe.execution import Attachment
 from finemoe.expert_map import ExpertMapStore, StoreGeometry
 from finemoe.fine_predictor import FineMoEPredictor
 from finemoe.gate import RouterGate
@@ -52,6 +52,7 @@ from finemoe.presets import (
     reads_router_inputs,
 )
 from finemoe.process_search import ProcessPredictor, worker_setup
+from finemoe.runtime import OffloadRuntime
 from finemoe.store import ExpertStore
 from finemoe.transfer import make_transfer
 from finemoe.types import CacheStats, MoESpec

@@ -49,7 +49,7 @@ from finemoe.loader import MoELayerRef
 from finemoe.side_graphs import SideGraphs
 
 if TYPE_CHECKING:
-    from finemoe.execution import OffloadRuntime
+    from finemoe.runtime import OffloadRuntime
 
 log = logging.getLogger(__name__)
 

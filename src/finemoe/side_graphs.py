@@ -22,7 +22,7 @@ from finemoe.models.base import softmax_probs
 
 if TYPE_CHECKING:
     from finemoe.device_plans import DeviceMatches
-    from finemoe.execution import OffloadRuntime
+    from finemoe.runtime import OffloadRuntime
 
 NOT_LAUNCHED, LAUNCHED, SETTLED = 0, 1, 2  # a layer's side graph in the current step
 

@@ -1,0 +1,230 @@
+"""The state one engine's MoE layers share during forward passes (`OffloadRuntime`): the cache,
+prefetcher and predictors, the iteration, the kernels' limits, and the graphed decode step's
+per-step hand-offs and host-time counters. `execution` binds it to the model's layers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from finemoe.cache import ExpertCache
+from finemoe.duty import PredictionDuty
+from finemoe.loader import MoELayerRef
+from finemoe.models import FamilyAdapter
+from finemoe.pool import SlotGather
+from finemoe.predictor import Predictor, reads_router_probs
+from finemoe.prefetcher import Prefetcher
+from finemoe.stepper import Stepper
+from finemoe.types import IterationContext, MoESpec, RoutingEvent
+
+if TYPE_CHECKING:
+    from finemoe.device_plans import DeviceMatches
+    from finemoe.execution import LayerBinding
+    from finemoe.graphs import StaticDecoder
+
+log = logging.getLogger(__name__)
+
+MAX_CUDA_GROUPS = 512
+# torch's CPU grouped_mm walks every group, empty ones too: ~2.3 us each (torch 2.13, 2-core CPU
+# machine, 2026-11-29), so a call over a pool of hundreds of slots costs ~1 ms for a handful of
+# experts. Gathering the routed experts into a scratch copy pays while their copy (index_select,
+# 5-15 GB/s measured on the same machine) is cheaper than the empty groups it saves.
+CPU_GROUP_S = 2.3e-6
+CPU_COPY_BYTES_PER_S = 5e9
+BINDING_ATTR = "_finemoe_binding"  # the experts module's attribute holding its `LayerBinding`
+
+
+@dataclass
+class OffloadRuntime:
+    """State shared by every MoE layer of one engine during a forward pass."""
+
+    spec: MoESpec
+    adapter: FamilyAdapter
+    cache: ExpertCache
+    prefetcher: Prefetcher
+    predictors: list[Predictor] = field(default_factory=list)
+    duty: PredictionDuty | None = None  # decides per iteration whether the planners run (None: always)
+    always: list[Predictor] = field(default_factory=list)  # predictors the duty never pauses (recorders)
+    observers: list[Callable[[RoutingEvent], None]] = field(default_factory=list)
+    # the eviction policy's reader of router probabilities (router-ema), told of a layer's routing
+    # once the layer is served (eager: after its experts ran; graphed: after the next segment was
+    # replayed, overlapping it): its host work never delays the layer's on-demand copies
+    policy_routes: Callable[[RoutingEvent], None] | None = None
+    iteration: int = 0
+    is_prefill: bool = True
+    max_groups: int = 0  # widest slot window one grouped_mm call may span; 0 = the whole pool
+    embed: nn.Module | None = None  # the model's input embedding layer (semantic context)
+    want_embeddings: bool = False
+    want_hidden: bool = False  # a (synchronous) predictor reads router inputs
+    critical_prefill_s: float = 0.0  # forward-thread time building contexts and in predictors, prefill
+    critical_decode_s: float = 0.0  # the same in decode iterations
+    sync_decode_s: float = 0.0  # decode: host time blocked in the layers' routing syncs (device-bound time)
+    # the same per MoE layer [L] (a layer whose wait is near zero: the host was late for its sync)
+    sync_layer_decode_s: list[float] = field(default_factory=list)
+    sync_s: float = 0.0  # the same over prefill and decode
+    # graphed decode: host time from each layer's routing sync to its next segment's launch (the
+    # host work on the critical path between two segments), and when the latest sync returned
+    prelaunch_decode_s: float = 0.0
+    routed_at: float = 0.0
+    # graphed decode, the layer's serve split in three (summing to `Stepper.serve`'s time there):
+    # before the segment's launch (the accesses, the eviction policy's uses and victims, the
+    # demand copies' issue), the launch call itself, and after it (unpinning, starting prefetches)
+    serve_decode_s: float = 0.0
+    table_decode_s: float = 0.0  # of which refreshing the layer's device slot-table row (a copy when it changed)
+    launch_decode_s: float = 0.0
+    post_launch_decode_s: float = 0.0
+    # graphed decode: start a layer's queued prefetches before its segment's launch (True), or after
+    # it (False, the default: the launch is not delayed by the prefetch issue; a measurement switch)
+    pump_before_launch: bool = False
+    decode_iterations: int = 0
+
+    gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
+    # Layer calls of at most this many (token, expert) pairs whose experts are all resident run as
+    # a gather of their weights and two bmm (transformers' `batched_mm`, what its generate switches
+    # to for decoding on GPUs): grouped_mm's host cost per call (occupancy queries, attribute
+    # calls, copies) outweighs the weight gather at decode sizes. The gathered weights are transient
+    # memory beyond the budget, T*k experts: -1 = 2 x top-k (batch <= 2, the same bound as the
+    # gather scratch); on a CPU at most `cpu_gather_max` (copies there pay only for small experts:
+    # the reference model gains, a 2-layer OLMoE shape in float32 decodes 2.9x slower with them).
+    batched_max_pairs: int = -1
+    capture: StaticDecoder | None = None  # set while a decode step is being captured into CUDA graphs
+    # graphed decode: routings held for the predictors until the next segment is replayed (their
+    # host work then overlaps its GPU work), each (binding, module, logits, ids, hidden) to build
+    # the event from (`LayerBinding.routing_event`), or (None, event); None: predictors run in the hook
+    late_events: list[tuple] | None = None
+    # Speculative gates a graphed decode step computes on the device (`graphs.StaticDecoder`): the
+    # strides of the gate predictors, their gate (`gate.RouterGate`), and whether anything else
+    # reads router inputs (then they are still copied to the host).
+    gate_strides: tuple[int, ...] = ()
+    router_gate: Any = None
+    extra_hidden: bool = False
+    # set while a graphed step replays: per MoE layer, (speculative logits {target layer: [T, E]}
+    # static on the device, whether they cover every gate stride)
+    speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
+    # search="device": the map match a graphed decode step computes on the GPU
+    device_matches: DeviceMatches | None = None
+    # set while a graphed step replays with predictor graphs beside the segments: settle_side(l)
+    # makes layer l's gate rows and match readable (`side_graphs.SideGraphs.settle`)
+    settle_side: Callable[[int], None] | None = None
+    # the gate rows reach their readers uncopied until read (no searcher thread keeps the events)
+    lazy_gate_rows: bool = True
+    # set per graphed step: whether anything reads the routers' probabilities on the host (an
+    # observer, the eviction policy, a predictor whose `graphed_reads_probs` says so); if not, the
+    # router logits stay on the device (no pinned copy, one D2H fewer before the routing sync)
+    graphed_probs: bool = True
+    graphed_logits_copies: int = 0  # layers of graphed steps whose router logits went to the host
+    # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
+    # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
+    predict_after_demand: bool = False
+    _gather: SlotGather | None = None
+
+    def __post_init__(self) -> None:
+        if self.gather_capacity <= 0:
+            self.gather_capacity = 2 * self.spec.top_k
+        if self.max_groups <= 0:
+            # torch's CUDA grouped_mm refuses 1024+ groups; CPU has no such limit.
+            self.max_groups = MAX_CUDA_GROUPS if self.cache.pool.device.type == "cuda" else self.cache.num_slots
+        pool, E = self.cache.pool, self.spec.num_experts
+        self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
+        self.sync_layer_decode_s = [0.0] * self.spec.num_layers
+        # CPU: gathering n experts pays while n copies cost less than the (S - n) empty groups of
+        # the two grouped calls over the whole pool (0 on CUDA: its calls span windows of slots)
+        on_cpu = pool.device.type == "cpu"
+        copy_s = self.spec.expert_bytes / CPU_COPY_BYTES_PER_S
+        self.cpu_gather_max = int(2 * CPU_GROUP_S * self.cache.num_slots / (copy_s + 2 * CPU_GROUP_S)) if on_cpu else 0
+        if self.batched_max_pairs < 0:
+            # each pair copies one expert's weights: on a CPU only while such copies pay (as the gather)
+            self.batched_max_pairs = 2 * self.spec.top_k
+            if on_cpu:
+                self.batched_max_pairs = min(self.batched_max_pairs, self.cpu_gather_max)
+        self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
+
+    def start_iteration(
+        self,
+        iteration: int,
+        is_prefill: bool,
+        input_ids: torch.Tensor,
+        live: torch.Tensor,
+        request_ids: tuple[int, ...] | None = None,
+        finished_ids: tuple[int, ...] = (),
+    ) -> None:
+        """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool;
+        a continuous-batching scheduler also names each row's request, see `IterationContext`)."""
+        self.iteration, self.is_prefill = iteration, is_prefill
+        self.cache.begin_iteration(is_prefill)
+        refresh = getattr(self.cache.transfer, "refresh_stream", None)
+        if refresh is not None:
+            refresh()  # the stream this forward pass computes on
+        paused = self.duty is not None and not self.duty.predict(is_prefill)
+        self.stepper.predictors = self.always if paused else self.predictors
+        if not self.active:
+            self.prefetcher.now(iteration, -1)
+            self.decode_iterations += not is_prefill
+            return
+        t0 = time.perf_counter()
+        B, T = live.shape
+        rows = torch.nonzero(live.reshape(-1)).view(-1)  # [N] into the flattened B*T positions
+        emb = None
+        if self.want_embeddings and self.embed is not None and rows.numel():
+            with torch.no_grad():
+                flat = input_ids.reshape(-1)
+                tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
+                emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
+        req_of_row = torch.div(rows, T, rounding_mode="floor")
+        ctx = IterationContext(
+            iteration, is_prefill, B, rows, req_of_row, emb, request_ids=request_ids, finished_ids=finished_ids
+        )
+        self.stepper.begin(iteration, ctx)
+        if is_prefill:
+            self.critical_prefill_s += time.perf_counter() - t0
+        else:
+            self.critical_decode_s += time.perf_counter() - t0
+            self.decode_iterations += 1
+
+    def gather(self) -> SlotGather:
+        """The scratch for layers whose experts span several slot windows (made on first use)."""
+        if self._gather is None or self._gather.capacity != self.gather_capacity:
+            pool = self.cache.pool
+            with torch.inference_mode(False):  # made during generate; used by any later forward
+                self._gather = SlotGather(pool, self.spec.num_layers, self.spec.num_experts, self.gather_capacity)
+            log.info("gather scratch: %d experts, %.1f MiB", self.gather_capacity, self._gather.nbytes / 2**20)
+        return self._gather
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Device bytes of the gather scratch (0 until a layer call needed it)."""
+        return self._gather.nbytes if self._gather is not None else 0
+
+    @staticmethod
+    def binding_of(ref: MoELayerRef) -> LayerBinding:
+        return getattr(ref.experts, BINDING_ATTR)
+
+    def release(self) -> None:
+        """Drop the runtime's views of the pool and its scratch (the engine is detaching)."""
+        self.layer_parts = []
+        self._gather = None
+
+    def reads_graphed_probs(self) -> bool:
+        """Whether a graphed step's routing must bring the router logits to the host (see `graphed_probs`)."""
+        return bool(self.observers) or self.policy_routes is not None or any(map(reads_router_probs, self.active))
+
+    @property
+    def active(self) -> list[Predictor]:
+        """The predictors running in the current iteration (all, or `always` while paused)."""
+        return self.stepper.predictors
+
+    @property
+    def critical_s(self) -> float:
+        return self.critical_prefill_s + self.critical_decode_s
+
+    def end_requests(self) -> None:
+        """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
+        self.stepper.predictors = self.predictors
+        self.stepper.end_requests()
+        self.iteration = -1
