@@ -486,3 +486,33 @@ def test_prefill_sweep_follows_the_policy_order_among_served_layers():
         ExpertId(1, 2),
         ExpertId(2, 1),
     }
+
+
+def test_cuda_transfer_forgets_a_finished_copy():
+    """`CudaTransfer.is_done`/`landed`: a slot whose copy is still running stays unfinished and keeps
+    its event; once the event has completed, the slot drops it (no later wait, no later query).
+    The transfer's bookkeeping alone, with stand-in events (its streams need a GPU)."""
+    from finemoe.transfer import CudaTransfer
+
+    class Event:
+        def __init__(self):
+            self.finished, self.queries = False, 0
+
+        def query(self):
+            self.queries += 1
+            return self.finished
+
+    tr = object.__new__(CudaTransfer)
+    ev = Event()
+    tr.copy_done, tr.unwaited = [ev, ev, None], [True, True, False]
+    tr._queued, tr._queued_slots = [], set()
+    assert not tr.is_done(0) and not tr.landed(1)
+    assert tr.copy_done == [ev, ev, None] and tr.unwaited == [True, True, False]
+    ev.finished = True
+    assert tr.is_done(0) and tr.copy_done[0] is None and not tr.unwaited[0]
+    assert tr.is_done(0) and ev.queries == 3  # forgotten: not asked again
+    tr._queued_slots = {1}
+    assert not tr.landed(1)  # a queued copy into the slot has not landed, whatever the old event says
+    tr._queued_slots = set()
+    assert tr.landed(1) and tr.copy_done[1] is None and not tr.unwaited[1] and ev.queries == 4
+    assert tr.is_done(2) and ev.queries == 4

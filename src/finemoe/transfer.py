@@ -193,13 +193,23 @@ class CudaTransfer:
         if self._queued:
             self._issue()
         ev = self.copy_done[slot]
-        return ev is None or ev.query()
+        return ev is None or self._landed(slot, ev)
 
     def landed(self, slot: int) -> bool:
         if slot in self._queued_slots:
             return False
         ev = self.copy_done[slot]
-        return ev is None or ev.query()
+        return ev is None or self._landed(slot, ev)
+
+    def _landed(self, slot: int, ev: torch.cuda.Event) -> bool:
+        """Whether the slot's latest copy (`ev`) has finished; once it has, the slot forgets it: a
+        finished copy needs no wait (the compute stream's or a later copy's), and the slot's hits
+        ask the device nothing more (an event query per hit and per victim candidate otherwise)."""
+        if not ev.query():
+            return False
+        self.copy_done[slot] = None
+        self.unwaited[slot] = False
+        return True
 
     def before_compute(self, slots: list[int]) -> None:
         if self._queued:
