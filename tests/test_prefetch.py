@@ -394,3 +394,34 @@ def test_a_graphed_serve_tells_the_policy_of_its_hits_after_the_launch(pump_firs
     assert order[-2:] == [("uses", (ExpertId(0, 0),), 3), ("launch", (0, 3))]
     assert not cache.is_resident(ExpertId(0, 1)) and cache.is_resident(ExpertId(0, 3))
     assert cache.refcount == [0, 0, 0] and cache._deferred_uses is None
+
+
+def test_a_graphed_serve_clocks_the_prefetch_window_after_the_launch():
+    """`serve(pump_first=False)`: the adaptive window is told of the layer after `compute` (the
+    launch) returned, with the time read when the layer was reached, so its numbers are those an
+    update before the launch would give."""
+    from finemoe.stepper import Stepper
+
+    ticks = iter(range(100, 200))
+    clock_reads: list[float] = []
+
+    def clock():
+        clock_reads.append(float(next(ticks)))
+        return clock_reads[-1]
+
+    store = ExpertStore(SPEC, pin=False)
+    pool = SlotPool(SPEC, 4, torch.device("cpu"))
+    tr = ManualTransfer(pool)
+    cache = ExpertCache(SPEC, pool, store, tr, LRUPolicy())
+    window = LinkWindow(4, clock, 1.0)
+    pf = Prefetcher(cache, max_inflight=4, window=window)
+    st = Stepper(cache, pf, [])
+    seen = []
+    launch = lambda got, slots, whole: seen.append(window._last)  # noqa: E731
+    st.begin(0, None)
+    st.serve(0, 0, [0, 1], launch, pump_first=False)  # (two misses, loaded in one chunk)
+    tr.finish()
+    st.serve(0, 1, [0, 1], launch, pump_first=False)
+    assert seen == [None, (0, 0, 100.0)]  # at each launch the window had not seen the layer yet
+    assert window._last == (0, 1, 101.0) and clock_reads == [100.0, 101.0]
+    assert window.layer_s == 1.0

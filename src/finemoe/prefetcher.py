@@ -54,11 +54,13 @@ class LinkWindow:
         self._last: tuple[int, int, float] | None = None  # (iteration, layer, time) of the latest layer
         self.limit = max_inflight
 
-    def on_layer(self, iteration: int, layer: int) -> None:
+    def on_layer(self, iteration: int, layer: int, t: float | None = None) -> None:
+        """The forward pass reached `layer` of `iteration` at `t` (None: now, by `clock`)."""
         clock, copy_s = self.clock, self.copy_s
         if not self.adaptive or layer < 0 or clock is None or copy_s is None:  # (adaptive: both set)
             return
-        t = clock()
+        if t is None:
+            t = clock()
         last = self._last
         self._last = (iteration, layer, t)
         if last is None or last[0] != iteration or layer != last[1] + 1 or t <= last[2]:
@@ -115,13 +117,14 @@ class Prefetcher:
         self._batched = cache.batches_prefetches  # (fixed with the policy: read once, not per pump)
         cache.on_demand_miss = self.pause
 
-    def now(self, iteration: int, layer: int) -> None:
-        """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`."""
+    def now(self, iteration: int, layer: int, window: bool = True) -> None:
+        """The forward pass reached MoE layer `layer` (-1: the start) of `iteration`. `window`
+        False: the caller clocks the layer into the prefetch window itself (`window.on_layer`)."""
         if iteration != self.iteration and iteration >= 0 and self._on_iteration is not None:
             self._on_iteration(iteration)
         self.iteration, self.layer = iteration, layer
         self.cache.now = (iteration, layer)
-        if layer >= 0 and self.window.adaptive:
+        if window and layer >= 0 and self.window.adaptive:
             self.window.on_layer(iteration, layer)
 
     def post(self, plan: PrefetchPlan | None) -> None:

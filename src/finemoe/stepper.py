@@ -60,10 +60,13 @@ class Stepper:
         on-demand copies are issued (instead of a `route` call before). `pump_first=False`: a
         whole layer's queued prefetches start only once `compute` returned (a graphed step, whose
         `compute` only launches the segment: the launch is not delayed by the prefetch issue), and
-        the policy's bookkeeping of an all-hit layer's uses waits until then too (the policy sees
-        the same calls in the same order)."""
+        the policy's bookkeeping of an all-hit layer's uses and the prefetch window's update (from
+        the time the layer was reached) wait until then too (the policy and the window see the
+        same calls in the same order, with the same numbers)."""
         cache, prefetcher = self.cache, self.prefetcher
-        prefetcher.now(iteration, layer)
+        window = prefetcher.window
+        stamp = window.clock() if not pump_first and window.adaptive and layer >= 0 else None  # type: ignore[misc]
+        prefetcher.now(iteration, layer, window=stamp is None)
         got, slots = cache.enter(layer, unique, defer_uses=not pump_first)  # counts, pins the first chunk
         if event is not None:  # the predictors plan once the layer's demand copies are issued
             cache.flush_uses()
@@ -84,13 +87,20 @@ class Stepper:
             try:
                 compute(got, slots, True)
                 cache.flush_uses()
+                if stamp is not None:
+                    window.on_layer(iteration, layer, stamp)
+                    stamp = None
                 if not prefetcher.idle:
                     prefetcher.pump()
             finally:
                 cache.flush_uses()  # (if `compute` raised)
+                if stamp is not None:
+                    window.on_layer(iteration, layer, stamp)
                 cache.release(layer, got, slots)
             return
         cache.flush_uses()
+        if stamp is not None:
+            window.on_layer(iteration, layer, stamp)
         remaining: list[int] | None = unique
         first = True
         while remaining:
