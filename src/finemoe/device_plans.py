@@ -101,6 +101,7 @@ class DevicePlanner:
         # [R, L, E] maps, [R, L] norms, [R] ids, and their device twins
         self._stage: tuple[torch.Tensor, ...] | None = None
         self._staged: torch.cuda.Event | None = None  # the staged copies' completion (CUDA)
+        self._row_in_packed = False  # the latest step was fused: `row` not written (see `plan`)
 
     def nbytes(self) -> int:
         """Device memory held (the store copy dominates: L x C x E float32), outside the expert
@@ -185,6 +186,7 @@ class DevicePlanner:
         """Add layer `layer`'s router probabilities `probs` ([E] or [1, E], any float dtype, on the
         planner's device); `packed` and `row` then hold the best match over layers 0..`layer`
         (`TrajectoryQuery.best` of every stored row). Layers must arrive in order after `begin`."""
+        self._row_in_packed = False
         p = probs.reshape(-1)
         if p.dtype != torch.float32:
             p = self.p
@@ -196,10 +198,12 @@ class DevicePlanner:
         self.packed[1:2].copy_(self.row)
 
     def step_logits(self, layer: int, logits: torch.Tensor) -> None:
-        """`step` from the router's logits ([E] or [1, E]) of a softmax-routed family, in one fused
-        kernel (`fused_match`; Triton on CUDA): the same running sums, `packed` written in place
-        (`row` is not). Layer 0 starts the sums itself (no `begin`)."""
+        """`step` from the router's logits ([E] or [1, E], contiguous) of a softmax-routed family,
+        in one fused kernel (`fused_match`; Triton on CUDA): the same running sums and `packed`,
+        written in place (not `ratio`; `row` is taken from `packed` by the next `plan`). Layer 0
+        starts the sums itself (no `begin`)."""
         match_step(logits, self.maps[layer], self.norms[layer], self.dot, self.packed, first=layer == 0)
+        self._row_in_packed = True
 
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
         """δ selection from the matched row's map at layer `target` (after `step`): `planned` the
@@ -207,6 +211,9 @@ class DevicePlanner:
         whose slot in `slots` ([E] the device slot table's row of `target`, -1: not resident) is
         -1 (all of them without `slots`), `probs` the row's probabilities."""
         E = self.geometry.num_experts
+        if self._row_in_packed:  # after a fused step: its row is only in `packed`
+            self.row.copy_(self.packed[1:2])
+            self._row_in_packed = False
         torch.div(self.best, self.q_sq.clamp_min(0.0).sqrt().clamp_min(EPS), out=self.score)
         torch.index_select(self.maps[target], 0, self.row, out=self.probs.view(1, E))
         torch.sort(self.probs, descending=True, stable=True, out=(self._sorted, self._order))  # ties: lower id
@@ -264,7 +271,8 @@ class DeviceMatches:
         self.steps = 0  # graphed steps matched on the device
         # the match step as one fused kernel where it can run (Triton on CUDA) and the family's
         # routing is a softmax (`SideGraphs` checks that); False: the torch ops (an A/B knob)
-        self.fused = fused_match.available(planner.maps.device)
+        experts = planner.geometry.num_experts
+        self.fused = fused_match.available(planner.maps.device) and experts <= fused_match.MAX_EXPERTS
         # set while a graphed step replays: settle(l) waits until layer l's match is in `host`
         self.settle: Callable[[int], None] | None = None
         self.rows_copied = 0  # store rows copied to the device after the first load

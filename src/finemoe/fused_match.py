@@ -94,9 +94,11 @@ def match_step(
     C, E = maps.shape
     if E > MAX_EXPERTS:
         raise ValueError(f"fused match step: {E} experts per layer, at most {MAX_EXPERTS}")
-    assert maps.is_contiguous() and dot.is_contiguous() and packed.is_contiguous()
+    logits = logits.reshape(-1)
+    assert logits.is_contiguous() and maps.is_contiguous() and norms.is_contiguous()
+    assert dot.is_contiguous() and packed.is_contiguous()
     _match_step[(1,)](
-        logits.reshape(-1),
+        logits,
         maps,
         norms,
         dot,

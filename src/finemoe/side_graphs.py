@@ -80,18 +80,32 @@ class SideGraphs:
         self.graphs, self.done = [], []
         self.speculated = [({}, False)] * self.layers
         self.stream.wait_stream(capturing)
-        fused = matches is not None and matches.fused and self.rt.adapter.router_probs is softmax_probs
         with torch.cuda.stream(self.stream):
-            if fused and self.layers > 1:  # compile both variants now: no compiling while capturing
-                assert matches is not None
-                for layer in (0, 1):
-                    logits = routed[layer][2][self.rt.adapter.router_logits_at].detach()
-                    matches.planner.step_logits(layer, logits.reshape(-1, logits.shape[-1]))
+            fused = self._warm_fused(routed, matches)
             for layer in range(self.layers):
-                self._capture_layer(layer, routed[layer], matches)
+                self._capture_layer(layer, routed[layer], matches, fused)
         capturing.wait_stream(self.stream)
 
-    def _capture_layer(self, layer: int, routed: tuple[nn.Module, tuple, tuple], matches: DeviceMatches | None) -> None:
+    def _warm_fused(self, routed: list[tuple[nn.Module, tuple, tuple]], matches: DeviceMatches | None) -> bool:
+        """Whether the side graphs' match is the fused kernel (`DeviceMatches.fused`, a softmax
+        family, contiguous logits); if so, run it once on every matched layer's static logits
+        before the capture, in order: Triton compiles a variant per argument alignment (a layer's
+        row of the store copy may differ from the next one's), and loading a kernel while a stream
+        captures fails. Layer 0 restarts the sums, so what this leaves behind is overwritten."""
+        if matches is None or not matches.fused or self.rt.adapter.router_probs is not softmax_probs:
+            return False
+        at = self.rt.adapter.router_logits_at
+        rows = [(layer, routed[layer][2][at].detach()) for layer in range(self.layers) if matches.wants(layer)]
+        rows = [(layer, logits.reshape(-1, logits.shape[-1])) for layer, logits in rows]  # [1, E] each
+        if not all(logits.is_contiguous() for _, logits in rows):
+            return False
+        for layer, logits in rows:
+            matches.planner.step_logits(layer, logits)
+        return True
+
+    def _capture_layer(
+        self, layer: int, routed: tuple[nn.Module, tuple, tuple], matches: DeviceMatches | None, fused: bool
+    ) -> None:
         module, args, output = routed
         match = matches is not None and matches.wants(layer)
         targets, covers = self._gate_targets(layer, args) if self.linear else ([], False)
@@ -108,7 +122,7 @@ class SideGraphs:
                     assert matches is not None
                     logits = output[self.rt.adapter.router_logits_at].detach()
                     logits = logits.reshape(-1, logits.shape[-1])  # [1, E]
-                    if matches.fused and self.rt.adapter.router_probs is softmax_probs:
+                    if fused:
                         matches.capture_logits(layer, logits)  # one kernel, the softmax included
                     else:
                         matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits))

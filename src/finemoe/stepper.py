@@ -83,8 +83,8 @@ class Stepper:
         if got and len(got) == len(unique):  # the whole layer pinned: one chunk (the loop below, unrolled)
             if pump_first and not prefetcher.idle:  # (`pump` would return at once)
                 prefetcher.pump()
-            cache.transfer.before_compute(slots)
             try:
+                cache.transfer.before_compute(slots)
                 compute(got, slots, True)
                 cache.flush_uses()
                 if stamp is not None:
