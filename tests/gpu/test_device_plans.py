@@ -80,7 +80,7 @@ def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
     if not fused_match.available(torch.device("cuda")):
         pytest.fail("Triton is missing on a CUDA machine: the fused match step cannot run")
     g = torch.Generator().manual_seed(5)
-    L, E, C = 6, 60, 1000
+    L, E, C = 6, 60, 1002  # C not a multiple of 4: the layers' rows of `norms` differ in 16-byte alignment
     dev = torch.device("cuda")
     store = ExpertMapStore(StoreGeometry(L, E, 4), capacity=C)
     maps = torch.softmax(2 * torch.randn(700, L, E, generator=g), dim=-1)
@@ -95,8 +95,8 @@ def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
     side.wait_stream(torch.cuda.current_stream())
     graphs = []
     with torch.cuda.stream(side):
-        fused.step_logits(0, logits)  # (Triton compiles outside the capture)
-        fused.step_logits(1, logits)
+        for layer in range(L):  # Triton compiles each variant (first layer, alignment) outside the capture
+            fused.step_logits(layer, logits)
         for layer in range(L):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
