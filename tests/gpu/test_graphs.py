@@ -204,8 +204,8 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
     """A graphed step computes the speculative gates' probabilities itself (the router's linear map
     and routing function on the router input, in a graph beside the next segment, copied into pinned
     host rows): read during the step they equal the host gate's on the same input, every layer with
-    a target has them, what a reader got is its own copy (the rows are rewritten every step), and
-    the tokens stay those of the eager steps."""
+    a target has them, what a reader got is its own copy (the rows are rewritten every step, and a
+    read after its step raises), and the tokens stay those of the eager steps."""
     params = SamplingParams(max_new_tokens=10, ignore_eos=True)
     prompt = medium_prompts()[0]
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always")
@@ -226,6 +226,9 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
                 host = eng.gate(target, event.hidden)  # the host gate on the copied router input
                 assert probs.dtype == torch.float32
                 torch.testing.assert_close(probs, host, atol=2e-2, rtol=0)
+        early = replayed[0]  # an earlier step's pinned rows have been rewritten since: reading them raises
+        with pytest.raises(RuntimeError, match="after the step"):
+            early.speculated_probs(*next(iter(early.speculated.items())))
         eng.reconfigure(graph_gates=False)  # the default: the gates run on the host
         on_host = eng.generate(prompt, params)[0].token_ids
         assert eng.stats().extra["decode_graph_gates"] == 0 and eng.stats().extra["decode_graph_replays"] > 0
