@@ -332,8 +332,6 @@ class ExpertCache:
         when every expert hit, a policy with `on_access_many` is told of the uses only at
         `flush_uses()` (the caller's next cache call; e.g. after a graphed segment's launch, so the
         policy's bookkeeping leaves the launch's critical path; its decisions are the same)."""
-        if self._deferred_uses is not None:  # (a caller that failed before flushing: told first)
-            self.flush_uses()
         if count:
             self.step += 1
         acquired, slots, missing, used = [], [], [], []  # used: the hits' ids, for `on_access_many`

@@ -64,12 +64,19 @@ class Stepper:
         the time the layer was reached) wait until then too (the policy and the window see the
         same calls in the same order, with the same numbers)."""
         cache, prefetcher = self.cache, self.prefetcher
-        window = prefetcher.window
-        stamp = window.clock() if not pump_first and window.adaptive and layer >= 0 else None  # type: ignore[misc]
-        prefetcher.now(iteration, layer, window=stamp is None)
-        got, slots = cache.enter(layer, unique, defer_uses=not pump_first)  # counts, pins the first chunk
+        stamp = None  # (graphed) when the layer was reached, for the prefetch window after the launch
+        if pump_first:
+            prefetcher.now(iteration, layer)
+            got, slots = cache.enter(layer, unique)  # counts the accesses and pins the first chunk
+        else:
+            window = prefetcher.window
+            if window.adaptive and layer >= 0:
+                stamp = window.clock()  # type: ignore[misc]
+            prefetcher.now(iteration, layer, stamp is None)
+            got, slots = cache.enter(layer, unique, True, True)  # an all-hit layer's uses held back
         if event is not None:  # the predictors plan once the layer's demand copies are issued
-            cache.flush_uses()
+            if not pump_first:
+                cache.flush_uses()
             try:
                 cache.flush_copies()
                 t0 = time.perf_counter()
@@ -81,26 +88,33 @@ class Stepper:
                 cache.release(layer, got, slots)  # a failing predictor leaves nothing pinned
                 raise
         if got and len(got) == len(unique):  # the whole layer pinned: one chunk (the loop below, unrolled)
-            if pump_first and not prefetcher.idle:  # (`pump` would return at once)
-                prefetcher.pump()
-            try:
+            if pump_first:
+                if not prefetcher.idle:  # (`pump` would return at once)
+                    prefetcher.pump()
+                try:
+                    cache.transfer.before_compute(slots)
+                    compute(got, slots, True)
+                    if not prefetcher.idle:
+                        prefetcher.pump()
+                finally:
+                    cache.release(layer, got, slots)
+                return
+            try:  # graphed: the launch first, then what waited for it
                 cache.transfer.before_compute(slots)
                 compute(got, slots, True)
                 cache.flush_uses()
                 if stamp is not None:
                     window.on_layer(iteration, layer, stamp)
-                    stamp = None
                 if not prefetcher.idle:
                     prefetcher.pump()
             finally:
-                cache.flush_uses()  # (if `compute` raised)
-                if stamp is not None:
-                    window.on_layer(iteration, layer, stamp)
+                cache.flush_uses()  # (if `compute` raised: the policy still hears of the uses)
                 cache.release(layer, got, slots)
             return
-        cache.flush_uses()
-        if stamp is not None:
-            window.on_layer(iteration, layer, stamp)
+        if not pump_first:
+            cache.flush_uses()
+            if stamp is not None:
+                window.on_layer(iteration, layer, stamp)
         remaining: list[int] | None = unique
         first = True
         while remaining:
