@@ -119,8 +119,10 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     prefers the segments' kernels; `side-first`: side graphs launched before the serve
     (`SideGraphs.first`); `pump-first`: a layer's queued prefetches start before its
     segment's launch (`OffloadRuntime.pump_before_launch`); `torch-match`: search="device"'s match as
-    torch ops, not the fused Triton kernel (`fused_match`)."""
+    torch ops, not the fused Triton kernel (`fused_match`); `no-runahead`: every layer syncs on its
+    routing, also those whose experts are all resident (`OffloadRuntime.run_ahead`, `runahead`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
+    eng.runtime.run_ahead = "no-runahead" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -146,7 +148,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     spans0 = eng.host_time_stats()
     waits0 = eng.sync_wait_by_layer()
-    copies0, rows0 = rt.graphed_logits_copies, eng.cache.table_rows_copied
+    copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -190,6 +192,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         ],
         "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
+        # MoE layers per iteration launched without a routing sync (every expert resident, `runahead`)
+        "run_ahead_layers_per_iteration": (rt.run_ahead_layers - ahead0) / n if n else 0.0,
         "hit_rate": st.cache.hit_rate,
         "link_per_iteration": link,
         "search": eng.search_mode,
@@ -222,13 +226,20 @@ def main() -> int:
         "starts no prefetch copy (prefetch_copies=False: the predictor's own cost, its copies apart), ':prio' gives "
         "the segments' streams the highest priority and "
         "the side graphs' the lowest, ':side-first' launches a layer's side graph before its serve "
-        "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel",
+        "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel, "
+        "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py)",
     )
     ap.add_argument(
         "--no-eviction-reference",
         action="store_true",
         help="leave out the run of finemoe's eviction without a predictor (policy lru, eviction decay-lfu) "
         "at the near-full budget, against which the finemoe runs' step is also compared",
+    )
+    ap.add_argument(
+        "--lru-modes",
+        default="",
+        help="comma-separated flag sets for extra lru runs at the near-full budget, e.g. 'no-runahead': "
+        "a finemoe mode carrying those flags is compared with that lru run instead of plain lru",
     )
     ap.add_argument("--no-gc-freeze", action="store_true", help="leave the garbage collector running")
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
@@ -259,6 +270,8 @@ def main() -> int:
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
     runs += [(f"lru {near}", dict(policy="lru", expert_budget=near))]
+    lru_modes = [v for v in args.lru_modes.split(",") if v]
+    runs += [(f"lru:{v} {near}", dict(policy="lru", expert_budget=near)) for v in lru_modes]
     evict = f"decay-lfu {near}"  # finemoe's eviction alone: what the predictor adds, apart from the eviction
     if not args.no_eviction_reference:
         runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near))]
@@ -298,11 +311,15 @@ def main() -> int:
     base = res["all-gpu 100%"]["step_ms"]
     for name, r in res.items():
         r["predictor_share_of_100pct_step"] = r["predictor_ms_per_decode_iteration"] / base
-        ref = res[f"lru {near}"] if near in name else res.get(f"lru {args.budget}")
+        lru_name = f"lru {near}" if near in name else f"lru {args.budget}"
+        if near in name:  # a finemoe run with flags an lru variant has too is compared with that variant
+            flags = name_flags(name)
+            lru_name = next((f"lru:{v} {near}" for v in lru_modes if set(v.split("+")) <= flags), lru_name)
+        ref = res.get(lru_name)
         # The honest figure: the whole step's extra time over the same cache without a predictor
         # (forward-thread work, lock/GIL contention with the searcher, plan bookkeeping).
         if name.startswith("finemoe") and ref is not None:
-            lru_name = f"lru {near}" if near in name else f"lru {args.budget}"
+            r["compared_with"] = lru_name
             paired = [rd[name]["step_ms"] - rd[lru_name]["step_ms"] for rd in rec["rounds"]]  # same round
             r["added_ms_vs_lru_rounds"] = paired
             r["added_ms_vs_lru"] = statistics.median(paired)
@@ -340,7 +357,8 @@ def main() -> int:
         host = r["host_ms_per_iteration"].items()
         spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
         copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
-        print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}")
+        ahead = r.get("run_ahead_layers_per_iteration", 0.0)
+        print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}")
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}

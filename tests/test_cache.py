@@ -516,3 +516,40 @@ def test_cuda_transfer_forgets_a_finished_copy():
     tr._queued_slots = set()
     assert tr.landed(1) and tr.copy_done[1] is None and not tr.unwaited[1] and ev.queries == 4
     assert tr.is_done(2) and ev.queries == 4
+
+
+def test_a_pinned_whole_layer_is_counted_as_enter_would_and_unpinned():
+    """`pin_layer` pins a layer only when every expert of it is resident; while pinned none of them
+    is a victim; `account_pinned` counts the routed uses and tells the policy exactly as `enter` +
+    `release` (same hits, same victims afterwards) and leaves no pin; `unpin` drops pins uncounted."""
+    a, b = make_cache(5, LRUPolicy()), make_cache(5, LRUPolicy())
+    for c in (a, b):
+        use(c, 0, [0, 1])
+        use(c, 0, [2, 3])
+        use(c, 1, [0])
+    assert a.pin_layer(1) is None and a.refcount == [0] * 5  # layer 1 has one expert of four
+    pinned = a.pin_layer(0)
+    assert pinned is not None and sorted(pinned) == sorted(a.slot_of[0])
+    assert all(a.refcount[s] == 1 for s in pinned)
+    # while pinned, layer 0's experts are safe: a miss in layer 1 evicts layer 1's resident expert
+    use(a, 1, [1])
+    assert a.slot_of[1][0] < 0 and min(a.slot_of[0]) >= 0
+    use(b, 1, [1])  # (b: the same miss; LRU's victim there is layer 0's oldest, expert 0)
+    assert b.slot_of[0][0] < 0
+    a.unpin(pinned)
+    assert a.refcount == [0] * 5 and a.stats.hits == b.stats.hits  # nothing counted
+    b2 = make_cache(5, LRUPolicy())
+    c2 = make_cache(5, LRUPolicy())
+    for c in (b2, c2):
+        use(c, 0, [0, 1])
+        use(c, 0, [2, 3])
+        use(c, 1, [0])
+    p = c2.pin_layer(0)
+    use(b2, 0, [1, 3])  # the synced path's access + acquire + release
+    c2.account_pinned(0, [1, 3], p)
+    assert c2.refcount == [0] * 5
+    assert dataclasses.asdict(c2.stats) == dataclasses.asdict(b2.stats)
+    for c in (b2, c2):  # the policy heard the same uses: the same victims follow
+        use(c, 1, [2])
+        use(c, 1, [3])
+    assert c2.slot_of == b2.slot_of

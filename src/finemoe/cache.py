@@ -545,6 +545,40 @@ class ExpertCache:
         if self._on_release is not None:
             self._on_release()
 
+    def pin_layer(self, layer: int) -> list[int] | None:
+        """Pin every expert of `layer` if all of them are resident: their slots [E] (expert order),
+        else None (nothing pinned). Whatever the router picks is then resident until `account_pinned`."""
+        row = self.slot_of[layer]
+        if min(row) < 0:
+            return None
+        slots = list(row)
+        refcount = self.refcount
+        for s in slots:
+            refcount[s] += 1
+        return slots
+
+    def account_pinned(self, layer: int, experts: list[int], pinned: list[int]) -> None:
+        """The routed uses of `layer` (`experts`, sorted unique ids), computed while `pin_layer` held
+        its slots `pinned`: counted and told to the policy as `enter` does (all hits: they were never
+        evicted), then every pin dropped. No `after_compute`: whoever launched the layer's compute
+        recorded its last use of the slots then."""
+        _, slots = self.enter(layer, experts)
+        refcount = self.refcount
+        for s in slots:
+            refcount[s] -= 1
+        for s in pinned:
+            refcount[s] -= 1
+        if self._on_release is not None:
+            self._on_release()
+
+    def unpin(self, slots: list[int]) -> None:
+        """Drop pins `pin_layer` took, nothing counted (a step abandoned before `account_pinned`)."""
+        refcount = self.refcount
+        for s in slots:
+            refcount[s] -= 1
+        if self._on_release is not None:
+            self._on_release()
+
     def try_prefetch(self, eid: ExpertId, iteration: int = -1) -> bool:
         """Start copying `eid` in if absent and a slot can be freed; True if a copy started.
         `iteration` is the iteration the plan was made for (-1: unknown, never protected)."""

@@ -46,6 +46,7 @@ from transformers import StaticCache
 
 from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
+from finemoe.runahead import RunAhead
 from finemoe.side_graphs import SideGraphs
 
 if TYPE_CHECKING:
@@ -81,6 +82,9 @@ class StaticDecoder:
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
         # the predictors' device work per MoE layer, beside the segments (`side_graphs`)
         self.sides = SideGraphs(runtime, len(refs), device) if self.use_graphs else None
+        # layers whose experts are all resident launch their next segment without a routing sync
+        self.ahead = RunAhead(runtime, len(refs), device) if self.use_graphs else None
+        self.foreign = False  # a router has hooks besides the engine's (set at capture): no run-ahead
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
@@ -107,6 +111,8 @@ class StaticDecoder:
             "decode_graph_error": self.error,
             "decode_graph_gates": self.sides.gate_rows() if self.sides else 0,  # gate probability rows per step
             "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
+            # MoE layers of replayed steps launched without a routing sync (every expert resident, `runahead`)
+            "decode_layers_run_ahead": self.rt.run_ahead_layers,
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -196,6 +202,7 @@ class StaticDecoder:
         rt, cache = self.rt, self.rt.cache
         L = len(self.refs)
         foreign = any(len(ref.router._forward_hooks) > 1 for ref in self.refs)  # e.g. benchmark routing replay
+        self.foreign = foreign
         self.whole = cache.all_resident and not (self.rt.predictors or self.rt.observers) and not foreign
         if not cache.all_resident:
             for layer in range(L):
@@ -273,6 +280,7 @@ class StaticDecoder:
             here = torch.cuda.current_stream(self.device)
             side.before_step(here)
             first = sides and side.first
+            ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             try:
                 if sides:
                     if matches is not None:  # the store's new rows copied first: a predictor cost per step
@@ -286,6 +294,19 @@ class StaticDecoder:
                 self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
+                    if ahead is not None:
+                        if ahead.launch(
+                            layer,
+                            rt.binding_of(ref),
+                            module,
+                            args,
+                            output,
+                            self._replayer(layer + 1),
+                            side if sides else None,
+                            here,
+                        ):
+                            continue  # every expert of `layer` resident: no routing sync
+                        ahead.drain()  # the routings skipped so far, before this layer's sync
                     run_hooks(module, args, output)
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
                         t0 = time.perf_counter()
@@ -306,7 +327,11 @@ class StaticDecoder:
                         rt.prefetcher.resume()
                         rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
+                if ahead is not None:
+                    ahead.drain()
             finally:
+                if ahead is not None:
+                    ahead.abandon()  # (nothing left unless the step failed)
                 rt.late_events, rt.speculated, rt.settle_side = None, None, None
                 if matches is not None:
                     matches.after_step()

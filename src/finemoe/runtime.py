@@ -82,6 +82,11 @@ class OffloadRuntime:
     # graphed decode: start a layer's queued prefetches before its segment's launch (True), or after
     # it (False, the default: the launch is not delayed by the prefetch issue; a measurement switch)
     pump_before_launch: bool = False
+    # graphed decode: a layer whose experts are all resident launches its next segment without a
+    # routing sync (`runahead`); its routing is read after the launches (a measurement switch)
+    run_ahead: bool = True
+    run_ahead_layers: int = 0  # layers of replayed steps so launched
+    run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)

@@ -202,9 +202,12 @@ class SideGraphs:
         """Whether layer `layer` has a side graph not yet launched in the current step."""
         return self.graphs[layer] is not None and self._state[layer] == NOT_LAUNCHED
 
-    def launch(self, layer: int) -> None:
-        """Replay layer `layer`'s side graph on the side stream and mark its end with its event
-        (router `layer`'s outputs are complete: the host synced on its ids)."""
+    def launch(self, layer: int, after: torch.cuda.Event | None = None) -> None:
+        """Replay layer `layer`'s side graph on the side stream and mark its end with its event.
+        Router `layer`'s outputs must be complete: the host synced on its ids, or `after` marks them
+        on the compute stream (a layer run ahead, `runahead`), which the side stream then waits for."""
+        if after is not None:
+            self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
             self.graphs[layer].replay()  # type: ignore[union-attr]
         self.done[layer].record(self.stream)  # type: ignore[union-attr]
