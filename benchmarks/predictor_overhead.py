@@ -241,6 +241,12 @@ def main() -> int:
         help="comma-separated flag sets for extra lru runs at the near-full budget, e.g. 'no-runahead': "
         "a finemoe mode carrying those flags is compared with that lru run instead of plain lru",
     )
+    ap.add_argument(
+        "--warm-pool",
+        action="store_true",
+        help="every run starts with its pool filled, whole layers first (warm_pool=True): the measured "
+        "requests then see the budget's steady state, not the first uses of experts never loaded",
+    )
     ap.add_argument("--no-gc-freeze", action="store_true", help="leave the garbage collector running")
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
     ap.add_argument("--out", default="docs/results/overhead.json")
@@ -281,6 +287,9 @@ def main() -> int:
         (f"mixtral-offloading {args.budget}", dict(policy="mixtral-offloading", expert_budget=args.budget)),
         *(fine(args.budget, m) for m in modes),
     ]
+    if args.warm_pool:  # every run's pool filled at set-up (what a budget near 100% holds in steady use)
+        for _, kw in runs:
+            kw["warm_pool"] = True
     # `reconfigure` keeps every knob it is not given: each run starts from the engine's first
     # configuration for the knobs any run sets (before session 27 they leaked from one run into the
     # next: e.g. `eviction="decay-lfu"` from the eviction reference into lru's later rounds and the

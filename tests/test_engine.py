@@ -229,3 +229,31 @@ def test_routing_sync_wait_is_split_by_layer(tiny_checkpoint, policy):
         assert len(waits) == L and all(w >= 0.0 for w in waits)
         assert sum(waits) == pytest.approx(eng.host_time_stats()["decode_sync_s"], rel=1e-9, abs=1e-12)
         assert eng.host_time_stats()["decode_sync_s"] > 0.0
+
+
+def test_a_warm_pool_starts_full_whole_layers_first_and_stays_exact(tiny_checkpoint, reference_model):
+    """`warm_pool`: the free slots are filled when the engine is set up, layer by layer, so a budget
+    one slot short of every expert has all layers but the last whole, counted as no traffic; the
+    logits stay the reference model's and the first pass misses less than from an empty pool."""
+    path = tiny_checkpoint("mixtral")
+    ref = reference_model(path)
+    ids = torch.tensor([[4, 8, 15, 16, 23, 42]])
+    misses = {}
+    for warm in (False, True):
+        eng = Engine.from_pretrained(path, expert_budget="25%", policy="lru", device="cpu", progress=False)
+        try:
+            L, E = eng.spec.num_layers, eng.spec.num_experts
+            eng.reconfigure(expert_budget=L * E - 1, warm_pool=warm)
+            if warm:
+                assert eng.cache.resident_count() == L * E - 1
+                assert all(min(eng.cache.slot_of[layer]) >= 0 for layer in range(L - 1))
+                assert sum(s < 0 for s in eng.cache.slot_of[L - 1]) == 1
+                assert eng.stats().cache.bytes_copied == 0
+            else:
+                assert eng.cache.resident_count() == 0
+            with torch.no_grad():
+                assert torch.allclose(ref(ids).logits, eng.model(ids).logits, atol=1e-5, rtol=0)
+            misses[warm] = eng.stats().cache.misses
+        finally:
+            eng.close()
+    assert misses[True] < misses[False]

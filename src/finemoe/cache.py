@@ -545,6 +545,31 @@ class ExpertCache:
         if self._on_release is not None:
             self._on_release()
 
+    def fill_free(self) -> int:
+        """Load absent experts into the free slots, layer by layer in expert order, until none is
+        left free (a warm start, `EngineConfig.warm_pool`): whole layers first, so a budget near
+        100% has layers whose every expert is resident from the first step. Told to the policy as
+        inserts at the current step; not counted as traffic. Returns how many were loaded."""
+        free, eids, loaded = self._free, self._eids, 0
+        for layer in range(self.spec.num_layers):
+            row = self.slot_of[layer]
+            for e in range(self.spec.num_experts):
+                if not free:
+                    break
+                if row[e] >= 0:
+                    continue
+                slot, eid = free.pop(), eids[layer][e]
+                self.transfer.load(slot, self.store.parts(eid), False)
+                self.owner[slot] = eid
+                row[e] = slot
+                self._dirty[layer] = True
+                self.policy.on_insert(eid, self.step)
+                loaded += 1
+        flush = getattr(self.transfer, "flush", None)
+        if flush is not None:
+            flush()
+        return loaded
+
     def pin_layer(self, layer: int) -> list[int] | None:
         """Pin every expert of `layer` if all of them are resident: their slots [E] (expert order),
         else None (nothing pinned). Whatever the router picks is then resident until `account_pinned`."""

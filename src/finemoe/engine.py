@@ -319,6 +319,10 @@ class Engine:
         if plan.all_resident:
             self.cache.preload_all()
             transfer.synchronize()
+        elif config.warm_pool:
+            n = self.cache.fill_free()
+            transfer.synchronize()
+            log.info("warm pool: %d experts loaded into free slots", n)
         self._attachment = Attachment(self.model, self.runtime, refs)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
         self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
