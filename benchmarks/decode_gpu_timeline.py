@@ -190,6 +190,7 @@ def main() -> int:
     ap.add_argument("--budget", default="99%")
     ap.add_argument("--configs", default="lru,decay-lfu,finemoe:device+graph-gates")
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--warm-pool", action="store_true", help="every configuration's pool filled at set-up")
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-7")
     ap.add_argument("--out", default="docs/results/decode_gpu_timeline.json")
     args = ap.parse_args()
@@ -207,6 +208,7 @@ def main() -> int:
     every = sorted({k for c in configs for k in knobs(c, args.budget)})
     base = {k: getattr(eng.config, k) for k in every}
     base["map_store_learn"] = False
+    base["warm_pool"] = args.warm_pool  # (every configuration alike)
     rec: dict = {"meta": run_meta(), "config": vars(args), "results": {}}
     assert eng.static is not None, "graphed decode is off"
     segments = len(eng.static.refs) + 1  # S_0 .. S_L

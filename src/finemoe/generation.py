@@ -176,7 +176,8 @@ def _generate_static(
     live = torch.ones((1, len(prompt)), dtype=torch.bool)
     for step in range(params.max_new_tokens):
         if on_iteration is not None:
-            on_iteration(step, step == 0, inputs, live)
+            with static.deferring_begin(step > 0):  # (a replayed step's predictors start after S_0's launch)
+                on_iteration(step, step == 0, inputs, live)
         logits = static.prefill(inputs) if step == 0 else static.decode(len(prompt) + step - 1)  # [1, V]
         tok = int(sample_tokens(logits, params, gen)[0])
         stamps.append(time.perf_counter())

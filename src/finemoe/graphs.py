@@ -167,6 +167,16 @@ class StaticDecoder:
         pos = torch.arange(T, device=self.device).view(1, T)
         return self._eager(ids, pos)
 
+    @contextmanager
+    def deferring_begin(self, decode: bool) -> Iterator[None]:
+        """Around a step's `start_iteration`: a decode step that will be replayed holds its
+        predictors' start back until S_0 is launched (`OffloadRuntime.begin_deferred`)."""
+        self.rt.defer_begin = decode and self.use_graphs and bool(self.graphs)
+        try:
+            yield
+        finally:
+            self.rt.defer_begin = False
+
     def feed(self, token: int) -> torch.Tensor:
         """Put the next decode step's token in place; returns the input ids [1, 1] (static)."""
         self.ids.fill_(token)
@@ -176,6 +186,8 @@ class StaticDecoder:
         """One decode step for the token `feed` put in place, at `position`; logits [1, V] float32
         (a static buffer when replayed: read it before the next step)."""
         self.pos.fill_(position)
+        if not self.graphs or not self.use_graphs:
+            self.rt.begin_deferred()  # (none held: only a step with graphs holds it back)
         if not self.use_graphs:
             return self._eager(self.ids, self.pos)
         if not self.graphs:
@@ -267,6 +279,7 @@ class StaticDecoder:
         index_at = rt.adapter.router_index_at
         if self.whole:
             self.graphs[0].replay()
+            rt.begin_deferred()
         else:
             matches = rt.device_matches
             side = self.sides
@@ -307,6 +320,7 @@ class StaticDecoder:
                         ):
                             continue  # every expert of `layer` resident: no routing sync
                         ahead.drain()  # the routings skipped so far, before this layer's sync
+                    rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
                         t0 = time.perf_counter()
@@ -327,9 +341,11 @@ class StaticDecoder:
                         rt.prefetcher.resume()
                         rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
+                rt.begin_deferred()  # (every layer run ahead and none left to drain)
                 if ahead is not None:
                     ahead.drain()
             finally:
+                rt._begin = None  # (a failed step's start is dropped)
                 if ahead is not None:
                     ahead.abandon()  # (nothing left unless the step failed)
                 rt.late_events, rt.speculated, rt.settle_side = None, None, None

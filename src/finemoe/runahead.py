@@ -105,10 +105,12 @@ class RunAhead:
 
     def drain(self) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
-        uses, the pins dropped, the predictors' plans (waits for each layer's copies)."""
+        uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
+        predictor start (`begin_deferred`) comes first."""
+        rt = self.rt
+        rt.begin_deferred()
         if not self.pending:
             return
-        rt = self.rt
         cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
         predicting = bool(rt.active)
         pending, self.pending = self.pending, []

@@ -85,6 +85,11 @@ class OffloadRuntime:
     # graphed decode: a layer whose experts are all resident launches its next segment without a
     # routing sync (`runahead`); its routing is read after the launches (a measurement switch)
     run_ahead: bool = True
+    # set by the static decoder around a replayed step's `start_iteration`: the predictors' start of the
+    # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
+    # (`begin_deferred`), instead of delaying that launch
+    defer_begin: bool = False
+    _begin: tuple | None = None
     run_ahead_layers: int = 0  # layers of replayed steps so launched
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     decode_iterations: int = 0
@@ -172,6 +177,31 @@ class OffloadRuntime:
             self.prefetcher.now(iteration, -1)
             self.decode_iterations += not is_prefill
             return
+        if self.defer_begin and not is_prefill:  # a replayed step: the predictors start once S_0 is launched
+            self._begin = (iteration, input_ids, live, request_ids, finished_ids)
+            self.decode_iterations += 1
+            return
+        self._begin_predictors(iteration, is_prefill, input_ids, live, request_ids, finished_ids)
+        if not is_prefill:
+            self.decode_iterations += 1
+
+    def begin_deferred(self) -> None:
+        """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
+        none): called by the replay before it reads the step's first routing."""
+        held, self._begin = self._begin, None
+        if held is not None:
+            iteration, input_ids, live, request_ids, finished_ids = held
+            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids)
+
+    def _begin_predictors(
+        self,
+        iteration: int,
+        is_prefill: bool,
+        input_ids: torch.Tensor,
+        live: torch.Tensor,
+        request_ids: tuple[int, ...] | None,
+        finished_ids: tuple[int, ...],
+    ) -> None:
         t0 = time.perf_counter()
         B, T = live.shape
         rows = torch.nonzero(live.reshape(-1)).view(-1)  # [N] into the flattened B*T positions
@@ -190,7 +220,6 @@ class OffloadRuntime:
             self.critical_prefill_s += time.perf_counter() - t0
         else:
             self.critical_decode_s += time.perf_counter() - t0
-            self.decode_iterations += 1
 
     def gather(self) -> SlotGather:
         """The scratch for layers whose experts span several slot windows (made on first use)."""
