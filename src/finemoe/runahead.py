@@ -69,6 +69,29 @@ class RunAhead:
         pinned = cache.pin_layer(layer)
         if pinned is None:
             return False
+        try:
+            self._launch(layer, binding, router, args, output, replay, sides, compute, pinned)
+        except BaseException:  # a copy into these slots must still wait for whatever was launched
+            cache.transfer.after_compute(pinned)
+            cache.unpin(pinned)
+            raise
+        rt.run_ahead_layers += 1
+        return True
+
+    def _launch(
+        self,
+        layer: int,
+        binding: LayerBinding,
+        router: nn.Module,
+        args: tuple,
+        output: tuple,
+        replay: Callable[[], None],
+        sides: SideGraphs | None,
+        compute: torch.cuda.Stream,
+        pinned: list[int],
+    ) -> None:
+        """`launch` once the layer's slots `pinned` [E] are pinned."""
+        rt, cache = self.rt, self.rt.cache
         predicting = bool(rt.active)
         routed = self.routed[layer]
         routed.record(compute)  # router `layer` (the last segment launched) is done
@@ -100,8 +123,6 @@ class RunAhead:
         if sides is not None and sides.due(layer):
             sides.launch(layer, after=routed)
         self.pending.append((layer, binding, router, logits, ids, hidden, pinned))
-        rt.run_ahead_layers += 1
-        return True
 
     def drain(self) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
