@@ -125,6 +125,14 @@ def test_lru_thrashes_a_cycle_belady_does_not():
     assert (bel.stats["hits"], bel.stats["misses"]) == (7, 5)
 
 
+def test_a_warm_pool_is_refused_not_replayed_from_an_empty_pool():
+    from finemoe.errors import ConfigError
+
+    tr = scripted(CYCLE, spec_top1())
+    with pytest.raises(ConfigError, match="warm_pool is not modelled"):
+        simulate(tr, dataclasses.replace(cfg("lru", "3"), warm_pool=True), link="instant")
+
+
 def test_on_demand_stalls_one_copy_per_miss():
     tr = scripted(CYCLE, spec_top1())
     r = simulate(tr, cfg("lru", "3"), unit_cost(), link="timed")

@@ -70,31 +70,32 @@ class RunAhead:
         if pinned is None:
             return False
         try:
-            self._launch(layer, binding, router, args, output, replay, sides, compute, pinned)
+            routed = self.routed[layer]
+            routed.record(compute)  # router `layer` (the last segment launched) is done
+            logits, ids, hidden = self._copy_inputs(layer, args, output, compute)
+            transfer = cache.transfer
+            transfer.before_compute(pinned)  # behind any copy still landing in the layer's slots
+            cache.device_table(layer)
+            replay()
+            transfer.after_compute(pinned)  # a later copy into these slots waits for the segment
+            if sides is not None and sides.due(layer):
+                sides.launch(layer, after=routed)
         except BaseException:  # a copy into these slots must still wait for whatever was launched
             cache.transfer.after_compute(pinned)
             cache.unpin(pinned)
             raise
+        self.pending.append((layer, binding, router, logits, ids, hidden, pinned))
         rt.run_ahead_layers += 1
         return True
 
-    def _launch(
-        self,
-        layer: int,
-        binding: LayerBinding,
-        router: nn.Module,
-        args: tuple,
-        output: tuple,
-        replay: Callable[[], None],
-        sides: SideGraphs | None,
-        compute: torch.cuda.Stream,
-        pinned: list[int],
-    ) -> None:
-        """`launch` once the layer's slots `pinned` [E] are pinned."""
-        rt, cache = self.rt, self.rt.cache
+    def _copy_inputs(
+        self, layer: int, args: tuple, output: tuple, compute: torch.cuda.Stream
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Router `layer`'s (logits, ids [T, k], router input or None) for the later read: the ids,
+        and what the predictors read on the host, copied to pinned memory on `stream` once the
+        router is done (`routed[layer]`); the logits stay on the device unless a reader wants them."""
+        rt = self.rt
         predicting = bool(rt.active)
-        routed = self.routed[layer]
-        routed.record(compute)  # router `layer` (the last segment launched) is done
         idx = output[rt.adapter.router_index_at]
         logits = output[rt.adapter.router_logits_at].detach()
         hidden = None
@@ -103,7 +104,7 @@ class RunAhead:
             if rt.speculated is not None and rt.speculated[layer][1] and not rt.extra_hidden:
                 hidden = None  # every gate reads the step's probabilities instead
         copy = self.stream
-        copy.wait_event(routed)
+        copy.wait_event(self.routed[layer])
         torch.cuda.set_stream(copy)  # (not a stream context: no device lookups)
         try:
             ids = idx.detach().to("cpu", non_blocking=True)  # [T, k], pinned
@@ -115,14 +116,7 @@ class RunAhead:
             self.copied[layer].record(copy)
         finally:
             torch.cuda.set_stream(compute)
-        transfer = cache.transfer
-        transfer.before_compute(pinned)  # behind any copy still landing in the layer's slots
-        cache.device_table(layer)
-        replay()
-        transfer.after_compute(pinned)  # a later copy into these slots waits for the segment
-        if sides is not None and sides.due(layer):
-            sides.launch(layer, after=routed)
-        self.pending.append((layer, binding, router, logits, ids, hidden, pinned))
+        return logits, ids, hidden
 
     def drain(self) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's

@@ -123,6 +123,11 @@ class Simulator:
             raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
         if link != "instant" and cost is None:
             raise ConfigError("a timed link needs a cost model")
+        if config.warm_pool:
+            raise ConfigError(
+                "warm_pool is not modelled by the simulator (its replays start from an empty pool); "
+                "leave it off to simulate, or compare with an engine run without it"
+            )
         self.spec, self.config, self.cost, self.link_kind = spec, config, cost, link
         oracle = config.policy in ORACLES
         preset = (

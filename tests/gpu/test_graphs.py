@@ -302,8 +302,9 @@ def test_graphed_steps_copy_router_logits_only_when_a_reader_wants_them(ckpt):
     "policy,kw", [("lru", {}), ("finemoe", {}), ("finemoe", {"search": "device", "graph_gates": True})]
 )
 def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
-    """One slot short of every expert, most layers have all their experts resident: the segment after
-    such a layer is launched without waiting for its routing, which the host reads afterwards. The
+    """One slot short of every expert, layers with all their experts resident appear as the pool
+    fills: the segment after such a layer is launched without waiting for its routing, which the host
+    reads afterwards. The
     tokens are those of the eager steps and of graphed steps without it; the same accesses are
     counted (hits + misses: the same routings), the predictors still see every layer, and no pin is
     left behind."""
