@@ -120,12 +120,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     (`SideGraphs.first`); `pump-first`: a layer's queued prefetches start before its
     segment's launch (`OffloadRuntime.pump_before_launch`); `torch-match`: search="device"'s match as
     torch ops, not the fused Triton kernel (`fused_match`); `no-runahead`: every layer syncs on its
-    routing, also those whose experts are all resident (`OffloadRuntime.run_ahead`, `runahead`);
-    `plan-first`: at a synced layer the predictors plan from the routings run ahead before its sync,
-    not after its launch (`OffloadRuntime.plan_after_launch`)."""
+    routing, also those whose experts are all resident (`OffloadRuntime.run_ahead`, `runahead`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
-    eng.runtime.plan_after_launch = "plan-first" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -230,9 +227,7 @@ def main() -> int:
         "the segments' streams the highest priority and "
         "the side graphs' the lowest, ':side-first' launches a layer's side graph before its serve "
         "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel, "
-        "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py), "
-        "':plan-first' plans from the routings run ahead before a synced layer's sync (not after its launch), "
-        "':no-keepwhole' lets eviction break whole layers at near-full budgets (keep_whole_layers=False)",
+        "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -277,7 +272,6 @@ def main() -> int:
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
         kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
         kw.update(prefetch_copies="no-copies" not in flags)
-        kw.update(keep_whole_layers="no-keepwhole" not in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]

@@ -230,10 +230,6 @@ class EngineConfig:
     # it: its replays start from an empty pool). Off by default for now: measured at a 99% budget
     # only (docs/design/device_plans.md, session 29)
     warm_pool: bool = False
-    # when fewer experts than layers are absent (a budget near 100%), victims come first from layers
-    # already missing an expert, so whole layers stay whole and graphed decode runs ahead of their
-    # routing syncs (`ExpertCache.keep_whole`, runahead.py); False: the eviction policy's order alone
-    keep_whole_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

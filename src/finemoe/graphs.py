@@ -294,7 +294,6 @@ class StaticDecoder:
             side.before_step(here)
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
-            later = ahead is not None and rt.plan_after_launch  # the predictors' work after each launch
             try:
                 if sides:
                     if matches is not None:  # the store's new rows copied first: a predictor cost per step
@@ -320,9 +319,8 @@ class StaticDecoder:
                             here,
                         ):
                             continue  # every expert of `layer` resident: no routing sync
-                        ahead.drain(plan=not later)  # the routings skipped so far, before this layer's sync
-                    if not later:
-                        rt.begin_deferred()  # the predictors' start of the step, before its first routing
+                        ahead.drain()  # the routings skipped so far, before this layer's sync
+                    rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
                         t0 = time.perf_counter()
@@ -333,13 +331,7 @@ class StaticDecoder:
                         t0 = time.perf_counter()
                         side.launch(layer)
                         rt.critical_decode_s += time.perf_counter() - t0
-                    held = False
-                    if later:  # the step's start and the layers run ahead, then this layer's plans
-                        t0 = time.perf_counter()
-                        rt.begin_deferred(at=layer)
-                        rt.critical_decode_s += time.perf_counter() - t0
-                        held = ahead.plan_held()  # type: ignore[union-attr]
-                    if late or held:  # the predictors plan while the GPU runs the segment just replayed
+                    if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
                         for binding, *gathered in late:  # (what the router hook gathered)
                             rt.stepper.route(gathered[0] if binding is None else binding.routing_event(*gathered))
@@ -349,18 +341,9 @@ class StaticDecoder:
                         rt.prefetcher.resume()
                         rt.prefetcher.pump()
                         rt.critical_decode_s += time.perf_counter() - t0
-                if later:  # the routings left, counted; then the step's start (if every layer ran
-                    ahead.drain(plan=False)  # ahead) and their plans, the prefetcher at the last layer
-                    t0 = time.perf_counter()
-                    rt.begin_deferred(at=len(self.refs) - 1)
-                    rt.critical_decode_s += time.perf_counter() - t0
-                    if ahead.plan_held():  # type: ignore[union-attr]
-                        rt.prefetcher.resume()
-                        rt.prefetcher.pump()
-                else:
-                    rt.begin_deferred()  # (every layer run ahead and none left to drain)
-                    if ahead is not None:
-                        ahead.drain()
+                rt.begin_deferred()  # (every layer run ahead and none left to drain)
+                if ahead is not None:
+                    ahead.drain()
             finally:
                 rt._begin = None  # (a failed step's start is dropped)
                 if ahead is not None:

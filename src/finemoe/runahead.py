@@ -49,8 +49,6 @@ class RunAhead:
         self.routed = [torch.cuda.Event() for _ in range(layers)]
         self.copied = [torch.cuda.Event() for _ in range(layers)]
         self.pending: list[Skipped] = []
-        # routings `drain(plan=False)` counted, for the predictors: (binding, router, logits, ids, hidden)
-        self.held: list[tuple] = []
 
     def launch(
         self,
@@ -120,22 +118,16 @@ class RunAhead:
             torch.cuda.set_stream(compute)
         return logits, ids, hidden
 
-    def drain(self, plan: bool = True) -> None:
+    def drain(self) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
         uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
-        predictor start (`begin_deferred`) comes first. `plan` False: the counts only; the step's
-        start and the plans wait for `plan_held` (after the launch of the segment the host syncs
-        for next)."""
+        predictor start (`begin_deferred`) comes first."""
         rt = self.rt
-        predicting = bool(rt.active)
-        cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
-        if plan:
-            rt.begin_deferred()
-            if self.plan_held() and not self.pending:
-                prefetcher.resume()
-                prefetcher.pump()
+        rt.begin_deferred()
         if not self.pending:
             return
+        cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
+        predicting = bool(rt.active)
         pending, self.pending = self.pending, []
         for i, (layer, binding, router, logits, ids, hidden, pinned) in enumerate(pending):
             counted = False
@@ -147,9 +139,7 @@ class RunAhead:
                 prefetcher.now(rt.iteration, layer, False)
                 cache.account_pinned(layer, sorted(set(ids.view(-1).tolist())), pinned)
                 counted = True
-                if predicting and not plan:
-                    self.held.append((binding, router, logits, ids, hidden))
-                elif predicting:
+                if predicting:
                     t2 = time.perf_counter()
                     stepper.route(binding.routing_event(router, logits, ids, hidden))
                     prefetcher.resume()
@@ -160,24 +150,8 @@ class RunAhead:
                     cache.unpin(entry[-1])
                 raise
 
-    def plan_held(self) -> bool:
-        """The predictors plan from the routings `drain(plan=False)` counted, in layer order (the
-        step's start must have run: `begin_deferred`); True if there were any. The caller starts
-        the prefetches (`resume`, `pump`)."""
-        if not self.held:
-            return False
-        held, self.held = self.held, []
-        rt = self.rt
-        t0 = time.perf_counter()
-        for binding, router, logits, ids, hidden in held:
-            rt.stepper.route(binding.routing_event(router, logits, ids, hidden))
-        rt.critical_decode_s += time.perf_counter() - t0
-        return True
-
     def abandon(self) -> None:
-        """Drop the pins of routings not read (a step that failed): nothing is counted (and the
-        plans of routings counted are not made)."""
-        self.held = []
+        """Drop the pins of routings not read (a step that failed): nothing is counted."""
         pending, self.pending = self.pending, []
         for entry in pending:
             self.rt.cache.unpin(entry[-1])

@@ -85,10 +85,6 @@ class OffloadRuntime:
     # graphed decode: a layer whose experts are all resident launches its next segment without a
     # routing sync (`runahead`); its routing is read after the launches (a measurement switch)
     run_ahead: bool = True
-    # graphed decode with run-ahead: at a layer that syncs, the predictors' start of the step and
-    # their planning of the layers run ahead wait until that layer's next segment is launched (the
-    # routings are still counted before its serve); False: they run before its sync (a switch)
-    plan_after_launch: bool = True
     # set by the static decoder around a replayed step's `start_iteration`: the predictors' start of the
     # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
     # (`begin_deferred`), instead of delaying that launch
@@ -189,14 +185,13 @@ class OffloadRuntime:
         if not is_prefill:
             self.decode_iterations += 1
 
-    def begin_deferred(self, at: int = -1) -> None:
+    def begin_deferred(self) -> None:
         """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
-        none): called by the replay before the step's first routing reaches a predictor. `at`: the
-        MoE layer the host has served already (-1: none; plans for layers up to it are stale)."""
+        none): called by the replay before it reads the step's first routing."""
         held, self._begin = self._begin, None
         if held is not None:
             iteration, input_ids, live, request_ids, finished_ids = held
-            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids, at)
+            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids)
 
     def _begin_predictors(
         self,
@@ -206,7 +201,6 @@ class OffloadRuntime:
         live: torch.Tensor,
         request_ids: tuple[int, ...] | None,
         finished_ids: tuple[int, ...],
-        at: int = -1,
     ) -> None:
         t0 = time.perf_counter()
         B, T = live.shape
@@ -221,7 +215,7 @@ class OffloadRuntime:
         ctx = IterationContext(
             iteration, is_prefill, B, rows, req_of_row, emb, request_ids=request_ids, finished_ids=finished_ids
         )
-        self.stepper.begin(iteration, ctx, at)
+        self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
         else:

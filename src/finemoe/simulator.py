@@ -159,14 +159,7 @@ class Simulator:
             _charge_host(policy, self.clock, cost.victim_host_s, cost.routing_host_s)
         sweep = prefill_sweep(preset, config) and not oracle  # Belady's choices stay its own
         self.cache = ExpertCache(
-            spec,
-            SimPool(plan.slots),
-            NoWeights(),
-            self.transfer,
-            policy,
-            sweep,
-            config.early_issue_misses,
-            keep_whole=config.keep_whole_layers and not oracle,  # Belady's choices stay its own
+            spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
         )
         copy_s = getattr(self.transfer, "copy_seconds", None)
         if isinstance(self.transfer, TimedLink):
