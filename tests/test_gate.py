@@ -85,6 +85,10 @@ def test_device_linear_logits_give_the_gates_plan(family):
     assert pred.on_routing(RoutingEvent(0, 0, probs, ids, False, None, speculated=done)) is None
     assert from_logits is not None and from_hidden is not None
     assert [r.expert for r in from_logits.requests] == [r.expert for r in from_hidden.requests]
+    # read after running ahead: no plan for a layer whose compute is launched already (1 = the target)
+    assert pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden, launched=1)) is None
+    late = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden, launched=0))
+    assert late is not None and late.requests == from_hidden.requests
 
 
 def test_device_linear_refuses_a_router_that_is_not_its_weight():

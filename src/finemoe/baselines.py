@@ -52,8 +52,8 @@ class SpeculativeGatePredictor:
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         target = event.layer + self.stride
-        if target >= self.num_layers or (event.is_prefill and not self.in_prefill):
-            return None
+        if target >= self.num_layers or target <= event.launched or (event.is_prefill and not self.in_prefill):
+            return None  # (a layer whose compute is launched already: too late to plan for)
         spec, to_probs = event.speculated, event.speculated_probs
         done = spec.get(target) if spec is not None and to_probs is not None else None  # [T, E], CPU
         source = done if done is not None else event.hidden

@@ -124,10 +124,16 @@ class LayerBinding:
             rt.sync_layer_decode_s[self.layer] += t2 - t1
 
     def routing_event(
-        self, module: nn.Module, logits: torch.Tensor, ids_cpu: torch.Tensor, hidden: torch.Tensor | None
+        self,
+        module: nn.Module,
+        logits: torch.Tensor,
+        ids_cpu: torch.Tensor,
+        hidden: torch.Tensor | None,
+        launched: int = -1,
     ) -> RoutingEvent:
         """The layer's `RoutingEvent` from what its router hook gathered (`logits` [T, E] on the host,
-        or on the device where no reader wants them; `ids_cpu` [T, k]; `hidden` [T, H] or None).
+        or on the device where no reader wants them; `ids_cpu` [T, k]; `hidden` [T, H] or None;
+        `launched`: the last MoE layer whose experts' compute is launched already, see `RoutingEvent`).
         In a graphed step it carries the gates' pinned rows, copied when read (`settled_rows`) or
         here for a searcher thread: read them before the step's next replay, which rewrites them."""
         rt = self.rt
@@ -154,6 +160,7 @@ class LayerBinding:
             lambda x: router_probs(module, x),
             speculated=speculated,
             speculated_probs=given,
+            launched=launched,
         )
 
     def run(self, experts: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

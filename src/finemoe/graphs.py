@@ -319,7 +319,7 @@ class StaticDecoder:
                             here,
                         ):
                             continue  # every expert of `layer` resident: no routing sync
-                        ahead.drain()  # the routings skipped so far, before this layer's sync
+                        ahead.drain(layer - 1)  # the routings skipped so far, before this layer's sync
                     rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
@@ -343,7 +343,7 @@ class StaticDecoder:
                         rt.critical_decode_s += time.perf_counter() - t0
                 rt.begin_deferred()  # (every layer run ahead and none left to drain)
                 if ahead is not None:
-                    ahead.drain()
+                    ahead.drain(len(self.refs) - 1)
             finally:
                 rt._begin = None  # (a failed step's start is dropped)
                 if ahead is not None:

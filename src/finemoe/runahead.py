@@ -118,14 +118,18 @@ class RunAhead:
             torch.cuda.set_stream(compute)
         return logits, ids, hidden
 
-    def drain(self) -> None:
+    def drain(self, launched: int) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
         uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
-        predictor start (`begin_deferred`) comes first."""
+        predictor start (`begin_deferred`) comes first. `launched`: the last MoE layer whose experts'
+        compute is launched (the layer before the one about to sync, or the last): the predictors
+        need not plan for it or earlier ones (`RoutingEvent.launched`)."""
         rt = self.rt
         rt.begin_deferred()
         if not self.pending:
             return
+        if not rt.tell_launched:
+            launched = -1
         cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
         predicting = bool(rt.active)
         pending, self.pending = self.pending, []
@@ -141,7 +145,7 @@ class RunAhead:
                 counted = True
                 if predicting:
                     t2 = time.perf_counter()
-                    stepper.route(binding.routing_event(router, logits, ids, hidden))
+                    stepper.route(binding.routing_event(router, logits, ids, hidden, launched))
                     prefetcher.resume()
                     prefetcher.pump()
                     rt.critical_decode_s += time.perf_counter() - t2

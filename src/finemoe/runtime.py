@@ -85,6 +85,9 @@ class OffloadRuntime:
     # graphed decode: a layer whose experts are all resident launches its next segment without a
     # routing sync (`runahead`); its routing is read after the launches (a measurement switch)
     run_ahead: bool = True
+    # graphed decode: routings read after running ahead tell the predictors which layers' compute is
+    # launched already (`RoutingEvent.launched`: no plan for them); False: -1 (a measurement switch)
+    tell_launched: bool = True
     # set by the static decoder around a replayed step's `start_iteration`: the predictors' start of the
     # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
     # (`begin_deferred`), instead of delaying that launch

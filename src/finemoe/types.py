@@ -190,6 +190,10 @@ class RoutingEvent:
     speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, output) -> [T, E]
     _host_np: np.ndarray | None = field(default=None, repr=False)
     _topk_list: list[list[int]] | None = field(default=None, repr=False)
+    # MoE layers up to this one have their experts' compute launched already (a graphed step read
+    # this routing after running ahead of it, `runahead`): a plan for them cannot help, so a
+    # predictor may skip making one (-1: none launched)
+    launched: int = -1
 
     def host_probs(self) -> torch.Tensor:
         """Router probabilities [T, E], float32 on the CPU (computed once)."""
