@@ -122,10 +122,12 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     torch ops, not the fused Triton kernel (`fused_match`); `no-runahead`: every layer syncs on its
     routing, also those whose experts are all resident (`OffloadRuntime.run_ahead`, `runahead`);
     `plan-launched`: the predictors plan from a routing read after running ahead also for layers
-    whose compute is launched already (`OffloadRuntime.tell_launched` off)."""
+    whose compute is launched already (`OffloadRuntime.tell_launched` off); `embed-inline`: a replayed
+    step's predictor start embeds its token on the compute stream (`OffloadRuntime.embed_beside` off)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
+    eng.runtime.embed_beside = "embed-inline" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -231,7 +233,8 @@ def main() -> int:
         "the side graphs' the lowest, ':side-first' launches a layer's side graph before its serve "
         "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel, "
         "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py), "
-        "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off)",
+        "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off), "
+        "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off)",
     )
     ap.add_argument(
         "--no-eviction-reference",

@@ -92,7 +92,11 @@ class OffloadRuntime:
     # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
     # (`begin_deferred`), instead of delaying that launch
     defer_begin: bool = False
+    # a held-back start computes the token's embedding on a stream of its own, behind the step's input
+    # only (`_embed_beside`); False: on the compute stream, behind every segment launched (a switch)
+    embed_beside: bool = True
     _begin: tuple | None = None
+    _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
     run_ahead_layers: int = 0  # layers of replayed steps so launched
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     decode_iterations: int = 0
@@ -181,7 +185,11 @@ class OffloadRuntime:
             self.decode_iterations += not is_prefill
             return
         if self.defer_begin and not is_prefill:  # a replayed step: the predictors start once S_0 is launched
-            self._begin = (iteration, input_ids, live, request_ids, finished_ids)
+            ready = None
+            if self.embed_beside and self.want_embeddings and self.embed is not None and input_ids.is_cuda:
+                ready = torch.cuda.Event()  # the step's input ids are in place (before S_0 is launched)
+                ready.record()
+            self._begin = (iteration, input_ids, live, request_ids, finished_ids, ready)
             self.decode_iterations += 1
             return
         self._begin_predictors(iteration, is_prefill, input_ids, live, request_ids, finished_ids)
@@ -193,8 +201,8 @@ class OffloadRuntime:
         none): called by the replay before it reads the step's first routing."""
         held, self._begin = self._begin, None
         if held is not None:
-            iteration, input_ids, live, request_ids, finished_ids = held
-            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids)
+            iteration, input_ids, live, request_ids, finished_ids, ready = held
+            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids, ready)
 
     def _begin_predictors(
         self,
@@ -204,25 +212,48 @@ class OffloadRuntime:
         live: torch.Tensor,
         request_ids: tuple[int, ...] | None,
         finished_ids: tuple[int, ...],
+        ready: torch.cuda.Event | None = None,
     ) -> None:
+        """`ready`: a start held back in a replayed step (`begin_deferred`) whose input ids were in
+        place at this event: the embedding runs on a stream of its own behind it, not behind the
+        segments launched since, and reaches the host from there (the predictor's copy would wait
+        for every segment queued on the compute stream)."""
         t0 = time.perf_counter()
         B, T = live.shape
         rows = torch.nonzero(live.reshape(-1)).view(-1)  # [N] into the flattened B*T positions
-        emb = None
+        emb = host = None
         if self.want_embeddings and self.embed is not None and rows.numel():
             with torch.no_grad():
                 flat = input_ids.reshape(-1)
                 tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
-                emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
+                if ready is None:
+                    emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
+                else:
+                    emb, host = self._embed_beside(tokens, ready)
         req_of_row = torch.div(rows, T, rounding_mode="floor")
-        ctx = IterationContext(
-            iteration, is_prefill, B, rows, req_of_row, emb, request_ids=request_ids, finished_ids=finished_ids
-        )
+        ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
         else:
             self.critical_decode_s += time.perf_counter() - t0
+
+    def _embed_beside(self, tokens: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings [N, D] of `tokens` (device) computed on the side stream after `ready`,
+        and their float32 host copy [N, D] (landed when this returns)."""
+        compute = torch.cuda.current_stream(tokens.device)
+        if self._embed_stream is None:
+            self._embed_stream = torch.cuda.Stream(tokens.device)
+        side = self._embed_stream
+        side.wait_event(ready)
+        with torch.cuda.stream(side):
+            emb = self.embed(tokens)  # [N, D]
+            host = emb.float().to("cpu", non_blocking=True)  # pinned
+            done = torch.cuda.Event()
+            done.record(side)
+        emb.record_stream(compute)  # (a predictor may read it on the compute stream)
+        done.synchronize()  # the embedding only: the side stream waits for nothing launched since `ready`
+        return emb, host
 
     def gather(self) -> SlotGather:
         """The scratch for layers whose experts span several slot windows (made on first use)."""

@@ -199,6 +199,23 @@ class _Inputs:
         return {}
 
 
+class _Embeddings(_Inputs):
+    """A predictor that never plans: keeps the host embeddings of every decode iteration's start."""
+
+    name = "embeddings"
+    wants_hidden = False
+    wants_embeddings = True
+
+    def on_iteration_start(self, ctx):
+        if not ctx.is_prefill:
+            self.embeddings.append(ctx.host_embeddings().clone())  # [N, D] float32
+        return None
+
+    def __init__(self):
+        super().__init__()
+        self.embeddings = []
+
+
 @pytest.mark.parametrize("policy,stride", [("finemoe", 1), ("promoe", 2)])
 def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
     """A graphed step computes the speculative gates' probabilities itself (the router's linear map
@@ -307,7 +324,8 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     reads afterwards. The
     tokens are those of the eager steps and of graphed steps without it; the same accesses are
     counted (hits + misses: the same routings), the predictors still see every layer, and no pin is
-    left behind."""
+    left behind. The step's held-back predictor start embeds the token on a stream of its own
+    (`embed_beside`): the same embeddings as on the compute stream."""
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = medium_prompts()
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always", **kw)
@@ -316,12 +334,14 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         eng.reconfigure(expert_budget=L * E - 1, cuda_graphs=False)
         eager = [eng.generate(p, params)[0].token_ids for p in prompts]
         eng.reconfigure(cuda_graphs=True)
-        seen = _Inputs()
+        seen, embs = _Inputs(), _Embeddings()
         eng.add_predictor(seen)
-        got, accesses, ahead = {}, {}, {}
+        eng.add_predictor(embs)
+        got, accesses, ahead, embedded = {}, {}, {}, {}
         for run_ahead in (False, True):
             eng.runtime.run_ahead = run_ahead
-            st0, seen.events = eng.stats(), []
+            eng.runtime.embed_beside = run_ahead  # the held-back start's embedding beside the segments, or not
+            st0, seen.events, embs.embeddings = eng.stats(), [], []
             got[run_ahead] = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats()
             accesses[run_ahead] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
@@ -330,7 +350,9 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             # every layer of every decode step reached the predictors once, in layer order, run ahead or not
             assert [e.layer for e in seen.events] == list(range(L)) * (len(prompts) * (params.max_new_tokens - 1))
             assert all(r == 0 for r in eng.cache.refcount)  # nothing left pinned
+            embedded[run_ahead] = torch.cat(embs.embeddings)  # [steps, D]
     assert ahead[False] == 0
+    assert torch.equal(embedded[True], embedded[False])  # the same tokens embedded on either stream
     assert ahead[True] > 0  # (with one expert absent, at most one layer per step needs its sync)
     assert accesses[True] == accesses[False] > 0
     assert got[True] == got[False] == eager
