@@ -86,6 +86,7 @@ class ReplayEvent(RoutingEvent):
             "speculated_probs": None,
             "_host_np": probs,
             "_topk_list": lists,
+            "launched": -1,
         }
         return ev
 
