@@ -320,8 +320,7 @@ class StaticDecoder:
                         ):
                             continue  # every expert of `layer` resident: no routing sync
                         ahead.drain(layer - 1)  # the routings skipped so far, before this layer's sync
-                    else:  # the predictors' start of the step, before its first routing reaches a listener
-                        rt.begin_deferred()
+                    rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
                         t0 = time.perf_counter()
@@ -331,10 +330,6 @@ class StaticDecoder:
                     if sides and side.due(layer):  # the GPU runs segment layer + 1: launch this layer's side
                         t0 = time.perf_counter()
                         side.launch(layer)
-                        rt.critical_decode_s += time.perf_counter() - t0
-                    if rt._begin is not None:  # (no routing read before this one: the step's start
-                        t0 = time.perf_counter()  # after its launch, the prefetcher at this layer)
-                        rt.begin_deferred(at=layer)
                         rt.critical_decode_s += time.perf_counter() - t0
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()

@@ -121,13 +121,13 @@ class RunAhead:
     def drain(self, launched: int) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
         uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
-        predictor start (`begin_deferred`) comes first if there is any. `launched`: the last MoE layer whose experts'
+        predictor start (`begin_deferred`) comes first. `launched`: the last MoE layer whose experts'
         compute is launched (the layer before the one about to sync, or the last): the predictors
         need not plan for it or earlier ones (`RoutingEvent.launched`)."""
         rt = self.rt
+        rt.begin_deferred()
         if not self.pending:
             return
-        rt.begin_deferred()
         if not rt.tell_launched:
             launched = -1
         cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper

@@ -196,14 +196,13 @@ class OffloadRuntime:
         if not is_prefill:
             self.decode_iterations += 1
 
-    def begin_deferred(self, at: int = -1) -> None:
+    def begin_deferred(self) -> None:
         """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
-        none): called by the replay before a predictor reads the step's first routing. `at`: the
-        MoE layer served already (-1: none; plans for layers up to it are stale)."""
+        none): called by the replay before it reads the step's first routing."""
         held, self._begin = self._begin, None
         if held is not None:
             iteration, input_ids, live, request_ids, finished_ids, ready = held
-            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids, ready, at)
+            self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids, ready)
 
     def _begin_predictors(
         self,
@@ -214,7 +213,6 @@ class OffloadRuntime:
         request_ids: tuple[int, ...] | None,
         finished_ids: tuple[int, ...],
         ready: torch.cuda.Event | None = None,
-        at: int = -1,
     ) -> None:
         """`ready`: a start held back in a replayed step (`begin_deferred`) whose input ids were in
         place at this event: the embedding runs on a stream of its own behind it, not behind the
@@ -234,7 +232,7 @@ class OffloadRuntime:
                     emb, host = self._embed_beside(tokens, ready)
         req_of_row = torch.div(rows, T, rounding_mode="floor")
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
-        self.stepper.begin(iteration, ctx, at)
+        self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0
         else:

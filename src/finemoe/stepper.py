@@ -30,11 +30,9 @@ class Stepper:
         self.deferred_s = 0.0  # host seconds of the routings `serve` passed to the predictors
         self.after_deferred: Callable[[], None] | None = None  # called after each (the simulator's clock)
 
-    def begin(self, iteration: int, ctx: IterationContext | None, at: int = -1) -> None:
-        """Iteration `iteration` starts; predictors see its context (None: no predictor wants one).
-        `at` >= 0: a graphed step's start held back until MoE layer `at` was served: the prefetcher
-        stays there (plans for layers up to it are stale; the layer is clocked already)."""
-        self.prefetcher.now(iteration, at, False)
+    def begin(self, iteration: int, ctx: IterationContext | None) -> None:
+        """Iteration `iteration` starts; predictors see its context (None: no predictor wants one)."""
+        self.prefetcher.now(iteration, -1)
         if ctx is not None:
             submit = self.prefetcher.submit
             for p in self.predictors:
