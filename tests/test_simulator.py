@@ -125,12 +125,21 @@ def test_lru_thrashes_a_cycle_belady_does_not():
     assert (bel.stats["hits"], bel.stats["misses"]) == (7, 5)
 
 
-def test_a_warm_pool_is_refused_not_replayed_from_an_empty_pool():
-    from finemoe.errors import ConfigError
-
+def test_a_warm_pool_starts_the_replay_full_and_landed():
+    """`warm_pool`: the free slots hold layer 0's experts 0-2 before the first request, landed and
+    not counted as traffic. LRU on the cycle (hand-computed): step 1's layer-0 use hits and layer
+    1's expert 3 evicts (0, 1); from then on every layer-0 use misses (a 3-cycle in the 2 slots
+    layer 1 leaves) and layer 1 hits: 6 hits, 6 misses, 6 evictions (cold: 5 hits, 7 misses, 4
+    evictions). On a timed link the fill costs no link time."""
     tr = scripted(CYCLE, spec_top1())
-    with pytest.raises(ConfigError, match="warm_pool is not modelled"):
-        simulate(tr, dataclasses.replace(cfg("lru", "3"), warm_pool=True), link="instant")
+    cold = simulate(tr, cfg("lru", "3"), link="instant").stats
+    warm = simulate(tr, dataclasses.replace(cfg("lru", "3"), warm_pool=True), link="instant").stats
+    assert (cold["hits"], cold["misses"], cold["evictions"]) == (5, 7, 4)
+    assert (warm["hits"], warm["misses"], warm["evictions"]) == (6, 6, 6)
+    assert warm["bytes_copied"] == 6 * SPEC1.expert_bytes
+    timed = simulate(tr, dataclasses.replace(cfg("lru", "3"), warm_pool=True), unit_cost(), "timed")
+    assert timed.stats["hits"] == 6 and timed.stats["misses"] == 6
+    assert timed.link_busy_s == 6.0  # the 6 misses' copies (1 s each), not the fill's 3
 
 
 def test_on_demand_stalls_one_copy_per_miss():
@@ -265,6 +274,17 @@ def test_trace_round_trip(recorded):
 def test_simulator_equals_the_engine_in_deterministic_mode(recorded, policy):
     want, got = engine_and_simulator(recorded, cfg(policy, "25%", map_store_capacity=64))
     assert got == want
+
+
+@pytest.mark.parametrize("policy", ["lru", "finemoe"])
+@pytest.mark.parametrize("budget", ["25%", "23"])
+def test_a_warm_pool_is_the_same_in_the_simulator_and_the_engine(recorded, policy, budget):
+    """The engine fills its free slots at set-up (`warm_pool`); the simulator starts its replay from
+    the same fill: the same decisions on the same prompts (23 of the 24 experts: nearly all hit)."""
+    want, got = engine_and_simulator(recorded, cfg(policy, budget, map_store_capacity=64, warm_pool=True))
+    assert got == want
+    cold, _ = engine_and_simulator(recorded, cfg(policy, budget, map_store_capacity=64))
+    assert want["misses"] < cold["misses"]
 
 
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])

@@ -226,9 +226,9 @@ class EngineConfig:
     # (12%) on the H200, not yet the <= 2% target (docs/design/device_plans.md, session 27)
     graph_gates: bool = False
     # fill the pool's free slots when the engine is set up, whole layers first (`ExpertCache.fill_free`),
-    # instead of letting first uses load them one miss at a time; engine only (the simulator refuses
-    # it: its replays start from an empty pool). Off by default for now: measured at a 99% budget
-    # only (docs/design/device_plans.md, session 29)
+    # instead of letting first uses load them one miss at a time (the simulator starts its replay from
+    # the same fill, landed). Off by default for now: measured on the GPU at a 99% budget only
+    # (docs/design/device_plans.md, session 29)
     warm_pool: bool = False
 
     def __post_init__(self) -> None:

@@ -137,6 +137,13 @@ class TimedLink:
     def copy_seconds(self) -> float:
         return self.copy_s
 
+    def forget_copies(self) -> None:
+        """Every copy issued so far landed before the clock started (a warm pool's fill, which the
+        engine waits for at set-up): nothing queued, no link time spent."""
+        self.done[:] = [0.0] * len(self.done)  # (in place: others may hold the lists)
+        self.queue.clear()
+        self._tail, self.busy_s = 0.0, 0.0
+
     def is_done(self, slot: int) -> bool:
         return self.done[slot] <= self.clock.t
 

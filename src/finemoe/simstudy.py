@@ -109,6 +109,11 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         default=0.0,
         help="with --graphed-decode: host time per layer besides the predictors (sync, serving, launch; calibration)",
     )
+    ap.add_argument(
+        "--warm-pool",
+        action="store_true",
+        help="start every replay with the free slots filled, layer by layer (the engine's warm_pool)",
+    )
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
     ap.add_argument("--plot", help="write a PNG (hit rate and estimated TPOT vs budget) here")
@@ -138,6 +143,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         prefill_predict=args.prefill_predict,
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
+        warm_pool=args.warm_pool,
         search="sync",
     )
 

@@ -123,11 +123,6 @@ class Simulator:
             raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
         if link != "instant" and cost is None:
             raise ConfigError("a timed link needs a cost model")
-        if config.warm_pool:
-            raise ConfigError(
-                "warm_pool is not modelled by the simulator (its replays start from an empty pool); "
-                "leave it off to simulate, or compare with an engine run without it"
-            )
         self.spec, self.config, self.cost, self.link_kind = spec, config, cost, link
         oracle = config.policy in ORACLES
         preset = (
@@ -161,6 +156,13 @@ class Simulator:
         self.cache = ExpertCache(
             spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
         )
+        if config.warm_pool and not plan.all_resident:
+            # the engine's fill of the free slots at set-up (`ExpertCache.fill_free`), which it waits
+            # for: landed before the first request, no traffic, no link time
+            self.cache.fill_free()
+            forget = getattr(self.transfer, "forget_copies", None)
+            if forget is not None:
+                forget()
         copy_s = getattr(self.transfer, "copy_seconds", None)
         if isinstance(self.transfer, TimedLink):
             copy_s = self.transfer.copy_s  # fixed for the replay: the window reads the number
