@@ -149,8 +149,9 @@ class FineMoEPredictor:
             lagged = False  # planned from the match one layer behind (at layer 0: the semantic one)
             dev = self.device
             if dev is not None and dev.iteration == event.iteration:  # matched on the GPU, one layer behind
-                if target <= event.launched:
-                    return None  # its compute is launched already: no plan, no match to read
+                if target <= event.launched and not self.hints:
+                    return None  # its compute is launched already: no plan, no match to read (unless
+                    # map-aware eviction reads the plan's probabilities as keys)
                 lagged = True
                 if layer > 0:
                     match: tuple[float, int] | None = dev.match(layer - 1)

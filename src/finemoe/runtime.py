@@ -225,8 +225,9 @@ class OffloadRuntime:
         if self.want_embeddings and self.embed is not None and rows.numel():
             with torch.no_grad():
                 flat = input_ids.reshape(-1)
-                tokens = flat if rows.numel() == flat.numel() else flat[rows.to(input_ids.device)]
-                if ready is None:
+                every = rows.numel() == flat.numel()
+                tokens = flat if every else flat[rows.to(input_ids.device)]
+                if ready is None or not every:  # (a gather on the compute stream: the side would not wait for it)
                     emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
                 else:
                     emb, host = self._embed_beside(tokens, ready)

@@ -192,7 +192,7 @@ class RoutingEvent:
     _topk_list: list[list[int]] | None = field(default=None, repr=False)
     # MoE layers up to this one have their experts' compute launched already (a graphed step read
     # this routing after running ahead of it, `runahead`): a plan for them cannot help, so a
-    # predictor may skip making one (-1: none launched)
+    # predictor may skip making one (-1: none launched; a worker process's events do not carry it)
     launched: int = -1
 
     def host_probs(self) -> torch.Tensor:

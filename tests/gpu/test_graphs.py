@@ -351,6 +351,7 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             assert [e.layer for e in seen.events] == list(range(L)) * (len(prompts) * (params.max_new_tokens - 1))
             assert all(r == 0 for r in eng.cache.refcount)  # nothing left pinned
             embedded[run_ahead] = torch.cat(embs.embeddings)  # [steps, D]
+            assert (eng.runtime._embed_stream is not None) == run_ahead  # the side stream's path ran
     assert ahead[False] == 0
     assert torch.equal(embedded[True], embedded[False])  # the same tokens embedded on either stream
     assert ahead[True] > 0  # (with one expert absent, at most one layer per step needs its sync)
