@@ -48,6 +48,18 @@ def test_generate_json(tok_ckpt, capsys):
     assert summary.keys() >= {"prefetch_precision", "prefetch_recall", "stall_s", "layer_hit_rate", "search"}
 
 
+def test_generate_with_a_warm_pool(tok_ckpt, capsys):
+    """`--warm-pool` fills the budget's free slots at start-up: the same tokens, fewer misses."""
+    out = {}
+    for warm in (False, True):
+        args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello", "--json", "--max-new-tokens", "6"]
+        args += ["--expert-budget", "90%", "--policy", "lru", "--no-progress"] + (["--warm-pool"] if warm else [])
+        assert main(args) == 0
+        out[warm] = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert out[True]["token_ids"] == out[False]["token_ids"]
+    assert out[True]["misses"] < out[False]["misses"]
+
+
 def test_generate_prompts_files_in_order(tok_ckpt, tmp_path, capsys):
     txt = tmp_path / "p.txt"
     txt.write_text("first\n\nsecond\nthird\n")
