@@ -154,6 +154,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     spans0 = eng.host_time_stats()
     waits0 = eng.sync_wait_by_layer()
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
+    L = eng.spec.num_layers
+    by0 = list(rt.run_ahead_by_layer) + [0] * (L - len(rt.run_ahead_by_layer))
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -199,6 +201,13 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         # MoE layers per iteration launched without a routing sync (every expert resident, `runahead`)
         "run_ahead_layers_per_iteration": (rt.run_ahead_layers - ahead0) / n if n else 0.0,
+        # per MoE layer, the share of decode iterations it ran ahead (1: always whole), and where the
+        # experts absent after the runs sit (which layers must sync)
+        "run_ahead_share_by_layer": [
+            (b - a) / n if n else 0.0
+            for a, b in zip(by0, list(rt.run_ahead_by_layer) + [0] * (L - len(rt.run_ahead_by_layer)), strict=True)
+        ],
+        "absent_experts_by_layer": [sum(s < 0 for s in row) for row in eng.cache.slot_of],
         "hit_rate": st.cache.hit_rate,
         "link_per_iteration": link,
         "search": eng.search_mode,
@@ -375,6 +384,13 @@ def main() -> int:
         copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
         ahead = r.get("run_ahead_layers_per_iteration", 0.0)
         print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}")
+    print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
+    for k, r in res.items():
+        share = r.get("run_ahead_share_by_layer") or []
+        if any(share):
+            synced = [i for i, v in enumerate(share) if v < 0.5]
+            absent = {i: a for i, a in enumerate(r.get("absent_experts_by_layer", [])) if a}
+            print(f"{k:<36} synced {synced}  absent {absent}")
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}

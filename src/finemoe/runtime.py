@@ -98,6 +98,7 @@ class OffloadRuntime:
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
     run_ahead_layers: int = 0  # layers of replayed steps so launched
+    run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] the same count per MoE layer
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     decode_iterations: int = 0
 
