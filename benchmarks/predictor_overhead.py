@@ -243,7 +243,8 @@ def main() -> int:
         "(SideGraphs.first), ':torch-match' keeps the device match's torch ops instead of the fused Triton kernel, "
         "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py), "
         "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off), "
-        "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off)",
+        "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
+        "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -288,6 +289,7 @@ def main() -> int:
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
         kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
         kw.update(prefetch_copies="no-copies" not in flags)
+        kw.update(keep_whole_layers="keep-whole" in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]

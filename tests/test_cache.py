@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from finemoe import cache as cache_mod
 from finemoe.cache import ExpertCache
+from finemoe.decay_lfu import DecayLFUPolicy
 from finemoe.policy import LFUPolicy, LRUPolicy
 from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
@@ -29,13 +31,13 @@ SPEC = MoESpec(
 )
 
 
-def make_cache(slots: int, policy) -> ExpertCache:
+def make_cache(slots: int, policy, keep_whole: bool = False) -> ExpertCache:
     store = ExpertStore(SPEC, pin=False)
     for layer in range(SPEC.num_layers):
         for e in range(SPEC.num_experts):
             store.slab(ExpertId(layer, e)).fill_(100 * layer + e)  # every slab recognisable
     pool = SlotPool(SPEC, slots, torch.device("cpu"))
-    return ExpertCache(SPEC, pool, store, SyncTransfer(pool), policy)
+    return ExpertCache(SPEC, pool, store, SyncTransfer(pool), policy, keep_whole=keep_whole)
 
 
 def holds(c: ExpertCache, slot: int, eid: ExpertId) -> bool:
@@ -107,12 +109,21 @@ def test_acquired_expert_is_never_evicted():
     assert c.is_resident(ExpertId(0, 1)) and not c.is_resident(ExpertId(0, 0))
 
 
-@pytest.mark.parametrize("policy", [LRUPolicy, LFUPolicy])
+def _keeping_decay_lfu() -> DecayLFUPolicy:
+    return DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts)
+
+
+_keeping_decay_lfu.keep_whole = True  # (make the cache with `keep_whole`, one slot short of all: 7)
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, LFUPolicy, _keeping_decay_lfu])
 @pytest.mark.parametrize("seed", range(5))
 def test_invariants_under_random_use(policy, seed):
     rng = random.Random(seed)
-    slots = rng.randint(2, 5)
-    c = make_cache(slots, policy())
+    keep = getattr(policy, "keep_whole", False)
+    slots = 7 if keep else rng.randint(2, 5)
+    c = make_cache(slots, policy(), keep_whole=keep)
+    assert c.keep_whole == keep
     pinned: dict[ExpertId, int] = {}
     accesses = 0
     for _ in range(400):
@@ -553,3 +564,100 @@ def test_a_pinned_whole_layer_is_counted_as_enter_would_and_unpinned():
         use(c, 1, [2])
         use(c, 1, [3])
     assert c2.slot_of == b2.slot_of
+
+
+@pytest.mark.parametrize("how", ["demand", "prefetch"])
+def test_victims_spare_whole_layers_within_the_window(monkeypatch, how):
+    """One expert short of all (7 slots, 2 layers x 4): layer 0 is whole, layer 1 misses expert 3.
+    Decayed LFU's order is layer 0's experts (used first), then layer 1's. Loading (1, 3) evicts
+    (0, 0), the policy's first, and breaks layer 0; with `keep_whole` it takes (1, 0), layer 1's
+    coldest (5th in the order), so layer 0 stays whole, but only while that one is within the
+    policy's next WHOLE_WINDOW candidates."""
+
+    def victim(keep: bool, window: int) -> ExpertId:
+        monkeypatch.setattr(cache_mod, "WHOLE_WINDOW", window)
+        c = make_cache(7, DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts), keep_whole=keep)
+        assert c.keep_whole == keep
+        use(c, 0, [0, 1, 2, 3])
+        use(c, 1, [0, 1, 2])
+        before = set(c.resident())
+        if how == "demand":
+            use(c, 1, [3])
+        else:
+            assert c.try_prefetch(ExpertId(1, 3), 0)
+        (gone,) = before - set(c.resident())
+        assert c.is_resident(ExpertId(1, 3))
+        return gone
+
+    assert victim(False, 16) == ExpertId(0, 0)
+    assert victim(True, 16) == ExpertId(1, 0)
+    assert victim(True, 4) == ExpertId(1, 0)  # 1 + 4 candidates reach layer 1's first
+    assert victim(True, 3) == ExpertId(0, 0)  # 1 + 3 are all in layer 0: the policy's own
+
+
+def test_keeping_whole_layers_is_off_unless_fewer_experts_than_layers_are_absent():
+    """Whole layers must exist only when fewer experts than layers are absent: 7 of 8 slots (1
+    absent, 2 layers) keeps them; 6 (2 absent) leaves the policy's order alone, and so does a
+    policy without `candidates` (LRU)."""
+    assert make_cache(7, _keeping_decay_lfu(), keep_whole=True).keep_whole
+    assert not make_cache(6, _keeping_decay_lfu(), keep_whole=True).keep_whole
+    assert not make_cache(7, LRUPolicy(), keep_whole=True).keep_whole
+
+
+def test_decay_lfu_candidates_leave_its_victims_unchanged():
+    """`candidates` lists the next victims in order without taking them: the victims found after it
+    are those found without it."""
+
+    def run(look: bool) -> list[ExpertId]:
+        rng = random.Random(3)
+        p = DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts)
+        resident: list[ExpertId] = []
+        for step in range(1, 60):
+            eid = ExpertId(rng.randrange(2), rng.randrange(4))
+            if eid in resident:
+                p.on_access(eid, step)
+            else:
+                p.on_insert(eid, step)
+                resident.append(eid)
+        if look:
+            seen = p.candidates(lambda e: True, 3, -1)
+            assert len(seen) == 3 and len(set(seen)) == 3
+        out = []
+        for _ in range(len(resident)):
+            v = p.victim(lambda e: True)
+            out.append(v)
+            p.on_evict(v)
+        return out
+
+    with_look, without = run(True), run(False)
+    assert with_look == without and len(without) == len(set(without))
+
+
+def test_the_prefill_sweep_spares_whole_layers_too():
+    """3 layers x 4 experts in 10 slots (2 absent, fewer than the layers). A decode step loads
+    layer 0's experts 0-2, layer 1's four and layer 2's 0-2: layers 0 and 2 miss expert 3, layer 1
+    is whole. A prefill then uses layer 0's three again, only expert 0 of layer 1, and misses (2, 3):
+    the sweep's victim comes from the layers behind. In decayed LFU's order layer 1's experts 1-3
+    (used once) go before layer 0's (twice), so without `keep_whole` (1, 1) goes and breaks layer 1;
+    with it (0, 0), the first of layer 0's, which is short an expert already."""
+    from finemoe.policy import DecayLFUPolicy
+
+    gone = {}
+    for keep in (False, True):
+        pool = SlotPool(SPEC3, 10, torch.device("cpu"))
+        policy = DecayLFUPolicy(3, 4)
+        c = ExpertCache(SPEC3, pool, ExpertStore(SPEC3, pin=False), SyncTransfer(pool), policy, True, keep_whole=keep)
+        assert c.keep_whole == keep
+        c.begin_iteration(False)
+        policy.on_iteration(0)
+        _enter(c, 0, [0, 1, 2])
+        _enter(c, 1, [0, 1, 2, 3])
+        _enter(c, 2, [0, 1, 2])
+        before = set(c.resident())
+        c.begin_iteration(True)
+        policy.on_iteration(1)
+        _enter(c, 0, [0, 1, 2])
+        _enter(c, 1, [0])
+        _enter(c, 2, [3])
+        (gone[keep],) = before - set(c.resident())
+    assert gone == {False: ExpertId(1, 1), True: ExpertId(0, 0)}

@@ -11,7 +11,17 @@ served layers first (in the policy's order where it offers `victims_behind`, els
 layer first, experts in id order), the policy's own search among the rest only when none is
 left. LRU's order does the opposite (what the previous request used in the coming layers is the
 least recent): on the Qwen1.5 / Qwen3 traces the sweep cuts LRU's simulated TTFT by 17-18%
-(`docs/design/finemoe.md`, "Prefill sweep")."""
+(`docs/design/finemoe.md`, "Prefill sweep").
+
+Whole layers kept whole (`keep_whole`, in the engine and the simulator with
+`EngineConfig.keep_whole_layers`): a layer whose every expert is resident needs no copy
+whatever its router picks, so a graphed decode step runs ahead of its routing sync there
+(`runahead.py`); each layer an eviction breaks costs a sync. When fewer experts are absent than
+there are layers (a budget near 100%: whole layers must exist), a victim in a layer that already
+misses an expert is taken before the policy's first choices if it is among its next
+`WHOLE_WINDOW` candidates (a policy offering `candidates`: decayed LFU), in the prefill sweep too.
+At lower budgets nothing changes (and nothing is checked). Off by default: not yet measured to pay
+in the engine (docs/design/device_plans.md, session 30)."""
 
 from __future__ import annotations
 
@@ -29,6 +39,15 @@ from finemoe.types import CacheStats, ExpertId, MoESpec, expert_id_table
 
 log = logging.getLogger(__name__)
 
+# `keep_whole`: a victim may be passed over for one in a layer already missing an expert only if
+# that one is among the policy's next WHOLE_WINDOW candidates (so it is nearly as cold; decayed LFU's
+# keys often tie). On the reference traces at 99% (20 requests, warm pool) decayed LFU's decode
+# layers missing an expert per token fall 4.26 -> 3.35 at 16 with the hit rate unchanged (0.99952 ->
+# 0.99951); unbounded, far fewer at a lower hit rate (0.99849). LRU's order barely meets such a
+# layer near its front (3.36 -> 3.35, 0.9817 -> 0.9798): it offers no `candidates`, so its victims
+# stay its own
+WHOLE_WINDOW = 16
+
 # A layer with at least EARLY_ISSUE_MISSES on-demand misses issues its copies in growing runs while
 # the acquire loop still picks slots (`enter`); `EngineConfig.early_issue_misses` sets it per engine
 
@@ -45,6 +64,7 @@ class ExpertCache:
         policy: EvictionPolicy,
         prefill_sweep: bool = False,
         early_issue_misses: int = EARLY_ISSUE_MISSES,
+        keep_whole: bool = False,
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
         self.prefill_sweep = prefill_sweep
@@ -73,6 +93,9 @@ class ExpertCache:
         self._parts = store.parts if getattr(store, "holds_weights", True) else None  # None: no weights to copy
         self.num_slots = S = pool.num_slots
         L, E = spec.num_layers, spec.num_experts
+        # victims spare whole layers where they can: only while fewer experts than layers are absent
+        self._candidates = getattr(policy, "candidates", None)  # optional: a look at its next victims
+        self.keep_whole = keep_whole and L * E - S < L and self._candidates is not None
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
         self._eids = expert_id_table(L, E)  # shared keys
         self.owner: list[ExpertId | None] = [None] * S
@@ -105,7 +128,14 @@ class ExpertCache:
 
     def _behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """Prefill sweep: up to `n` experts `evictable` accepts in layers < `layer`: the policy's
-        `victims_behind` if it has one, else the latest layer first, experts in id order."""
+        `victims_behind` if it has one, else the latest layer first, experts in id order; with
+        `keep_whole`, those in layers missing an expert first among the next `n + WHOLE_WINDOW`."""
+        if self.keep_whole:
+            return self._spare_whole(self._behind_order(evictable, n + WHOLE_WINDOW, layer), n)
+        return self._behind_order(evictable, n, layer)
+
+    def _behind_order(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """`_behind`'s candidates in the sweep's order (nothing taken: the caller evicts them)."""
         if self._victims_behind is not None:
             return self._victims_behind(evictable, n, layer)
         found: list[ExpertId] = []
@@ -126,6 +156,31 @@ class ExpertCache:
         if len(found) < n and find is not None:
             found += find(lambda eid: eid[0] >= layer and evictable(eid), n - len(found))
         return found
+
+    def _whole_kept(self, find: Callable, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """`n` victims by `find(predicate, m)` (a policy search) sparing whole layers (`keep_whole`): of
+        the policy's first `n + WHOLE_WINDOW` candidates (`candidates`), those in layers with an absent
+        expert first, then the rest, each in the policy's order; taken out by `find` as its own search
+        would (so the policy's state is that of a search that found them)."""
+        cands = self._candidates(evictable, n + WHOLE_WINDOW, layer)
+        if len(cands) <= n:
+            return find(evictable, n)
+        chosen = set(self._spare_whole(cands, n))
+        return find(lambda eid: eid in chosen, n)
+
+    def _spare_whole(self, cands: list[ExpertId], n: int) -> list[ExpertId]:
+        """`n` of `cands` (in the policy's order): those in layers missing an expert first, then the rest."""
+        broken = [min(row) < 0 for row in self.slot_of]  # [L]: the layer misses an expert
+        pick = [eid for eid in cands if broken[eid[0]]][:n]
+        if len(pick) < n:
+            pick += [eid for eid in cands if not broken[eid[0]]][: n - len(pick)]
+        return pick
+
+    def _victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+        """The policy's `victim` among those `evictable` accepts, sparing whole layers (`keep_whole`)."""
+        victim = self.policy.victim
+        found = self._whole_kept(lambda pred, n: [v] if (v := victim(pred)) is not None else [], evictable, 1, -1)
+        return found[0] if found else None
 
     # -- queries -------------------------------------------------------------------------------
     def is_resident(self, eid: ExpertId) -> bool:
@@ -244,12 +299,14 @@ class ExpertCache:
             if behind:
                 return self._evict(behind[0])
         if for_prefetch:
-            victim = self.policy.victim(self._evictable_for_prefetch)
+            pred = self._evictable_for_prefetch
+            victim = self._victim(pred) if self.keep_whole else self.policy.victim(pred)
         else:
             # A slot whose copy is still running would make the demand copy wait for it (the wait
             # is outside the timed copy): take it only if no landed, unprotected expert can go;
             # then the policy's own order (protected experts last).
-            victim = self.policy.victim(self._evictable_landed)
+            pred = self._evictable_landed
+            victim = self._victim(pred) if self.keep_whole else self.policy.victim(pred)
             if victim is None:  # refuses only pinned experts: they stay pinned until `release`
                 victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
@@ -399,7 +456,7 @@ class ExpertCache:
                 searched = (0 if free else 1) if early else need
                 if not searched:
                     pass
-                elif self._sweeping or self._victims is None:
+                elif self._sweeping or self._victims is None or self.keep_whole:
                     ahead = self._find_victims(searched, layer, evictable)
                 else:  # `_find_victims`, one call fewer on the replay's hottest path
                     ahead = self._victims(evictable, searched, layer)
@@ -459,7 +516,11 @@ class ExpertCache:
         if self._sweeping:
             find = (lambda pred, m: victims(pred, m, layer)) if victims is not None else None
             return self._swept(find, evictable, n, layer)
-        return victims(evictable, n, layer) if victims is not None else []
+        if victims is None:
+            return []
+        if self.keep_whole:
+            return self._whole_kept(lambda pred, m: victims(pred, m, layer), evictable, n, layer)
+        return victims(evictable, n, layer)
 
     def _load_each(
         self, layer: int, missing: list[int], ahead: list[ExpertId], slots: list[int], step: int, early: int, rest: int
@@ -637,6 +698,8 @@ class ExpertCache:
             victims = []
         elif self._sweeping:
             victims = self._swept(self._prefetch_victims, self._evictable_prefetch, need, self.now[1])
+        elif self.keep_whole:
+            victims = self._whole_kept(self._prefetch_victims, self._evictable_prefetch, need, -1)
         else:
             victims = self._prefetch_victims(self._evictable_prefetch, need)
         victims.reverse()

@@ -230,6 +230,12 @@ class EngineConfig:
     # the same fill, landed). Off by default for now: measured on the GPU at a 99% budget only
     # (docs/design/device_plans.md, session 29)
     warm_pool: bool = False
+    # when fewer experts than layers are absent (a budget near 100%), a victim in a layer already
+    # missing an expert goes first if it is among the eviction policy's next few choices, so whole
+    # layers stay whole and graphed decode runs ahead of their routing syncs (`ExpertCache.keep_whole`,
+    # runahead.py; decayed LFU only). Off by default: fewer such layers in the simulator at the same
+    # hit rate, not yet measured to pay in the engine (docs/design/device_plans.md, session 30)
+    keep_whole_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

@@ -139,9 +139,12 @@ class DecayLFUPolicy(PlanProtection):
             count[flat] = (c, t, k := log(c) - tlg)
             last[flat] = (k, step, flat)
 
-    def _walk(self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool = False) -> list[ExpertId]:
+    def _walk(
+        self, evictable: Callable[[ExpertId], bool], n: int, fallback: bool = False, take: bool = True
+    ) -> list[ExpertId]:
         """Up to `n` unprotected experts `evictable` accepts, lowest key first, removed from
-        `_order` (the caller evicts them). `fallback`: if none, the lowest-key protected one."""
+        `_order` (the caller evicts them; `take` False: left there). `fallback`: if none, the
+        lowest-key protected one."""
         order, items, last, eids = self._order, self._item, self.last, self._eid
         planned, first_unprotected = self._planned, (self._layer_now + 1) * self.num_experts
         found: list[ExpertId] = []
@@ -164,8 +167,11 @@ class DecayLFUPolicy(PlanProtection):
                     i += 1
                 elif evictable(eid):
                     found.append(eid)
-                    del order[i]
-                    del items[flat]
+                    if take:
+                        del order[i]
+                        del items[flat]
+                    else:
+                        i += 1
                     if len(found) == n:
                         break
                 else:
@@ -184,6 +190,13 @@ class DecayLFUPolicy(PlanProtection):
         if layer != self._layer_now:
             self._reach(layer)
         return self._walk(evictable, n, False)
+
+    def candidates(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """The first `n` unprotected experts `evictable` accepts, lowest key first, as `victims`
+        (`layer` >= 0) or `prefetch_victims` (-1) would find them, left resident and listed."""
+        if layer >= 0 and layer != self._layer_now:
+            self._reach(layer)
+        return self._walk(evictable, n, False, False)
 
     def victim(self, evictable: Callable[[ExpertId], bool], pinned_only: bool = False) -> ExpertId | None:
         """The lowest-key unprotected expert `evictable` accepts, else the lowest-key protected one."""

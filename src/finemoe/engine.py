@@ -235,6 +235,7 @@ class Engine:
             EVICTION_POLICIES[config.eviction or preset.eviction](spec.num_layers, spec.num_experts),
             prefill_sweep=prefill_sweep(preset, config),
             early_issue_misses=config.early_issue_misses,
+            keep_whole=config.keep_whole_layers,
         )
         # Link-aware prefetch window: layer time is host wall time less the time blocked in the
         # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.

@@ -46,6 +46,8 @@ class EvictionPolicy(Protocol):
     # Optional: `prefetch_victims(evictable, n) -> list[ExpertId]`, the victims of n prefetches in
     # one pass (as n `victim` calls would pick them while what they load is not `evictable`);
     # with `filters_protected` True it passes protected experts over itself (`evictable` need not ask).
+    # Optional: `candidates(evictable, n, layer) -> list[ExpertId]`, the first n experts `victims`
+    # (`layer` >= 0) or `prefetch_victims` (-1) would pick, nothing removed (`ExpertCache.keep_whole`).
     # Optional: `on_iteration(iteration)`, told when an iteration starts (before its plans).
     # Optional: `on_access_many(eids, step)`, `on_access` of one layer's experts in order, one call.
     # Optional: `on_demand_load(eid, step)`, `on_insert` then `on_access` of an expert just loaded.

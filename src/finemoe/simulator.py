@@ -154,7 +154,14 @@ class Simulator:
             _charge_host(policy, self.clock, cost.victim_host_s, cost.routing_host_s)
         sweep = prefill_sweep(preset, config) and not oracle  # Belady's choices stay its own
         self.cache = ExpertCache(
-            spec, SimPool(plan.slots), NoWeights(), self.transfer, policy, sweep, config.early_issue_misses
+            spec,
+            SimPool(plan.slots),
+            NoWeights(),
+            self.transfer,
+            policy,
+            sweep,
+            config.early_issue_misses,
+            keep_whole=config.keep_whole_layers and not oracle,  # Belady's choices stay its own
         )
         if config.warm_pool and not plan.all_resident:
             # the engine's fill of the free slots at set-up (`ExpertCache.fill_free`), which it waits
