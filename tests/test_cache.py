@@ -661,3 +661,14 @@ def test_the_prefill_sweep_spares_whole_layers_too():
         _enter(c, 2, [3])
         (gone[keep],) = before - set(c.resident())
     assert gone == {False: ExpertId(1, 1), True: ExpertId(0, 0)}
+
+
+def test_a_warm_fill_reports_each_copy_and_fills_layer_by_layer():
+    """`fill_free(each)`: 6 free slots of 8 take layer 0's four experts then layer 1's first two,
+    with one `each(1)` per copy (the engine's progress bar) and the slabs where they belong."""
+    c = make_cache(6, LRUPolicy())
+    ticks: list[int] = []
+    assert c.fill_free(ticks.append) == 6 and ticks == [1] * 6
+    assert set(c.resident()) == {ExpertId(0, e) for e in range(4)} | {ExpertId(1, 0), ExpertId(1, 1)}
+    assert all(holds(c, slot, eid) for slot, eid in enumerate(c.owner))
+    assert c.fill_free(ticks.append) == 0 and len(ticks) == 6  # nothing free: nothing loaded

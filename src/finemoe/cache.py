@@ -606,11 +606,12 @@ class ExpertCache:
         if self._on_release is not None:
             self._on_release()
 
-    def fill_free(self) -> int:
+    def fill_free(self, each: Callable[[int], object] | None = None) -> int:
         """Load absent experts into the free slots, layer by layer in expert order, until none is
         left free (a warm start, `EngineConfig.warm_pool`): whole layers first, so a budget near
         100% has layers whose every expert is resident from the first step. Told to the policy as
-        inserts at the current step; not counted as traffic. Returns how many were loaded."""
+        inserts at the current step; not counted as traffic. `each(1)` after every copy issued (a
+        progress bar). Returns how many were loaded."""
         free, eids, loaded = self._free, self._eids, 0
         for layer in range(self.spec.num_layers):
             row = self.slot_of[layer]
@@ -626,6 +627,8 @@ class ExpertCache:
                 self._dirty[layer] = True
                 self.policy.on_insert(eid, self.step)
                 loaded += 1
+                if each is not None:
+                    each(1)
         flush = getattr(self.transfer, "flush", None)
         if flush is not None:
             flush()

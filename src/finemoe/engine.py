@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from finemoe import map_store_file
 from finemoe.async_search import AsyncPredictor
@@ -321,8 +322,11 @@ class Engine:
             self.cache.preload_all()
             transfer.synchronize()
         elif config.warm_pool:
-            n = self.cache.fill_free()
-            transfer.synchronize()
+            free = self.cache.num_slots - self.cache.resident_count()
+            quiet = not config.progress
+            with tqdm(total=free, desc="warming the pool", unit="expert", disable=quiet, leave=False) as bar:
+                n = self.cache.fill_free(bar.update)
+                transfer.synchronize()
             log.info("warm pool: %d experts loaded into free slots", n)
         self._attachment = Attachment(self.model, self.runtime, refs)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
