@@ -268,3 +268,50 @@ def test_sync_stages_rows_inside_inference_mode_and_after_it():
     s.add(torch.randn(1, 2, generator=g), torch.softmax(torch.randn(1, 2, 4, generator=g), dim=-1))
     assert dp.sync(s) == 1 and dp.size == 5
     assert torch.allclose(dp.maps[:, 4], s.maps[4])
+
+
+def test_a_device_matched_predictor_skips_only_the_plans_for_launched_layers():
+    """Routings read after a graphed step ran ahead carry `launched`: the device-matched predictor
+    makes no plan for a target up to it (and reads no match for it), and every later plan is the one
+    it makes without the skips (nothing it keeps between layers depends on them); with map-aware
+    eviction reading the plans' probabilities (`hints`) it still plans."""
+    from finemoe.device_plans import DeviceMatches
+    from finemoe.fine_predictor import FineMoEPredictor
+    from finemoe.predictor import PredictorDeps
+    from finemoe.types import IterationContext, RoutingEvent
+
+    from tests.test_cache import SPEC as SPEC1
+
+    g = torch.Generator().manual_seed(4)
+    L, E, C, k, d = 6, 8, 40, 2, 2
+    spec = dataclasses.replace(SPEC1, moe_layers=tuple(range(L)), num_experts=E, top_k=k, num_decoder_layers=L)
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C, distance=d)
+    s.add(torch.randn(C, 3, generator=g), torch.softmax(2 * torch.randn(C, L, E, generator=g), dim=-1))
+    emb = torch.randn(1, 3, generator=g)
+    routed = [torch.softmax(2 * torch.randn(1, E, generator=g), dim=-1) for _ in range(L)]
+    launched = 3  # layers 0-3 launched when the first layers' routings are read (targets <= 3 skipped)
+
+    def run(skip: bool, hints: bool) -> tuple[list, int]:
+        pred = FineMoEPredictor(PredictorDeps(spec, d, s, layer_probs=hints))
+        pred.device = matches = DeviceMatches(DevicePlanner(s.geometry, C, k), s, d)
+        pred.on_iteration_start(IterationContext(0, False, 1, torch.arange(1), torch.arange(1), emb))
+        matches.before_step(0)
+        plans = []
+        for layer, probs in enumerate(routed):
+            if matches.wants(layer):
+                matches.capture_layer(layer, probs)
+            ev = RoutingEvent(0, layer, probs, torch.topk(probs, k, dim=1).indices, False)
+            plan = pred.on_routing(dataclasses.replace(ev, launched=launched if skip else -1))
+            plans.append(None if plan is None else plan.requests)
+        matches.after_step()
+        return plans, pred.device_matched
+
+    full, matched_full = run(False, False)
+    skipped, matched_skipped = run(True, False)
+    for layer in range(L):
+        if layer + d <= launched:
+            assert full[layer] is not None and skipped[layer] is None
+        else:
+            assert skipped[layer] == full[layer]
+    assert matched_skipped == matched_full - 1  # layer 1's match (layer 0 plans from the semantic one)
+    assert run(True, True)[0] == run(False, True)[0]  # hints: every plan made
