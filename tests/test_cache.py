@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from finemoe import cache as cache_mod
+from finemoe import victims as victims_mod
 from finemoe.cache import ExpertCache
 from finemoe.decay_lfu import DecayLFUPolicy
 from finemoe.policy import LFUPolicy, LRUPolicy
@@ -575,7 +575,7 @@ def test_victims_spare_whole_layers_within_the_window(monkeypatch, how):
     policy's next WHOLE_WINDOW candidates."""
 
     def victim(keep: bool, window: int) -> ExpertId:
-        monkeypatch.setattr(cache_mod, "WHOLE_WINDOW", window)
+        monkeypatch.setattr(victims_mod, "WHOLE_WINDOW", window)
         c = make_cache(7, DecayLFUPolicy(SPEC.num_layers, SPEC.num_experts), keep_whole=keep)
         assert c.keep_whole == keep
         use(c, 0, [0, 1, 2, 3])
