@@ -229,6 +229,24 @@ class GpuTimeline:
         for s in slots:
             busy[s] = end
 
+    def launch_pinned(self, routed: int, slots: list[int]) -> None:
+        """A layer run ahead of its routing sync (every expert resident, `slots` [E] pinned): its
+        `routed` experts run once the GPU is free and every copy into its slots has landed (the
+        engine's launch waits behind them all), whenever the host launched it (it did not wait)."""
+        link = self.link
+        done = link.done
+        start = self.end
+        for s in slots:
+            if done[s] > start:
+                start = done[s]
+        if start > self.end:
+            link.stall_s += start - self.end
+        self.end = end = start + self.expert_s * routed
+        busy = link.busy
+        assert busy is not None
+        for s in slots:
+            busy[s] = end
+
     def then(self, seconds: float) -> None:
         """The launched segment runs on for `seconds` more (the next dense part, or the LM head)."""
         self.end += seconds

@@ -104,6 +104,12 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         "overlaps the copies and the GPU's work",
     )
     ap.add_argument(
+        "--no-run-ahead",
+        action="store_true",
+        help="with --graphed-decode: every layer syncs on its routing, also those whose experts are all "
+        "resident (the engine runs those ahead by default)",
+    )
+    ap.add_argument(
         "--layer-host-us",
         type=float,
         default=0.0,
@@ -164,6 +170,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be >= 1")
     if args.layer_host_us and not args.graphed_decode:
         raise ConfigError("--layer-host-us is the host's time in a graphed decode step: add --graphed-decode")
+    if args.no_run_ahead and not args.graphed_decode:
+        raise ConfigError("--no-run-ahead changes graphed decode steps only: add --graphed-decode")
     test = load_trace(args.traces)
     if args.limit:
         test = test.head(args.limit)
@@ -205,6 +213,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                     args.batch_size,
                     oracle_noise=args.oracle_noise,
                     graphed=args.graphed_decode,
+                    run_ahead=not args.no_run_ahead,
                 )
                 row = {"shape": shape, **r.to_dict()}
                 rows.append(row)

@@ -104,8 +104,13 @@ class Simulator:
     next layer's dense part up to the router), then spends `CostModel.layer_host_s` and runs the
     predictors (`predict_host_s`) and starts their copies, and waits at the next router; the GPU
     runs the segment once its copies are done. So host time overlaps the copies and the GPU's work.
-    Off, one clock runs everything in sequence and decode plans come before the copies, as in the
-    eager engine (and the CPU engine the deterministic-mode tests compare with)."""
+    `run_ahead` (with `graphed`, as the engine by default, `runahead.py`): a layer whose every expert
+    is resident is launched without the routing sync, its slots pinned; its uses are counted and its
+    predictors run when the host next syncs (or at the step's end), after the GPU has reached its
+    router. Such a launch costs the host no time of its own here (its few tens of µs on the H200 are
+    not calibrated). Off (`graphed` False), one clock runs everything in sequence and decode plans
+    come before the copies, as in the eager engine (and the CPU engine the deterministic-mode tests
+    compare with)."""
 
     def __init__(
         self,
@@ -118,6 +123,7 @@ class Simulator:
         future: Future | None = None,
         oracle_noise: float = 0.0,
         graphed: bool = False,
+        run_ahead: bool = True,
     ) -> None:
         if link not in LINKS:
             raise ConfigError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
@@ -221,6 +227,7 @@ class Simulator:
         # prefill: predictors once the copies are issued (the oracles keep planning first, as they sweep not)
         self.after_demand = predict_after_demand(preset, config) and not oracle
         self.graphed = graphed and not oracle  # decode plans after the copies (the oracles plan first)
+        self.run_ahead = run_ahead
         self.stepper = Stepper(self.cache, self.prefetcher, self.predictors)
         if plan.all_resident:
             self.cache.preload_all()
@@ -284,6 +291,26 @@ class Simulator:
         # graphed decode: the GPU on its own timeline (an instant link has no time to model)
         link = self.transfer
         gpu = GpuTimeline(clock, link) if self.graphed and isinstance(link, TimedLink) else None
+        ahead = gpu is not None and self.run_ahead and observe is None  # (the engine's: no routing policy)
+        pending: list[tuple] = []  # layers run ahead, not read yet: (layer, experts, event, pinned, routed at)
+        stand_in = self._stand_in  # (a decode step run ahead has one row: the gates read the layer from here)
+
+        def drain() -> None:
+            """Read the routings run ahead, in layer order, as the engine's `RunAhead.drain`: the host
+            waits for each router, the cache counts the uses (all hits) and drops the pins, then
+            the predictors plan and their copies start."""
+            for lay, used, ev, pinned, routed in pending:
+                if routed > clock.t:
+                    clock.t = routed
+                prefetcher.now(g, lay, False)
+                cache.account_pinned(lay, used, pinned)
+                if ev is not None:
+                    stand_in[2] = lay  # the stand-in router input is this layer's again
+                    stepper.route(ev)
+                    clock.t += predict_host
+                    prefetcher.resume()
+                    prefetcher.pump()
+            pending.clear()
 
         wall0 = time.perf_counter()
         steps = 0
@@ -327,9 +354,12 @@ class Simulator:
                 if replayed:
                     gpu.begin(dense)  # the first segment: up to layer 0's router
                 for layer, experts in enumerate(layers):
-                    if replayed:
+                    pinned = cache.pin_layer(layer) if replayed and ahead else None
+                    if replayed and pinned is None:
+                        if pending:
+                            drain()  # the routings run ahead so far, before this layer's sync
                         gpu.sync()  # the routing sync: the host waits for the segment ending in this router
-                    else:
+                    elif not replayed:
                         clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
                     per_expert[0] = e_s + (pairs / (len(experts) or 1) - 1) * e_tok
@@ -348,6 +378,13 @@ class Simulator:
                             event = ReplayEvent.of(g, layer, p, topk[layer], prefill, hidden, lists[layer])
                         if not late:
                             stepper.route(event)
+                    if pinned is not None:  # every expert resident: launched without the routing sync
+                        routed = gpu.end  # router `layer` is done then (the host reads it at the drain)
+                        gpu.expert_s = per_expert[0]
+                        gpu.launch_pinned(len(experts), pinned)
+                        gpu.then(dense if layer < L - 1 else head_s)
+                        pending.append((layer, experts, event if late else None, pinned, routed))
+                        continue
                     if replayed:  # as the graphed engine: serve, launch, then the predictors and their copies
                         gpu.expert_s = per_expert[0]
                         link.defer = True
@@ -373,6 +410,8 @@ class Simulator:
                     if observe is not None:  # as the engine: once the layer is served
                         observe(event)
                 if replayed:
+                    if pending:
+                        drain()  # (the host reads the routings run ahead before it waits for the logits)
                     gpu.sync()  # the host waits for the step's logits
                 for i in live:
                     stamps[i].append(clock.t)
@@ -459,17 +498,18 @@ def simulate(
     progress: Callable | None = None,
     oracle_noise: float = 0.0,
     graphed: bool = False,
+    run_ahead: bool = True,
 ) -> SimResult:
     """Replay `trace` under `config` (policy, budget, predictor knobs). `history` is cloned when
     the replay learns (so one preloaded history serves many replays). `oracle_noise`: the
     `oracle` policy's share of wrong experts (`OraclePredictor`); with `config.eviction` set the
     oracle prefetches over that eviction instead of Belady's. `graphed`: decode as the engine's
-    CUDA graphs run it (`Simulator`)."""
+    CUDA graphs run it (`Simulator`; `run_ahead` there: whole layers skip their routing sync)."""
     hist = history
     if history is not None and config.map_store_learn:
         hist = history.clone()
     future = None
     if config.policy in ORACLES:
         future = Future(accesses_of(trace, schedule(trace, batch_size)), trace.spec.num_layers)
-    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future, oracle_noise, graphed)
+    sim = Simulator(trace.spec, config, cost, link, hist, trace.spec_probs, future, oracle_noise, graphed, run_ahead)
     return sim.run(trace, batch_size, progress)
