@@ -352,6 +352,40 @@ def test_cli_simulate_writes_json_and_plot(recorded, tmp_path):
         cmd[:6] + ["--policies", "lru", "--layer-host-us", "50"], capture_output=True, text=True, timeout=120
     )
     assert lone.returncode != 0 and "--graphed-decode" in lone.stderr and "Traceback" not in lone.stderr
+    lone = subprocess.run(
+        cmd[:6] + ["--policies", "lru", "--no-run-ahead"], capture_output=True, text=True, timeout=120
+    )
+    assert lone.returncode != 0 and "--graphed-decode" in lone.stderr and "Traceback" not in lone.stderr
+
+
+def test_cli_simulate_takes_the_near_full_budget_knobs(recorded, tmp_path, monkeypatch):
+    """`--warm-pool`, `--keep-whole-layers` and `--no-run-ahead` reach the replays' configuration."""
+    import finemoe.simulator as simulator_mod
+    from finemoe.cli import main
+
+    _, _, f = recorded
+    seen = []
+    real = simulator_mod.simulate
+
+    def spy(trace, config, *a, **kw):
+        seen.append((config.warm_pool, config.keep_whole_layers, kw.get("graphed"), kw.get("run_ahead")))
+        return real(trace, config, *a, **kw)
+
+    monkeypatch.setattr(simulator_mod, "simulate", spy)  # (the sweep imports it when it runs)
+    args = [
+        "simulate",
+        "--traces",
+        str(f),
+        "--policies",
+        "finemoe",
+        "--budgets",
+        "23",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert main(args + ["--warm-pool", "--keep-whole-layers", "--graphed-decode", "--no-run-ahead"]) == 0
+    assert main(args) == 0
+    assert (True, True, True, False) in seen and (False, False, False, True) in seen
 
 
 # one request, 2 iterations: layer 0 always expert 0, layer 1 expert 1 then expert 2 (top-1);

@@ -116,6 +116,11 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         help="with --graphed-decode: host time per layer besides the predictors (sync, serving, launch; calibration)",
     )
     ap.add_argument(
+        "--keep-whole-layers",
+        action="store_true",
+        help="near 100%%: decayed LFU's victims spare layers whose experts are all resident (keep_whole_layers)",
+    )
+    ap.add_argument(
         "--warm-pool",
         action="store_true",
         help="start every replay with the free slots filled, layer by layer (the engine's warm_pool)",
@@ -150,6 +155,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         warm_pool=args.warm_pool,
+        keep_whole_layers=args.keep_whole_layers,
         search="sync",
     )
 
