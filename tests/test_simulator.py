@@ -704,6 +704,28 @@ def test_graphed_decode_runs_whole_layers_ahead_of_their_routing_sync():
     assert got[False].ttft_s == got[True].ttft_s == 1.5  # the prefill is eager
     assert got[False].tpot_s == 4.5 and got[True].tpot_s == 3.25
     assert got[False].stats == got[True].stats and got[True].stats["misses"] == 0
+    assert got[True].layers_run_ahead == 2 and got[False].layers_run_ahead == 0
+
+
+def test_a_layer_run_ahead_starts_no_earlier_than_its_launch():
+    """A synced layer's host time, then a whole layer: the GPU runs the whole layer only once the host
+    has launched it. LRU, 6 slots filled at set-up (layer 0's four, layer 1's 0 and 1), top-1. The
+    prefill's miss of (1, 2) evicts (0, 1); decode 1's miss of (1, 3) evicts (0, 2): layer 1 is whole
+    from decode 2 on, layer 0 never. Dense 0.5 s, expert 0.25 s, copy 1 s, 2 s of host time per
+    synced layer. Decode 1 (from 2.5, both ways): S_0 to 3.0, layer 0 3.0-3.25 and dense to 3.75,
+    the host to 5.0; (1, 3) copied 5.0-6.0, its expert 6.0-6.25; the host done at 7.0 (4.5 s).
+    Decode 2, synced: the host at 9.5 launches layer 1 (9.5-9.75) and is done at 11.5 (4.5 s). Run
+    ahead: layer 1 is launched at 9.5 without a sync and ends at 9.75, the step with it (2.75 s,
+    not 2.5: the GPU, free at 8.25, waits for the launch). TPOT 4.5 and (4.5 + 2.75 + 2.75) / 3."""
+    tr = scripted([[[[0], [2]], [[0], [3]], [[0], [3]], [[0], [3]]]], spec_top1())
+    cost = dataclasses.replace(unit_cost(), layer_host_s=2.0)
+    got = {}
+    for ahead in (False, True):
+        config = dataclasses.replace(cfg("lru", "6"), warm_pool=True)
+        got[ahead] = simulate(tr, config, cost, "timed", graphed=True, run_ahead=ahead)
+    assert got[False].ttft_s == got[True].ttft_s == 2.5
+    assert got[False].tpot_s == 4.5 and got[True].tpot_s == pytest.approx(10.0 / 3)
+    assert got[True].layers_run_ahead == 2 and got[True].stats == got[False].stats
 
 
 def test_run_ahead_counts_the_same_uses_with_predictors(recorded):
@@ -726,6 +748,7 @@ def test_run_ahead_counts_the_same_uses_with_predictors(recorded):
         assert all(n == 0 for n in sim.cache.refcount)  # nothing left pinned
     accesses = {a: r[a].stats["hits"] + r[a].stats["misses"] for a in r}
     assert accesses[True] == accesses[False] > 0
+    assert r[True].layers_run_ahead > 0 and r[False].layers_run_ahead == 0
     # the same routings served; on this trace the hits are the same too
     assert r[True].stats["hits"] == r[False].stats["hits"]
 

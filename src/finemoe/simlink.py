@@ -232,15 +232,15 @@ class GpuTimeline:
     def launch_pinned(self, routed: int, slots: list[int]) -> None:
         """A layer run ahead of its routing sync (every expert resident, `slots` [E] pinned): its
         `routed` experts run once the GPU is free and every copy into its slots has landed (the
-        engine's launch waits behind them all), whenever the host launched it (it did not wait)."""
-        link = self.link
+        engine's launch waits behind them all), and not before the host launched it (now)."""
+        link, t = self.link, self.clock.t
         done = link.done
-        start = self.end
+        free = start = self.end if self.end > t else t  # (never before its launch)
         for s in slots:
             if done[s] > start:
                 start = done[s]
-        if start > self.end:
-            link.stall_s += start - self.end
+        if start > free:
+            link.stall_s += start - free
         self.end = end = start + self.expert_s * routed
         busy = link.busy
         assert busy is not None

@@ -80,6 +80,7 @@ class SimResult:
     layer_steps: int  # token-layer routing steps replayed (decode rows + prefill iterations) x L
     wall_s: float
     predictor: dict = field(default_factory=dict)
+    layers_run_ahead: int = 0  # graphed decode: layers launched without their routing sync
 
     @property
     def hit_rate(self) -> float:
@@ -295,10 +296,11 @@ class Simulator:
         pending: list[tuple] = []  # layers run ahead, not read yet: (layer, experts, event, pinned, routed at)
         stand_in = self._stand_in  # (a decode step run ahead has one row: the gates read the layer from here)
 
-        def drain() -> None:
+        def drain(launched: int) -> None:
             """Read the routings run ahead, in layer order, as the engine's `RunAhead.drain`: the host
             waits for each router, the cache counts the uses (all hits) and drops the pins, then
-            the predictors plan and their copies start."""
+            the predictors plan and their copies start; `launched`: the last layer whose experts'
+            compute is launched (`RoutingEvent.launched`: no plan for it or earlier ones)."""
             for lay, used, ev, pinned, routed in pending:
                 if routed > clock.t:
                     clock.t = routed
@@ -306,6 +308,7 @@ class Simulator:
                 cache.account_pinned(lay, used, pinned)
                 if ev is not None:
                     stand_in[2] = lay  # the stand-in router input is this layer's again
+                    ev.launched = launched
                     stepper.route(ev)
                     clock.t += predict_host
                     prefetcher.resume()
@@ -313,7 +316,7 @@ class Simulator:
             pending.clear()
 
         wall0 = time.perf_counter()
-        steps = 0
+        steps = ran_ahead = 0
         g = 0
         for bi, batch in enumerate(batches):
             t_start = clock.t
@@ -357,7 +360,7 @@ class Simulator:
                     pinned = cache.pin_layer(layer) if replayed and ahead else None
                     if replayed and pinned is None:
                         if pending:
-                            drain()  # the routings run ahead so far, before this layer's sync
+                            drain(layer - 1)  # the routings run ahead so far, before this layer's sync
                         gpu.sync()  # the routing sync: the host waits for the segment ending in this router
                     elif not replayed:
                         clock.t += dense
@@ -384,6 +387,7 @@ class Simulator:
                         gpu.launch_pinned(len(experts), pinned)
                         gpu.then(dense if layer < L - 1 else head_s)
                         pending.append((layer, experts, event if late else None, pinned, routed))
+                        ran_ahead += 1
                         continue
                     if replayed:  # as the graphed engine: serve, launch, then the predictors and their copies
                         gpu.expert_s = per_expert[0]
@@ -411,7 +415,7 @@ class Simulator:
                         observe(event)
                 if replayed:
                     if pending:
-                        drain()  # (the host reads the routings run ahead before it waits for the logits)
+                        drain(L - 1)  # (the host reads the routings run ahead before it waits for the logits)
                     gpu.sync()  # the host waits for the step's logits
                 for i in live:
                     stamps[i].append(clock.t)
@@ -446,6 +450,7 @@ class Simulator:
             link_busy_s=getattr(self.transfer, "busy_s", 0.0),
             layer_steps=steps,
             wall_s=wall,
+            layers_run_ahead=ran_ahead,
             predictor={k: v for k, v in pstats.items() if not isinstance(v, list)},
         )
 
@@ -480,7 +485,7 @@ def _charge_host(policy: Any, clock: Clock, victim_s: float, routing_s: float) -
         return call
 
     if victim_s:
-        for name in ("victim", "victims", "prefetch_victims", "victims_behind"):
+        for name in ("victim", "victims", "prefetch_victims", "victims_behind", "candidates"):
             fn = getattr(policy, name, None)
             if fn is not None:
                 setattr(policy, name, charged(fn, victim_s))
