@@ -154,8 +154,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     spans0 = eng.host_time_stats()
     waits0 = eng.sync_wait_by_layer()
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
-    L = eng.spec.num_layers
-    by0 = list(rt.run_ahead_by_layer) + [0] * (L - len(rt.run_ahead_by_layer))
+    by0 = list(rt.run_ahead_by_layer)
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -204,8 +203,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         # per MoE layer, the share of decode iterations it ran ahead (1: always whole), and where the
         # experts absent after the runs sit (which layers must sync)
         "run_ahead_share_by_layer": [
-            (b - a) / n if n else 0.0
-            for a, b in zip(by0, list(rt.run_ahead_by_layer) + [0] * (L - len(rt.run_ahead_by_layer)), strict=True)
+            (b - a) / n if n else 0.0 for a, b in zip(by0, rt.run_ahead_by_layer, strict=True)
         ],
         "absent_experts_by_layer": [sum(s < 0 for s in row) for row in eng.cache.slot_of],
         "hit_rate": st.cache.hit_rate,

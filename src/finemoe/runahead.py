@@ -85,11 +85,7 @@ class RunAhead:
             cache.unpin(pinned)
             raise
         self.pending.append((layer, binding, router, logits, ids, hidden, pinned))
-        rt.run_ahead_layers += 1
-        by = rt.run_ahead_by_layer
-        if len(by) <= layer:
-            by.extend([0] * (layer + 1 - len(by)))
-        by[layer] += 1
+        rt.run_ahead_by_layer[layer] += 1
         return True
 
     def _copy_inputs(

@@ -97,8 +97,7 @@ class OffloadRuntime:
     embed_beside: bool = True
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
-    run_ahead_layers: int = 0  # layers of replayed steps so launched
-    run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] the same count per MoE layer
+    run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] steps that ran the layer ahead of its sync
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     decode_iterations: int = 0
 
@@ -151,6 +150,7 @@ class OffloadRuntime:
         pool, E = self.cache.pool, self.spec.num_experts
         self.layer_parts = [pool.window(layer * E, E) for layer in range(self.spec.num_layers)]
         self.sync_layer_decode_s = [0.0] * self.spec.num_layers
+        self.run_ahead_by_layer = [0] * self.spec.num_layers
         # CPU: gathering n experts pays while n copies cost less than the (S - n) empty groups of
         # the two grouped calls over the whole pool (0 on CUDA: its calls span windows of slots)
         on_cpu = pool.device.type == "cpu"
@@ -288,6 +288,11 @@ class OffloadRuntime:
     def active(self) -> list[Predictor]:
         """The predictors running in the current iteration (all, or `always` while paused)."""
         return self.stepper.predictors
+
+    @property
+    def run_ahead_layers(self) -> int:
+        """MoE layers of replayed steps launched without their routing sync (`runahead`)."""
+        return sum(self.run_ahead_by_layer)
 
     @property
     def critical_s(self) -> float:
