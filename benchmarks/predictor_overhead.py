@@ -242,7 +242,9 @@ def main() -> int:
         "':no-runahead' syncs on every layer's routing, also where every expert is resident (runahead.py), "
         "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off), "
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
-        "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True)",
+        "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
+        "':gather' gathers the absent experts in the last layer near 100%% (gather_absent=True; also an "
+        "--lru-modes flag)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -287,13 +289,16 @@ def main() -> int:
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
         kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
         kw.update(prefetch_copies="no-copies" not in flags)
-        kw.update(keep_whole_layers="keep-whole" in flags)
+        kw.update(keep_whole_layers="keep-whole" in flags, gather_absent="gather" in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
     runs += [(f"lru {near}", dict(policy="lru", expert_budget=near))]
     lru_modes = [v for v in args.lru_modes.split(",") if v]
-    runs += [(f"lru:{v} {near}", dict(policy="lru", expert_budget=near)) for v in lru_modes]
+    runs += [
+        (f"lru:{v} {near}", dict(policy="lru", expert_budget=near, gather_absent="gather" in v.split("+")))
+        for v in lru_modes
+    ]
     evict = f"decay-lfu {near}"  # finemoe's eviction alone: what the predictor adds, apart from the eviction
     if not args.no_eviction_reference:
         runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near))]

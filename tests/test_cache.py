@@ -672,3 +672,72 @@ def test_a_warm_fill_reports_each_copy_and_fills_layer_by_layer():
     assert set(c.resident()) == {ExpertId(0, e) for e in range(4)} | {ExpertId(1, 0), ExpertId(1, 1)}
     assert all(holds(c, slot, eid) for slot, eid in enumerate(c.owner))
     assert c.fill_free(ticks.append) == 0 and len(ticks) == 6  # nothing free: nothing loaded
+
+
+def _gathering_cache(slots: int, policy, gather: bool = True) -> ExpertCache:
+    pool = SlotPool(SPEC3, slots, torch.device("cpu"))
+    return ExpertCache(SPEC3, pool, ExpertStore(SPEC3, pin=False), SyncTransfer(pool), policy, gather_absent=gather)
+
+
+@pytest.mark.parametrize("policy", [LRUPolicy, "decay-lfu"])
+@pytest.mark.parametrize("how", ["demand", "prefetch"])
+def test_gathered_absent_experts_take_their_victims_from_the_last_layer(policy, how):
+    """`gather_absent`, 11 of 12 slots (3 layers x 4, one absent: the last layer holds it). Layers 0, 1
+    and 2 used in that order, (0, 3) never: loading it evicts the policy's first choice, (0, 0)
+    (least recent, and lowest decayed count as the earliest use), without gathering; with it the
+    victim is the last layer's first choice in the policy's order, (2, 0), and layers 0 and 1 are whole."""
+    gone = {}
+    for gather in (False, True):
+        c = _gathering_cache(11, policy() if policy is LRUPolicy else DecayLFUPolicy(3, 4), gather)
+        assert c.sink == (2 if gather else -1)
+        c.begin_iteration(False)
+        _enter(c, 0, [0, 1, 2])
+        _enter(c, 1, [0, 1, 2, 3])
+        _enter(c, 2, [0, 1, 2, 3])
+        before = set(c.resident())
+        if how == "demand":
+            _enter(c, 0, [3])
+        else:
+            assert c.try_prefetch(ExpertId(0, 3), 1)
+        (gone[gather],) = before - set(c.resident())
+    assert gone == {False: ExpertId(0, 0), True: ExpertId(2, 0)}
+
+
+def test_gather_copies_back_what_layers_before_the_last_miss():
+    """A decode iteration's start (`gather`) with the pool full: layer 0 misses (0, 3); it is copied
+    back as a prefetch, the victim the last layer's coldest (LRU: (2, 0)); a second call copies
+    nothing. Not in a sweeping prefill, nor with free slots, nor without `gather_absent`."""
+    c = _gathering_cache(11, LRUPolicy())
+    c.begin_iteration(False)
+    assert c.gather(0) == 0  # free slots: nothing gathers yet
+    _enter(c, 0, [0, 1, 2])
+    _enter(c, 1, [0, 1, 2, 3])
+    _enter(c, 2, [0, 1, 2, 3])
+    c.begin_iteration(False)
+    assert c.gather(1) == 1
+    assert c.is_resident(ExpertId(0, 3)) and not c.is_resident(ExpertId(2, 0))
+    assert c.stats.prefetches_issued == 1 and c.prefetch_iteration[c.slot_of[0][3]] == 1
+    assert c.gather(1) == 0
+    assert [min(row) >= 0 for row in c.slot_of] == [True, True, False]
+    off = _gathering_cache(11, LRUPolicy(), gather=False)
+    for layer in range(3):
+        _enter(off, layer, [0, 1, 2, 3] if layer else [0, 1, 2])
+    assert off.gather(1) == 0 and not off.is_resident(ExpertId(0, 3))
+
+
+def test_gathering_takes_the_last_layers_that_hold_the_absent_at_a_third_of_each():
+    """The sink layers: as many of the last as hold the absent experts at up to a third of each (at
+    least one), while that is at most a quarter of the layers (at least one). 3 x 4: 11 slots (1
+    absent) gathers in layer 2; 10 (2 absent: 2 layers), 12 (none) and more do not. The reference
+    shape, 30 x 16 at 475 slots: 5 absent fit in layer 29; Qwen1.5's 24 x 60 at 95% (72 absent, 20 a
+    layer): layers 20-23; Mixtral's 32 x 8 at 243 slots: 13 absent, 2 a layer, 7 layers of 8 allowed."""
+    from finemoe.victims import sink_layers
+
+    assert _gathering_cache(11, LRUPolicy()).sink == 2
+    assert _gathering_cache(10, LRUPolicy()).sink == -1
+    assert _gathering_cache(12, LRUPolicy()).sink == -1
+    assert _gathering_cache(11, LRUPolicy(), gather=False).sink == -1
+    assert sink_layers(30, 16, 475) == 29
+    assert sink_layers(24, 60, 1368) == 20
+    assert sink_layers(32, 8, 243) == 25
+    assert sink_layers(32, 8, 239) == -1  # 17 absent: 9 layers

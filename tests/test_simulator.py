@@ -288,6 +288,38 @@ def test_a_warm_pool_is_the_same_in_the_simulator_and_the_engine(recorded, polic
 
 
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])
+@pytest.mark.parametrize("budget", ["22", "23"])
+def test_gathering_the_absent_experts_is_the_same_in_the_simulator_and_the_engine(recorded, policy, budget):
+    """`gather_absent` one or two experts short of all (3 layers x 8): the engine's iteration start
+    copies back what the prefill's sweep or a prefetch took from an earlier layer, as the replay does:
+    the same decisions on the same prompts. At the end the absent experts are all the last layer's;
+    without gathering, finemoe's leave layer 0 short (checked on the replay)."""
+    from finemoe.simulator import Simulator
+
+    config = cfg(policy, budget, map_store_capacity=64, warm_pool=True, gather_absent=True)
+    want, got = engine_and_simulator(recorded, config)
+    assert got == want
+    _, _, f = recorded
+    tr = load_trace(f)
+    absent = {}
+    for gather in (False, True):
+        sim = Simulator(
+            tr.spec,
+            dataclasses.replace(config, gather_absent=gather),
+            None,
+            "instant",
+            empty_history(tr, 64),
+            tr.spec_probs,
+        )
+        sim.run(tr)
+        assert sim.cache.sink == (2 if gather else -1)
+        absent[gather] = [row.count(-1) for row in sim.cache.slot_of]
+    assert absent[True] == [0, 0, 24 - int(budget)]
+    if policy == "finemoe":
+        assert absent[False][0] > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "finemoe"])
 def test_router_ema_eviction_is_the_same_in_the_simulator_and_the_engine(recorded, policy):
     """The router-probability eviction reads the routers through the engine's observer and the
     simulator's routing events: the same decisions on the same prompts."""

@@ -20,7 +20,7 @@ from finemoe.pool import SlotPool
 from finemoe.store import ExpertStore
 from finemoe.transfer import Transfer
 from finemoe.types import CacheStats, ExpertId, MoESpec, expert_id_table
-from finemoe.victims import VictimSearch
+from finemoe.victims import VictimSearch, sink_layers
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ExpertCache(VictimSearch):
         prefill_sweep: bool = False,
         early_issue_misses: int = EARLY_ISSUE_MISSES,
         keep_whole: bool = False,
+        gather_absent: bool = False,
     ) -> None:
         self.spec, self.pool, self.store, self.transfer, self.policy = spec, pool, store, transfer, policy
         self.prefill_sweep = prefill_sweep
@@ -72,6 +73,10 @@ class ExpertCache(VictimSearch):
         # victims spare whole layers where they can: only while fewer experts than layers are absent
         self._candidates = getattr(policy, "candidates", None)  # optional: a look at its next victims
         self.keep_whole = keep_whole and L * E - S < L and self._candidates is not None
+        # the first of the last layers the absent experts gather in (`gather_absent`, `VictimSearch`),
+        # or -1: as many layers as a third of each would hold them, while that is at most a quarter of
+        # the layers
+        self.sink = sink_layers(L, E, S) if gather_absent else -1
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
         self._eids = expert_id_table(L, E)  # shared keys
         self.owner: list[ExpertId | None] = [None] * S
@@ -101,6 +106,35 @@ class ExpertCache(VictimSearch):
     def begin_iteration(self, prefill: bool) -> None:
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
         self._sweeping = self.prefill_sweep and prefill
+
+    def gather(self, iteration: int) -> int:
+        """`gather_absent` (`sink` >= 0), at a decode iteration's start with the pool full: copy back
+        the experts missing in layers before the sink layers as prefetches for `iteration` (their
+        victims come from the sink layers first). Returns the copies started (none once every absent
+        expert is there)."""
+        sink = self.sink
+        if sink < 0 or self._free or self._sweeping:
+            return 0
+        slot_of = self.slot_of
+        absent = self.spec.num_layers * self.spec.num_experts - self.num_slots  # (the pool is full)
+        sunk = sum(row.count(-1) for row in slot_of[sink:])
+        if sunk >= absent:
+            return 0
+        started, eids = 0, self._eids
+        for layer in range(sink):
+            row = slot_of[layer]
+            if min(row) >= 0:
+                continue
+            for e, slot in enumerate(row):
+                if slot < 0:
+                    if not self.try_prefetch(eids[layer][e], iteration):
+                        return started
+                    started += 1
+                    now = sum(r.count(-1) for r in slot_of[sink:])
+                    if now <= sunk:  # the victim was not a sink layer's (all pinned or protected)
+                        return started
+                    sunk = now
+        return started
 
     # -- queries -------------------------------------------------------------------------------
     def is_resident(self, eid: ExpertId) -> bool:
@@ -151,13 +185,13 @@ class ExpertCache(VictimSearch):
                 return self._evict(behind[0])
         if for_prefetch:
             pred = self._evictable_for_prefetch
-            victim = self._victim(pred) if self.keep_whole else self.policy.victim(pred)
+            victim = self._victim(pred) if self.keep_whole or self.sink >= 0 else self.policy.victim(pred)
         else:
             # A slot whose copy is still running would make the demand copy wait for it (the wait
             # is outside the timed copy): take it only if no landed, unprotected expert can go;
             # then the policy's own order (protected experts last).
             pred = self._evictable_landed
-            victim = self._victim(pred) if self.keep_whole else self.policy.victim(pred)
+            victim = self._victim(pred) if self.keep_whole or self.sink >= 0 else self.policy.victim(pred)
             if victim is None:  # refuses only pinned experts: they stay pinned until `release`
                 victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
@@ -307,7 +341,7 @@ class ExpertCache(VictimSearch):
                 searched = (0 if free else 1) if early else need
                 if not searched:
                     pass
-                elif self._sweeping or self._victims is None or self.keep_whole:
+                elif self._sweeping or self._victims is None or self.keep_whole or self.sink >= 0:
                     ahead = self._find_victims(searched, layer, evictable)
                 else:  # `_find_victims`, one call fewer on the replay's hottest path
                     ahead = self._victims(evictable, searched, layer)
@@ -539,6 +573,8 @@ class ExpertCache(VictimSearch):
             victims = []
         elif self._sweeping:
             victims = self._swept(self._prefetch_victims, self._evictable_prefetch, need, self.now[1])
+        elif self.sink >= 0:
+            victims = self._sunk(self._prefetch_victims, self._evictable_prefetch, need)
         elif self.keep_whole:
             victims = self._whole_kept(self._prefetch_victims, self._evictable_prefetch, need, -1)
         else:

@@ -236,6 +236,12 @@ class EngineConfig:
     # runahead.py; decayed LFU only). Off by default: fewer such layers in the simulator at the same
     # hit rate, not yet measured to pay in the engine (docs/design/device_plans.md, session 30)
     keep_whole_layers: bool = False
+    # when the absent experts fit in a quarter of one layer (a budget near 100%, the pool full), they
+    # gather in the last MoE layer: victims come from it first (the policy's order there), and each
+    # decode iteration starts by copying back what other layers miss (`ExpertCache.sink`,
+    # `gather_absent`). Every other layer is then whole, and a graphed decode step runs ahead of all
+    # routing syncs but the last layer's (runahead.py); costs a few copies after each prefill
+    gather_absent: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

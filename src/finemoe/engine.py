@@ -237,6 +237,7 @@ class Engine:
             prefill_sweep=prefill_sweep(preset, config),
             early_issue_misses=config.early_issue_misses,
             keep_whole=config.keep_whole_layers,
+            gather_absent=config.gather_absent,
         )
         # Link-aware prefetch window: layer time is host wall time less the time blocked in the
         # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.

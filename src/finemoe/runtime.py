@@ -179,6 +179,8 @@ class OffloadRuntime:
         refresh = getattr(self.cache.transfer, "refresh_stream", None)
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
+        if not is_prefill:
+            self.cache.gather(iteration)  # (`gather_absent`: copies only after a prefill broke layers)
         paused = self.duty is not None and not self.duty.predict(is_prefill)
         self.stepper.predictors = self.always if paused else self.predictors
         if not self.active:

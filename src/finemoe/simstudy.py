@@ -121,6 +121,11 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         help="near 100%%: decayed LFU's victims spare layers whose experts are all resident (keep_whole_layers)",
     )
     ap.add_argument(
+        "--gather-absent",
+        action="store_true",
+        help="near 100%%: the absent experts gather in the last layer, the others stay whole (gather_absent)",
+    )
+    ap.add_argument(
         "--warm-pool",
         action="store_true",
         help="start every replay with the free slots filled, layer by layer (the engine's warm_pool)",
@@ -156,6 +161,7 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
         prefetch_window=args.prefetch_window,
         warm_pool=args.warm_pool,
         keep_whole_layers=args.keep_whole_layers,
+        gather_absent=args.gather_absent,
         search="sync",
     )
 

@@ -169,6 +169,7 @@ class Simulator:
             sweep,
             config.early_issue_misses,
             keep_whole=config.keep_whole_layers and not oracle,  # Belady's choices stay its own
+            gather_absent=config.gather_absent and not oracle,
         )
         if config.warm_pool and not plan.all_resident:
             # the engine's fill of the free slots at set-up (`ExpertCache.fill_free`), which it waits
@@ -337,6 +338,8 @@ class Simulator:
                 tokens = sum(b - a for _, a, b in parts)
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
+                if not prefill:
+                    cache.gather(g)  # (`gather_absent`, as the engine's iteration start)
                 if rows is not None:
                     # per layer views made at once; the stand-in's layer column written through NumPy
                     ctx, probs, topk, ids, probs_np, lists = rows.iteration(g, prefill, parts)

@@ -19,7 +19,18 @@ there are layers (a budget near 100%: whole layers must exist), a victim in a la
 misses an expert is taken before the policy's first choices if it is among its next
 `WHOLE_WINDOW` candidates (a policy offering `candidates`: decayed LFU), in the prefill sweep too.
 At lower budgets nothing changes (and nothing is checked). Off by default: not yet measured to pay
-in the engine (docs/design/device_plans.md, session 30)."""
+in the engine (docs/design/device_plans.md, session 30).
+
+Absent experts gathered in the last layers (`sink`, `EngineConfig.gather_absent`): near 100% the
+absent experts are given the last few MoE layers, as many as hold them at up to a third of each
+(`sink_layers`; off when that is more than a quarter of the layers). Victims come from those layers
+first (the policy's order among their experts, then the policy's own search), and
+`ExpertCache.gather` copies back, at each decode iteration's start with the pool full, what earlier
+layers miss (the prefill's sweep breaks layers behind it). Every earlier layer is then whole: a
+replayed step syncs on the sink layers' routings only. Under uniform routing the expected misses
+per token do not depend on where the absent experts are (top-k x absent / E); with skew, the
+coldest of the sink layers are warmer than the coldest of all. It takes precedence over
+`keep_whole`; the prefill sweep keeps its own order."""
 
 from __future__ import annotations
 
@@ -38,6 +49,17 @@ from finemoe.types import ExpertId
 WHOLE_WINDOW = 16
 
 
+def sink_layers(layers: int, experts: int, slots: int) -> int:
+    """The first of the last layers the absent experts gather in (`gather_absent`): enough to hold
+    them at up to a third of each layer's experts; -1 (no gathering) if none is absent or that takes
+    more than a quarter of the layers."""
+    absent = layers * experts - slots
+    if absent <= 0:
+        return -1
+    n = -(-absent // max(1, experts // 3))
+    return layers - n if n <= max(1, layers // 4) else -1
+
+
 class VictimSearch:
     """The victim predicates and searches of `ExpertCache`, over the residency it keeps: `slot_of`
     [L][E] (slot or -1), `refcount` [S], `prefetched` / `prefetch_iteration` [S], `now`, the policy
@@ -51,6 +73,7 @@ class VictimSearch:
     policy: Any
     transfer: Any
     keep_whole: bool
+    sink: int
     _sweeping: bool
     _eids: list[list[ExpertId]]
     _victims: Any
@@ -107,9 +130,23 @@ class VictimSearch:
             pick += [eid for eid in cands if not broken[eid[0]]][: n - len(pick)]
         return pick
 
+    def _sunk(self, find: Callable, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
+        """`n` victims by `find(predicate, m)` (a policy search that takes out what it finds): those in
+        the sink layers (from `sink` on) first, then the policy's own choices among the rest."""
+        sink = self.sink
+        found = find(lambda eid: eid[0] >= sink and evictable(eid), n)
+        if len(found) < n:
+            found += find(lambda eid: eid[0] < sink and evictable(eid), n - len(found))
+        return found
+
     def _victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        """The policy's `victim` among those `evictable` accepts, sparing whole layers (`keep_whole`)."""
+        """The policy's `victim` among those `evictable` accepts, from the `sink` layer first if there
+        is one, else sparing whole layers (`keep_whole`)."""
         victim = self.policy.victim
+        if self.sink >= 0:
+            sink = self.sink
+            found = victim(lambda eid: eid[0] >= sink and evictable(eid))
+            return found if found is not None else victim(evictable)
         found = self._whole_kept(lambda pred, n: [v] if (v := victim(pred)) is not None else [], evictable, 1, -1)
         return found[0] if found else None
 
@@ -191,6 +228,8 @@ class VictimSearch:
             return self._swept(find, evictable, n, layer)
         if victims is None:
             return []
+        if self.sink >= 0:
+            return self._sunk(lambda pred, m: victims(pred, m, layer), evictable, n)
         if self.keep_whole:
             return self._whole_kept(lambda pred, m: victims(pred, m, layer), evictable, n, layer)
         return victims(evictable, n, layer)

@@ -357,3 +357,30 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     assert ahead[True] > 0  # (with one expert absent, at most one layer per step needs its sync)
     assert accesses[True] == accesses[False] > 0
     assert got[True] == got[False] == eager
+
+
+@pytest.mark.parametrize("policy,kw", [("lru", {}), ("finemoe", {"search": "device", "graph_gates": True})])
+def test_gathered_absent_experts_leave_one_routing_sync_per_step(ckpt, policy, kw):
+    """`gather_absent` one slot short of every expert, the pool filled at set-up: the absent expert
+    stays in the last layer (the prefill's sweep and the prefetches take their victims there, and each
+    decode step starts by copying back what an earlier layer misses), so every replayed step runs all
+    layers but the last ahead of their routing sync. The tokens are those of the eager steps."""
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompts = medium_prompts()
+    kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always", **kw)
+    with Engine.from_pretrained(ckpt, **kw) as eng:
+        L, E = eng.spec.num_layers, eng.spec.num_experts
+        eng.reconfigure(expert_budget=L * E - 1, cuda_graphs=False, warm_pool=True, gather_absent=True)
+        assert eng.cache.sink == L - 1
+        eager = [eng.generate(p, params)[0].token_ids for p in prompts]
+        eng.reconfigure(cuda_graphs=True)
+        st0 = eng.stats()
+        got = [eng.generate(p, params)[0].token_ids for p in prompts]
+        st = eng.stats()
+        replays = st.extra["decode_graph_replays"] - st0.extra["decode_graph_replays"]
+        ahead = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
+        assert st.extra["decode_graph_error"] is None and replays > 0
+        assert ahead == (L - 1) * replays
+        assert [row.count(-1) for row in eng.cache.slot_of] == [0] * (L - 1) + [1]
+        assert all(r == 0 for r in eng.cache.refcount)
+    assert got == eager
