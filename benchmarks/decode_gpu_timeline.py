@@ -13,8 +13,8 @@ random prompts), then per configuration one warm-up request (the capture) and on
 
 A configuration is a policy (`lru`, `decay-lfu`: lru's prefetching with finemoe's eviction) or
 `finemoe:` followed by '+'-joined flags: a search mode (`device`, `sync`, ...), `graph-gates`,
-`no-copies`; with any policy `predictor_overhead.engine_flags`' `prio` and `side-first`. Profiling
-slows the host (its API tracing): the gaps are longer than unprofiled ones;
+`no-copies`; with any policy `gather` (gather_absent) and `predictor_overhead.engine_flags`' `prio`
+and `side-first`. Profiling slows the host (its API tracing): the gaps are longer than unprofiled ones;
 compare configurations side by side, not with other runs.
 """
 
@@ -53,12 +53,13 @@ def split(config: str) -> tuple[str, set[str]]:
 def knobs(config: str, budget: str) -> dict:
     """`reconfigure` arguments of one configuration name (see the module docstring)."""
     policy, flags = split(config)
+    gather = "gather" in flags  # (gather_absent)
     if policy in ("lru", "all-gpu"):
-        return dict(policy=policy, expert_budget=budget if policy == "lru" else "100%")
+        return dict(policy=policy, expert_budget=budget if policy == "lru" else "100%", gather_absent=gather)
     if policy == "decay-lfu":
-        return dict(policy="lru", eviction="decay-lfu", expert_budget=budget)
+        return dict(policy="lru", eviction="decay-lfu", expert_budget=budget, gather_absent=gather)
     if policy != "finemoe":
-        return dict(policy=policy, expert_budget=budget)
+        return dict(policy=policy, expert_budget=budget, gather_absent=gather)
     search = next(iter(flags & SEARCHES), "sync")
     return dict(
         policy="finemoe",
@@ -67,6 +68,7 @@ def knobs(config: str, budget: str) -> dict:
         prediction_duty="always",
         graph_gates="graph-gates" in flags,
         prefetch_copies="no-copies" not in flags,
+        gather_absent=gather,
     )
 
 
