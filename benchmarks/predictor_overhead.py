@@ -155,6 +155,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     waits0 = eng.sync_wait_by_layer()
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
     by0 = list(rt.run_ahead_by_layer)
+    marks0, marked0 = list(rt.sync_marks_s), rt.sync_marks_steps
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -206,6 +207,12 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
             (b - a) / n if n else 0.0 for a, b in zip(by0, rt.run_ahead_by_layer, strict=True)
         ],
         "absent_experts_by_layer": [sum(s < 0 for s in row) for row in eng.cache.slot_of],
+        # replayed steps: ms from the first launch to the last routing sync's drain start, drain end,
+        # routing read, next launch and the replay's end (means; a mark a step lacks counts 0)
+        "sync_marks_ms": [
+            (b - a) / (rt.sync_marks_steps - marked0) * 1e3 if rt.sync_marks_steps > marked0 else 0.0
+            for a, b in zip(marks0, rt.sync_marks_s, strict=True)
+        ],
         "hit_rate": st.cache.hit_rate,
         "link_per_iteration": link,
         "search": eng.search_mode,
@@ -396,6 +403,14 @@ def main() -> int:
             synced = [i for i, v in enumerate(share) if v < 0.5]
             absent = {i: a for i, a in enumerate(r.get("absent_experts_by_layer", [])) if a}
             print(f"{k:<36} synced {synced}  absent {absent}")
+    print(
+        "the last routing sync of a replayed step (last round, ms from its first launch): drain start, "
+        "drain end, routing read, next launch, replay end"
+    )
+    for k, r in res.items():
+        marks = r.get("sync_marks_ms") or []
+        if any(marks):
+            print(f"{k:<36} " + " ".join(f"{m:7.3f}" for m in marks))
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}

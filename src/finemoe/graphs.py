@@ -304,6 +304,8 @@ class StaticDecoder:
                     rt.settle_side = partial(side.settle, step=side.step)
                     if matches is not None:
                         matches.settle = rt.settle_side
+                t_step = time.perf_counter()
+                marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
@@ -319,14 +321,18 @@ class StaticDecoder:
                             here,
                         ):
                             continue  # every expert of `layer` resident: no routing sync
+                        marks[0] = time.perf_counter()
                         ahead.drain(layer - 1)  # the routings skipped so far, before this layer's sync
+                    marks[1] = time.perf_counter()
                     rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)
+                    marks[2] = time.perf_counter()
                     if first and side.due(layer):  # router `layer` is done: the GPU idles until the next launch
                         t0 = time.perf_counter()
                         side.launch(layer)
                         rt.critical_decode_s += time.perf_counter() - t0
                     rt.binding_of(ref).serve_graphed(output[index_at], self._replayer(layer + 1))
+                    marks[3] = time.perf_counter()
                     if sides and side.due(layer):  # the GPU runs segment layer + 1: launch this layer's side
                         t0 = time.perf_counter()
                         side.launch(layer)
@@ -344,6 +350,12 @@ class StaticDecoder:
                 rt.begin_deferred()  # (every layer run ahead and none left to drain)
                 if ahead is not None:
                     ahead.drain(len(self.refs) - 1)
+                marks[4] = time.perf_counter()
+                sums = rt.sync_marks_s
+                for i, m in enumerate(marks):
+                    if m:
+                        sums[i] += m - t_step
+                rt.sync_marks_steps += 1
             finally:
                 rt._begin = None  # (a failed step's start is dropped)
                 if ahead is not None:
