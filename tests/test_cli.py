@@ -198,3 +198,16 @@ def test_generate_freezes_the_loaded_engine_for_the_garbage_collector(tok_ckpt, 
     else:
         assert seen == []
     assert gc.get_freeze_count() == 0
+
+
+def test_generate_with_gathered_absent_experts(tok_ckpt, capsys):
+    """`--gather-absent` one expert short of all (with `--warm-pool`): the same tokens as without it."""
+    cfg = json.loads((tok_ckpt / "config.json").read_text())
+    budget = str(cfg["num_hidden_layers"] * cfg["num_experts"] - 1)
+    out = {}
+    for gather in (False, True):
+        args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello there", "--json", "--max-new-tokens", "8"]
+        args += ["--expert-budget", budget, "--warm-pool", "--no-progress"] + (["--gather-absent"] if gather else [])
+        assert main(args) == 0
+        out[gather] = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert out[True]["token_ids"] == out[False]["token_ids"]

@@ -118,6 +118,12 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         help="fill the expert budget's free slots at start-up, layer by layer, instead of on first use "
         "(a longer start, fewer first misses; worth it near 100%%)",
     )
+    ap.add_argument(
+        "--gather-absent",
+        action="store_true",
+        help="near 100%%: keep the absent experts in the last layers, every other layer whole, so graphed "
+        "decode syncs on the last layers' routings only (a few copies after each prompt)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
     ap.add_argument(
         "--no-gc-freeze",
@@ -158,6 +164,7 @@ def _engine(args: argparse.Namespace):
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         warm_pool=args.warm_pool,
+        gather_absent=args.gather_absent,
         progress=not args.no_progress,
     )
 
