@@ -251,7 +251,7 @@ def main() -> int:
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
         "':gather' gathers the absent experts in the last layer near 100%% (gather_absent=True; also an "
-        "--lru-modes flag)",
+        "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -297,6 +297,7 @@ def main() -> int:
         kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
         kw.update(prefetch_copies="no-copies" not in flags)
         kw.update(keep_whole_layers="keep-whole" in flags, gather_absent="gather" in flags)
+        kw.update(gate_refine="no-gate" not in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
