@@ -123,11 +123,13 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     routing, also those whose experts are all resident (`OffloadRuntime.run_ahead`, `runahead`);
     `plan-launched`: the predictors plan from a routing read after running ahead also for layers
     whose compute is launched already (`OffloadRuntime.tell_launched` off); `embed-inline`: a replayed
-    step's predictor start embeds its token on the compute stream (`OffloadRuntime.embed_beside` off)."""
+    step's predictor start embeds its token on the compute stream (`OffloadRuntime.embed_beside` off);
+    `all-gates`: side graphs keep their gates where their targets run ahead (`skip_launched_gates` off)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
     eng.runtime.embed_beside = "embed-inline" not in flags
+    eng.runtime.skip_launched_gates = "all-gates" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -251,7 +253,9 @@ def main() -> int:
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
         "':gather' gathers the absent experts in the last layer near 100%% (gather_absent=True; also an "
-        "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False)",
+        "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
+        "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
+        "(OffloadRuntime.skip_launched_gates off)",
     )
     ap.add_argument(
         "--no-eviction-reference",

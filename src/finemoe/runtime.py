@@ -88,6 +88,10 @@ class OffloadRuntime:
     # graphed decode: routings read after running ahead tell the predictors which layers' compute is
     # launched already (`RoutingEvent.launched`: no plan for them); False: -1 (a measurement switch)
     tell_launched: bool = True
+    # graphed decode: a layer run ahead whose gate targets all run ahead too replays its side graph
+    # without the gates (`SideGraphs.gates_needed`: their rows would never be read); False: always
+    # with them (a measurement switch)
+    skip_launched_gates: bool = True
     # set by the static decoder around a replayed step's `start_iteration`: the predictors' start of the
     # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
     # (`begin_deferred`), instead of delaying that launch

@@ -34,6 +34,10 @@ class SideGraphs:
         self.rt, self.layers, self.device = runtime, layers, device
         self.stream = torch.cuda.Stream(device)
         self.graphs: list[torch.cuda.CUDAGraph | None] = []  # per MoE layer (None: nothing to do there)
+        # per MoE layer with both a match and gates: the match alone, for a layer run ahead whose gate
+        # targets are all launched before any routing is read (`gates_needed`); None otherwise
+        self.match_only: list[torch.cuda.CUDAGraph | None] = []
+        self.gates_skipped = 0  # side launches without their gates (`launch(gates=False)`), in total
         self.done: list[torch.cuda.Event | None] = []
         self._pool = None
         self._state: list[int] = []  # per layer in the current step (NOT_LAUNCHED, LAUNCHED, SETTLED)
@@ -77,7 +81,7 @@ class SideGraphs:
         not share one."""
         matches = self.rt.device_matches
         self._pool = torch.cuda.graph_pool_handle()
-        self.graphs, self.done = [], []
+        self.graphs, self.done, self.match_only = [], [], []
         self.speculated = [({}, False)] * self.layers
         self.stream.wait_stream(capturing)
         with torch.cuda.stream(self.stream):
@@ -112,27 +116,45 @@ class SideGraphs:
         if not (match or targets):
             self.speculated[layer] = ({}, covers)
             self.graphs.append(None)
+            self.match_only.append(None)
             self.done.append(None)
             return
+
+        def record_match() -> None:
+            assert matches is not None
+            logits = output[self.rt.adapter.router_logits_at].detach()
+            logits = logits.reshape(-1, logits.shape[-1])  # [1, E]
+            if fused:
+                matches.capture_logits(layer, logits)  # one kernel, the softmax included
+            else:
+                matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits))
+
         graph = torch.cuda.CUDAGraph()
         graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
         try:
             with torch.no_grad():
                 if match:
-                    assert matches is not None
-                    logits = output[self.rt.adapter.router_logits_at].detach()
-                    logits = logits.reshape(-1, logits.shape[-1])  # [1, E]
-                    if fused:
-                        matches.capture_logits(layer, logits)  # one kernel, the softmax included
-                    else:
-                        matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits))
+                    record_match()
                 self.speculated[layer] = (self._speculate(layer, args, targets), covers)
         except BaseException:
             with suppress(Exception):  # (report the first error)
                 graph.capture_end()
             raise
         graph.capture_end()
+        alone = None
+        if match and targets:  # the same match, without the gates (the same kernels on the same buffers)
+            alone = torch.cuda.CUDAGraph()
+            alone.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                with torch.no_grad():
+                    record_match()
+            except BaseException:
+                with suppress(Exception):
+                    alone.capture_end()
+                raise
+            alone.capture_end()
         self.graphs.append(graph)
+        self.match_only.append(alone)
         self.done.append(torch.cuda.Event())
 
     def _gate_buffers(self) -> dict[tuple[int, int], torch.Tensor]:
@@ -202,14 +224,34 @@ class SideGraphs:
         """Whether layer `layer` has a side graph not yet launched in the current step."""
         return self.graphs[layer] is not None and self._state[layer] == NOT_LAUNCHED
 
-    def launch(self, layer: int, after: torch.cuda.Event | None = None) -> None:
+    def gates_needed(self, layer: int, slot_of: list[list[int]]) -> bool:
+        """Whether layer `layer`'s gate rows may be read in this step, as it is run ahead: False when
+        every layer from `layer` + 1 through its last gate target has all its experts resident
+        (`slot_of` [L][E], -1: absent). The host launches those without a routing sync and evicts
+        nothing before the next routing it reads, whose event then names them launched: the gates
+        make no plan for them (`RoutingEvent.launched`) and their rows are never read."""
+        targets = self.speculated[layer][0] if layer < len(self.speculated) else {}
+        if not targets:
+            return False
+        return any(min(slot_of[t]) < 0 for t in range(layer + 1, max(targets) + 1))
+
+    def launch(self, layer: int, after: torch.cuda.Event | None = None, gates: bool = True) -> None:
         """Replay layer `layer`'s side graph on the side stream and mark its end with its event.
         Router `layer`'s outputs must be complete: the host synced on its ids, or `after` marks them
-        on the compute stream (a layer run ahead, `runahead`), which the side stream then waits for."""
+        on the compute stream (a layer run ahead, `runahead`), which the side stream then waits for.
+        `gates` False: the match alone where the layer has one (nothing where it has gates only):
+        the caller knows the gate rows will not be read (`gates_needed`)."""
+        graph = self.graphs[layer]
+        if not gates and self.speculated[layer][0]:
+            graph = self.match_only[layer]
+            self.gates_skipped += 1
+            if graph is None:  # gates only: nothing to run or wait for
+                self._state[layer] = SETTLED
+                return
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
-            self.graphs[layer].replay()  # type: ignore[union-attr]
+            graph.replay()  # type: ignore[union-attr]
         self.done[layer].record(self.stream)  # type: ignore[union-attr]
         self._state[layer] = LAUNCHED
 
@@ -240,4 +282,4 @@ class SideGraphs:
     def drop(self) -> None:
         """Wait for them, then free the graphs and the gates' state."""
         self.finish()
-        self.graphs, self.done, self._pool, self.speculated = [], [], None, []
+        self.graphs, self.done, self._pool, self.speculated, self.match_only = [], [], None, [], []
