@@ -252,7 +252,7 @@ def main() -> int:
         "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off), "
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
-        "':gather' gathers the absent experts in the last layer near 100%% (gather_absent=True; also an "
+        "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
         "(OffloadRuntime.skip_launched_gates off)",

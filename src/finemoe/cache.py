@@ -110,8 +110,9 @@ class ExpertCache(VictimSearch):
     def gather(self, iteration: int) -> int:
         """`gather_absent` (`sink` >= 0), at a decode iteration's start with the pool full: copy back
         the experts missing in layers before the sink layers as prefetches for `iteration` (their
-        victims come from the sink layers first). Returns the copies started (none once every absent
-        expert is there)."""
+        victims come from the sink layers first), each layer's issued as a run of its own. Residency
+        upkeep, not a prediction: it copies also with `prefetch_copies` off, and counts as prefetches
+        in the cache's statistics. Returns the copies started (none once every absent expert is there)."""
         sink = self.sink
         if sink < 0 or self._free or self._sweeping:
             return 0
@@ -121,19 +122,25 @@ class ExpertCache(VictimSearch):
         if sunk >= absent:
             return 0
         started, eids = 0, self._eids
-        for layer in range(sink):
-            row = slot_of[layer]
-            if min(row) >= 0:
-                continue
-            for e, slot in enumerate(row):
-                if slot < 0:
-                    if not self.try_prefetch(eids[layer][e], iteration):
-                        return started
-                    started += 1
-                    now = sum(r.count(-1) for r in slot_of[sink:])
-                    if now <= sunk:  # the victim was not a sink layer's (all pinned or protected)
-                        return started
-                    sunk = now
+        try:
+            for layer in range(sink):
+                row = slot_of[layer]
+                if min(row) >= 0:
+                    continue
+                for e, slot in enumerate(row):
+                    if slot < 0:
+                        if not self.try_prefetch(eids[layer][e], iteration):
+                            return started
+                        started += 1
+                        now = sum(r.count(-1) for r in slot_of[sink:])
+                        if now <= sunk:  # the victim was not a sink layer's (all pinned or protected)
+                            return started
+                        sunk = now
+                # a queueing transfer issues each layer's copies as a run of their own: a layer run
+                # ahead waits for its own copies, not for every later layer's
+                self.flush_copies()
+        finally:
+            self.flush_copies()
         return started
 
     # -- queries -------------------------------------------------------------------------------

@@ -236,11 +236,13 @@ class EngineConfig:
     # runahead.py; decayed LFU only). Off by default: fewer such layers in the simulator at the same
     # hit rate, not yet measured to pay in the engine (docs/design/device_plans.md, session 30)
     keep_whole_layers: bool = False
-    # when the absent experts fit in a quarter of one layer (a budget near 100%, the pool full), they
-    # gather in the last MoE layer: victims come from it first (the policy's order there), and each
-    # decode iteration starts by copying back what other layers miss (`ExpertCache.sink`,
-    # `gather_absent`). Every other layer is then whole, and a graphed decode step runs ahead of all
-    # routing syncs but the last layer's (runahead.py); costs a few copies after each prefill
+    # near 100% the absent experts gather in the last MoE layers, as many as hold them at up to a third
+    # of each, while that is at most a quarter of the layers (`victims.sink_layers`): victims come from
+    # them first (the policy's order there), and each decode iteration starts by copying back what
+    # earlier layers miss (`ExpertCache.gather`). Every earlier layer is then whole, and a graphed
+    # decode step runs ahead of all routing syncs but the sink layers' (runahead.py). Off by default:
+    # -0.19 ms per step on the H200 (reference shape, 99%), but the simulator has it cost finemoe on the
+    # Qwen shapes (+0.7-0.9% TPOT at 99%, +7-8.5% at 95%; docs/design/device_plans.md, session 31)
     gather_absent: bool = False
 
     def __post_init__(self) -> None:

@@ -79,7 +79,9 @@ class RunAhead:
             replay()
             transfer.after_compute(pinned)  # a later copy into these slots waits for the segment
             if sides is not None and sides.due(layer):
-                gates = not rt.skip_launched_gates or sides.gates_needed(layer, cache.slot_of)
+                # (the rows are unread only if the drained routings name the targets launched)
+                skip = rt.skip_launched_gates and rt.tell_launched
+                gates = not skip or sides.gates_needed(layer, cache.slot_of)
                 sides.launch(layer, after=routed, gates=gates)
         except BaseException:  # a copy into these slots must still wait for whatever was launched
             cache.transfer.after_compute(pinned)

@@ -189,7 +189,7 @@ class OffloadRuntime:
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
         if not is_prefill:
-            self.cache.gather(iteration)  # (`gather_absent`: copies only after a prefill broke layers)
+            self.cache.gather(iteration)  # (`gather_absent`: copies only when an earlier layer lacks an expert)
         paused = self.duty is not None and not self.duty.predict(is_prefill)
         self.stepper.predictors = self.always if paused else self.predictors
         if not self.active:

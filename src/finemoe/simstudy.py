@@ -123,7 +123,7 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--gather-absent",
         action="store_true",
-        help="near 100%%: the absent experts gather in the last layer, the others stay whole (gather_absent)",
+        help="near 100%%: the absent experts gather in the last layers, the others stay whole (gather_absent)",
     )
     ap.add_argument(
         "--warm-pool",
