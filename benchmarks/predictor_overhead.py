@@ -157,7 +157,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     waits0 = eng.sync_wait_by_layer()
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
     by0 = list(rt.run_ahead_by_layer)
-    marks0, marked0 = list(rt.sync_marks_s), rt.sync_marks_steps
+    marks0, marked0 = list(rt.sync_marks_s), list(rt.sync_marks_steps)
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -210,10 +210,10 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         ],
         "absent_experts_by_layer": [sum(s < 0 for s in row) for row in eng.cache.slot_of],
         # replayed steps: ms from the first launch to the last routing sync's drain start, drain end,
-        # routing read, next launch and the replay's end (means; a mark a step lacks counts 0)
+        # routing read, next launch and the replay's end (means over the steps that had the mark)
         "sync_marks_ms": [
-            (b - a) / (rt.sync_marks_steps - marked0) * 1e3 if rt.sync_marks_steps > marked0 else 0.0
-            for a, b in zip(marks0, rt.sync_marks_s, strict=True)
+            (b - a) / (m - n) * 1e3 if m > n else 0.0
+            for a, b, n, m in zip(marks0, rt.sync_marks_s, marked0, rt.sync_marks_steps, strict=True)
         ],
         "hit_rate": st.cache.hit_rate,
         "link_per_iteration": link,

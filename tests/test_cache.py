@@ -705,24 +705,28 @@ def test_gathered_absent_experts_take_their_victims_from_the_last_layer(policy, 
 
 def test_gather_copies_back_what_layers_before_the_last_miss():
     """A decode iteration's start (`gather`) with the pool full: layer 0 misses (0, 3); it is copied
-    back as a prefetch, the victim the last layer's coldest (LRU: (2, 0)); a second call copies
-    nothing. Not in a sweeping prefill, nor with free slots, nor without `gather_absent`."""
+    back (counted as gathered, not as a prefetch), the victim the last layer's coldest (LRU: (2, 0));
+    a second call copies nothing. Not with free slots, nor without `gather_absent`."""
     c = _gathering_cache(11, LRUPolicy())
     c.begin_iteration(False)
-    assert c.gather(0) == 0  # free slots: nothing gathers yet
+    assert c.gather() == 0  # free slots: nothing gathers yet
     _enter(c, 0, [0, 1, 2])
     _enter(c, 1, [0, 1, 2, 3])
     _enter(c, 2, [0, 1, 2, 3])
     c.begin_iteration(False)
-    assert c.gather(1) == 1
+    bytes_before = c.stats.bytes_copied
+    assert c.gather() == 1
     assert c.is_resident(ExpertId(0, 3)) and not c.is_resident(ExpertId(2, 0))
-    assert c.stats.prefetches_issued == 1 and c.prefetch_iteration[c.slot_of[0][3]] == 1
-    assert c.gather(1) == 0
+    assert holds(c, c.slot_of[0][3], ExpertId(0, 3))
+    # residency upkeep, not a prefetch: its own counter and the bytes, no prefetch statistics
+    assert c.stats.gathered == 1 and c.stats.prefetches_issued == 0 and not c.prefetched[c.slot_of[0][3]]
+    assert c.stats.bytes_copied == bytes_before + c.expert_bytes
+    assert c.gather() == 0
     assert [min(row) >= 0 for row in c.slot_of] == [True, True, False]
     off = _gathering_cache(11, LRUPolicy(), gather=False)
     for layer in range(3):
         _enter(off, layer, [0, 1, 2, 3] if layer else [0, 1, 2])
-    assert off.gather(1) == 0 and not off.is_resident(ExpertId(0, 3))
+    assert off.gather() == 0 and not off.is_resident(ExpertId(0, 3)) and off.stats.gathered == 0
 
 
 def test_gathering_takes_the_last_layers_that_hold_the_absent_at_a_third_of_each():

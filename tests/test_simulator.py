@@ -85,6 +85,7 @@ PARITY_KEYS = (
     "prefetches_issued",
     "prefetches_used",
     "prefetches_wasted",
+    "gathered",
     "layer_hit_rate",
 )
 
@@ -317,6 +318,7 @@ def test_gathering_the_absent_experts_is_the_same_in_the_simulator_and_the_engin
     assert absent[True] == [0, 0, 24 - int(budget)]
     if policy == "finemoe":
         assert absent[False][0] > 0
+        assert want["gathered"] > 0  # the engine copied back what its sweep took
 
 
 @pytest.mark.parametrize("policy", ["lru", "finemoe"])

@@ -107,12 +107,13 @@ class ExpertCache(VictimSearch):
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
         self._sweeping = self.prefill_sweep and prefill
 
-    def gather(self, iteration: int) -> int:
+    def gather(self) -> int:
         """`gather_absent` (`sink` >= 0), at a decode iteration's start with the pool full: copy back
-        the experts missing in layers before the sink layers as prefetches for `iteration` (their
-        victims come from the sink layers first), each layer's issued as a run of its own. Residency
-        upkeep, not a prediction: it copies also with `prefetch_copies` off, and counts as prefetches
-        in the cache's statistics. Returns the copies started (none once every absent expert is there)."""
+        the experts missing in layers before the sink layers (their victims come from the sink
+        layers first, never a pinned or planned expert), each layer's issued as a run of its own.
+        Residency upkeep, not a prediction: counted in `stats.gathered` and the bytes copied, not as
+        prefetches, and done also with `prefetch_copies` off. Returns the copies started (none once
+        every absent expert is in a sink layer)."""
         sink = self.sink
         if sink < 0 or self._free or self._sweeping:
             return 0
@@ -129,8 +130,11 @@ class ExpertCache(VictimSearch):
                     continue
                 for e, slot in enumerate(row):
                     if slot < 0:
-                        if not self.try_prefetch(eids[layer][e], iteration):
+                        free = self._allocate(True)
+                        if free is None:
                             return started
+                        self._load(eids[layer][e], free, False)
+                        self.stats.gathered += 1
                         started += 1
                         now = sum(r.count(-1) for r in slot_of[sink:])
                         if now <= sunk:  # the victim was not a sink layer's (all pinned or protected)

@@ -351,11 +351,11 @@ class StaticDecoder:
                 if ahead is not None:
                     ahead.drain(len(self.refs) - 1)
                 marks[4] = time.perf_counter()
-                sums = rt.sync_marks_s
+                sums, counts = rt.sync_marks_s, rt.sync_marks_steps
                 for i, m in enumerate(marks):
                     if m:
                         sums[i] += m - t_step
-                rt.sync_marks_steps += 1
+                        counts[i] += 1
             finally:
                 rt._begin = None  # (a failed step's start is dropped)
                 if ahead is not None:

@@ -103,11 +103,12 @@ class OffloadRuntime:
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
     run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] steps that ran the layer ahead of its sync
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
-    # replayed steps: host seconds from the step's first launch to its last routing sync's marks, summed
-    # over `sync_marks_steps` steps: (drain starts, drain done, routing read, next segment launched, the
-    # replay done); where the host is late at the sync that paces a run-ahead step
+    # replayed steps: host seconds from the step's first launch to its last routing sync's marks (drain
+    # starts, drain done, routing read, next segment launched, the replay done), summed over the
+    # `sync_marks_steps` [5] steps that had each mark; where the host is late at the sync that paces a
+    # run-ahead step
     sync_marks_s: list[float] = field(default_factory=lambda: [0.0] * 5)
-    sync_marks_steps: int = 0
+    sync_marks_steps: list[int] = field(default_factory=lambda: [0] * 5)
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -189,7 +190,7 @@ class OffloadRuntime:
         if refresh is not None:
             refresh()  # the stream this forward pass computes on
         if not is_prefill:
-            self.cache.gather(iteration)  # (`gather_absent`: copies only when an earlier layer lacks an expert)
+            self.cache.gather()  # (`gather_absent`: copies only when an earlier layer lacks an expert)
         paused = self.duty is not None and not self.duty.predict(is_prefill)
         self.stepper.predictors = self.always if paused else self.predictors
         if not self.active:

@@ -339,7 +339,7 @@ class Simulator:
                 steps += L * len(parts)
                 cache.begin_iteration(prefill)
                 if not prefill:
-                    cache.gather(g)  # (`gather_absent`, as the engine's iteration start)
+                    cache.gather()  # (`gather_absent`, as the engine's iteration start)
                 if rows is not None:
                     # per layer views made at once; the stand-in's layer column written through NumPy
                     ctx, probs, topk, ids, probs_np, lists = rows.iteration(g, prefill, parts)

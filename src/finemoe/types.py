@@ -234,6 +234,7 @@ class CacheStats:
     prefetch_wasted_bytes: int = 0
     prefetches_late: int = 0
     prefetches_dropped: int = 0  # planned but never started (stale or replaced)
+    gathered: int = 0  # copies keeping the layers before the sink layers whole (`gather_absent`), not prefetches
     layer_hits: list[int] = field(default_factory=list)
     layer_misses: list[int] = field(default_factory=list)
 
@@ -301,6 +302,7 @@ class CacheStats:
             "prefetch_wasted_bytes": self.prefetch_wasted_bytes,
             "prefetches_late": self.prefetches_late,
             "prefetches_dropped": self.prefetches_dropped,
+            "gathered": self.gathered,
             "prefetch_precision": self.prefetch_precision,
             "prefetch_recall": self.prefetch_recall,
             "layer_hit_rate": self.layer_hit_rate,
