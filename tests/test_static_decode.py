@@ -85,3 +85,24 @@ def test_sliding_window_models_keep_the_dynamic_path(tiny_checkpoint):
         assert not eng.static.supported and eng.static.max_len == 0  # no static cache was made
         assert eng.stats().extra["cuda_graphs"] is False
     assert got == want
+
+
+def test_side_graph_gates_are_needed_unless_every_layer_through_their_targets_is_whole():
+    """`SideGraphs.gates_needed` (a layer run ahead): 4 layers x 2 experts, gates of strides 1 and 2
+    (layer 0 targets 1 and 2, layer 2 targets 3). With layers 1 and 2 whole, layer 0's gate rows are
+    never read (its targets are launched before any routing is read); a hole in layer 2 (a target) or
+    in layer 1 (on the way to target 2) makes them needed; a layer with no gate needs none."""
+    from finemoe.side_graphs import SideGraphs
+
+    sides = object.__new__(SideGraphs)  # (the predicate only: no CUDA stream)
+    sides.speculated = [({1: None, 2: None}, True), ({}, True), ({3: None}, True), ({}, True)]
+    whole = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert not sides.gates_needed(0, whole)
+    assert not sides.gates_needed(2, whole)
+    assert not sides.gates_needed(1, whole)  # no gate targets
+    hole_in_target = [[0, 1], [2, 3], [4, -1], [6, 7]]
+    assert sides.gates_needed(0, hole_in_target)
+    assert not sides.gates_needed(2, hole_in_target)  # layer 3 is whole
+    hole_between = [[0, 1], [-1, 3], [4, 5], [6, 7]]
+    assert sides.gates_needed(0, hole_between)
+    assert sides.gates_needed(2, [[0, 1], [2, 3], [4, 5], [-1, 7]])
