@@ -140,8 +140,9 @@ class VictimSearch:
         return found
 
     def _victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
-        """The policy's `victim` among those `evictable` accepts, from the `sink` layer first if there
-        is one, else sparing whole layers (`keep_whole`)."""
+        """The policy's `victim` among those `evictable` accepts: from the sink layers first where
+        there are some (its fallback to a protected expert stays within them), else sparing whole
+        layers (`keep_whole`)."""
         victim = self.policy.victim
         if self.sink >= 0:
             sink = self.sink
