@@ -13,9 +13,10 @@ random prompts), then per configuration one warm-up request (the capture) and on
 
 A configuration is a policy (`lru`, `decay-lfu`: lru's prefetching with finemoe's eviction) or
 `finemoe:` followed by '+'-joined flags: a search mode (`device`, `sync`, ...), `graph-gates`,
-`no-copies`; with any policy `gather` (gather_absent) and `predictor_overhead.engine_flags`' `prio`
-and `side-first`. Profiling slows the host (its API tracing): the gaps are longer than unprofiled ones;
-compare configurations side by side, not with other runs.
+`no-copies`; with any policy `gather` (gather_absent) and `predictor_overhead.engine_flags`' flags
+(`prio`, `side-first`, `embed-inline`, `no-runahead`, `all-gates`, ...). Profiling slows the host
+(its API tracing): the gaps are longer than unprofiled ones; compare configurations side by side,
+not with other runs.
 """
 
 from __future__ import annotations

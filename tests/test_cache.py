@@ -745,3 +745,20 @@ def test_gathering_takes_the_last_layers_that_hold_the_absent_at_a_third_of_each
     assert sink_layers(24, 60, 1368) == 20
     assert sink_layers(32, 8, 243) == 25
     assert sink_layers(32, 8, 239) == -1  # 17 absent: 9 layers
+
+
+def test_gather_copies_back_only_in_place_of_a_sink_layers_expert():
+    """When no sink-layer expert may go (all pinned), `gather` copies nothing: it never takes a victim
+    from an earlier layer (that would break it and repeat every iteration)."""
+    c = _gathering_cache(11, LRUPolicy())
+    c.begin_iteration(False)
+    _enter(c, 0, [0, 1, 2])
+    _enter(c, 1, [0, 1, 2, 3])
+    _enter(c, 2, [0, 1, 2, 3])
+    pinned = c.pin_layer(2)
+    assert pinned is not None
+    before = set(c.resident())
+    assert c.gather() == 0
+    assert set(c.resident()) == before and c.stats.gathered == 0
+    c.unpin(pinned)
+    assert c.gather() == 1 and c.is_resident(ExpertId(0, 3))

@@ -72,11 +72,12 @@ class ExpertCache(VictimSearch):
         L, E = spec.num_layers, spec.num_experts
         # victims spare whole layers where they can: only while fewer experts than layers are absent
         self._candidates = getattr(policy, "candidates", None)  # optional: a look at its next victims
-        self.keep_whole = keep_whole and L * E - S < L and self._candidates is not None
-        # the first of the last layers the absent experts gather in (`gather_absent`, `VictimSearch`),
-        # or -1: as many layers as a third of each would hold them, while that is at most a quarter of
-        # the layers
+        self.absent = max(0, L * E - S)  # experts absent once the pool is full
+        # the first of the sink layers (`gather_absent`, `victims.sink_layers`), or -1
         self.sink = sink_layers(L, E, S) if gather_absent else -1
+        # (gathering takes precedence over keep_whole)
+        self.keep_whole = keep_whole and self.sink < 0 and self.absent < L and self._candidates is not None
+        self._shaped = self.keep_whole or self.sink >= 0  # victims other than the policy's own order
         self.slot_of = [[-1] * E for _ in range(L)]  # CPU truth of residency
         self._eids = expert_id_table(L, E)  # shared keys
         self.owner: list[ExpertId | None] = [None] * S
@@ -109,20 +110,18 @@ class ExpertCache(VictimSearch):
 
     def gather(self) -> int:
         """`gather_absent` (`sink` >= 0), at a decode iteration's start with the pool full: copy back
-        the experts missing in layers before the sink layers (their victims come from the sink
-        layers first, never a pinned or planned expert), each layer's issued as a run of its own.
-        Residency upkeep, not a prediction: counted in `stats.gathered` and the bytes copied, not as
-        prefetches, and done also with `prefetch_copies` off. Returns the copies started (none once
-        every absent expert is in a sink layer)."""
+        the experts missing in layers before the sink layers, each in place of a sink layer's expert
+        (the policy's order among those a prefetch may evict: never a pinned or planned one), each
+        layer's copies issued as a run of their own. Residency upkeep, not a prediction: counted in
+        `stats.gathered` and the bytes copied, not as prefetches, and done also with
+        `prefetch_copies` off. Stops when no sink expert can go. Returns the copies started."""
         sink = self.sink
         if sink < 0 or self._free or self._sweeping:
             return 0
         slot_of = self.slot_of
-        absent = self.spec.num_layers * self.spec.num_experts - self.num_slots  # (the pool is full)
-        sunk = sum(row.count(-1) for row in slot_of[sink:])
-        if sunk >= absent:
-            return 0
-        started, eids = 0, self._eids
+        if sum(row.count(-1) for row in slot_of[sink:]) >= self.absent:
+            return 0  # every absent expert is in a sink layer
+        started, eids, pred, victim = 0, self._eids, self._evictable_for_prefetch, self.policy.victim
         try:
             for layer in range(sink):
                 row = slot_of[layer]
@@ -130,16 +129,12 @@ class ExpertCache(VictimSearch):
                     continue
                 for e, slot in enumerate(row):
                     if slot < 0:
-                        free = self._allocate(True)
-                        if free is None:
+                        gone = victim(lambda eid: eid[0] >= sink and pred(eid))
+                        if gone is None:
                             return started
-                        self._load(eids[layer][e], free, False)
+                        self._load(eids[layer][e], self._evict(gone), False)
                         self.stats.gathered += 1
                         started += 1
-                        now = sum(r.count(-1) for r in slot_of[sink:])
-                        if now <= sunk:  # the victim was not a sink layer's (all pinned or protected)
-                            return started
-                        sunk = now
                 # a queueing transfer issues each layer's copies as a run of their own: a layer run
                 # ahead waits for its own copies, not for every later layer's
                 self.flush_copies()
@@ -196,13 +191,13 @@ class ExpertCache(VictimSearch):
                 return self._evict(behind[0])
         if for_prefetch:
             pred = self._evictable_for_prefetch
-            victim = self._victim(pred) if self.keep_whole or self.sink >= 0 else self.policy.victim(pred)
+            victim = self._victim(pred) if self._shaped else self.policy.victim(pred)
         else:
             # A slot whose copy is still running would make the demand copy wait for it (the wait
             # is outside the timed copy): take it only if no landed, unprotected expert can go;
             # then the policy's own order (protected experts last).
             pred = self._evictable_landed
-            victim = self._victim(pred) if self.keep_whole or self.sink >= 0 else self.policy.victim(pred)
+            victim = self._victim(pred) if self._shaped else self.policy.victim(pred)
             if victim is None:  # refuses only pinned experts: they stay pinned until `release`
                 victim = self.policy.victim(self._evictable, pinned_only=True)
         if victim is None:
@@ -352,7 +347,7 @@ class ExpertCache(VictimSearch):
                 searched = (0 if free else 1) if early else need
                 if not searched:
                     pass
-                elif self._sweeping or self._victims is None or self.keep_whole or self.sink >= 0:
+                elif self._sweeping or self._victims is None or self._shaped:
                     ahead = self._find_victims(searched, layer, evictable)
                 else:  # `_find_victims`, one call fewer on the replay's hottest path
                     ahead = self._victims(evictable, searched, layer)
@@ -506,15 +501,12 @@ class ExpertCache(VictimSearch):
                 slot, eid = free.pop(), eids[layer][e]
                 self.transfer.load(slot, self.store.parts(eid), False)
                 self.owner[slot] = eid
-                row[e] = slot
-                self._dirty[layer] = True
+                self._set(eid, slot)
                 self.policy.on_insert(eid, self.step)
                 loaded += 1
                 if each is not None:
                     each(1)
-        flush = getattr(self.transfer, "flush", None)
-        if flush is not None:
-            flush()
+        self.flush_copies()
         return loaded
 
     def pin_layer(self, layer: int) -> list[int] | None:
@@ -538,10 +530,7 @@ class ExpertCache(VictimSearch):
         refcount = self.refcount
         for s in slots:
             refcount[s] -= 1
-        for s in pinned:
-            refcount[s] -= 1
-        if self._on_release is not None:
-            self._on_release()
+        self.unpin(pinned)
 
     def unpin(self, slots: list[int]) -> None:
         """Drop pins `pin_layer` took, nothing counted (a step abandoned before `account_pinned`)."""
@@ -584,10 +573,8 @@ class ExpertCache(VictimSearch):
             victims = []
         elif self._sweeping:
             victims = self._swept(self._prefetch_victims, self._evictable_prefetch, need, self.now[1])
-        elif self.sink >= 0:
-            victims = self._sunk(self._prefetch_victims, self._evictable_prefetch, need)
-        elif self.keep_whole:
-            victims = self._whole_kept(self._prefetch_victims, self._evictable_prefetch, need, -1)
+        elif self._shaped:
+            victims = self._shape(self._prefetch_victims, self._evictable_prefetch, need, -1)
         else:
             victims = self._prefetch_victims(self._evictable_prefetch, need)
         victims.reverse()

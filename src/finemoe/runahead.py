@@ -13,8 +13,9 @@ drop, and the predictors plan (their host work now overlaps segments already que
 Lossless: a pinned expert cannot be evicted, so what the router picked is resident when its
 segment runs, and a later copy into one of its slots waits for that segment (`after_compute` at the
 launch). What differs from the synced path is when the host learns of the uses: after the launches
-instead of before each, so plans made from a routing run ahead target layers the GPU may have
-passed (their experts are resident: nothing is copied for them). Off where something else reads the
+instead of before each. Those routings carry `RoutingEvent.launched`, so the predictors make no
+plan for a layer whose compute is launched already, and the side graphs of such layers skip the
+gates whose rows nobody will read (`SideGraphs.gates_needed`). Off where something else reads the
 routing in the router hook (observers, a routing policy, a foreign hook) or `rt.run_ahead` is False.
 """
 

@@ -221,13 +221,7 @@ class GpuTimeline:
         # `link.ready` (from `before_compute` just before, in `defer` mode) is never before now, so
         # the segment never starts before its launch
         start = link.ready if link.ready > self.end else self.end
-        if start > free:
-            link.stall_s += start - free
-        self.end = end = start + self.expert_s * len(got)
-        busy = link.busy
-        assert busy is not None
-        for s in slots:
-            busy[s] = end
+        self._run(start, free, len(got), slots)
 
     def launch_pinned(self, routed: int, slots: list[int]) -> None:
         """A layer run ahead of its routing sync (every expert resident, `slots` [E] pinned): its
@@ -239,10 +233,15 @@ class GpuTimeline:
         for s in slots:
             if done[s] > start:
                 start = done[s]
+        self._run(start, free, routed, slots)
+
+    def _run(self, start: float, free: float, n: int, slots: list[int]) -> None:
+        """`n` routed experts run from `start` (the GPU idle from `free`: a stall for the copies),
+        reading `slots` until they end."""
         if start > free:
-            link.stall_s += start - free
-        self.end = end = start + self.expert_s * routed
-        busy = link.busy
+            self.link.stall_s += start - free
+        self.end = end = start + self.expert_s * n
+        busy = self.link.busy
         assert busy is not None
         for s in slots:
             busy[s] = end

@@ -109,7 +109,7 @@ class Simulator:
     is resident is launched without the routing sync, its slots pinned; its uses are counted and its
     predictors run when the host next syncs (or at the step's end), after the GPU has reached its
     router. Such a launch costs the host no time of its own here (its few tens of µs on the H200 are
-    not calibrated). Off (`graphed` False), one clock runs everything in sequence and decode plans
+    not calibrated). Without `graphed`, one clock runs everything in sequence and decode plans
     come before the copies, as in the eager engine (and the CPU engine the deterministic-mode tests
     compare with)."""
 

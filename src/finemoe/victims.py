@@ -74,6 +74,7 @@ class VictimSearch:
     transfer: Any
     keep_whole: bool
     sink: int
+    _shaped: bool
     _sweeping: bool
     _eids: list[list[ExpertId]]
     _victims: Any
@@ -139,10 +140,16 @@ class VictimSearch:
             found += find(lambda eid: eid[0] < sink and evictable(eid), n - len(found))
         return found
 
+    def _shape(self, find: Callable, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """`n` victims by `find(predicate, m)` (a policy search), from the sink layers first where
+        there are some (`_sunk`), else sparing whole layers (`_whole_kept`); `layer` as `_whole_kept`'s."""
+        if self.sink >= 0:
+            return self._sunk(find, evictable, n)
+        return self._whole_kept(find, evictable, n, layer)
+
     def _victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
         """The policy's `victim` among those `evictable` accepts: from the sink layers first where
-        there are some (its fallback to a protected expert stays within them), else sparing whole
-        layers (`keep_whole`)."""
+        there are some, else sparing whole layers (`keep_whole`)."""
         victim = self.policy.victim
         if self.sink >= 0:
             sink = self.sink
@@ -229,8 +236,6 @@ class VictimSearch:
             return self._swept(find, evictable, n, layer)
         if victims is None:
             return []
-        if self.sink >= 0:
-            return self._sunk(lambda pred, m: victims(pred, m, layer), evictable, n)
-        if self.keep_whole:
-            return self._whole_kept(lambda pred, m: victims(pred, m, layer), evictable, n, layer)
+        if self._shaped:
+            return self._shape(lambda pred, m: victims(pred, m, layer), evictable, n, layer)
         return victims(evictable, n, layer)
