@@ -124,12 +124,15 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `plan-launched`: the predictors plan from a routing read after running ahead also for layers
     whose compute is launched already (`OffloadRuntime.tell_launched` off); `embed-inline`: a replayed
     step's predictor start embeds its token on the compute stream (`OffloadRuntime.embed_beside` off);
-    `all-gates`: side graphs keep their gates where their targets run ahead (`skip_launched_gates` off)."""
+    `all-gates`: side graphs keep their gates where their targets run ahead (`skip_launched_gates` off);
+    `all-matches`: every matched layer launches its map match, also where no plan reads it
+    (`defer_matches` off)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
     eng.runtime.embed_beside = "embed-inline" not in flags
     eng.runtime.skip_launched_gates = "all-gates" not in flags
+    eng.runtime.defer_matches = "all-matches" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -158,6 +161,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
     by0 = list(rt.run_ahead_by_layer)
     marks0, marked0 = list(rt.sync_marks_s), list(rt.sync_marks_steps)
+    sides = eng.static.sides if eng.static is not None else None
+    side0 = (sides.gates_skipped, sides.matches_deferred, sides.late_matches) if sides is not None else (0, 0, 0)
     cs0 = eng.stats().cache
     steps = []
     if freeze:
@@ -203,6 +208,16 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         # MoE layers per iteration launched without a routing sync (every expert resident, `runahead`)
         "run_ahead_layers_per_iteration": (rt.run_ahead_layers - ahead0) / n if n else 0.0,
+        # side launches per iteration without their gates, without their map match (deferred), and
+        # matches launched only when read (`SideGraphs`)
+        "side_skips_per_iteration": [
+            (b - a) / n if n else 0.0
+            for a, b in zip(
+                side0,
+                (sides.gates_skipped, sides.matches_deferred, sides.late_matches) if sides is not None else (0, 0, 0),
+                strict=True,
+            )
+        ],
         # per MoE layer, the share of decode iterations it ran ahead (1: always whole), and where the
         # experts absent after the runs sit (which layers must sync)
         "run_ahead_share_by_layer": [
@@ -255,7 +270,8 @@ def main() -> int:
         "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
-        "(OffloadRuntime.skip_launched_gates off)",
+        "(OffloadRuntime.skip_launched_gates off), ':all-matches' launches every matched layer's map match, also "
+        "where no plan of the step reads it (OffloadRuntime.defer_matches off)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -400,7 +416,11 @@ def main() -> int:
         spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
         copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
         ahead = r.get("run_ahead_layers_per_iteration", 0.0)
-        print(f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}")
+        skips = "/".join(f"{v:.1f}" for v in r.get("side_skips_per_iteration", ()))
+        print(
+            f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}, "
+            f"sides without gates/match, late matches {skips}"
+        )
     print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
     for k, r in res.items():
         share = r.get("run_ahead_share_by_layer") or []

@@ -106,3 +106,29 @@ def test_side_graph_gates_are_needed_unless_every_layer_through_their_targets_is
     hole_between = [[0, 1], [-1, 3], [4, 5], [6, 7]]
     assert sides.gates_needed(0, hole_between)
     assert sides.gates_needed(2, [[0, 1], [2, 3], [4, 5], [-1, 7]])
+
+
+def test_side_graph_match_is_needed_unless_its_readers_targets_are_whole():
+    """`SideGraphs.match_needed` (6 layers x 2 experts, prefetch distance 2): layer l's match is read
+    by layer l + 1's plan for target l + 3, unless every layer from l + 1 through l + 3 is whole (the
+    reader then runs ahead and its target is launched when it is read). Not deferrable without the
+    fused catch-up or when the predictor reads every layer's match (map-aware hints)."""
+    from types import SimpleNamespace
+
+    from finemoe.side_graphs import SideGraphs
+
+    matches = SimpleNamespace(distance=2, reads_every_layer=False)
+    sides = object.__new__(SideGraphs)  # (the predicate only: no CUDA stream)
+    sides.rt, sides.layers, sides.fused = SimpleNamespace(device_matches=matches), 6, True
+    whole = [[2 * i, 2 * i + 1] for i in range(6)]
+    assert not any(sides.match_needed(layer, whole) for layer in range(6))
+    sink = [row[:] for row in whole]
+    sink[5][1] = -1  # the last layer holds the absent expert
+    assert [sides.match_needed(layer, sink) for layer in range(6)] == [False, False, True, True, True, False]
+    early = [row[:] for row in whole]
+    early[1][0] = -1  # layer 1 syncs: layer 0's reader is layer 1 itself
+    assert [sides.match_needed(layer, early) for layer in range(6)] == [True, False, False, False, False, False]
+    sides.fused = False
+    assert sides.match_needed(0, whole)
+    sides.fused, matches.reads_every_layer = True, True
+    assert sides.match_needed(0, whole)

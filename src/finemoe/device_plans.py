@@ -22,7 +22,7 @@ import torch
 from finemoe import fused_match
 from finemoe.errors import ConfigError
 from finemoe.expert_map import EPS, ExpertMapStore, StoreGeometry
-from finemoe.fused_match import match_step
+from finemoe.fused_match import catch_up
 from finemoe.predictor import TIE_EPS
 
 STAGED_ROWS = 64  # rows `DevicePlanner.sync` copies one by one; more are copied as a whole store
@@ -102,6 +102,13 @@ class DevicePlanner:
         self._stage: tuple[torch.Tensor, ...] | None = None
         self._staged: torch.cuda.Event | None = None  # the staged copies' completion (CUDA)
         self._row_in_packed = False  # the latest step was fused: `row` not written (see `plan`)
+        # the fused catch-up (`bind_logits`, `restart`, `catch_up`): per layer its `packed` [L, 3],
+        # the last layer in the running sums [1] (-1: none), the routers' logits addresses [L]
+        self.rows = torch.zeros(L, 3, device=dev, dtype=f32)
+        self.state = torch.full((1,), -1, device=dev, dtype=torch.int32)
+        self.table = torch.zeros(L, device=dev, dtype=torch.int64)
+        self._like: torch.Tensor | None = None  # one bound logits tensor (their dtype)
+        self._bound: list[torch.Tensor | None] = []  # (kept alive while their addresses are in `table`)
 
     def nbytes(self) -> int:
         """Device memory held (the store copy dominates: L x C x E float32), outside the expert
@@ -197,12 +204,35 @@ class DevicePlanner:
         torch.max(self.ratio, 0, keepdim=True, out=(self.best, self.row))  # the first of equal maxima
         self.packed[1:2].copy_(self.row)
 
-    def step_logits(self, layer: int, logits: torch.Tensor) -> None:
-        """`step` from the router's logits ([E] or [1, E], contiguous) of a softmax-routed family,
-        in one fused kernel (`fused_match`; Triton on CUDA): the same running sums and `packed`,
-        written in place (not `ratio`; `row` is taken from `packed` by the next `plan`). Layer 0
-        starts the sums itself (no `begin`)."""
-        match_step(logits, self.maps[layer], self.norms[layer], self.dot, self.packed, first=layer == 0)
+    def bind_logits(self, logits: list[torch.Tensor | None]) -> None:
+        """The routers' logits `catch_up` reads: per layer a contiguous [E] or [1, E] tensor on the
+        planner's device at a fixed address (a captured decode step's static output), one dtype;
+        None for a layer no catch-up reaches. Not while a graph is captured (copies the table)."""
+        given = [t for t in logits if t is not None]
+        if len(logits) != self.geometry.num_layers or not given:
+            raise ValueError(f"bind_logits: {len(logits)} layers given, {self.geometry.num_layers} expected")
+        E = self.geometry.num_experts
+        for t in given:
+            if t.numel() != E or not t.is_contiguous() or t.dtype != given[0].dtype or t.device != self.maps.device:
+                raise ValueError("bind_logits: each layer's logits must be [E] contiguous, of one dtype, on the device")
+        ptrs = [0 if t is None else t.data_ptr() for t in logits]
+        self.table.copy_(torch.tensor(ptrs, dtype=torch.int64))
+        self._like, self._bound = given[0], list(logits)
+
+    def restart(self) -> None:
+        """A new iteration for `catch_up`: its running sums start from zero at layer 0 (on the
+        current stream; capturable)."""
+        self.state.fill_(-1)
+
+    def catch_up(self, last: int) -> None:
+        """`step` of every layer after the last one in the sums through layer `last`, from the bound
+        logits (`bind_logits`), in one fused kernel (`fused_match`; Triton on CUDA): the same
+        running sums, per layer's `packed` in `rows` [L, 3] and the latest in `packed` (not
+        `ratio`; `row` is taken from `packed` by the next `plan`). Nothing is recomputed when the
+        sums reach `last` already; `restart` begins an iteration."""
+        if self._like is None:
+            raise RuntimeError("catch_up before bind_logits")
+        catch_up(self.table, self._like, self.maps, self.norms, self.dot, self.rows, self.packed, self.state, last)
         self._row_in_packed = True
 
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:
@@ -260,7 +290,7 @@ class DeviceMatches:
     search)."""
 
     def __init__(self, planner: DevicePlanner, store: ExpertMapStore, distance: int) -> None:
-        self.planner, self.store = planner, store
+        self.planner, self.store, self.distance = planner, store, distance
         L = planner.geometry.num_layers
         # the last layer whose match a plan reads: layer m plans target m + distance from match(m - 1)
         self.through = L - 2 - distance
@@ -276,6 +306,9 @@ class DeviceMatches:
         # set while a graphed step replays: settle(l) waits until layer l's match is in `host`
         self.settle: Callable[[int], None] | None = None
         self.rows_copied = 0  # store rows copied to the device after the first load
+        # the predictor reads every layer's match, launched or not (map-aware eviction's hints): no
+        # match may be deferred (`SideGraphs.match_needed`)
+        self.reads_every_layer = False
 
     def wants(self, layer: int) -> bool:
         """Whether a plan reads layer `layer`'s match (later layers' matches are not computed)."""
@@ -289,11 +322,13 @@ class DeviceMatches:
         self.planner.step(layer, probs)
         self.host[layer].copy_(self.planner.packed, non_blocking=True)
 
-    def capture_logits(self, layer: int, logits: torch.Tensor) -> None:
-        """`capture_layer` from the router's logits [1, E] of a softmax-routed family, the fused
-        kernel (`fused`)."""
-        self.planner.step_logits(layer, logits)
-        self.host[layer].copy_(self.planner.packed, non_blocking=True)
+    def capture_catch_up(self, layer: int) -> None:
+        """`capture_layer` of a softmax-routed family through the fused catch-up (`fused`; the logits
+        bound with `planner.bind_logits`): the matches of every layer after the last one in the
+        sums through `layer`, and the host rows through `layer` (earlier rows are rewritten with
+        the values they hold). `planner.restart` begins each step."""
+        self.planner.catch_up(layer)
+        self.host[: layer + 1].copy_(self.planner.rows[: layer + 1], non_blocking=True)
 
     def before_step(self, iteration: int) -> None:
         """A graphed decode step of `iteration` is about to replay: the store's copy made current."""

@@ -577,6 +577,7 @@ class Engine(EngineTelemetry):
             min_score=config.map_min_score,
         )
         self.runtime.device_matches = fine.device = DeviceMatches(planner, self.maps, self.distance)
+        fine.device.reads_every_layer = fine.hints  # (plans for launched layers too: no deferred match)
         # steps the graphs do not take (the warm-up, eager fallbacks) search on the host alike:
         # every map, one layer late, so a request's plans do not depend on which steps were graphed
         fine.lag, fine.candidates = 1, 0

@@ -111,6 +111,11 @@ class StaticDecoder:
             "decode_graph_error": self.error,
             "decode_graph_gates": self.sides.gate_rows() if self.sides else 0,  # gate probability rows per step
             "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
+            # side launches without their gates, without their map match (deferred), and matches
+            # launched only when read (`side_graphs.SideGraphs.match_needed` missed them), in total
+            "decode_side_gates_skipped": self.sides.gates_skipped if self.sides else 0,
+            "decode_side_matches_deferred": self.sides.matches_deferred if self.sides else 0,
+            "decode_side_late_matches": self.sides.late_matches if self.sides else 0,
             # MoE layers of replayed steps launched without a routing sync (every expert resident, `runahead`)
             "decode_layers_run_ahead": self.rt.run_ahead_layers,
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
@@ -294,6 +299,7 @@ class StaticDecoder:
             side.before_step(here)
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
+            defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)
             try:
                 if sides:
                     if matches is not None:  # the store's new rows copied first: a predictor cost per step
@@ -303,7 +309,7 @@ class StaticDecoder:
                     side.begin_step(here)  # (after the store's rows are copied)
                     rt.settle_side = partial(side.settle, step=side.step)
                     if matches is not None:
-                        matches.settle = rt.settle_side
+                        matches.settle = partial(side.settle_match, step=side.step)
                 t_step = time.perf_counter()
                 marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
@@ -335,7 +341,7 @@ class StaticDecoder:
                     marks[3] = time.perf_counter()
                     if sides and side.due(layer):  # the GPU runs segment layer + 1: launch this layer's side
                         t0 = time.perf_counter()
-                        side.launch(layer)
+                        side.launch(layer, match=not defer or side.match_needed(layer, cache.slot_of))
                         rt.critical_decode_s += time.perf_counter() - t0
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()

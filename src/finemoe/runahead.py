@@ -15,8 +15,9 @@ segment runs, and a later copy into one of its slots waits for that segment (`af
 launch). What differs from the synced path is when the host learns of the uses: after the launches
 instead of before each. Those routings carry `RoutingEvent.launched`, so the predictors make no
 plan for a layer whose compute is launched already, and the side graphs of such layers skip the
-gates whose rows nobody will read (`SideGraphs.gates_needed`). Off where something else reads the
-routing in the router hook (observers, a routing policy, a foreign hook) or `rt.run_ahead` is False.
+gates and defer the map matches nobody will read (`SideGraphs.gates_needed`, `match_needed`). Off
+where something else reads the routing in the router hook (observers, a routing policy, a foreign
+hook) or `rt.run_ahead` is False.
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ class RunAhead:
             replay()
             transfer.after_compute(pinned)  # a later copy into these slots waits for the segment
             if sides is not None and sides.due(layer):
-                # (the rows are unread only if the drained routings name the targets launched)
+                # (the rows and matches are unread only if the drained routings name the targets launched)
                 skip = rt.skip_launched_gates and rt.tell_launched
                 gates = not skip or sides.gates_needed(layer, cache.slot_of)
-                sides.launch(layer, after=routed, gates=gates)
+                match = not (rt.defer_matches and rt.tell_launched) or sides.match_needed(layer, cache.slot_of)
+                sides.launch(layer, after=routed, gates=gates, match=match)
         except BaseException:  # a copy into these slots must still wait for whatever was launched
             cache.transfer.after_compute(pinned)
             cache.unpin(pinned)

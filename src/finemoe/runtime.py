@@ -92,6 +92,10 @@ class OffloadRuntime:
     # without the gates (`SideGraphs.gates_needed`: their rows would never be read); False: always
     # with them (a measurement switch)
     skip_launched_gates: bool = True
+    # graphed decode, with routings run ahead named launched: a layer whose map match no plan of the
+    # step will read launches none; the next match launched catches its layer up (the fused match,
+    # `SideGraphs.match_needed`); False: every matched layer launches its match (a measurement switch)
+    defer_matches: bool = True
     # set by the static decoder around a replayed step's `start_iteration`: the predictors' start of the
     # step (the token's embedding, its host copy, the semantic match) waits until S_0 is launched
     # (`begin_deferred`), instead of delaying that launch

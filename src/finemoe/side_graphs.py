@@ -7,7 +7,13 @@ pinned host rows). It is replayed on a stream of its own once segment l+1 is lau
 `first`, once the host has synced on layer l's ids, before the serve): the segments stay the same
 graphs lru replays, and the host pays the side launch while the GPU runs segment l+1. Router l's
 static outputs and inputs are complete by then (the host synced on its ids); the host waits on the
-side graph's event only before it reads a result (`settle`).
+side graph's event only before it reads a result (`settle`, `settle_match`).
+
+With the fused match (one Triton kernel that *catches up* every layer not yet in the running sums,
+`fused_match`), a layer's match may be deferred: a layer run ahead whose match no plan of the step
+will read (`match_needed`) replays its gates alone (or nothing), and the next match launched, or
+one launched when a match is read (`settle_match`), computes the skipped layers too. A step whose
+layers all run ahead but the last few then launches one match instead of one per layer.
 """
 
 from __future__ import annotations
@@ -34,13 +40,20 @@ class SideGraphs:
         self.rt, self.layers, self.device = runtime, layers, device
         self.stream = torch.cuda.Stream(device)
         self.graphs: list[torch.cuda.CUDAGraph | None] = []  # per MoE layer (None: nothing to do there)
-        # per MoE layer with both a match and gates: the match alone, for a layer run ahead whose gate
-        # targets are all launched before any routing is read (`gates_needed`); None otherwise
-        self.match_only: list[torch.cuda.CUDAGraph | None] = []
         self.gates_skipped = 0  # side launches without their gates (`launch(gates=False)`), in total
+        self.matches_deferred = 0  # side launches without their match (`launch(match=False)`), in total
+        self.late_matches = 0  # matches launched by a read (`settle_match`), in total
+        # per MoE layer: its side graph per (match, gates) it replays, each variant captured where it
+        # has both ({(True, True), (True, False), (False, True)}) or its one kind alone
+        self.variants: list[dict[tuple[bool, bool], torch.cuda.CUDAGraph]] = []
         self.done: list[torch.cuda.Event | None] = []
         self._pool = None
         self._state: list[int] = []  # per layer in the current step (NOT_LAUNCHED, LAUNCHED, SETTLED)
+        # per layer in the current step: the event after which its match is in the host rows (None:
+        # not launched yet); the last layer whose match is launched
+        self._cover: list[torch.cuda.Event | None] = []
+        self._through = -1
+        self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
         self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
         # Launch layer l's side graph right after the host synced on its ids, before the serve: the
@@ -73,7 +86,7 @@ class SideGraphs:
         self._gate_host = self._gate_buffers() if self.linear else {}
 
     def capture(self, routed: list[tuple[nn.Module, tuple, tuple]], capturing: torch.cuda.Stream) -> None:
-        """Capture the side graph of every MoE layer whose match a plan reads or whose router input
+        """Capture the side graphs of every MoE layer whose match a plan reads or whose router input
         feeds a gate, after the segments (`routed`: per layer the router, its static inputs and
         outputs), into a pool of their own. Captured on the stream they replay on, not on the
         segments' capture stream `capturing`: torch gives each stream its own cuBLAS workspace and
@@ -81,81 +94,75 @@ class SideGraphs:
         not share one."""
         matches = self.rt.device_matches
         self._pool = torch.cuda.graph_pool_handle()
-        self.graphs, self.done, self.match_only = [], [], []
+        self.graphs, self.done, self.variants = [], [], []
         self.speculated = [({}, False)] * self.layers
         self.stream.wait_stream(capturing)
         with torch.cuda.stream(self.stream):
-            fused = self._warm_fused(routed, matches)
+            self.fused = self._warm_fused(routed, matches)
             for layer in range(self.layers):
-                self._capture_layer(layer, routed[layer], matches, fused)
+                self._capture_layer(layer, routed[layer], matches)
         capturing.wait_stream(self.stream)
 
     def _warm_fused(self, routed: list[tuple[nn.Module, tuple, tuple]], matches: DeviceMatches | None) -> bool:
-        """Whether the side graphs' match is the fused kernel (`DeviceMatches.fused`, a softmax
-        family, contiguous logits); if so, run it once on every matched layer's static logits
-        before the capture, in order: Triton compiles a variant per argument alignment (a layer's
-        row of the store copy may differ from the next one's), and loading a kernel while a stream
-        captures fails. Layer 0 restarts the sums, so what this leaves behind is overwritten."""
+        """Whether the side graphs' match is the fused catch-up (`DeviceMatches.fused`, a softmax
+        family, contiguous logits); if so, bind the matched layers' static logits to it and run it
+        once before the capture: Triton compiles on the first launch, and loading a kernel while a
+        stream captures fails. Each step restarts the sums (`begin_step`), so what this leaves
+        behind is overwritten."""
         if matches is None or not matches.fused or self.rt.adapter.router_probs is not softmax_probs:
             return False
         at = self.rt.adapter.router_logits_at
-        rows = [(layer, routed[layer][2][at].detach()) for layer in range(self.layers) if matches.wants(layer)]
-        rows = [(layer, logits.reshape(-1, logits.shape[-1])) for layer, logits in rows]  # [1, E] each
-        if not all(logits.is_contiguous() for _, logits in rows):
+        logits = [routed[layer][2][at].detach() if matches.wants(layer) else None for layer in range(self.layers)]
+        wanted = [t for t in logits if t is not None]
+        if not wanted or not all(t.is_contiguous() and t.numel() == t.shape[-1] for t in wanted):
             return False
-        for layer, logits in rows:
-            matches.planner.step_logits(layer, logits)
+        planner = matches.planner
+        planner.bind_logits(logits)
+        planner.restart()
+        planner.catch_up(max(layer for layer, t in enumerate(logits) if t is not None))
         return True
 
-    def _capture_layer(
-        self, layer: int, routed: tuple[nn.Module, tuple, tuple], matches: DeviceMatches | None, fused: bool
-    ) -> None:
+    def _capture_layer(self, layer: int, routed: tuple[nn.Module, tuple, tuple], matches: DeviceMatches | None) -> None:
         module, args, output = routed
         match = matches is not None and matches.wants(layer)
         targets, covers = self._gate_targets(layer, args) if self.linear else ([], False)
+        self.speculated[layer] = ({}, covers)
         if not (match or targets):
-            self.speculated[layer] = ({}, covers)
             self.graphs.append(None)
-            self.match_only.append(None)
+            self.variants.append({})
             self.done.append(None)
             return
-
-        def record_match() -> None:
-            assert matches is not None
-            logits = output[self.rt.adapter.router_logits_at].detach()
-            logits = logits.reshape(-1, logits.shape[-1])  # [1, E]
-            if fused:
-                matches.capture_logits(layer, logits)  # one kernel, the softmax included
-            else:
-                matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits))
-
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-        try:
-            with torch.no_grad():
-                if match:
-                    record_match()
-                self.speculated[layer] = (self._speculate(layer, args, targets), covers)
-        except BaseException:
-            with suppress(Exception):  # (report the first error)
-                graph.capture_end()
-            raise
-        graph.capture_end()
-        alone = None
-        if match and targets:  # the same match, without the gates (the same kernels on the same buffers)
-            alone = torch.cuda.CUDAGraph()
-            alone.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        kinds = [(match, bool(targets))]
+        if match and targets:  # each alone too: the same kernels on the same buffers
+            kinds += [(True, False), (False, True)]
+        variants = {}
+        for with_match, with_gates in kinds:
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
                 with torch.no_grad():
-                    record_match()
+                    if with_match:
+                        self._record_match(layer, module, output, matches)  # type: ignore[arg-type]
+                    if with_gates:
+                        self.speculated[layer] = (self._speculate(layer, args, targets), covers)
             except BaseException:
-                with suppress(Exception):
-                    alone.capture_end()
+                with suppress(Exception):  # (report the first error)
+                    graph.capture_end()
                 raise
-            alone.capture_end()
-        self.graphs.append(graph)
-        self.match_only.append(alone)
+            graph.capture_end()
+            variants[with_match, with_gates] = graph
+        self.graphs.append(variants[kinds[0]])
+        self.variants.append(variants)
         self.done.append(torch.cuda.Event())
+
+    def _record_match(self, layer: int, module: nn.Module, output: tuple, matches: DeviceMatches) -> None:
+        """Layer `layer`'s match into the graph being captured: the fused catch-up through it, or the
+        torch ops of its step on its router's probabilities."""
+        if self.fused:
+            matches.capture_catch_up(layer)
+            return
+        logits = output[self.rt.adapter.router_logits_at].detach()
+        matches.capture_layer(layer, self.rt.adapter.router_probs(module, logits.reshape(-1, logits.shape[-1])))
 
     def _gate_buffers(self) -> dict[tuple[int, int], torch.Tensor]:
         """Pinned host rows [1, E] float32 per (layer, speculative target), made before the capture
@@ -208,9 +215,15 @@ class SideGraphs:
     # -- replay ----------------------------------------------------------------------------------
     def begin_step(self, compute: torch.cuda.Stream) -> None:
         """A replayed step with sides starts on `compute` (after the store's new rows were copied
-        there): the side stream follows it; the step's layers are not launched yet."""
+        there): the side stream follows it, the fused match's sums restart on it; the step's layers
+        are not launched yet."""
         self.stream.wait_stream(compute)
+        if self.fused:
+            with torch.cuda.stream(self.stream):
+                self.rt.device_matches.planner.restart()  # type: ignore[union-attr]
         self._state = [NOT_LAUNCHED] * self.layers
+        self._cover = [None] * self.layers
+        self._through = -1
         self._pending = True
         self.step += 1
 
@@ -235,36 +248,58 @@ class SideGraphs:
             return False
         return any(min(slot_of[t]) < 0 for t in range(layer + 1, max(targets) + 1))
 
-    def launch(self, layer: int, after: torch.cuda.Event | None = None, gates: bool = True) -> None:
+    def match_needed(self, layer: int, slot_of: list[list[int]]) -> bool:
+        """Whether layer `layer`'s match may be read in this step, when routings read after running
+        ahead name the layers launched: False when every layer from `layer` + 1 through `layer` + 1
+        + the prefetch distance has all its experts resident (`slot_of` [L][E], -1: absent). Its
+        reader, layer `layer` + 1's routing, is then run ahead and read at the next routing sync or
+        the step's end, with its plan's target launched already (no plan, no read). A match that is
+        read after all (an eviction made a layer absent in between) is launched then
+        (`settle_match`): slower, as right. True where matches cannot be deferred."""
+        matches = self.rt.device_matches
+        if not self.fused or matches is None or matches.reads_every_layer:
+            return True
+        end = min(layer + 2 + matches.distance, self.layers)
+        return any(min(slot_of[t]) < 0 for t in range(layer + 1, end))
+
+    def launch(self, layer: int, after: torch.cuda.Event | None = None, gates: bool = True, match: bool = True) -> None:
         """Replay layer `layer`'s side graph on the side stream and mark its end with its event.
         Router `layer`'s outputs must be complete: the host synced on its ids, or `after` marks them
         on the compute stream (a layer run ahead, `runahead`), which the side stream then waits for.
-        `gates` False: the match alone where the layer has one (nothing where it has gates only):
-        the caller knows the gate rows will not be read (`gates_needed`)."""
-        graph = self.graphs[layer]
-        if not gates and self.speculated[layer][0]:
-            graph = self.match_only[layer]
-            self.gates_skipped += 1
-            if graph is None:  # gates only: nothing to run or wait for
-                self._state[layer] = SETTLED
-                return
+        `gates` False: without the gates (the caller knows their rows will not be read,
+        `gates_needed`); `match` False: the match deferred where it can be (`match_needed`)."""
+        variants = self.variants[layer]
+        has_match = any(m for m, _ in variants)
+        has_gates = any(g for _, g in variants)
+        run_match = has_match and (match or not self.fused) and layer > self._through
+        run_gates = has_gates and gates
+        self.gates_skipped += has_gates and not gates
+        self.matches_deferred += has_match and not run_match
+        self._state[layer] = LAUNCHED
+        if not (run_match or run_gates):  # nothing to run or wait for now
+            self._state[layer] = SETTLED
+            return
+        self._replay(layer, variants[run_match, run_gates], after, run_match)
+
+    def _replay(self, layer: int, graph: torch.cuda.CUDAGraph, after: torch.cuda.Event | None, matched: bool) -> None:
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):
-            graph.replay()  # type: ignore[union-attr]
-        self.done[layer].record(self.stream)  # type: ignore[union-attr]
-        self._state[layer] = LAUNCHED
+            graph.replay()
+        done = self.done[layer]
+        assert done is not None
+        done.record(self.stream)
+        if matched:  # the fused catch-up covers every layer after the last one matched
+            for k in range(self._through + 1 if self.fused else layer, layer + 1):
+                self._cover[k] = done
+            self._through = max(self._through, layer)
 
     def settle(self, layer: int, step: int) -> None:
-        """Make layer `layer`'s side results (its gate rows, its match) of replayed step `step`
-        readable on the host: its side graph launched if it was not yet (a listener built the event
-        in the router hook), and waited for. A layer without a side graph has nothing to wait for.
-        Raises if a later step has replayed since (the rows and matches are rewritten every step)."""
-        if step != self.step:
-            raise RuntimeError(
-                f"a graphed decode step's gate rows or map match were read after the step (step {step}, now "
-                f"{self.step}): read them while the step runs (e.g. in the predictor's on_routing)"
-            )
+        """Make layer `layer`'s gate rows of replayed step `step` readable on the host: its side
+        graph launched if it was not yet (a listener built the event in the router hook), and
+        waited for. A layer without a side graph has nothing to wait for. Raises if a later step
+        has replayed since (the rows and matches are rewritten every step)."""
+        self._check(step)
         state = self._state[layer] if layer < len(self._state) else SETTLED
         if state == SETTLED or self.graphs[layer] is None:
             return
@@ -272,6 +307,26 @@ class SideGraphs:
             self.launch(layer)
         self.done[layer].synchronize()  # type: ignore[union-attr]
         self._state[layer] = SETTLED
+
+    def settle_match(self, layer: int, step: int) -> None:
+        """Make layer `layer`'s map match of replayed step `step` readable on the host: launched now
+        if it was deferred (with the gates if its side graph was not launched at all), and waited
+        for."""
+        self._check(step)
+        if self._cover[layer] is None:
+            if self._state[layer] == NOT_LAUNCHED:
+                self.launch(layer)
+            else:
+                self.late_matches += 1
+                self._replay(layer, self.variants[layer][True, False], None, True)
+        self._cover[layer].synchronize()  # type: ignore[union-attr]
+
+    def _check(self, step: int) -> None:
+        if step != self.step:
+            raise RuntimeError(
+                f"a graphed decode step's gate rows or map match were read after the step (step {step}, now "
+                f"{self.step}): read them while the step runs (e.g. in the predictor's on_routing)"
+            )
 
     def finish(self) -> None:
         """Wait for the side graphs still running (the end of a generation, or their graphs dropped)."""
@@ -282,4 +337,4 @@ class SideGraphs:
     def drop(self) -> None:
         """Wait for them, then free the graphs and the gates' state."""
         self.finish()
-        self.graphs, self.done, self._pool, self.speculated, self.match_only = [], [], None, [], []
+        self.graphs, self.done, self._pool, self.speculated, self.variants = [], [], None, [], []

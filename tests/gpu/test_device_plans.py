@@ -70,17 +70,18 @@ def test_planner_captured_on_a_side_branch_equals_the_cpu_planner():
     assert compared >= 10
 
 
-def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
-    """The fused Triton step (`fused_match`, the side graphs' match for softmax routing), captured
-    in one CUDA graph per layer and replayed token after token from bf16 logits: the same running
-    sums, best row and score as `DevicePlanner.step` on the softmax of the same logits; on an exact
-    tie across row tiles the first row wins, as torch.max picks it."""
+def test_fused_match_catch_up_from_logits_equals_the_torch_ops_in_a_graph():
+    """The fused Triton catch-up (`fused_match`, the side graphs' match for softmax routing), captured
+    in one CUDA graph per layer and replayed token after token from bf16 logits at fixed addresses:
+    the same running sums, best row and score per layer as `DevicePlanner.step` on the softmax of the
+    same logits, whether each layer's graph runs in turn or one graph catches several layers up (the
+    deferred matches); on an exact tie across row tiles the first row wins, as torch.max picks it."""
     from finemoe import fused_match
 
     if not fused_match.available(torch.device("cuda")):
         pytest.fail("Triton is missing on a CUDA machine: the fused match step cannot run")
     g = torch.Generator().manual_seed(5)
-    L, E, C = 6, 60, 1002  # C not a multiple of 4: the layers' rows of `norms` differ in 16-byte alignment
+    L, E, C = 6, 60, 1002  # C not a multiple of 4; E = 60: several row tiles per layer
     dev = torch.device("cuda")
     store = ExpertMapStore(StoreGeometry(L, E, 4), capacity=C)
     maps = torch.softmax(2 * torch.randn(700, L, E, generator=g), dim=-1)
@@ -90,32 +91,41 @@ def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
     fused = DevicePlanner(store.geometry, capacity=C, top_k=4, device=dev)
     ref.load(store)
     fused.load(store)
-    logits = torch.zeros(1, E, device=dev, dtype=torch.bfloat16)  # the router's static output stand-in
+    logits = torch.zeros(L, 1, E, device=dev, dtype=torch.bfloat16)  # the routers' static outputs stand-in
+    fused.bind_logits(list(logits.unbind(0)))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     graphs = []
     with torch.cuda.stream(side):
-        for layer in range(L):  # Triton compiles each variant (first layer, alignment) outside the capture
-            fused.step_logits(layer, logits)
+        fused.restart()
+        fused.catch_up(L - 1)  # Triton compiles outside the capture
+        restart = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(restart, stream=side):
+            fused.restart()
         for layer in range(L):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=side):
-                fused.step_logits(layer, logits)
+                fused.catch_up(layer)
             graphs.append(graph)
     torch.cuda.current_stream().wait_stream(side)
     compared = 0
-    for _ in range(4):
+    for token in range(6):
         traj = (3 * torch.randn(L, E, generator=g)).to(torch.bfloat16)
         traj[:, 0] = traj[:, 0] + 4  # some tokens lean on one expert
+        logits.copy_(traj.view(L, 1, E))
+        restart.replay()
+        # every layer in turn, or only some: the launches skipped are caught up by the next one
+        launched = set(range(L)) if token % 2 == 0 else {1, 4, L - 1}
+        for layer in sorted(launched):
+            graphs[layer].replay()
+        graphs[L - 1].replay()  # nothing left to catch up: only `packed` rewritten
+        torch.cuda.synchronize()
+        assert int(fused.state) == L - 1
         ref.begin()
-        for layer, graph in enumerate(graphs):
-            logits.copy_(traj[layer].view(1, E))
-            graph.replay()
-            torch.cuda.synchronize()
+        for layer in range(L):
             ref.step(layer, torch.softmax(traj[layer].to(dev).float(), dim=-1))
             want = ref.read()
-            best, row, q_sq = fused.packed.tolist()
-            assert torch.allclose(fused.dot, ref.dot, rtol=1e-5, atol=1e-7)
+            best, row, q_sq = fused.rows[layer].tolist()
             assert q_sq == pytest.approx(float(ref.q_sq), rel=1e-5)
             assert row != 650  # the duplicate never beats its first copy
             ratio = ref.ratio[: store.size].cpu()
@@ -125,4 +135,6 @@ def test_fused_match_step_from_logits_equals_the_torch_ops_in_a_graph():
             assert int(row) == want.row
             assert best / max(q_sq**0.5, 1e-12) == pytest.approx(want.score, rel=1e-5)
             compared += 1
-    assert compared >= 12
+        assert torch.allclose(fused.dot, ref.dot, rtol=1e-5, atol=1e-7)
+        assert fused.packed.tolist() == fused.rows[L - 1].tolist()
+    assert compared >= 18

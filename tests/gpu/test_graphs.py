@@ -383,7 +383,38 @@ def test_gathered_absent_experts_leave_one_routing_sync_per_step(ckpt, policy, k
         assert st.extra["decode_graph_error"] is None and replays > 0
         assert ahead == (L - 1) * replays
         if policy == "finemoe":  # layers run ahead whose gate targets run ahead too: their gates are skipped
-            assert eng.static.sides.gates_skipped > 0
+            sides = eng.static.sides
+            assert sides.gates_skipped > 0
+            # and their matches deferred to the one that feeds the last layer's plan, none read late
+            assert sides.matches_deferred > 0 and sides.late_matches == 0
         assert [row.count(-1) for row in eng.cache.slot_of] == [0] * (L - 1) + [1]
         assert all(r == 0 for r in eng.cache.refcount)
     assert got == eager
+
+
+def test_deferred_matches_change_no_plan(ckpt):
+    """search="device" with the fused match one slot short of every expert, the absent one gathered
+    in the last layer: the side graphs defer the matches no plan reads (`SideGraphs.match_needed`)
+    and one launch catches the sums up where a plan reads them. Against every match launched (two
+    fresh engines, the same requests): the same tokens, plans, device-matched plans and mean
+    trajectory score, and no match was launched late by a read."""
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompts = medium_prompts()
+    got = {}
+    for defer in (False, True):
+        kw = dict(policy="finemoe", search="device", graph_gates=True, prediction_duty="always", prefetch_distance=1)
+        with Engine.from_pretrained(ckpt, expert_budget="50%", device="cuda", progress=False, **kw) as eng:
+            L, E = eng.spec.num_layers, eng.spec.num_experts
+            eng.reconfigure(expert_budget=L * E - 1, warm_pool=True, gather_absent=True)
+            eng.runtime.defer_matches = defer
+            tokens = [eng.generate(p, params)[0].token_ids for p in prompts]
+            st = eng.stats().extra
+            assert st["decode_graph_error"] is None and st["decode_graph_replays"] > 0
+            assert eng.static.sides.fused  # (the fused catch-up: Triton on CUDA, a softmax family)
+            assert st["decode_side_late_matches"] == 0
+            assert (st["decode_side_matches_deferred"] > 0) == defer
+            stats = eng.predictor_stats()
+            got[defer] = (tokens, stats["plans"], stats["device_matched_plans"], stats["mean_trajectory_score"])
+    assert got[True][:3] == got[False][:3]
+    assert got[True][2] > 0
+    assert got[True][3] == pytest.approx(got[False][3], rel=1e-6)
