@@ -114,12 +114,15 @@ def catch_up(
     packed: torch.Tensor,
     state: torch.Tensor,
     last: int,
+    block_c: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Launch the catch-up through layer `last` (see the module docstring): `table` [L] int64 the
     logits' addresses, `like` one of those logits tensors, `maps` [L, C, E] float32 contiguous,
     `norms` [L, C], `dot` [C], `rows` [L, 3], `packed` [3] float32, `state` [1] int32, all on one
     CUDA device (or CPU tensors under TRITON_INTERPRET=1). Capturable in a CUDA graph (no host
-    sync, no allocation); the layers run are decided on the device."""
+    sync, no allocation); the layers run are decided on the device. `block_c` (store rows per loop
+    step, a power of two) and `num_warps` override the defaults (`tile_rows`; a probe's knobs)."""
     L, C, E = maps.shape
     if E > MAX_EXPERTS:
         raise ValueError(f"fused match step: {E} experts per layer, at most {MAX_EXPERTS}")
@@ -127,7 +130,9 @@ def catch_up(
         raise ValueError(f"fused match step: layer {last} outside 0..{L - 1}")
     for t in (maps, norms, dot, rows, packed, table):
         assert t.is_contiguous()
-    block_c = tile_rows(C, E)
+    block_c = block_c or tile_rows(C, E)
+    if num_warps is None:
+        num_warps = 8 if block_c * triton.next_power_of_2(E) >= 8192 else 4
     _catch_up[(1,)](
         table,
         like,
@@ -142,5 +147,5 @@ def catch_up(
         E,
         BLOCK_C=block_c,
         BLOCK_E=triton.next_power_of_2(E),
-        num_warps=8 if block_c * triton.next_power_of_2(E) >= 8192 else 4,
+        num_warps=num_warps,
     )

@@ -385,8 +385,7 @@ def test_gathered_absent_experts_leave_one_routing_sync_per_step(ckpt, policy, k
         if policy == "finemoe":  # layers run ahead whose gate targets run ahead too: their gates are skipped
             sides = eng.static.sides
             assert sides.gates_skipped > 0
-            # and their matches deferred to the one that feeds the last layer's plan, none read late
-            assert sides.matches_deferred > 0 and sides.late_matches == 0
+            assert sides.late_matches == 0  # no deferred match was read (`match_needed`)
         assert [row.count(-1) for row in eng.cache.slot_of] == [0] * (L - 1) + [1]
         assert all(r == 0 for r in eng.cache.refcount)
     assert got == eager
@@ -410,9 +409,10 @@ def test_deferred_matches_change_no_plan(ckpt):
             tokens = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats().extra
             assert st["decode_graph_error"] is None and st["decode_graph_replays"] > 0
-            assert eng.static.sides.fused  # (the fused catch-up: Triton on CUDA, a softmax family)
+            fused = eng.static.sides.fused  # the fused catch-up: Triton on CUDA, a softmax family
+            assert fused == (eng.spec.model_type != "deepseek_v3")  # (DeepSeek-V3 routes by sigmoid)
             assert st["decode_side_late_matches"] == 0
-            assert (st["decode_side_matches_deferred"] > 0) == defer
+            assert (st["decode_side_matches_deferred"] > 0) == (defer and fused)
             stats = eng.predictor_stats()
             got[defer] = (tokens, stats["plans"], stats["device_matched_plans"], stats["mean_trajectory_score"])
     assert got[True][:3] == got[False][:3]
