@@ -126,13 +126,15 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     step's predictor start embeds its token on the compute stream (`OffloadRuntime.embed_beside` off);
     `all-gates`: side graphs keep their gates where their targets run ahead (`skip_launched_gates` off);
     `all-matches`: every matched layer launches its map match, also where no plan reads it
-    (`defer_matches` off)."""
+    (`defer_matches` off); `store-first`: the map store's new rows reach the device on the compute
+    stream before S_0's launch (`store_sync_beside` off)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
     eng.runtime.embed_beside = "embed-inline" not in flags
     eng.runtime.skip_launched_gates = "all-gates" not in flags
     eng.runtime.defer_matches = "all-matches" not in flags
+    eng.runtime.store_sync_beside = "store-first" not in flags
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -271,7 +273,8 @@ def main() -> int:
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
         "(OffloadRuntime.skip_launched_gates off), ':all-matches' launches every matched layer's map match, also "
-        "where no plan of the step reads it (OffloadRuntime.defer_matches off)",
+        "where no plan of the step reads it (OffloadRuntime.defer_matches off), ':store-first' copies the map "
+        "store's new rows to the device before a replayed step's first launch (store_sync_beside off)",
     )
     ap.add_argument(
         "--no-eviction-reference",

@@ -300,19 +300,15 @@ class StaticDecoder:
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)
+            beside = sides and rt.store_sync_beside
             try:
-                if sides:
-                    if matches is not None:  # the store's new rows copied first: a predictor cost per step
-                        t0 = time.perf_counter()
-                        matches.before_step(rt.iteration)
-                        rt.critical_decode_s += time.perf_counter() - t0
-                    side.begin_step(here)  # (after the store's rows are copied)
-                    rt.settle_side = partial(side.settle, step=side.step)
-                    if matches is not None:
-                        matches.settle = partial(side.settle_match, step=side.step)
+                if sides and not beside:
+                    self._begin_sides(here, False)
                 t_step = time.perf_counter()
                 marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
+                if beside:  # while the GPU runs S_0: no match reads the store before router 0
+                    self._begin_sides(here, True)
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     if ahead is not None:
@@ -374,6 +370,26 @@ class StaticDecoder:
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):
                 cache.defer_access(layer, ids[layer])
+
+    def _begin_sides(self, here: torch.cuda.Stream, beside: bool) -> None:
+        """A replayed step's side graphs begin: the map store's new rows copied to the device first
+        (on the side stream with `beside`, after what `here` has queued: S_0; else on `here`), then
+        the side stream follows `here` and the step's settle hooks are set."""
+        rt, side, matches = self.rt, self.sides, self.rt.device_matches
+        assert side is not None
+        if matches is not None:  # a predictor cost per step
+            t0 = time.perf_counter()
+            if beside:
+                side.stream.wait_stream(here)
+                with torch.cuda.stream(side.stream):
+                    matches.before_step(rt.iteration)
+            else:
+                matches.before_step(rt.iteration)
+            rt.critical_decode_s += time.perf_counter() - t0
+        side.begin_step(here)  # (after the store's rows are copied)
+        rt.settle_side = partial(side.settle, step=side.step)
+        if matches is not None:
+            matches.settle = partial(side.settle_match, step=side.step)
 
     def _replayer(self, segment: int) -> Callable[[], None]:
         return self.graphs[segment].replay

@@ -103,6 +103,10 @@ class OffloadRuntime:
     # a held-back start computes the token's embedding on a stream of its own, behind the step's input
     # only (`_embed_beside`); False: on the compute stream, behind every segment launched (a switch)
     embed_beside: bool = True
+    # a replayed step with side graphs brings the device copy of the map store up to date (online
+    # learning's new rows) on the side stream after S_0's launch, where only the matches read it;
+    # False: on the compute stream before S_0's launch, host and device time on the step (a switch)
+    store_sync_beside: bool = True
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
     run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] steps that ran the layer ahead of its sync
