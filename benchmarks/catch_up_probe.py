@@ -103,7 +103,7 @@ def main() -> int:
             knobs = {}
             if config != "default":
                 bc, nw = (int(x) for x in config.split("x"))
-                if bc * triton_pow2(E) > 4 * fused_match.TILE_ELEMENTS:
+                if bc * triton_pow2(E) > 65536:
                     continue  # (too many registers)
                 knobs = {"block_c": bc, "num_warps": nw}
             for first, last in ((L // 2, L // 2), (L // 2 - 3, L // 2), (0, L - 5)):
