@@ -741,6 +741,26 @@ def test_graphed_decode_runs_whole_layers_ahead_of_their_routing_sync():
     assert got[True].layers_run_ahead == 2 and got[False].layers_run_ahead == 0
 
 
+def test_a_routing_sync_costs_its_host_time_before_the_launch():
+    """`sync_host_s` (the host's time from a routing sync to the next launch, the GPU idle): charged at
+    every layer that syncs and none run ahead. The set-up of the test above (layer 0 whole, layer 1
+    holding expert 0 only, every use a hit), dense 0.5 s, expert 0.25 s, 1 s per sync. Synced, a
+    decode step: S_0 to 0.5, the sync's 1 s, layer 0 1.5-1.75 and dense to 2.25, the sync's 1 s,
+    layer 1 3.25-3.5 (TPOT 3.5; 1.5 without). Run ahead: layer 0 at once (0.5-1.25), layer 1's
+    sync to 2.25, its expert to 2.5 (TPOT 2.5). The eager prefill pays nothing."""
+    tr = scripted([[[[0], [0]], [[1], [0]], [[2], [0]]]], spec_top1())
+    got = {}
+    for sync in (0.0, 1.0):
+        for ahead in (False, True):
+            config = dataclasses.replace(cfg("lru", "5"), warm_pool=True)
+            cost = dataclasses.replace(unit_cost(), sync_host_s=sync)
+            got[sync, ahead] = simulate(tr, config, cost, "timed", graphed=True, run_ahead=ahead)
+    assert got[0.0, False].tpot_s == got[0.0, True].tpot_s == 1.5
+    assert got[1.0, False].tpot_s == 3.5 and got[1.0, True].tpot_s == 2.5
+    assert {r.ttft_s for r in got.values()} == {1.5}
+    assert all(r.stats == got[0.0, False].stats for r in got.values())
+
+
 def test_a_layer_run_ahead_starts_no_earlier_than_its_launch():
     """A synced layer's host time, then a whole layer: the GPU runs the whole layer only once the host
     has launched it. LRU, 6 slots filled at set-up (layer 0's four, layer 1's 0 and 1), top-1. The

@@ -240,9 +240,11 @@ class EngineConfig:
     # of each, while that is at most a quarter of the layers (`victims.sink_layers`): victims come from
     # them first (the policy's order there), and each decode iteration starts by copying back what
     # earlier layers miss (`ExpertCache.gather`). Every earlier layer is then whole, and a graphed
-    # decode step runs ahead of all routing syncs but the sink layers' (runahead.py). Off by default:
-    # -0.19 ms per step on the H200 (reference shape, 99%), but the simulator has it cost finemoe on the
-    # Qwen shapes (+0.7-0.9% TPOT at 99%, +7-8.5% at 95%; docs/design/device_plans.md, session 31)
+    # decode step runs ahead of all routing syncs but the sink layers' (runahead.py). Off by default
+    # for now: -0.3 to -0.5 ms per finemoe step on the H200 (reference shape, 99%), and with a routing
+    # sync priced the simulator has it pay on every shape near 100% (docs/results/simulator.md, "The
+    # routing sync's own cost"); an eager step gains nothing from it. To be turned on for graphed
+    # decode once the GPU tests have run with it on (docs/status.md)
     gather_absent: bool = False
 
     def __post_init__(self) -> None:

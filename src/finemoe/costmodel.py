@@ -122,6 +122,10 @@ class CostModel:
     # return, serving, the launch, the policy's bookkeeping; a calibration knob, 0 by default):
     # charged on the host's timeline after the layer's segment is launched (`Simulator`, graphed)
     layer_host_s: float = 0.0
+    # host time between a graphed decode step's routing sync and the next segment's launch (the wake-up,
+    # the serve's bookkeeping, the launch call; a calibration knob, 0 by default): the GPU idles through
+    # it at every layer that syncs, and at none run ahead (`Simulator`, graphed)
+    sync_host_s: float = 0.0
 
     def iteration_floor_s(self, num_layers: int, tokens: int = 1) -> float:
         """A step with every expert resident (the all-GPU floor), k experts per layer."""
@@ -139,12 +143,14 @@ def make_cost_model(
     victim_host_s: float = 0.0,
     routing_host_s: float = 0.0,
     layer_host_s: float = 0.0,
+    sync_host_s: float = 0.0,
 ) -> CostModel:
     """The cost model of `shape` ("trace": the traced model itself, in bf16) for a trace of
     `trace_spec`'s geometry; see the module docstring for the mapping. `predict_host_s` (per layer
     in which predictors run), `routing_host_s` (per layer), `victim_host_s` (per victim search, at
-    most one per layer and per prefetch batch) and `layer_host_s` (per layer of a graphed decode
-    step) are host seconds of the shape, scaled to traced layers like the rest."""
+    most one per layer and per prefetch batch), `layer_host_s` (per layer of a graphed decode step)
+    and `sync_host_s` (per routing sync of a graphed decode step) are host seconds of the shape,
+    scaled to traced layers like the rest."""
     L_t, k_t = trace_spec.num_layers, trace_spec.top_k
     if shape == "trace":
         H, I_e = trace_spec.hidden_size, trace_spec.intermediate_size
@@ -192,4 +198,5 @@ def make_cost_model(
         victim_host_s=victim_host_s * scale_l,
         routing_host_s=routing_host_s * scale_l,
         layer_host_s=layer_host_s * scale_l,
+        sync_host_s=sync_host_s * scale_l,
     )

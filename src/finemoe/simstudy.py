@@ -116,6 +116,13 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         help="with --graphed-decode: host time per layer besides the predictors (sync, serving, launch; calibration)",
     )
     ap.add_argument(
+        "--sync-host-us",
+        type=float,
+        default=0.0,
+        help="with --graphed-decode: host time per routing sync before the next launch, the GPU idle (the "
+        "wake-up, serving, the launch; calibration: ~45 us on the H200, docs/results/simulator.md)",
+    )
+    ap.add_argument(
         "--keep-whole-layers",
         action="store_true",
         help="near 100%%: decayed LFU's victims spare layers whose experts are all resident (keep_whole_layers)",
@@ -180,8 +187,10 @@ def run_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown policies {bad}; choose from {', '.join([*PRESETS, *ORACLES])}")
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be >= 1")
-    if args.layer_host_us and not args.graphed_decode:
-        raise ConfigError("--layer-host-us is the host's time in a graphed decode step: add --graphed-decode")
+    if (args.layer_host_us or args.sync_host_us) and not args.graphed_decode:
+        raise ConfigError(
+            "--layer-host-us and --sync-host-us are host time in a graphed decode step: add --graphed-decode"
+        )
     if args.no_run_ahead and not args.graphed_decode:
         raise ConfigError("--no-run-ahead changes graphed decode steps only: add --graphed-decode")
     test = load_trace(args.traces)
@@ -211,6 +220,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             victim_host_s=args.victim_host_us * 1e-6,
             routing_host_s=args.routing_host_us * 1e-6,
             layer_host_s=args.layer_host_us * 1e-6,
+            sync_host_s=args.sync_host_us * 1e-6,
         )
         floor = None
         for budget in budgets:

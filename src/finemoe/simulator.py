@@ -103,7 +103,8 @@ class Simulator:
     `graphed`: model the engine's graphed decode (CUDA, single prompts) on two timelines. The
     host serves a layer (its on-demand copies), launches the layer's segment (its experts, then the
     next layer's dense part up to the router), then spends `CostModel.layer_host_s` and runs the
-    predictors (`predict_host_s`) and starts their copies, and waits at the next router; the GPU
+    predictors (`predict_host_s`) and starts their copies, and waits at the next router, whose sync
+    costs `sync_host_s` before the next serve and launch; the GPU
     runs the segment once its copies are done. So host time overlaps the copies and the GPU's work.
     `run_ahead` (with `graphed`, as the engine by default, `runahead.py`): a layer whose every expert
     is resident is launched without the routing sync, its slots pinned; its uses are counted and its
@@ -275,6 +276,7 @@ class Simulator:
         layer_s = zero or (lambda tokens: cost.layer_s + (tokens - 1) * cost.layer_token_s)
         head_s = 0.0 if cost is None else cost.head_s
         layer_host = 0.0 if cost is None else cost.layer_host_s
+        sync_host = 0.0 if cost is None else cost.sync_host_s
         predict_host = 0.0 if cost is None or not self.predictors else cost.predict_host_s
         if (after_demand or graphed) and predict_host:  # deferred: charged once the layer's copies are issued
 
@@ -365,6 +367,7 @@ class Simulator:
                         if pending:
                             drain(layer - 1)  # the routings run ahead so far, before this layer's sync
                         gpu.sync()  # the routing sync: the host waits for the segment ending in this router
+                        clock.t += sync_host  # (before the serve and launch: the GPU idles through it)
                     elif not replayed:
                         clock.t += dense
                     # each expert reads its weights once and computes its share of the routed pairs
