@@ -237,16 +237,23 @@ def test_sync_reloads_when_the_log_is_short_the_rows_many_or_the_store_shrank(mo
     s = ExpertMapStore(StoreGeometry(L, E, 2), capacity=C)
     s.add(*rows(6))
     dp = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    assert dp.full_load_due(s)  # (what a graphed step asks before it moves the sync beside S_0)
     dp.sync(s)
+    assert not dp.full_load_due(s)  # nothing to copy
     s._written = deque(s._written, maxlen=3)  # a short write log: 5 writes overflow it
     s.add(*rows(5))
-    assert s.rows_written_since(dp.version) is None
+    assert s.rows_written_since(dp.version) is None and dp.full_load_due(s)
     assert dp.sync(s) == 11  # the whole store
     monkeypatch.setattr(device_plans, "STAGED_ROWS", 2)
     s._written = deque(maxlen=4096)
+    s.add(*rows(2))
+    assert not dp.full_load_due(s)  # two rows: staged
+    assert dp.sync(s) == 2
     s.add(*rows(3))  # more rows than the staging holds
-    assert dp.sync(s) == 14
+    assert dp.full_load_due(s)
+    assert dp.sync(s) == 16
     s.load_rows(*[t[:4] for t in rows(4)])  # the store shrank to 4 rows
+    assert dp.full_load_due(s)
     assert dp.sync(s) == 4 and dp.size == 4
     assert torch.isinf(dp.norms[:, 4:]).all() and torch.equal(dp.maps[:, 4:], torch.zeros(L, C - 4, E))
     dp.begin()
@@ -315,3 +322,20 @@ def test_a_device_matched_predictor_skips_only_the_plans_for_launched_layers():
             assert skipped[layer] == full[layer]
     assert matched_skipped == matched_full - 1  # layer 1's match (layer 0 plans from the semantic one)
     assert run(True, True)[0] == run(False, True)[0]  # hints: every plan made
+
+
+def test_catch_up_refuses_a_layer_without_bound_logits():
+    """The fused catch-up reads each layer's logits through an address table: a layer past the bound
+    prefix (address 0) is refused before any kernel, as is a catch-up before any binding."""
+    L, E = 4, 3
+    dp = DevicePlanner(StoreGeometry(L, E, 2), capacity=8, top_k=1)
+    with pytest.raises(RuntimeError, match="bind_logits"):
+        dp.catch_up(0)
+    logits = torch.zeros(L, E)
+    dp.bind_logits([logits[0], logits[1], None, None])
+    with pytest.raises(ValueError, match="bound through 1"):
+        dp.catch_up(2)
+    with pytest.raises(ValueError, match="layers given"):
+        dp.bind_logits([logits[0]])
+    with pytest.raises(ValueError, match="contiguous"):
+        dp.bind_logits([torch.zeros(E, 2)[:, 0], None, None, None])

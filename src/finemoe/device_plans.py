@@ -109,6 +109,7 @@ class DevicePlanner:
         self.table = torch.zeros(L, device=dev, dtype=torch.int64)
         self._like: torch.Tensor | None = None  # one bound logits tensor (their dtype)
         self._bound: list[torch.Tensor | None] = []  # (kept alive while their addresses are in `table`)
+        self._bound_through = -1  # layers 0 .. this have bound logits
 
     def nbytes(self) -> int:
         """Device memory held (the store copy dominates: L x C x E float32), outside the expert
@@ -144,14 +145,26 @@ class DevicePlanner:
         decode steps only, like `load`."""
         if store.version == self.version and store.size == self.size:
             return 0
-        rows = None if store.size < self.size else store.rows_written_since(self.version)
-        if rows is None or len(rows) > STAGED_ROWS or store.size > self.capacity:
+        rows = self._staged_rows(store)
+        if rows is None:
             self.load(store)
             return store.size
         if rows:
             self._copy_rows(store, rows)
         self.size, self.version = store.size, store.version
         return len(rows)
+
+    def full_load_due(self, store: ExpertMapStore) -> bool:
+        """Whether the next `sync` copies the whole store (`load`: blocking copies from pageable host
+        memory) rather than nothing or a few staged rows."""
+        return not (store.version == self.version and store.size == self.size) and self._staged_rows(store) is None
+
+    def _staged_rows(self, store: ExpertMapStore) -> list[int] | None:
+        """The rows `sync` would stage (possibly none), or None when it must load the whole store."""
+        rows = None if store.size < self.size else store.rows_written_since(self.version)
+        if rows is None or len(rows) > STAGED_ROWS or store.size > self.capacity:
+            return None
+        return rows
 
     def _copy_rows(self, store: ExpertMapStore, rows: list[int]) -> None:
         """Rows `rows` (at most `STAGED_ROWS`) of `store` into the copy: gathered into pinned host
@@ -218,6 +231,8 @@ class DevicePlanner:
         ptrs = [0 if t is None else t.data_ptr() for t in logits]
         self.table.copy_(torch.tensor(ptrs, dtype=torch.int64))
         self._like, self._bound = given[0], list(logits)
+        # the last layer of the bound prefix: a catch-up may not reach a layer with no logits (address 0)
+        self._bound_through = next((i for i, t in enumerate(logits) if t is None), len(logits)) - 1
 
     def restart(self) -> None:
         """A new iteration for `catch_up`: its running sums start from zero at layer 0 (on the
@@ -232,6 +247,8 @@ class DevicePlanner:
         sums reach `last` already; `restart` begins an iteration."""
         if self._like is None:
             raise RuntimeError("catch_up before bind_logits")
+        if last > self._bound_through:
+            raise ValueError(f"catch_up through layer {last}: the logits are bound through {self._bound_through}")
         catch_up(self.table, self._like, self.maps, self.norms, self.dot, self.rows, self.packed, self.state, last)
         self._row_in_packed = True
 

@@ -132,6 +132,8 @@ def catch_up(
         raise ValueError(f"fused match step: {E} experts per layer, at most {MAX_EXPERTS}")
     if not 0 <= last < L:
         raise ValueError(f"fused match step: layer {last} outside 0..{L - 1}")
+    if L * C * E >= 2**31:  # (the kernel's offsets are 32-bit)
+        raise ValueError(f"fused match step: a store copy of {L}x{C}x{E} values is too large (< 2^31)")
     for t in (maps, norms, dot, rows, packed, table):
         assert t.is_contiguous()
     block_c = block_c or tile_rows(C, E)

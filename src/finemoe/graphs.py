@@ -300,7 +300,8 @@ class StaticDecoder:
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)
-            beside = sides and rt.store_sync_beside
+            # (a whole-store reload copies from pageable memory: before S_0, as the host would wait for it)
+            beside = sides and rt.store_sync_beside and not (matches and matches.planner.full_load_due(matches.store))
             try:
                 if sides and not beside:
                     self._begin_sides(here, False)

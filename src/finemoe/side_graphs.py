@@ -271,7 +271,8 @@ class SideGraphs:
         variants = self.variants[layer]
         has_match = any(m for m, _ in variants)
         has_gates = any(g for _, g in variants)
-        run_match = has_match and (match or not self.fused) and layer > self._through
+        # (the fused catch-up covers layers up to `_through` already; the torch ops never defer)
+        run_match = has_match and (not self.fused or (match and layer > self._through))
         run_gates = has_gates and gates
         self.gates_skipped += has_gates and not gates
         self.matches_deferred += has_match and not run_match
@@ -319,7 +320,10 @@ class SideGraphs:
             else:
                 self.late_matches += 1
                 self._replay(layer, self.variants[layer][True, False], None, True)
-        self._cover[layer].synchronize()  # type: ignore[union-attr]
+        cover = self._cover[layer]
+        if cover is None:
+            raise RuntimeError(f"layer {layer}'s map match was read but has no side graph to compute it")
+        cover.synchronize()
 
     def _check(self, step: int) -> None:
         if step != self.step:

@@ -137,4 +137,7 @@ def test_fused_match_catch_up_from_logits_equals_the_torch_ops_in_a_graph():
             compared += 1
         assert torch.allclose(fused.dot, ref.dot, rtol=1e-5, atol=1e-7)
         assert fused.packed.tolist() == fused.rows[L - 1].tolist()
+        graphs[1].replay()  # an earlier layer, already in the sums: its row into `packed`, the state kept
+        torch.cuda.synchronize()
+        assert fused.packed.tolist() == fused.rows[1].tolist() and int(fused.state) == L - 1
     assert compared >= 18

@@ -396,25 +396,29 @@ def test_deferred_matches_change_no_plan(ckpt):
     in the last layer: the side graphs defer the matches no plan reads (`SideGraphs.match_needed`)
     and one launch catches the sums up where a plan reads them. Against every match launched (two
     fresh engines, the same requests): the same tokens, plans, device-matched plans and mean
-    trajectory score, and no match was launched late by a read."""
+    trajectory score, and no match was launched late by a read. A third engine whose rule defers
+    every match (each read then launches its match late, `settle_match`) plans the same too."""
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = medium_prompts()
     got = {}
-    for defer in (False, True):
+    for defer in (False, True, "late"):
         kw = dict(policy="finemoe", search="device", graph_gates=True, prediction_duty="always", prefetch_distance=1)
         with Engine.from_pretrained(ckpt, expert_budget="50%", device="cuda", progress=False, **kw) as eng:
             L, E = eng.spec.num_layers, eng.spec.num_experts
             eng.reconfigure(expert_budget=L * E - 1, warm_pool=True, gather_absent=True)
-            eng.runtime.defer_matches = defer
+            eng.runtime.defer_matches = bool(defer)
+            if defer == "late":  # (on the instance: the graphs are captured at the first request)
+                eng.static.sides.match_needed = lambda layer, slot_of: False
             tokens = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats().extra
             assert st["decode_graph_error"] is None and st["decode_graph_replays"] > 0
             fused = eng.static.sides.fused  # the fused catch-up: Triton on CUDA, a softmax family
             assert fused == (eng.spec.model_type != "deepseek_v3")  # (DeepSeek-V3 routes by sigmoid)
-            assert st["decode_side_late_matches"] == 0
-            assert (st["decode_side_matches_deferred"] > 0) == (defer and fused)
+            assert (st["decode_side_late_matches"] > 0) == (defer == "late" and fused)
+            assert (st["decode_side_matches_deferred"] > 0) == (bool(defer) and fused)
             stats = eng.predictor_stats()
             got[defer] = (tokens, stats["plans"], stats["device_matched_plans"], stats["mean_trajectory_score"])
-    assert got[True][:3] == got[False][:3]
+    assert got[True][:3] == got[False][:3] == got["late"][:3]
     assert got[True][2] > 0
     assert got[True][3] == pytest.approx(got[False][3], rel=1e-6)
+    assert got["late"][3] == pytest.approx(got[False][3], rel=1e-6)
