@@ -4,8 +4,10 @@ Invariants: at most S experts are resident; an acquired expert (refcount > 0) is
 hits + misses == accesses. The cache asks its `EvictionPolicy` for victims and its `Transfer` for
 copies; it never decides what to prefetch.
 
-Which experts may go, and in what order (the prefill sweep, whole layers kept whole), is in
-`victims.VictimSearch`, which `ExpertCache` extends."""
+Which experts may go, and in what order (the prefill sweep, whole layers kept whole, the sink
+layers), is in `victims.VictimSearch`; the residency upkeep (the warm fill, the run-ahead pins, the
+copies back to the layers before the sink) in `residency.ResidencyUpkeep`; the prefetch copies in
+`prefetch_copies.PrefetchCopies`. `ExpertCache` extends all three."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch
 from finemoe.config import EARLY_ISSUE_MISSES
 from finemoe.policy import EvictionPolicy
 from finemoe.pool import SlotPool
+from finemoe.prefetch_copies import PrefetchCopies
+from finemoe.residency import ResidencyUpkeep
 from finemoe.store import ExpertStore
 from finemoe.transfer import Transfer
 from finemoe.types import CacheStats, ExpertId, MoESpec, expert_id_table
@@ -28,7 +32,7 @@ log = logging.getLogger(__name__)
 # the acquire loop still picks slots (`enter`); `EngineConfig.early_issue_misses` sets it per engine
 
 
-class ExpertCache(VictimSearch):
+class ExpertCache(ResidencyUpkeep, PrefetchCopies, VictimSearch):
     """Residency of experts in the device `SlotPool`."""
 
     def __init__(
@@ -107,40 +111,6 @@ class ExpertCache(VictimSearch):
     def begin_iteration(self, prefill: bool) -> None:
         """An iteration starts (before any of its accesses); `prefill`: it runs prompt tokens."""
         self._sweeping = self.prefill_sweep and prefill
-
-    def gather(self) -> int:
-        """`gather_absent` (`sink` >= 0), at a decode iteration's start with the pool full: copy back
-        the experts missing in layers before the sink layers, each in place of a sink layer's expert
-        (the policy's order among those a prefetch may evict: never a pinned or planned one), each
-        layer's copies issued as a run of their own. Residency upkeep, not a prediction: counted in
-        `stats.gathered` and the bytes copied, not as prefetches, and done also with
-        `prefetch_copies` off. Stops when no sink expert can go. Returns the copies started."""
-        sink = self.sink
-        if sink < 0 or self._free or self._sweeping:
-            return 0
-        slot_of = self.slot_of
-        if sum(row.count(-1) for row in slot_of[sink:]) >= self.absent:
-            return 0  # every absent expert is in a sink layer
-        started, eids, pred, victim = 0, self._eids, self._evictable_for_prefetch, self.policy.victim
-        try:
-            for layer in range(sink):
-                row = slot_of[layer]
-                if min(row) >= 0:
-                    continue
-                for e, slot in enumerate(row):
-                    if slot < 0:
-                        gone = victim(lambda eid: eid[0] >= sink and pred(eid))
-                        if gone is None:
-                            return started
-                        self._load(eids[layer][e], self._evict(gone), False)
-                        self.stats.gathered += 1
-                        started += 1
-                # a queueing transfer issues each layer's copies as a run of their own: a layer run
-                # ahead waits for its own copies, not for every later layer's
-                self.flush_copies()
-        finally:
-            self.flush_copies()
-        return started
 
     # -- queries -------------------------------------------------------------------------------
     def is_resident(self, eid: ExpertId) -> bool:
@@ -484,163 +454,6 @@ class ExpertCache(VictimSearch):
         if self._on_release is not None:
             self._on_release()
 
-    def fill_free(self, each: Callable[[int], object] | None = None) -> int:
-        """Load absent experts into the free slots, layer by layer in expert order, until none is
-        left free (a warm start, `EngineConfig.warm_pool`): whole layers first, so a budget near
-        100% has layers whose every expert is resident from the first step. Told to the policy as
-        inserts at the current step; not counted as traffic. `each(1)` after every copy issued (a
-        progress bar). Returns how many were loaded."""
-        free, eids, loaded = self._free, self._eids, 0
-        for layer in range(self.spec.num_layers):
-            row = self.slot_of[layer]
-            for e in range(self.spec.num_experts):
-                if not free:
-                    break
-                if row[e] >= 0:
-                    continue
-                slot, eid = free.pop(), eids[layer][e]
-                self.transfer.load(slot, self.store.parts(eid), False)
-                self.owner[slot] = eid
-                self._set(eid, slot)
-                self.policy.on_insert(eid, self.step)
-                loaded += 1
-                if each is not None:
-                    each(1)
-        self.flush_copies()
-        return loaded
-
-    def pin_layer(self, layer: int) -> list[int] | None:
-        """Pin every expert of `layer` if all of them are resident: their slots [E] (expert order),
-        else None (nothing pinned). Whatever the router picks is then resident until `account_pinned`."""
-        row = self.slot_of[layer]
-        if min(row) < 0:
-            return None
-        slots = list(row)
-        refcount = self.refcount
-        for s in slots:
-            refcount[s] += 1
-        return slots
-
-    def account_pinned(self, layer: int, experts: list[int], pinned: list[int]) -> None:
-        """The routed uses of `layer` (`experts`, sorted unique ids), computed while `pin_layer` held
-        its slots `pinned`: counted and told to the policy as `enter` does (all hits: they were never
-        evicted), then every pin dropped. No `after_compute`: whoever launched the layer's compute
-        recorded its last use of the slots then."""
-        _, slots = self.enter(layer, experts)
-        refcount = self.refcount
-        for s in slots:
-            refcount[s] -= 1
-        self.unpin(pinned)
-
-    def unpin(self, slots: list[int]) -> None:
-        """Drop pins `pin_layer` took, nothing counted (a step abandoned before `account_pinned`)."""
-        refcount = self.refcount
-        for s in slots:
-            refcount[s] -= 1
-        if self._on_release is not None:
-            self._on_release()
-
-    def try_prefetch(self, eid: ExpertId, iteration: int = -1) -> bool:
-        """Start copying `eid` in if absent and a slot can be freed; True if a copy started.
-        `iteration` is the iteration the plan was made for (-1: unknown, never protected)."""
-        if self.slot_of[eid.layer][eid.expert] >= 0:
-            return False
-        slot = self._allocate(True)
-        if slot is None:
-            return False
-        self._start_prefetch(eid, slot, iteration)
-        return True
-
-    def _start_prefetch(self, eid: ExpertId, slot: int, iteration: int) -> None:
-        self._load(eid, slot, False)
-        self.prefetched[slot] = True
-        self.prefetch_iteration[slot] = iteration
-        self.stats.prefetches_issued += 1
-
-    @property
-    def batches_prefetches(self) -> bool:
-        """True if `prefetch_batch` may be used (the policy finds prefetch victims in one pass)."""
-        return self._prefetch_victims is not None
-
-    def prefetch_batch(self, batch: list[tuple[ExpertId, int]]) -> list[int]:
-        """`try_prefetch` of each (absent, distinct) expert of `batch` in order, the victims found
-        in one policy pass; the slots of the copies started, a prefix of `batch` (the rest found no
-        slot). Equal to successive `try_prefetch` calls when every iteration is >= 0: what a
-        prefetch loads is then not evictable by the next one. Needs `batches_prefetches`."""
-        free = self._free
-        need = len(batch) - len(free)
-        if need <= 0:
-            victims = []
-        elif self._sweeping:
-            victims = self._swept(self._prefetch_victims, self._evictable_prefetch, need, self.now[1])
-        elif self._shaped:
-            victims = self._shape(self._prefetch_victims, self._evictable_prefetch, need, -1)
-        else:
-            victims = self._prefetch_victims(self._evictable_prefetch, need)
-        victims.reverse()
-        if self._on_prefetch_loads is not None:
-            return self._prefetch_all(batch, victims)
-        slots: list[int] = []
-        for eid, iteration in batch:
-            if free:
-                slot = free.pop()
-            elif victims:
-                slot = self._evict(victims.pop())
-            else:
-                break
-            self._start_prefetch(eid, slot, iteration)
-            slots.append(slot)
-        return slots
-
-    def _prefetch_all(self, batch: list[tuple[ExpertId, int]], victims: list[ExpertId]) -> list[int]:
-        """`prefetch_batch`'s loop with `_evict` and `_start_prefetch` inlined and the transfer's and
-        the policy's calls batched (`load_many`, `on_prefetch_loads`): the same slots, the same
-        state after it. `victims`: the next one last. Its eviction lines repeat those of `enter`'s
-        batched miss loop on purpose: one shared helper for both (tried in session 18) slowed the
-        LRU replay below issue 5's 200k layer-steps/s (an alternating A/B on one core: 188-202k
-        without it, 101-165k with it)."""
-        free, slot_of, owner, dirty = self._free, self.slot_of, self.owner, self._dirty
-        prefetched, planned_in = self.prefetched, self.prefetch_iteration
-        slots: list[int] = []
-        gone: list[ExpertId] = []
-        loaded: list[ExpertId] = []
-        wasted = 0
-        for eid, iteration in batch:
-            if free:
-                slot = free.pop()
-            elif victims:
-                victim = victims.pop()
-                vl, ve = victim
-                slot = slot_of[vl][ve]
-                slot_of[vl][ve] = -1
-                dirty[vl] = True
-                gone.append(victim)
-                if prefetched[slot]:
-                    wasted += 1
-            else:
-                break
-            owner[slot] = eid
-            lay = eid[0]
-            slot_of[lay][eid[1]] = slot
-            dirty[lay] = True
-            prefetched[slot] = True
-            planned_in[slot] = iteration
-            slots.append(slot)
-            loaded.append(eid)
-        n = len(slots)
-        if n:
-            parts = self._parts
-            self._load_many(slots, [parts(x) for x in loaded] if parts is not None else [[]] * n, False)
-            self._on_prefetch_loads(gone, loaded, self.step)
-            st, eb = self.stats, self.expert_bytes
-            st.evictions += len(gone)
-            if wasted:
-                st.prefetches_wasted += wasted
-                st.prefetch_wasted_bytes += wasted * eb
-            st.bytes_copied += n * eb
-            st.prefetches_issued += n
-        return slots
-
     def defer_access(self, layer: int, ids: torch.Tensor) -> None:
         """Record a use without a host sync (all-resident: every access is a hit); counted by flush."""
         self._deferred.append((layer, ids))
@@ -654,22 +467,6 @@ class ExpertCache(VictimSearch):
             self.stats.layer_hits[layer] += n
             self.step += 1
         self._deferred.clear()
-
-    def preload_all(self) -> None:
-        """Make every expert resident in slot l*E + e (requires S == L*E); all-resident plans."""
-        assert self.num_slots == self.spec.num_total_experts and len(self._free) == self.num_slots
-        for layer in range(self.spec.num_layers):
-            for e in range(self.spec.num_experts):
-                eid = ExpertId(layer, e)
-                slot = self._allocate()
-                assert slot == layer * self.spec.num_experts + e
-                self.transfer.load(slot, self.store.parts(eid), demand=False)
-                self.owner[slot] = eid
-                self._set(eid, slot)
-                self.policy.on_insert(eid, self.step)
-        for layer in range(self.spec.num_layers):
-            self.device_table(layer)
-        self.all_resident = True
 
     def refresh_stall(self) -> None:
         """Bring lazily measured counters (stall time, deferred hits) up to date."""
