@@ -390,6 +390,10 @@ def test_cli_simulate_writes_json_and_plot(recorded, tmp_path):
         cmd[:6] + ["--policies", "lru", "--no-run-ahead"], capture_output=True, text=True, timeout=120
     )
     assert lone.returncode != 0 and "--graphed-decode" in lone.stderr and "Traceback" not in lone.stderr
+    lone = subprocess.run(
+        cmd[:6] + ["--policies", "lru", "--sync-host-us", "45"], capture_output=True, text=True, timeout=120
+    )
+    assert lone.returncode != 0 and "--graphed-decode" in lone.stderr and "Traceback" not in lone.stderr
 
 
 def test_cli_simulate_takes_the_near_full_budget_knobs(recorded, tmp_path, monkeypatch):
