@@ -154,14 +154,21 @@ case $part in
     timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 2 --prompts 3 --modes sync --out "$out/overhead_gpu_reference_s17.json" 2>&1 \
       | grep -v " INFO \|round" | tail -8 ;;
-  s33)      # session 33's first call (~8 min): the full GPU suite, then the near-full overhead comparison,
+  s33)      # session 33's first call (~9 min): the full GPU suite, then the near-full overhead comparison,
             # 12 paired rounds (finemoe device:graph-gates+gather against lru:gather; session 32's s32e)
     timeout 270 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
     tail -4 "$out/gpu_tests.txt"
     timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --cores 2-7 --rounds 12 --prompts 2 --warm-pool --no-eviction-reference --near-full-only \
       --modes device:graph-gates+gather --lru-modes gather --out "$out/overhead_s33.json" 2>&1 \
-      | grep -v "ms per iteration)" | grep -v INFO | tail -20 ;;
+      | grep -v "ms per iteration)" | grep -v INFO | tail -20
+    # issue 5's replay speed on one pinned host core, if the traces were carried
+    # (carry=["gpu_traces/ref40_test.fmt", "gpu_traces/ref_hist_stores.pt"], ~18 MiB)
+    if [ -f gpu_traces/ref40_test.fmt ] && [ -f gpu_traces/ref_hist_stores.pt ]; then
+      timeout 120 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+        --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 3 --limit 20 \
+        --out "$out/sim_speed_h200host_s33.json" 2>&1 | tail -3
+    fi ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
