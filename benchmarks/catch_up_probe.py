@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import run_meta  # noqa: E402
-from finemoe import fused_match  # noqa: E402
+from device_match_probe import time_replays  # noqa: E402
 from finemoe.device_plans import DevicePlanner  # noqa: E402
 from finemoe.expert_map import ExpertMapStore, StoreGeometry  # noqa: E402
 
@@ -51,37 +50,20 @@ def time_case(planner: DevicePlanner, first: int, last: int, replays: int, repea
     def setup() -> None:
         planner.restart()
         if first > 0:
-            fused_match.catch_up(*_args(planner), first - 1, **knobs)
+            planner.catch_up(first - 1, **knobs)
 
     with torch.cuda.stream(side):
         setup()
-        fused_match.catch_up(*_args(planner), last, **knobs)  # (compiles outside the capture)
+        planner.catch_up(last, **knobs)  # (compiles outside the capture)
         base, case = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(base, stream=side):
             setup()
         with torch.cuda.graph(case, stream=side):
             setup()
-            fused_match.catch_up(*_args(planner), last, **knobs)
+            planner.catch_up(last, **knobs)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    return _per_replay(case, replays, repeat) - _per_replay(base, replays, repeat)
-
-
-def _args(p: DevicePlanner) -> tuple:
-    return (p.table, p._like, p.maps, p.norms, p.dot, p.rows, p.packed, p.state)
-
-
-def _per_replay(graph: torch.cuda.CUDAGraph, n: int, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(n):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / n)
-    return statistics.median(times)
+    return time_replays(case, replays, repeat) - time_replays(base, replays, repeat)
 
 
 def main() -> int:
@@ -103,7 +85,7 @@ def main() -> int:
             knobs = {}
             if config != "default":
                 bc, nw = (int(x) for x in config.split("x"))
-                if bc * triton_pow2(E) > 65536:
+                if bc * (1 << (E - 1).bit_length()) > 65536:
                     continue  # (too many registers)
                 knobs = {"block_c": bc, "num_warps": nw}
             for first, last in ((L // 2, L // 2), (L // 2 - 3, L // 2), (0, L - 5)):
@@ -115,10 +97,6 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1))
     return 0
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -239,17 +239,20 @@ class DevicePlanner:
         current stream; capturable)."""
         self.state.fill_(-1)
 
-    def catch_up(self, last: int) -> None:
+    def catch_up(self, last: int, **knobs: int) -> None:
         """`step` of every layer after the last one in the sums through layer `last`, from the bound
         logits (`bind_logits`), in one fused kernel (`fused_match`; Triton on CUDA): the same
         running sums, per layer's `packed` in `rows` [L, 3] and the latest in `packed` (not
         `ratio`; `row` is taken from `packed` by the next `plan`). Nothing is recomputed when the
-        sums reach `last` already; `restart` begins an iteration."""
+        sums reach `last` already; `restart` begins an iteration. `knobs`: `fused_match.catch_up`'s tile
+        overrides (a probe's)."""
         if self._like is None:
             raise RuntimeError("catch_up before bind_logits")
         if last > self._bound_through:
             raise ValueError(f"catch_up through layer {last}: the logits are bound through {self._bound_through}")
-        catch_up(self.table, self._like, self.maps, self.norms, self.dot, self.rows, self.packed, self.state, last)
+        catch_up(
+            self.table, self._like, self.maps, self.norms, self.dot, self.rows, self.packed, self.state, last, **knobs
+        )
         self._row_in_packed = True
 
     def plan(self, target: int, slots: torch.Tensor | None = None) -> None:

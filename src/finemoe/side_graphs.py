@@ -39,7 +39,6 @@ class SideGraphs:
     def __init__(self, runtime: OffloadRuntime, layers: int, device: torch.device) -> None:
         self.rt, self.layers, self.device = runtime, layers, device
         self.stream = torch.cuda.Stream(device)
-        self.graphs: list[torch.cuda.CUDAGraph | None] = []  # per MoE layer (None: nothing to do there)
         self.gates_skipped = 0  # side launches without their gates (`launch(gates=False)`), in total
         self.matches_deferred = 0  # side launches without their match (`launch(match=False)`), in total
         self.late_matches = 0  # matches launched by a read (`settle_match`), in total
@@ -70,7 +69,7 @@ class SideGraphs:
 
     def count(self) -> int:
         """Side graphs per step."""
-        return sum(g is not None for g in self.graphs)
+        return sum(bool(v) for v in self.variants)
 
     def gate_rows(self) -> int:
         """Gate probability rows per step."""
@@ -94,7 +93,7 @@ class SideGraphs:
         not share one."""
         matches = self.rt.device_matches
         self._pool = torch.cuda.graph_pool_handle()
-        self.graphs, self.done, self.variants = [], [], []
+        self.done, self.variants = [], []
         self.speculated = [({}, False)] * self.layers
         self.stream.wait_stream(capturing)
         with torch.cuda.stream(self.stream):
@@ -128,8 +127,7 @@ class SideGraphs:
         targets, covers = self._gate_targets(layer, args) if self.linear else ([], False)
         self.speculated[layer] = ({}, covers)
         if not (match or targets):
-            self.graphs.append(None)
-            self.variants.append({})
+            self.variants.append({})  # (nothing to do there)
             self.done.append(None)
             return
         kinds = [(match, bool(targets))]
@@ -151,7 +149,6 @@ class SideGraphs:
                 raise
             graph.capture_end()
             variants[with_match, with_gates] = graph
-        self.graphs.append(variants[kinds[0]])
         self.variants.append(variants)
         self.done.append(torch.cuda.Event())
 
@@ -235,7 +232,7 @@ class SideGraphs:
 
     def due(self, layer: int) -> bool:
         """Whether layer `layer` has a side graph not yet launched in the current step."""
-        return self.graphs[layer] is not None and self._state[layer] == NOT_LAUNCHED
+        return bool(self.variants[layer]) and self._state[layer] == NOT_LAUNCHED
 
     def gates_needed(self, layer: int, slot_of: list[list[int]]) -> bool:
         """Whether layer `layer`'s gate rows may be read in this step, as it is run ahead: False when
@@ -302,7 +299,7 @@ class SideGraphs:
         has replayed since (the rows and matches are rewritten every step)."""
         self._check(step)
         state = self._state[layer] if layer < len(self._state) else SETTLED
-        if state == SETTLED or self.graphs[layer] is None:
+        if state == SETTLED or not self.variants[layer]:
             return
         if state == NOT_LAUNCHED:
             self.launch(layer)
@@ -341,4 +338,4 @@ class SideGraphs:
     def drop(self) -> None:
         """Wait for them, then free the graphs and the gates' state."""
         self.finish()
-        self.graphs, self.done, self._pool, self.speculated, self.variants = [], [], None, [], []
+        self.done, self._pool, self.speculated, self.variants = [], None, [], []
