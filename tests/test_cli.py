@@ -205,9 +205,10 @@ def test_generate_with_gathered_absent_experts(tok_ckpt, capsys):
     cfg = json.loads((tok_ckpt / "config.json").read_text())
     budget = str(cfg["num_hidden_layers"] * cfg["num_experts"] - 1)
     out = {}
-    for gather in (False, True):
+    flags = {False: ["--no-gather-absent"], True: ["--gather-absent"], None: []}  # (None: the default, auto)
+    for gather, flag in flags.items():
         args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello there", "--json", "--max-new-tokens", "8"]
-        args += ["--expert-budget", budget, "--warm-pool", "--no-progress"] + (["--gather-absent"] if gather else [])
+        args += ["--expert-budget", budget, "--warm-pool", "--no-progress"] + flag
         assert main(args) == 0
         out[gather] = json.loads(capsys.readouterr().out.strip().splitlines()[0])
-    assert out[True]["token_ids"] == out[False]["token_ids"]
+    assert out[True]["token_ids"] == out[False]["token_ids"] == out[None]["token_ids"]

@@ -315,6 +315,14 @@ def test_gathering_the_absent_experts_is_the_same_in_the_simulator_and_the_engin
         sim.run(tr)
         assert sim.cache.sink == (2 if gather else -1)
         absent[gather] = [row.count(-1) for row in sim.cache.slot_of]
+    # the default (None, auto): gathered in a graphed replay only, as the engine gathers where its
+    # decode steps are graphed (CUDA); the CPU engine above, eager, gathers only when told
+    auto = dataclasses.replace(config, gather_absent=None)
+    for graphed in (False, True):
+        sim = Simulator(tr.spec, auto, None, "instant", empty_history(tr, 64), tr.spec_probs, graphed=graphed)
+        assert sim.cache.sink == (2 if graphed else -1)
+    eager, replay = engine_and_simulator(recorded, auto)
+    assert eager == replay and eager["gathered"] == 0
     assert absent[True] == [0, 0, 24 - int(budget)]
     if policy == "finemoe":
         assert absent[False][0] > 0
@@ -795,7 +803,8 @@ def test_run_ahead_counts_the_same_uses_with_predictors(recorded):
 
     _, _, f = recorded
     tr = load_trace(f)
-    config = dataclasses.replace(cfg("finemoe", "23", map_store_capacity=64), warm_pool=True)
+    # (gathering off: the graphed replay's default would gather, and its copies move with the timing)
+    config = dataclasses.replace(cfg("finemoe", "23", map_store_capacity=64), warm_pool=True, gather_absent=False)
     cost = dataclasses.replace(unit_cost(), layer_host_s=0.5)
     r = {}
     for ahead in (False, True):  # (one layer run ahead waits for a prefetch it does not use: +1 s)

@@ -120,9 +120,11 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--gather-absent",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="near 100%%: keep the absent experts in the last layers, every other layer whole, so graphed "
-        "decode syncs on the last layers' routings only (a few copies after each prompt)",
+        "decode syncs on the last layers' routings only (a few copies after each prompt); default: on where "
+        "decode steps are graphed (CUDA)",
     )
     ap.add_argument("--no-progress", action="store_true", help="hide the loading progress bar")
     ap.add_argument(

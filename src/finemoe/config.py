@@ -240,12 +240,13 @@ class EngineConfig:
     # of each, while that is at most a quarter of the layers (`victims.sink_layers`): victims come from
     # them first (the policy's order there), and each decode iteration starts by copying back what
     # earlier layers miss (`ExpertCache.gather`). Every earlier layer is then whole, and a graphed
-    # decode step runs ahead of all routing syncs but the sink layers' (runahead.py). Off by default
-    # for now: -0.3 to -0.5 ms per finemoe step on the H200 (reference shape, 99%), and with a routing
-    # sync priced the simulator has it pay on every shape near 100% (docs/results/simulator.md, "The
-    # routing sync's own cost"); an eager step gains nothing from it. To be turned on for graphed
-    # decode once the GPU tests have run with it on (docs/status.md)
-    gather_absent: bool = False
+    # decode step runs ahead of all routing syncs but the sink layers' (runahead.py). None (auto): on
+    # where decode steps are graphed (the engine on CUDA with cuda_graphs not off; the simulator's
+    # graphed replay), off elsewhere: -0.3 to -0.5 ms per finemoe step on the H200 (reference shape,
+    # 99%), and with a routing sync priced the simulator has it pay on every shape near 100%, while an
+    # eager step pays its copies and misses for nothing (docs/results/simulator.md, "The routing
+    # sync's own cost")
+    gather_absent: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:

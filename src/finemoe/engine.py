@@ -163,6 +163,9 @@ class Engine(EngineTelemetry):
         self.config, self.preset, self.plan = config, preset, plan
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
+        graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+        # (auto: the absent experts gathered where graphed decode runs ahead of the syncs they save)
+        gather = config.gather_absent if config.gather_absent is not None else graphs
         self.cache = ExpertCache(
             spec,
             pool,
@@ -172,7 +175,7 @@ class Engine(EngineTelemetry):
             prefill_sweep=prefill_sweep(preset, config),
             early_issue_misses=config.early_issue_misses,
             keep_whole=config.keep_whole_layers,
-            gather_absent=config.gather_absent,
+            gather_absent=gather,
         )
         # Link-aware prefetch window: layer time is host wall time less the time blocked in the
         # routing syncs (which absorb copy stalls), per-expert copy time as the transfer measures it.
@@ -265,7 +268,6 @@ class Engine(EngineTelemetry):
                 transfer.synchronize()
             log.info("warm pool: %d experts loaded into free slots", n)
         self._attachment = Attachment(self.model, self.runtime, refs)
-        graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
         self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
         if config.search == "device":
             self._device_search(config, members, device)

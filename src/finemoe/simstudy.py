@@ -129,8 +129,10 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--gather-absent",
-        action="store_true",
-        help="near 100%%: the absent experts gather in the last layers, the others stay whole (gather_absent)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="near 100%%: the absent experts gather in the last layers, the others stay whole (gather_absent; "
+        "default: with --graphed-decode)",
     )
     ap.add_argument(
         "--warm-pool",

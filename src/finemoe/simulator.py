@@ -170,7 +170,8 @@ class Simulator:
             sweep,
             config.early_issue_misses,
             keep_whole=config.keep_whole_layers and not oracle,  # Belady's choices stay its own
-            gather_absent=config.gather_absent and not oracle,
+            # (auto: as the engine, where decode steps are graphed)
+            gather_absent=(graphed if config.gather_absent is None else config.gather_absent) and not oracle,
         )
         if config.warm_pool and not plan.all_resident:
             # the engine's fill of the free slots at set-up (`ExpertCache.fill_free`), which it waits
