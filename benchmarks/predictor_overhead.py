@@ -329,7 +329,8 @@ def main() -> int:
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
-    runs += [(f"lru {near}", dict(policy="lru", expert_budget=near))]
+    # (plain lru without gathering, as before session 33 made gathering the default where decode is graphed)
+    runs += [(f"lru {near}", dict(policy="lru", expert_budget=near, gather_absent=False))]
     lru_modes = [v for v in args.lru_modes.split(",") if v]
     runs += [
         (f"lru:{v} {near}", dict(policy="lru", expert_budget=near, gather_absent="gather" in v.split("+")))
@@ -337,7 +338,7 @@ def main() -> int:
     ]
     evict = f"decay-lfu {near}"  # finemoe's eviction alone: what the predictor adds, apart from the eviction
     if not args.no_eviction_reference:
-        runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near))]
+        runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near, gather_absent=False))]
     runs += [fine(near, m) for m in modes]
     if not args.near_full_only:
         runs += [
@@ -345,9 +346,8 @@ def main() -> int:
             (f"mixtral-offloading {args.budget}", dict(policy="mixtral-offloading", expert_budget=args.budget)),
             *(fine(args.budget, m) for m in modes),
         ]
-    if args.warm_pool:  # every run's pool filled at set-up (what a budget near 100% holds in steady use)
-        for _, kw in runs:
-            kw["warm_pool"] = True
+    for _, kw in runs:  # every run's pool filled at set-up (what a budget near 100% holds in steady use), or
+        kw["warm_pool"] = args.warm_pool  # none (the engine's default fills it where decode is graphed)
     # `reconfigure` keeps every knob it is not given: each run starts from the engine's first
     # configuration for the knobs any run sets (before session 27 they leaked from one run into the
     # next: e.g. `eviction="decay-lfu"` from the eviction reference into lru's later rounds and the

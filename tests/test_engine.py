@@ -257,3 +257,20 @@ def test_a_warm_pool_starts_full_whole_layers_first_and_stays_exact(tiny_checkpo
         finally:
             eng.close()
     assert misses[True] < misses[False]
+
+
+@pytest.mark.parametrize("cuda_graphs", [None, True])
+def test_the_cuda_defaults_stay_off_for_eager_steps(tiny_checkpoint, cuda_graphs):
+    """The CUDA defaults (session 33: `search` "auto" -> "device", `graph_gates`, `warm_pool` and
+    `gather_absent` on where decode steps are graphed) resolve off on the CPU, whose steps are eager
+    even with the static cache (`cuda_graphs=True`): inline search, an empty pool at set-up, no sink
+    layer; an explicit warm pool still fills it."""
+    path = tiny_checkpoint("mixtral")
+    kw = dict(expert_budget="90%", device="cpu", progress=False, cuda_graphs=cuda_graphs)
+    with Engine.from_pretrained(path, **kw) as eng:
+        assert eng.config.search == "auto" and eng.config.warm_pool is None and eng.config.graph_gates is None
+        assert eng.search_mode == "sync"
+        assert eng.cache.resident_count() == 0 and eng.cache.sink == -1
+        assert eng.runtime.gate_strides == () and eng.runtime.device_matches is None
+        eng.reconfigure(warm_pool=True)
+        assert eng.cache.resident_count() == eng.cache.num_slots

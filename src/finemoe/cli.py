@@ -67,8 +67,8 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
         "--search",
         choices=list(SEARCH_MODES),
         default="auto",
-        help="where map search runs: inline (auto, sync), a searcher thread (async), a worker process "
-        "(process), or on the GPU inside graphed decode steps (device: CUDA only, experimental)",
+        help="where map search runs: inline (sync), a searcher thread (async), a worker process (process), or "
+        "on the GPU inside graphed decode steps (device: CUDA only); auto: device where it can run, else sync",
     )
     ap.add_argument(
         "--prediction-duty",
@@ -114,9 +114,18 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     add_window_args(ap)
     ap.add_argument(
         "--warm-pool",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="fill the expert budget's free slots at start-up, layer by layer, instead of on first use "
-        "(a longer start, fewer first misses; worth it near 100%%)",
+        "(a longer start, fewer first misses; worth it near 100%%); default: on where decode steps are "
+        "graphed (CUDA)",
+    )
+    ap.add_argument(
+        "--graph-gates",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="graphed decode: the speculative gates computed on the GPU beside the segments, not on the "
+        "host; default: on where the map search runs on the GPU (--search device or auto)",
     )
     ap.add_argument(
         "--gather-absent",
@@ -166,6 +175,7 @@ def _engine(args: argparse.Namespace):
         max_inflight_prefetches=args.max_inflight_prefetches,
         prefetch_window=args.prefetch_window,
         warm_pool=args.warm_pool,
+        graph_gates=args.graph_gates,
         gather_absent=args.gather_absent,
         progress=not args.no_progress,
     )

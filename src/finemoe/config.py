@@ -197,7 +197,10 @@ class EngineConfig:
     gate_refine: bool = True  # finemoe: also speculate the next layer's router (False: maps only)
     semantic_search: bool = True  # FineMoE plans layers 0..d-1 from the semantic match (False: ablation)
     map_values: str = "probs"  # expert maps hold router "probs" (paper) or top-k "counts" (hit-count ablation)
-    search: str = "auto"  # "sync" (forward pass), "async" (thread), "process" (worker), "device" (GPU); "auto" = sync
+    # "sync" (forward pass), "async" (thread), "process" (worker), "device" (GPU); "auto": "device" where
+    # it can run (a map predictor, graphed decode on CUDA, probability maps over the whole prefix), else
+    # "sync" (docs/design/device_plans.md: the fast near-100% configuration of the H200 runs)
+    search: str = "auto"
     prediction_duty: str = "auto"  # "always" or "adaptive" (predict while it shortens the step); auto: duty_applies
     trajectory_window: int = 0  # layers the trajectory match compares: 0 = all so far (paper), w = latest w
     trajectory_candidates: int = 64  # decode: follow only the K maps leading after layer 4 (0: all, the paper)
@@ -222,14 +225,18 @@ class EngineConfig:
     # graphed decode: the speculative gates' probabilities computed on the device (a small matmul
     # and the routing function per layer, in the layer's side graph replayed beside the next
     # segment, copied into pinned host rows; session 27), instead of on the host from a copy of the
-    # router input (graphs.py). Off by default: with search="device" the 99% added step is +0.60 ms
-    # (12%) on the H200, not yet the <= 2% target (docs/design/device_plans.md, session 27)
-    graph_gates: bool = False
+    # router input (graphs.py). None (auto): on where the map search runs on the device (search
+    # "device", or "auto" resolved to it): with the side graphs' gates skipped and the matches deferred
+    # where no plan reads them, the 99% step is +0.13 ms over lru (sessions 31-33) against +0.5 ms or
+    # more with the gates on the host (docs/design/device_plans.md)
+    graph_gates: bool | None = None
     # fill the pool's free slots when the engine is set up, whole layers first (`ExpertCache.fill_free`),
     # instead of letting first uses load them one miss at a time (the simulator starts its replay from
-    # the same fill, landed). Off by default for now: measured on the GPU at a 99% budget only
-    # (docs/design/device_plans.md, session 29)
-    warm_pool: bool = False
+    # the same fill, landed). None (auto): on where decode steps are graphed (the engine on CUDA with
+    # cuda_graphs not off; the simulator's graphed replay): a start-up of one copy per free slot buys
+    # whole layers from the first token, which graphed steps run ahead of their routing syncs
+    # (docs/design/device_plans.md, session 29); off for eager steps, as before
+    warm_pool: bool | None = None
     # when fewer experts than layers are absent (a budget near 100%), a victim in a layer already
     # missing an expert goes first if it is among the eviction policy's next few choices, so whole
     # layers stay whole and graphed decode runs ahead of their routing syncs (`ExpertCache.keep_whole`,

@@ -164,8 +164,9 @@ class Engine(EngineTelemetry):
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
+        graphed = graphs and device.type == "cuda"  # decode steps replayed from CUDA graphs (else eager)
         # (auto: the absent experts gathered where graphed decode runs ahead of the syncs they save)
-        gather = config.gather_absent if config.gather_absent is not None else graphs
+        gather = config.gather_absent if config.gather_absent is not None else graphed
         self.cache = ExpertCache(
             spec,
             pool,
@@ -211,6 +212,7 @@ class Engine(EngineTelemetry):
             layer_probs=getattr(self.cache.policy, "reads_layer_probs", True),
         )
         members = predictor_members(preset, config, deps, plan.all_resident)
+        search = self._search_mode(config, members, device, graphed)  # ("auto" resolved)
         duty = bool(members) and duty_applies(
             config.prediction_duty, device.type, config.search, preset.adaptive_duty, plan.all_resident
         )
@@ -249,7 +251,9 @@ class Engine(EngineTelemetry):
             self.runtime.policy_routes = self.cache.policy.on_routing  # router-probability eviction
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
-        if self.runtime.want_hidden and isinstance(self.gate, RouterGate) and config.graph_gates:
+        # (auto: the gates computed in the side graphs where the map search runs there too)
+        graph_gates = config.graph_gates if config.graph_gates is not None else search == "device"
+        if self.runtime.want_hidden and isinstance(self.gate, RouterGate) and graph_gates:
             # a graphed decode step computes these gates' probabilities itself (not a replaced gate's)
             strides = {m.stride for m in members if isinstance(m, SpeculativeGatePredictor)}
             self.runtime.gate_strides, self.runtime.router_gate = tuple(sorted(strides)), self.gate
@@ -260,7 +264,7 @@ class Engine(EngineTelemetry):
         if plan.all_resident:
             self.cache.preload_all()
             transfer.synchronize()
-        elif config.warm_pool:
+        elif config.warm_pool or (config.warm_pool is None and graphed):  # (auto: where decode is graphed)
             free = self.cache.num_slots - self.cache.resident_count()
             quiet = not config.progress
             with tqdm(total=free, desc="warming the pool", unit="expert", disable=quiet, leave=False) as bar:
@@ -269,7 +273,7 @@ class Engine(EngineTelemetry):
             log.info("warm pool: %d experts loaded into free slots", n)
         self._attachment = Attachment(self.model, self.runtime, refs)
         self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
-        if config.search == "device":
+        if search == "device":
             self._device_search(config, members, device)
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
@@ -556,17 +560,32 @@ class Engine(EngineTelemetry):
         delta = self.cache.stats.minus(before)
         return [self._output(c, delta) for c in completions]
 
+    @staticmethod
+    def _device_unavailable(
+        config: EngineConfig, fine: Any, device: torch.device, graphs: bool, name: str
+    ) -> str | None:
+        """Why `search="device"` cannot run for this engine (None: it can)."""
+        if fine is None:
+            return f"policy {name} has no map predictor"
+        if device.type != "cuda" or not graphs:
+            return "it needs CUDA graphs (a CUDA device, cuda_graphs not off)"
+        if config.map_values != "probs" or config.trajectory_window:
+            return "it matches router probabilities over the whole prefix (map_values='probs', trajectory_window=0)"
+        return None
+
+    def _search_mode(self, config: EngineConfig, members: list, device: torch.device, graphs: bool) -> str:
+        """`config.search` with "auto" resolved: "device" where it can run, else "sync"."""
+        if config.search != "auto":
+            return config.search
+        fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
+        return "sync" if self._device_unavailable(config, fine, device, graphs, self.preset.name) else "device"
+
     def _device_search(self, config: EngineConfig, members: list, device: torch.device) -> None:
         """`search="device"`: graphed decode steps match the maps on the GPU (`DeviceMatches`);
         where that cannot run, the search stays inline ("sync") and a warning says why."""
         fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
-        why = None
-        if fine is None:
-            why = f"policy {self.preset.name} has no map predictor"
-        elif device.type != "cuda" or self.static is None or not self.static.use_graphs:
-            why = "it needs CUDA graphs (a CUDA device, cuda_graphs not off)"
-        elif config.map_values != "probs" or config.trajectory_window:
-            why = "it matches router probabilities over the whole prefix (map_values='probs', trajectory_window=0)"
+        graphs = self.static is not None and self.static.use_graphs
+        why = self._device_unavailable(config, fine, device, graphs, self.preset.name)
         if why is not None:
             log.warning("search='device' unavailable (%s): searching inline", why)
             return

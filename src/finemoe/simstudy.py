@@ -136,8 +136,10 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
     )
     ap.add_argument(
         "--warm-pool",
-        action="store_true",
-        help="start every replay with the free slots filled, layer by layer (the engine's warm_pool)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start every replay with the free slots filled, layer by layer (the engine's warm_pool; "
+        "default: with --graphed-decode)",
     )
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")

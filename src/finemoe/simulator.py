@@ -173,7 +173,8 @@ class Simulator:
             # (auto: as the engine, where decode steps are graphed)
             gather_absent=(graphed if config.gather_absent is None else config.gather_absent) and not oracle,
         )
-        if config.warm_pool and not plan.all_resident:
+        warm = graphed if config.warm_pool is None else config.warm_pool  # (auto: as the engine)
+        if warm and not plan.all_resident:
             # the engine's fill of the free slots at set-up (`ExpertCache.fill_free`), which it waits
             # for: landed before the first request, no traffic, no link time
             self.cache.fill_free()

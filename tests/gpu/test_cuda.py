@@ -50,8 +50,8 @@ def test_bf16_parity_and_tokens(ckpt):
             stats = eng.stats()
             st = stats.cache
             assert st.misses > 0 and st.evictions > 0 and st.stall_s > 0
-            if policy == "finemoe":  # inline search by default, thread or process on request; online learning
-                assert eng.search_mode == ("sync" if search == "auto" else search)
+            if policy == "finemoe":  # on the GPU by default (graphed), thread or process on request; learning
+                assert eng.search_mode == ("device" if search == "auto" else search)
                 assert stats.extra["map_store_size"] > 0 and "search_error" not in stats.extra
                 assert st.prefetches_issued + st.prefetches_dropped > 0
         finally:

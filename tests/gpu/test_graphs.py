@@ -246,7 +246,7 @@ def test_graphed_gates_speculate_on_the_device(ckpt, policy, stride):
         early = replayed[0]  # an earlier step's pinned rows have been rewritten since: reading them raises
         with pytest.raises(RuntimeError, match="after the step"):
             early.speculated_probs(*next(iter(early.speculated.items())))
-        eng.reconfigure(graph_gates=False)  # the default: the gates run on the host
+        eng.reconfigure(graph_gates=False)  # the gates run on the host
         on_host = eng.generate(prompt, params)[0].token_ids
         assert eng.stats().extra["decode_graph_gates"] == 0 and eng.stats().extra["decode_graph_replays"] > 0
     assert graphed == eager == on_host
