@@ -350,14 +350,20 @@ class DeviceMatches:
         self.planner.catch_up(layer)
         self.host[: layer + 1].copy_(self.planner.rows[: layer + 1], non_blocking=True)
 
-    def before_step(self, iteration: int) -> None:
-        """A graphed decode step of `iteration` is about to replay: the store's copy made current."""
+    def before_step(self, iteration: int, copy: bool = True) -> None:
+        """A graphed decode step of `iteration` is about to replay: the store's copy made current
+        now, or with `copy` False by the caller's `sync_store` before the step's first match."""
+        self.iteration = iteration
+        self.steps += 1
+        if copy:
+            self.sync_store()
+
+    def sync_store(self) -> None:
+        """The store's copy made current (its new rows, or the whole store; on the current stream)."""
         first = self.planner.version < 0
         copied = self.planner.sync(self.store)
         if not first:
             self.rows_copied += copied
-        self.iteration = iteration
-        self.steps += 1
 
     def after_step(self) -> None:
         """The step ended (or failed): no later event may read its matches."""

@@ -373,21 +373,17 @@ class StaticDecoder:
                 cache.defer_access(layer, ids[layer])
 
     def _begin_sides(self, here: torch.cuda.Stream, beside: bool) -> None:
-        """A replayed step's side graphs begin: the map store's new rows copied to the device first
-        (on the side stream with `beside`, after what `here` has queued: S_0; else on `here`), then
-        the side stream follows `here` and the step's settle hooks are set."""
+        """A replayed step's side graphs begin: the map store's new rows reach the device on `here`
+        now (before S_0), or with `beside` on the side stream before the step's first side graph
+        (`SideGraphs.begin_step`: the host copies them there, while the GPU runs the segments
+        launched, not between S_0's launch and S_1's); the step's settle hooks are set."""
         rt, side, matches = self.rt, self.sides, self.rt.device_matches
         assert side is not None
         if matches is not None:  # a predictor cost per step
             t0 = time.perf_counter()
-            if beside:
-                side.stream.wait_stream(here)
-                with torch.cuda.stream(side.stream):
-                    matches.before_step(rt.iteration)
-            else:
-                matches.before_step(rt.iteration)
+            matches.before_step(rt.iteration, copy=not beside)
             rt.critical_decode_s += time.perf_counter() - t0
-        side.begin_step(here)  # (after the store's rows are copied)
+        side.begin_step(here, matches.sync_store if beside and matches is not None else None)
         rt.settle_side = partial(side.settle, step=side.step)
         if matches is not None:
             matches.settle = partial(side.settle_match, step=side.step)

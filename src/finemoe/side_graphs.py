@@ -18,6 +18,7 @@ layers all run ahead but the last few then launches one match instead of one per
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ class SideGraphs:
         # not launched yet); the last layer whose match is launched
         self._cover: list[torch.cuda.Event | None] = []
         self._through = -1
+        self._opening: tuple[torch.cuda.Stream, Callable[[], None] | None] | None = None  # (`begin_step`)
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
         self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
@@ -210,14 +212,13 @@ class SideGraphs:
         return done
 
     # -- replay ----------------------------------------------------------------------------------
-    def begin_step(self, compute: torch.cuda.Stream) -> None:
-        """A replayed step with sides starts on `compute` (after the store's new rows were copied
-        there): the side stream follows it, the fused match's sums restart on it; the step's layers
-        are not launched yet."""
-        self.stream.wait_stream(compute)
-        if self.fused:
-            with torch.cuda.stream(self.stream):
-                self.rt.device_matches.planner.restart()  # type: ignore[union-attr]
+    def begin_step(self, compute: torch.cuda.Stream, opening: Callable[[], None] | None = None) -> None:
+        """A replayed step with sides starts on `compute`; the step's layers are not launched yet.
+        The device work of its start waits for its first side graph (`_open`): the side stream
+        follows `compute` (the segments launched by then), `opening` runs on it (the map store's
+        new rows copied), and the fused match's sums restart. A step that launches no side graph
+        does none of it (the store's rows are then copied by a later step's)."""
+        self._opening = (compute, opening)
         self._state = [NOT_LAUNCHED] * self.layers
         self._cover = [None] * self.layers
         self._through = -1
@@ -279,7 +280,20 @@ class SideGraphs:
             return
         self._replay(layer, variants[run_match, run_gates], after, run_match)
 
+    def _open(self) -> None:
+        """The step's side work starts (`begin_step`): on the side stream, after the segments launched."""
+        compute, opening = self._opening  # type: ignore[misc]
+        self._opening = None
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            if opening is not None:
+                opening()
+            if self.fused:
+                self.rt.device_matches.planner.restart()  # type: ignore[union-attr]
+
     def _replay(self, layer: int, graph: torch.cuda.CUDAGraph, after: torch.cuda.Event | None, matched: bool) -> None:
+        if self._opening is not None:
+            self._open()
         if after is not None:
             self.stream.wait_event(after)
         with torch.cuda.stream(self.stream):

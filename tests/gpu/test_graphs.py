@@ -81,7 +81,8 @@ def test_graphed_decode_with_trace_routing(ckpt, tmp_path):
     with Engine.from_pretrained(ckpt, policy="all-gpu", device="cuda", progress=False) as eng:
         out = {}
         for graphs in (False, True):
-            eng.reconfigure(policy="lru", expert_budget="50%", cuda_graphs=graphs)
+            # (a cold pool both ways: graphed decode's default would fill it at set-up)
+            eng.reconfigure(policy="lru", expert_budget="50%", cuda_graphs=graphs, warm_pool=False)
             replay = TraceRouting(eng.model, trace)
             try:
                 toks = []
