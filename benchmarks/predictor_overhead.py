@@ -337,8 +337,11 @@ def main() -> int:
         for v in lru_modes
     ]
     evict = f"decay-lfu {near}"  # finemoe's eviction alone: what the predictor adds, apart from the eviction
+    evict_gather = f"decay-lfu:gather {near}"  # the same with the absent experts gathered (finemoe modes with gather)
     if not args.no_eviction_reference:
         runs += [(evict, dict(policy="lru", eviction="decay-lfu", expert_budget=near, gather_absent=False))]
+        if any("gather" in v.split("+") for v in lru_modes):
+            runs += [(evict_gather, dict(policy="lru", eviction="decay-lfu", expert_budget=near, gather_absent=True))]
     runs += [fine(near, m) for m in modes]
     if not args.near_full_only:
         runs += [
@@ -393,8 +396,10 @@ def main() -> int:
             r["added_ms_vs_lru_rounds"] = paired
             r["added_ms_vs_lru"] = statistics.median(paired)
             r["added_share_of_100pct_step"] = r["added_ms_vs_lru"] / base
-            if near in name and evict in res:  # the predictor's own addition, the eviction policy apart
-                paired = [rd[name]["step_ms"] - rd[evict]["step_ms"] for rd in rec["rounds"]]
+            ev = evict_gather if "gather" in name_flags(name) and evict_gather in res else evict
+            if near in name and ev in res:  # the predictor's own addition, the eviction policy apart
+                r["compared_with_eviction"] = ev
+                paired = [rd[name]["step_ms"] - rd[ev]["step_ms"] for rd in rec["rounds"]]
                 r["added_ms_vs_eviction_rounds"] = paired
                 r["added_ms_vs_eviction"] = statistics.median(paired)
                 r["added_vs_eviction_share_of_100pct_step"] = r["added_ms_vs_eviction"] / base

@@ -226,10 +226,11 @@ class SideGraphs:
         self.step += 1
 
     def before_step(self, compute: torch.cuda.Stream) -> None:
-        """Any replayed step: the last step's sides read static tensors this one rewrites."""
-        if self._pending:
+        """Any replayed step: the last step's sides read static tensors this one rewrites (none if it
+        launched none: its side start never ran, `_open`)."""
+        if self._pending and self._opening is None:
             compute.wait_stream(self.stream)
-            self._pending = False
+        self._pending = False
 
     def due(self, layer: int) -> bool:
         """Whether layer `layer` has a side graph not yet launched in the current step."""
