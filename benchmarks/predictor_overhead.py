@@ -239,7 +239,12 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "contexts_dropped": st.extra.get("contexts_dropped"),
         "map_store_size": st.extra.get("map_store_size", eng.maps.size),
         "search_process_s": st.extra.get("search_process_s"),
+        # the adaptive duty's state at the run's end (`:duty`; cumulative over the rounds)
+        "duty": {k: v for k, v in st.extra.items() if k.startswith(DUTY_KEYS)},
     }
+
+
+DUTY_KEYS = ("prediction_", "decode_iterations_", "decode_step_ms")  # `PredictionDuty.stats` in `Engine.stats`
 
 
 def main() -> int:
@@ -272,7 +277,8 @@ def main() -> int:
         "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
-        "(OffloadRuntime.skip_launched_gates off), ':all-matches' launches every matched layer's map match, also "
+        "(OffloadRuntime.skip_launched_gates off), ':duty' runs the adaptive prediction duty (the CUDA default) "
+        "instead of always predicting, ':all-matches' launches every matched layer's map match, also "
         "where no plan of the step reads it (OffloadRuntime.defer_matches off), ':store-first' copies the map "
         "store's new rows to the device before a replayed step's first launch (store_sync_beside off)",
     )
@@ -322,7 +328,9 @@ def main() -> int:
         search, _, variant = mode.partition(":")
         flags = set(variant.split("+")) - {""}
         kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
-        kw.update(prediction_duty="always", graph_gates="graph-gates" in flags)
+        # (`:duty`: the CUDA default, predicting only while the measured step says it pays; its state
+        # carries over the rounds, as in a long-running engine)
+        kw.update(prediction_duty="adaptive" if "duty" in flags else "always", graph_gates="graph-gates" in flags)
         kw.update(prefetch_copies="no-copies" not in flags)
         kw.update(keep_whole_layers="keep-whole" in flags, gather_absent="gather" in flags)
         kw.update(gate_refine="no-gate" not in flags)
@@ -437,6 +445,15 @@ def main() -> int:
             f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}, "
             f"sides without gates/match, late matches {skips}"
         )
+    for k, r in res.items():
+        duty = r.get("duty") or {}
+        if duty.get("prediction_duty") == "adaptive":
+            on, off = duty.get("decode_iterations_predicting"), duty.get("decode_iterations_not_predicting")
+            print(
+                f"{k}: adaptive duty, predicting {on} / not {off} decode iterations, now "
+                f"{'on' if duty.get('prediction_on') else 'off'}, medians {duty.get('decode_step_ms_predicting')} / "
+                f"{duty.get('decode_step_ms_not_predicting')} ms"
+            )
     print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
     for k, r in res.items():
         share = r.get("run_ahead_share_by_layer") or []
