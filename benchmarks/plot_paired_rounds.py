@@ -45,7 +45,7 @@ def main() -> int:
             if diffs:
                 label = Path(path).stem.removeprefix("overhead_gpu_reference_")
                 if len(args.pair) > 1:
-                    label += f"\n{a.rsplit(' ', 1)[0].split(':')[-1]}"
+                    label += f"\n{a.rsplit(' ', 1)[0].split(':')[-1]}\nminus {b.rsplit(' ', 1)[0]}"
                 cols.append((label, diffs))
                 target.append(0.02 * full)
                 print(
@@ -53,7 +53,7 @@ def main() -> int:
                     f"over {len(diffs)} rounds ({min(diffs):+.3f}..{max(diffs):+.3f}); 2% = {0.02 * full:.3f}"
                 )
     panels = 2 if args.probe else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6 + 4 * panels, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(max(6 + 4 * panels, 1.5 * len(cols)), 4.5), squeeze=False)
     ax = axes[0][0]
     for i, (_label, diffs) in enumerate(cols):
         ax.scatter([i] * len(diffs), diffs, color="#d1495b", alpha=0.7, zorder=3)
@@ -62,7 +62,8 @@ def main() -> int:
     ax.axhline(0, color="#999999", lw=0.8)
     ax.set_xticks(range(len(cols)), [c[0] for c in cols], fontsize=7)
     ax.set_ylabel("ms per decode step, paired per round")
-    ax.set_title(f"{args.pair[0].replace('=', ' minus ')}, per round\n(bar: median; dashed: 2% of all-GPU)", fontsize=9)
+    what = args.pair[0].replace("=", " minus ") if len(args.pair) == 1 else "each pair below"
+    ax.set_title(f"{what}, per round\n(bar: median; dashed: 2% of all-GPU)", fontsize=9)
     if args.probe:
         probe = json.loads(Path(args.probe).read_text())["results"]
         ax2 = axes[0][1]
