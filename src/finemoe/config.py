@@ -226,9 +226,9 @@ class EngineConfig:
     # and the routing function per layer, in the layer's side graph replayed beside the next
     # segment, copied into pinned host rows; session 27), instead of on the host from a copy of the
     # router input (graphs.py). None (auto): on where the map search runs on the device (search
-    # "device", or "auto" resolved to it): with the side graphs' gates skipped and the matches deferred
-    # where no plan reads them, the 99% step is +0.13 ms over lru (sessions 31-33) against +0.5 ms or
-    # more with the gates on the host (docs/design/device_plans.md)
+    # "device", or "auto" resolved to it): with the side graphs' gates skipped where their targets run
+    # ahead, the 99% step is +0.13-0.19 ms over lru:gather on the H200 (sessions 31-33); the gates on
+    # the host were 0.08 ms slower (session 31, docs/design/device_plans.md)
     graph_gates: bool | None = None
     # fill the pool's free slots when the engine is set up, whole layers first (`ExpertCache.fill_free`),
     # instead of letting first uses load them one miss at a time (the simulator starts its replay from
