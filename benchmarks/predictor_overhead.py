@@ -84,6 +84,58 @@ class Timed:
         setattr(obj, method, timed)
 
 
+class DrainTimeline:
+    """Benchmark-only probe (graphed decode): per MoE layer, host µs from the start of a replayed
+    step (`StaticDecoder._replay` entered) to the moment its routing was counted (`account_pinned`
+    for a layer run ahead, read in the drain after its copy landed; `enter` for a layer served at
+    its routing sync) and to the end of its predictors' planning (`Stepper.route`), means over the
+    replayed steps. Where the two grow apart between policies, the host's work on a layer is late."""
+
+    def __init__(self, eng: Engine) -> None:
+        L = eng.spec.num_layers
+        self.sums = {"landed": [0.0] * L, "planned": [0.0] * L}
+        self.counts = {"landed": [0] * L, "planned": [0] * L}
+        self.origin: float | None = None
+        static, cache, stepper = eng.static, eng.cache, eng.runtime.stepper
+        if static is None:
+            return
+        replay, account, enter, route = static._replay, cache.account_pinned, cache.enter, stepper.route
+
+        def replayed(*a, **k):
+            self.origin = time.perf_counter()
+            try:
+                return replay(*a, **k)
+            finally:
+                self.origin = None
+
+        def accounted(layer, *a, **k):
+            self._mark("landed", layer)
+            return account(layer, *a, **k)
+
+        def entered(layer, *a, **k):
+            self._mark("landed", layer)
+            return enter(layer, *a, **k)
+
+        def routed(event, *a, **k):
+            try:
+                return route(event, *a, **k)
+            finally:
+                self._mark("planned", event.layer)
+
+        static._replay, cache.account_pinned, cache.enter, stepper.route = replayed, accounted, entered, routed
+
+    def _mark(self, kind: str, layer: int) -> None:
+        if self.origin is not None and 0 <= layer < len(self.sums[kind]):
+            self.sums[kind][layer] += time.perf_counter() - self.origin
+            self.counts[kind][layer] += 1
+
+    def means_us(self) -> dict[str, list[float | None]]:
+        return {
+            k: [s / n * 1e6 if n else None for s, n in zip(self.sums[k], self.counts[k], strict=True)]
+            for k in self.sums
+        }
+
+
 def probes(eng: Engine) -> dict[str, Timed]:
     """Per-part timers of the synchronous predictor path (what a sync search costs, and where)."""
     out: dict[str, Timed] = {}
@@ -156,6 +208,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate(ps[0], params)  # warm-up
     timers = probes(eng) if breakdown else {}
+    drain = DrainTimeline(eng) if breakdown else None
     rt = eng.runtime
     c0, n0, pl0 = rt.critical_decode_s, rt.decode_iterations, rt.prelaunch_decode_s
     spans0 = eng.host_time_stats()
@@ -206,6 +259,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "sync_ms_by_layer": [
             (b - a) / n * 1e3 if n else 0.0 for a, b in zip(waits0, eng.sync_wait_by_layer(), strict=True)
         ],
+        # replayed steps, last round: per layer, µs from the step's start to its routing counted / planned
+        "drain_timeline_us": drain.means_us() if drain is not None else {},
         "graphed_logits_copies_per_iteration": (rt.graphed_logits_copies - copies0) / n if n else 0.0,
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         # MoE layers per iteration launched without a routing sync (every expert resident, `runahead`)
@@ -454,6 +509,17 @@ def main() -> int:
                 f"{'on' if duty.get('prediction_on') else 'off'}, medians {duty.get('decode_step_ms_predicting')} / "
                 f"{duty.get('decode_step_ms_not_predicting')} ms"
             )
+    print("the last layers' routings on the host (last round, µs from a replayed step's start): counted / planned")
+    for k, r in res.items():
+        tl = r.get("drain_timeline_us") or {}
+        landed, planned = tl.get("landed") or [], tl.get("planned") or []
+        if any(v is not None for v in landed):
+            cells = [
+                f"{i}: {landed[i]:.0f}/{'-' if planned[i] is None else f'{planned[i]:.0f}'}"
+                for i in range(max(0, len(landed) - 6), len(landed))
+                if landed[i] is not None
+            ]
+            print(f"{k:<36} " + ", ".join(cells))
     print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
     for k, r in res.items():
         share = r.get("run_ahead_share_by_layer") or []
