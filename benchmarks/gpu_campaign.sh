@@ -169,6 +169,14 @@ case $part in
         --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 3 --limit 20 \
         --out "$out/sim_speed_h200host_s33.json" 2>&1 | tail -3
     fi ;;
+  s34)      # session 34's first call (~7 min): the full GPU suite, then 12 paired rounds at 99% with
+            # the eviction reference (decay-lfu:gather) and the drain timeline of the last layers
+    timeout 270 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
+    tail -4 "$out/gpu_tests.txt"
+    timeout 260 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 12 --prompts 2 --warm-pool --near-full-only \
+      --modes device:graph-gates+gather --lru-modes gather --out "$out/overhead_s34.json" 2>&1 \
+      | grep -v INFO | grep -A12 "^run \|routings on the host" | cut -c1-180 | head -40 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
