@@ -86,10 +86,11 @@ class Timed:
 
 class DrainTimeline:
     """Benchmark-only probe (graphed decode): per MoE layer, host µs from the start of a replayed
-    step (`StaticDecoder._replay` entered) to the moment its routing was counted (`account_pinned`
-    for a layer run ahead, read in the drain after its copy landed; `enter` for a layer served at
-    its routing sync) and to the end of its predictors' planning (`Stepper.route`), means over the
-    replayed steps. Where the two grow apart between policies, the host's work on a layer is late."""
+    step (`StaticDecoder._replay` entered) to the moment its routing was counted (`cache.enter`
+    counting: for a layer run ahead through `account_pinned` in the drain, after its copy landed; for
+    a layer served at its routing sync, in its serve) and to the end of its predictors' planning
+    (`Stepper.route`), means over the replayed steps. Where the two grow apart between policies,
+    the host's work on a layer is late."""
 
     def __init__(self, eng: Engine) -> None:
         L = eng.spec.num_layers
@@ -99,7 +100,7 @@ class DrainTimeline:
         static, cache, stepper = eng.static, eng.cache, eng.runtime.stepper
         if static is None:
             return
-        replay, account, enter, route = static._replay, cache.account_pinned, cache.enter, stepper.route
+        replay, enter, route = static._replay, cache.enter, stepper.route
 
         def replayed(*a, **k):
             self.origin = time.perf_counter()
@@ -108,13 +109,10 @@ class DrainTimeline:
             finally:
                 self.origin = None
 
-        def accounted(layer, *a, **k):
-            self._mark("landed", layer)
-            return account(layer, *a, **k)
-
-        def entered(layer, *a, **k):
-            self._mark("landed", layer)
-            return enter(layer, *a, **k)
+        def entered(layer, experts, count=True, *a, **k):
+            if count:  # (not a later chunk's `acquire`)
+                self._mark("landed", layer)
+            return enter(layer, experts, count, *a, **k)
 
         def routed(event, *a, **k):
             try:
@@ -122,7 +120,7 @@ class DrainTimeline:
             finally:
                 self._mark("planned", event.layer)
 
-        static._replay, cache.account_pinned, cache.enter, stepper.route = replayed, accounted, entered, routed
+        static._replay, cache.enter, stepper.route = replayed, entered, routed
 
     def _mark(self, kind: str, layer: int) -> None:
         if self.origin is not None and 0 <= layer < len(self.sums[kind]):

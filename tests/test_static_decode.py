@@ -76,6 +76,10 @@ def test_run_hooks_copies_replacement_outputs_into_the_static_ones():
 def test_sliding_window_models_keep_the_dynamic_path(tiny_checkpoint):
     """A static cache with sliding-window layers tracks its length in a Python int (a graph would
     freeze it): such models decode on the dynamic path, with the same tokens."""
+    from finemoe.graphs import static_decode_supported
+
+    with Engine.from_pretrained(tiny_checkpoint("mixtral"), policy="lru", progress=False) as eng:
+        assert static_decode_supported(eng.model)
     path = tiny_checkpoint("mixtral", sliding_window=4)
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False) as eng:
@@ -83,6 +87,7 @@ def test_sliding_window_models_keep_the_dynamic_path(tiny_checkpoint):
     with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False, cuda_graphs=True) as eng:
         got = eng.generate([5, 7, 9, 11, 13, 2], params)[0].token_ids
         assert not eng.static.supported and eng.static.max_len == 0  # no static cache was made
+        assert not static_decode_supported(eng.model)  # (so the CUDA defaults treat its steps as eager)
         assert eng.stats().extra["cuda_graphs"] is False
     assert got == want
 
@@ -132,3 +137,60 @@ def test_side_graph_match_is_needed_unless_its_readers_targets_are_whole():
     assert sides.match_needed(0, whole)
     sides.fused, matches.reads_every_layer = True, True
     assert sides.match_needed(0, whole)
+
+
+def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_began(monkeypatch):
+    """`SideGraphs.begin_step` / `_open` (the lazy side start, with stand-ins for the streams, events and
+    graphs): nothing runs at `begin_step` but recording where the compute stream is; the first side
+    launch waits on that record (not on the compute stream as it is then, with later segments queued),
+    runs the store sync once, then the graph; a later launch runs no second start. The next step's
+    `before_step` makes the compute stream wait for the side stream only if a side graph ran."""
+    import contextlib
+
+    import torch
+
+    from finemoe.side_graphs import SideGraphs
+
+    log: list = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def record(self, stream=None):
+            log.append((self.name, "record", getattr(stream, "name", None)))
+
+        def wait_event(self, event):
+            log.append((self.name, "wait_event", event.name))
+
+        def wait_stream(self, other):
+            log.append((self.name, "wait_stream", other.name))
+
+        def replay(self):
+            log.append((self.name, "replay"))
+
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    sides = object.__new__(SideGraphs)  # (the bookkeeping only: no CUDA)
+    sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
+    sides.variants = [{(False, True): Rec("g0")}, {}, {(False, True): Rec("g2")}]
+    sides.done = [Rec("done0"), None, Rec("done2")]
+    sides.gates_skipped = sides.matches_deferred = sides.late_matches = 0
+    sides._pending, sides._unopened, sides._opening, sides.step = False, False, None, 0
+    compute = Rec("compute")
+    sides.before_step(compute)
+    sides.begin_step(compute, lambda: log.append(("store", "sync")))
+    assert log == [("begun", "record", "compute")]  # the point S_0 reached; no side work yet
+    log.clear()
+    sides.launch(0, gates=True, match=False)
+    assert log == [("side", "wait_event", "begun"), ("store", "sync"), ("g0", "replay"), ("done0", "record", "side")]
+    log.clear()
+    sides.launch(2, gates=True, match=False)
+    assert log == [("g2", "replay"), ("done2", "record", "side")]  # no second start
+    log.clear()
+    sides.before_step(compute)  # the next step: this one ran side work
+    assert log == [("compute", "wait_stream", "side")]
+    log.clear()
+    sides.begin_step(compute, lambda: log.append(("store", "sync")))
+    sides.launch(0, gates=False, match=False)  # nothing to run: the step launches no side work
+    sides.before_step(compute)
+    assert log == [("begun", "record", "compute")]  # no store sync, no graph, no wait on the side stream

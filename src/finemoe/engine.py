@@ -27,7 +27,7 @@ from finemoe.expert_map import ExpertMapStore, StoreGeometry
 from finemoe.fine_predictor import FineMoEPredictor
 from finemoe.gate import RouterGate
 from finemoe.generation import generate_ids
-from finemoe.graphs import StaticDecoder
+from finemoe.graphs import StaticDecoder, static_decode_supported
 from finemoe.history import HistoryRecorder, PredictorChain
 from finemoe.loader import (
     CheckpointExperts,
@@ -164,7 +164,8 @@ class Engine(EngineTelemetry):
         pool = SlotPool(spec, plan.slots, device)
         transfer = make_transfer(pool)
         graphs = config.cuda_graphs if config.cuda_graphs is not None else device.type == "cuda"
-        graphed = graphs and device.type == "cuda"  # decode steps replayed from CUDA graphs (else eager)
+        # decode steps replayed from CUDA graphs (else eager: no CUDA, or sliding-window attention)
+        graphed = graphs and device.type == "cuda" and static_decode_supported(self.model)
         # (auto: the absent experts gathered where graphed decode runs ahead of the syncs they save)
         gather = config.gather_absent if config.gather_absent is not None else graphed
         self.cache = ExpertCache(
@@ -252,7 +253,8 @@ class Engine(EngineTelemetry):
         self.runtime.embed = self.model.get_input_embeddings()
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         # (auto: the gates computed in the side graphs where the map search runs there too)
-        graph_gates = config.graph_gates if config.graph_gates is not None else search == "device"
+        auto_gates = search == "device" and graphed
+        graph_gates = config.graph_gates if config.graph_gates is not None else auto_gates
         if self.runtime.want_hidden and isinstance(self.gate, RouterGate) and graph_gates:
             # a graphed decode step computes these gates' probabilities itself (not a replaced gate's)
             strides = {m.stride for m in members if isinstance(m, SpeculativeGatePredictor)}
@@ -568,7 +570,7 @@ class Engine(EngineTelemetry):
         if fine is None:
             return f"policy {name} has no map predictor"
         if device.type != "cuda" or not graphs:
-            return "it needs CUDA graphs (a CUDA device, cuda_graphs not off)"
+            return "it needs CUDA graphs (a CUDA device, cuda_graphs not off, no sliding-window attention)"
         if config.map_values != "probs" or config.trajectory_window:
             return "it matches router probabilities over the whole prefix (map_values='probs', trajectory_window=0)"
         return None
@@ -584,7 +586,7 @@ class Engine(EngineTelemetry):
         """`search="device"`: graphed decode steps match the maps on the GPU (`DeviceMatches`);
         where that cannot run, the search stays inline ("sync") and a warning says why."""
         fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
-        graphs = self.static is not None and self.static.use_graphs
+        graphs = self.static is not None and self.static.use_graphs and self.static.supported
         why = self._device_unavailable(config, fine, device, graphs, self.preset.name)
         if why is not None:
             log.warning("search='device' unavailable (%s): searching inline", why)

@@ -96,8 +96,7 @@ class StaticDecoder:
         self.error: str | None = None  # why capture failed (decoding went on eagerly)
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
-        probe = StaticCache(config=model.config, max_cache_len=MIN_CACHE_TOKENS)  # no tensors until used
-        self.supported = not any(getattr(layer, "is_sliding", False) for layer in probe.layers)
+        self.supported = static_decode_supported(model)
         if not self.supported:
             log.info("static KV cache / CUDA graphs off: the model has sliding-window attention layers")
 
@@ -390,6 +389,14 @@ class StaticDecoder:
 
     def _replayer(self, segment: int) -> Callable[[], None]:
         return self.graphs[segment].replay
+
+
+def static_decode_supported(model: nn.Module) -> bool:
+    """Whether `model`'s decode steps can run over a static KV cache (and so be graphed): not with
+    sliding-window cache layers, which keep their length in a Python int and branch on it (a graph
+    would replay the capture-time branch and never advance it)."""
+    probe = StaticCache(config=model.config, max_cache_len=MIN_CACHE_TOKENS)  # no tensors until used
+    return not any(getattr(layer, "is_sliding", False) for layer in probe.layers)
 
 
 def run_hooks(module: nn.Module, args: tuple, output: tuple) -> None:

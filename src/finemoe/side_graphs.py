@@ -53,7 +53,11 @@ class SideGraphs:
         # not launched yet); the last layer whose match is launched
         self._cover: list[torch.cuda.Event | None] = []
         self._through = -1
-        self._opening: tuple[torch.cuda.Stream, Callable[[], None] | None] | None = None  # (`begin_step`)
+        # the current step's side start (`begin_step`, `_open`): whether it is still to run, the work
+        # it adds, and the point of the compute stream it follows (recorded at `begin_step`)
+        self._unopened = False
+        self._opening: Callable[[], None] | None = None
+        self._begun = torch.cuda.Event()
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
         self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
@@ -214,11 +218,13 @@ class SideGraphs:
     # -- replay ----------------------------------------------------------------------------------
     def begin_step(self, compute: torch.cuda.Stream, opening: Callable[[], None] | None = None) -> None:
         """A replayed step with sides starts on `compute`; the step's layers are not launched yet.
-        The device work of its start waits for its first side graph (`_open`): the side stream
-        follows `compute` (the segments launched by then), `opening` runs on it (the map store's
-        new rows copied), and the fused match's sums restart. A step that launches no side graph
-        does none of it (the store's rows are then copied by a later step's)."""
-        self._opening = (compute, opening)
+        The host work of its start waits for its first side graph (`_open`): there the side stream
+        follows what `compute` had queued at this call (an event recorded now, not the segments
+        launched since), `opening` runs on it (the map store's new rows copied), and the fused
+        match's sums restart. A step that launches no side graph does none of it (the store's rows
+        are then copied by a later step's)."""
+        self._begun.record(compute)  # (what `compute` has queued now: the side work follows it, not later segments)
+        self._opening, self._unopened = opening, True
         self._state = [NOT_LAUNCHED] * self.layers
         self._cover = [None] * self.layers
         self._through = -1
@@ -228,7 +234,7 @@ class SideGraphs:
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """Any replayed step: the last step's sides read static tensors this one rewrites (none if it
         launched none: its side start never ran, `_open`)."""
-        if self._pending and self._opening is None:
+        if self._pending and not self._unopened:
             compute.wait_stream(self.stream)
         self._pending = False
 
@@ -282,10 +288,9 @@ class SideGraphs:
         self._replay(layer, variants[run_match, run_gates], after, run_match)
 
     def _open(self) -> None:
-        """The step's side work starts (`begin_step`): on the side stream, after the segments launched."""
-        compute, opening = self._opening  # type: ignore[misc]
-        self._opening = None
-        self.stream.wait_stream(compute)
+        """The step's side work starts (`begin_step`): on the side stream, after `_begun`."""
+        opening, self._opening, self._unopened = self._opening, None, False
+        self.stream.wait_event(self._begun)
         with torch.cuda.stream(self.stream):
             if opening is not None:
                 opening()
@@ -293,7 +298,7 @@ class SideGraphs:
                 self.rt.device_matches.planner.restart()  # type: ignore[union-attr]
 
     def _replay(self, layer: int, graph: torch.cuda.CUDAGraph, after: torch.cuda.Event | None, matched: bool) -> None:
-        if self._opening is not None:
+        if self._unopened:
             self._open()
         if after is not None:
             self.stream.wait_event(after)
