@@ -274,3 +274,19 @@ def test_the_cuda_defaults_stay_off_for_eager_steps(tiny_checkpoint, cuda_graphs
         assert eng.runtime.gate_strides == () and eng.runtime.device_matches is None
         eng.reconfigure(warm_pool=True)
         assert eng.cache.resident_count() == eng.cache.num_slots
+
+
+def test_the_device_search_is_chosen_only_where_it_can_run():
+    """`Engine._device_unavailable`, which `search="auto"` resolves by (`device` where it returns None,
+    else `sync`) and an explicit `search="device"` falls back by: a map predictor, a CUDA device with
+    graphed decode, probability maps over the whole prefix."""
+    from finemoe.config import EngineConfig
+
+    why = Engine._device_unavailable
+    cuda, cpu, fine, base = torch.device("cuda"), torch.device("cpu"), object(), EngineConfig()
+    assert why(base, fine, cuda, True, "finemoe") is None
+    assert "no map predictor" in why(base, None, cuda, True, "lru")
+    assert "CUDA graphs" in why(base, fine, cpu, True, "finemoe")
+    assert "CUDA graphs" in why(base, fine, cuda, False, "finemoe")  # eager: cuda_graphs off, sliding windows
+    assert "whole prefix" in why(EngineConfig(map_values="counts"), fine, cuda, True, "finemoe")
+    assert "whole prefix" in why(EngineConfig(trajectory_window=4), fine, cuda, True, "finemoe")
