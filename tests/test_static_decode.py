@@ -5,6 +5,7 @@ be those of the engine's usual dynamic-cache path, for every family and policy k
 from __future__ import annotations
 
 import pytest
+import torch
 
 from finemoe import Engine, SamplingParams
 from finemoe.errors import ConfigError
@@ -147,8 +148,6 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     `before_step` makes the compute stream wait for the side stream only if a side graph ran."""
     import contextlib
 
-    import torch
-
     from finemoe.side_graphs import SideGraphs
 
     log: list = []
@@ -194,3 +193,23 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     sides.launch(0, gates=False, match=False)  # nothing to run: the step launches no side work
     sides.before_step(compute)
     assert log == [("begun", "record", "compute")]  # no store sync, no graph, no wait on the side stream
+
+
+def test_a_held_back_predictor_start_runs_once_or_is_dropped(tiny_checkpoint, monkeypatch):
+    """A replayed decode step holds its predictors' start back (`start_iteration` with `defer_begin`)
+    until `begin_deferred`; `drop_deferred` (a failed step) forgets it, so nothing starts then."""
+    path = tiny_checkpoint("mixtral")
+    with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as eng:
+        rt, started = eng.runtime, []
+        monkeypatch.setattr(rt, "_begin_predictors", lambda *a, **k: started.append(a[0]))
+        ids, live = torch.tensor([[5]]), torch.ones((1, 1), dtype=torch.bool)
+        rt.defer_begin = True
+        rt.start_iteration(7, False, ids, live)
+        assert started == []  # held back
+        rt.begin_deferred()
+        rt.begin_deferred()
+        assert started == [7]  # once
+        rt.start_iteration(8, False, ids, live)
+        rt.drop_deferred()
+        rt.begin_deferred()
+        assert started == [7]

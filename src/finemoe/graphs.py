@@ -359,7 +359,7 @@ class StaticDecoder:
                         sums[i] += m - t_step
                         counts[i] += 1
             finally:
-                rt._begin = None  # (a failed step's start is dropped)
+                rt.drop_deferred()  # (a failed step's start is dropped; after a normal step, none is held)
                 if ahead is not None:
                     ahead.abandon()  # (nothing left unless the step failed)
                 rt.late_events, rt.speculated, rt.settle_side = None, None, None

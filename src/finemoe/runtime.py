@@ -217,6 +217,11 @@ class OffloadRuntime:
         if not is_prefill:
             self.decode_iterations += 1
 
+    def drop_deferred(self) -> None:
+        """Forget a replayed step's held-back predictor start (`start_iteration`) without running it
+        (the step failed before its first routing was read)."""
+        self._begin = None
+
     def begin_deferred(self) -> None:
         """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
         none): called by the replay before it reads the step's first routing."""
