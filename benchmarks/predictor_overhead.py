@@ -90,12 +90,15 @@ class DrainTimeline:
     counting: for a layer run ahead through `account_pinned` in the drain, after its copy landed; for
     a layer served at its routing sync, in its serve) and to the end of its predictors' planning
     (`Stepper.route`), means over the replayed steps. Where the two grow apart between policies,
-    the host's work on a layer is late."""
+    the host's work on a layer is late. Also the host's waits for layer l's side graph, µs per
+    replayed step: for its gate rows (`SideGraphs.settle`) and its map match (`settle_match`)."""
 
     def __init__(self, eng: Engine) -> None:
         L = eng.spec.num_layers
         self.sums = {"landed": [0.0] * L, "planned": [0.0] * L}
         self.counts = {"landed": [0] * L, "planned": [0] * L}
+        self.waits = {"gate_wait": [0.0] * L, "match_wait": [0.0] * L}  # seconds, summed
+        self.steps = 0  # replayed steps seen
         self.origin: float | None = None
         static, cache, stepper = eng.static, eng.cache, eng.runtime.stepper
         if static is None:
@@ -104,10 +107,16 @@ class DrainTimeline:
 
         def replayed(*a, **k):
             self.origin = time.perf_counter()
+            self.steps += 1
             try:
                 return replay(*a, **k)
             finally:
                 self.origin = None
+
+        sides = static.sides
+        if sides is not None:  # (the step's settle hooks bind these attributes when it begins)
+            for name, kind in (("settle", "gate_wait"), ("settle_match", "match_wait")):
+                setattr(sides, name, self._timed_wait(getattr(sides, name), self.waits[kind]))
 
         def entered(layer, experts, count=True, *a, **k):
             if count:  # (not a later chunk's `acquire`)
@@ -122,16 +131,31 @@ class DrainTimeline:
 
         static._replay, cache.enter, stepper.route = replayed, entered, routed
 
+    @staticmethod
+    def _timed_wait(inner, sums: list[float]):
+        def waited(layer, *a, **k):
+            t0 = time.perf_counter()
+            try:
+                return inner(layer, *a, **k)
+            finally:
+                if 0 <= layer < len(sums):
+                    sums[layer] += time.perf_counter() - t0
+
+        return waited
+
     def _mark(self, kind: str, layer: int) -> None:
         if self.origin is not None and 0 <= layer < len(self.sums[kind]):
             self.sums[kind][layer] += time.perf_counter() - self.origin
             self.counts[kind][layer] += 1
 
     def means_us(self) -> dict[str, list[float | None]]:
-        return {
+        out: dict[str, list[float | None]] = {
             k: [s / n * 1e6 if n else None for s, n in zip(self.sums[k], self.counts[k], strict=True)]
             for k in self.sums
         }
+        for k, sums in self.waits.items():
+            out[k] = [w / self.steps * 1e6 if self.steps else None for w in sums]
+        return out
 
 
 def probes(eng: Engine) -> dict[str, Timed]:
@@ -507,16 +531,22 @@ def main() -> int:
                 f"{'on' if duty.get('prediction_on') else 'off'}, medians {duty.get('decode_step_ms_predicting')} / "
                 f"{duty.get('decode_step_ms_not_predicting')} ms"
             )
-    print("the last layers' routings on the host (last round, µs from a replayed step's start): counted / planned")
+    print(
+        "the last layers' routings on the host (last round, µs from a replayed step's start): counted / "
+        "planned [waits per step for the layer's side graph: gate rows + map match]"
+    )
     for k, r in res.items():
         tl = r.get("drain_timeline_us") or {}
         landed, planned = tl.get("landed") or [], tl.get("planned") or []
+        gw, mw = tl.get("gate_wait") or [], tl.get("match_wait") or []
         if any(v is not None for v in landed):
-            cells = [
-                f"{i}: {landed[i]:.0f}/{'-' if planned[i] is None else f'{planned[i]:.0f}'}"
-                for i in range(max(0, len(landed) - 6), len(landed))
-                if landed[i] is not None
-            ]
+            cells = []
+            for i in range(max(0, len(landed) - 6), len(landed)):
+                if landed[i] is None:
+                    continue
+                cell = f"{i}: {landed[i]:.0f}/{'-' if planned[i] is None else f'{planned[i]:.0f}'}"
+                wait = (gw[i] or 0.0) + (mw[i] or 0.0) if i < len(gw) and i < len(mw) else 0.0
+                cells.append(cell + (f" [{gw[i] or 0.0:.0f}+{mw[i] or 0.0:.0f}]" if wait else ""))
             print(f"{k:<36} " + ", ".join(cells))
     print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
     for k, r in res.items():
