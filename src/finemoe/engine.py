@@ -276,7 +276,7 @@ class Engine(EngineTelemetry):
         self._attachment = Attachment(self.model, self.runtime, refs)
         self.static = StaticDecoder(self.model, self.runtime, refs, device) if graphs else None
         if search == "device":
-            self._device_search(config, members, device)
+            self._device_search(config, members, device, graphed)
         log.info(
             "engine ready: %s, policy %s, %d of %d experts in slots (%s of %s), device %s",
             spec.model_type,
@@ -582,12 +582,12 @@ class Engine(EngineTelemetry):
         fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
         return "sync" if self._device_unavailable(config, fine, device, graphs, self.preset.name) else "device"
 
-    def _device_search(self, config: EngineConfig, members: list, device: torch.device) -> None:
-        """`search="device"`: graphed decode steps match the maps on the GPU (`DeviceMatches`);
-        where that cannot run, the search stays inline ("sync") and a warning says why."""
+    def _device_search(self, config: EngineConfig, members: list, device: torch.device, graphed: bool) -> None:
+        """`search="device"`: graphed decode steps (`graphed`, as `_setup` resolved it) match the maps
+        on the GPU (`DeviceMatches`); where that cannot run, the search stays inline ("sync") and a
+        warning says why."""
         fine = next((m for m in members if isinstance(m, FineMoEPredictor)), None)
-        graphs = self.static is not None and self.static.use_graphs and self.static.supported
-        why = self._device_unavailable(config, fine, device, graphs, self.preset.name)
+        why = self._device_unavailable(config, fine, device, graphed, self.preset.name)
         if why is not None:
             log.warning("search='device' unavailable (%s): searching inline", why)
             return
