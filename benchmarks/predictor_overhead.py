@@ -238,6 +238,7 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
     by0 = list(rt.run_ahead_by_layer)
     marks0, marked0 = list(rt.sync_marks_s), list(rt.sync_marks_steps)
+    spans0_, spanned0 = list(rt.step_spans_s), rt.step_spans_steps
     sides = eng.static.sides if eng.static is not None else None
     side0 = (sides.gates_skipped, sides.matches_deferred, sides.late_matches) if sides is not None else (0, 0, 0)
     cs0 = eng.stats().cache
@@ -308,6 +309,12 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "sync_marks_ms": [
             (b - a) / (m - n) * 1e3 if m > n else 0.0
             for a, b, n, m in zip(marks0, rt.sync_marks_s, marked0, rt.sync_marks_steps, strict=True)
+        ],
+        # replayed steps after a replayed step, µs per step: the last replay's end to the step's
+        # start_iteration (logits read, sampled), start_iteration, from it to S_0's launch, the launch
+        "step_spans_us": [
+            (b - a) / (rt.step_spans_steps - spanned0) * 1e6 if rt.step_spans_steps > spanned0 else 0.0
+            for a, b in zip(spans0_, rt.step_spans_s, strict=True)
         ],
         "hit_rate": st.cache.hit_rate,
         "link_per_iteration": link,
@@ -563,6 +570,14 @@ def main() -> int:
         marks = r.get("sync_marks_ms") or []
         if any(marks):
             print(f"{k:<36} " + " ".join(f"{m:7.3f}" for m in marks))
+    print(
+        "between replayed steps (last round, µs per step): replay end -> start_iteration (logits "
+        "sampled), start_iteration, -> S_0 launch, S_0 launch"
+    )
+    for k, r in res.items():
+        spans = r.get("step_spans_us") or []
+        if any(spans):
+            print(f"{k:<36} " + " ".join(f"{m:7.1f}" for m in spans))
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}

@@ -171,6 +171,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     sides = object.__new__(SideGraphs)  # (the bookkeeping only: no CUDA)
     sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
+    sides._ended = Rec("ended")
     sides.variants = [{(False, True): Rec("g0")}, {}, {(False, True): Rec("g2")}]
     sides.done = [Rec("done0"), None, Rec("done2")]
     sides.gates_skipped = sides.matches_deferred = sides.late_matches = 0
@@ -187,7 +188,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     assert log == [("g2", "replay"), ("done2", "record", "side")]  # no second start
     log.clear()
     sides.before_step(compute)  # the next step: this one ran side work
-    assert log == [("compute", "wait_stream", "side")]
+    assert log == [("ended", "record", "side"), ("compute", "wait_event", "ended")]
     log.clear()
     sides.begin_step(compute, lambda: log.append(("store", "sync")))
     sides.launch(0, gates=False, match=False)  # nothing to run: the step launches no side work
@@ -213,3 +214,23 @@ def test_a_held_back_predictor_start_runs_once_or_is_dropped(tiny_checkpoint, mo
         rt.drop_deferred()
         rt.begin_deferred()
         assert started == [7]
+
+
+def test_a_pinned_stream_is_taken_once_not_per_iteration(tiny_checkpoint, monkeypatch):
+    """`OffloadRuntime.pin_stream` (the static decoder's running context): the transfer takes the
+    compute stream when it is pinned, and iterations skip the lookup until it is unpinned."""
+    path = tiny_checkpoint("mixtral")
+    with Engine.from_pretrained(path, policy="lru", expert_budget="50%", progress=False) as eng:
+        rt, looked = eng.runtime, []
+        monkeypatch.setattr(eng.cache.transfer, "refresh_stream", lambda: looked.append(1), raising=False)
+        ids, live = torch.tensor([[5]]), torch.ones((1, 1), dtype=torch.bool)
+        rt.start_iteration(1, False, ids, live)
+        assert len(looked) == 1  # unpinned: every iteration looks it up
+        rt.pin_stream(object())
+        assert len(looked) == 2  # taken once when pinned
+        rt.start_iteration(2, False, ids, live)
+        rt.start_iteration(3, False, ids, live)
+        assert len(looked) == 2
+        rt.pin_stream(None)
+        rt.start_iteration(4, False, ids, live)
+        assert len(looked) == 3

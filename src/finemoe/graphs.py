@@ -94,6 +94,9 @@ class StaticDecoder:
         self.replays = 0  # decode steps replayed from graphs
         self.captures = 0
         self.error: str | None = None  # why capture failed (decoding went on eagerly)
+        # host clock (s) at the last replay's end and around this step's `deferring_begin` (the
+        # between-step spans, `OffloadRuntime.step_spans_s`)
+        self._t_end = self._t_in = self._t_out = 0.0
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
         self.supported = static_decode_supported(model)
@@ -153,8 +156,10 @@ class StaticDecoder:
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         try:
             with torch.cuda.stream(self.stream):
+                self.rt.pin_stream(self.stream)
                 yield
         finally:
+            self.rt.pin_stream(None)
             if self.sides is not None:
                 self.sides.finish()
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
@@ -167,6 +172,7 @@ class StaticDecoder:
         """Eager pass over the prompt `ids` [1, T] from position 0; next-token logits [1, V] float32."""
         assert self.cache is not None, "reserve() first"
         self.cache.reset()
+        self._t_end = 0.0  # (no between-step span from the last request's end)
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device).view(1, T)
         return self._eager(ids, pos)
@@ -176,10 +182,12 @@ class StaticDecoder:
         """Around a step's `start_iteration`: a decode step that will be replayed holds its
         predictors' start back until S_0 is launched (`OffloadRuntime.begin_deferred`)."""
         self.rt.defer_begin = decode and self.use_graphs and bool(self.graphs)
+        self._t_in = time.perf_counter()
         try:
             yield
         finally:
             self.rt.defer_begin = False
+            self._t_out = time.perf_counter()
 
     def feed(self, token: int) -> torch.Tensor:
         """Put the next decode step's token in place; returns the input ids [1, 1] (static)."""
@@ -294,7 +302,8 @@ class StaticDecoder:
             sides = bool(rt.active) and rt.active is not rt.always and side.count() > 0
             rt.speculated = side.speculated if side.linear else None
             rt.graphed_probs = rt.reads_graphed_probs()
-            here = torch.cuda.current_stream(self.device)
+            # (`running` pins its stream: torch's lookup of the current stream costs ~10 µs of host)
+            here = self.stream if rt.fixed_stream is self.stream else torch.cuda.current_stream(self.device)
             side.before_step(here)
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
@@ -307,6 +316,7 @@ class StaticDecoder:
                 t_step = time.perf_counter()
                 marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
+                self._span(t_step)
                 if beside:  # while the GPU runs S_0: no match reads the store before router 0
                     self._begin_sides(here, True)
                 for layer, ref in enumerate(self.refs):
@@ -352,7 +362,7 @@ class StaticDecoder:
                 rt.begin_deferred()  # (every layer run ahead and none left to drain)
                 if ahead is not None:
                     ahead.drain(len(self.refs) - 1)
-                marks[4] = time.perf_counter()
+                marks[4] = self._t_end = time.perf_counter()
                 sums, counts = rt.sync_marks_s, rt.sync_marks_steps
                 for i, m in enumerate(marks):
                     if m:
@@ -370,6 +380,20 @@ class StaticDecoder:
             ids = torch.stack([r[2][index_at] for r in self.routed]).cpu()  # type: ignore[index]
             for layer in range(len(self.refs)):
                 cache.defer_access(layer, ids[layer])
+
+    def _span(self, t_step: float) -> None:
+        """Add this step's between-step spans to `OffloadRuntime.step_spans_s` (S_0 just launched;
+        only when the last replay ended before this step's `deferring_begin`)."""
+        end, t_in, t_out = self._t_end, self._t_in, self._t_out
+        self._t_end = 0.0
+        if not end < t_in <= t_out <= t_step:
+            return
+        now, spans = time.perf_counter(), self.rt.step_spans_s
+        spans[0] += t_in - end
+        spans[1] += t_out - t_in
+        spans[2] += t_step - t_out
+        spans[3] += now - t_step
+        self.rt.step_spans_steps += 1
 
     def _begin_sides(self, here: torch.cuda.Stream, beside: bool) -> None:
         """A replayed step's side graphs begin: the map store's new rows reach the device on `here`

@@ -109,6 +109,12 @@ class OffloadRuntime:
     store_sync_beside: bool = True
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
+    # the stream every forward pass runs on while set (`pin_stream`: the static decoder's running
+    # context); iterations then skip the compute stream's lookup, and their events record on it
+    fixed_stream: torch.cuda.Stream | None = None
+    # events reused step after step: a held-back start's input ready, its embedding's host copy landed
+    _ready: torch.cuda.Event | None = None
+    _embedded: torch.cuda.Event | None = None
     run_ahead_by_layer: list[int] = field(default_factory=list)  # [L] steps that ran the layer ahead of its sync
     run_ahead_wait_s: float = 0.0  # host seconds waiting for their routings' copies (off the critical path)
     # replayed steps: host seconds from the step's first launch to its last routing sync's marks (drain
@@ -117,6 +123,11 @@ class OffloadRuntime:
     # run-ahead step
     sync_marks_s: list[float] = field(default_factory=lambda: [0.0] * 5)
     sync_marks_steps: list[int] = field(default_factory=lambda: [0] * 5)
+    # replayed steps after a replayed step: host seconds from the last replay's end to the step's
+    # `start_iteration` (the logits read and sampled), in it, from it to the step's first launch,
+    # and that launch, summed over `step_spans_steps` steps (`graphs.StaticDecoder._span`)
+    step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 4)
+    step_spans_steps: int = 0
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)
@@ -194,9 +205,10 @@ class OffloadRuntime:
         a continuous-batching scheduler also names each row's request, see `IterationContext`)."""
         self.iteration, self.is_prefill = iteration, is_prefill
         self.cache.begin_iteration(is_prefill)
-        refresh = getattr(self.cache.transfer, "refresh_stream", None)
-        if refresh is not None:
-            refresh()  # the stream this forward pass computes on
+        if self.fixed_stream is None:
+            refresh = getattr(self.cache.transfer, "refresh_stream", None)
+            if refresh is not None:
+                refresh()  # the stream this forward pass computes on
         if not is_prefill:
             self.cache.gather()  # (`gather_absent`: copies only when an earlier layer lacks an expert)
         paused = self.duty is not None and not self.duty.predict(is_prefill)
@@ -208,14 +220,26 @@ class OffloadRuntime:
         if self.defer_begin and not is_prefill:  # a replayed step: the predictors start once S_0 is launched
             ready = None
             if self.embed_beside and self.want_embeddings and self.embed is not None and input_ids.is_cuda:
-                ready = torch.cuda.Event()  # the step's input ids are in place (before S_0 is launched)
-                ready.record()
+                # the step's input ids are in place (before S_0 is launched); one event reused: the
+                # last step's start waited on it already (`_embed_beside`) or was dropped
+                if self._ready is None:
+                    self._ready = torch.cuda.Event()
+                ready = self._ready
+                ready.record(self.fixed_stream)  # (None: the current stream)
             self._begin = (iteration, input_ids, live, request_ids, finished_ids, ready)
             self.decode_iterations += 1
             return
         self._begin_predictors(iteration, is_prefill, input_ids, live, request_ids, finished_ids)
         if not is_prefill:
             self.decode_iterations += 1
+
+    def pin_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """`stream` (the current stream) is the one every forward pass runs on until `pin_stream(None)`:
+        the transfer takes it as the compute stream now, iterations skip the lookup."""
+        self.fixed_stream = stream
+        refresh = getattr(self.cache.transfer, "refresh_stream", None)
+        if stream is not None and refresh is not None:
+            refresh()
 
     def drop_deferred(self) -> None:
         """Forget a replayed step's held-back predictor start (`start_iteration`) without running it
@@ -268,15 +292,16 @@ class OffloadRuntime:
     def _embed_beside(self, tokens: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings [N, D] of `tokens` (device) computed on the side stream after `ready`,
         and their float32 host copy [N, D] (landed when this returns)."""
-        compute = torch.cuda.current_stream(tokens.device)
+        compute = self.fixed_stream if self.fixed_stream is not None else torch.cuda.current_stream(tokens.device)
         if self._embed_stream is None:
             self._embed_stream = torch.cuda.Stream(tokens.device)
-        side = self._embed_stream
+            self._embedded = torch.cuda.Event()  # (reused: synchronized below before the next record)
+        side, done = self._embed_stream, self._embedded
+        assert done is not None
         side.wait_event(ready)
         with torch.cuda.stream(side):
             emb = self.embed(tokens)  # [N, D]
             host = emb.float().to("cpu", non_blocking=True)  # pinned
-            done = torch.cuda.Event()
             done.record(side)
         emb.record_stream(compute)  # (a predictor may read it on the compute stream)
         done.synchronize()  # the embedding only: the side stream waits for nothing launched since `ready`

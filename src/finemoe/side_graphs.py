@@ -58,6 +58,8 @@ class SideGraphs:
         self._unopened = False
         self._opening: Callable[[], None] | None = None
         self._begun = torch.cuda.Event()
+        self._ended = torch.cuda.Event()  # the last step's side work, for the next step's wait (`before_step`)
+        self._count = 0  # side graphs per step (set at capture)
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
         self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
@@ -75,7 +77,7 @@ class SideGraphs:
 
     def count(self) -> int:
         """Side graphs per step."""
-        return sum(bool(v) for v in self.variants)
+        return self._count
 
     def gate_rows(self) -> int:
         """Gate probability rows per step."""
@@ -107,6 +109,7 @@ class SideGraphs:
             for layer in range(self.layers):
                 self._capture_layer(layer, routed[layer], matches)
         capturing.wait_stream(self.stream)
+        self._count = sum(bool(v) for v in self.variants)
 
     def _warm_fused(self, routed: list[tuple[nn.Module, tuple, tuple]], matches: DeviceMatches | None) -> bool:
         """Whether the side graphs' match is the fused catch-up (`DeviceMatches.fused`, a softmax
@@ -235,7 +238,8 @@ class SideGraphs:
         """Any replayed step: the last step's sides read static tensors this one rewrites (none if it
         launched none: its side start never ran, `_open`)."""
         if self._pending and not self._unopened:
-            compute.wait_stream(self.stream)
+            self._ended.record(self.stream)  # (one event reused: `wait_stream` would make one per step)
+            compute.wait_event(self._ended)
         self._pending = False
 
     def due(self, layer: int) -> bool:
@@ -359,3 +363,4 @@ class SideGraphs:
         """Wait for them, then free the graphs and the gates' state."""
         self.finish()
         self.done, self._pool, self.speculated, self.variants = [], None, [], []
+        self._count = 0
