@@ -386,7 +386,7 @@ class StaticDecoder:
         only when the last replay ended before this step's `deferring_begin`)."""
         end, t_in, t_out = self._t_end, self._t_in, self._t_out
         self._t_end = 0.0
-        if not end < t_in <= t_out <= t_step:
+        if not 0.0 < end < t_in <= t_out <= t_step:
             return
         now, spans = time.perf_counter(), self.rt.step_spans_s
         spans[0] += t_in - end
