@@ -78,3 +78,68 @@ def test_decay_lfu_victims_equal_a_full_sort_through_uses_loads_plans_and_pins()
                 resident.update(loaded)
             assert sorted(policy.last) == sorted(x.layer * E + x.expert for x in resident)
     assert checked > 200
+
+
+def _sink_search_agrees(policy: DecayLFUPolicy, resident: set[ExpertId], rng: random.Random, layer: int) -> bool:
+    """One check of `layer_victims` against `_walk` with the layer bound, on two copies of `policy`
+    (the sink: the last one or two layers; two pinned experts; sometimes only protected ones
+    evictable, then the fallback); True if the fallback gave a protected expert."""
+    import copy
+
+    first = rng.choice((policy.num_layers - 1, policy.num_layers - 2))
+    pinned = set(rng.sample(sorted(resident), 2))
+    protected_only = rng.random() < 0.3
+    fallback = protected_only or rng.random() < 0.3
+    at = rng.choice((-1, layer))
+    n = 1 if fallback else rng.randrange(1, 4)
+    a, b = copy.deepcopy(policy), copy.deepcopy(policy)
+
+    def evictable(p: DecayLFUPolicy):
+        return lambda x: x not in pinned and (not protected_only or p.protected(x))
+
+    got = a.layer_victims(evictable(a), n, first, at, fallback)
+    if at >= 0 and at != b._layer_now:
+        b._reach(at)
+    in_b = evictable(b)
+    want = b._walk(lambda x: x[0] >= first and in_b(x), n, fallback)
+    assert got == want
+    assert all(x[0] >= first for x in got)
+    after_a = a.prefetch_victims(lambda x: x not in pinned, 3)  # what the searches left in the list
+    after_b = b.prefetch_victims(lambda x: x not in pinned, 3)
+    assert after_a == after_b and not set(after_a) & set(got)
+    return bool(fallback and got and a.protected(got[0]))
+
+
+def test_layer_victims_are_the_walks_victims_among_the_last_layers() -> None:
+    """`layer_victims` (the sink layers' search, from their residents) finds what `_walk` finds with
+    the layer bound in its predicate, protected fallback included, and takes them out of the list the
+    same way: the searches that follow on either copy agree too."""
+    L, E = 5, 6
+    rng = random.Random(11)
+    policy = DecayLFUPolicy(L, E)
+    resident: set[ExpertId] = set()
+    checked = fallbacks = 0
+    for iteration in range(50):
+        policy.on_iteration(iteration)
+        reqs = tuple(PrefetchRequest(ExpertId(rng.randrange(1, L), rng.randrange(E)), 0.5) for _ in range(6))
+        policy.on_plan(PrefetchPlan(reqs, iteration=iteration))
+        for layer in range(L):
+            step = iteration * L + layer
+            used = [ExpertId(layer, e) for e in sorted(rng.sample(range(E), 2))]
+            policy.on_access_many([x for x in used if x in resident], step)
+            kept = set(used)
+            for eid in used:
+                if eid in resident:
+                    continue
+                if len(resident) >= 20:
+                    victims = policy.victims(lambda x, kept=kept: x not in kept, 1, layer)
+                    if not victims:
+                        continue
+                    policy.on_evict(victims[0])
+                    resident.discard(victims[0])
+                policy.on_demand_load(eid, step)
+                resident.add(eid)
+            if len(resident) >= 20:
+                fallbacks += _sink_search_agrees(policy, resident, rng, layer)
+                checked += 1
+    assert checked > 100 and fallbacks > 3

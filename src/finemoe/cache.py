@@ -76,6 +76,8 @@ class ExpertCache(ResidencyUpkeep, PrefetchCopies, VictimSearch):
         L, E = spec.num_layers, spec.num_experts
         # victims spare whole layers where they can: only while fewer experts than layers are absent
         self._candidates = getattr(policy, "candidates", None)  # optional: a look at its next victims
+        # optional: its search among the experts of the last layers (the sink's victims) alone
+        self._layer_victims = getattr(policy, "layer_victims", None)
         self.absent = max(0, L * E - S)  # experts absent once the pool is full
         # the first of the sink layers (`gather_absent`, `victims.sink_layers`), or -1
         self.sink = sink_layers(L, E, S) if gather_absent else -1

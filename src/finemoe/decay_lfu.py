@@ -203,6 +203,40 @@ class DecayLFUPolicy(PlanProtection):
         found = self._walk(evictable, 1, True)
         return found[0] if found else None
 
+    def layer_victims(
+        self, evictable: Callable[[ExpertId], bool], n: int, first: int, layer: int = -1, fallback: bool = False
+    ) -> list[ExpertId]:
+        """`_walk` among the experts of layers >= `first` (the cache's sink layers): up to `n`
+        unprotected ones `evictable` accepts, lowest key first, removed from `_order`; `fallback`: if
+        none, the lowest-key protected one. `layer` >= 0: the forward pass is there first (as
+        `victims`). The same experts as `_walk` with `eid.layer >= first` added to `evictable`, found
+        among those layers' residents (sorted by their items now) instead of walking the list's front
+        through every earlier layer's: near 100% a sink layer's experts sit deep in the list."""
+        if layer >= 0 and layer != self._layer_now:
+            self._reach(layer)
+        E, last, eids, planned, items = self.num_experts, self.last, self._eid, self._planned, self._item
+        first_unprotected = (self._layer_now + 1) * E
+        found: list[ExpertId] = []
+        spare: ExpertId | None = None
+        # those layers' residents still in `_order` (not taken by an earlier search), by their items now
+        listed = sorted([last[f] for f in range(first * E, self.num_layers * E) if f in items])
+        for item in listed:
+            eid = eids[item[2]]
+            if item[2] >= first_unprotected and eid in planned:  # protected
+                if fallback and spare is None and evictable(eid):
+                    spare = eid
+            elif evictable(eid):
+                found.append(eid)
+                if len(found) == n:
+                    break
+        if fallback and not found and spare is not None:
+            found.append(spare)
+        order = self._order
+        for eid in found:  # (the victims leave the list, as `_walk` takes them)
+            flat = eid[0] * E + eid[1]
+            del order[bisect_left(order, items.pop(flat))]
+        return found
+
     # The cache's prefetch hooks are the methods themselves (one Python call fewer per prefetch batch):
     # `prefetch_victims(evictable, n)`: victims of `n` prefetches, unprotected only (a prefetch never
     # evicts a protected expert, so `victim`'s protected fallback would find nothing for it).

@@ -34,6 +34,7 @@ class ResidencyUpkeep:
     _sweeping: bool
     _eids: list[list[ExpertId]]
     _evictable_for_prefetch: Callable[[ExpertId], bool]
+    _sink_victim: Callable[[Callable[[ExpertId], bool]], ExpertId | None]
     _on_release: Callable[[], None] | None
 
     def fill_free(self, each: Callable[[int], object] | None = None) -> int:
@@ -121,7 +122,7 @@ class ResidencyUpkeep:
         slot_of = self.slot_of
         if sum(row.count(-1) for row in slot_of[sink:]) >= self.absent:
             return 0  # every absent expert is in a sink layer
-        started, eids, pred, victim = 0, self._eids, self._evictable_for_prefetch, self.policy.victim
+        started, eids, pred, victim = 0, self._eids, self._evictable_for_prefetch, self._sink_victim
         try:
             for layer in range(sink):
                 row = slot_of[layer]
@@ -129,7 +130,7 @@ class ResidencyUpkeep:
                     continue
                 for e, slot in enumerate(row):
                     if slot < 0:
-                        gone = victim(lambda eid: eid[0] >= sink and pred(eid))
+                        gone = victim(pred)
                         if gone is None:
                             return started
                         self._load(eids[layer][e], self._evict(gone), False)

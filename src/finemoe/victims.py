@@ -80,6 +80,7 @@ class VictimSearch:
     _victims: Any
     _victims_behind: Any
     _candidates: Any
+    _layer_victims: Any
 
     def _behind(self, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
         """Prefill sweep: up to `n` experts `evictable` accepts in layers < `layer`: the policy's
@@ -131,11 +132,16 @@ class VictimSearch:
             pick += [eid for eid in cands if not broken[eid[0]]][: n - len(pick)]
         return pick
 
-    def _sunk(self, find: Callable, evictable: Callable[[ExpertId], bool], n: int) -> list[ExpertId]:
-        """`n` victims by `find(predicate, m)` (a policy search that takes out what it finds): those in
-        the sink layers (from `sink` on) first, then the policy's own choices among the rest."""
+    def _sunk(self, find: Callable, evictable: Callable[[ExpertId], bool], n: int, layer: int) -> list[ExpertId]:
+        """`n` victims by `find(predicate, m)` (a policy search that takes out what it finds, at the
+        forward pass's `layer`, -1: none): those in the sink layers (from `sink` on) first, then
+        the policy's own choices among the rest. A policy with `layer_victims` searches the sink
+        layers alone (the same victims, without walking its order through every earlier layer)."""
         sink = self.sink
-        found = find(lambda eid: eid[0] >= sink and evictable(eid), n)
+        if self._layer_victims is not None:
+            found = self._layer_victims(evictable, n, sink, layer)
+        else:
+            found = find(lambda eid: eid[0] >= sink and evictable(eid), n)
         if len(found) < n:
             found += find(lambda eid: eid[0] < sink and evictable(eid), n - len(found))
         return found
@@ -144,7 +150,7 @@ class VictimSearch:
         """`n` victims by `find(predicate, m)` (a policy search), from the sink layers first where
         there are some (`_sunk`), else sparing whole layers (`_whole_kept`); `layer` as `_whole_kept`'s."""
         if self.sink >= 0:
-            return self._sunk(find, evictable, n)
+            return self._sunk(find, evictable, n, layer)
         return self._whole_kept(find, evictable, n, layer)
 
     def _victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
@@ -152,11 +158,19 @@ class VictimSearch:
         there are some, else sparing whole layers (`keep_whole`)."""
         victim = self.policy.victim
         if self.sink >= 0:
-            sink = self.sink
-            found = victim(lambda eid: eid[0] >= sink and evictable(eid))
+            found = self._sink_victim(evictable)
             return found if found is not None else victim(evictable)
         found = self._whole_kept(lambda pred, n: [v] if (v := victim(pred)) is not None else [], evictable, 1, -1)
         return found[0] if found else None
+
+    def _sink_victim(self, evictable: Callable[[ExpertId], bool]) -> ExpertId | None:
+        """The policy's `victim` among the sink layers' experts `evictable` accepts (its protected
+        fallback included), or None."""
+        if self._layer_victims is not None:
+            found = self._layer_victims(evictable, 1, self.sink, -1, True)
+            return found[0] if found else None
+        sink = self.sink
+        return self.policy.victim(lambda eid: eid[0] >= sink and evictable(eid))
 
     def _evictable(self, eid: ExpertId) -> bool:
         slot = self.slot_of[eid.layer][eid.expert]
