@@ -171,7 +171,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     sides = object.__new__(SideGraphs)  # (the bookkeeping only: no CUDA)
     sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
-    sides._ended = Rec("ended")
+    sides._last_done = None
     sides.variants = [{(False, True): Rec("g0")}, {}, {(False, True): Rec("g2")}]
     sides.done = [Rec("done0"), None, Rec("done2")]
     sides.gates_skipped = sides.matches_deferred = sides.late_matches = 0
@@ -188,7 +188,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     assert log == [("g2", "replay"), ("done2", "record", "side")]  # no second start
     log.clear()
     sides.before_step(compute)  # the next step: this one ran side work
-    assert log == [("ended", "record", "side"), ("compute", "wait_event", "ended")]
+    assert log == [("compute", "wait_event", "done2")]  # the step's last side graph's event
     log.clear()
     sides.begin_step(compute, lambda: log.append(("store", "sync")))
     sides.launch(0, gates=False, match=False)  # nothing to run: the step launches no side work

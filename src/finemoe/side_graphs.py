@@ -58,7 +58,9 @@ class SideGraphs:
         self._unopened = False
         self._opening: Callable[[], None] | None = None
         self._begun = torch.cuda.Event()
-        self._ended = torch.cuda.Event()  # the last step's side work, for the next step's wait (`before_step`)
+        # the event recorded on the side stream after the current step's latest side graph (`_replay`):
+        # after every side work of the step, what the next step's `before_step` waits for
+        self._last_done: torch.cuda.Event | None = None
         self._count = 0  # side graphs per step (set at capture)
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
@@ -237,9 +239,8 @@ class SideGraphs:
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """Any replayed step: the last step's sides read static tensors this one rewrites (none if it
         launched none: its side start never ran, `_open`)."""
-        if self._pending and not self._unopened:
-            self._ended.record(self.stream)  # (one event reused: `wait_stream` would make one per step)
-            compute.wait_event(self._ended)
+        if self._pending and not self._unopened and self._last_done is not None:
+            compute.wait_event(self._last_done)  # (recorded already: no host record on the step's start)
         self._pending = False
 
     def due(self, layer: int) -> bool:
@@ -311,6 +312,7 @@ class SideGraphs:
         done = self.done[layer]
         assert done is not None
         done.record(self.stream)
+        self._last_done = done
         if matched:  # the fused catch-up covers every layer after the last one matched
             for k in range(self._through + 1 if self.fused else layer, layer + 1):
                 self._cover[k] = done
@@ -364,3 +366,4 @@ class SideGraphs:
         self.finish()
         self.done, self._pool, self.speculated, self.variants = [], None, [], []
         self._count = 0
+        self._last_done = None
