@@ -169,6 +169,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
             log.append((self.name, "replay"))
 
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: log.append(("current", s.name)))
     sides = object.__new__(SideGraphs)  # (the bookkeeping only: no CUDA)
     sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
     sides._last_done = None
@@ -182,10 +183,19 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     assert log == [("begun", "record", "compute")]  # the point S_0 reached; no side work yet
     log.clear()
     sides.launch(0, gates=True, match=False)
-    assert log == [("side", "wait_event", "begun"), ("store", "sync"), ("g0", "replay"), ("done0", "record", "side")]
+    assert log == [
+        ("side", "wait_event", "begun"),
+        ("current", "side"),  # the store sync and the graph run on the side stream ...
+        ("store", "sync"),
+        ("current", "compute"),  # ... and the step's compute stream is current again after each
+        ("current", "side"),
+        ("g0", "replay"),
+        ("current", "compute"),
+        ("done0", "record", "side"),
+    ]
     log.clear()
     sides.launch(2, gates=True, match=False)
-    assert log == [("g2", "replay"), ("done2", "record", "side")]  # no second start
+    assert log == [("current", "side"), ("g2", "replay"), ("current", "compute"), ("done2", "record", "side")]
     log.clear()
     sides.before_step(compute)  # the next step: this one ran side work
     assert log == [("compute", "wait_event", "done2")]  # the step's last side graph's event

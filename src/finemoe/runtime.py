@@ -299,10 +299,13 @@ class OffloadRuntime:
         side, done = self._embed_stream, self._embedded
         assert done is not None
         side.wait_event(ready)
-        with torch.cuda.stream(side):
+        torch.cuda.set_stream(side)  # (not a stream context: no lookup of the current stream)
+        try:
             emb = self.embed(tokens)  # [N, D]
             host = emb.float().to("cpu", non_blocking=True)  # pinned
             done.record(side)
+        finally:
+            torch.cuda.set_stream(compute)
         emb.record_stream(compute)  # (a predictor may read it on the compute stream)
         done.synchronize()  # the embedding only: the side stream waits for nothing launched since `ready`
         return emb, host

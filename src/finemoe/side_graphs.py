@@ -58,6 +58,10 @@ class SideGraphs:
         self._unopened = False
         self._opening: Callable[[], None] | None = None
         self._begun = torch.cuda.Event()
+        # the current step's compute stream (`begin_step`): the current stream again after each side
+        # launch, which switches streams with `torch.cuda.set_stream`, not a stream context (whose
+        # lookup of the current stream costs the host ~10 µs a launch)
+        self._compute: torch.cuda.Stream | None = None
         # the event recorded on the side stream after the current step's latest side graph (`_replay`):
         # after every side work of the step, what the next step's `before_step` waits for
         self._last_done: torch.cuda.Event | None = None
@@ -229,6 +233,7 @@ class SideGraphs:
         match's sums restart. A step that launches no side graph does none of it (the store's rows
         are then copied by a later step's)."""
         self._begun.record(compute)  # (what `compute` has queued now: the side work follows it, not later segments)
+        self._compute = compute
         self._opening, self._unopened = opening, True
         self._state = [NOT_LAUNCHED] * self.layers
         self._cover = [None] * self.layers
@@ -296,19 +301,26 @@ class SideGraphs:
         """The step's side work starts (`begin_step`): on the side stream, after `_begun`."""
         opening, self._opening, self._unopened = self._opening, None, False
         self.stream.wait_event(self._begun)
-        with torch.cuda.stream(self.stream):
+        torch.cuda.set_stream(self.stream)
+        try:
             if opening is not None:
                 opening()
             if self.fused:
                 self.rt.device_matches.planner.restart()  # type: ignore[union-attr]
+        finally:
+            torch.cuda.set_stream(self._compute)
 
     def _replay(self, layer: int, graph: torch.cuda.CUDAGraph, after: torch.cuda.Event | None, matched: bool) -> None:
         if self._unopened:
             self._open()
         if after is not None:
             self.stream.wait_event(after)
-        with torch.cuda.stream(self.stream):
+        assert self._compute is not None, "begin_step() first"
+        torch.cuda.set_stream(self.stream)  # (the current stream is the step's compute stream)
+        try:
             graph.replay()
+        finally:
+            torch.cuda.set_stream(self._compute)
         done = self.done[layer]
         assert done is not None
         done.record(self.stream)
