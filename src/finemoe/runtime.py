@@ -109,6 +109,11 @@ class OffloadRuntime:
     store_sync_beside: bool = True
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
+    # that stream's priority (torch's: lower runs sooner; `torch.cuda.Stream.priority_range()`): its
+    # kernels wait for SMs the segments beside them hold, and the host's drain waits for its copy
+    # (a measurement switch, `predictor_overhead.py`'s `embed-prio`; 0: the default priority)
+    embed_priority: int = 0
+    _embed_made: int = 0  # the priority `_embed_stream` was made with (torch maps it into its range)
     # the stream every forward pass runs on while set (`pin_stream`: the static decoder's running
     # context); iterations then skip the compute stream's lookup, and their events record on it
     fixed_stream: torch.cuda.Stream | None = None
@@ -293,11 +298,13 @@ class OffloadRuntime:
         """The embeddings [N, D] of `tokens` (device) computed on the side stream after `ready`,
         and their float32 host copy [N, D] (landed when this returns)."""
         compute = self.fixed_stream if self.fixed_stream is not None else torch.cuda.current_stream(tokens.device)
-        if self._embed_stream is None:
-            self._embed_stream = torch.cuda.Stream(tokens.device)
-            self._embedded = torch.cuda.Event()  # (reused: synchronized below before the next record)
-        side, done = self._embed_stream, self._embedded
-        assert done is not None
+        side = self._embed_stream
+        if side is None or self._embed_made != self.embed_priority:
+            side = self._embed_stream = torch.cuda.Stream(tokens.device, priority=self.embed_priority)
+            self._embed_made = self.embed_priority
+        done = self._embedded
+        if done is None:
+            done = self._embedded = torch.cuda.Event()  # (reused: synchronized below before the next record)
         side.wait_event(ready)
         torch.cuda.set_stream(side)  # (not a stream context: no lookup of the current stream)
         try:
