@@ -178,16 +178,17 @@ case $part in
       --modes device:graph-gates+gather --lru-modes gather --out "$out/overhead_s34.json" 2>&1 \
       | grep -v INFO | grep -A12 "^run \|routings on the host" | cut -c1-180 | head -40 ;;
   s35)      # session 35's first call (~8 min): the full GPU suite (first GPU run of 543feee's side wait,
-            # 5c65254's set_stream side launches and the embedding's priority switch), then 20 paired
-            # rounds at 99% with the eviction reference, default against the embedding's stream at the
-            # highest priority (`embed-prio`: the drain's start waits for that embedding)
+            # 5c65254's set_stream side launches and the embedding switches), then 16 paired rounds at
+            # 99% with the eviction reference: default, the embedding's stream at the highest priority
+            # (`embed-prio`: the drain's start waits for that embedding), and also launched right after
+            # S_0 (`embed-early`)
     timeout 200 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
     tail -4 "$out/gpu_tests.txt"
     timeout 330 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --cores 2-7 --rounds 20 --prompts 2 --warm-pool --near-full-only \
-      --modes device:graph-gates+gather,device:graph-gates+gather+embed-prio --lru-modes gather \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+embed-prio,device:graph-gates+gather+embed-prio+embed-early \
       --out "$out/overhead_s35.json" 2>&1 | grep -v INFO \
-      | grep -A8 "^run \|routings on the host\|between replayed\|last routing sync" | cut -c1-180 | head -60 ;;
+      | grep -A9 "^run \|routings on the host\|between replayed\|last routing sync" | cut -c1-180 | head -64 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -202,7 +202,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `all-matches`: every matched layer launches its map match, also where no plan reads it
     (`defer_matches` off); `store-first`: the map store's new rows reach the device on the compute
     stream before S_0's launch (`store_sync_beside` off); `embed-prio`: a replayed step's token embedding
-    (the predictors' start, `_embed_beside`) on a stream of the highest priority (`embed_priority`)."""
+    (the predictors' start, `_embed_launch`) on a stream of the highest priority (`embed_priority`);
+    `embed-early`: that embedding launched right after S_0's launch, not at the drain's start
+    (`embed_early`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -210,6 +212,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.skip_launched_gates = "all-gates" not in flags
     eng.runtime.defer_matches = "all-matches" not in flags
     eng.runtime.store_sync_beside = "store-first" not in flags
+    eng.runtime.embed_early = "embed-early" in flags
     # (`embed-prio`: the beside embedding's stream at the highest priority)
     eng.runtime.embed_priority = torch.cuda.Stream.priority_range()[1] if "embed-prio" in flags else 0
     static = eng.static

@@ -244,3 +244,31 @@ def test_a_pinned_stream_is_taken_once_not_per_iteration(tiny_checkpoint, monkey
         rt.pin_stream(None)
         rt.start_iteration(4, False, ids, live)
         assert len(looked) == 3
+
+
+def test_a_held_back_start_takes_the_embedding_launched_after_s0(tiny_checkpoint, monkeypatch):
+    """`OffloadRuntime.embed_held` (`embed_early`): the held-back start's token embedding is launched
+    once, right after S_0's launch, and `begin_deferred` takes it (waiting for it) instead of launching
+    another; a dropped start forgets it. Stand-ins for the CUDA launch and wait."""
+    path = tiny_checkpoint("mixtral")
+    with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as eng:
+        rt, launched, waited, contexts = eng.runtime, [], [], []
+        assert rt.want_embeddings and rt.embed is not None
+        emb = torch.zeros((1, 8))
+        monkeypatch.setattr(rt, "_embed_launch", lambda tokens, ready: launched.append(ready) or (emb, emb))
+        monkeypatch.setattr(rt, "_embed_wait", lambda: waited.append(1))
+        monkeypatch.setattr(rt.stepper, "begin", lambda iteration, ctx: contexts.append(ctx))
+        ids, live, ready = torch.tensor([[5]]), torch.ones((1, 1), dtype=torch.bool), object()
+        rt._begin = (7, ids, live, None, (), ready)  # (what `start_iteration` holds back on CUDA)
+        rt.embed_held()
+        rt.embed_held()
+        assert launched == [ready] and waited == []  # launched once, not waited for yet
+        rt.begin_deferred()
+        assert launched == [ready] and waited == [1]  # taken, not launched again
+        assert contexts[-1].embeddings is emb and contexts[-1].host_embeddings() is emb
+        rt._begin = (8, ids, live, None, (), ready)
+        rt.embed_held()
+        rt.drop_deferred()
+        rt._begin = (9, torch.tensor([[6]]), live, None, (), ready)
+        rt.begin_deferred()  # the dropped step's embedding is not taken: a fresh one is launched
+        assert len(launched) == 3 and waited == [1, 1]

@@ -319,6 +319,8 @@ class StaticDecoder:
                 self._span(t_step)
                 if beside:  # while the GPU runs S_0: no match reads the store before router 0
                     self._begin_sides(here, True)
+                if rt.embed_early:
+                    rt.embed_held()  # (the predictors' start, held back, embeds its token from now)
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     if ahead is not None:

@@ -101,19 +101,24 @@ class OffloadRuntime:
     # (`begin_deferred`), instead of delaying that launch
     defer_begin: bool = False
     # a held-back start computes the token's embedding on a stream of its own, behind the step's input
-    # only (`_embed_beside`); False: on the compute stream, behind every segment launched (a switch)
+    # only (`_embed_launch`); False: on the compute stream, behind every segment launched (a switch)
     embed_beside: bool = True
     # a replayed step with side graphs brings the device copy of the map store up to date (online
     # learning's new rows) on the side stream after S_0's launch, where only the matches read it;
     # False: on the compute stream before S_0's launch, host and device time on the step (a switch)
     store_sync_beside: bool = True
     _begin: tuple | None = None
-    _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_beside`)
+    _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_launch`)
     # that stream's priority (torch's: lower runs sooner; `torch.cuda.Stream.priority_range()`): its
     # kernels wait for SMs the segments beside them hold, and the host's drain waits for its copy
     # (a measurement switch, `predictor_overhead.py`'s `embed-prio`; 0: the default priority)
     embed_priority: int = 0
     _embed_made: int = 0  # the priority `_embed_stream` was made with (torch maps it into its range)
+    # a held-back start's embedding is launched right after S_0's launch (`embed_held`, called by the
+    # static decoder), not when the start runs at the drain's start, where the host would wait for
+    # its kernels queued behind the segments launched since (a measurement switch, `embed-early`)
+    embed_early: bool = False
+    _early: tuple | None = None  # (input ids, (embeddings, host copy)) launched by `embed_held`
     # the stream every forward pass runs on while set (`pin_stream`: the static decoder's running
     # context); iterations then skip the compute stream's lookup, and their events record on it
     fixed_stream: torch.cuda.Stream | None = None
@@ -226,7 +231,7 @@ class OffloadRuntime:
             ready = None
             if self.embed_beside and self.want_embeddings and self.embed is not None and input_ids.is_cuda:
                 # the step's input ids are in place (before S_0 is launched); one event reused: the
-                # last step's start waited on it already (`_embed_beside`) or was dropped
+                # last step's start waited on it already (`_begin_predictors`) or was dropped
                 if self._ready is None:
                     self._ready = torch.cuda.Event()
                 ready = self._ready
@@ -249,7 +254,21 @@ class OffloadRuntime:
     def drop_deferred(self) -> None:
         """Forget a replayed step's held-back predictor start (`start_iteration`) without running it
         (the step failed before its first routing was read)."""
-        self._begin = None
+        self._begin = self._early = None
+
+    def embed_held(self) -> None:
+        """Launch the held-back start's token embedding on its stream now (S_0 just launched), for
+        `begin_deferred` to take (`embed_early`): the same embedding `_begin_predictors` would launch
+        there, queued before the later segments are. Nothing without a held-back start that embeds
+        beside the compute stream."""
+        held = self._begin
+        if held is None or self._early is not None or not (self.want_embeddings and self.embed is not None):
+            return
+        input_ids, live, ready = held[1], held[2], held[5]
+        if ready is None or not bool(live.all()):  # (`_begin_predictors` gathers such rows on the compute stream)
+            return
+        with torch.no_grad():
+            self._early = (input_ids, self._embed_launch(input_ids.reshape(-1), ready))
 
     def begin_deferred(self) -> None:
         """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
@@ -282,10 +301,15 @@ class OffloadRuntime:
                 flat = input_ids.reshape(-1)
                 every = rows.numel() == flat.numel()
                 tokens = flat if every else flat[rows.to(input_ids.device)]
+                early, self._early = self._early, None
                 if ready is None or not every:  # (a gather on the compute stream: the side would not wait for it)
                     emb = self.embed(tokens)  # [N, D] on the device; copied to the host by the predictor
+                elif early is not None and early[0] is input_ids:  # launched after S_0 (`embed_held`)
+                    emb, host = early[1]
+                    self._embed_wait()
                 else:
-                    emb, host = self._embed_beside(tokens, ready)
+                    emb, host = self._embed_launch(tokens, ready)
+                    self._embed_wait()
         req_of_row = torch.div(rows, T, rounding_mode="floor")
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
         self.stepper.begin(iteration, ctx)
@@ -294,9 +318,9 @@ class OffloadRuntime:
         else:
             self.critical_decode_s += time.perf_counter() - t0
 
-    def _embed_beside(self, tokens: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embeddings [N, D] of `tokens` (device) computed on the side stream after `ready`,
-        and their float32 host copy [N, D] (landed when this returns)."""
+    def _embed_launch(self, tokens: torch.Tensor, ready: torch.cuda.Event) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings [N, D] of `tokens` (device) launched on the side stream after `ready`, and
+        their float32 host copy [N, D] (landed after `_embed_wait`)."""
         compute = self.fixed_stream if self.fixed_stream is not None else torch.cuda.current_stream(tokens.device)
         side = self._embed_stream
         if side is None or self._embed_made != self.embed_priority:
@@ -314,8 +338,12 @@ class OffloadRuntime:
         finally:
             torch.cuda.set_stream(compute)
         emb.record_stream(compute)  # (a predictor may read it on the compute stream)
-        done.synchronize()  # the embedding only: the side stream waits for nothing launched since `ready`
         return emb, host
+
+    def _embed_wait(self) -> None:
+        """Wait for the embedding `_embed_launch` launched last and its host copy."""
+        assert self._embedded is not None
+        self._embedded.synchronize()  # the embedding only: the side stream waits for nothing launched since `ready`
 
     def gather(self) -> SlotGather:
         """The scratch for layers whose experts span several slot windows (made on first use)."""
