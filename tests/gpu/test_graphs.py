@@ -326,7 +326,8 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     tokens are those of the eager steps and of graphed steps without it; the same accesses are
     counted (hits + misses: the same routings), the predictors still see every layer, and no pin is
     left behind. The step's held-back predictor start embeds the token on a stream of its own
-    (`embed_beside`): the same embeddings as on the compute stream."""
+    (`embed_beside`, also launched right after S_0's launch, `embed_early`): the same embeddings as on
+    the compute stream."""
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = medium_prompts()
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always", **kw)
@@ -339,25 +340,32 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         eng.add_predictor(seen)
         eng.add_predictor(embs)
         got, accesses, ahead, embedded = {}, {}, {}, {}
-        for run_ahead in (False, True):
+        # run ahead or not; with it, the embedding launched at the drain's start or right after S_0's
+        # launch on a highest-priority stream (`embed_early`, `embed_priority`)
+        for run_ahead, early in ((False, False), (True, False), (True, True)):
             eng.runtime.run_ahead = run_ahead
             eng.runtime.embed_beside = run_ahead  # the held-back start's embedding beside the segments, or not
+            eng.runtime.embed_early = early
+            eng.runtime.embed_priority = torch.cuda.Stream.priority_range()[1] if early else 0
             st0, seen.events, embs.embeddings = eng.stats(), [], []
-            got[run_ahead] = [eng.generate(p, params)[0].token_ids for p in prompts]
+            got[run_ahead, early] = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats()
-            accesses[run_ahead] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
-            ahead[run_ahead] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
+            accesses[run_ahead, early] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
+            ahead[run_ahead, early] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
             assert st.extra["decode_graph_error"] is None and st.extra["decode_graph_replays"] > 0
             # every layer of every decode step reached the predictors once, in layer order, run ahead or not
             assert [e.layer for e in seen.events] == list(range(L)) * (len(prompts) * (params.max_new_tokens - 1))
             assert all(r == 0 for r in eng.cache.refcount)  # nothing left pinned
-            embedded[run_ahead] = torch.cat(embs.embeddings)  # [steps, D]
+            embedded[run_ahead, early] = torch.cat(embs.embeddings)  # [steps, D]
             assert (eng.runtime._embed_stream is not None) == run_ahead  # the side stream's path ran
-    assert ahead[False] == 0
-    assert torch.equal(embedded[True], embedded[False])  # the same tokens embedded on either stream
-    assert ahead[True] > 0  # (with one expert absent, at most one layer per step needs its sync)
-    assert accesses[True] == accesses[False] > 0
-    assert got[True] == got[False] == eager
+            assert eng.runtime._early is None  # every early embedding taken
+    assert ahead[False, False] == 0
+    # the same tokens embedded on either stream, launched early or not
+    assert torch.equal(embedded[True, False], embedded[False, False])
+    assert torch.equal(embedded[True, True], embedded[False, False])
+    assert ahead[True, False] > 0  # (with one expert absent, at most one layer per step needs its sync)
+    assert accesses[True, False] == accesses[True, True] == accesses[False, False] > 0
+    assert got[True, False] == got[True, True] == got[False, False] == eager
 
 
 @pytest.mark.parametrize("policy,kw", [("lru", {}), ("finemoe", {"search": "device", "graph_gates": True})])
