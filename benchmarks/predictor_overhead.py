@@ -577,8 +577,8 @@ def main() -> int:
         if any(marks):
             print(f"{k:<36} " + " ".join(f"{m:7.3f}" for m in marks))
     print(
-        "between replayed steps (last round, µs per step): replay end -> start_iteration (logits "
-        "sampled), start_iteration, -> S_0 launch, S_0 launch"
+        "between replayed steps (last round, µs per step): replay end -> the step's on_iteration (the "
+        "replay's cleanup, the logits read and sampled), on_iteration (start_iteration), -> S_0 launch, S_0 launch"
     )
     for k, r in res.items():
         spans = r.get("step_spans_us") or []

@@ -99,6 +99,8 @@ def probe(eng, name: str, budget: str, test: list[list[int]], new: int, reset: d
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate(test[0], params)  # warm-up: the capture
     rt, static = eng.runtime, eng.static
+    if static is None or not (static.use_graphs and static.graphs):
+        raise SystemExit(f"{name}: decode steps are not replayed from CUDA graphs (nothing to probe)")
     targets = [
         (eng, "_start_iteration"),
         (rt, "start_iteration"),

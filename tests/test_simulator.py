@@ -527,6 +527,15 @@ def test_eviction_host_time_is_charged_per_victim_search_and_routing_read(record
         assert searches == pytest.approx(round(searches))  # whole searches only
         # at least one search per layer-step that evicted, at most one per eviction
         assert 0 < searches <= a.stats["evictions"]
+    # near 100% with the absent experts gathered in the last layer: decayed LFU's searches there
+    # (`layer_victims`) are charged too
+    L, E = tr.spec.num_layers, tr.spec.num_experts
+    config = cfg("lru", L * E - 1, eviction="decay-lfu", gather_absent=True, warm_pool=True)
+    a = simulate(tr, config, base, "instant")
+    c = simulate(tr, config, dataclasses.replace(base, victim_host_s=0.125), "instant")
+    assert c.stats == a.stats and a.stats["evictions"] > 0
+    searches = (c.total_s - a.total_s) / 0.125
+    assert searches == pytest.approx(round(searches)) and 0 < searches <= a.stats["evictions"]
 
 
 def test_predictor_host_time_is_charged_per_layer_where_predictors_run(recorded):

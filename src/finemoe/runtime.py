@@ -245,7 +245,9 @@ class OffloadRuntime:
 
     def pin_stream(self, stream: torch.cuda.Stream | None) -> None:
         """`stream` (the current stream) is the one every forward pass runs on until `pin_stream(None)`:
-        the transfer takes it as the compute stream now, iterations skip the lookup."""
+        the transfer takes it as the compute stream now, iterations skip the lookup. The contract: no
+        forward pass meanwhile runs under another stream context (the replay, its side launches and
+        copies restore this stream as current)."""
         self.fixed_stream = stream
         refresh = getattr(self.cache.transfer, "refresh_stream", None)
         if stream is not None and refresh is not None:

@@ -311,11 +311,13 @@ class SideGraphs:
             torch.cuda.set_stream(self._compute)
 
     def _replay(self, layer: int, graph: torch.cuda.CUDAGraph, after: torch.cuda.Event | None, matched: bool) -> None:
+        # (on the forward thread, whose current stream is the step's compute stream: the current
+        # stream is per thread, and a side launch leaves `_compute` current)
+        assert self._compute is not None, "begin_step() first"
         if self._unopened:
             self._open()
         if after is not None:
             self.stream.wait_event(after)
-        assert self._compute is not None, "begin_step() first"
         torch.cuda.set_stream(self.stream)  # (the current stream is the step's compute stream)
         try:
             graph.replay()

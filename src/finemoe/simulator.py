@@ -493,7 +493,7 @@ def _charge_host(policy: Any, clock: Clock, victim_s: float, routing_s: float) -
         return call
 
     if victim_s:
-        for name in ("victim", "victims", "prefetch_victims", "victims_behind", "candidates"):
+        for name in ("victim", "victims", "prefetch_victims", "victims_behind", "candidates", "layer_victims"):
             fn = getattr(policy, name, None)
             if fn is not None:
                 setattr(policy, name, charged(fn, victim_s))
