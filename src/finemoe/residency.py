@@ -82,7 +82,7 @@ class ResidencyUpkeep:
         """Pin every expert of `layer` if all of them are resident: their slots [E] (expert order),
         else None (nothing pinned). Whatever the router picks is then resident until `account_pinned`."""
         row = self.slot_of[layer]
-        if min(row) < 0:
+        if -1 in row:  # (absent: -1)
             return None
         slots = list(row)
         refcount = self.refcount

@@ -261,7 +261,8 @@ class SideGraphs:
         targets = self.speculated[layer][0] if layer < len(self.speculated) else {}
         if not targets:
             return False
-        return any(min(slot_of[t]) < 0 for t in range(layer + 1, max(targets) + 1))
+        # (-1 in a row, not min: a C scan that stops at the first absent expert; per layer of the launch phase)
+        return any(-1 in row for row in slot_of[layer + 1 : max(targets) + 1])
 
     def match_needed(self, layer: int, slot_of: list[list[int]]) -> bool:
         """Whether layer `layer`'s match may be read in this step, when routings read after running
@@ -274,8 +275,7 @@ class SideGraphs:
         matches = self.rt.device_matches
         if not self.fused or matches is None or matches.reads_every_layer:
             return True
-        end = min(layer + 2 + matches.distance, self.layers)
-        return any(min(slot_of[t]) < 0 for t in range(layer + 1, end))
+        return any(-1 in row for row in slot_of[layer + 1 : min(layer + 2 + matches.distance, self.layers)])
 
     def launch(self, layer: int, after: torch.cuda.Event | None = None, gates: bool = True, match: bool = True) -> None:
         """Replay layer `layer`'s side graph on the side stream and mark its end with its event.
