@@ -174,6 +174,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
     sides._last_done = None
     sides.variants = [{(False, True): Rec("g0")}, {}, {(False, True): Rec("g2")}]
+    sides.index_variants()
     sides.done = [Rec("done0"), None, Rec("done2")]
     sides.gates_skipped = sides.matches_deferred = sides.late_matches = 0
     sides._pending, sides._unopened, sides._opening, sides.step = False, False, None, 0

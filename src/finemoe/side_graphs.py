@@ -66,6 +66,7 @@ class SideGraphs:
         # after every side work of the step, what the next step's `before_step` waits for
         self._last_done: torch.cuda.Event | None = None
         self._count = 0  # side graphs per step (set at capture)
+        self._kinds: list[tuple[bool, bool]] = []  # per layer: (a variant has the match, one has the gates)
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
         self._pending = False  # sides launched in a step the next one must not overlap
         self.step = 0  # replayed steps with sides, naming the step a `settle` call belongs to
@@ -115,7 +116,13 @@ class SideGraphs:
             for layer in range(self.layers):
                 self._capture_layer(layer, routed[layer], matches)
         capturing.wait_stream(self.stream)
+        self.index_variants()
+
+    def index_variants(self) -> None:
+        """Summarise `variants` for the launches (after the capture): the side graphs per step and,
+        per layer, whether some variant has the match / the gates (two scans a launch otherwise)."""
         self._count = sum(bool(v) for v in self.variants)
+        self._kinds = [(any(m for m, _ in v), any(g for _, g in v)) for v in self.variants]
 
     def _warm_fused(self, routed: list[tuple[nn.Module, tuple, tuple]], matches: DeviceMatches | None) -> bool:
         """Whether the side graphs' match is the fused catch-up (`DeviceMatches.fused`, a softmax
@@ -284,8 +291,7 @@ class SideGraphs:
         `gates` False: without the gates (the caller knows their rows will not be read,
         `gates_needed`); `match` False: the match deferred where it can be (`match_needed`)."""
         variants = self.variants[layer]
-        has_match = any(m for m, _ in variants)
-        has_gates = any(g for _, g in variants)
+        has_match, has_gates = self._kinds[layer]
         # (the fused catch-up covers layers up to `_through` already; the torch ops never defer)
         run_match = has_match and (not self.fused or (match and layer > self._through))
         run_gates = has_gates and gates
@@ -379,5 +385,5 @@ class SideGraphs:
         """Wait for them, then free the graphs and the gates' state."""
         self.finish()
         self.done, self._pool, self.speculated, self.variants = [], None, [], []
-        self._count = 0
+        self._count, self._kinds = 0, []
         self._last_done = None
