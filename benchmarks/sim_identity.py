@@ -12,7 +12,8 @@ A speed-only change must move none.
     python benchmarks/sim_identity.py --sets ... --out after.json --compare before.json
 
 A set is TEST:HISTORY:SHAPE:REQUESTS (SHAPE "trace" = the traced model's own geometry); batch 3 is
-replayed on the first set only. About 2 minutes for the three sets above on one core.
+replayed on the first set only. `NEAR_FULL` adds replays at 95% and 99% with the absent experts
+gathered in the last layers (since session 34). About 2 minutes for the three sets above on one core.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ CONFIGS: list[tuple[str, dict]] = [
     ("finemoe", {"prefill_predict": "before"}),
 ]
 
+# near 100% with the absent experts gathered in the last layers (`gather_absent`, a warm pool): the
+# sink layers' victim searches (`victims._sunk`, `DecayLFUPolicy.layer_victims`) and the iteration
+# start's copies back; replayed at NEAR_FULL_BUDGETS, batch 1
+NEAR_FULL: list[tuple[str, dict]] = [
+    ("finemoe", {"gather_absent": True, "warm_pool": True}),
+    ("lru", {"eviction": "decay-lfu", "gather_absent": True, "warm_pool": True}),
+    ("lru", {"gather_absent": True, "warm_pool": True}),
+    ("finemoe", {"eviction": "map-lfu", "gather_absent": True, "warm_pool": True}),
+]
+NEAR_FULL_BUDGETS = ("95%", "99%")
+
 
 def replay_all(sets: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
@@ -76,6 +88,16 @@ def replay_all(sets: list[str]) -> dict[str, dict]:
                         r.pop("wall_s")
                         r.pop("layer_steps_per_s")
                         out[f"{Path(test_path).name}|{policy}|{knobs}|{budget}|b{batch}|learn={learn}"] = r
+        for policy, knobs in NEAR_FULL:
+            for budget in NEAR_FULL_BUDGETS:
+                for learn in (False, True):
+                    cfg = EngineConfig(
+                        expert_budget=ExpertBudget.parse(budget), policy=policy, map_store_learn=learn, **knobs
+                    )
+                    r = simulate(test, cfg, cost, "timed", hist).to_dict()
+                    r.pop("wall_s")
+                    r.pop("layer_steps_per_s")
+                    out[f"{Path(test_path).name}|{policy}|{knobs}|{budget}|b1|learn={learn}"] = r
     return out
 
 
