@@ -3,9 +3,10 @@ launch (S_0), per configuration: the engine's `start_iteration` and the replay's
 timed call by call (count, mean, median, 90th percentile, max; µs).
 
 `predictor_overhead.py`'s "between replayed steps" line says how long each span is on average; this
-probe says which call inside it is long, and whether always or in a few steps. Same model, store and
-configuration names as `predictor_overhead.py` (`--configs`: "decay-lfu:gather", "lru:gather",
-"finemoe device:graph-gates+gather", ...). CUDA only.
+probe says which call inside it is long, and whether always or in a few steps. `predictor_overhead.py`'s
+model and store; `decode_gpu_timeline.py`'s configuration names (`--configs`: "decay-lfu:gather",
+"lru:gather", "finemoe:device+graph-gates+gather", ...; the session-34 records `step_start_s34{,b}.json`
+were made when it used `predictor_overhead.py`'s, "finemoe device:graph-gates+gather"). CUDA only.
 
     PYTHONPATH=src python benchmarks/step_start_probe.py --cores 2-7 --out $OUT/step_start.json
 """
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import run_meta, shape_config  # noqa: E402
+from decode_gpu_timeline import knobs, split  # noqa: E402
 from finemoe import SamplingParams  # noqa: E402
-from predictor_overhead import engine_flags, name_flags, prompts, recorded_engine  # noqa: E402
+from predictor_overhead import engine_flags, prompts, recorded_engine  # noqa: E402
 
 log = logging.getLogger("step_start_probe")
 
@@ -70,32 +72,11 @@ class Calls:
         }
 
 
-def knobs(name: str, budget: str) -> dict:
-    """`reconfigure` arguments of a configuration name (`predictor_overhead.py`'s)."""
-    head, _, variant = name.partition(":")
-    flags = set(variant.split("+")) - {""}
-    gather = "gather" in flags
-    if head == "lru":
-        return dict(policy="lru", expert_budget=budget, gather_absent=gather)
-    if head == "decay-lfu":
-        return dict(policy="lru", eviction="decay-lfu", expert_budget=budget, gather_absent=gather)
-    search = head.split(" ", 1)[1] if " " in head else "device"
-    return dict(
-        policy="finemoe",
-        expert_budget=budget,
-        search=search,
-        map_store_learn=False,
-        prediction_duty="always",
-        graph_gates="graph-gates" in flags,
-        gather_absent=gather,
-    )
-
-
 def probe(eng, name: str, budget: str, test: list[list[int]], new: int, reset: dict, profile: bool) -> dict:
     """One configuration's call times (and with `profile`, cProfile's top functions by own time in
     the decode steps' `start_iteration` and from a decode step's entry to S_0's launch)."""
-    eng.reconfigure(**{**reset, **knobs(name, budget), "warm_pool": True})
-    engine_flags(eng, name_flags(f"{name} {budget}"))
+    eng.reconfigure(**{**reset, **knobs(name, budget), "warm_pool": True, "map_store_learn": False})
+    engine_flags(eng, split(name)[1])
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate(test[0], params)  # warm-up: the capture
     rt, static = eng.runtime, eng.static
@@ -178,7 +159,7 @@ def main() -> int:
     ap.add_argument("--shape", default="reference")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--budget", default="99%")
-    ap.add_argument("--configs", default="decay-lfu:gather,finemoe device:graph-gates+gather")
+    ap.add_argument("--configs", default="decay-lfu:gather,finemoe:device+graph-gates+gather")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cores")
@@ -197,7 +178,8 @@ def main() -> int:
     rec = {"meta": run_meta(), "config": vars(args), "results": {}}
     names = args.configs.split(",")
     base = eng.config  # each configuration starts from the engine's first one for every knob any sets
-    reset = {k: getattr(base, k) for k in sorted({k for n in names for k in knobs(n, args.budget)})}
+    every = {k for n in names for k in knobs(n, args.budget)} | {"warm_pool", "map_store_learn"}
+    reset = {k: getattr(base, k) for k in sorted(every)}
     for name in names:
         res = probe(eng, name, args.budget, test, args.new_tokens, reset, args.profile)
         rec["results"][name] = res
