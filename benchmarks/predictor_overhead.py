@@ -337,6 +337,15 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
 DUTY_KEYS = ("prediction_", "decode_iterations_", "decode_step_ms")  # `PredictionDuty.stats` in `Engine.stats`
 
 
+def print_lists(res: dict, key: str, fmt: str, title: str) -> None:
+    """Print `title`, then each run's list `key` (where any is nonzero), formatted by `fmt`."""
+    print(title)
+    for k, r in res.items():
+        values = r.get(key) or []
+        if any(values):
+            print(f"{k:<36} " + " ".join(fmt.format(v) for v in values))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="reference")
@@ -568,22 +577,20 @@ def main() -> int:
             synced = [i for i, v in enumerate(share) if v < 0.5]
             absent = {i: a for i, a in enumerate(r.get("absent_experts_by_layer", [])) if a}
             print(f"{k:<36} synced {synced}  absent {absent}")
-    print(
+    print_lists(
+        res,
+        "sync_marks_ms",
+        "{:7.3f}",
         "the last routing sync of a replayed step (last round, ms from its first launch): drain start, "
-        "drain end, routing read, next launch, replay end"
+        "drain end, routing read, next launch, replay end",
     )
-    for k, r in res.items():
-        marks = r.get("sync_marks_ms") or []
-        if any(marks):
-            print(f"{k:<36} " + " ".join(f"{m:7.3f}" for m in marks))
-    print(
+    print_lists(
+        res,
+        "step_spans_us",
+        "{:7.1f}",
         "between replayed steps (last round, µs per step): replay end -> the step's on_iteration (the "
-        "replay's cleanup, the logits read and sampled), on_iteration (start_iteration), -> S_0 launch, S_0 launch"
+        "replay's cleanup, the logits read and sampled), on_iteration (start_iteration), -> S_0 launch, S_0 launch",
     )
-    for k, r in res.items():
-        spans = r.get("step_spans_us") or []
-        if any(spans):
-            print(f"{k:<36} " + " ".join(f"{m:7.1f}" for m in spans))
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}
