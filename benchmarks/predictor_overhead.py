@@ -379,7 +379,9 @@ def main() -> int:
         "(OffloadRuntime.skip_launched_gates off), ':duty' runs the adaptive prediction duty (the CUDA default) "
         "instead of always predicting, ':all-matches' launches every matched layer's map match, also "
         "where no plan of the step reads it (OffloadRuntime.defer_matches off), ':store-first' copies the map "
-        "store's new rows to the device before a replayed step's first launch (store_sync_beside off)",
+        "store's new rows to the device before a replayed step's first launch (store_sync_beside off), "
+        "':embed-prio' embeds a replayed step's token on a highest-priority stream (embed_priority), "
+        "':embed-early' launches that embedding right after S_0's launch (embed_early)",
     )
     ap.add_argument(
         "--no-eviction-reference",
