@@ -181,7 +181,7 @@ case $part in
             # 5c65254's set_stream side launches and the embedding switches), then 16 paired rounds at
             # 99% with the eviction reference: default, the embedding's stream at the highest priority
             # (`embed-prio`: the drain's start waits for that embedding), and also launched right after
-            # S_0 (`embed-early`)
+            # S_0 (`embed-early`). Ran at ae48376; `embed-prio` is the default since (flag gone: s35b)
     timeout 200 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
     tail -4 "$out/gpu_tests.txt"
     timeout 330 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
@@ -189,6 +189,14 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+embed-prio,device:graph-gates+gather+embed-prio+embed-early \
       --out "$out/overhead_s35.json" 2>&1 | grep -v INFO \
       | grep -A9 "^run \|routings on the host\|between replayed\|last routing sync" | cut -c1-180 | head -64 ;;
+  s35b)     # session 35's confirmation (~5 min): the embedding on the highest-priority stream is the
+            # default since s35 (s35's `embed-prio`, which ran at ae48376); 20 paired rounds at 99% of the
+            # CUDA defaults beside `embed-noprio` (the old default) and both references
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 20 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+embed-noprio \
+      --out "$out/overhead_s35b.json" 2>&1 | grep -v INFO \
+      | grep -A7 "^run \|between replayed\|last routing sync" | cut -c1-180 | head -48 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
+from finemoe.runtime import HIGHEST_STREAM_PRIORITY  # noqa: E402
 from finemoe.synthetic import random_model  # noqa: E402
 from offload_runs import GC_CLOCK  # noqa: E402
 
@@ -201,8 +202,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `all-gates`: side graphs keep their gates where their targets run ahead (`skip_launched_gates` off);
     `all-matches`: every matched layer launches its map match, also where no plan reads it
     (`defer_matches` off); `store-first`: the map store's new rows reach the device on the compute
-    stream before S_0's launch (`store_sync_beside` off); `embed-prio`: a replayed step's token embedding
-    (the predictors' start, `_embed_launch`) on a stream of the highest priority (`embed_priority`);
+    stream before S_0's launch (`store_sync_beside` off); `embed-noprio`: a replayed step's token embedding
+    (the predictors' start, `_embed_launch`) on a stream of the default priority 0, not the highest
+    (`embed_priority`, whose default the old `embed-prio` flag set);
     `embed-early`: that embedding launched right after S_0's launch, not at the drain's start
     (`embed_early`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
@@ -213,8 +215,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.defer_matches = "all-matches" not in flags
     eng.runtime.store_sync_beside = "store-first" not in flags
     eng.runtime.embed_early = "embed-early" in flags
-    # (`embed-prio`: the beside embedding's stream at the highest priority)
-    eng.runtime.embed_priority = torch.cuda.Stream.priority_range()[1] if "embed-prio" in flags else 0
+    # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)
+    eng.runtime.embed_priority = 0 if "embed-noprio" in flags else HIGHEST_STREAM_PRIORITY
     static = eng.static
     if static is None or not static.use_graphs:
         return
@@ -380,7 +382,8 @@ def main() -> int:
         "instead of always predicting, ':all-matches' launches every matched layer's map match, also "
         "where no plan of the step reads it (OffloadRuntime.defer_matches off), ':store-first' copies the map "
         "store's new rows to the device before a replayed step's first launch (store_sync_beside off), "
-        "':embed-prio' embeds a replayed step's token on a highest-priority stream (embed_priority), "
+        "':embed-noprio' embeds a replayed step's token on a stream of priority 0, not the highest "
+        "(embed_priority), "
         "':embed-early' launches that embedding right after S_0's launch (embed_early)",
     )
     ap.add_argument(

@@ -37,6 +37,8 @@ MAX_CUDA_GROUPS = 512
 # 5-15 GB/s measured on the same machine) is cheaper than the empty groups it saves.
 CPU_GROUP_S = 2.3e-6
 CPU_COPY_BYTES_PER_S = 5e9
+# a stream priority below every device's range: torch maps it to the highest (CUDA's is -5 or -2)
+HIGHEST_STREAM_PRIORITY = -(2**10)
 BINDING_ATTR = "_finemoe_binding"  # the experts module's attribute holding its `LayerBinding`
 
 
@@ -109,10 +111,12 @@ class OffloadRuntime:
     store_sync_beside: bool = True
     _begin: tuple | None = None
     _embed_stream: torch.cuda.Stream | None = None  # a held-back start's embedding (`_embed_launch`)
-    # that stream's priority (torch's: lower runs sooner; `torch.cuda.Stream.priority_range()`): its
-    # kernels wait for SMs the segments beside them hold, and the host's drain waits for its copy
-    # (a measurement switch, `predictor_overhead.py`'s `embed-prio`; 0: the default priority)
-    embed_priority: int = 0
+    # that stream's priority (torch's: lower runs sooner, out-of-range values map to the nearest end
+    # of `torch.cuda.Stream.priority_range()`): its kernels wait for SMs the segments beside them
+    # hold, and the host's drain waits for its copy. Default: the highest (session 35, 16 paired
+    # rounds on the H200: the drain's first routing read 1.85 -> 1.68 ms into the step, the step's
+    # median -15 µs against priority 0; `predictor_overhead.py`'s `embed-noprio` sets 0)
+    embed_priority: int = HIGHEST_STREAM_PRIORITY
     _embed_made: int = 0  # the priority `_embed_stream` was made with (torch maps it into its range)
     # a held-back start's embedding is launched right after S_0's launch (`embed_held`, called by the
     # static decoder), not when the start runs at the drain's start, where the host would wait for

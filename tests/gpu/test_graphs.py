@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from finemoe import Engine, SamplingParams
+from finemoe.runtime import HIGHEST_STREAM_PRIORITY
 
 from tests.gpu.medium import EXTRA, medium_checkpoint, medium_prompts
 
@@ -346,7 +347,7 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             eng.runtime.run_ahead = run_ahead
             eng.runtime.embed_beside = run_ahead  # the held-back start's embedding beside the segments, or not
             eng.runtime.embed_early = early
-            eng.runtime.embed_priority = torch.cuda.Stream.priority_range()[1] if early else 0
+            eng.runtime.embed_priority = HIGHEST_STREAM_PRIORITY if early else 0  # (the default: the highest)
             st0, seen.events, embs.embeddings = eng.stats(), [], []
             got[run_ahead, early] = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats()
@@ -358,6 +359,8 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             assert all(r == 0 for r in eng.cache.refcount)  # nothing left pinned
             embedded[run_ahead, early] = torch.cat(embs.embeddings)  # [steps, D]
             assert (eng.runtime._embed_stream is not None) == run_ahead  # the side stream's path ran
+            if early:  # torch maps the out-of-range default to the device's highest priority
+                assert eng.runtime._embed_stream.priority == torch.cuda.Stream.priority_range()[1]
             assert eng.runtime._early is None  # every early embedding taken
     assert ahead[False, False] == 0
     # the same tokens embedded on either stream, launched early or not
