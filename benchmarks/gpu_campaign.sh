@@ -197,6 +197,16 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+embed-noprio \
       --out "$out/overhead_s35b.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run \|between replayed\|last routing sync" | cut -c1-180 | head -48 ;;
+  s35c)     # session 35 (~6 min): the GPU-side probe's test, then 16 paired rounds at 99% with every
+            # replayed step timed on the GPU (`--gpu-marks`: idle between steps, S_0 to the last router,
+            # the rest): where finemoe's later last routing read comes from; beside it, the segments'
+            # streams at the highest priority and the side graphs' at the lowest (`prio`)
+    timeout 150 python -m pytest -q -rf --tb=short tests/gpu/test_graphs.py -k step_marks 2>&1 | tail -3
+    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+prio \
+      --out "$out/overhead_s35c.json" 2>&1 | grep -v INFO \
+      | grep -A7 "^run \|between replayed\|last routing sync\|on the GPU" | cut -c1-180 | head -60 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

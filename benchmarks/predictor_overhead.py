@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
 from finemoe.runtime import HIGHEST_STREAM_PRIORITY  # noqa: E402
+from finemoe.step_marks import SPANS, StepMarks  # noqa: E402
 from finemoe.synthetic import random_model  # noqa: E402
 from offload_runs import GC_CLOCK  # noqa: E402
 
@@ -232,10 +233,15 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
         static.sides.stream = torch.cuda.Stream(dev, priority=least)
 
 
-def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, freeze: bool = True) -> dict:
+def decode(
+    eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, freeze: bool = True, gpu_marks: bool = False
+) -> dict:
     """Median decode-step time (ms) and the predictor's forward-thread ms per decode iteration;
-    `freeze`: the garbage collector frozen over the measured requests (what exists then is not scanned)."""
+    `freeze`: the garbage collector frozen over the measured requests (what exists then is not scanned);
+    `gpu_marks`: replayed steps' GPU-side spans too (`step_marks`, three timing events per step)."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    if gpu_marks and eng.runtime.step_marks is None and eng.device.type == "cuda":
+        eng.runtime.step_marks = StepMarks()
     eng.generate(ps[0], params)  # warm-up
     timers = probes(eng) if breakdown else {}
     drain = DrainTimeline(eng) if breakdown else None
@@ -251,6 +257,8 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
     side0 = (sides.gates_skipped, sides.matches_deferred, sides.late_matches) if sides is not None else (0, 0, 0)
     cs0 = eng.stats().cache
     steps = []
+    if rt.step_marks is not None:
+        rt.step_marks.summary()  # (drops the warm-up's)
     if freeze:
         gc.collect()
         gc.freeze()
@@ -276,7 +284,10 @@ def decode(eng: Engine, ps: list[list[int]], new: int, breakdown: bool = False, 
         "stall_ms": (cs.stall_s - cs0.stall_s) / n * 1e3 if n else 0.0,
     }
     spans = {k: (v - spans0[k]) / n * 1e3 if n else 0.0 for k, v in eng.host_time_stats().items()}
+    # (medians per step, µs: the GPU idle between steps, S_0's start to the last router's end, the rest)
+    gpu = rt.step_marks.summary() if rt.step_marks is not None else {}
     return {
+        "gpu_step_us": gpu,
         "step_ms": statistics.median(steps) * 1e3,
         "predictor_ms_per_decode_iteration": (rt.critical_decode_s - c0) / n * 1e3 if n else 0.0,
         # graphed decode: host ms per step between the layers' routing syncs and their segments' launches
@@ -410,6 +421,12 @@ def main() -> int:
         help="leave out the runs at --budget: more rounds of the near-full comparison in the same time",
     )
     ap.add_argument("--no-gc-freeze", action="store_true", help="leave the garbage collector running")
+    ap.add_argument(
+        "--gpu-marks",
+        action="store_true",
+        help="time every replayed step on the GPU too (three timing events per step, every run alike): "
+        "the stream's idle gap between steps, S_0's start to the last router's end, the rest",
+    )
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
     ap.add_argument("--out", default="docs/results/overhead.json")
     args = ap.parse_args()
@@ -479,7 +496,9 @@ def main() -> int:
             eng.reconfigure(**{**reset, **kw})
             engine_flags(eng, name_flags(name))
             last = rnd == args.rounds - 1 and not name.startswith("all-gpu")
-            got[name] = decode(eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze)
+            got[name] = decode(
+                eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze, gpu_marks=args.gpu_marks
+            )
             log.info("round %d %s: %s", rnd, name, got[name])
         rec["rounds"].append(got)
     for name, _ in runs:
@@ -490,6 +509,8 @@ def main() -> int:
             "predictor_ms_per_decode_iteration": statistics.median(p["predictor_ms_per_decode_iteration"] for p in per),
             "prelaunch_ms_per_decode_iteration": statistics.median(p["prelaunch_ms_per_decode_iteration"] for p in per),
             "gc_ms_per_decode_iteration": statistics.median(p["gc_ms_per_decode_iteration"] for p in per),
+            # (the rounds' medians of each GPU span)
+            "gpu_step_us": {k: statistics.median(p["gpu_step_us"][k] for p in per) for k in per[-1]["gpu_step_us"]},
         }
     res = rec["results"]
     base = res["all-gpu 100%"]["step_ms"]
@@ -596,6 +617,12 @@ def main() -> int:
         "between replayed steps (last round, µs per step): replay end -> the step's on_iteration (the "
         "replay's cleanup, the logits read and sampled), on_iteration (start_iteration), -> S_0 launch, S_0 launch",
     )
+    if any(r.get("gpu_step_us") for r in res.values()):
+        print(f"replayed steps on the GPU (median over rounds of each round's median, µs): {', '.join(SPANS)}")
+        for k, r in res.items():
+            g = r.get("gpu_step_us") or {}
+            if g:
+                print(f"{k:<36} " + " ".join(f"{g[s]:8.1f}" for s in SPANS))
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}

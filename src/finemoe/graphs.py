@@ -97,6 +97,7 @@ class StaticDecoder:
         # host clock (s) at the last replay's end and around this step's `deferring_begin` (the
         # between-step spans, `OffloadRuntime.step_spans_s`)
         self._t_end = self._t_in = self._t_out = 0.0
+        self._here: torch.cuda.Stream | None = None  # the replayed step's compute stream
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
         self.supported = static_decode_supported(model)
@@ -173,6 +174,8 @@ class StaticDecoder:
         assert self.cache is not None, "reserve() first"
         self.cache.reset()
         self._t_end = 0.0  # (no between-step span from the last request's end)
+        if self.rt.step_marks is not None:
+            self.rt.step_marks.cut()
         T = ids.shape[1]
         pos = torch.arange(T, device=self.device).view(1, T)
         return self._eager(ids, pos)
@@ -289,8 +292,14 @@ class StaticDecoder:
     def _replay(self) -> None:
         rt, cache = self.rt, self.rt.cache
         index_at = rt.adapter.router_index_at
+        step_marks = rt.step_marks  # (a measurement probe, `step_marks`)
         if self.whole:
+            if step_marks is not None:
+                self._here = torch.cuda.current_stream(self.device)
+                step_marks.start(self._here, follows=True)
             self.graphs[0].replay()
+            if step_marks is not None:
+                step_marks.mark(2, self._here)
             rt.begin_deferred()
         else:
             matches = rt.device_matches
@@ -304,6 +313,7 @@ class StaticDecoder:
             rt.graphed_probs = rt.reads_graphed_probs()
             # (`running` pins its stream: torch's lookup of the current stream costs ~10 µs of host)
             here = self.stream if rt.fixed_stream is self.stream else torch.cuda.current_stream(self.device)
+            self._here = here
             side.before_step(here)
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
@@ -314,6 +324,8 @@ class StaticDecoder:
                 if sides and not beside:
                     self._begin_sides(here, False)
                 t_step = time.perf_counter()
+                if step_marks is not None:
+                    step_marks.start(here, follows=True)
                 marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
                 self._span(t_step)
@@ -414,7 +426,17 @@ class StaticDecoder:
             matches.settle = partial(side.settle_match, step=side.step)
 
     def _replayer(self, segment: int) -> Callable[[], None]:
-        return self.graphs[segment].replay
+        replay, marks = self.graphs[segment].replay, self.rt.step_marks
+        last = len(self.refs)
+        if marks is None or segment < last - 1:
+            return replay
+        slot, stream = segment - last + 2, self._here  # 1: the last router's segment, 2: the step's last
+
+        def marked() -> None:
+            replay()
+            marks.mark(slot, stream)
+
+        return marked
 
 
 def static_decode_supported(model: nn.Module) -> bool:

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from finemoe.device_plans import DeviceMatches
     from finemoe.execution import LayerBinding
     from finemoe.graphs import StaticDecoder
+    from finemoe.step_marks import StepMarks
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,8 @@ class OffloadRuntime:
     # `start_iteration` (the logits read and sampled), in it, from it to the step's first launch,
     # and that launch, summed over `step_spans_steps` steps (`graphs.StaticDecoder._span`)
     step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 4)
+    # GPU-side timing events of replayed steps (a measurement probe, `step_marks.StepMarks`; None: off)
+    step_marks: StepMarks | None = None
     step_spans_steps: int = 0
     decode_iterations: int = 0
 

@@ -434,3 +434,31 @@ def test_deferred_matches_change_no_plan(ckpt):
     assert got[True][2] > 0
     assert got[True][3] == pytest.approx(got[False][3], rel=1e-6)
     assert got["late"][3] == pytest.approx(got[False][3], rel=1e-6)
+
+
+@pytest.mark.parametrize("policy,budget", [("all-gpu", "100%"), ("lru", "25%"), ("finemoe", "99%")])
+def test_step_marks_time_replayed_steps_on_the_gpu(ckpt, policy, budget):
+    """The GPU-side probe (`step_marks`): every replayed step is timed, its spans are positive, the
+    split steps' two spans fit inside the host's step time, and the tokens are unchanged."""
+    from finemoe.step_marks import StepMarks
+
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompt = medium_prompts()[0]
+    with Engine.from_pretrained(ckpt, policy=policy, expert_budget=budget, device="cuda", progress=False) as eng:
+        plain = eng.generate(prompt, params)[0].token_ids
+        eng.runtime.step_marks = marks = StepMarks()
+        r0 = eng.stats().extra["decode_graph_replays"]
+        out = eng.generate(prompt, params)[0]
+        steps = len(marks._steps)
+        got = marks.summary()
+        assert out.token_ids == plain
+        assert steps == eng.stats().extra["decode_graph_replays"] - r0 == params.max_new_tokens - 1  # each replayed
+        assert got["idle"] > 0.0
+        t = out.token_times_s
+        host_step_us = min(b - a for a, b in zip(t[1:], t[2:], strict=False)) * 1e6
+        if policy == "all-gpu":  # one graph per step: no router mark
+            assert got["to_router"] == 0.0 and got["tail"] == 0.0
+        else:
+            assert got["to_router"] > 0.0 and got["tail"] > 0.0
+            assert got["to_router"] + got["tail"] < 1.5 * host_step_us
+        assert marks.summary() == {"idle": 0.0, "to_router": 0.0, "tail": 0.0}  # cleared

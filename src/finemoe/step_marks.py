@@ -1,0 +1,69 @@
+"""GPU-side times of replayed decode steps: a measurement probe, off unless asked for.
+
+Host marks (`OffloadRuntime.sync_marks_s`, `step_spans_s`) say when the host did something, not
+when the GPU got there. This probe records three timing events on the compute stream per replayed
+step: before S_0's launch (`start`), after the launch of the segment that ends with the last
+router (`routed`), after the step's last segment (`end`). `summary()` (a device sync; call it
+between runs) turns them into per-step medians, in microseconds:
+
+- `idle`: the last step's end to this step's start on the stream (the GPU idles on the host's
+  logits read, sampling and next launch; only steps that follow a step of the same request);
+- `to_router`: start to the last router's end (every segment but the last; the GPU's own pace,
+  plus any wait for the host inside the step);
+- `tail`: the last router's end to the step's end (the host's routing read and last launch, then
+  the last segment).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+SPANS = ("idle", "to_router", "tail")
+
+
+class StepMarks:
+    """Timing events of replayed steps on one compute stream, kept until `summary()`."""
+
+    def __init__(self) -> None:
+        self._steps: list[list[torch.cuda.Event | None]] = []  # per step: start, routed, end
+        self._follows: list[bool] = []  # the step follows the one before it in the same request
+        self._open = False
+
+    def start(self, stream: torch.cuda.Stream, follows: bool) -> None:
+        """A replayed step begins: S_0 is launched next on `stream`."""
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        self._steps.append([ev, None, None])
+        self._follows.append(follows and self._open)
+        self._open = True
+
+    def mark(self, slot: int, stream: torch.cuda.Stream) -> None:
+        """The current step's `routed` (slot 1) or `end` (slot 2) event, on `stream`."""
+        if not self._steps:
+            return
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(stream)
+        self._steps[-1][slot] = ev
+
+    def cut(self) -> None:
+        """A request ended (or a step failed): the next step does not follow this one."""
+        self._open = False
+
+    def summary(self) -> dict[str, float]:
+        """Median microseconds of each span over the steps recorded since the last summary
+        (empty spans: 0.0); clears the record."""
+        steps, follows = self._steps, self._follows
+        self._steps, self._follows, self._open = [], [], False
+        if steps:
+            torch.cuda.synchronize()
+        spans: dict[str, list[float]] = {name: [] for name in SPANS}
+        for i, (start, routed, end) in enumerate(steps):
+            if i and follows[i] and steps[i - 1][2] is not None:
+                spans["idle"].append(steps[i - 1][2].elapsed_time(start) * 1e3)  # type: ignore[union-attr]
+            if routed is not None:
+                spans["to_router"].append(start.elapsed_time(routed) * 1e3)  # type: ignore[union-attr]
+                if end is not None:
+                    spans["tail"].append(routed.elapsed_time(end) * 1e3)
+        return {name: statistics.median(v) if v else 0.0 for name, v in spans.items()}
