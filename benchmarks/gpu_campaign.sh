@@ -207,6 +207,16 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+prio \
       --out "$out/overhead_s35c.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run \|between replayed\|last routing sync\|on the GPU" | cut -c1-180 | head -60 ;;
+  s35d)     # session 35, after s35c (finemoe's GPU idles ~75 µs longer between steps and its tail is
+            # ~30 µs longer; the step's body is not slower): the probe's test, then 14 paired rounds with the
+            # host's between-step spans split at the token's feed and the side graphs' end timed against
+            # the step's, beside `no-side-wait` (the next step does not wait for the side graphs; a probe)
+    timeout 150 python -m pytest -q -rf --tb=short tests/gpu/test_graphs.py -k step_marks 2>&1 | tail -3
+    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+no-side-wait \
+      --out "$out/overhead_s35d.json" 2>&1 | grep -v INFO \
+      | grep -A7 "^run \|between replayed\|last routing sync\|on the GPU" | cut -c1-180 | head -60 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

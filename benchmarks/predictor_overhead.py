@@ -207,7 +207,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     (the predictors' start, `_embed_launch`) on a stream of the default priority 0, not the highest
     (`embed_priority`, whose default the old `embed-prio` flag set);
     `embed-early`: that embedding launched right after S_0's launch, not at the drain's start
-    (`embed_early`)."""
+    (`embed_early`); `no-side-wait`: a replayed step does not wait for the last step's side graphs
+    (`SideGraphs.wait_last`, a probe: plans may then read rewritten tensors, tokens stay exact)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -223,6 +224,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
         return
     assert static.sides is not None
     static.sides.first = "side-first" in flags
+    static.sides.wait_last = "no-side-wait" not in flags  # (a probe: plans may read rewritten tensors)
     if eng.runtime.device_matches is not None and "torch-match" in flags:
         eng.runtime.device_matches.fused = False  # the match's torch ops instead of the fused kernel
     if "prio" in flags:
@@ -329,8 +331,8 @@ def decode(
             (b - a) / (m - n) * 1e3 if m > n else 0.0
             for a, b, n, m in zip(marks0, rt.sync_marks_s, marked0, rt.sync_marks_steps, strict=True)
         ],
-        # replayed steps after a replayed step, µs per step: the last replay's end to the step's
-        # start_iteration (logits read, sampled), start_iteration, from it to S_0's launch, the launch
+        # replayed steps after a replayed step, µs per step: the last replay's end to its token fed
+        # (logits read, sampled), to the step's start_iteration, start_iteration, from it to S_0's launch, the launch
         "step_spans_us": [
             (b - a) / (rt.step_spans_steps - spanned0) * 1e6 if rt.step_spans_steps > spanned0 else 0.0
             for a, b in zip(spans0_, rt.step_spans_s, strict=True)
@@ -395,7 +397,8 @@ def main() -> int:
         "store's new rows to the device before a replayed step's first launch (store_sync_beside off), "
         "':embed-noprio' embeds a replayed step's token on a stream of priority 0, not the highest "
         "(embed_priority), "
-        "':embed-early' launches that embedding right after S_0's launch (embed_early)",
+        "':embed-early' launches that embedding right after S_0's launch (embed_early), ':no-side-wait' "
+        "lets a replayed step start without waiting for the last step's side graphs (a probe)",
     )
     ap.add_argument(
         "--no-eviction-reference",
@@ -614,8 +617,9 @@ def main() -> int:
         res,
         "step_spans_us",
         "{:7.1f}",
-        "between replayed steps (last round, µs per step): replay end -> the step's on_iteration (the "
-        "replay's cleanup, the logits read and sampled), on_iteration (start_iteration), -> S_0 launch, S_0 launch",
+        "between replayed steps (last round, µs per step): replay end -> token fed (the replay's cleanup, "
+        "the logits read and sampled), -> the step's on_iteration, on_iteration (start_iteration), -> S_0 launch, "
+        "S_0 launch",
     )
     if any(r.get("gpu_step_us") for r in res.values()):
         print(f"replayed steps on the GPU (median over rounds of each round's median, µs): {', '.join(SPANS)}")

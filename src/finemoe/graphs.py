@@ -96,7 +96,7 @@ class StaticDecoder:
         self.error: str | None = None  # why capture failed (decoding went on eagerly)
         # host clock (s) at the last replay's end and around this step's `deferring_begin` (the
         # between-step spans, `OffloadRuntime.step_spans_s`)
-        self._t_end = self._t_in = self._t_out = 0.0
+        self._t_end = self._t_fed = self._t_in = self._t_out = 0.0
         self._here: torch.cuda.Stream | None = None  # the replayed step's compute stream
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
@@ -195,6 +195,7 @@ class StaticDecoder:
     def feed(self, token: int) -> torch.Tensor:
         """Put the next decode step's token in place; returns the input ids [1, 1] (static)."""
         self.ids.fill_(token)
+        self._t_fed = time.perf_counter()
         return self.ids
 
     def decode(self, position: int) -> torch.Tensor:
@@ -377,6 +378,8 @@ class StaticDecoder:
                 if ahead is not None:
                     ahead.drain(len(self.refs) - 1)
                 marks[4] = self._t_end = time.perf_counter()
+                if step_marks is not None and sides and side.opened:
+                    step_marks.mark(3, side.stream)  # (after every side graph the step launched)
                 sums, counts = rt.sync_marks_s, rt.sync_marks_steps
                 for i, m in enumerate(marks):
                     if m:
@@ -398,15 +401,16 @@ class StaticDecoder:
     def _span(self, t_step: float) -> None:
         """Add this step's between-step spans to `OffloadRuntime.step_spans_s` (S_0 just launched;
         only when the last replay ended before this step's `deferring_begin`)."""
-        end, t_in, t_out = self._t_end, self._t_in, self._t_out
+        end, fed, t_in, t_out = self._t_end, self._t_fed, self._t_in, self._t_out
         self._t_end = 0.0
-        if not 0.0 < end < t_in <= t_out <= t_step:
+        if not 0.0 < end < fed <= t_in <= t_out <= t_step:
             return
         now, spans = time.perf_counter(), self.rt.step_spans_s
-        spans[0] += t_in - end
-        spans[1] += t_out - t_in
-        spans[2] += t_step - t_out
-        spans[3] += now - t_step
+        spans[0] += fed - end
+        spans[1] += t_in - fed
+        spans[2] += t_out - t_in
+        spans[3] += t_step - t_out
+        spans[4] += now - t_step
         self.rt.step_spans_steps += 1
 
     def _begin_sides(self, here: torch.cuda.Stream, beside: bool) -> None:

@@ -138,13 +138,14 @@ class OffloadRuntime:
     # run-ahead step
     sync_marks_s: list[float] = field(default_factory=lambda: [0.0] * 5)
     sync_marks_steps: list[int] = field(default_factory=lambda: [0] * 5)
-    # replayed steps after a replayed step: host seconds from the last replay's end to the step's
-    # `start_iteration` (the logits read and sampled), in it, from it to the step's first launch,
-    # and that launch, summed over `step_spans_steps` steps (`graphs.StaticDecoder._span`)
-    step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 4)
+    # replayed steps after a replayed step: host seconds from the last replay's end to its token
+    # fed (the logits read and sampled, `StaticDecoder.feed`), from there to the step's
+    # `start_iteration`, in it, from it to the step's first launch, and that launch, summed over
+    # `step_spans_steps` steps (`graphs.StaticDecoder._span`)
+    step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 5)
+    step_spans_steps: int = 0
     # GPU-side timing events of replayed steps (a measurement probe, `step_marks.StepMarks`; None: off)
     step_marks: StepMarks | None = None
-    step_spans_steps: int = 0
     decode_iterations: int = 0
 
     gather_capacity: int = 0  # experts a layer call may gather into scratch (0: twice top-k)

@@ -65,6 +65,10 @@ class SideGraphs:
         # the event recorded on the side stream after the current step's latest side graph (`_replay`):
         # after every side work of the step, what the next step's `before_step` waits for
         self._last_done: torch.cuda.Event | None = None
+        # a measurement switch (`predictor_overhead.py`'s `no-side-wait`): False, the next step does not
+        # wait for the last one's side graphs, which may then read tensors it rewrites (wrong plans,
+        # never wrong tokens: every routed expert is made resident as read)
+        self.wait_last = True
         self._count = 0  # side graphs per step (set at capture)
         self._kinds: list[tuple[bool, bool]] = []  # per layer: (a variant has the match, one has the gates)
         self.fused = False  # the match is the fused catch-up (set at capture): it may be deferred
@@ -251,9 +255,14 @@ class SideGraphs:
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """Any replayed step: the last step's sides read static tensors this one rewrites (none if it
         launched none: its side start never ran, `_open`)."""
-        if self._pending and not self._unopened and self._last_done is not None:
+        if self._pending and not self._unopened and self._last_done is not None and self.wait_last:
             compute.wait_event(self._last_done)  # (recorded already: no host record on the step's start)
         self._pending = False
+
+    @property
+    def opened(self) -> bool:
+        """Whether the current step's side work has started (a side graph was launched)."""
+        return not self._unopened
 
     def due(self, layer: int) -> bool:
         """Whether layer `layer` has a side graph not yet launched in the current step."""

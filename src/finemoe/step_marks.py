@@ -11,7 +11,10 @@ between runs) turns them into per-step medians, in microseconds:
 - `to_router`: start to the last router's end (every segment but the last; the GPU's own pace,
   plus any wait for the host inside the step);
 - `tail`: the last router's end to the step's end (the host's routing read and last launch, then
-  the last segment).
+  the last segment);
+- `side_after_end`: the step's end to the end of its side graphs (`side_graphs`; an event recorded
+  on the side stream after the step's last side launch), negative when they ended first; only
+  steps that launched side graphs. The next step's S_0 waits for them.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ import statistics
 
 import torch
 
-SPANS = ("idle", "to_router", "tail")
+SPANS = ("idle", "to_router", "tail", "side_after_end")
 
 
 class StepMarks:
     """Timing events of replayed steps on one compute stream, kept until `summary()`."""
 
     def __init__(self) -> None:
-        self._steps: list[list[torch.cuda.Event | None]] = []  # per step: start, routed, end
+        self._steps: list[list[torch.cuda.Event | None]] = []  # per step: start, routed, end, sides' end
         self._follows: list[bool] = []  # the step follows the one before it in the same request
         self._open = False
 
@@ -35,12 +38,12 @@ class StepMarks:
         """A replayed step begins: S_0 is launched next on `stream`."""
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
-        self._steps.append([ev, None, None])
+        self._steps.append([ev, None, None, None])
         self._follows.append(follows and self._open)
         self._open = True
 
     def mark(self, slot: int, stream: torch.cuda.Stream) -> None:
-        """The current step's `routed` (slot 1) or `end` (slot 2) event, on `stream`."""
+        """The current step's `routed` (slot 1), `end` (slot 2) or sides' end (slot 3) event, on `stream`."""
         if not self._steps:
             return
         ev = torch.cuda.Event(enable_timing=True)
@@ -59,11 +62,13 @@ class StepMarks:
         if steps:
             torch.cuda.synchronize()
         spans: dict[str, list[float]] = {name: [] for name in SPANS}
-        for i, (start, routed, end) in enumerate(steps):
+        for i, (start, routed, end, sides) in enumerate(steps):
             if i and follows[i] and steps[i - 1][2] is not None:
                 spans["idle"].append(steps[i - 1][2].elapsed_time(start) * 1e3)  # type: ignore[union-attr]
             if routed is not None:
                 spans["to_router"].append(start.elapsed_time(routed) * 1e3)  # type: ignore[union-attr]
                 if end is not None:
                     spans["tail"].append(routed.elapsed_time(end) * 1e3)
+            if end is not None and sides is not None:
+                spans["side_after_end"].append(end.elapsed_time(sides) * 1e3)
         return {name: statistics.median(v) if v else 0.0 for name, v in spans.items()}
