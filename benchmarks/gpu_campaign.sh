@@ -217,6 +217,12 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+no-side-wait \
       --out "$out/overhead_s35d.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run \|between replayed\|last routing sync\|on the GPU" | cut -c1-180 | head -60 ;;
+  s35e)     # session 35, after s35d (the host reads the last routing late and the GPU tail is long): the
+            # tail split at the last segment's launch (`to_last_launch`), 10 paired rounds, no test (~4 min)
+    timeout 280 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather --out "$out/overhead_s35e.json" 2>&1 | grep -v INFO \
+      | grep -A7 "^run \|last routing sync\|on the GPU" | cut -c1-180 | head -40 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -437,6 +437,8 @@ class StaticDecoder:
         slot, stream = segment - last + 2, self._here  # 1: the last router's segment, 2: the step's last
 
         def marked() -> None:
+            if slot == 2:
+                marks.mark(4, stream)  # (after any wait the serve put on the stream)
             replay()
             marks.mark(slot, stream)
 

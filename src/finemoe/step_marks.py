@@ -12,6 +12,8 @@ between runs) turns them into per-step medians, in microseconds:
   plus any wait for the host inside the step);
 - `tail`: the last router's end to the step's end (the host's routing read and last launch, then
   the last segment);
+- `to_last_launch`: the last router's end to the point of the stream where the last segment's
+  launch begins (the host's routing read and serve, and whatever the serve made the stream wait for);
 - `side_after_end`: the step's end to the end of its side graphs (`side_graphs`; an event recorded
   on the side stream after the step's last side launch), negative when they ended first; only
   steps that launched side graphs. The next step's S_0 waits for them.
@@ -23,14 +25,15 @@ import statistics
 
 import torch
 
-SPANS = ("idle", "to_router", "tail", "side_after_end")
+SPANS = ("idle", "to_router", "tail", "to_last_launch", "side_after_end")
 
 
 class StepMarks:
     """Timing events of replayed steps on one compute stream, kept until `summary()`."""
 
     def __init__(self) -> None:
-        self._steps: list[list[torch.cuda.Event | None]] = []  # per step: start, routed, end, sides' end
+        # per step: start, routed, end, sides' end, before the last launch
+        self._steps: list[list[torch.cuda.Event | None]] = []
         self._follows: list[bool] = []  # the step follows the one before it in the same request
         self._open = False
 
@@ -38,12 +41,13 @@ class StepMarks:
         """A replayed step begins: S_0 is launched next on `stream`."""
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
-        self._steps.append([ev, None, None, None])
+        self._steps.append([ev, None, None, None, None])
         self._follows.append(follows and self._open)
         self._open = True
 
     def mark(self, slot: int, stream: torch.cuda.Stream) -> None:
-        """The current step's `routed` (slot 1), `end` (slot 2) or sides' end (slot 3) event, on `stream`."""
+        """The current step's `routed` (slot 1), `end` (2), sides' end (3) or before-the-last-launch (4)
+        event, on `stream`."""
         if not self._steps:
             return
         ev = torch.cuda.Event(enable_timing=True)
@@ -62,13 +66,15 @@ class StepMarks:
         if steps:
             torch.cuda.synchronize()
         spans: dict[str, list[float]] = {name: [] for name in SPANS}
-        for i, (start, routed, end, sides) in enumerate(steps):
+        for i, (start, routed, end, sides, last) in enumerate(steps):
             if i and follows[i] and steps[i - 1][2] is not None:
                 spans["idle"].append(steps[i - 1][2].elapsed_time(start) * 1e3)  # type: ignore[union-attr]
             if routed is not None:
                 spans["to_router"].append(start.elapsed_time(routed) * 1e3)  # type: ignore[union-attr]
                 if end is not None:
                     spans["tail"].append(routed.elapsed_time(end) * 1e3)
+            if routed is not None and last is not None:
+                spans["to_last_launch"].append(routed.elapsed_time(last) * 1e3)
             if end is not None and sides is not None:
                 spans["side_after_end"].append(end.elapsed_time(sides) * 1e3)
         return {name: statistics.median(v) if v else 0.0 for name, v in spans.items()}
