@@ -223,6 +223,18 @@ case $part in
       --cores 2-7 --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
       --modes device:graph-gates+gather --out "$out/overhead_s35e.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run \|last routing sync\|on the GPU" | cut -c1-180 | head -40 ;;
+  s36)      # prepared in session 35, not yet run (~8 min): the full GPU suite (first GPU run of the
+            # drained routings' deferral, `defer_drained_plans`, and its test), then 16 paired rounds at
+            # 99% with GPU marks: the default beside `defer-late` (the drained routings' predictor work
+            # after the sync layer's launch once its router is done) and `defer-all`. Expect the
+            # `to_last_launch` column to fall toward the references' if the late drain is the cost
+    timeout 210 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
+    tail -4 "$out/gpu_tests.txt"
+    timeout 360 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+defer-late,device:graph-gates+gather+defer-all \
+      --out "$out/overhead_s36.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|last routing sync\|on the GPU\|link per" | cut -c1-180 | head -64 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

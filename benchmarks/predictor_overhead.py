@@ -208,7 +208,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     (`embed_priority`, whose default the old `embed-prio` flag set);
     `embed-early`: that embedding launched right after S_0's launch, not at the drain's start
     (`embed_early`); `no-side-wait`: a replayed step does not wait for the last step's side graphs
-    (`SideGraphs.wait_last`, a probe: plans may then read rewritten tensors, tokens stay exact)."""
+    (`SideGraphs.wait_last`, a probe: plans may then read rewritten tensors, tokens stay exact);
+    `defer-late` / `defer-all`: the predictors' work of the routings drained before a routing sync goes
+    after the sync layer's launch once its router is done / always (`defer_drained_plans`)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -217,6 +219,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.defer_matches = "all-matches" not in flags
     eng.runtime.store_sync_beside = "store-first" not in flags
     eng.runtime.embed_early = "embed-early" in flags
+    # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
+    eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)
     eng.runtime.embed_priority = 0 if "embed-noprio" in flags else HIGHEST_STREAM_PRIORITY
     static = eng.static
@@ -398,7 +402,9 @@ def main() -> int:
         "':embed-noprio' embeds a replayed step's token on a stream of priority 0, not the highest "
         "(embed_priority), "
         "':embed-early' launches that embedding right after S_0's launch (embed_early), ':no-side-wait' "
-        "lets a replayed step start without waiting for the last step's side graphs (a probe)",
+        "lets a replayed step start without waiting for the last step's side graphs (a probe), ':defer-late' / "
+        "':defer-all' plan the routings drained before a sync after that layer's launch once its router is "
+        "done / always (defer_drained_plans)",
     )
     ap.add_argument(
         "--no-eviction-reference",

@@ -273,3 +273,75 @@ def test_a_held_back_start_takes_the_embedding_launched_after_s0(tiny_checkpoint
         rt._begin = (9, torch.tensor([[6]]), live, None, (), ready)
         rt.begin_deferred()  # the dropped step's embedding is not taken: a fresh one is launched
         assert len(launched) == 3 and waited == [1, 1]
+
+
+def test_drained_routings_plan_after_the_sync_layers_launch_when_the_host_is_late():
+    """`RunAhead.drain` before a routing sync (stand-ins for the events, cache, prefetcher and stepper):
+    every drained routing is counted in layer order; the predictors' work goes to the step's late
+    events once the sync layer's router is done ("late": the first query that says so and every later
+    routing), for all of them ("always"), or never; deferred events are told the sync layer is
+    launched. The step's last drain (no compute stream) never defers."""
+    from types import SimpleNamespace
+
+    from finemoe.runahead import RunAhead
+
+    class Ev:
+        def __init__(self, answers=()):
+            self.answers, self.log = list(answers), []
+
+        def synchronize(self):
+            pass
+
+        def record(self, stream=None):
+            self.log.append(("record", stream))
+
+        def query(self):
+            self.log.append(("query",))
+            return self.answers.pop(0)
+
+    class Binding:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def routing_event(self, router, logits, ids, hidden, launched=-1):
+            return (self.layer, launched)
+
+    def drain(mode, answers=(), compute="compute", tell=True):
+        log: list = []
+        rt = SimpleNamespace(
+            defer_drained_plans=mode,
+            late_events=[],
+            active=[object()],
+            tell_launched=tell,
+            run_ahead_wait_s=0.0,
+            critical_decode_s=0.0,
+            drained_plans_deferred=0,
+            iteration=7,
+            begin_deferred=lambda: log.append("begin"),
+            cache=SimpleNamespace(account_pinned=lambda layer, ids, pinned: log.append(("count", layer))),
+            prefetcher=SimpleNamespace(now=lambda *a: None, resume=lambda: None, pump=lambda: None),
+            stepper=SimpleNamespace(route=lambda event: log.append(("route", *event))),
+        )
+        ahead = object.__new__(RunAhead)  # (the bookkeeping only: no CUDA)
+        ahead.rt, ahead.copied, ahead.sync_ready = rt, [Ev() for _ in range(4)], Ev(answers)
+        ids = torch.tensor([[1, 0]])
+        ahead.pending = [(i, Binding(i), None, None, ids, None, [0]) for i in range(3)]
+        ahead.drain(2, compute)
+        late = [b.routing_event(*g) for b, *g in rt.late_events]
+        return log, late, ahead.sync_ready.log, rt.drained_plans_deferred
+
+    counts = [("count", 0), ("count", 1), ("count", 2)]
+    log, late, ready, n = drain("never")
+    assert log == ["begin", ("count", 0), ("route", 0, 2), ("count", 1), ("route", 1, 2), ("count", 2), ("route", 2, 2)]
+    assert late == [] and ready == [] and n == 0
+    log, late, ready, n = drain("late", answers=(False, True))
+    assert log == ["begin", ("count", 0), ("route", 0, 2), ("count", 1), ("count", 2)]
+    assert late == [(1, 3), (2, 3)] and n == 2  # told the sync layer (3) is launched
+    assert ready == [("record", "compute"), ("query",), ("query",)]  # no query once it said done
+    log, late, ready, n = drain("always")
+    assert [e for e in log if e[0] == "count"] == counts and not any(e[0] == "route" for e in log[1:])
+    assert late == [(0, 3), (1, 3), (2, 3)] and ready == [] and n == 3
+    log, late, ready, n = drain("always", compute=None)  # the step's last drain: nothing after it
+    assert late == [] and n == 0 and ("route", 2, 2) in log
+    log, late, ready, n = drain("always", tell=False)
+    assert late == [(0, -1), (1, -1), (2, -1)]

@@ -121,6 +121,8 @@ class StaticDecoder:
             "decode_side_late_matches": self.sides.late_matches if self.sides else 0,
             # MoE layers of replayed steps launched without a routing sync (every expert resident, `runahead`)
             "decode_layers_run_ahead": self.rt.run_ahead_layers,
+            # drained routings whose predictor work went after the sync layer's launch (`defer_drained_plans`)
+            "decode_drained_plans_deferred": self.rt.drained_plans_deferred,
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -349,7 +351,7 @@ class StaticDecoder:
                         ):
                             continue  # every expert of `layer` resident: no routing sync
                         marks[0] = time.perf_counter()
-                        ahead.drain(layer - 1)  # the routings skipped so far, before this layer's sync
+                        ahead.drain(layer - 1, here)  # the routings skipped so far, before this layer's sync
                     marks[1] = time.perf_counter()
                     rt.begin_deferred()  # the predictors' start of the step, before its first routing
                     run_hooks(module, args, output)

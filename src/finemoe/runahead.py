@@ -51,6 +51,8 @@ class RunAhead:
         self.routed = [torch.cuda.Event() for _ in range(layers)]
         self.copied = [torch.cuda.Event() for _ in range(layers)]
         self.pending: list[Skipped] = []
+        # recorded by a drain before a routing sync: the compute stream is past the sync layer's router
+        self.sync_ready = torch.cuda.Event()
 
     def launch(
         self,
@@ -124,20 +126,29 @@ class RunAhead:
             torch.cuda.set_stream(compute)
         return logits, ids, hidden
 
-    def drain(self, launched: int) -> None:
+    def drain(self, launched: int, compute: torch.cuda.Stream | None = None) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
         uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
         predictor start (`begin_deferred`) comes first. `launched`: the last MoE layer whose experts'
         compute is launched (the layer before the one about to sync, or the last): the predictors
-        need not plan for it or earlier ones (`RoutingEvent.launched`)."""
+        need not plan for it or earlier ones (`RoutingEvent.launched`). `compute`: the step's compute
+        stream where a routing sync follows (layer `launched` + 1, whose router is launched): the
+        predictors' work may then go to the step's late events (`rt.defer_drained_plans`)."""
         rt = self.rt
         rt.begin_deferred()
         if not self.pending:
             return
+        mode, late = rt.defer_drained_plans, rt.late_events
+        predicting = bool(rt.active)
+        deferrable = compute is not None and late is not None and predicting and mode != "never"
+        defer = deferrable and mode == "always"
+        if deferrable and not defer:
+            self.sync_ready.record(compute)  # (past router `launched` + 1: the last segment launched)
+        # the late events run after the sync layer's launch: that layer is launched by then
+        late_launched = launched + 1 if rt.tell_launched else -1
         if not rt.tell_launched:
             launched = -1
         cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
-        predicting = bool(rt.active)
         pending, self.pending = self.pending, []
         for i, (layer, binding, router, logits, ids, hidden, pinned) in enumerate(pending):
             counted = False
@@ -149,7 +160,12 @@ class RunAhead:
                 prefetcher.now(rt.iteration, layer, False)
                 cache.account_pinned(layer, sorted(set(ids.view(-1).tolist())), pinned)
                 counted = True
-                if predicting:
+                if deferrable and not defer:
+                    defer = self.sync_ready.query()  # the host is behind: the sync layer's routing is there
+                if defer:
+                    late.append((binding, router, logits, ids, hidden, late_launched))  # type: ignore[union-attr]
+                    rt.drained_plans_deferred += 1
+                elif predicting:
                     t2 = time.perf_counter()
                     stepper.route(binding.routing_event(router, logits, ids, hidden, launched))
                     prefetcher.resume()

@@ -91,6 +91,14 @@ class OffloadRuntime:
     # graphed decode: routings read after running ahead tell the predictors which layers' compute is
     # launched already (`RoutingEvent.launched`: no plan for them); False: -1 (a measurement switch)
     tell_launched: bool = True
+    # graphed decode, the drain before a routing sync (`RunAhead.drain`): the predictors' work of the
+    # routings still to read goes after the sync layer's launch (the step's late events, told that
+    # layer is launched) once the sync layer's router is done ("late": the host is behind the GPU, and
+    # a plan for a layer whose routing is known is useless), for every such routing ("always"), or
+    # never ("never", the default until a GPU run measures it; session 35 found the last routing read
+    # 75–155 µs late behind the plans of the last drained layers)
+    defer_drained_plans: str = "never"
+    drained_plans_deferred: int = 0  # drained routings whose predictor work went after the launch, in total
     # graphed decode: a layer run ahead whose gate targets all run ahead too replays its side graph
     # without the gates (`SideGraphs.gates_needed`: their rows would never be read); False: always
     # with them (a measurement switch)

@@ -328,7 +328,8 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     counted (hits + misses: the same routings), the predictors still see every layer, and no pin is
     left behind. The step's held-back predictor start embeds the token on a stream of its own
     (`embed_beside`, also launched right after S_0's launch, `embed_early`): the same embeddings as on
-    the compute stream."""
+    the compute stream. The predictors' work of the routings drained before a sync may go after that
+    layer's launch (`defer_drained_plans`): still every layer, in order, and the same tokens."""
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = medium_prompts()
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always", **kw)
@@ -340,24 +341,33 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         seen, embs = _Inputs(), _Embeddings()
         eng.add_predictor(seen)
         eng.add_predictor(embs)
-        got, accesses, ahead, embedded = {}, {}, {}, {}
+        got, accesses, ahead, embedded, deferred = {}, {}, {}, {}, {}
         # run ahead or not; with it, the embedding launched at the drain's start or right after S_0's
-        # launch on a highest-priority stream (`embed_early`, `embed_priority`)
-        for run_ahead, early in ((False, False), (True, False), (True, True)):
+        # launch on a highest-priority stream (`embed_early`, `embed_priority`), and the drained
+        # routings' predictor work after the sync layer's launch (`defer_drained_plans`)
+        for run_ahead, early, defer in (
+            (False, False, "never"),
+            (True, False, "never"),
+            (True, True, "never"),
+            (True, False, "always"),
+        ):
+            key = (run_ahead, early) if defer == "never" else defer
+            eng.runtime.defer_drained_plans = defer
             eng.runtime.run_ahead = run_ahead
             eng.runtime.embed_beside = run_ahead  # the held-back start's embedding beside the segments, or not
             eng.runtime.embed_early = early
             eng.runtime.embed_priority = HIGHEST_STREAM_PRIORITY if early else 0  # (the default: the highest)
             st0, seen.events, embs.embeddings = eng.stats(), [], []
-            got[run_ahead, early] = [eng.generate(p, params)[0].token_ids for p in prompts]
+            got[key] = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats()
-            accesses[run_ahead, early] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
-            ahead[run_ahead, early] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
+            accesses[key] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
+            ahead[key] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
+            deferred[key] = st.extra["decode_drained_plans_deferred"] - st0.extra["decode_drained_plans_deferred"]
             assert st.extra["decode_graph_error"] is None and st.extra["decode_graph_replays"] > 0
             # every layer of every decode step reached the predictors once, in layer order, run ahead or not
             assert [e.layer for e in seen.events] == list(range(L)) * (len(prompts) * (params.max_new_tokens - 1))
             assert all(r == 0 for r in eng.cache.refcount)  # nothing left pinned
-            embedded[run_ahead, early] = torch.cat(embs.embeddings)  # [steps, D]
+            embedded[key] = torch.cat(embs.embeddings)  # [steps, D]
             assert (eng.runtime._embed_stream is not None) == run_ahead  # the side stream's path ran
             if early:  # torch maps the out-of-range default to the device's highest priority
                 assert eng.runtime._embed_stream.priority == torch.cuda.Stream.priority_range()[1]
@@ -367,8 +377,10 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     assert torch.equal(embedded[True, False], embedded[False, False])
     assert torch.equal(embedded[True, True], embedded[False, False])
     assert ahead[True, False] > 0  # (with one expert absent, at most one layer per step needs its sync)
-    assert accesses[True, False] == accesses[True, True] == accesses[False, False] > 0
-    assert got[True, False] == got[True, True] == got[False, False] == eager
+    assert accesses[True, False] == accesses[True, True] == accesses[False, False] == accesses["always"] > 0
+    assert got[True, False] == got[True, True] == got[False, False] == got["always"] == eager
+    assert deferred[True, False] == 0 and deferred["always"] > 0  # (the test's own predictors listen)
+    assert torch.equal(embedded["always"], embedded[False, False])
 
 
 @pytest.mark.parametrize("policy,kw", [("lru", {}), ("finemoe", {"search": "device", "graph_gates": True})])
