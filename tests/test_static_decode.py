@@ -172,7 +172,7 @@ def test_a_side_graph_step_starts_at_its_first_side_launch_after_the_point_it_be
     monkeypatch.setattr(torch.cuda, "set_stream", lambda s: log.append(("current", s.name)))
     sides = object.__new__(SideGraphs)  # (the bookkeeping only: no CUDA)
     sides.layers, sides.stream, sides._begun, sides.fused = 3, Rec("side"), Rec("begun"), False
-    sides._last_done = None
+    sides._last_done, sides.wait_last = None, True
     sides.variants = [{(False, True): Rec("g0")}, {}, {(False, True): Rec("g2")}]
     sides.index_variants()
     sides.done = [Rec("done0"), None, Rec("done2")]
