@@ -235,6 +235,12 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+defer-late,device:graph-gates+gather+defer-all \
       --out "$out/overhead_s36.json" 2>&1 | grep -v INFO \
       | grep -A9 "^run \|last routing sync\|on the GPU\|link per" | cut -c1-180 | head -64 ;;
+  s36sim)   # prepared in session 35 (~1.5 min): issue 5's replay speed on one pinned core of the GPU
+            # machine's host, the counted figure (this machine gave lru 198.9k / finemoe 20.4k that day,
+            # sim_speed_s35.json); carry=["gpu_traces/ref40_test.fmt", "gpu_traces/ref_hist_stores.pt"]
+    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
+      --out "$out/sim_speed_h200host_s36.json" 2>&1 | tail -4 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
