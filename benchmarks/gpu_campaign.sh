@@ -181,7 +181,7 @@ case $part in
             # 5c65254's set_stream side launches and the embedding switches), then 16 paired rounds at
             # 99% with the eviction reference: default, the embedding's stream at the highest priority
             # (`embed-prio`: the drain's start waits for that embedding), and also launched right after
-            # S_0 (`embed-early`). Ran at ae48376; `embed-prio` is the default since (flag gone: s35b)
+            # S_0 (`embed-early`). Ran at ae48376; `embed-prio` is the default since and the flag is refused now (s35b)
     timeout 200 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
     tail -4 "$out/gpu_tests.txt"
     timeout 330 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \

@@ -19,8 +19,8 @@ PARTS = ("idle", "to_router", "to_last_launch", "last_segment", "step")
 
 
 def parts(run: dict) -> dict[str, float]:
-    """A round's spans of one run (µs); `last_segment` is the tail past the last launch point (absent
-    in records without `to_last_launch`), `step` the host's median step."""
+    """A round's spans of one run (µs): the round's medians; `last_segment` is the round's median tail
+    minus its median `to_last_launch` (absent in records without it), `step` the host's median step."""
     g = run["gpu_step_us"]
     out = {"idle": g["idle"], "to_router": g["to_router"], "step": run["step_ms"] * 1e3}
     if "to_last_launch" in g:

@@ -182,6 +182,36 @@ def probes(eng: Engine) -> dict[str, Timed]:
     return out
 
 
+# every flag a run's mode may carry (`fine`, `engine_flags`, the lru modes' `gather`); an unknown
+# one is refused, not ignored (a retired flag, e.g. session 35's `embed-prio`, would compare a
+# configuration with itself)
+KNOWN_FLAGS = frozenset(
+    [
+        "graph-gates",
+        "no-copies",
+        "gather",
+        "no-gate",
+        "keep-whole",
+        "duty",
+        "prio",
+        "side-first",
+        "pump-first",
+        "torch-match",
+        "no-runahead",
+        "plan-launched",
+        "embed-inline",
+        "all-gates",
+        "all-matches",
+        "store-first",
+        "embed-early",
+        "embed-noprio",
+        "no-side-wait",
+        "defer-late",
+        "defer-all",
+    ]
+)
+
+
 def name_flags(name: str) -> set[str]:
     """The '+'-joined flags of a run named "policy mode:flags budget" (none without a colon)."""
     head = name.rsplit(" ", 1)[0]
@@ -244,7 +274,7 @@ def decode(
 ) -> dict:
     """Median decode-step time (ms) and the predictor's forward-thread ms per decode iteration;
     `freeze`: the garbage collector frozen over the measured requests (what exists then is not scanned);
-    `gpu_marks`: replayed steps' GPU-side spans too (`step_marks`, three timing events per step)."""
+    `gpu_marks`: replayed steps' GPU-side spans too (`step_marks`, up to five timing events per step)."""
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     if gpu_marks and eng.runtime.step_marks is None and eng.device.type == "cuda":
         eng.runtime.step_marks = StepMarks()
@@ -433,8 +463,9 @@ def main() -> int:
     ap.add_argument(
         "--gpu-marks",
         action="store_true",
-        help="time every replayed step on the GPU too (three timing events per step, every run alike): "
-        "the stream's idle gap between steps, S_0's start to the last router's end, the rest",
+        help="time every replayed step on the GPU too (up to five timing events per step, every run alike): "
+        "the stream's idle gap between steps, S_0's start to the last router's end, the rest (split at the "
+        "last segment's launch), the side graphs' end against the step's",
     )
     ap.add_argument("--cores", help="pin the process to these host cores, e.g. 2-5 or 2,3,4")
     ap.add_argument("--out", default="docs/results/overhead.json")
@@ -452,6 +483,11 @@ def main() -> int:
     rec: dict = {"meta": run_meta(), "config": vars(args), "rounds": [], "results": {}}
     near = args.near_full
     modes = args.modes.split(",")
+    unknown = {f for m in [*modes, *args.lru_modes.split(",")] for f in m.partition(":")[2].split("+")}
+    unknown |= {f for v in args.lru_modes.split(",") for f in v.split("+")}
+    unknown -= KNOWN_FLAGS | {""}
+    if unknown:
+        ap.error(f"unknown flags {sorted(unknown)} (known: {' '.join(sorted(KNOWN_FLAGS))})")
 
     def fine(budget: str, mode: str) -> tuple[str, dict]:
         # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead

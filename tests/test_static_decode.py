@@ -345,3 +345,5 @@ def test_drained_routings_plan_after_the_sync_layers_launch_when_the_host_is_lat
     assert late == [] and n == 0 and ("route", 2, 2) in log
     log, late, ready, n = drain("always", tell=False)
     assert late == [(0, -1), (1, -1), (2, -1)]
+    with pytest.raises(ValueError, match="defer_drained_plans"):
+        drain("all")  # (a typo is refused, not taken as "late")

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     from finemoe.side_graphs import SideGraphs
 
 
+DEFER_MODES = ("never", "late", "always")  # `OffloadRuntime.defer_drained_plans`
+
 # a routing not read yet: (layer, binding, router, logits, ids [T, k] on the host, hidden, pinned slots [E])
 Skipped = tuple[int, LayerBinding, nn.Module, torch.Tensor, torch.Tensor, "torch.Tensor | None", list[int]]
 
@@ -135,15 +137,18 @@ class RunAhead:
         stream where a routing sync follows (layer `launched` + 1, whose router is launched): the
         predictors' work may then go to the step's late events (`rt.defer_drained_plans`)."""
         rt = self.rt
+        mode, late = rt.defer_drained_plans, rt.late_events
+        if mode not in DEFER_MODES:
+            raise ValueError(f"defer_drained_plans must be one of {DEFER_MODES}, not {mode!r}")
+        deferrable = compute is not None and late is not None and mode != "never" and bool(self.pending)
+        if deferrable and mode == "late":  # (before the predictors' start, which may queue work on `compute`)
+            self.sync_ready.record(compute)  # past router `launched` + 1: the last segment launched
         rt.begin_deferred()
         if not self.pending:
             return
-        mode, late = rt.defer_drained_plans, rt.late_events
-        predicting = bool(rt.active)
-        deferrable = compute is not None and late is not None and predicting and mode != "never"
+        predicting = bool(rt.active)  # (the start decides this iteration's predictors)
+        deferrable = deferrable and predicting
         defer = deferrable and mode == "always"
-        if deferrable and not defer:
-            self.sync_ready.record(compute)  # (past router `launched` + 1: the last segment launched)
         # the late events run after the sync layer's launch: that layer is launched by then
         late_launched = launched + 1 if rt.tell_launched else -1
         if not rt.tell_launched:

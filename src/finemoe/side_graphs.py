@@ -261,7 +261,8 @@ class SideGraphs:
 
     @property
     def opened(self) -> bool:
-        """Whether the current step's side work has started (a side graph was launched)."""
+        """Whether the current step's side work has started (a side graph was launched); meaningful
+        only between a step's `begin_step` and its end."""
         return not self._unopened
 
     def due(self, layer: int) -> bool:

@@ -1,13 +1,15 @@
 """GPU-side times of replayed decode steps: a measurement probe, off unless asked for.
 
 Host marks (`OffloadRuntime.sync_marks_s`, `step_spans_s`) say when the host did something, not
-when the GPU got there. This probe records three timing events on the compute stream per replayed
-step: before S_0's launch (`start`), after the launch of the segment that ends with the last
-router (`routed`), after the step's last segment (`end`). `summary()` (a device sync; call it
+when the GPU got there. This probe records up to five timing events per replayed step: on the
+compute stream before S_0's launch (`start`), after the launch of the segment that ends with the
+last router (`routed`), before and after the step's last segment's launch (`end`), and on the side
+stream after the step's last side graph. `summary()` (a device sync; call it
 between runs) turns them into per-step medians, in microseconds:
 
 - `idle`: the last step's end to this step's start on the stream (the GPU idles on the host's
-  logits read, sampling and next launch; only steps that follow a step of the same request);
+  logits read, sampling and next launch, and on the wait for the last step's side graphs,
+  `side_after_end`; only steps that follow a step of the same request);
 - `to_router`: start to the last router's end (every segment but the last; the GPU's own pace,
   plus any wait for the host inside the step);
 - `tail`: the last router's end to the step's end (the host's routing read and last launch, then
@@ -29,7 +31,8 @@ SPANS = ("idle", "to_router", "tail", "to_last_launch", "side_after_end")
 
 
 class StepMarks:
-    """Timing events of replayed steps on one compute stream, kept until `summary()`."""
+    """Timing events of replayed steps on one compute stream, kept until `summary()`. With one MoE
+    layer the last router's segment is S_0 itself: only `idle` is measured."""
 
     def __init__(self) -> None:
         # per step: start, routed, end, sides' end, before the last launch
@@ -55,7 +58,7 @@ class StepMarks:
         self._steps[-1][slot] = ev
 
     def cut(self) -> None:
-        """A request ended (or a step failed): the next step does not follow this one."""
+        """A request ended (the next prefill): the next step does not follow this one."""
         self._open = False
 
     def summary(self) -> dict[str, float]:

@@ -341,7 +341,7 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         seen, embs = _Inputs(), _Embeddings()
         eng.add_predictor(seen)
         eng.add_predictor(embs)
-        got, accesses, ahead, embedded, deferred = {}, {}, {}, {}, {}
+        got, accesses, ahead, embedded, deferred, late_sync = {}, {}, {}, {}, {}, {}
         # run ahead or not; with it, the embedding launched at the drain's start or right after S_0's
         # launch on a highest-priority stream (`embed_early`, `embed_priority`), and the drained
         # routings' predictor work after the sync layer's launch (`defer_drained_plans`)
@@ -358,11 +358,17 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             eng.runtime.embed_early = early
             eng.runtime.embed_priority = HIGHEST_STREAM_PRIORITY if early else 0  # (the default: the highest)
             st0, seen.events, embs.embeddings = eng.stats(), [], []
+            by0 = list(eng.runtime.run_ahead_by_layer)
             got[key] = [eng.generate(p, params)[0].token_ids for p in prompts]
             st = eng.stats()
             accesses[key] = st.cache.hits + st.cache.misses - st0.cache.hits - st0.cache.misses
             ahead[key] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
             deferred[key] = st.extra["decode_drained_plans_deferred"] - st0.extra["decode_drained_plans_deferred"]
+            replays = st.extra["decode_graph_replays"] - st0.extra["decode_graph_replays"]
+            by = [b - a for a, b in zip(by0, eng.runtime.run_ahead_by_layer, strict=True)]
+            # some replayed step synced after layer 0: with one expert absent, the layers before it ran
+            # ahead in that step, so the drain before its sync had routings to read
+            late_sync[key] = any(by[j] < replays for j in range(1, L))
             assert st.extra["decode_graph_error"] is None and st.extra["decode_graph_replays"] > 0
             # every layer of every decode step reached the predictors once, in layer order, run ahead or not
             assert [e.layer for e in seen.events] == list(range(L)) * (len(prompts) * (params.max_new_tokens - 1))
@@ -379,7 +385,8 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     assert ahead[True, False] > 0  # (with one expert absent, at most one layer per step needs its sync)
     assert accesses[True, False] == accesses[True, True] == accesses[False, False] == accesses["always"] > 0
     assert got[True, False] == got[True, True] == got[False, False] == got["always"] == eager
-    assert deferred[True, False] == 0 and deferred["always"] > 0  # (the test's own predictors listen)
+    assert deferred[True, False] == 0
+    assert (deferred["always"] > 0) == late_sync["always"]  # (the test's own predictors listen)
     assert torch.equal(embedded["always"], embedded[False, False])
 
 
@@ -471,7 +478,8 @@ def test_step_marks_time_replayed_steps_on_the_gpu(ckpt, policy, budget):
         if policy == "all-gpu":  # one graph per step: no router mark
             assert got["to_router"] == 0.0 and got["tail"] == 0.0
         else:
-            assert got["to_router"] > 0.0 and 0.0 < got["to_last_launch"] < got["tail"]
+            # (the last layer run ahead with the host ahead: its launch point can follow router L-1 at once)
+            assert got["to_router"] > 0.0 and 0.0 <= got["to_last_launch"] < got["tail"]
             assert got["to_router"] + got["tail"] < 1.5 * host_step_us
         if policy != "finemoe":  # no side graphs
             assert got["side_after_end"] == 0.0
