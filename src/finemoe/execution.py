@@ -72,10 +72,15 @@ class LayerBinding:
             return
         t0 = time.perf_counter()
         hidden = None
-        if rt.want_hidden and args:
+        on_device = idx.device.type != "cpu"
+        # (a graphed step whose gates all read the step's probabilities needs no router input; the
+        # torch calls that would fetch it cost the host ~5-10 µs each at the step's routing sync)
+        covered = on_device and rt.speculated is not None and rt.speculated[self.layer][1] and not rt.extra_hidden
+        if rt.want_hidden and args and not covered:
             hidden = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, H]
-        logits = logits.detach()
-        if idx.device.type != "cpu":
+        if logits.requires_grad:
+            logits = logits.detach()
+        if on_device:
             # The predictors' inputs ride on the layer's one host sync: logits (and a decode-sized
             # router input, unless a graphed step computed the gates itself) are copied to pinned
             # host memory first, then the blocking copy of the ids waits for all of them. No
@@ -83,10 +88,6 @@ class LayerBinding:
             if rt.late_events is None or rt.graphed_probs:  # (graphed: else the device logits, unread)
                 logits = logits.to("cpu", non_blocking=True)
                 rt.graphed_logits_copies += rt.late_events is not None
-            if rt.speculated is not None:
-                _, covers = rt.speculated[self.layer]
-                if covers and not rt.extra_hidden:
-                    hidden = None  # every gate reads the step's probabilities instead
             if hidden is not None and hidden.shape[0] <= HOST_HIDDEN_ROWS:
                 hidden = hidden.to("cpu", non_blocking=True)
         t1 = time.perf_counter()
