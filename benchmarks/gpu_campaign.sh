@@ -234,7 +234,7 @@ case $part in
       --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
       --modes device:graph-gates+gather,device:graph-gates+gather+defer-late,device:graph-gates+gather+defer-all \
       --out "$out/overhead_s36.json" 2>&1 | grep -v INFO \
-      | grep -A9 "^run \|last routing sync\|on the GPU\|link per" | cut -c1-180 | head -64 ;;
+      | grep -A9 "^run \|last routing sync\|on the GPU\|on one clock\|link per" | cut -c1-180 | head -80 ;;
   s36sim)   # prepared in session 35 (~1.5 min): issue 5's replay speed on one pinned core of the GPU
             # machine's host, the counted figure (this machine gave lru 198.9k / finemoe 20.4k that day,
             # sim_speed_s35.json); carry=["gpu_traces/ref40_test.fmt", "gpu_traces/ref_hist_stores.pt"]

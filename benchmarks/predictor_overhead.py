@@ -395,6 +395,26 @@ def print_lists(res: dict, key: str, fmt: str, title: str) -> None:
             print(f"{k:<36} " + " ".join(fmt.format(v) for v in values))
 
 
+def print_end_on_one_clock(rounds: list[dict]) -> None:
+    """The step's end with the host's marks and the GPU's spans on one clock (µs from the host's
+    `t_step`; the GPU's start event is recorded then on an idle stream, ~5 µs off): medians over
+    rounds of the drain's end, router L-1 done on the GPU, the host's read of it, the lag between
+    the two, and the host's replay end minus the GPU's step end (positive: the GPU waits for the host)."""
+    names = [n for n in rounds[-1] if rounds[-1][n].get("gpu_step_us") and any(rounds[-1][n]["sync_marks_ms"])]
+    if not names:
+        return
+    print(
+        "the step's end on one clock (median over rounds, µs from S_0's launch): drain end, router L-1 done (GPU), "
+        "its read (host), read - done, replay end - the GPU's step end"
+    )
+    for n in names:
+        per = [r[n] for r in rounds if n in r and r[n].get("gpu_step_us")]
+        drain, read, end = (statistics.median(p["sync_marks_ms"][i] * 1e3 for p in per) for i in (1, 2, 4))
+        done = statistics.median(p["gpu_step_us"]["to_router"] for p in per)
+        gpu_end = statistics.median(p["gpu_step_us"]["to_router"] + p["gpu_step_us"]["tail"] for p in per)
+        print(f"{n:<36} {drain:8.0f} {done:8.0f} {read:8.0f} {read - done:+8.0f} {end - gpu_end:+8.0f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="reference")
@@ -669,6 +689,7 @@ def main() -> int:
             g = r.get("gpu_step_us") or {}
             if g:
                 print(f"{k:<36} " + " ".join(f"{g[s]:8.1f}" for s in SPANS))
+        print_end_on_one_clock(rec["rounds"])
     print("link per iteration (last round): MB copied, misses, prefetches issued / wasted / late, stall ms")
     for k, r in res.items():
         lk = r.get("link_per_iteration") or {}
