@@ -13,6 +13,8 @@ Targets (issue 5): >= 200k layer-steps/s for LRU, >= 20k for FineMoE (batch 1, t
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,24 @@ def history(test, path: str | None, cache: str | None) -> History:
     return hist
 
 
+def profile(replay, n: int) -> list[dict]:
+    """The `n` functions of most own time in one `replay()` under cProfile, per layer-step (the
+    profiler's own overhead included: compare machines, not against the timed figure)."""
+    prof = cProfile.Profile()
+    r = prof.runcall(replay)
+    steps = r.layer_steps or 1
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, own s, cumulative s, callers)}
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({name})" if line else name,
+            "us_per_step": own / steps * 1e6,
+            "calls_per_step": calls / steps,
+        }
+        for (file, line, name), (_, calls, own, _, _) in top
+    ]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", required=True)
@@ -60,6 +80,15 @@ def main() -> int:
     )
     ap.add_argument("--repeat", type=int, default=2, help="best of N")
     ap.add_argument("--out", default="docs/results/sim_speed.json")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed replays, one more of each policy under cProfile: its N functions of most own "
+        "time (µs per layer-step, calls per layer-step) printed and kept in the record, to compare machines "
+        "function by function",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     test = load_trace(args.traces)
@@ -85,6 +114,10 @@ def main() -> int:
             "hit_rate": r.hit_rate,
         }
         print(f"{policy:<20} {r.steps_per_s / 1e3:8.1f}k layer-steps/s  ({r.layer_steps} steps, {r.wall_s:.2f}s)")
+        if args.profile:
+            rows[policy]["profile"] = profile(lambda cfg=cfg: simulate(test, cfg, cost, "timed", hist), args.profile)
+            for f in rows[policy]["profile"]:
+                print(f"    {f['us_per_step']:7.2f} µs {f['calls_per_step']:6.2f} calls  {f['function']}")
     write_record(args.out, vars(args), rows)
     return 0
 
