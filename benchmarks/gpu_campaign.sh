@@ -242,7 +242,7 @@ case $part in
       --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
       --profile 25 --out "$out/sim_speed_h200host_s36.json" 2>&1 | grep -v "^    .*µs" | tail -4
     # (the per-function profile is in the record: compare it with this machine's, `sim_speed.py --profile 25`;
-    # finemoe ran at 0.67x this machine's speed there in session 33 against lru's 0.91x)
+    # finemoe / lru there 0.075-0.081, here 0.086-0.103: finemoe's functions lose ~20% more there)
     ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
