@@ -244,6 +244,20 @@ case $part in
     # (the per-function profile is in the record: compare it with this machine's, `sim_speed.py --profile 25`;
     # finemoe / lru there 0.075-0.081, here 0.086-0.103: finemoe's functions lose ~20% more there)
     ;;
+  s36b)     # session 36 (~8.5 min): the GPU suite (the early routing read's first GPU run), 12 paired
+            # rounds at 99% with GPU marks: the early read of the last sync's ids (the default) beside
+            # the blocking copy (`no-early-read`) for lru:gather and finemoe; then s36sim's replay speed
+            # (carry=["gpu_traces/ref40_test.fmt", "gpu_traces/ref_hist_stores.pt"])
+    timeout 195 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
+    tail -4 "$out/gpu_tests.txt"
+    timeout 265 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather+no-early-read,gather \
+      --gpu-marks --modes device:graph-gates+gather,device:graph-gates+gather+no-early-read \
+      --out "$out/overhead_s36b.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|on the GPU\|on one clock" | cut -c1-200 | head -60
+    timeout 130 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
+      --profile 25 --out "$out/sim_speed_h200host_s36.json" 2>&1 | grep -v "^    .*µs" | tail -4 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -208,6 +208,7 @@ KNOWN_FLAGS = frozenset(
         "no-side-wait",
         "defer-late",
         "defer-all",
+        "no-early-read",
     ]
 )
 
@@ -240,7 +241,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     (`embed_early`); `no-side-wait`: a replayed step does not wait for the last step's side graphs
     (`SideGraphs.wait_last`, a probe: plans may then read rewritten tensors, tokens stay exact);
     `defer-late` / `defer-all`: the predictors' work of the routings drained before a routing sync goes
-    after the sync layer's launch once its router is done / always (`defer_drained_plans`)."""
+    after the sync layer's launch once its router is done / always (`defer_drained_plans`);
+    `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
+    memory before the drain or the late events (`OffloadRuntime.early_routing_read` off)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -249,6 +252,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.defer_matches = "all-matches" not in flags
     eng.runtime.store_sync_beside = "store-first" not in flags
     eng.runtime.embed_early = "embed-early" in flags
+    eng.runtime.early_routing_read = "no-early-read" not in flags
     # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
     eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)
@@ -286,6 +290,7 @@ def decode(
     spans0 = eng.host_time_stats()
     waits0 = eng.sync_wait_by_layer()
     copies0, rows0, ahead0 = rt.graphed_logits_copies, eng.cache.table_rows_copied, rt.run_ahead_layers
+    early0 = rt.early_reads
     by0 = list(rt.run_ahead_by_layer)
     marks0, marked0 = list(rt.sync_marks_s), list(rt.sync_marks_steps)
     spans0_, spanned0 = list(rt.step_spans_s), rt.step_spans_steps
@@ -343,6 +348,7 @@ def decode(
         "table_rows_copied_per_iteration": (eng.cache.table_rows_copied - rows0) / n if n else 0.0,
         # MoE layers per iteration launched without a routing sync (every expert resident, `runahead`)
         "run_ahead_layers_per_iteration": (rt.run_ahead_layers - ahead0) / n if n else 0.0,
+        "early_reads_per_iteration": (rt.early_reads - early0) / n if n else 0.0,  # syncs on an early copy
         # side launches per iteration without their gates, without their map match (deferred), and
         # matches launched only when read (`SideGraphs`)
         "side_skips_per_iteration": [
@@ -630,10 +636,11 @@ def main() -> int:
         spans = ", ".join(f"{p.removeprefix('decode_').removesuffix('_s')} {v:.2f}" for p, v in host)
         copies, rows = r["graphed_logits_copies_per_iteration"], r.get("table_rows_copied_per_iteration", 0.0)
         ahead = r.get("run_ahead_layers_per_iteration", 0.0)
+        early = r.get("early_reads_per_iteration", 0.0)
         skips = "/".join(f"{v:.1f}" for v in r.get("side_skips_per_iteration", ()))
         print(
             f"{k:<28} {col}  {spans}, logits copies {copies:.1f}, table rows {rows:.1f}, run ahead {ahead:.1f}, "
-            f"sides without gates/match, late matches {skips}"
+            f"early reads {early:.1f}, sides without gates/match, late matches {skips}"
         )
     for k, r in res.items():
         duty = r.get("duty") or {}

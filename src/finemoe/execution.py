@@ -61,7 +61,9 @@ class LayerBinding:
         logits, idx = output[rt.adapter.router_logits_at], output[rt.adapter.router_index_at]
         if not (predicting or listening):
             t1 = time.perf_counter()
-            ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
+            ids_cpu = rt.take_early(self.layer) if rt._early_read is not None else None
+            if ids_cpu is None:
+                ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer
             rt.routed_at = time.perf_counter()
             blocked = rt.routed_at - t1
             rt.sync_s += blocked
@@ -72,6 +74,7 @@ class LayerBinding:
             return
         t0 = time.perf_counter()
         hidden = None
+        copying = False  # a non-blocking copy to the host issued here (the ids' blocking copy waits for it)
         on_device = idx.device.type != "cpu"
         # (a graphed step whose gates all read the step's probabilities needs no router input; the
         # torch calls that would fetch it cost the host ~5-10 µs each at the step's routing sync)
@@ -88,10 +91,16 @@ class LayerBinding:
             if rt.late_events is None or rt.graphed_probs:  # (graphed: else the device logits, unread)
                 logits = logits.to("cpu", non_blocking=True)
                 rt.graphed_logits_copies += rt.late_events is not None
+                copying = True
             if hidden is not None and hidden.shape[0] <= HOST_HIDDEN_ROWS:
                 hidden = hidden.to("cpu", non_blocking=True)
+                copying = True
         t1 = time.perf_counter()
-        ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
+        ids_cpu = None
+        if rt._early_read is not None:  # (an early copy serves only where no copy above needs the sync)
+            ids_cpu = rt.take_early(self.layer) if not copying else rt.drop_early()
+        if ids_cpu is None:
+            ids_cpu = idx.detach().to("cpu")  # [T, k]; the one host sync per layer (not the predictor's)
         self._ids = (idx, sorted(set(ids_cpu.view(-1).tolist())))
         t2 = rt.routed_at = time.perf_counter()
         if rt.late_events is not None and not listening:

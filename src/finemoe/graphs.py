@@ -123,6 +123,8 @@ class StaticDecoder:
             "decode_layers_run_ahead": self.rt.run_ahead_layers,
             # drained routings whose predictor work went after the sync layer's launch (`defer_drained_plans`)
             "decode_drained_plans_deferred": self.rt.drained_plans_deferred,
+            # routing syncs that took ids copied before the host's work in front of them (`read_early`)
+            "decode_early_routing_reads": self.rt.early_reads,
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
             "decode_graph_logits_copies": self.rt.graphed_logits_copies,
             "table_rows_copied": self.rt.cache.table_rows_copied,  # device slot-table rows refreshed (all steps)
@@ -321,6 +323,7 @@ class StaticDecoder:
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)
+            early = rt.early_routing_read  # (`OffloadRuntime.read_early`)
             # (a whole-store reload copies from pageable memory: before S_0, as the host would wait for it)
             beside = sides and rt.store_sync_beside and not (matches and matches.planner.full_load_due(matches.store))
             try:
@@ -350,6 +353,8 @@ class StaticDecoder:
                             here,
                         ):
                             continue  # every expert of `layer` resident: no routing sync
+                        if early and ahead.pending:  # its ids land while the host drains
+                            rt.read_early(layer, output[index_at], here)
                         marks[0] = time.perf_counter()
                         ahead.drain(layer - 1, here)  # the routings skipped so far, before this layer's sync
                     marks[1] = time.perf_counter()
@@ -368,6 +373,8 @@ class StaticDecoder:
                         rt.critical_decode_s += time.perf_counter() - t0
                     if late:  # the predictors plan while the GPU runs the segment just replayed
                         t0 = time.perf_counter()
+                        if early and layer + 1 < len(self.refs):  # the next router's ids land meanwhile
+                            rt.read_early(layer + 1, self.routed[layer + 1][2][index_at], here)  # type: ignore[index]
                         for binding, *gathered in late:  # (what the router hook gathered)
                             rt.stepper.route(gathered[0] if binding is None else binding.routing_event(*gathered))
                         late.clear()
@@ -389,6 +396,7 @@ class StaticDecoder:
                         counts[i] += 1
             finally:
                 rt.drop_deferred()  # (a failed step's start is dropped; after a normal step, none is held)
+                rt.drop_early()  # (one nobody took: its layer ran ahead)
                 if ahead is not None:
                     ahead.abandon()  # (nothing left unless the step failed)
                 rt.late_events, rt.speculated, rt.settle_side = None, None, None

@@ -345,13 +345,16 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         # run ahead or not; with it, the embedding launched at the drain's start or right after S_0's
         # launch on a highest-priority stream (`embed_early`, `embed_priority`), and the drained
         # routings' predictor work after the sync layer's launch (`defer_drained_plans`)
-        for run_ahead, early, defer in (
-            (False, False, "never"),
-            (True, False, "never"),
-            (True, True, "never"),
-            (True, False, "always"),
+        # and the ids of a sync after a drain copied before it (`early_routing_read`) or blocking
+        for run_ahead, early, defer, read_early in (
+            (False, False, "never", True),
+            (True, False, "never", True),
+            (True, True, "never", True),
+            (True, False, "always", True),
+            (True, False, "never", False),
         ):
-            key = (run_ahead, early) if defer == "never" else defer
+            key = (run_ahead, early) if defer == "never" and read_early else defer if read_early else "blocking"
+            eng.runtime.early_routing_read = read_early
             eng.runtime.defer_drained_plans = defer
             eng.runtime.run_ahead = run_ahead
             eng.runtime.embed_beside = run_ahead  # the held-back start's embedding beside the segments, or not
@@ -378,13 +381,17 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             if early:  # torch maps the out-of-range default to the device's highest priority
                 assert eng.runtime._embed_stream.priority == torch.cuda.Stream.priority_range()[1]
             assert eng.runtime._early is None  # every early embedding taken
+            assert eng.runtime._early_read is None  # every early routing copy taken or dropped
+            reads = st.extra["decode_early_routing_reads"] - st0.extra["decode_early_routing_reads"]
+            assert reads <= replays * L and (read_early or reads == 0)
     assert ahead[False, False] == 0
     # the same tokens embedded on either stream, launched early or not
     assert torch.equal(embedded[True, False], embedded[False, False])
     assert torch.equal(embedded[True, True], embedded[False, False])
     assert ahead[True, False] > 0  # (with one expert absent, at most one layer per step needs its sync)
     assert accesses[True, False] == accesses[True, True] == accesses[False, False] == accesses["always"] > 0
-    assert got[True, False] == got[True, True] == got[False, False] == got["always"] == eager
+    assert got[True, False] == got[True, True] == got[False, False] == got["always"] == got["blocking"] == eager
+    assert accesses["blocking"] == accesses[True, False]
     assert deferred[True, False] == 0
     assert (deferred["always"] > 0) == late_sync["always"]  # (the test's own predictors listen)
     assert torch.equal(embedded["always"], embedded[False, False])
@@ -396,7 +403,9 @@ def test_gathered_absent_experts_leave_one_routing_sync_per_step(ckpt, policy, k
     stays in the last layer (the prefill's sweep and the prefetches take their victims there, and each
     decode step starts by copying back what an earlier layer misses), so every replayed step runs all
     layers but the last ahead of their routing sync, and finemoe's side graphs there run without the
-    gates whose targets run ahead too. The tokens are those of the eager steps."""
+    gates whose targets run ahead too. The last layer's sync takes its ids copied before the drain
+    (`early_routing_read`; lru every step), and the tokens are those of the eager steps and of the
+    blocking copy's."""
     params = SamplingParams(max_new_tokens=16, ignore_eos=True)
     prompts = medium_prompts()
     kw = dict(policy=policy, expert_budget="50%", device="cuda", progress=False, prediction_duty="always", **kw)
@@ -419,7 +428,16 @@ def test_gathered_absent_experts_leave_one_routing_sync_per_step(ckpt, policy, k
             assert sides.late_matches == 0  # no deferred match was read (`match_needed`)
         assert [row.count(-1) for row in eng.cache.slot_of] == [0] * (L - 1) + [1]
         assert all(r == 0 for r in eng.cache.refcount)
-    assert got == eager
+        reads = st.extra["decode_early_routing_reads"] - st0.extra["decode_early_routing_reads"]
+        if policy == "lru":  # nothing else reads the routing: every step's last sync takes its early copy
+            assert reads == replays
+        else:  # (unless the hook copied predictor inputs: then the blocking copy waits for them too)
+            assert reads <= replays
+        assert eng.runtime._early_read is None
+        eng.runtime.early_routing_read = False
+        blocking = [eng.generate(p, params)[0].token_ids for p in prompts]
+        assert eng.stats().extra["decode_early_routing_reads"] == st.extra["decode_early_routing_reads"]
+    assert got == eager == blocking
 
 
 def test_deferred_matches_change_no_plan(ckpt):
