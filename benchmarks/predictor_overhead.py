@@ -93,7 +93,11 @@ class DrainTimeline:
     a layer served at its routing sync, in its serve) and to the end of its predictors' planning
     (`Stepper.route`), means over the replayed steps. Where the two grow apart between policies,
     the host's work on a layer is late. Also the host's waits for layer l's side graph, µs per
-    replayed step: for its gate rows (`SideGraphs.settle`) and its map match (`settle_match`)."""
+    replayed step: for its gate rows (`SideGraphs.settle`) and its map match (`settle_match`). And
+    the host's work on layer l's routing by part, µs per replayed step (`parts`): each predictor's
+    `on_routing`, the plans' `submit` (with the policy's `on_plan` apart), the `pump` after them and
+    the cache's `account_pinned` (a drained layer's counting), a part charged to the layer whose
+    routing the host handles last (session 37: which part makes layers 26-28 slow)."""
 
     def __init__(self, eng: Engine) -> None:
         L = eng.spec.num_layers
@@ -102,9 +106,18 @@ class DrainTimeline:
         self.waits = {"gate_wait": [0.0] * L, "match_wait": [0.0] * L}  # seconds, summed
         self.steps = 0  # replayed steps seen
         self.origin: float | None = None
+        self.parts: dict[str, list[float]] = {}  # seconds summed per layer
+        self.layer = -1  # the layer whose routing the host handles now
         static, cache, stepper = eng.static, eng.cache, eng.runtime.stepper
         if static is None:
             return
+        for pred in eng.runtime.predictors:
+            for m in getattr(pred, "members", [pred]):
+                self._timed_part(m, "on_routing", f"{m.name}.on_routing", L, by_event=True)
+        self._timed_part(eng.prefetcher, "submit", "submit", L)
+        self._timed_part(cache.policy, "on_plan", "policy.on_plan", L)
+        self._timed_part(eng.prefetcher, "pump", "pump", L)
+        self._timed_part(cache, "account_pinned", "account_pinned", L, by_arg=True)
         replay, enter, route = static._replay, cache.enter, stepper.route
 
         def replayed(*a, **k):
@@ -123,15 +136,41 @@ class DrainTimeline:
         def entered(layer, experts, count=True, *a, **k):
             if count:  # (not a later chunk's `acquire`)
                 self._mark("landed", layer)
+                self.layer = layer
             return enter(layer, experts, count, *a, **k)
 
         def routed(event, *a, **k):
+            self.layer = event.layer
             try:
                 return route(event, *a, **k)
             finally:
                 self._mark("planned", event.layer)
 
         static._replay, cache.enter, stepper.route = replayed, entered, routed
+
+    def _timed_part(self, obj: object, method: str, key: str, L: int, by_event=False, by_arg=False) -> None:
+        """Wrap `obj.method`: its wall time inside replayed steps, charged to `self.layer` (set from
+        the call's event or first argument where given)."""
+        inner = getattr(obj, method, None)
+        if inner is None:
+            return
+        sums = self.parts.setdefault(key, [0.0] * L)
+
+        def timed(*a, **k):
+            if self.origin is None:
+                return inner(*a, **k)
+            if by_event and a:
+                self.layer = a[0].layer
+            elif by_arg and a:
+                self.layer = a[0]
+            t0 = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                if 0 <= self.layer < L:
+                    sums[self.layer] += time.perf_counter() - t0
+
+        setattr(obj, method, timed)
 
     @staticmethod
     def _timed_wait(inner, sums: list[float]):
@@ -157,6 +196,8 @@ class DrainTimeline:
         }
         for k, sums in self.waits.items():
             out[k] = [w / self.steps * 1e6 if self.steps else None for w in sums]
+        for k, sums in self.parts.items():
+            out[f"part:{k}"] = [w / self.steps * 1e6 if self.steps else None for w in sums]
         return out
 
 
@@ -668,6 +709,10 @@ def main() -> int:
                 wait = (gw[i] or 0.0) + (mw[i] or 0.0) if i < len(gw) and i < len(mw) else 0.0
                 cells.append(cell + (f" [{gw[i] or 0.0:.0f}+{mw[i] or 0.0:.0f}]" if wait else ""))
             print(f"{k:<36} " + ", ".join(cells))
+            parts = {p[5:]: v for p, v in tl.items() if p.startswith("part:") and any(v or ())}
+            for p, v in parts.items():  # the host's parts on the last layers' routings, µs per step
+                lo = max(0, len(v) - 7)
+                print(f"{'':<8}{p:<28} " + " ".join(f"{i}:{v[i] or 0.0:5.1f}" for i in range(lo, len(v))))
     print("layers that synced in most steps (run ahead in under half; last round) and absent experts by layer")
     for k, r in res.items():
         share = r.get("run_ahead_share_by_layer") or []
