@@ -731,9 +731,9 @@ def main() -> int:
         res,
         "step_spans_us",
         "{:7.1f}",
-        "between replayed steps (last round, µs per step): replay end -> token fed (the replay's cleanup, "
-        "the logits read and sampled), -> the step's on_iteration, on_iteration (start_iteration), -> S_0 launch, "
-        "S_0 launch",
+        "between replayed steps (last round, µs per step): replay end -> decode returned (the replay's cleanup), "
+        "-> token fed (the logits read and sampled), -> the step's on_iteration, on_iteration (start_iteration), "
+        "-> S_0 launch, S_0 launch (records before session 37: 5 spans, the first two as one)",
     )
     if any(r.get("gpu_step_us") for r in res.values()):
         print(f"replayed steps on the GPU (median over rounds of each round's median, µs): {', '.join(SPANS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,6 +90,42 @@ def test_device_linear_logits_give_the_gates_plan(family):
     assert pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden, launched=1)) is None
     late = pred.on_routing(RoutingEvent(0, 0, probs, ids, False, hidden, launched=0))
     assert late is not None and late.requests == from_hidden.requests
+
+
+def test_graphed_gate_rows_are_read_as_numpy_copies_with_the_same_plan():
+    """`settled_rows` (a graphed step's pinned gate rows): it waits for the layer's side graph, then
+    returns a NumPy copy of the row itself (unchanged by the next step's rewrite) or a tensor clone
+    of anything else; the gate plans the same requests, priorities included, from the NumPy copy as
+    from the tensor (hand-set row: E = 6, k = 2, a tie at the second place goes to the lower id)."""
+    from finemoe.baselines import SpeculativeGatePredictor
+    from finemoe.execution import settled_rows
+    from finemoe.predictor import PredictorDeps
+    from finemoe.types import IterationContext, MoESpec, RoutingEvent
+
+    row = torch.tensor([[0.1, 0.25, 0.05, 0.25, 0.3, 0.05]])  # [1, E] float32, the pinned row
+    rows, views = {1: row}, {1: row.numpy()}
+    settled: list[int] = []
+    probs_of = settled_rows(settled.append, 0, rows, views)
+    got = probs_of(1, row)
+    assert settled == [0] and isinstance(got, np.ndarray) and got.dtype == np.float32
+    assert got.tolist() == row.tolist()
+    row.fill_(0.0)  # the next step rewrites the pinned row: the copy keeps the values read
+    assert got.tolist() != row.tolist()
+    other = torch.rand(1, 6)
+    assert isinstance(probs_of(1, other), torch.Tensor) and torch.equal(probs_of(1, other), other)
+
+    spec = MoESpec("qwen2_moe", (0, 1), 6, 2, 8, 4, (), torch.float32, 2)
+    pred = SpeculativeGatePredictor(PredictorDeps(spec, 1, None, None, lambda t, h: None))
+    ctx = IterationContext(0, False, 1, torch.arange(1), torch.zeros(1, dtype=torch.int64), None)
+    pred.on_iteration_start(ctx)
+    values = torch.tensor([[0.1, 0.25, 0.05, 0.25, 0.3, 0.05]])
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    plans = []
+    for given in (lambda t, p: p.clone(), settled_rows(lambda layer: None, 0, {1: values}, {1: values.numpy()})):
+        event = RoutingEvent(0, 0, values, ids, False, None, speculated={1: values}, speculated_probs=given)
+        plans.append([(r.expert.layer, r.expert.expert, r.priority) for r in pred.on_routing(event).requests])
+    assert plans[0] == plans[1] == [(1, 4, pytest.approx(0.3)), (1, 1, pytest.approx(0.25))]
+    assert [type(p) for _, _, p in plans[1]] == [float, float]
 
 
 def test_device_linear_refuses_a_router_that_is_not_its_weight():

@@ -101,7 +101,7 @@ def test_side_graph_gates_are_needed_unless_every_layer_through_their_targets_is
     from finemoe.side_graphs import SideGraphs
 
     sides = object.__new__(SideGraphs)  # (the predicate only: no CUDA stream)
-    sides.speculated = [({1: None, 2: None}, True), ({}, True), ({3: None}, True), ({}, True)]
+    sides.speculated = [({1: None, 2: None}, True, {}), ({}, True, {}), ({3: None}, True, {}), ({}, True, {})]
     whole = [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert not sides.gates_needed(0, whole)
     assert not sides.gates_needed(2, whole)

@@ -96,7 +96,7 @@ class StaticDecoder:
         self.error: str | None = None  # why capture failed (decoding went on eagerly)
         # host clock (s) at the last replay's end and around this step's `deferring_begin` (the
         # between-step spans, `OffloadRuntime.step_spans_s`)
-        self._t_end = self._t_fed = self._t_in = self._t_out = 0.0
+        self._t_end = self._t_ret = self._t_fed = self._t_in = self._t_out = 0.0
         self._here: torch.cuda.Stream | None = None  # the replayed step's compute stream
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
@@ -222,6 +222,7 @@ class StaticDecoder:
                 return self._eager(self.ids, self.pos)
         self._replay()
         self.replays += 1
+        self._t_ret = time.perf_counter()
         assert self.logits is not None
         return self.logits
 
@@ -411,16 +412,17 @@ class StaticDecoder:
     def _span(self, t_step: float) -> None:
         """Add this step's between-step spans to `OffloadRuntime.step_spans_s` (S_0 just launched;
         only when the last replay ended before this step's `deferring_begin`)."""
-        end, fed, t_in, t_out = self._t_end, self._t_fed, self._t_in, self._t_out
+        end, ret, fed, t_in, t_out = self._t_end, self._t_ret, self._t_fed, self._t_in, self._t_out
         self._t_end = 0.0
-        if not 0.0 < end < fed <= t_in <= t_out <= t_step:
+        if not 0.0 < end <= ret <= fed <= t_in <= t_out <= t_step:
             return
         now, spans = time.perf_counter(), self.rt.step_spans_s
-        spans[0] += fed - end
-        spans[1] += t_in - fed
-        spans[2] += t_out - t_in
-        spans[3] += t_step - t_out
-        spans[4] += now - t_step
+        spans[0] += ret - end
+        spans[1] += fed - ret
+        spans[2] += t_in - fed
+        spans[3] += t_out - t_in
+        spans[4] += t_step - t_out
+        spans[5] += now - t_step
         self.rt.step_spans_steps += 1
 
     def _begin_sides(self, here: torch.cuda.Stream, beside: bool) -> None:

@@ -24,6 +24,8 @@ from finemoe.stepper import Stepper
 from finemoe.types import IterationContext, MoESpec, RoutingEvent
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from finemoe.device_plans import DeviceMatches
     from finemoe.execution import LayerBinding
     from finemoe.graphs import StaticDecoder
@@ -146,11 +148,12 @@ class OffloadRuntime:
     # run-ahead step
     sync_marks_s: list[float] = field(default_factory=lambda: [0.0] * 5)
     sync_marks_steps: list[int] = field(default_factory=lambda: [0] * 5)
-    # replayed steps after a replayed step: host seconds from the last replay's end to its token
-    # fed (the logits read and sampled, `StaticDecoder.feed`), from there to the step's
-    # `start_iteration`, in it, from it to the step's first launch, and that launch, summed over
-    # `step_spans_steps` steps (`graphs.StaticDecoder._span`)
-    step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 5)
+    # replayed steps after a replayed step: host seconds from the last replay's end to `decode`'s
+    # return (the replay's cleanup), from there to its token fed (the logits read and sampled,
+    # `StaticDecoder.feed`), from there to the step's `start_iteration`, in it, from it to the
+    # step's first launch, and that launch, summed over `step_spans_steps` steps
+    # (`graphs.StaticDecoder._span`)
+    step_spans_s: list[float] = field(default_factory=lambda: [0.0] * 6)
     step_spans_steps: int = 0
     # GPU-side timing events of replayed steps (a measurement probe, `step_marks.StepMarks`; None: off)
     step_marks: StepMarks | None = None
@@ -176,9 +179,10 @@ class OffloadRuntime:
     gate_strides: tuple[int, ...] = ()
     router_gate: Any = None
     extra_hidden: bool = False
-    # set while a graphed step replays: per MoE layer, (speculative logits {target layer: [T, E]}
-    # static on the device, whether they cover every gate stride)
-    speculated: list[tuple[dict[int, torch.Tensor], bool]] | None = None
+    # set while a graphed step replays: per MoE layer, (the speculative gates' probabilities
+    # {target layer: [T, E]} in static pinned rows, whether they cover every gate stride, NumPy
+    # views of those rows)
+    speculated: list[tuple[dict[int, torch.Tensor], bool, dict[int, np.ndarray]]] | None = None
     # search="device": the map match a graphed decode step computes on the GPU
     device_matches: DeviceMatches | None = None
     # set while a graphed step replays with predictor graphs beside the segments: settle_side(l)

@@ -174,8 +174,9 @@ class RoutingEvent:
     probabilities with `speculated_probs(layer, values)`, which whoever sets `speculated` sets too
     (logits take `RouterGate.probs_of`). Graphed decode computes the probabilities themselves,
     float32, in pinned rows the next step rewrites: for a reader on the forward thread `speculated`
-    holds those rows and `speculated_probs` waits for them and returns a copy (read them during the
-    step: a later read raises); a searcher thread gets copies and the identity.
+    holds those rows and `speculated_probs` waits for them and returns a copy (a float32 NumPy
+    array for the row itself; read them during the step: a later read raises); a searcher thread
+    gets copies and the identity.
     """
 
     iteration: int
@@ -187,7 +188,8 @@ class RoutingEvent:
     to_probs: Callable[[torch.Tensor], torch.Tensor] | None = None
     _host: torch.Tensor | None = field(default=None, repr=False)
     speculated: dict[int, torch.Tensor] | None = None  # target layer -> router output [T, E], CPU
-    speculated_probs: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # (layer, output) -> [T, E]
+    # (layer, output) -> [T, E], a tensor or (graphed rows) a float32 NumPy array
+    speculated_probs: Callable[[int, torch.Tensor], torch.Tensor | np.ndarray] | None = None
     _host_np: np.ndarray | None = field(default=None, repr=False)
     _topk_list: list[list[int]] | None = field(default=None, repr=False)
     # MoE layers up to this one have their experts' compute launched already (a graphed step read
