@@ -258,6 +258,15 @@ case $part in
     timeout 130 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
       --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
       --profile 25 --out "$out/sim_speed_h200host_s36.json" 2>&1 | grep -v "^    .*µs" | tail -4 ;;
+  s37)      # session 37 (~8 min): the GPU suite (first GPU run of the gate rows read as NumPy), then 12
+            # paired rounds at 99% with GPU marks, the drain's per-layer parts and the between-step
+            # spans split at decode's return
+    timeout 200 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
+    tail -4 "$out/gpu_tests.txt"
+    timeout 270 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather --out "$out/overhead_s37.json" 2>&1 | grep -v INFO \
+      | grep -A14 "^run \|the last layers' routings\|on one clock\|between replayed" | cut -c1-200 | head -80 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
