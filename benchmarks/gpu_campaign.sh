@@ -270,9 +270,9 @@ case $part in
   s37b)     # session 37 (~4 min on a slow host; s37's 200 s cut the suite at 68%): the GPU suite alone
     timeout 400 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
     tail -6 "$out/gpu_tests.txt" ;;
-  s37c)     # session 37 (~7 min): s37's comparison confirmed over 18 paired rounds (no test)
+  s37c)     # session 37 (~5 min): s37's comparison confirmed over 24 paired rounds (no test)
     timeout 560 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --cores 2-7 --rounds 18 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --cores 2-7 --rounds 24 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
       --modes device:graph-gates+gather --out "$out/overhead_s37c.json" 2>&1 | grep -v INFO \
       | grep -A14 "^run \|the last layers' routings\|on one clock\|between replayed" | cut -c1-200 | head -80 ;;
   tests)    # ~2 min
