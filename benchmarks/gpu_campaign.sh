@@ -275,6 +275,12 @@ case $part in
       --cores 2-7 --rounds 24 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
       --modes device:graph-gates+gather --out "$out/overhead_s37c.json" 2>&1 | grep -v INFO \
       | grep -A14 "^run \|the last layers' routings\|on one clock\|between replayed" | cut -c1-200 | head -80 ;;
+  s37d)     # session 37 (~4 min): 16 paired rounds without the GPU marks (`--gpu-marks` records a
+            # side-stream event only in steps with side graphs: a few µs of host charged to finemoe alone)
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather --out "$out/overhead_s37d.json" 2>&1 | grep -v INFO \
+      | grep -A7 "^run " | cut -c1-200 | head -20 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
