@@ -97,7 +97,8 @@ class DrainTimeline:
     the host's work on layer l's routing by part, µs per replayed step (`parts`): each predictor's
     `on_routing`, the plans' `submit` (with the policy's `on_plan` apart), the `pump` after them and
     the cache's `account_pinned` (a drained layer's counting), a part charged to the layer whose
-    routing the host handles last (session 37: which part makes layers 26-28 slow)."""
+    routing the host handles last in the step, none before the step's first (the held-back
+    predictor start; session 37's records charged it to the last layer)."""
 
     def __init__(self, eng: Engine) -> None:
         L = eng.spec.num_layers
@@ -123,6 +124,7 @@ class DrainTimeline:
         def replayed(*a, **k):
             self.origin = time.perf_counter()
             self.steps += 1
+            self.layer = -1  # (the step's held-back predictor start, before its first routing: no layer's)
             try:
                 return replay(*a, **k)
             finally:
