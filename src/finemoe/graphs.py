@@ -379,12 +379,8 @@ class StaticDecoder:
                         t0 = time.perf_counter()
                         if early and layer + 1 < len(self.refs):  # the next router's ids land meanwhile
                             rt.read_early(layer + 1, self.routed[layer + 1][2][index_at], here)  # type: ignore[index]
-                        if layer == last and rt.carry_last_routing and len(late) == 1:
-                            # planned for no layer of this step: to the next step's start, after S_0's
-                            # launch (`OffloadRuntime.carry`; its gate rows are none: no target is left,
-                            # so nothing in it is rewritten by the next step. Routings drained before
-                            # this sync and deferred to here (`defer_drained_plans`) may carry gate
-                            # rows the next step rewrites: then all are routed now)
+                        if layer == last and rt.carry_last_routing:  # planned for no layer of this step:
+                            # to the next step's start, after S_0's launch (`OffloadRuntime.carry`)
                             rt.carry([got[0] if b is None else b.routing_event(*got) for b, *got in late])
                             late.clear()
                             rt.critical_decode_s += time.perf_counter() - t0
