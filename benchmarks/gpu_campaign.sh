@@ -281,26 +281,6 @@ case $part in
       --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather --out "$out/overhead_s37d.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run " | cut -c1-200 | head -20 ;;
-  s38)      # session 38 (~4 min): the GPU suite (first GPU run of the last layer's routing carried to
-            # the next step's start, `carry_last_routing`)
-    timeout 420 python -m pytest -q -rf --tb=short tests/gpu > "$out/gpu_tests.txt" 2>&1 || true
-    tail -6 "$out/gpu_tests.txt" ;;
-  s38b)     # session 38 (~9 min): 12 paired rounds at 99%, the carry on (the default) and off, with the
-            # step's marks and spans
-    timeout 570 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --cores 2-7 --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
-      --modes device:graph-gates+gather,device:graph-gates+gather+no-carry --out "$out/overhead_s38b.json" \
-      2>&1 | grep -v INFO | grep -A14 "^run \|on one clock\|between replayed" | cut -c1-200 | head -90 ;;
-  s38c)     # session 38 (~9 min): 16 paired rounds without the GPU marks, the default only
-    timeout 570 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather --out "$out/overhead_s38c.json" 2>&1 | grep -v INFO \
-      | grep -A7 "^run " | cut -c1-200 | head -20 ;;
-  s38sim)   # session 38 (~2 min): issue 5's replay speed on the H200 host (carry gpu_traces/ref40_test.fmt
-            # and gpu_traces/ref_hist_stores.pt), one pinned core
-    timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
-      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
-      --profile 25 --out "$out/sim_speed_h200host_s38.json" 2>&1 | grep -v "^    .*µs" | tail -4 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -227,46 +227,6 @@ def test_a_held_back_predictor_start_runs_once_or_is_dropped(tiny_checkpoint, mo
         assert started == [7]
 
 
-def test_the_last_layers_routing_reaches_its_predictors_before_the_next_start(tiny_checkpoint, monkeypatch):
-    """`OffloadRuntime.carry` (`carry_last_routing`): a replayed step's last-layer routing goes to
-    the predictors that were active when it was carried, at the next iteration's held-back start
-    (`begin_deferred`, not again within the carrying step), at a start not held back (before it), or
-    at `end_requests`; each carried event exactly once, before the next iteration's start."""
-    path = tiny_checkpoint("mixtral")
-    with Engine.from_pretrained(path, policy="finemoe", expert_budget="50%", progress=False) as eng:
-        rt, log = eng.runtime, []
-
-        class Seen:
-            def on_routing(self, event):
-                log.append(("route", event))
-
-        monkeypatch.setattr(rt, "_begin_predictors", lambda *a, **k: log.append(("start", a[0])))
-        ids, live = torch.tensor([[5]]), torch.ones((1, 1), dtype=torch.bool)
-        rt.defer_begin = True
-        rt.start_iteration(7, False, ids, live)
-        rt.begin_deferred()
-        rt.stepper.predictors = [Seen()]  # (the step's predictors when it carries)
-        rt.carry(["a"])
-        rt.begin_deferred()  # the carrying step's own end: nothing yet
-        assert log == [("start", 7)]
-        rt.start_iteration(8, False, ids, live)  # held back: the carried event waits for its start
-        assert log == [("start", 7)]
-        rt.begin_deferred()
-        assert log == [("start", 7), ("route", "a"), ("start", 8)]
-        rt.stepper.predictors = [Seen()]
-        rt.carry(["b", "c"])
-        rt.defer_begin = False
-        rt.start_iteration(9, False, ids, live)  # not held back: before it
-        assert log[3:] == [("route", "b"), ("route", "c"), ("start", 9)]
-        rt.stepper.predictors = [Seen()]
-        rt.carry(["d"])
-        rt.stepper.predictors = []  # (a paused duty's next iteration: the carried event keeps its readers)
-        rt.end_requests()
-        rt.end_requests()
-        assert log[6:] == [("route", "d")]
-        assert rt.carried_routings == 4 and rt._carried is None
-
-
 def test_a_pinned_stream_is_taken_once_not_per_iteration(tiny_checkpoint, monkeypatch):
     """`OffloadRuntime.pin_stream` (the static decoder's running context): the transfer takes the
     compute stream when it is pinned, and iterations skip the lookup until it is unpinned."""
@@ -346,7 +306,7 @@ def test_drained_routings_plan_after_the_sync_layers_launch_when_the_host_is_lat
         def routing_event(self, router, logits, ids, hidden, launched=-1):
             return (self.layer, launched)
 
-    def drain(mode, answers=(), compute="compute", tell=True, carry=False):
+    def drain(mode, answers=(), compute="compute", tell=True):
         log: list = []
         rt = SimpleNamespace(
             defer_drained_plans=mode,
@@ -361,13 +321,12 @@ def test_drained_routings_plan_after_the_sync_layers_launch_when_the_host_is_lat
             cache=SimpleNamespace(account_pinned=lambda layer, ids, pinned: log.append(("count", layer))),
             prefetcher=SimpleNamespace(now=lambda *a: None, resume=lambda: None, pump=lambda: None),
             stepper=SimpleNamespace(route=lambda event: log.append(("route", *event))),
-            carry=lambda events: log.extend(("carry", *e) for e in events),
         )
         ahead = object.__new__(RunAhead)  # (the bookkeeping only: no CUDA)
         ahead.rt, ahead.copied, ahead.sync_ready = rt, [Ev() for _ in range(4)], Ev(answers)
         ids = torch.tensor([[1, 0]])
         ahead.pending = [(i, Binding(i), None, None, ids, None, [0]) for i in range(3)]
-        ahead.drain(2, compute, carry)
+        ahead.drain(2, compute)
         late = [b.routing_event(*g) for b, *g in rt.late_events]
         return log, late, ahead.sync_ready.log, rt.drained_plans_deferred
 
@@ -384,10 +343,6 @@ def test_drained_routings_plan_after_the_sync_layers_launch_when_the_host_is_lat
     assert late == [(0, 3), (1, 3), (2, 3)] and ready == [] and n == 3
     log, late, ready, n = drain("always", compute=None)  # the step's last drain: nothing after it
     assert late == [] and n == 0 and ("route", 2, 2) in log
-    # the step's last drain carrying the last layer's routing to the next step's start (`carry_last_routing`)
-    log, late, ready, n = drain("never", compute=None, carry=True)
-    assert log == ["begin", ("count", 0), ("route", 0, 2), ("count", 1), ("route", 1, 2), ("count", 2), ("carry", 2, 2)]
-    assert late == [] and n == 0
     log, late, ready, n = drain("always", tell=False)
     assert late == [(0, -1), (1, -1), (2, -1)]
     with pytest.raises(ValueError, match="defer_drained_plans"):

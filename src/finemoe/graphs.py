@@ -123,8 +123,6 @@ class StaticDecoder:
             "decode_layers_run_ahead": self.rt.run_ahead_layers,
             # drained routings whose predictor work went after the sync layer's launch (`defer_drained_plans`)
             "decode_drained_plans_deferred": self.rt.drained_plans_deferred,
-            # last-layer routings handed to the predictors at the next step's start (`carry_last_routing`)
-            "decode_carried_routings": self.rt.carried_routings,
             # routing syncs that took ids copied before the host's work in front of them (`read_early`)
             "decode_early_routing_reads": self.rt.early_reads,
             # layers of replayed steps whose router logits were copied to the host (a reader wanted them)
@@ -342,7 +340,6 @@ class StaticDecoder:
                     self._begin_sides(here, True)
                 if rt.embed_early:
                     rt.embed_held()  # (the predictors' start, held back, embeds its token from now)
-                last = len(self.refs) - 1
                 for layer, ref in enumerate(self.refs):
                     module, args, output = self.routed[layer]  # type: ignore[misc]
                     if ahead is not None:
@@ -379,12 +376,6 @@ class StaticDecoder:
                         t0 = time.perf_counter()
                         if early and layer + 1 < len(self.refs):  # the next router's ids land meanwhile
                             rt.read_early(layer + 1, self.routed[layer + 1][2][index_at], here)  # type: ignore[index]
-                        if layer == last and rt.carry_last_routing:  # planned for no layer of this step:
-                            # to the next step's start, after S_0's launch (`OffloadRuntime.carry`)
-                            rt.carry([got[0] if b is None else b.routing_event(*got) for b, *got in late])
-                            late.clear()
-                            rt.critical_decode_s += time.perf_counter() - t0
-                            continue
                         for binding, *gathered in late:  # (what the router hook gathered)
                             rt.stepper.route(gathered[0] if binding is None else binding.routing_event(*gathered))
                         late.clear()
@@ -395,7 +386,7 @@ class StaticDecoder:
                         rt.critical_decode_s += time.perf_counter() - t0
                 rt.begin_deferred()  # (every layer run ahead and none left to drain)
                 if ahead is not None:
-                    ahead.drain(last, carry=rt.carry_last_routing)
+                    ahead.drain(len(self.refs) - 1)
                 marks[4] = self._t_end = time.perf_counter()
                 if step_marks is not None and sides and side.opened:
                     step_marks.mark(3, side.stream)  # (after every side graph the step launched)

@@ -128,15 +128,14 @@ class RunAhead:
             torch.cuda.set_stream(compute)
         return logits, ids, hidden
 
-    def drain(self, launched: int, compute: torch.cuda.Stream | None = None, carry: bool = False) -> None:
+    def drain(self, launched: int, compute: torch.cuda.Stream | None = None) -> None:
         """Read the routings launched ahead, in layer order: the cache's counts and the policy's
         uses, the pins dropped, the predictors' plans (waits for each layer's copies). The step's
         predictor start (`begin_deferred`) comes first. `launched`: the last MoE layer whose experts'
         compute is launched (the layer before the one about to sync, or the last): the predictors
         need not plan for it or earlier ones (`RoutingEvent.launched`). `compute`: the step's compute
         stream where a routing sync follows (layer `launched` + 1, whose router is launched): the
-        predictors' work may then go to the step's late events (`rt.defer_drained_plans`). `carry`
-        (the step's final drain): the last layer's routing goes to the next step's start (`rt.carry`)."""
+        predictors' work may then go to the step's late events (`rt.defer_drained_plans`)."""
         rt = self.rt
         mode, late = rt.defer_drained_plans, rt.late_events
         if mode not in DEFER_MODES:
@@ -154,7 +153,6 @@ class RunAhead:
         late_launched = launched + 1 if rt.tell_launched else -1
         if not rt.tell_launched:
             launched = -1
-        carried = launched if carry else -2  # (the last layer: `launched` at the step's end)
         cache, prefetcher, stepper = rt.cache, rt.prefetcher, rt.stepper
         pending, self.pending = self.pending, []
         for i, (layer, binding, router, logits, ids, hidden, pinned) in enumerate(pending):
@@ -172,10 +170,6 @@ class RunAhead:
                 if defer:
                     late.append((binding, router, logits, ids, hidden, late_launched))  # type: ignore[union-attr]
                     rt.drained_plans_deferred += 1
-                elif predicting and layer == carried:
-                    t2 = time.perf_counter()
-                    rt.carry([binding.routing_event(router, logits, ids, hidden, launched)])
-                    rt.critical_decode_s += time.perf_counter() - t2
                 elif predicting:
                     t2 = time.perf_counter()
                     stepper.route(binding.routing_event(router, logits, ids, hidden, launched))

@@ -101,15 +101,6 @@ class OffloadRuntime:
     # "late" +0.03 ms and "always" +0.17 ms slower than "never"; `device_plans.md`, "Session 36")
     defer_drained_plans: str = "never"
     drained_plans_deferred: int = 0  # drained routings whose predictor work went after the launch, in total
-    # graphed decode: the last MoE layer's routing (its late events, or its read in the step's final
-    # drain) reaches the predictors at the next step's start, after S_0's launch (`run_carried`),
-    # not before the host reads the step's logits: no plan comes of it for this step (no layer is
-    # left to plan for), and the predictors see it in the same order, before the next iteration's
-    # start. Flushed by the next `start_iteration` that is not held back, by the held-back start
-    # (`begin_deferred`) and by `end_requests`. False: routed at once (a measurement switch)
-    carry_last_routing: bool = True
-    _carried: tuple[int, list[Predictor], list[RoutingEvent]] | None = None  # (iteration, predictors, events)
-    carried_routings: int = 0  # routings carried into the next step, in total
     # graphed decode: a layer run ahead whose gate targets all run ahead too replays its side graph
     # without the gates (`SideGraphs.gates_needed`: their rows would never be read); False: always
     # with them (a measurement switch)
@@ -251,8 +242,6 @@ class OffloadRuntime:
     ) -> None:
         """Publish the iteration's context (`input_ids` [B, T] on the device, `live` [B, T] bool;
         a continuous-batching scheduler also names each row's request, see `IterationContext`)."""
-        if self._carried is not None and (is_prefill or not self.defer_begin):
-            self.run_carried()  # (a held-back start runs them itself, `begin_deferred`)
         self.iteration, self.is_prefill = iteration, is_prefill
         self.cache.begin_iteration(is_prefill)
         if self.fixed_stream is None:
@@ -341,35 +330,10 @@ class OffloadRuntime:
     def begin_deferred(self) -> None:
         """The predictors' start of a replayed decode step `start_iteration` held back (nothing if
         none): called by the replay before it reads the step's first routing."""
-        if self._carried is not None and self._carried[0] != self.iteration:
-            self.run_carried()  # the last step's last routing, before this step's start
         held, self._begin = self._begin, None
         if held is not None:
             iteration, input_ids, live, request_ids, finished_ids, ready = held
             self._begin_predictors(iteration, False, input_ids, live, request_ids, finished_ids, ready)
-
-    def carry(self, events: list[RoutingEvent]) -> None:
-        """Hold the current step's last-layer routing `events` for its predictors (the ones active
-        now) until the next step's start (`carry_last_routing`)."""
-        if self._carried is None:
-            self._carried = (self.iteration, self.stepper.predictors, [])
-        self._carried[2].extend(events)
-        self.carried_routings += len(events)
-
-    def run_carried(self) -> None:
-        """Hand the carried routings to the predictors they were carried for, then start any plans
-        (nothing if none is carried)."""
-        carried, self._carried = self._carried, None
-        if carried is None:
-            return
-        t0 = time.perf_counter()
-        submit = self.prefetcher.submit
-        for event in carried[2]:
-            for p in carried[1]:
-                submit(p.on_routing(event))
-        self.prefetcher.resume()
-        self.prefetcher.pump()
-        self.critical_decode_s += time.perf_counter() - t0
 
     def _begin_predictors(
         self,
@@ -481,7 +445,6 @@ class OffloadRuntime:
 
     def end_requests(self) -> None:
         """The batch is done; forward passes outside `generate` belong to no iteration (-1)."""
-        self.run_carried()
         self.stepper.predictors = self.predictors
         self.stepper.end_requests()
         self.iteration = -1

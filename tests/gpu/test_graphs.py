@@ -346,19 +346,15 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
         # run ahead or not; with it, the embedding launched at the drain's start or right after S_0's
         # launch on a highest-priority stream (`embed_early`, `embed_priority`), and the drained
         # routings' predictor work after the sync layer's launch (`defer_drained_plans`)
-        # and the ids of a sync after a drain copied before it (`early_routing_read`) or blocking, and
-        # the last layer's routing planned at the next step's start or at once (`carry_last_routing`)
-        for run_ahead, early, defer, read_early, carry in (
-            (False, False, "never", True, True),
-            (True, False, "never", True, True),
-            (True, True, "never", True, True),
-            (True, False, "always", True, True),
-            (True, False, "never", False, True),
-            (True, False, "never", True, False),
+        # and the ids of a sync after a drain copied before it (`early_routing_read`) or blocking
+        for run_ahead, early, defer, read_early in (
+            (False, False, "never", True),
+            (True, False, "never", True),
+            (True, True, "never", True),
+            (True, False, "always", True),
+            (True, False, "never", False),
         ):
             key = (run_ahead, early) if defer == "never" and read_early else defer if read_early else "blocking"
-            key = key if carry else "uncarried"
-            eng.runtime.carry_last_routing = carry
             eng.runtime.early_routing_read = read_early
             eng.runtime.defer_drained_plans = defer
             eng.runtime.run_ahead = run_ahead
@@ -373,10 +369,6 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
             ahead[key] = st.extra["decode_layers_run_ahead"] - st0.extra["decode_layers_run_ahead"]
             deferred[key] = st.extra["decode_drained_plans_deferred"] - st0.extra["decode_drained_plans_deferred"]
             replays = st.extra["decode_graph_replays"] - st0.extra["decode_graph_replays"]
-            # one last-layer routing per replayed step ("always": with the drained ones deferred to it)
-            carried = st.extra["decode_carried_routings"] - st0.extra["decode_carried_routings"]
-            assert (carried >= replays if defer == "always" else carried == replays) if carry else carried == 0
-            assert eng.runtime._carried is None  # the last step's, handed over at the request's end
             by = [b - a for a, b in zip(by0, eng.runtime.run_ahead_by_layer, strict=True)]
             # some replayed step synced after layer 0: with one expert absent, the layers before it ran
             # ahead in that step, so the drain before its sync had routings to read
@@ -400,8 +392,7 @@ def test_whole_layers_run_ahead_of_their_routing_sync(ckpt, policy, kw):
     assert ahead[True, False] > 0  # (with one expert absent, at most one layer per step needs its sync)
     assert accesses[True, False] == accesses[True, True] == accesses[False, False] == accesses["always"] > 0
     assert got[True, False] == got[True, True] == got[False, False] == got["always"] == got["blocking"] == eager
-    assert accesses["blocking"] == accesses["uncarried"] == accesses[True, False]
-    assert got["uncarried"] == eager
+    assert accesses["blocking"] == accesses[True, False]
     assert deferred[True, False] == 0
     assert (deferred["always"] > 0) == late_sync["always"]  # (the test's own predictors listen)
     assert torch.equal(embedded["always"], embedded[False, False])
