@@ -281,6 +281,13 @@ case $part in
       --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather --out "$out/overhead_s37d.json" 2>&1 | grep -v INFO \
       | grep -A7 "^run " | cut -c1-200 | head -20 ;;
+  # s38 / s38b (session 38) ran the GPU suite and 12 paired rounds of the last layer's routing carried to
+  # the next step's start at 27ca34e; reverted (no gain: `device_plans.md`, "Session 38")
+  s38sim)   # session 38 (~2 min): issue 5's replay speed on the H200 host (carry gpu_traces/ref40_test.fmt
+            # and gpu_traces/ref_hist_stores.pt), one pinned core
+    timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
+      --profile 25 --out "$out/sim_speed_h200host_s38.json" 2>&1 | grep -v "^    .*µs" | tail -4 ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s
