@@ -283,6 +283,13 @@ case $part in
       | grep -A7 "^run " | cut -c1-200 | head -20 ;;
   # s38 / s38b (session 38) ran the GPU suite and 12 paired rounds of the last layer's routing carried to
   # the next step's start at 27ca34e; reverted (no gain: `device_plans.md`, "Session 38")
+  s38d)     # session 38 (~6 min): what finemoe's added step at 99% is made of: 16 paired rounds without
+            # the GPU marks, the default against no prefetch copies (plans reach the policy only) and
+            # against the maps without the refining gate
+    timeout 570 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+no-copies,device:gather+no-gate \
+      --out "$out/overhead_s38d.json" 2>&1 | grep -v INFO | grep -A9 "^run \|^link per" | cut -c1-200 | head -40 ;;
   s38sim)   # session 38 (~2 min): issue 5's replay speed on the H200 host (carry gpu_traces/ref40_test.fmt
             # and gpu_traces/ref_hist_stores.pt), one pinned core
     timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
