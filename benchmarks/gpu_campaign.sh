@@ -290,6 +290,13 @@ case $part in
       --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+no-copies,device:gather+no-gate \
       --out "$out/overhead_s38d.json" 2>&1 | grep -v INFO | grep -A9 "^run \|^link per" | cut -c1-200 | head -40 ;;
+  s38e)     # session 38 (~5 min): s38d's three finemoe arms with the GPU marks (where each arm's step
+            # grows on the GPU: idle between steps, the last segment's tail, the last launch), 12 rounds
+    timeout 570 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+no-copies,device:gather+no-gate \
+      --out "$out/overhead_s38e.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|on the GPU\|on one clock\|between replayed" | cut -c1-200 | head -60 ;;
   s38sim)   # session 38 (~2 min): issue 5's replay speed on the H200 host (carry gpu_traces/ref40_test.fmt
             # and gpu_traces/ref_hist_stores.pt), one pinned core
     timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
