@@ -297,6 +297,18 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+no-copies,device:gather+no-gate \
       --out "$out/overhead_s38e.json" 2>&1 | grep -v INFO \
       | grep -A9 "^run \|on the GPU\|on one clock\|between replayed" | cut -c1-200 | head -60 ;;
+  s38f)     # session 38 (~4 min; carry .whl with py-spy's wheel, README of the device library): where the
+            # host's time goes in the whole decode loop (steps and what is between them), finemoe against
+            # finemoe's eviction without the predictor, 99%, the CUDA defaults, 25 s each at 500 Hz
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl || exit 1
+    for run in "finemoe --graph-gates" "lru --eviction decay-lfu"; do
+      tag=${run%% *}
+      timeout 120 /tmp/site/bin/py-spy record -r 500 --nonblocking -f raw -o "$out/prof_$tag.txt" -- \
+        python benchmarks/decode_host_profile.py --budget 99% --policy $run --seconds 25 > /dev/null 2>&1
+      python benchmarks/decode_host_profile.py --fold "$out/prof_$tag.txt" --root _generate_static --top 40 \
+        | cut -c1-120
+    done ;;
   s38sim)   # session 38 (~2 min): issue 5's replay speed on the H200 host (carry gpu_traces/ref40_test.fmt
             # and gpu_traces/ref_hist_stores.pt), one pinned core
     timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
