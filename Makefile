@@ -7,16 +7,21 @@ TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.finemoe-installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup native run test lint clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/python -m pip install -q -e ".[dev,server,bench]"
 	touch $(STAMP)
+
+# Opt-in: compile the hot modules in place (setup.py; Cython from the dev extra). Run again after
+# editing one of them: until then the edited module runs as source (src/finemoe/_native.py).
+native: setup
+	FINEMOE_NATIVE=1 $(BIN)/python setup.py -q build_ext --inplace
 
 run: setup
 	$(BIN)/finemoe generate --prompt "What is the capital of France? Answer in one sentence." --expert-budget 40% --max-new-tokens 48
@@ -28,4 +33,4 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) build src/finemoe/*.so src/finemoe/_native_build.json

@@ -138,6 +138,15 @@ def _python_build() -> dict:
     }
 
 
+def _native_summary() -> str:
+    try:
+        from finemoe import _native
+
+        return _native.summary()
+    except ImportError:  # (a tree from before session 39)
+        return "pure (no build)"
+
+
 def run_meta() -> dict:
     import transformers
 
@@ -153,6 +162,7 @@ def run_meta() -> dict:
         "transformers": transformers.__version__,
         "device": dev,
         "cpu_count": __import__("os").cpu_count(),
+        "finemoe_modules": _native_summary(),  # compiled (setup.py's optional build) or pure Python
     }
 
 

@@ -314,6 +314,32 @@ case $part in
     timeout 150 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
       --history-cache gpu_traces/ref_hist_stores.pt --policies lru,on-demand,finemoe --repeat 5 --limit 40 \
       --profile 25 --out "$out/sim_speed_h200host_s38.json" 2>&1 | grep -v "^    .*µs" | tail -4 ;;
+  s39a)     # session 39 (~7 min; carry gpu_traces/ref40_test.fmt, gpu_traces/ref_hist_stores.pt and .whl/ with
+            # Cython 3.3.1's cp312 wheel: the image's 3.3.0 builds modules that crash in the replay): the
+            # compiled hot modules (setup.py, built in place afresh) on the H200 host: the
+            # replay's speed compiled against the sources alternated in one process, one pinned core; then
+            # issue 4's overhead at 99% with the compiled build, 16 paired rounds without the GPU marks
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/cy .whl/cython-3.3.1-*.whl
+    PYTHONPATH=/tmp/cy python -c "import Cython; print('Cython', Cython.__version__)"
+    rm -rf build src/finemoe/*.so src/finemoe/_native_build.json
+    FINEMOE_NATIVE=1 PYTHONPATH=/tmp/cy timeout 240 python setup.py -q build_ext --inplace -j 16 > /tmp/native_build.log 2>&1 || tail -20 /tmp/native_build.log
+    python -c "import finemoe, finemoe._native as n; print('hot modules:', n.summary())"
+    rm -rf out/pure_src && mkdir -p out/pure_src && cp -r src/finemoe out/pure_src/ && rm -f out/pure_src/finemoe/*.so
+    for pol in finemoe lru; do
+      timeout 150 taskset -c 3 python benchmarks/sim_speed_ab.py --base-src out/pure_src --traces \
+        gpu_traces/ref40_test.fmt --history-cache gpu_traces/ref_hist_stores.pt --limit 40 --policy $pol \
+        --rounds 8 --out "$out/sim_speed_ab_native_h200host_$pol.json" 2>&1 | tail -3
+    done
+    timeout 330 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather --out "$out/overhead_s39a.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|^link per" | cut -c1-200 | head -24 ;;
+  s39b)     # session 39 (~5 min; carry .whl/ as s39a): the GPU tests with the compiled build
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/cy .whl/cython-3.3.1-*.whl
+    FINEMOE_NATIVE=1 PYTHONPATH=/tmp/cy timeout 240 python setup.py -q build_ext --inplace -j 16 > /tmp/native_build.log 2>&1 || tail -20 /tmp/native_build.log
+    python -c "import finemoe, finemoe._native as n; print('hot modules:', n.summary())"
+    timeout 400 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -15
+    python -c "import finemoe, finemoe._native as n; print('hot modules:', n.summary())" ;;
   tests)    # ~2 min
     python -m pytest -q tests/gpu 2>&1 | tail -15 ;;
   qwen15)   # history ~100 s, 2 rounds x 12 configs x 3 requests ~250 s, Accelerate 25% ~40 s

@@ -50,19 +50,28 @@ def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
     test = trace.load_trace(args.traces).head(args.limit)
     hmod = mods.get("finemoe.sim_history", sim)  # (trees before session 23 keep it in the simulator)
     hist = hmod.empty_history(test, 1000)
-    hmod.record_history(trace.load_trace(args.history), hist)
+    if args.history_cache:  # the stores `sim_speed.py --history-cache` wrote
+        st = torch.load(args.history_cache)
+        hist.maps.load_rows(st["emb"], st["maps"])
+        hist.requests.load_rows(st["eams"])
+    else:
+        hmod.record_history(trace.load_trace(args.history), hist)
     cost = mods["finemoe.costmodel"].make_cost_model(test.spec, "trace")
     cfg = cfgm.EngineConfig(
         expert_budget=cfgm.ExpertBudget.parse(args.budget), policy=args.policy, map_store_learn=False
     )
-    return {"mods": mods, "run": lambda: sim.simulate(test, cfg, cost, "timed", hist)}
+    native = mods["finemoe._native"].summary() if "finemoe._native" in mods else "pure (no build)"
+    print(f"{src}: hot modules {native}")
+    return {"mods": mods, "native": native, "run": lambda: sim.simulate(test, cfg, cost, "timed", hist)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-src", required=True, help="the other tree's src/ folder (e.g. a git worktree)")
     ap.add_argument("--traces", required=True)
-    ap.add_argument("--history", required=True)
+    hist = ap.add_mutually_exclusive_group(required=True)
+    hist.add_argument("--history", help="the history trace the stores are recorded from")
+    hist.add_argument("--history-cache", help="the stores `sim_speed.py --history-cache` wrote (instead)")
     ap.add_argument("--limit", type=int, default=40, help="requests of --traces replayed")
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policy", default="finemoe")
@@ -84,7 +93,13 @@ def main() -> int:
         print(f"round {r + 1}: base {speed['base'][-1] / 1e3:.2f}k  this {speed['this'][-1] / 1e3:.2f}k")
     ratios = sorted(t / b for b, t in zip(speed["base"], speed["this"], strict=True))
     results = {
-        name: {"best": max(v), "median": statistics.median(v), "all": v, "hit_rate": hits[name]}
+        name: {
+            "best": max(v),
+            "median": statistics.median(v),
+            "all": v,
+            "hit_rate": hits[name],
+            "modules": trees[name]["native"],
+        }
         for name, v in speed.items()
     }
     results["ratio_this_over_base"] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}

@@ -466,9 +466,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return run_sweep(args)
 
 
+def _version() -> str:
+    """'finemoe X (hot modules: compiled 20/20)': whether setup.py's optional build is in use."""
+    from finemoe import __version__, _native
+
+    return f"finemoe {__version__} (hot modules: {_native.summary()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="finemoe", description="Lossless expert offloading for MoE LLMs.")
     ap.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    ap.add_argument(
+        "--version", action="version", version=_version(), help="the version, and whether the hot modules run compiled"
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for one prompt or a file of prompts")
