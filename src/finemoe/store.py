@@ -75,6 +75,8 @@ class ExpertStore:
     def _pin(self) -> None:
         if not torch.cuda.is_available():
             return
+        if _deferred and not _capturing():
+            _unregister([])  # (takes the chunks a collection during a graph capture left)
         cudart = torch.cuda.cudart()
         done: list[torch.Tensor] = []
         for c in self.chunks:
@@ -98,7 +100,28 @@ class ExpertStore:
         self.chunks = []
 
 
+# Chunks whose unregistration had to wait: a store collected while a CUDA graph is being captured on this
+# thread (the garbage collector runs finalizers wherever an allocation triggers it). `cudaHostUnregister`
+# is not permitted during a capture (error 900) and would invalidate the capture, so the chunks stay
+# alive here and are unregistered at the next unregistration outside a capture.
+_deferred: list[list[torch.Tensor]] = []
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _unregister(chunks: list[torch.Tensor]) -> None:
+    if _capturing():
+        _deferred.append(list(chunks))
+        chunks.clear()
+        return
+    while _deferred:
+        _unregister_now(_deferred.pop())
+    _unregister_now(chunks)
+
+
+def _unregister_now(chunks: list[torch.Tensor]) -> None:
     cudart = torch.cuda.cudart()
     for c in chunks:
         err = int(cudart.cudaHostUnregister(c.data_ptr()))

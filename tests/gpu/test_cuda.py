@@ -115,6 +115,31 @@ def _transfer():
     return store, pool.parts["gate_up_proj"], CudaTransfer(pool)
 
 
+def test_a_store_collected_during_a_graph_capture_leaves_the_capture_intact():
+    """A pinned store collected while a CUDA graph is captured (the garbage collector runs finalizers
+    wherever an allocation triggers it: an earlier engine's store during a later engine's capture) must
+    not unregister its memory there (CUDA error 900, the capture invalidated): it waits for the next
+    unregistration outside a capture."""
+    import gc
+
+    from finemoe import store as store_mod
+
+    old = ExpertStore(SPEC, pin=True)
+    x = torch.ones(1024, device="cuda")
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        del old
+        gc.collect()
+        y = x * 2
+    assert len(store_mod._deferred) == 1
+    g.replay()
+    torch.cuda.synchronize()
+    assert float(y.sum()) == 2048.0
+    ExpertStore(SPEC, pin=True).close()
+    assert store_mod._deferred == []
+
+
 def test_copy_waits_for_last_use_of_slot():
     """A compute kernel still reading a slot must see the old expert, not the next copy."""
     store, pool, tr = _transfer()
