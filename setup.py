@@ -9,6 +9,7 @@ Measured (docs/results/simulator.md, "Session 39"): the replay of finemoe ~1.2x 
 CPU machine (Python 3.11), ~1.0-1.1x on the H200 machine's host (3.12); the GPU decode step unchanged.
 
     make native                                                    # in place, in the venv
+    FINEMOE_NATIVE=1 pip install .                                 # a wheel with them
     FINEMOE_NATIVE=1 python setup.py build_ext --inplace -j 8      # the same by hand
 """
 
