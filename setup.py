@@ -16,6 +16,7 @@ CPU machine (Python 3.11), ~1.0-1.1x on the H200 machine's host (3.12); the GPU 
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -51,44 +52,43 @@ def extensions() -> list[Extension]:
     if version < MIN_CYTHON:
         print(f"finemoe: Cython {Cython.__version__} < 3.3.1, installing the pure-Python modules only")  # noqa: T201
         return []
-    exts = [
-        Extension(f"finemoe.{m}", [f"src/finemoe/{m}.py"], optional=True)  # a failed compile: pure Python
-        for m in native_modules()
-    ]
-    return cythonize(
-        exts,
+    exts = cythonize(
+        [Extension(f"finemoe.{m}", [f"src/finemoe/{m}.py"]) for m in native_modules()],
         build_dir="build/cython",
         compiler_directives={"language_level": 3, "annotation_typing": False},
         nthreads=os.cpu_count() or 1,
         quiet=True,
     )
+    for ext in exts:  # (set on cythonize's output: it makes new Extension objects)
+        ext.optional = True  # a module that fails to compile stays pure Python
+    return exts
 
 
 class BuildNative(build_ext):
     """build_ext that compiles in parallel and writes `_native_build.json` beside the modules: the
-    SHA-256 of each source whose extension was built."""
+    SHA-256 of the source of each extension built (or found up to date) in this run. One that failed
+    is left out, so a binary an earlier build left in place never passes for the current source."""
 
     def finalize_options(self) -> None:
         super().finalize_options()
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
+        self._built: dict[str, str] = {}
+
+    def build_extension(self, ext: Extension) -> None:
+        super().build_extension(ext)  # (raises on a failed compile: setuptools warns for an optional one)
+        name = ext.name.rsplit(".", 1)[1]
+        self._built[name] = hashlib.sha256((PKG / f"{name}.py").read_bytes()).hexdigest()
 
     def run(self) -> None:
         super().run()
-        import hashlib
-
+        if not self.extensions:
+            return
         import Cython
 
-        built, out_dir = {}, None
-        for ext in self.extensions:
-            path = Path(self.get_ext_fullpath(ext.name))
-            out_dir = path.parent
-            if path.exists():
-                name = ext.name.rsplit(".", 1)[1]
-                built[name] = hashlib.sha256((PKG / f"{name}.py").read_bytes()).hexdigest()
-        if out_dir is not None:
-            manifest = {"cython": Cython.__version__, "modules": built}
-            (out_dir / "_native_build.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).parent
+        manifest = {"cython": Cython.__version__, "modules": dict(sorted(self._built.items()))}
+        (out_dir / "_native_build.json").write_text(json.dumps(manifest, indent=1))
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": BuildNative})

@@ -101,6 +101,9 @@ def select(package_path: list[str]) -> dict[str, str]:
     `package_path` being the package's `__path__`: nothing outside the package is affected).
     Returns (and keeps in `STATUS`) the decision per module; logs one warning naming stale ones."""
     pkg_dir = Path(package_path[0])
+    if not pkg_dir.is_dir():  # (e.g. imported from a zip: no extension modules there)
+        STATUS.update(dict.fromkeys(NATIVE_MODULES, "pure: no build"))
+        return dict(STATUS)
     force_pure = os.environ.get(PURE_ENV, "") not in ("", "0")
     try:
         built = json.loads((pkg_dir / BUILD_MANIFEST).read_text())["modules"]
@@ -132,14 +135,14 @@ def select(package_path: list[str]) -> dict[str, str]:
     if stale:
         logger.warning(
             "the compiled build of %s is older than the source: running the source (slower host path). "
-            "Rebuild with `make native` (or `pip install -e .`).",
+            "Rebuild with `make native` (or `FINEMOE_NATIVE=1 pip install -e .`).",
             ", ".join(stale),
         )
     return dict(STATUS)
 
 
 def summary() -> str:
-    """One line: how many hot modules run compiled, e.g. 'compiled 20/20' or 'pure (no build)'."""
+    """One line: how many hot modules run compiled, e.g. 'compiled 19/19' or 'pure (no build)'."""
     n = sum(1 for s in STATUS.values() if s == "compiled")
     if n == len(NATIVE_MODULES):
         return f"compiled {n}/{n}"

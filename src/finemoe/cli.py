@@ -467,7 +467,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _version() -> str:
-    """'finemoe X (hot modules: compiled 20/20)': whether setup.py's optional build is in use."""
+    """'finemoe X (hot modules: compiled 19/19)': whether setup.py's optional build is in use."""
     from finemoe import __version__, _native
 
     return f"finemoe {__version__} (hot modules: {_native.summary()})"

@@ -48,6 +48,7 @@ from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
 from finemoe.runahead import RunAhead
 from finemoe.side_graphs import SideGraphs
+from finemoe.store import flush_deferred
 
 if TYPE_CHECKING:
     from finemoe.runtime import OffloadRuntime
@@ -273,6 +274,7 @@ class StaticDecoder:
                     raise
         finally:
             rt.capture = None
+            flush_deferred()  # a store collected during the capture waited with its unregistration
             here.wait_stream(cap)
         self.logits = logits
         self.captures += 1

@@ -75,8 +75,7 @@ class ExpertStore:
     def _pin(self) -> None:
         if not torch.cuda.is_available():
             return
-        if _deferred and not _capturing():
-            _unregister([])  # (takes the chunks a collection during a graph capture left)
+        flush_deferred()  # (the chunks a collection during a graph capture left)
         cudart = torch.cuda.cudart()
         done: list[torch.Tensor] = []
         for c in self.chunks:
@@ -103,7 +102,7 @@ class ExpertStore:
 # Chunks whose unregistration had to wait: a store collected while a CUDA graph is being captured on this
 # thread (the garbage collector runs finalizers wherever an allocation triggers it). `cudaHostUnregister`
 # is not permitted during a capture (error 900) and would invalidate the capture, so the chunks stay
-# alive here and are unregistered at the next unregistration outside a capture.
+# alive here until `flush_deferred` (the graph capture calls it when done) or the next unregistration.
 _deferred: list[list[torch.Tensor]] = []
 
 
@@ -111,13 +110,23 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+def flush_deferred() -> None:
+    """Unregister (and so free) the stores collected during a graph capture; nothing while capturing."""
+    if _deferred and not _capturing():
+        _unregister([])
+
+
 def _unregister(chunks: list[torch.Tensor]) -> None:
     if _capturing():
         _deferred.append(list(chunks))
         chunks.clear()
         return
-    while _deferred:
-        _unregister_now(_deferred.pop())
+    while True:  # (another thread may take the last one between a check and a pop)
+        try:
+            held = _deferred.pop()
+        except IndexError:
+            break
+        _unregister_now(held)
     _unregister_now(chunks)
 
 
