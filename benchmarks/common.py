@@ -166,12 +166,12 @@ def run_meta() -> dict:
     }
 
 
-def write_record(path: str | Path, config: dict, results: dict, **extra) -> dict:
-    """Write a benchmark's JSON record (`meta` from `run_meta`, `config`, `results`, `extra`
-    keys) to `path`, creating its folder; returns the record."""
+def write_record(path: str | Path, config: dict, results: dict, meta: dict | None = None, **extra) -> dict:
+    """Write a benchmark's JSON record (`meta` from `run_meta`, updated with `meta`; `config`,
+    `results`, `extra` keys) to `path`, creating its folder; returns the record."""
     import json
 
-    rec = {"meta": run_meta(), "config": config, "results": results, **extra}
+    rec = {"meta": run_meta() | (meta or {}), "config": config, "results": results, **extra}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rec, indent=1))
     return rec

@@ -111,7 +111,8 @@ def main() -> int:
     print(f"this / base per round: median {statistics.median(ratios):.3f} ({ratios[0]:.3f}..{ratios[-1]:.3f})")
     if hits["base"] != hits["this"]:
         print("the hit rates differ: the change is not decision-identical")
-    write_record(args.out, vars(args), results)
+    # (run_meta would name whichever tree's modules were imported last)
+    write_record(args.out, vars(args), results, meta={"finemoe_modules": {n: t["native"] for n, t in trees.items()}})
     return 0
 
 

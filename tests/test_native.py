@@ -35,9 +35,7 @@ def _copy_package(dest: Path, src: Path = PKG, ignore: tuple[str, ...] = ("__pyc
 def built(tmp_path_factory) -> Path:
     """A project copy (setup.py, pyproject.toml, src/finemoe) whose hot modules `FINEMOE_NATIVE=1
     python setup.py build_ext --inplace` compiled; returns its src folder."""
-    cython = pytest.importorskip("Cython", reason="the compiled build needs Cython (the dev extra)")
-    if tuple(int(p) for p in cython.__version__.split(".")[:3] if p.isdigit()) < (3, 3, 1):
-        pytest.skip(f"Cython {cython.__version__} < 3.3.1 (setup.py builds nothing with it)")
+    pytest.importorskip("Cython", reason="the compiled build needs Cython (the dev extra)")
     root = tmp_path_factory.mktemp("native")
     for f in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / f, root / f)
@@ -46,7 +44,12 @@ def built(tmp_path_factory) -> Path:
     cmd = [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "-j", str(os.cpu_count() or 1)]
     out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (root / "src" / "finemoe" / _native.BUILD_MANIFEST).exists(), "no C compiler? " + out.stderr[-2000:]
+    if "pure-Python modules only" in out.stdout:  # setup.py's own refusal (e.g. a Cython older than it needs)
+        pytest.skip(out.stdout.strip())
+    built = json.loads((root / "src" / "finemoe" / _native.BUILD_MANIFEST).read_text())["modules"]
+    if not built:  # every optional compile failed: no working C compiler here
+        pytest.skip("no module compiled (no working C compiler?): " + out.stderr[-500:])
+    assert sorted(built) == sorted(_native.NATIVE_MODULES), out.stderr[-3000:]
     return root / "src"
 
 
