@@ -20,7 +20,9 @@ import importlib
 import pkgutil
 import statistics
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -54,7 +56,7 @@ def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
         st = torch.load(args.history_cache)
         hist.maps.load_rows(st["emb"], st["maps"])
         hist.requests.load_rows(st["eams"])
-    else:
+    elif not args.record:  # (`--record` fills its own stores, timed)
         hmod.record_history(trace.load_trace(args.history), hist)
     cost = mods["finemoe.costmodel"].make_cost_model(test.spec, "trace")
     cfg = cfgm.EngineConfig(
@@ -62,7 +64,23 @@ def _load(src: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     native = mods["finemoe._native"].summary() if "finemoe._native" in mods else "pure (no build)"
     print(f"{src}: hot modules {native}")
+    if args.record:
+        return {"mods": mods, "native": native, "run": lambda: _record(hmod, trace, test, args)}
     return {"mods": mods, "native": native, "run": lambda: sim.simulate(test, cfg, cost, "timed", hist)}
+
+
+def _record(hmod: Any, trace: Any, test: Any, args: argparse.Namespace) -> SimpleNamespace:
+    """`--record N`: fill fresh 1K stores from the history trace's first N requests (what `finemoe
+    simulate --history` does before its replays): its layer-steps (iterations x L) and seconds, and as
+    `hit_rate` a checksum of the stores' contents (equal iff both trees stored the same)."""
+    src = trace.load_trace(args.history).head(args.record)
+    hist = hmod.empty_history(test, 1000)
+    t0 = time.perf_counter()
+    hmod.record_history(src, hist)
+    wall = time.perf_counter() - t0
+    n = hist.maps.size
+    check = float(hist.maps.maps[:n].double().sum()) + hist.maps.replacements + float(hist.requests.mats.sum())
+    return SimpleNamespace(layer_steps=src.layer_steps(), wall_s=wall, hit_rate=check)
 
 
 def main() -> int:
@@ -76,8 +94,18 @@ def main() -> int:
     ap.add_argument("--budget", default="25%")
     ap.add_argument("--policy", default="finemoe")
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument(
+        "--record",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time filling the stores from the history trace's first N requests instead of a replay (needs "
+        "--history; the 'hit rate' printed is then a checksum of the stores)",
+    )
     ap.add_argument("--out", default="docs/results/sim_speed_ab.json")
     args = ap.parse_args()
+    if args.record and not args.history:
+        ap.error("--record needs --history (the trace the stores are filled from)")
     torch.set_num_threads(1)
     trees = {"base": _load(args.base_src, args), "this": _load(HERE_SRC, args)}
     speed: dict[str, list[float]] = {name: [] for name in trees}

@@ -71,6 +71,26 @@ def test_store_memory_grows_with_use_and_keeps_rows():
     assert row == 7 and score == pytest.approx(1.0, abs=1e-6)
 
 
+def test_redundancy_equals_its_formula_after_growth_and_replacements():
+    """`redundancy` reads the stored maps' unit rows kept per write (`maps_unit`): after the store
+    grew (rows copied to a larger allocation) and replaced rows, the same numbers, bit for bit, as
+    normalising every stored map again (the formula of spec §3.2)."""
+    g = torch.Generator().manual_seed(2)
+    s = ExpertMapStore(StoreGeometry(3, 4, 5), capacity=100, distance=1)
+    emb, maps = torch.randn(130, 5, generator=g), torch.rand(130, 3, 4, generator=g)
+    for i in range(0, 130, 10):  # grows 64 -> 100, then 30 replacements
+        s.add(emb[i : i + 10], maps[i : i + 10])
+    assert s.size == 100 and s.replacements == 30
+    q_emb, q_maps = torch.randn(3, 5, generator=g), torch.rand(3, 3, 4, generator=g)
+    unit = q_emb / q_emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    flat = q_maps.reshape(3, -1)
+    flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    stored = s.maps.reshape(100, -1) / s.prefix_sq[:, -1:].sqrt().clamp_min(1e-12)
+    w = 1 / 3
+    want = w * (unit @ s.emb_unit.T) + (1 - w) * (flat @ stored.T)
+    assert torch.equal(s.redundancy(q_emb, q_maps), want)
+
+
 def test_semantic_match_is_cosine_argmax():
     s = store(dim=3)
     s.add(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [1.0, 1.0, 0]]), torch.rand(3, 2, 2))

@@ -257,6 +257,20 @@ def test_running_activations_static_batches_unchanged():
     assert run.batch.sum() == 0
 
 
+def test_running_activations_count_rows_of_one_and_of_several_requests():
+    """`count` adds each selection once into its request's [L, E] row, duplicates included
+    (several prefill rows of one request pick the same expert): a hand-computed tally."""
+    run = RunningActivations(2, 4)
+    run.begin(_ctx(0, True, (3,), per_row=3))  # one request, 3 prompt rows
+    run.count(1, torch.tensor([[0, 2], [2, 3], [2, 0]]), torch.tensor([0, 0, 0]))
+    assert run.batch[0].tolist() == [[0, 0, 0, 0], [2, 0, 3, 1]]
+    run.begin(_ctx(1, True, (3, 5), per_row=2))  # request 5 joins, its two rows after 3's
+    run.count(0, torch.tensor([[1, 3], [3, 0], [2, 1], [1, 0]]), torch.tensor([0, 0, 1, 1]))
+    assert run.by_id[3].tolist() == [[1, 1, 0, 2], [2, 0, 3, 1]]  # a view of the batch row, counted
+    assert run.by_id[5].tolist() == [[1, 2, 1, 0], [0, 0, 0, 0]]
+    assert run.pop(5).tolist() == [[1, 2, 1, 0], [0, 0, 0, 0]] and 5 not in run.by_id
+
+
 # -- text ------------------------------------------------------------------------------------------
 def test_textstream_never_splits_characters():
     tok = byte_tokenizer()

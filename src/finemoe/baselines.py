@@ -168,7 +168,13 @@ class RunningActivations:
         self.L, self.E = num_layers, num_experts
         self.by_id: dict[int, torch.Tensor] = {}  # id -> [L, E]
         self.ids: tuple[int, ...] = ()
-        self.batch = torch.zeros(0, num_layers, num_experts)  # [B, L, E]
+        self._set_batch(torch.zeros(0, num_layers, num_experts))
+
+    def _set_batch(self, batch: torch.Tensor) -> None:
+        """`batch` [B, L, E] (a normal CPU float tensor) and `_np`, a NumPy view of the same memory:
+        `count` adds through NumPy (a handful of torch ops per layer cost ~10x more at these sizes)."""
+        self.batch = batch
+        self._np = batch.numpy()
 
     def begin(self, ctx: IterationContext) -> list[torch.Tensor]:
         """Enter iteration `ctx`: pop the ended requests' matrices, line up the batch's rows."""
@@ -185,18 +191,22 @@ class RunningActivations:
             ended += [m for r in sorted(gone) if (m := self.pop(r)) is not None]
         if ids != self.ids:
             zero = torch.zeros(self.L, self.E)
-            self.batch = torch.stack([self.by_id.get(r, zero) for r in ids]) if ids else self.batch[:0]
+            self._set_batch(torch.stack([self.by_id.get(r, zero) for r in ids]) if ids else self.batch[:0])
             self.by_id.update({r: self.batch[i] for i, r in enumerate(ids)})
             self.ids = ids
         return ended
 
     def count(self, layer: int, topk_ids: torch.Tensor, request_of_row: torch.Tensor) -> None:
-        """Add one layer's selections: `topk_ids` [N, k] of the live rows, `request_of_row` [N]."""
-        B, E = self.batch.shape[0], self.E
-        req = request_of_row.unsqueeze(1).expand_as(topk_ids)
-        counts = torch.bincount((req * E + topk_ids).reshape(-1), minlength=B * E)[: B * E]
-        with torch.inference_mode(False):
-            self.batch[:, layer] += counts.view(B, E).float()
+        """Add one layer's selections: `topk_ids` [N, k] int64 of the live rows, `request_of_row` [N]
+        (CPU). Whole counts in float32: the same sums whatever the order they are added in."""
+        mats, E = self._np, self.E
+        B = mats.shape[0]
+        ids = topk_ids.numpy()
+        if B == 1:  # one request (batch 1): every row is its own
+            mats[0, layer] += np.bincount(ids.reshape(-1), minlength=E)[:E]
+            return
+        flat = (request_of_row.numpy()[:, None] * E + ids).reshape(-1)  # [N*k] request * E + expert
+        mats[:, layer] += np.bincount(flat, minlength=B * E)[: B * E].reshape(B, E)
 
     def pop(self, request_id: int) -> torch.Tensor | None:
         """Forget one request; its matrix [L, E] (a copy), or None if it never ran."""
@@ -210,7 +220,7 @@ class RunningActivations:
         with torch.inference_mode(False):
             out = [m.clone() for m in self.by_id.values()]
             self.by_id, self.ids = {}, ()
-            self.batch = self.batch[:0]
+            self._set_batch(self.batch[:0])
         return out
 
 

@@ -92,7 +92,9 @@ class ExpertMapStore:
         with use, not with the capacity."""
         g, n = self.geometry, self.size
         old = (
-            None if rows == 0 else (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
+            None
+            if rows == 0
+            else (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm, self.maps_unit)
         )
         self.allocated = rows
         # Normal tensors even when the store grows during generate (inference mode): inference
@@ -106,9 +108,13 @@ class ExpertMapStore:
             # Layer-major copies for the per-layer trajectory step (contiguous [C, E] slices).
             self.by_layer = torch.zeros(g.num_layers, rows, g.num_experts)  # [L, C, E]
             self.prefix_norm = torch.zeros(g.num_layers, rows)  # [L, C] = sqrt(prefix_sq).T
+            # [C, L*E] each map flattened over its norm sqrt(prefix_sq[:, -1]) (>= EPS): `redundancy`'s
+            # stored side, kept per write rather than divided out again at every insert
+            self.maps_unit = torch.zeros(rows, g.num_layers * g.num_experts)
             if old is not None and n:
                 self.emb[:n], self.emb_unit[:n], self.maps[:n], self.prefix_sq[:n] = (t[:n] for t in old[:4])
                 self.by_layer[:, :n], self.prefix_norm[:, :n] = old[4][:, :n], old[5][:, :n]
+                self.maps_unit[:n] = old[6][:n]
         # NumPy views of the same memory: single-row searches dispatch much faster through NumPy.
         self._by_layer_np = self.by_layer.numpy()
         self._maps_np = self.maps.numpy()
@@ -132,7 +138,7 @@ class ExpertMapStore:
         return min(max(self.distance / self.geometry.num_layers, 0.0), 1.0)
 
     def nbytes(self) -> int:
-        parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm)
+        parts = (self.emb, self.emb_unit, self.maps, self.prefix_sq, self.by_layer, self.prefix_norm, self.maps_unit)
         return sum(t.numel() * t.element_size() for t in parts) + 2 * self._norm_rows_np.nbytes
 
     # -- writes ---------------------------------------------------------------------------------
@@ -150,6 +156,7 @@ class ExpertMapStore:
         self.prefix_sq[row] = (emap * emap).sum(dim=1).cumsum(dim=0)
         self.by_layer[:, row] = emap
         self.prefix_norm[:, row] = self.prefix_sq[row].sqrt()
+        self.maps_unit[row] = self.maps[row].reshape(-1) / self.prefix_sq[row, -1:].sqrt().clamp_min(EPS)
         self._norm_rows_np[row] = self._norm_layers_np[:, row] = np.maximum(self._prefix_norm_np[:, row], EPS)
 
     def rows_written_since(self, version: int) -> list[int] | None:
@@ -217,9 +224,8 @@ class ExpertMapStore:
         q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
         flat = maps.reshape(maps.shape[0], -1)
         q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
-        stored = self.maps[:c].reshape(c, -1) / self.prefix_sq[:c, -1:].sqrt().clamp_min(EPS)
         w = self.semantic_weight
-        return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ stored.T)
+        return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ self.maps_unit[:c].T)
 
     # -- reads ----------------------------------------------------------------------------------
     def ranked(self, layer: int, row: int) -> RankedRow:
