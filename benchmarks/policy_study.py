@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from common import run_meta  # noqa: E402
 from finemoe.config import EngineConfig, ExpertBudget  # noqa: E402
 from finemoe.costmodel import make_cost_model  # noqa: E402
-from finemoe.sim_history import empty_history, record_history  # noqa: E402
-from finemoe.simulator import simulate  # noqa: E402
+from finemoe.sim_history import History, empty_history, record_history  # noqa: E402
+from finemoe.simjobs import Replay, replay_all  # noqa: E402
 from finemoe.trace import load_trace  # noqa: E402
 
 POLICIES = ["finemoe", "finemoe-paper", "mixtral-offloading", "promoe", "moe-infinity", "on-demand", "lfu"]
@@ -69,29 +69,31 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def part_budget(test, hist, args) -> list[dict]:
+# Each part lists its replays as (the row's extra columns, Replay); `main` runs them all through
+# `replay_all` (--jobs worker processes) and logs each as it finishes. Histories by name: "probs" the
+# history split's maps (1K), "counts" its hit-count maps (the ablation), "cap<N>" a store of N maps.
+Job = tuple[dict, Replay]
+
+
+def part_budget(test, args) -> list[Job]:
     cost = make_cost_model(test.spec, "trace")
-    rows = []
-    for budget in ["5%", "10%", "25%", "50%", "75%"]:
-        for policy in POLICIES + ORACLES:
-            r = simulate(test, cfg(policy, budget), cost, "timed", hist)
-            rows.append(row(r, shape="trace"))
-            log(f"budget {budget} {policy}: hit {r.hit_rate:.3f}")
-    return rows
+    return [
+        ({"shape": "trace"}, Replay(cfg(policy, budget), cost, history="probs"))
+        for budget in ["5%", "10%", "25%", "50%", "75%"]
+        for policy in POLICIES + ORACLES
+    ]
 
 
-def part_tpot(test, hist, args) -> list[dict]:
-    rows = []
+def part_tpot(test, args) -> list[Job]:
+    jobs: list[Job] = []
     for shape in ["qwen1.5-moe-a2.7b", "qwen3-30b-a3b"]:
         cost = make_cost_model(test.spec, shape)
-        floor = simulate(test, cfg("all-gpu", "100%"), cost, "timed", None)
-        rows.append(row(floor, shape=shape))
+        jobs.append(({"shape": shape}, Replay(cfg("all-gpu", "100%"), cost)))
         for budget in ["10%", "25%", "50%"]:
-            for policy in POLICIES + ORACLES:
-                r = simulate(test, cfg(policy, budget), cost, "timed", hist)
-                rows.append(row(r, shape=shape))
-                log(f"tpot {shape} {budget} {policy}: hit {r.hit_rate:.3f} tpot {r.tpot_s * 1e3:.2f} ms")
-    return rows
+            jobs += [
+                ({"shape": shape}, Replay(cfg(policy, budget), cost, history="probs")) for policy in POLICIES + ORACLES
+            ]
+    return jobs
 
 
 ABLATION = [
@@ -104,52 +106,62 @@ ABLATION = [
 ]
 
 
-def part_ablation(test, hist_trace, args) -> list[dict]:
+def part_ablation(test, args) -> list[Job]:
     cost = make_cost_model(test.spec, "trace")
-    rows = []
-    for label, policy, kw in ABLATION:
-        hist = empty_history(test, 1000)
-        record_history(hist_trace, hist, map_values=kw.get("map_values", "probs"))
-        r = simulate(test, cfg(policy, **kw), cost, "timed", hist)
-        rows.append(row(r, shape="trace", variant=label))
-        log(f"ablation {label}: hit {r.hit_rate:.3f}")
-    return rows
+    return [
+        ({"shape": "trace", "variant": label}, Replay(cfg(policy, **kw), cost, history=kw.get("map_values", "probs")))
+        for label, policy, kw in ABLATION
+    ]
 
 
-def part_distance(test, hist, args) -> list[dict]:
-    rows = []
+def part_distance(test, args) -> list[Job]:
+    jobs: list[Job] = []
     for shape in args.distance_shapes.split(","):
         cost = make_cost_model(test.spec, shape)
         for d in range(1, 9):
             for policy in ["finemoe", "finemoe-paper"]:
-                r = simulate(test, cfg(policy, prefetch_distance=d), cost, "timed", hist)
-                rows.append(row(r, shape=shape, distance=d))
-                log(f"distance {shape} d={d} {policy}: hit {r.hit_rate:.3f} tpot {r.tpot_s * 1e3:.2f}")
-    return rows
+                jobs.append(
+                    ({"shape": shape, "distance": d}, Replay(cfg(policy, prefetch_distance=d), cost, history="probs"))
+                )
+    return jobs
 
 
-def part_capacity(test, hist_trace, args) -> list[dict]:
+CAPACITIES = [64, 256, 1000, 4000, 8000]
+
+
+def part_capacity(test, args) -> list[Job]:
     cost = make_cost_model(test.spec, "trace")
-    rows = []
-    for cap in [64, 256, 1000, 4000, 8000]:
-        hist = empty_history(test, cap)
-        record_history(hist_trace, hist)
-        for policy in ["finemoe", "finemoe-paper"]:
-            r = simulate(test, cfg(policy, map_store_capacity=cap), cost, "timed", hist)
-            rows.append(row(r, shape="trace", capacity=cap))
-            log(f"capacity {cap} {policy}: hit {r.hit_rate:.3f} traj {r.predictor.get('mean_trajectory_score')}")
-    return rows
+    return [
+        ({"shape": "trace", "capacity": cap}, Replay(cfg(policy, map_store_capacity=cap), cost, history=f"cap{cap}"))
+        for cap in CAPACITIES
+        for policy in ["finemoe", "finemoe-paper"]
+    ]
 
 
-def part_batch(test, hist, args) -> list[dict]:
+def part_batch(test, args) -> list[Job]:
     cost = make_cost_model(test.spec, "qwen1.5-moe-a2.7b")
-    rows = []
-    for b in [1, 2, 4, 8]:
-        for policy in ["finemoe", "finemoe-paper", "mixtral-offloading", "on-demand", "oracle"]:
-            r = simulate(test, cfg(policy), cost, "timed", hist, batch_size=b)
-            rows.append(row(r, shape="qwen1.5-moe-a2.7b", batch=b))
-            log(f"batch {b} {policy}: hit {r.hit_rate:.3f} ttft {r.ttft_s * 1e3:.1f} tpot {r.tpot_s * 1e3:.2f}")
-    return rows
+    return [
+        ({"shape": "qwen1.5-moe-a2.7b", "batch": b}, Replay(cfg(policy), cost, history="probs", batch_size=b))
+        for b in [1, 2, 4, 8]
+        for policy in ["finemoe", "finemoe-paper", "mixtral-offloading", "on-demand", "oracle"]
+    ]
+
+
+def histories(parts: list[str], test, hist_trace) -> dict[str, History]:
+    """The stores the parts' replays start from, each recorded once from the history trace."""
+    want = {"probs"}
+    if "ablation" in parts:
+        want.add("counts")
+    if "capacity" in parts:
+        want.update(f"cap{c}" for c in CAPACITIES if c != 1000)
+    out = {}
+    for name in sorted(want):
+        cap = int(name[3:]) if name.startswith("cap") else 1000
+        out[name] = empty_history(test, cap)
+        record_history(hist_trace, out[name], map_values="counts" if name == "counts" else "probs")
+        log(f"history {name}: {out[name].maps.size} maps")
+    out["cap1000"] = out["probs"]
+    return out
 
 
 PARTS = {
@@ -160,7 +172,6 @@ PARTS = {
     "capacity": part_capacity,
     "batch": part_batch,
 }
-NEEDS_TRACE = {"ablation", "capacity"}  # parts that build their own history stores
 
 
 def main() -> int:
@@ -171,17 +182,24 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=80, help="test requests measured")
     ap.add_argument("--distance-shapes", default="trace,qwen1.5-moe-a2.7b", help="cost models of the distance part")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--jobs", type=int, default=0, help="replays at once in worker processes (0: every usable core)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     test = load_trace(args.traces)
     test = test.head(args.limit)
     hist_trace = load_trace(args.history)
-    hist = empty_history(test, 1000)
-    record_history(hist_trace, hist)
-    for part in args.parts.split(","):
+    parts = args.parts.split(",")
+    stores = histories(parts, test, hist_trace)
+    for part in parts:
         t0 = time.perf_counter()
-        src = hist_trace if part in NEEDS_TRACE else hist
-        rows = PARTS[part](test, src, args)
+        jobs = PARTS[part](test, args)
+
+        def report(i: int, r, part=part, jobs=jobs) -> None:
+            extra = " ".join(f"{k}={v}" for k, v in jobs[i][0].items())
+            log(f"{part} {extra} {r.budget} {r.policy}: hit {r.hit_rate:.3f} tpot {r.tpot_s * 1e3:.2f} ms")
+
+        results = replay_all(test, [j for _, j in jobs], stores, args.jobs, report)
+        rows = [row(r, **extra) for (extra, _), r in zip(jobs, results, strict=True)]
         rec = {
             "meta": run_meta(),
             "config": {**vars(args), "part": part},

@@ -437,9 +437,47 @@ def test_cli_simulate_takes_the_near_full_budget_knobs(recorded, tmp_path, monke
         "--json",
         str(tmp_path / "s.json"),
     ]
+    args += ["--jobs", "1"]  # (in this process: the spy sees the replays)
     assert main(args + ["--warm-pool", "--keep-whole-layers", "--graphed-decode", "--no-run-ahead"]) == 0
     assert main(args) == 0
     assert (True, True, True, False) in seen and (None, False, False, True) in seen  # (None: auto, graphed)
+
+
+def _replayed(r) -> dict:
+    """A replay's result without its wall-clock fields (they differ from run to run)."""
+    return {k: v for k, v in r.to_dict().items() if k not in ("wall_s", "layer_steps_per_s")}
+
+
+def test_replays_in_worker_processes_equal_those_run_one_at_a_time(recorded):
+    """`replay_all` with 2 workers (forked) gives every replay's result as 1 does, in the order
+    asked, each reported once; a replay that fails raises its error here."""
+    from finemoe.errors import ConfigError
+    from finemoe.simjobs import Replay, replay_all, resolve_jobs
+
+    _, _, f = recorded
+    tr = load_trace(f)
+    hist = empty_history(tr, 64)
+    record_history(tr, hist)
+    cost = make_cost_model(tr.spec, "trace")
+    jobs = [
+        Replay(cfg("finemoe", "25%", map_store_capacity=64), cost, history="h"),
+        Replay(cfg("lru", "50%"), cost),
+        Replay(cfg("oracle", "25%"), cost, history="h"),
+        Replay(cfg("moe-infinity", "25%", map_store_capacity=64), cost, history="h", batch_size=2),
+        Replay(cfg("finemoe", "50%", map_store_capacity=64), cost, "instant", "h", graphed=True),
+    ]
+    one = replay_all(tr, jobs, {"h": hist}, workers=1)
+    seen: list[int] = []
+    two = replay_all(tr, jobs, {"h": hist}, workers=2, on_result=lambda i, r: seen.append(i))
+    assert sorted(seen) == list(range(len(jobs)))
+    assert [_replayed(r) for r in two] == [_replayed(r) for r in one]
+    assert [r.policy for r in two] == ["finemoe", "lru", "oracle", "moe-infinity", "finemoe"]
+    assert one[0].hit_rate > 0 and one[0].hit_rate != one[1].hit_rate  # (not a trivial equality)
+    with pytest.raises(ConfigError, match="history 'other'"):
+        replay_all(tr, [*jobs[:2], Replay(cfg("finemoe", "25%"), cost, history="other")], {"h": hist}, workers=2)
+    with pytest.raises(ConfigError, match="--jobs must be >= 0"):
+        resolve_jobs(-1, 3)
+    assert resolve_jobs(5, 3) == 3 and resolve_jobs(1, 3) == 1 and 1 <= resolve_jobs(0, 2) <= 2
 
 
 # one request, 2 iterations: layer 0 always expert 0, layer 1 expert 1 then expert 2 (top-1);

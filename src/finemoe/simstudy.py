@@ -142,6 +142,13 @@ def add_simulate_args(ap: argparse.ArgumentParser) -> None:
         "default: with --graphed-decode)",
     )
     ap.add_argument("--limit", type=int, help="measure only the first N requests of --traces")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="replays run at once, in worker processes (0, the default: every usable core; 1: one at a time "
+        "in this process); the results do not depend on it",
+    )
     ap.add_argument("--json", dest="json_out", help="write the JSON record here")
     ap.add_argument("--plot", help="write a PNG (hit rate and estimated TPOT vs budget) here")
 
@@ -182,7 +189,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     from finemoe.errors import ConfigError
     from finemoe.presets import PRESETS
     from finemoe.sim_history import empty_history, record_history
-    from finemoe.simulator import ORACLES, simulate
+    from finemoe.simjobs import Replay, replay_all, resolve_jobs
+    from finemoe.simulator import ORACLES, SimResult
     from finemoe.trace import load_trace
 
     policies = [p for p in args.policies.split(",") if p]
@@ -212,9 +220,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         )
     budgets = [b for b in args.budgets.split(",") if b]
     shapes = [s for s in args.shape.split(",") if s]
-    rows = []
-    total = len(shapes) * len(budgets) * len(policies)
-    n = 0
+    jobs: list[tuple[str, Replay]] = []  # (shape, replay), in the table's order
     for shape in shapes:
         cost = make_cost_model(
             test.spec,
@@ -226,31 +232,36 @@ def run_sweep(args: argparse.Namespace) -> int:
             layer_host_s=args.layer_host_us * 1e-6,
             sync_host_s=args.sync_host_us * 1e-6,
         )
-        floor = None
-        for budget in budgets:
+        knobs = {
+            "cost": cost,
+            "link": args.link,
+            "batch_size": args.batch_size,
+            "oracle_noise": args.oracle_noise,
+            "graphed": args.graphed_decode,
+            "run_ahead": not args.no_run_ahead,
+        }
+        for bi, budget in enumerate(budgets):
             for policy in policies:
-                n += 1
-                r = simulate(
-                    test,
-                    _config(args, policy, budget),
-                    cost,
-                    args.link,
-                    history,
-                    args.batch_size,
-                    oracle_noise=args.oracle_noise,
-                    graphed=args.graphed_decode,
-                    run_ahead=not args.no_run_ahead,
-                )
-                row = {"shape": shape, **r.to_dict()}
-                rows.append(row)
-                print(
-                    f"[{n}/{total}] {shape} {budget:>5} {policy:<20} hit {r.hit_rate:.3f} "
-                    f"tpot {r.tpot_s * 1e3:.3f}ms ({r.steps_per_s / 1e3:.0f}k steps/s)",
-                    file=sys.stderr,
-                )
-            if floor is None:
-                floor = simulate(test, _config(args, "all-gpu", "100%"), cost, args.link, None, args.batch_size)
-                rows.append({"shape": shape, **floor.to_dict()})
+                jobs.append((shape, Replay(_config(args, policy, budget), history="history", **knobs)))
+            if bi == 0:  # the all-resident floor, once per shape
+                floor = Replay(_config(args, "all-gpu", "100%"), cost, args.link, None, args.batch_size)
+                jobs.append((shape, floor))
+    workers = resolve_jobs(args.jobs, len(jobs))
+    log.info("%d replays on %d worker process(es)", len(jobs), workers)
+    done = [0]
+
+    def report(i: int, r: SimResult) -> None:
+        done[0] += 1
+        if r.policy == "all-gpu":
+            return
+        print(
+            f"[{done[0]}/{len(jobs)}] {jobs[i][0]} {r.budget:>5} {r.policy:<20} hit {r.hit_rate:.3f} "
+            f"tpot {r.tpot_s * 1e3:.3f}ms ({r.steps_per_s / 1e3:.0f}k steps/s)",
+            file=sys.stderr,
+        )
+
+    results = replay_all(test, [j for _, j in jobs], {"history": history}, workers, report)
+    rows = [{"shape": shape, **r.to_dict()} for (shape, _), r in zip(jobs, results, strict=True)]
     _print_table(rows)
     if args.json_out:
         rec = {"meta": _meta(), "config": vars(args), "trace": _trace_info(test), "results": rows}
