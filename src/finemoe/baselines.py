@@ -238,6 +238,7 @@ class MoEInfinityPredictor:
         self.running = RunningActivations(deps.spec.num_layers, deps.spec.num_experts)
         self.ctx: IterationContext | None = None
         self.score_sum = self.score_n = 0.0
+        self._eids = expert_id_table(deps.spec.num_layers, deps.spec.num_experts)
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self.running.begin(ctx)  # ended requests are dropped (the HistoryRecorder stores them)
@@ -251,22 +252,38 @@ class MoEInfinityPredictor:
         self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
         if self.store.size == 0:
             return None
-        active = torch.unique(ctx.request_of_row)
-        scores, rows = self.store.match(self.running.batch[active])
+        batch = self.running.batch  # [B, L, E]
+        if batch.shape[0] == 1 and ctx.request_of_row.numel():  # batch 1: its one request is active
+            active = batch
+        else:
+            active = batch[torch.unique(ctx.request_of_row)]  # [B', L, E]
+        scores, rows = self.store.match(active)
         self.score_sum += float(scores.sum())
         self.score_n += scores.numel()
         L, w = self.spec.num_layers, self.window
-        best: dict[ExpertId, float] = {}
-        for j, target in enumerate(range(event.layer + 1, min(event.layer + 1 + w, L))):
-            decay = 1.0 - j / w
-            counts = self.store.mats[rows, target]  # [B', E]
-            share = counts / counts.sum(dim=1, keepdim=True).clamp_min(EPS)
-            top_p, top_i = torch.topk(share, self.keep, dim=1)
-            for e, p in zip(top_i.view(-1).tolist(), top_p.view(-1).tolist(), strict=True):
-                eid = ExpertId(target, e)
-                best[eid] = max(best.get(eid, 0.0), p * decay)
-        reqs = tuple(PrefetchRequest(eid, p) for eid, p in best.items())
-        return PrefetchPlan(reqs, replace=True, iteration=event.iteration)
+        first, end = event.layer + 1, min(event.layer + 1 + w, L)
+        if first >= end:
+            return tuple.__new__(PrefetchPlan, ((), True, event.iteration, ()))
+        # every target layer's share and top experts in one set of ops (whole counts: exact sums)
+        counts = self.store.mats[rows, first:end]  # [B', T, E]
+        share = counts / counts.sum(dim=2, keepdim=True).clamp_min(EPS)
+        top_p, top_i = torch.topk(share, self.keep, dim=2)  # [B', T, keep]
+        ids, ps = top_i.tolist(), top_p.tolist()
+        best: dict[ExpertId, float] = {}  # in the order targets, then rows, then rank
+        eids = self._eids
+        for j in range(end - first):
+            decay, row_eids = 1.0 - j / w, eids[first + j]
+            for b in range(len(ids)):
+                for e, p in zip(ids[b][j], ps[b][j], strict=True):
+                    eid = row_eids[e]
+                    q = p * decay
+                    if q > best.get(eid, 0.0):
+                        best[eid] = q
+                    elif eid not in best:
+                        best[eid] = 0.0  # (max(0.0, q) with q <= 0: kept in first-seen order)
+        new = tuple.__new__  # the named tuples' own constructor, without their Python frames
+        reqs = tuple([new(PrefetchRequest, (eid, p)) for eid, p in best.items()])
+        return new(PrefetchPlan, (reqs, True, event.iteration, ()))  # (requests, replace, iteration, probs)
 
     def end_requests(self) -> None:
         self.running.pop_all()  # the HistoryRecorder stores finished requests
