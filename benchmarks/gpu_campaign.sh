@@ -334,6 +334,16 @@ case $part in
       --cores 2-7 --rounds 16 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather --out "$out/overhead_s39a.json" 2>&1 | grep -v INFO \
       | grep -A9 "^run \|^link per" | cut -c1-200 | head -24 ;;
+  s40a)     # session 40 (~4 min): the GPU tests after the recorder's NumPy counts, the store's unit rows
+            # and moe-infinity's one-op plans (pure Python)
+    timeout 500 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -15 ;;
+  s40b)     # session 40 (~5 min): what online learning (the engine's default) adds at 99%, 10 paired rounds:
+            # the default device arm frozen at 1K maps against the same arm learning (its rows undone after
+            # each run)
+    timeout 570 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --cores 2-7 --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s40b.json" 2>&1 | grep -v INFO | grep -A9 "^run \|^link per" | cut -c1-200 | head -40 ;;
   s39b)     # session 39 (~5 min; carry .whl/ as s39a): the GPU tests with the compiled build
     python -m pip install -q --no-index --no-deps --no-compile --target /tmp/cy .whl/cython-3.3.1-*.whl
     FINEMOE_NATIVE=1 PYTHONPATH=/tmp/cy timeout 240 python setup.py -q build_ext --inplace -j 16 > /tmp/native_build.log 2>&1 || tail -20 /tmp/native_build.log

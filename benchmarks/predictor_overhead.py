@@ -231,6 +231,7 @@ def probes(eng: Engine) -> dict[str, Timed]:
 KNOWN_FLAGS = frozenset(
     [
         "graph-gates",
+        "learn",
         "no-copies",
         "gather",
         "no-gate",
@@ -491,6 +492,8 @@ def main() -> int:
         "':plan-launched' lets the predictors plan for layers launched already (OffloadRuntime.tell_launched off), "
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
+        "':learn' keeps learning every iteration's maps into the store (map_store_learn=True, the engine's "
+        "default; every other run's store is frozen at the history's 1K maps), "
         "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
@@ -562,7 +565,7 @@ def main() -> int:
         # always predicting: the adaptive duty (the CUDA default) would measure its verdict instead
         search, _, variant = mode.partition(":")
         flags = set(variant.split("+")) - {""}
-        kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn=False)
+        kw = dict(policy="finemoe", expert_budget=budget, search=search, map_store_learn="learn" in flags)
         # (`:duty`: the CUDA default, predicting only while the measured step says it pays; its state
         # carries over the rounds, as in a long-running engine)
         kw.update(prediction_duty="adaptive" if "duty" in flags else "always", graph_gates="graph-gates" in flags)
@@ -601,7 +604,9 @@ def main() -> int:
     base = eng.config
     knobs = sorted({k for _, kw in runs for k in kw})
     reset = {k: getattr(base, k) for k in knobs}
-    reset["map_store_learn"] = False  # nothing learns in any run (a learning lru would record history)
+    reset["map_store_learn"] = False  # nothing learns in any run (a learning lru would record history) but
+    # the ':learn' arms, whose learned rows are undone after each run: every run matches the same 1K maps
+    frozen = eng.maps.state() if any(kw.get("map_store_learn") for _, kw in runs) else None
     for rnd in range(args.rounds):  # interleaved rounds: drift hits every configuration alike
         got = {}
         # every other round in reverse order: a drift within a round moves a pair's two runs alike
@@ -614,6 +619,8 @@ def main() -> int:
                 eng, test, args.new_tokens, breakdown=last, freeze=not args.no_gc_freeze, gpu_marks=args.gpu_marks
             )
             log.info("round %d %s: %s", rnd, name, got[name])
+            if frozen is not None and kw.get("map_store_learn"):
+                eng.maps.load_rows(frozen["emb"], frozen["maps"])
         rec["rounds"].append(got)
     for name, _ in runs:
         per = [r[name] for r in rec["rounds"]]
