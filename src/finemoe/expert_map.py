@@ -202,9 +202,10 @@ class ExpertMapStore:
         rest_emb, rest_maps = emb[i:], maps[i:]
         rdy = self.redundancy(rest_emb, rest_maps)  # [N', C]
         w_sem = self.semantic_weight
-        rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
-        rest_flat = rest_maps.reshape(rest_maps.shape[0], -1)
-        rest_flat_unit = rest_flat / rest_flat.norm(dim=1, keepdim=True).clamp_min(EPS)
+        if rest_emb.shape[0] > 1:  # (read only for the rows after the first: none in decode at batch 1)
+            rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
+            rest_flat = rest_maps.reshape(rest_maps.shape[0], -1)
+            rest_flat_unit = rest_flat / rest_flat.norm(dim=1, keepdim=True).clamp_min(EPS)
         for j in range(rest_emb.shape[0]):
             y = int(torch.argmax(rdy[j]))
             self._write(y, rest_emb[j], rest_maps[j])
