@@ -344,13 +344,13 @@ case $part in
       --cores 2-7 --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40b.json" 2>&1 | grep -v INFO | grep -A9 "^run \|^link per" | cut -c1-200 | head -40 ;;
-  s40c)     # session 40 (~6 min): s40b unpinned (its --cores pinning after torch's import gave 16 intra-op
+  s40d)     # session 40 (~6 min): s40b unpinned (its --cores pinning after torch's import gave 16 intra-op
             # threads 6 cores: the learning arm's CPU tensor ops then took ~38 ms per step), 6 rounds, then
             # the GPU tests
     timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
-      --out "$out/overhead_s40c.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
+      --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
   s39b)     # session 39 (~5 min; carry .whl/ as s39a): the GPU tests with the compiled build
     python -m pip install -q --no-index --no-deps --no-compile --target /tmp/cy .whl/cython-3.3.1-*.whl
