@@ -352,6 +352,11 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s40e)     # session 40 (~2 min): s40d's overhead runs again once the recorder works per layer again
+    timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s40e.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
   s39b)     # session 39 (~5 min; carry .whl/ as s39a): the GPU tests with the compiled build
     python -m pip install -q --no-index --no-deps --no-compile --target /tmp/cy .whl/cython-3.3.1-*.whl
     FINEMOE_NATIVE=1 PYTHONPATH=/tmp/cy timeout 240 python setup.py -q build_ext --inplace -j 16 > /tmp/native_build.log 2>&1 || tail -20 /tmp/native_build.log

@@ -246,8 +246,7 @@ def test_history_commits_each_request_when_it_leaves():
 
 
 def test_history_counts_an_iteration_cut_short_and_stores_no_map_of_it():
-    """The recorder counts a layer's selections only when the iteration ends; one cut short (a routing
-    out of order) still counts the layers it saw, as layer-by-layer counting did, and stores no map."""
+    """An iteration cut short (a routing out of order) counts the layers it saw and stores no map."""
     spec = _spec()
     store = RequestMatrixStore(2, 4)
     rec = HistoryRecorder(PredictorDeps(spec, 1, None, store))
@@ -257,21 +256,6 @@ def test_history_counts_an_iteration_cut_short_and_stores_no_map_of_it():
     _route(rec, 0, 1, [[2, 3]])  # (ignored)
     rec.end_requests()
     assert store.size == 1 and store.mats[0].tolist() == [[1.0, 1, 0, 0], [0, 0, 0, 0]]
-
-
-def test_running_activations_count_layers_equals_counting_layer_by_layer():
-    g = torch.Generator().manual_seed(3)
-    for B, N in ((1, 1), (1, 5), (3, 7)):
-        by_layer, at_once = RunningActivations(4, 6), RunningActivations(4, 6)
-        ctx = _ctx(0, True, tuple(range(B)))
-        by_layer.begin(ctx)
-        at_once.begin(ctx)
-        req = torch.randint(0, B, (N,), generator=g).sort().values
-        ids = [torch.randint(0, 6, (N, 2), generator=g) for _ in range(3)]  # layers 0..2 of 4
-        for layer, t in enumerate(ids):
-            by_layer.count(layer, t, req)
-        at_once.count_layers(ids, req)
-        assert torch.equal(at_once.batch, by_layer.batch) and at_once.batch.sum() == 3 * N * 2
 
 
 def test_running_activations_static_batches_unchanged():

@@ -208,19 +208,6 @@ class RunningActivations:
         flat = (request_of_row.numpy()[:, None] * E + ids).reshape(-1)  # [N*k] request * E + expert
         mats[:, layer] += np.bincount(flat, minlength=B * E)[: B * E].reshape(B, E)
 
-    def count_layers(self, ids: list[torch.Tensor], request_of_row: torch.Tensor) -> None:
-        """`count` of layers 0, 1, ..., len(ids) - 1 at once: `ids[l]` [N, k] int64 the selections of
-        layer l's live rows, `request_of_row` [N] (CPU). The same whole counts as layer by layer."""
-        mats, (L, E) = self._np, (self.L, self.E)
-        B, n = mats.shape[0], len(ids)
-        sel = np.stack([t.numpy() for t in ids])  # [n, N, k]
-        flat = sel + (np.arange(n) * E)[:, None, None]  # layer * E + expert
-        if B == 1:  # one request (batch 1): every row is its own
-            mats[0] += np.bincount(flat.reshape(-1), minlength=L * E)[: L * E].reshape(L, E)
-            return
-        flat = flat + (request_of_row.numpy() * (L * E))[None, :, None]  # (request * L + layer) * E + expert
-        mats += np.bincount(flat.reshape(-1), minlength=B * L * E)[: B * L * E].reshape(B, L, E)
-
     def pop(self, request_id: int) -> torch.Tensor | None:
         """Forget one request; its matrix [L, E] (a copy), or None if it never ran."""
         mat = self.by_id.pop(request_id, None)

@@ -21,14 +21,6 @@ from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
 
 
 class HistoryRecorder:
-    """Records every finished iteration's maps and every finished request's activation matrix.
-
-    A layer's routing is only kept (`_events`) until the iteration's last layer: the maps' rows and
-    the layers' selection counts are then made in one pass (`_flush`), a few tensor ops per
-    iteration instead of per layer (the recorder runs on the forward thread with online learning,
-    the engine's default). An iteration cut short has its layers counted all the same, when the
-    next event, iteration or `end_requests` arrives, as if counted layer by layer (no maps then)."""
-
     name = "history"
 
     def __init__(self, deps: PredictorDeps) -> None:
@@ -36,59 +28,45 @@ class HistoryRecorder:
         self.values = deps.map_values  # "probs", or top-k "counts" (the hit-count ablation)
         self.rows = deps.store_rows  # "all": every token; "last": in prefill only each prompt's last token
         self.ctx: IterationContext | None = None
-        self._events: list[RoutingEvent] = []  # this iteration's routings so far, layers 0, 1, ...
-        self._counted: IterationContext | None = None  # the context `_events` belong to (until counted)
+        self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
         self.running = RunningActivations(self.spec.num_layers, self.spec.num_experts)
         self.last_layer = self.spec.num_layers - 1
         self.maps_added = 0
         self.requests_added = 0
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self._count()  # (an iteration cut short: its layers still count, before any request is committed)
         self._commit(self.running.begin(ctx))
-        self.ctx, self._counted = ctx, ctx
+        self.ctx, self.layer_probs = ctx, []
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         ctx = self.ctx
-        if ctx is None or event.iteration != ctx.iteration or event.layer != len(self._events):
+        if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
             self.ctx = None
-            self._count()
             return None
-        self._events.append(event)
+        # (the work stays per layer: in a graphed step the host reads the routings while the GPU runs
+        # the later layers, so done at the last layer it would lengthen the step; session 40, s40d)
+        if ctx.rows.numel() == event.topk_ids.shape[0]:  # every position a live row (batch 1): no gathers
+            self.layer_probs.append(
+                event.host_probs() if self.values == "probs" else routing_rows(event, ctx.rows, self.values)
+            )
+            self.running.count(event.layer, event.topk_ids, ctx.request_of_row)
+        else:
+            self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
+            self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
-            self._flush(ctx)
+            emb = ctx.host_embeddings()
+            if self.maps is not None and emb is not None and ctx.rows.numel():
+                maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
+                if ctx.is_prefill and self.rows == "last":
+                    req = ctx.request_of_row
+                    last = torch.ones_like(req, dtype=torch.bool)
+                    last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
+                    emb, maps = emb[last], maps[last]
+                self.maps.add(emb, maps)  # [N, D], [N, L, E]
+                self.maps_added += ctx.rows.numel()
             self.ctx = None
         return None
-
-    def _flush(self, ctx: IterationContext) -> None:
-        """The iteration's last layer routed: its maps into the store, every layer's selections counted."""
-        events, rows = self._events, ctx.rows
-        emb = ctx.host_embeddings()
-        if self.maps is not None and emb is not None and rows.numel():
-            whole = rows.numel() == events[0].topk_ids.shape[0]  # every position a live row (batch 1)
-            if whole and self.values == "probs":
-                maps = torch.stack([e.host_probs() for e in events], dim=1)  # [N, L, E]
-            else:
-                maps = torch.stack([routing_rows(e, rows, self.values) for e in events], dim=1)
-            if ctx.is_prefill and self.rows == "last":
-                req = ctx.request_of_row
-                last = torch.ones_like(req, dtype=torch.bool)
-                last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
-                emb, maps = emb[last], maps[last]
-            self.maps.add(emb, maps)  # [N, D], [N, L, E]
-            self.maps_added += rows.numel()
-        self._count()
-
-    def _count(self) -> None:
-        """Count the selections of the routings kept so far into the running matrices, then drop them."""
-        events, ctx = self._events, self._counted
-        if events and ctx is not None:
-            rows = ctx.rows
-            whole = rows.numel() == events[0].topk_ids.shape[0]
-            ids = [e.topk_ids if whole else e.topk_ids[rows] for e in events]  # per layer [N, k]
-            self.running.count_layers(ids, ctx.request_of_row)
-        self._events = []
 
     def _commit(self, mats: list[torch.Tensor]) -> None:
         if self.requests is None:
@@ -99,7 +77,6 @@ class HistoryRecorder:
                 self.requests_added += 1
 
     def end_requests(self) -> None:
-        self._count()
         self._commit(self.running.pop_all())
         self.ctx = None
 
