@@ -548,6 +548,9 @@ def main() -> int:
             lo, _, hi = part.partition("-")
             cores.update(range(int(lo), int(hi or lo) + 1))
         os.sched_setaffinity(0, cores)
+        # (and as many intra-op threads: torch sized its pool at import; 16 threads on 6 cores made the
+        # learning arms' recorder ~20x slower, s40b. Runs before session 40 kept every thread)
+        torch.set_num_threads(len(cores))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = shape_config(args.shape, args.layers)
     eng = recorded_engine(cfg, getattr(torch, args.dtype), args.device, args.history, args.prompt_len, args.new_tokens)

@@ -199,3 +199,22 @@ def test_prefill_predict_is_validated_and_resolved_per_policy():
     assert not predict_after_demand(get_preset("finemoe-paper"), auto)  # as the paper's hooks run them
     assert not predict_after_demand(get_preset("mixtral-offloading"), auto)
     assert predict_after_demand(get_preset("mixtral-offloading"), after)
+
+
+def test_engine_start_warns_when_torch_threads_outnumber_the_usable_cores(monkeypatch, caplog):
+    """Restricting the process's cores after torch's import leaves its thread pool as large as
+    before: the warning names the fix, and stays silent when the threads fit."""
+    import logging
+
+    from finemoe import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    with caplog.at_level(logging.WARNING, logger="finemoe.threads"):
+        assert threads.warn_if_oversubscribed()
+    assert "torch.set_num_threads(2)" in caplog.text and "8 CPU threads" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="finemoe.threads"):
+        assert not threads.warn_if_oversubscribed()
+    assert caplog.text == ""

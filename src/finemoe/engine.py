@@ -55,6 +55,7 @@ from finemoe.process_search import ProcessPredictor, worker_setup
 from finemoe.runtime import OffloadRuntime
 from finemoe.store import ExpertStore
 from finemoe.telemetry import EngineTelemetry, GenerationOutput
+from finemoe.threads import warn_if_oversubscribed
 from finemoe.transfer import make_transfer
 from finemoe.types import MoESpec
 
@@ -106,6 +107,7 @@ class Engine(EngineTelemetry):
         # speculative predictors instead of the model's routers; applies from the next reconfigure.
         self.speculative_gate: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None
         self.maps, self.requests = self._history_stores(config)
+        warn_if_oversubscribed()
         self._setup(config)
 
     # -- history (expert maps, past requests) ----------------------------------------------------
