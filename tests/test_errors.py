@@ -210,11 +210,14 @@ def test_engine_start_warns_when_torch_threads_outnumber_the_usable_cores(monkey
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
     monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(threads, "_warned", False)
     with caplog.at_level(logging.WARNING, logger="finemoe.threads"):
         assert threads.warn_if_oversubscribed()
+        assert not threads.warn_if_oversubscribed()  # once per process
     assert "torch.set_num_threads(2)" in caplog.text and "8 CPU threads" in caplog.text
+    assert caplog.text.count("CPU threads") == 1
     caplog.clear()
     monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 2)
     with caplog.at_level(logging.WARNING, logger="finemoe.threads"):
-        assert not threads.warn_if_oversubscribed()
+        assert not threads.warn_if_oversubscribed(again=True)
     assert caplog.text == ""

@@ -6,7 +6,7 @@ result, `history` is cloned when a replay learns), so the results do not depend 
 workers or on the order they finish in; `replay_all` returns them in the order asked. Workers are
 forked: they share the parent's trace, histories and cost models (read-only, copy-on-write) and
 send back only the results. Where `fork` is not available (macOS, Windows) the replays run one after
-another in this process.
+another in this process (also on macOS, where forking a process that loaded system frameworks is unsafe).
 
 The per-replay speed (`SimResult.steps_per_s`) of concurrent replays is that of a shared machine:
 issue 5's per-core figures come from `benchmarks/sim_speed.py`, one replay at a time.
@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import sys
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 from finemoe import simulator
@@ -66,8 +67,8 @@ def resolve_jobs(jobs: int, runs: int) -> int:
         raise ConfigError(f"--jobs must be >= 0 (0: every usable core), got {jobs}")
     n = usable_cores() if jobs == 0 else jobs
     n = max(1, min(n, runs))
-    if n > 1 and "fork" not in multiprocessing.get_all_start_methods():
-        log.info("no fork on this platform: the %d replays run one after another", runs)
+    if n > 1 and not (sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()):
+        log.info("replays fork workers on Linux only: the %d replays run one after another", runs)
         return 1
     return n
 
@@ -116,8 +117,9 @@ def replay_all(
 
     `workers`: processes (0: every usable core; `resolve_jobs`). `on_result(i, result)` is called in
     this process as each replay finishes (in finishing order with several workers), e.g. for
-    progress. A replay that raises stops the sweep: the error is raised here once the replays
-    already running are done, the queued ones dropped."""
+    progress. A replay that raises (or an interrupt) stops the sweep: the error is raised here, the
+    queued replays dropped. Run the caller with one torch thread (`torch.set_num_threads(1)`, as the
+    workers do) for results that cannot depend on the number of workers."""
     global _shared
     histories = histories or {}
     n = resolve_jobs(workers, len(jobs))
@@ -134,18 +136,18 @@ def replay_all(
     try:
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_worker_start) as pool:
-            pending = {pool.submit(_worker_run, i) for i in range(len(jobs))}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for fut in done:
-                    if fut.exception() is not None:
-                        for other in pending:
-                            other.cancel()
-                        raise fut.exception()  # type: ignore[misc]
-                    i, r = fut.result()
-                    results[i] = r
-                    if on_result is not None:
-                        on_result(i, r)
+            try:
+                pending = {pool.submit(_worker_run, i) for i in range(len(jobs))}
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        i, r = fut.result()  # (a replay's error is raised here)
+                        results[i] = r
+                        if on_result is not None:
+                            on_result(i, r)
+            except BaseException:  # an error, Ctrl-C: the queued replays are dropped, not run first
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     finally:
         _shared = None
     return results  # type: ignore[return-value]

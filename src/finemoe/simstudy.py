@@ -185,6 +185,8 @@ def _config(args: argparse.Namespace, policy: str, budget: str) -> Any:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
+    import torch
+
     from finemoe.costmodel import make_cost_model
     from finemoe.errors import ConfigError
     from finemoe.presets import PRESETS
@@ -247,6 +249,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                 floor = Replay(_config(args, "all-gpu", "100%"), cost, args.link, None, args.batch_size)
                 jobs.append((shape, floor))
     workers = resolve_jobs(args.jobs, len(jobs))
+    torch.set_num_threads(1)  # (as in the workers: the same results for any --jobs)
     log.info("%d replays on %d worker process(es)", len(jobs), workers)
     done = [0]
 
@@ -264,7 +267,12 @@ def run_sweep(args: argparse.Namespace) -> int:
     rows = [{"shape": shape, **r.to_dict()} for (shape, _), r in zip(jobs, results, strict=True)]
     _print_table(rows)
     if args.json_out:
-        rec = {"meta": _meta(), "config": vars(args), "trace": _trace_info(test), "results": rows}
+        rec = {
+            "meta": _meta(),
+            "config": {**vars(args), "workers": workers},
+            "trace": _trace_info(test),
+            "results": rows,
+        }
         Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_out).write_text(json.dumps(rec, indent=1, default=str))
     if args.plot:

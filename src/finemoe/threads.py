@@ -29,11 +29,17 @@ def oversubscribed() -> tuple[int, int] | None:
     return (threads, cores) if threads > cores else None
 
 
-def warn_if_oversubscribed() -> bool:
-    """Log a warning naming the fix when torch has more intra-op threads than usable cores; True if so."""
+_warned = False  # the warning is logged once per process
+
+
+def warn_if_oversubscribed(again: bool = False) -> bool:
+    """Log a warning naming the fix when torch has more intra-op threads than usable cores (once per
+    process; `again`: whether or not it was logged before); True if so."""
+    global _warned
     found = oversubscribed()
-    if found is None:
+    if found is None or (_warned and not again):
         return False
+    _warned = True
     threads, cores = found
     log.warning(
         "torch uses %d CPU threads but this process may run on %d cores (restricted after torch was "
