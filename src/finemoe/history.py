@@ -46,14 +46,10 @@ class HistoryRecorder:
             return None
         # (the work stays per layer: in a graphed step the host reads the routings while the GPU runs
         # the later layers, so done at the last layer it would lengthen the step; session 40, s40d)
-        if ctx.rows.numel() == event.topk_ids.shape[0]:  # every position a live row (batch 1): no gathers
-            self.layer_probs.append(
-                event.host_probs() if self.values == "probs" else routing_rows(event, ctx.rows, self.values)
-            )
-            self.running.count(event.layer, event.topk_ids, ctx.request_of_row)
-        else:
-            self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
-            self.running.count(event.layer, event.topk_ids[ctx.rows], ctx.request_of_row)
+        whole = ctx.rows.numel() == event.topk_ids.shape[0]  # every position a live row (batch 1): no gathers
+        whole_probs = whole and self.values == "probs"
+        self.layer_probs.append(event.host_probs() if whole_probs else routing_rows(event, ctx.rows, self.values))
+        self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
             if self.maps is not None and emb is not None and ctx.rows.numel():

@@ -5,8 +5,8 @@ Each replay is independent and deterministic (`simulator.simulate`: the same inp
 result, `history` is cloned when a replay learns), so the results do not depend on the number of
 workers or on the order they finish in; `replay_all` returns them in the order asked. Workers are
 forked: they share the parent's trace, histories and cost models (read-only, copy-on-write) and
-send back only the results. Where `fork` is not available (macOS, Windows) the replays run one after
-another in this process (also on macOS, where forking a process that loaded system frameworks is unsafe).
+send back only the results. Off Linux the replays run one after another in this process (Windows has
+no `fork`; on macOS forking a process that loaded system frameworks is unsafe).
 
 The per-replay speed (`SimResult.steps_per_s`) of concurrent replays is that of a shared machine:
 issue 5's per-core figures come from `benchmarks/sim_speed.py`, one replay at a time.
@@ -62,7 +62,7 @@ def usable_cores() -> int:
 
 def resolve_jobs(jobs: int, runs: int) -> int:
     """Worker processes for `runs` replays: `jobs` (0: every usable core), at most one per replay,
-    1 where processes cannot be forked."""
+    1 off Linux (see the module's docstring)."""
     if jobs < 0:
         raise ConfigError(f"--jobs must be >= 0 (0: every usable core), got {jobs}")
     n = usable_cores() if jobs == 0 else jobs
