@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,9 +102,9 @@ def test_semantic_match_is_cosine_argmax():
     assert scores[0].item() == pytest.approx(2.0 / math.sqrt(4.01), rel=1e-5)
 
 
-def test_single_query_semantic_matches_are_remembered_until_the_store_changes():
-    """A recurring embedding (one query row) is matched once per store state: an added row, a
-    replaced row or loaded rows make the next match search again."""
+def test_single_query_semantic_matches_are_remembered_across_writes():
+    """A recurring embedding (one query row) is matched once: an added or replaced row updates the
+    remembered match (a better new row wins), loaded rows make the next match search again."""
     s = store(dim=3)
     s.add(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.rand(2, 2, 2))
     q = torch.tensor([[1.0, 1.0, 0.1]])
@@ -117,6 +118,45 @@ def test_single_query_semantic_matches_are_remembered_until_the_store_changes():
     assert s.semantic_match(q)[1].item() == 0 and s.semantic_match(q)[0].item() == pytest.approx(
         0.1 / math.sqrt(2.01), rel=1e-5
     )
+
+
+def test_remembered_semantic_matches_equal_fresh_searches_while_the_store_learns():
+    """A learning store (appends, then replacements; recurring and tied embeddings, a remembered
+    best row rewritten, more writes than a catch-up takes) answers every single-row match exactly
+    as a full search over the current rows does: the same row and the same score, bit for bit."""
+    from finemoe.expert_map import SEMANTIC_CATCH_UP, _mv
+
+    gen = torch.Generator().manual_seed(5)
+    D = 24
+    s = ExpertMapStore(StoreGeometry(3, 4, D), capacity=40)
+    pool = torch.randn(12, D, generator=gen)  # recurring token embeddings
+    pool[3] = pool[2] * 2.0  # same direction: tied cosines, the first row must win
+    checked = caught_up = 0
+    for step in range(400):
+        if step % 97 == 96:  # a long gap: more writes than a catch-up takes
+            for _ in range(SEMANTIC_CATCH_UP + 1):
+                s.add(torch.randn(1, D, generator=gen), torch.rand(1, 3, 4, generator=gen))
+        pick = int(torch.randint(0, 12, (1,), generator=gen))
+        emb = pool[pick : pick + 1]
+        if s.size:
+            q = emb[0].numpy()
+            remembered = q.tobytes() in s._semantic and s._semantic[q.tobytes()][2] != s.version
+            score, row = s.semantic_match_one(emb[0])
+            sim = _mv(s._emb_unit_np[: s.size], q)
+            want = int(sim.argmax())
+            want_score = float(np.float32(float(sim[want]) / max(float(np.sqrt(q @ q)), 1e-12)))
+            assert (row, score) == (want, want_score), step
+            checked += 1
+            caught_up += remembered
+        new = emb if step % 3 else torch.randn(1, D, generator=gen)  # the token itself, or another
+        s.add(new, torch.rand(1, 3, 4, generator=gen))
+    assert checked > 390 and caught_up > 100 and s.replacements > 300
+    # a tie written at a lower row than the remembered best: the first maximum wins, as in argmax
+    t = ExpertMapStore(StoreGeometry(1, 2, 2), capacity=2)
+    t.add(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.rand(2, 1, 2, generator=gen))
+    assert t.semantic_match_one(torch.tensor([3.0, 0.0]))[1] == 1
+    t._write(0, torch.tensor([2.0, 0.0]), torch.rand(1, 2, generator=gen))  # (a replacement's write)
+    assert t.semantic_match_one(torch.tensor([3.0, 0.0]))[1] == 0
 
 
 def test_trajectory_incremental_equals_from_scratch():

@@ -26,7 +26,9 @@ EPS = 1e-12
 # only the rows leading at that point are followed.
 PRUNE_AT_LAYER = 4
 RANKED_CACHE = 16384  # ranked map rows kept (each a few lists of E items); cleared when full
-SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or written
+SEMANTIC_CACHE = 1024  # single-query semantic matches kept by embedding; cleared when full or reloaded
+# a remembered semantic match older than this many written rows is searched again, not brought up to date
+SEMANTIC_CATCH_UP = 64
 WRITE_LOG = 4096  # (version, row) of the latest writes kept, for copies that follow the store row by row
 
 
@@ -82,9 +84,11 @@ class ExpertMapStore:
         # (row * L + layer) -> that map row ranked for δ selection (`predictor.ranked_row`), made on
         # first use and dropped when the row is rewritten: decode keeps matching the same rows.
         self._ranked: dict[int, RankedRow] = {}
-        # embedding bytes -> (score, row) of a single-query semantic match: a token's embedding is
-        # the same every time it recurs, and a frozen store (the offline setup) matches it alike
-        self._semantic: dict[bytes, tuple[float, int]] = {}
+        # embedding bytes -> (score, row, version, raw) of a single-query semantic match at store
+        # version `version` (raw: the row's unnormalised product): a token's embedding is the same
+        # every time it recurs; a match made before later writes is brought up to date from the rows
+        # written since (`_catch_up`), so a learning store keeps its matches too
+        self._semantic: dict[bytes, tuple[float, int, int, float]] = {}
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -145,7 +149,6 @@ class ExpertMapStore:
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
         self.version += 1
         self._written.append((self.version, row))
-        self._semantic.clear()
         if self._ranked:
             L = self.geometry.num_layers
             for key in range(row * L, row * L + L):
@@ -252,18 +255,41 @@ class ExpertMapStore:
     def semantic_match_one(self, emb: torch.Tensor | np.ndarray) -> tuple[float, int]:
         """`semantic_match` of one embedding [D] (a tensor, or float32 NumPy) as plain numbers
         (score, row), the score rounded to float32 as `semantic_match`'s tensor holds it: NumPy,
-        remembered by the embedding's bytes until the store changes. Store non-empty."""
+        remembered by the embedding's bytes (and brought up to date after writes). Store non-empty."""
         q = emb if isinstance(emb, np.ndarray) else emb.float().numpy()
         key = q.tobytes()
         hit = self._semantic.get(key)
+        if hit is not None and hit[2] != self.version:
+            hit = self._catch_up(hit, q)
+            if hit is not None:
+                self._semantic[key] = hit
         if hit is None:
             sim = _mv(self._emb_unit_np[: self.size], q)
             row = int(sim.argmax())
-            hit = (float(np.float32(float(sim[row]) / max(float(np.sqrt(q @ q)), EPS))), row)
+            raw = float(sim[row])
+            hit = (float(np.float32(raw / max(float(np.sqrt(q @ q)), EPS))), row, self.version, raw)
             if len(self._semantic) >= SEMANTIC_CACHE:
                 self._semantic.clear()
             self._semantic[key] = hit
-        return hit
+        return hit[0], hit[1]
+
+    def _catch_up(self, hit: tuple[float, int, int, float], q: np.ndarray) -> tuple[float, int, int, float] | None:
+        """A remembered match of `q` brought to the store's version: the best row stays unless a row
+        written since scores higher (or equal at a lower index: `argmax`'s first maximum), each scored
+        by the same product as the full search (the same bits). None: search again (its best row was
+        rewritten, or too many rows were written since)."""
+        score, row, version, raw = hit
+        written = self.rows_written_since(version)
+        if written is None or len(written) > SEMANTIC_CATCH_UP or row in written:
+            return None
+        sims = _mv(self._emb_unit_np[written], q)  # [n] (rows gathered: each scored as in `_mv` over all)
+        best, best_raw = row, raw
+        for y, s in zip(written, sims.tolist(), strict=True):
+            if s > best_raw or (s == best_raw and y < best):
+                best, best_raw = y, s
+        if best != row:
+            score = float(np.float32(best_raw / max(float(np.sqrt(q @ q)), EPS)))
+        return score, best, self.version, best_raw
 
     def trajectory_scores_from_scratch(self, traj: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Cosine [N, size] of trajectories `traj` [N, m, E] (layers start..start+m-1) with the
