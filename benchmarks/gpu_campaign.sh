@@ -352,6 +352,19 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s41b)     # session 41 (~3 min): s41a without the GPU suite, the record launched at its read
+    timeout 170 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -4
+    timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s41b.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
+  s41a)     # session 41 (~7 min): the step record's GPU tests, s40e's overhead arms again, the GPU suite
+    timeout 170 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -4
+    timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s41a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
+    timeout 200 python -m pytest -q tests/gpu 2>&1 | tail -6 ;;
   s40e)     # session 40 (~2 min): s40d's overhead runs again once the recorder works per layer again
     timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \

@@ -253,6 +253,10 @@ class Engine(EngineTelemetry):
         if hasattr(self.cache.policy, "on_routing") and not plan.all_resident:
             self.runtime.policy_routes = self.cache.policy.on_routing  # router-probability eviction
         self.runtime.embed = self.model.get_input_embeddings()
+        if self.search_mode not in ("async", "process"):  # (a searcher reads events after the step's end)
+            self.runtime.map_recorders = [
+                m for m in members if isinstance(m, HistoryRecorder) and m.maps is not None and m.values == "probs"
+            ]
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         # (auto: the gates computed in the side graphs where the map search runs there too)
         auto_gates = search == "device" and graphed

@@ -48,6 +48,7 @@ from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
 from finemoe.runahead import RunAhead
 from finemoe.side_graphs import SideGraphs
+from finemoe.step_record import StepRecord
 from finemoe.store import flush_deferred
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class StaticDecoder:
         self.sides = SideGraphs(runtime, len(refs), device) if self.use_graphs else None
         # layers whose experts are all resident launch their next segment without a routing sync
         self.ahead = RunAhead(runtime, len(refs), device) if self.use_graphs else None
+        # the step's expert map for online learning, recorded on the device (`step_record`)
+        self.record = StepRecord(device) if self.use_graphs else None
         self.foreign = False  # a router has hooks besides the engine's (set at capture): no run-ahead
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
@@ -115,6 +118,8 @@ class StaticDecoder:
             "decode_graph_error": self.error,
             "decode_graph_gates": self.sides.gate_rows() if self.sides else 0,  # gate probability rows per step
             "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
+            # replayed steps whose expert map the device recorded for learning (`step_record`), in total
+            "decode_step_records": self.record.launches if self.record else 0,
             # side launches without their gates, without their map match (deferred), and matches
             # launched only when read (`side_graphs.SideGraphs.match_needed` missed them), in total
             "decode_side_gates_skipped": self.sides.gates_skipped if self.sides else 0,
@@ -151,6 +156,8 @@ class StaticDecoder:
     def drop_graphs(self) -> None:
         if self.sides is not None:
             self.sides.drop()  # (they write pinned rows and read tensors about to be freed)
+        if self.record is not None:
+            self.record.drop()
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
 
     @contextmanager
@@ -266,6 +273,7 @@ class StaticDecoder:
                         raise RuntimeError("decode graph capture did not see every MoE router once (unsupported model)")
                     if not self.whole:
                         sides.capture(self.routed, cap)  # type: ignore[arg-type]
+                        self._capture_record(cap)
                 except BaseException:
                     if begun:  # ended on the stream it began on, so `cap` is no longer capturing
                         with suppress(Exception):  # the capture already failed: report the first error
@@ -284,6 +292,20 @@ class StaticDecoder:
             L,
             sides.count(),
         )
+
+    def _capture_record(self, cap: torch.cuda.Stream) -> None:
+        """The step's expert map recorded on the device where a recorder learns on this thread; the
+        recorders read every router's logits otherwise (and if the record cannot be captured)."""
+        rt, record = self.rt, self.record
+        assert record is not None
+        live = bool(rt.map_recorders) and record.capture(
+            self.routed,  # type: ignore[arg-type]
+            rt.adapter.router_logits_at,
+            rt.adapter.router_probs,
+            cap,
+        )
+        for rec in rt.map_recorders:
+            rec.graphed_reads_probs = not live
 
     def boundary(self, layer: int, module: nn.Module, args: tuple, output: tuple) -> None:
         """Called by layer `layer`'s router hook while capturing: keep its static inputs and
@@ -318,11 +340,15 @@ class StaticDecoder:
             # (a paused duty leaves only the recorders, which read neither matches nor gates)
             sides = bool(rt.active) and rt.active is not rt.always and side.count() > 0
             rt.speculated = side.speculated if side.linear else None
+            record = self.record if self.record is not None and self.record.live and rt.map_recorders else None
+            rt.step_record = record
             rt.graphed_probs = rt.reads_graphed_probs()
             # (`running` pins its stream: torch's lookup of the current stream costs ~10 µs of host)
             here = self.stream if rt.fixed_stream is self.stream else torch.cuda.current_stream(self.device)
             self._here = here
             side.before_step(here)
+            if record is not None:
+                record.before_step()
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)
@@ -337,6 +363,8 @@ class StaticDecoder:
                     step_marks.start(here, follows=True)
                 marks = [0.0] * 5  # (the last routing sync's; `OffloadRuntime.sync_marks_s`)
                 self.graphs[0].replay()
+                if record is not None and len(self.refs) == 1:  # (S_0 holds the last router)
+                    record.mark(here)
                 self._span(t_step)
                 if beside:  # while the GPU runs S_0: no match reads the store before router 0
                     self._begin_sides(here, True)
@@ -402,7 +430,7 @@ class StaticDecoder:
                 rt.drop_early()  # (one nobody took: its layer ran ahead)
                 if ahead is not None:
                     ahead.abandon()  # (nothing left unless the step failed)
-                rt.late_events, rt.speculated, rt.settle_side = None, None, None
+                rt.late_events, rt.speculated, rt.settle_side, rt.step_record = None, None, None, None
                 if matches is not None:
                     matches.after_step()
                     matches.settle = None
@@ -446,6 +474,9 @@ class StaticDecoder:
     def _replayer(self, segment: int) -> Callable[[], None]:
         replay, marks = self.graphs[segment].replay, self.rt.step_marks
         last = len(self.refs)
+        record = self.rt.step_record if segment == last - 1 else None
+        if record is not None:  # the segment holding the last router: the step's map may be recorded after it
+            replay = partial(_replay_marked, replay, record, self._here)
         if marks is None or segment < last - 1:
             return replay
         slot, stream = segment - last + 2, self._here  # 1: the last router's segment, 2: the step's last
@@ -457,6 +488,11 @@ class StaticDecoder:
             marks.mark(slot, stream)
 
         return marked
+
+
+def _replay_marked(replay: Callable[[], None], record: StepRecord, here: torch.cuda.Stream) -> None:
+    replay()
+    record.mark(here)
 
 
 def static_decode_supported(model: nn.Module) -> bool:

@@ -22,6 +22,10 @@ from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
 
 class HistoryRecorder:
     name = "history"
+    # whether a graphed decode step must bring every router's logits to the host for it (`predictor.
+    # reads_router_probs`): not while the step records its expert map on the device (set by the
+    # static decoder at capture, `step_record`)
+    graphed_reads_probs = True
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
@@ -47,13 +51,22 @@ class HistoryRecorder:
         # (the work stays per layer: in a graphed step the host reads the routings while the GPU runs
         # the later layers, so done at the last layer it would lengthen the step; session 40, s40d)
         whole = ctx.rows.numel() == event.topk_ids.shape[0]  # every position a live row (batch 1): no gathers
-        whole_probs = whole and self.values == "probs"
-        self.layer_probs.append(event.host_probs() if whole_probs else routing_rows(event, ctx.rows, self.values))
+        step_maps = ctx.step_maps if self.values == "probs" else None  # (the device records the step's map)
+        if step_maps is not None:
+            self.layer_probs.append(None)  # type: ignore[arg-type]  # (read whole at the last layer)
+        elif whole and self.values == "probs":
+            self.layer_probs.append(event.host_probs())
+        else:
+            self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
         self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
+            recorded = step_maps() if step_maps is not None else None  # [T, L, E] (read even if unused)
             if self.maps is not None and emb is not None and ctx.rows.numel():
-                maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
+                if recorded is not None:
+                    maps = recorded if whole else recorded[ctx.rows]  # [N, L, E]
+                else:
+                    maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
                 if ctx.is_prefill and self.rows == "last":
                     req = ctx.request_of_row
                     last = torch.ones_like(req, dtype=torch.bool)

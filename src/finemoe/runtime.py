@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from finemoe.execution import LayerBinding
     from finemoe.graphs import StaticDecoder
     from finemoe.step_marks import StepMarks
+    from finemoe.step_record import StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,11 @@ class OffloadRuntime:
     # router logits stay on the device (no pinned copy, one D2H fewer before the routing sync)
     graphed_probs: bool = True
     graphed_logits_copies: int = 0  # layers of graphed steps whose router logits went to the host
+    # the history recorders that take a replayed step's expert map from the device's record
+    # (`step_record.StepRecord`) instead of each layer's logits: set by the engine where they run on
+    # the forward thread; the record made for the step that replays now (None: none)
+    map_recorders: list = field(default_factory=list)
+    step_record: StepRecord | None = None
     # eager prefill: a layer's routing reaches the predictors once its on-demand copies are issued
     # (`Stepper.serve`), not in the router hook before them (`prefill_predict`)
     predict_after_demand: bool = False
@@ -369,6 +375,8 @@ class OffloadRuntime:
                     self._embed_wait()
         req_of_row = torch.div(rows, T, rounding_mode="floor")
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
+        if self.step_record is not None and not is_prefill:
+            ctx.step_maps = self.step_record.take
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0

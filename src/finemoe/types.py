@@ -133,6 +133,10 @@ class IterationContext:
     _host: torch.Tensor | None = field(default=None, repr=False)
     request_ids: tuple[int, ...] | None = None  # [B] stable id per batch row; None: the row index
     finished_ids: tuple[int, ...] = ()  # requests that left the batch before this iteration
+    # a replayed decode step whose expert map the device records (`step_record.StepRecord.take`): the
+    # router probabilities of every layer [B*T, L, E] float32 on the host, read once, at the last
+    # layer's routing; None: read each layer's routing
+    step_maps: Callable[[], torch.Tensor] | None = None
     _rows_list: list[int] | None = field(default=None, repr=False)
 
     def row_list(self) -> list[int]:

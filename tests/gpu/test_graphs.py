@@ -295,9 +295,10 @@ def test_device_search_matches_on_the_gpu_as_the_host_does_one_layer_late(ckpt):
 
 def test_graphed_steps_copy_router_logits_only_when_a_reader_wants_them(ckpt):
     """A graphed step copies a router's logits to the host only for a reader of probabilities: with
-    the maps matched on the GPU, the gates computed in the graph and nothing learning, none is left
-    (no copy in any layer); a learning store (its recorder reads them) has every layer's copied.
-    The tokens are those of the eager steps either way."""
+    the maps matched on the GPU, the gates computed in the graph, none is left, learning or not (a
+    learning store takes each step's map from the device's record, `step_record`: one per step);
+    learning where the record could not be captured copies every layer's. The tokens are those of the
+    eager steps in every case."""
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     prompt = medium_prompts()[0]
     kw = dict(policy="finemoe", expert_budget="25%", device="cuda", progress=False, prediction_duty="always")
@@ -308,14 +309,44 @@ def test_graphed_steps_copy_router_logits_only_when_a_reader_wants_them(ckpt):
         eng.reconfigure(cuda_graphs=True)
         learning = eng.generate(prompt, params)[0].token_ids
         extra = eng.stats().extra
-        assert extra["decode_graph_replays"] > 0 and extra["decode_graph_error"] is None
-        assert extra["decode_graph_logits_copies"] == L * extra["decode_graph_replays"]
+        replays = extra["decode_graph_replays"]
+        assert replays > 0 and extra["decode_graph_error"] is None
+        # (the first replay's predictors started before its capture: that step reads each layer)
+        assert extra["decode_graph_logits_copies"] == 0 and extra["decode_step_records"] == replays - 1
+        eng.static.drop_graphs()
+        eng.static.record.capture = lambda *a: False  # (a record that fails to capture: every layer read)
+        per_layer = eng.generate(prompt, params)[0].token_ids
+        extra = eng.stats().extra
+        assert extra["decode_graph_logits_copies"] == L * (extra["decode_graph_replays"] - replays)
+        assert extra["decode_step_records"] == replays - 1
         eng.reconfigure(map_store_learn=False)
         blind = eng.generate(prompt, params)[0].token_ids
         extra = eng.stats().extra
         assert extra["decode_graph_replays"] > 0 and extra["decode_graph_logits_copies"] == 0
         assert eng.predictor_stats()["device_matched_plans"] > 0  # the map predictor still planned
-    assert learning == eager and blind == eager
+    assert learning == eager and per_layer == eager and blind == eager
+
+
+@pytest.mark.parametrize("search", ["sync", "device"])
+def test_graphed_learning_stores_the_maps_eager_learning_does(ckpt, search):
+    """Online learning in graphed decode (each step's map recorded on the device, `step_record`)
+    stores what eager decode stores for the same tokens: the same rows in the same order, the same
+    embeddings, the maps within float32 rounding (a device softmax against the host's)."""
+    params = SamplingParams(max_new_tokens=10, ignore_eos=True)
+    prompt = medium_prompts()[1]
+    kw = dict(policy="finemoe", expert_budget="25%", device="cuda", progress=False, search=search)
+    with Engine.from_pretrained(ckpt, cuda_graphs=False, **kw) as eng:
+        eager = eng.generate(prompt, params)[0].token_ids
+        n = eng.maps.size
+        eng.reconfigure(cuda_graphs=True)
+        graphed = eng.generate(prompt, params)[0].token_ids
+        extra = eng.stats().extra
+        assert extra["decode_step_records"] == extra["decode_graph_replays"] - 1 > 0  # (not the capture's step)
+        assert eng.maps.size == 2 * n and eng.maps.replacements == 0
+        state = eng.maps.state()
+    assert graphed == eager
+    assert torch.equal(state["emb"][:n], state["emb"][n:])
+    assert torch.allclose(state["maps"][:n], state["maps"][n:], rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize(

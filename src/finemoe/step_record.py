@@ -1,0 +1,122 @@
+"""A graphed decode step's expert map, made on the device: every MoE layer's router probabilities in
+one copy to the host, for the map store's online learning (`history.HistoryRecorder`).
+
+Without it a learning engine brings each router's logits to the host and turns them into
+probabilities there, layer by layer: on the H200 machine ~30 µs of host time per layer (a pinned
+copy, the family's probability function, the bookkeeping), ~1 ms per step of the reference shape,
+on a host that is the step's bottleneck at a near-full budget (`docs/design/device_plans.md`,
+"Session 40"). Here one small CUDA graph, captured with the step's segments, reads the routers'
+static logits, applies the family's probability function (once over the stacked layers where it
+treats rows alike, else per layer) and copies the float32 result to pinned host memory. It is
+replayed on a stream of its own when the host reads the last layer's routing (`take`; the router
+is done by then, so it runs at once, beside the last segment).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from finemoe.models.base import sigmoid_probs, softmax_probs
+
+log = logging.getLogger(__name__)
+
+ROW_WISE = (softmax_probs, sigmoid_probs)  # probability functions that ignore the router module
+
+
+class StepRecord:
+    """The step's router probabilities [L, T, E] float32 in pinned host memory, written by one CUDA
+    graph per captured decode step (`capture`), replayed and read by `take` once `mark` has seen
+    the last router launched."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.host: torch.Tensor | None = None  # [L, T, E] float32, pinned
+        self._ready = torch.cuda.Event()  # the compute stream past the last router
+        self._done = torch.cuda.Event()  # the record's copy has landed
+        self.marked = False  # the current step's last router is launched (`mark`), its map not read yet
+        self._compute: torch.cuda.Stream | None = None  # the stream `mark` saw
+        self.launches = 0  # steps recorded, in total
+        self.error: str | None = None  # why the capture failed (the recorder then reads layer by layer)
+
+    @property
+    def live(self) -> bool:
+        return self.graph is not None
+
+    def drop(self) -> None:
+        self.graph, self.host, self.marked = None, None, False
+
+    def capture(
+        self,
+        routed: list[tuple[nn.Module, tuple, tuple]],
+        logits_at: int,
+        router_probs: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+        capturing: torch.cuda.Stream,
+    ) -> bool:
+        """Capture the record over the segments' static router outputs (`routed`: per MoE layer the
+        router, its inputs and outputs; the logits at `logits_at`) after the segments' capture on
+        `capturing`. False (and the reason in `error`): no record, the recorder reads layer by layer."""
+        self.drop()
+        logits = [out[logits_at] for _, _, out in routed]
+        L, E = len(logits), logits[0].shape[-1]
+        T = logits[0].reshape(-1, E).shape[0]
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(capturing)
+        try:
+            with torch.inference_mode(False):  # (pinned rows written by every later replay)
+                host = torch.empty(L, T, E, dtype=torch.float32, pin_memory=True)
+            with torch.no_grad(), torch.cuda.stream(self.stream):
+                graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    if router_probs in ROW_WISE:  # one call over every layer's rows
+                        stacked = torch.stack([x.reshape(T, E) for x in logits]).view(L * T, E)
+                        probs = router_probs(routed[0][0], stacked)
+                    else:
+                        pairs = zip(routed, logits, strict=True)
+                        probs = torch.stack([router_probs(r, x.reshape(T, E)) for (r, _, _), x in pairs])
+                    host.copy_(probs.view(L, T, E).float(), non_blocking=True)
+                finally:
+                    graph.capture_end()
+        except Exception as exc:  # (an op the family's probability function runs cannot be captured)
+            log.warning("the step's expert map cannot be recorded on the device, learning reads each layer: %r", exc)
+            self.error = repr(exc)
+            return False
+        capturing.wait_stream(self.stream)
+        self.graph, self.host = graph, host
+        return True
+
+    def mark(self, compute: torch.cuda.Stream) -> None:
+        """The segment holding the last router is launched on `compute`: the record may run once the
+        work queued there so far is done. Only an event here: a graph launched now would sit on its
+        stream waiting for most of the step, and the GPU's few hardware queues would hold later work
+        of other streams behind it (the ids' and the embedding's copies landed ~3.8 ms late in a
+        reference-shape step on the H200, session 41)."""
+        self._ready.record(compute)
+        self._compute = compute
+        self.marked = True
+
+    def take(self) -> torch.Tensor:
+        """The current step's probabilities [T, L, E] float32 on the host (a copy): the record is
+        replayed now, once the last router is done (the host has read its routing by then), and
+        waited for. Only after `mark` in the same step."""
+        if not self.marked or self.graph is None or self.host is None or self._compute is None:
+            raise RuntimeError("the step's expert map cannot be recorded before its last router is launched")
+        self.marked = False
+        self.stream.wait_event(self._ready)
+        torch.cuda.set_stream(self.stream)  # (not a stream context: no lookup of the current stream)
+        try:
+            self.graph.replay()
+            self._done.record(self.stream)
+        finally:
+            torch.cuda.set_stream(self._compute)
+        self.launches += 1
+        self._done.synchronize()
+        return self.host.transpose(0, 1).clone()
+
+    def before_step(self) -> None:
+        """A replayed step starts: a mark of an earlier step is void."""
+        self.marked = False
