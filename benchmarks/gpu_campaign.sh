@@ -352,6 +352,13 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s41c)     # session 41 (~5 min): s41b's overhead arms with the insert's semantic share made at the step's start, the GPU suite
+    timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s41c.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
+    python benchmarks/insert_probe.py --threads 0,1 | head -2
+    timeout 230 python -m pytest -q tests/gpu 2>&1 | tail -4 ;;
   s41b)     # session 41 (~3 min): s41a without the GPU suite, the record launched at its read
     timeout 170 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -4
     timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \

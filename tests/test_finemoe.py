@@ -159,6 +159,27 @@ def test_remembered_semantic_matches_equal_fresh_searches_while_the_store_learns
     assert t.semantic_match_one(torch.tensor([3.0, 0.0]))[1] == 0
 
 
+def test_an_insert_with_its_semantic_part_made_early_replaces_the_same_rows():
+    """`add` with the embedding's share of the redundancy made before (`semantic_part`, a decode
+    step's start) replaces the rows a plain `add` does, bit for bit; a part made before another
+    write is not used (it would score against rows that changed)."""
+    gen = torch.Generator().manual_seed(9)
+    a = ExpertMapStore(StoreGeometry(4, 6, 12), capacity=30, distance=2)
+    b = ExpertMapStore(StoreGeometry(4, 6, 12), capacity=30, distance=2)
+    a.add(torch.randn(30, 12, generator=gen), torch.rand(30, 4, 6, generator=gen))
+    b.load_rows(a.state()["emb"], a.state()["maps"])
+    for step in range(60):
+        emb, maps = torch.randn(1, 12, generator=gen), torch.rand(1, 4, 6, generator=gen)
+        early = b.semantic_part(emb)
+        if step % 7 == 0:  # another write in between: the early part is stale
+            other = torch.randn(1, 12, generator=gen), torch.rand(1, 4, 6, generator=gen)
+            a.add(*other)
+            b.add(*other)
+        assert torch.equal(a.redundancy(emb, maps), b.redundancy(emb, maps, early))
+        assert a.add(emb, maps) == b.add(emb, maps, early)
+    assert torch.equal(a.maps, b.maps) and torch.equal(a.emb, b.emb) and a.replacements > 60
+
+
 def test_trajectory_incremental_equals_from_scratch():
     g = torch.Generator().manual_seed(0)
     L, E, C, N = 5, 6, 40, 3

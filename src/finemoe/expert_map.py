@@ -55,6 +55,15 @@ def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SemanticPart:
+    """`ExpertMapStore.semantic_part`: the embedding's share of the redundancy score [N, size] of N
+    new rows, valid while the store is at `version`."""
+
+    version: int
+    part: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StoreGeometry:
     """What a store's rows look like: L MoE layers, E experts each, D embedding width."""
 
@@ -182,11 +191,12 @@ class ExpertMapStore:
         read it before the next write)."""
         return self._norm_layers_np[:, : self.size]
 
-    def add(self, emb: torch.Tensor, maps: torch.Tensor) -> list[int]:
+    def add(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
 
         Appends while there is room; then each new row overwrites the stored row with the highest
-        redundancy score against it, in order, so later rows see earlier replacements.
+        redundancy score against it, in order, so later rows see earlier replacements. `semantic`:
+        `semantic_part(emb)` made earlier, used if the store has not changed since (the same result).
         """
         emb, maps = emb.float().reshape(-1, self.geometry.dim), maps.float()
         maps = maps.reshape(-1, self.geometry.num_layers, self.geometry.num_experts)
@@ -203,7 +213,7 @@ class ExpertMapStore:
         if i == n:
             return rows
         rest_emb, rest_maps = emb[i:], maps[i:]
-        rdy = self.redundancy(rest_emb, rest_maps)  # [N', C]
+        rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
         w_sem = self.semantic_weight
         if rest_emb.shape[0] > 1:  # (read only for the rows after the first: none in decode at batch 1)
             rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -222,14 +232,26 @@ class ExpertMapStore:
                 )
         return rows
 
-    def redundancy(self, emb: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-        """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows."""
+    def redundancy(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> torch.Tensor:
+        """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows; the
+        embedding's share taken from `semantic` where it was made for these rows at this version."""
         c = self.size
-        q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
         flat = maps.reshape(maps.shape[0], -1)
         q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
         w = self.semantic_weight
-        return w * (q_emb @ self.emb_unit[:c].T) + (1 - w) * (q_flat @ self.maps_unit[:c].T)
+        if semantic is not None and semantic.version == self.version and semantic.part.shape == (flat.shape[0], c):
+            part = semantic.part
+        else:
+            part = self.semantic_part(emb).part
+        return part + (1 - w) * (q_flat @ self.maps_unit[:c].T)
+
+    def semantic_part(self, emb: torch.Tensor) -> SemanticPart:
+        """The embedding's share of `redundancy` for rows `emb` [N, D] at the store's current version:
+        (d/L) * cos(emb, stored) [N, size], the same bits `redundancy` computes. Made early (a decode
+        step's start, `history.HistoryRecorder`), it leaves only the maps' share to the insert."""
+        emb = emb.float().reshape(-1, self.geometry.dim)
+        q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
+        return SemanticPart(self.version, self.semantic_weight * (q_emb @ self.emb_unit[: self.size].T))
 
     # -- reads ----------------------------------------------------------------------------------
     def ranked(self, layer: int, row: int) -> RankedRow:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from finemoe.baselines import RunningActivations
+from finemoe.expert_map import SemanticPart
 from finemoe.predictor import Predictor, PredictorDeps, routing_rows
 from finemoe.types import IterationContext, PrefetchPlan, RoutingEvent
 
@@ -37,10 +38,19 @@ class HistoryRecorder:
         self.last_layer = self.spec.num_layers - 1
         self.maps_added = 0
         self.requests_added = 0
+        # a decode step's insert into a full store: the embedding's share of its redundancy scores,
+        # made at the step's start (in a graphed step the host's work there overlaps the GPU's; at
+        # the last layer nothing does)
+        self._semantic: SemanticPart | None = None
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         self._commit(self.running.begin(ctx))
-        self.ctx, self.layer_probs = ctx, []
+        self.ctx, self.layer_probs, self._semantic = ctx, [], None
+        maps = self.maps
+        if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel():
+            emb = ctx.host_embeddings()
+            if emb is not None:
+                self._semantic = maps.semantic_part(emb)
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
@@ -72,7 +82,8 @@ class HistoryRecorder:
                     last = torch.ones_like(req, dtype=torch.bool)
                     last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
                     emb, maps = emb[last], maps[last]
-                self.maps.add(emb, maps)  # [N, D], [N, L, E]
+                self.maps.add(emb, maps, self._semantic)  # [N, D], [N, L, E]
+                self._semantic = None
                 self.maps_added += ctx.rows.numel()
             self.ctx = None
         return None
