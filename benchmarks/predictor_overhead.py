@@ -253,6 +253,7 @@ KNOWN_FLAGS = frozenset(
         "defer-late",
         "defer-all",
         "no-early-read",
+        "no-record",
     ]
 )
 
@@ -287,7 +288,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `defer-late` / `defer-all`: the predictors' work of the routings drained before a routing sync goes
     after the sync layer's launch once its router is done / always (`defer_drained_plans`);
     `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
-    memory before the drain or the late events (`OffloadRuntime.early_routing_read` off)."""
+    memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
+    `no-record`: learning reads every layer's router logits on the host, no record
+    (`OffloadRuntime.map_recorders` emptied, as before session 41)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -297,6 +300,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.store_sync_beside = "store-first" not in flags
     eng.runtime.embed_early = "embed-early" in flags
     eng.runtime.early_routing_read = "no-early-read" not in flags
+    if "no-record" in flags:
+        eng.runtime.map_recorders = []
     # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
     eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)

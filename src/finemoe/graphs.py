@@ -120,6 +120,7 @@ class StaticDecoder:
             "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
             # replayed steps whose expert map the device recorded for learning (`step_record`), in total
             "decode_step_records": self.record.launches if self.record else 0,
+            "decode_step_record_wait_s": self.record.wait_s if self.record else 0.0,  # host seconds `take` waited
             # side launches without their gates, without their map match (deferred), and matches
             # launched only when read (`side_graphs.SideGraphs.match_needed` missed them), in total
             "decode_side_gates_skipped": self.sides.gates_skipped if self.sides else 0,
@@ -348,7 +349,7 @@ class StaticDecoder:
             self._here = here
             side.before_step(here)
             if record is not None:
-                record.before_step()
+                record.before_step(here)
             first = sides and side.first
             ahead = self.ahead if rt.run_ahead and not (self.foreign or rt.observers or rt.policy_routes) else None
             defer = ahead is not None and rt.defer_matches and rt.tell_launched  # (`SideGraphs.match_needed`)

@@ -71,7 +71,7 @@ class HistoryRecorder:
         self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
-            recorded = step_maps() if step_maps is not None else None  # [T, L, E] (read even if unused)
+            recorded = step_maps.take() if step_maps is not None else None  # [T, L, E] (read even if unused)
             if self.maps is not None and emb is not None and ctx.rows.numel():
                 if recorded is not None:
                     maps = recorded if whole else recorded[ctx.rows]  # [N, L, E]

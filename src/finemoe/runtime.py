@@ -376,7 +376,7 @@ class OffloadRuntime:
         req_of_row = torch.div(rows, T, rounding_mode="floor")
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
         if self.step_record is not None and not is_prefill:
-            ctx.step_maps = self.step_record.take
+            ctx.step_maps = self.step_record
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0

@@ -8,13 +8,14 @@ on a host that is the step's bottleneck at a near-full budget (`docs/design/devi
 "Session 40"). Here one small CUDA graph, captured with the step's segments, reads the routers'
 static logits, applies the family's probability function (once over the stacked layers where it
 treats rows alike, else per layer) and copies the float32 result to pinned host memory. It is
-replayed on a stream of its own when the host reads the last layer's routing (`take`; the router
-is done by then, so it runs at once, beside the last segment).
+replayed on a stream of its own when the host reads the last layer's routing (`take`: the router
+is done by then, so it runs at once, beside the last segment) and waited for there.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,8 @@ class StepRecord:
         self._ready = torch.cuda.Event()  # the compute stream past the last router
         self._done = torch.cuda.Event()  # the record's copy has landed
         self.marked = False  # the current step's last router is launched (`mark`), its map not read yet
+        self.launched = False  # the current step's record is replayed (`launch`), not read yet
+        self.wait_s = 0.0  # host seconds `take` waited for the record, in total
         self._compute: torch.cuda.Stream | None = None  # the stream `mark` saw
         self.launches = 0  # steps recorded, in total
         self.error: str | None = None  # why the capture failed (the recorder then reads layer by layer)
@@ -48,7 +51,7 @@ class StepRecord:
         return self.graph is not None
 
     def drop(self) -> None:
-        self.graph, self.host, self.marked = None, None, False
+        self.graph, self.host, self.marked, self.launched = None, None, False, False
 
     def capture(
         self,
@@ -99,13 +102,12 @@ class StepRecord:
         self._compute = compute
         self.marked = True
 
-    def take(self) -> torch.Tensor:
-        """The current step's probabilities [T, L, E] float32 on the host (a copy): the record is
-        replayed now, once the last router is done (the host has read its routing by then), and
-        waited for. Only after `mark` in the same step."""
-        if not self.marked or self.graph is None or self.host is None or self._compute is None:
-            raise RuntimeError("the step's expert map cannot be recorded before its last router is launched")
-        self.marked = False
+    def launch(self) -> None:
+        """Replay the record now, behind the last router (`mark`); nothing before `mark` or once
+        launched. (`take` launches it: launched at the routing of the layer before the last instead,
+        the step was no faster on the H200, session 41's s41d.)"""
+        if not self.marked or self.launched or self.graph is None or self._compute is None:
+            return
         self.stream.wait_event(self._ready)
         torch.cuda.set_stream(self.stream)  # (not a stream context: no lookup of the current stream)
         try:
@@ -113,10 +115,24 @@ class StepRecord:
             self._done.record(self.stream)
         finally:
             torch.cuda.set_stream(self._compute)
+        self.launched = True
         self.launches += 1
+
+    def take(self) -> torch.Tensor:
+        """The current step's probabilities [T, L, E] float32 on the host (a copy), the record
+        launched now if `launch` did not, and waited for. Only after `mark` in the same step."""
+        if not self.marked or self.host is None:
+            raise RuntimeError("the step's expert map cannot be recorded before its last router is launched")
+        self.launch()
+        self.marked = self.launched = False
+        t0 = time.perf_counter()
         self._done.synchronize()
+        self.wait_s += time.perf_counter() - t0
         return self.host.transpose(0, 1).clone()
 
-    def before_step(self) -> None:
-        """A replayed step starts: a mark of an earlier step is void."""
-        self.marked = False
+    def before_step(self, compute: torch.cuda.Stream) -> None:
+        """A replayed step starts on `compute`: a mark of an earlier step is void, and a record it
+        launched and nobody read must finish reading the router outputs this step rewrites."""
+        if self.launched:
+            compute.wait_event(self._done)
+        self.marked = self.launched = False

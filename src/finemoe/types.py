@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -106,6 +106,12 @@ class PrefetchPlan(NamedTuple):
     layer_probs: tuple[tuple[int, torch.Tensor], ...] = ()  # (layer, p [E] float32 CPU)
 
 
+class StepMaps(Protocol):
+    """A replayed step's expert map recorded on the device (`step_record.StepRecord`)."""
+
+    def take(self) -> torch.Tensor: ...
+
+
 @dataclass
 class IterationContext:
     """What is known when an iteration starts (after the embedding layer ran).
@@ -133,10 +139,10 @@ class IterationContext:
     _host: torch.Tensor | None = field(default=None, repr=False)
     request_ids: tuple[int, ...] | None = None  # [B] stable id per batch row; None: the row index
     finished_ids: tuple[int, ...] = ()  # requests that left the batch before this iteration
-    # a replayed decode step whose expert map the device records (`step_record.StepRecord.take`): the
-    # router probabilities of every layer [B*T, L, E] float32 on the host, read once, at the last
+    # a replayed decode step whose expert map the device records (`step_record.StepRecord`): `take()`
+    # gives the router probabilities of every layer [B*T, L, E] float32 on the host, once, at the last
     # layer's routing; None: read each layer's routing
-    step_maps: Callable[[], torch.Tensor] | None = None
+    step_maps: StepMaps | None = None
     _rows_list: list[int] | None = field(default=None, repr=False)
 
     def row_list(self) -> list[int]:
