@@ -352,8 +352,9 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
-  s41d)     # session 41 (~3 min): learning with the record launched a layer early (the default at 2c... when run), at the
-            # last read (`record-late`, a flag removed after this run: no gain, so `take` launches it), and without it
+  s41d)     # session 41 (~3 min): learning with the step record and without it (`no-record`); run on e4d4ac6 plus the early launch
+            # with a third arm, `+record-late` (the record launched at the last read, not a layer early): no gain, the
+            # early launch and its flag were removed, `take` launches the record
     timeout 300 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+no-record \
