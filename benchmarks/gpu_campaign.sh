@@ -352,6 +352,13 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s41e)     # session 41 (~6 min): learning with the insert held back to the next step's first store read, with and
+            # without the step record; the GPU suite
+    timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+no-record \
+      --out "$out/overhead_s41e.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11
+    timeout 280 python -m pytest -q tests/gpu 2>&1 | tail -4 ;;
   s41d)     # session 41 (~3 min): learning with the step record and without it (`no-record`); run on e4d4ac6 plus the early launch
             # with a third arm, `+record-late` (the record launched at the last read, not a layer early): no gain, the
             # early launch and its flag were removed, `take` launches the record

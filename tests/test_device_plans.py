@@ -223,6 +223,24 @@ def test_engine_without_cuda_graphs_searches_inline_and_says_why(tiny_checkpoint
     assert outs["device"] == outs["sync"]  # (lossless either way: the fallback is what the asserts above check)
 
 
+def test_sync_applies_an_insert_the_store_held_back():
+    """A graphed step's map held back (`ExpertMapStore.add_later`) reaches the copy at the next sync
+    as one staged row; asking whether a full load is due does not apply it."""
+    g = torch.Generator().manual_seed(4)
+    L, E, C = 3, 5, 6
+    s = ExpertMapStore(StoreGeometry(L, E, 3), capacity=C)
+    s.add(torch.randn(C, 3, generator=g), torch.softmax(torch.randn(C, L, E, generator=g), dim=-1))
+    dp = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    dp.sync(s)
+    s.add_later(torch.randn(1, 3, generator=g), torch.softmax(torch.randn(1, L, E, generator=g), dim=-1))
+    version = s.version
+    assert not dp.full_load_due(s) and s.version == version  # (still held back)
+    assert dp.sync(s) == 1 and s.version == version + 1 and dp.version == s.version
+    full = DevicePlanner(s.geometry, capacity=C, top_k=2)
+    full.load(s)
+    assert torch.equal(dp.maps, full.maps) and torch.equal(dp.norms, full.norms)
+
+
 def test_sync_reloads_when_the_log_is_short_the_rows_many_or_the_store_shrank(monkeypatch):
     from collections import deque
 

@@ -180,6 +180,40 @@ def test_an_insert_with_its_semantic_part_made_early_replaces_the_same_rows():
     assert torch.equal(a.maps, b.maps) and torch.equal(a.emb, b.emb) and a.replacements > 60
 
 
+def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would():
+    """`add_later` (a graphed step's map) leaves the store as it is until any method reads or writes
+    it; from there on the store equals one that added the row at once, read after read (replacements
+    included), and `apply_pending` with nothing held back does nothing."""
+    gen = torch.Generator().manual_seed(13)
+    L, E, D, C = 3, 4, 10, 12
+    now, later = ExpertMapStore(StoreGeometry(L, E, D), C), ExpertMapStore(StoreGeometry(L, E, D), C)
+    # each read given a query embedding and the row the held-back map lands in
+    reads = [
+        lambda s, q, row: s.semantic_match_one(q[0]),
+        lambda s, q, row: list(s.ranked(1, row).order),
+        lambda s, q, row: s.rows_written_since(0),
+        lambda s, q, row: TrajectoryQuery(s, 1).extend(0, q[:, :E].softmax(-1)).tolist(),
+        lambda s, q, row: s.redundancy(q, torch.rand(1, L, E)).shape,
+        lambda s, q, row: {k: v.sum().item() for k, v in s.state().items()},
+        lambda s, q, row: s.add(q, torch.full((1, L, E), 0.25)),
+    ]
+    for step in range(40):
+        emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
+        semantic = now.semantic_part(emb) if now.size >= C else None
+        (row,) = now.add(emb, maps, semantic)
+        size, version = later.size, later.version
+        later.add_later(emb, maps, later.semantic_part(emb) if later.size >= C else None)
+        assert (later.size, later.version) == (size, version)  # held back
+        q = emb if step % 2 else torch.randn(1, D, generator=gen)  # (the held-back row is the best match)
+        read = reads[step % len(reads)]
+        assert read(later, q, row) == read(now, q, row), step
+    later.apply_pending()
+    later.apply_pending()
+    for name in ("emb", "emb_unit", "maps", "prefix_sq", "by_layer", "prefix_norm", "maps_unit"):
+        assert torch.equal(getattr(now, name), getattr(later, name)), name
+    assert now.replacements == later.replacements > 20
+
+
 def test_trajectory_incremental_equals_from_scratch():
     g = torch.Generator().manual_seed(0)
     L, E, C, N = 5, 6, 40, 3

@@ -121,6 +121,7 @@ class DevicePlanner:
 
     def load(self, store: ExpertMapStore) -> None:
         """Copy `store`'s valid rows in (between decode steps, never while a graph is captured)."""
+        store.apply_pending()
         g = store.geometry
         if (g.num_layers, g.num_experts) != (self.geometry.num_layers, self.geometry.num_experts):
             raise ConfigError(
@@ -143,6 +144,7 @@ class DevicePlanner:
         writes a row per decode token), through pinned staging buffers without a host wait; else
         the whole store (`load`; also when the store shrank). Returns the rows copied. Between
         decode steps only, like `load`."""
+        store.apply_pending()
         if store.version == self.version and store.size == self.size:
             return 0
         rows = self._staged_rows(store)
@@ -156,7 +158,9 @@ class DevicePlanner:
 
     def full_load_due(self, store: ExpertMapStore) -> bool:
         """Whether the next `sync` copies the whole store (`load`: blocking copies from pageable host
-        memory) rather than nothing or a few staged rows."""
+        memory) rather than nothing or a few staged rows. An insert the store holds back
+        (`ExpertMapStore.add_later`) is not applied here (this is asked before a step's first launch):
+        its row is one staged row more."""
         return not (store.version == self.version and store.size == self.size) and self._staged_rows(store) is None
 
     def _staged_rows(self, store: ExpertMapStore) -> list[int] | None:

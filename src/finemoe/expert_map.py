@@ -98,6 +98,8 @@ class ExpertMapStore:
         # every time it recurs; a match made before later writes is brought up to date from the rows
         # written since (`_catch_up`), so a learning store keeps its matches too
         self._semantic: dict[bytes, tuple[float, int, int, float]] = {}
+        # an insert held back (`add_later`), applied before anything reads or writes the store
+        self._pending: tuple[torch.Tensor, torch.Tensor, SemanticPart | None] | None = None
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -174,6 +176,8 @@ class ExpertMapStore:
     def rows_written_since(self, version: int) -> list[int] | None:
         """The rows written after `version` (ascending, each once), or None when the write log no
         longer reaches back that far (then a copy must take every row)."""
+        if self._pending is not None:
+            self.apply_pending()
         if version == self.version:
             return []
         log = self._written
@@ -189,6 +193,8 @@ class ExpertMapStore:
     def clipped_norms(self) -> np.ndarray:
         """[L, size] the valid rows' prefix norms, clipped to >= EPS, layer-major (a NumPy view:
         read it before the next write)."""
+        if self._pending is not None:
+            self.apply_pending()
         return self._norm_layers_np[:, : self.size]
 
     def add(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> list[int]:
@@ -198,6 +204,8 @@ class ExpertMapStore:
         redundancy score against it, in order, so later rows see earlier replacements. `semantic`:
         `semantic_part(emb)` made earlier, used if the store has not changed since (the same result).
         """
+        if self._pending is not None:
+            self.apply_pending()
         emb, maps = emb.float().reshape(-1, self.geometry.dim), maps.float()
         maps = maps.reshape(-1, self.geometry.num_layers, self.geometry.num_experts)
         rows: list[int] = []
@@ -232,9 +240,28 @@ class ExpertMapStore:
                 )
         return rows
 
+    def add_later(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> None:
+        """`add(emb, maps, semantic)`, held back until the store is next read or written (any method
+        here, `apply_pending`): the same rows, in the same order, as an `add` now. A graphed decode
+        step's map goes in this way, so that its insert runs when the next step first reads the
+        store, where the GPU has that step's segments queued, instead of at its own end, where the
+        GPU has nothing left (`history.HistoryRecorder`). Attributes read directly (`size`, the
+        tensors) are current only after `apply_pending`."""
+        if self._pending is not None:
+            self.apply_pending()
+        self._pending = (emb, maps, semantic)
+
+    def apply_pending(self) -> None:
+        """Insert the row `add_later` held back (nothing if none)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.add(*pending)
+
     def redundancy(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> torch.Tensor:
         """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows; the
         embedding's share taken from `semantic` where it was made for these rows at this version."""
+        if self._pending is not None:
+            self.apply_pending()
         c = self.size
         flat = maps.reshape(maps.shape[0], -1)
         q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -249,6 +276,8 @@ class ExpertMapStore:
         """The embedding's share of `redundancy` for rows `emb` [N, D] at the store's current version:
         (d/L) * cos(emb, stored) [N, size], the same bits `redundancy` computes. Made early (a decode
         step's start, `history.HistoryRecorder`), it leaves only the maps' share to the insert."""
+        if self._pending is not None:
+            self.apply_pending()
         emb = emb.float().reshape(-1, self.geometry.dim)
         q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
         return SemanticPart(self.version, self.semantic_weight * (q_emb @ self.emb_unit[: self.size].T))
@@ -256,6 +285,8 @@ class ExpertMapStore:
     # -- reads ----------------------------------------------------------------------------------
     def ranked(self, layer: int, row: int) -> RankedRow:
         """Stored row `row`'s map at `layer`, ranked for δ selection (`predictor.ranked_row`)."""
+        if self._pending is not None:
+            self.apply_pending()
         key = row * self.geometry.num_layers + layer
         hit = self._ranked.get(key)
         if hit is None:
@@ -266,6 +297,8 @@ class ExpertMapStore:
 
     def semantic_match(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best stored row per query embedding: (`scores` [N] cosine, `rows` [N]). Store non-empty."""
+        if self._pending is not None:
+            self.apply_pending()
         if emb.shape[0] == 1:
             score, row = self.semantic_match_one(emb[0])
             return torch.tensor([score]), torch.tensor([row])
@@ -278,6 +311,8 @@ class ExpertMapStore:
         """`semantic_match` of one embedding [D] (a tensor, or float32 NumPy) as plain numbers
         (score, row), the score rounded to float32 as `semantic_match`'s tensor holds it: NumPy,
         remembered by the embedding's bytes (and brought up to date after writes). Store non-empty."""
+        if self._pending is not None:
+            self.apply_pending()
         q = emb if isinstance(emb, np.ndarray) else emb.float().numpy()
         key = q.tobytes()
         hit = self._semantic.get(key)
@@ -316,6 +351,8 @@ class ExpertMapStore:
     def trajectory_scores_from_scratch(self, traj: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Cosine [N, size] of trajectories `traj` [N, m, E] (layers start..start+m-1) with the
         same layers of every stored row."""
+        if self._pending is not None:
+            self.apply_pending()
         n, m, _ = traj.shape
         q = traj.reshape(n, -1)
         stored = self.maps[: self.size, start : start + m].reshape(self.size, -1)
@@ -325,10 +362,14 @@ class ExpertMapStore:
 
     def state(self) -> dict[str, torch.Tensor]:
         """The valid rows, for persistence: emb [size, D], maps [size, L, E]."""
+        if self._pending is not None:
+            self.apply_pending()
         return {"emb": self.emb[: self.size].clone(), "maps": self.maps[: self.size].clone()}
 
     def load_rows(self, emb: torch.Tensor, maps: torch.Tensor) -> None:
         """Replace the contents with saved rows (at most `capacity`; the newest kept if more)."""
+        if self._pending is not None:
+            self.apply_pending()
         self.size = 0
         self._semantic.clear()
         emb, maps = emb[-self.capacity :], maps[-self.capacity :]
@@ -349,6 +390,7 @@ class TrajectoryQuery:
     """
 
     def __init__(self, store: ExpertMapStore, num_rows: int, window: int = 0, candidates: int = 0) -> None:
+        store.apply_pending()
         self.store, self.window = store, window
         # best(): from layer `prune_at` on, follow only the `candidates` best-scoring rows (0: all)
         self.candidates = candidates if 0 < candidates < store.size and window <= 0 else 0

@@ -237,6 +237,7 @@ class FineMoEPredictor:
         self.ctx, self.traj = None, None
 
     def stats(self) -> dict[str, Any]:
+        self.store.apply_pending()  # (a graphed step's map held back, `ExpertMapStore.add_later`)
         return {
             "map_store_size": self.store.size,
             "map_store_capacity": self.store.capacity,

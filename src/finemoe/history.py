@@ -82,7 +82,10 @@ class HistoryRecorder:
                     last = torch.ones_like(req, dtype=torch.bool)
                     last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
                     emb, maps = emb[last], maps[last]
-                self.maps.add(emb, maps, self._semantic)  # [N, D], [N, L, E]
+                if recorded is not None:  # a graphed step: inserted when the next step first reads the store
+                    self.maps.add_later(emb, maps, self._semantic)  # [N, D], [N, L, E]
+                else:
+                    self.maps.add(emb, maps, self._semantic)
                 self._semantic = None
                 self.maps_added += ctx.rows.numel()
             self.ctx = None
@@ -99,8 +102,12 @@ class HistoryRecorder:
     def end_requests(self) -> None:
         self._commit(self.running.pop_all())
         self.ctx = None
+        if self.maps is not None:
+            self.maps.apply_pending()
 
     def stats(self) -> dict[str, Any]:
+        if self.maps is not None:
+            self.maps.apply_pending()
         return {"maps_recorded": self.maps_added, "requests_recorded": self.requests_added}
 
 

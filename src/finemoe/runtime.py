@@ -373,6 +373,8 @@ class OffloadRuntime:
                 else:
                     emb, host = self._embed_launch(tokens, ready)
                     self._embed_wait()
+        for rec in self.map_recorders:  # (a graphed step's map held back: before anything reads the store)
+            rec.maps.apply_pending()
         req_of_row = torch.div(rows, T, rounding_mode="floor")
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
         if self.step_record is not None and not is_prefill:
