@@ -31,13 +31,19 @@ SPEC = MoESpec(
 )
 
 
+def filled_store(spec) -> ExpertStore:
+    """A host store whose every slab is recognisable (`ExpertStore` allocates uninitialised memory,
+    which may hold NaNs: `holds` would then fail at random)."""
+    store = ExpertStore(spec, pin=False)
+    for layer in range(spec.num_layers):
+        for e in range(spec.num_experts):
+            store.slab(ExpertId(layer, e)).fill_(100 * layer + e)
+    return store
+
+
 def make_cache(slots: int, policy, keep_whole: bool = False) -> ExpertCache:
-    store = ExpertStore(SPEC, pin=False)
-    for layer in range(SPEC.num_layers):
-        for e in range(SPEC.num_experts):
-            store.slab(ExpertId(layer, e)).fill_(100 * layer + e)  # every slab recognisable
     pool = SlotPool(SPEC, slots, torch.device("cpu"))
-    return ExpertCache(SPEC, pool, store, SyncTransfer(pool), policy, keep_whole=keep_whole)
+    return ExpertCache(SPEC, pool, filled_store(SPEC), SyncTransfer(pool), policy, keep_whole=keep_whole)
 
 
 def holds(c: ExpertCache, slot: int, eid: ExpertId) -> bool:
@@ -676,7 +682,7 @@ def test_a_warm_fill_reports_each_copy_and_fills_layer_by_layer():
 
 def _gathering_cache(slots: int, policy, gather: bool = True) -> ExpertCache:
     pool = SlotPool(SPEC3, slots, torch.device("cpu"))
-    return ExpertCache(SPEC3, pool, ExpertStore(SPEC3, pin=False), SyncTransfer(pool), policy, gather_absent=gather)
+    return ExpertCache(SPEC3, pool, filled_store(SPEC3), SyncTransfer(pool), policy, gather_absent=gather)
 
 
 @pytest.mark.parametrize("policy", [LRUPolicy, "decay-lfu"])
