@@ -236,6 +236,11 @@ def test_sync_applies_an_insert_the_store_held_back():
     version = s.version
     assert not dp.full_load_due(s) and s.version == version  # (still held back)
     assert dp.sync(s) == 1 and s.version == version + 1 and dp.version == s.version
+    s.add(torch.randn(1, 3, generator=g), torch.softmax(torch.randn(1, L, E, generator=g), dim=-1))  # the copy lags
+    s.add_later(torch.randn(1, 3, generator=g), torch.softmax(torch.randn(1, L, E, generator=g), dim=-1))
+    version = s.version
+    assert not dp.full_load_due(s) and s.version == version  # (asked before a step's launch: still held back)
+    assert dp.sync(s) == 2 and dp.version == s.version == version + 1
     full = DevicePlanner(s.geometry, capacity=C, top_k=2)
     full.load(s)
     assert torch.equal(dp.maps, full.maps) and torch.equal(dp.norms, full.norms)

@@ -151,6 +151,22 @@ def test_remembered_semantic_matches_equal_fresh_searches_while_the_store_learns
         new = emb if step % 3 else torch.randn(1, D, generator=gen)  # the token itself, or another
         s.add(new, torch.rand(1, 3, 4, generator=gen))
     assert checked > 390 and caught_up > 100 and s.replacements > 300
+    # wider than NumPy's buffer (einsum sums a lone row in chunks) and NaN embeddings: searched again
+    for D2, nan in ((np.getbufsize() + 100, False), (8, True)):
+        w = ExpertMapStore(StoreGeometry(1, 2, D2), capacity=4)
+        w.add(torch.randn(1, D2, generator=gen), torch.rand(1, 1, 2, generator=gen))
+        q2 = torch.randn(D2, generator=gen)
+        for _ in range(12):
+            w.semantic_match_one(q2)
+            row = torch.randn(1, D2, generator=gen)
+            if nan:
+                row[0, 0] = float("nan")
+            w.add(row, torch.rand(1, 1, 2, generator=gen))
+            got = w.semantic_match_one(q2)  # (remembered: caught up or searched again)
+            remembered, w._semantic = w._semantic, {}
+            fresh = w.semantic_match_one(q2)
+            w._semantic = remembered
+            assert got[1] == fresh[1] and (got[0] == fresh[0] or (got[0] != got[0] and fresh[0] != fresh[0]))
     # a tie written at a lower row than the remembered best: the first maximum wins, as in argmax
     t = ExpertMapStore(StoreGeometry(1, 2, 2), capacity=2)
     t.add(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), torch.rand(2, 1, 2, generator=gen))
@@ -178,6 +194,11 @@ def test_an_insert_with_its_semantic_part_made_early_replaces_the_same_rows():
         assert torch.equal(a.redundancy(emb, maps), b.redundancy(emb, maps, early))
         assert a.add(emb, maps) == b.add(emb, maps, early)
     assert torch.equal(a.maps, b.maps) and torch.equal(a.emb, b.emb) and a.replacements > 60
+    # a part made under another semantic weight (the distance changed by a reconfigure) is not used
+    emb, maps = torch.randn(1, 12, generator=gen), torch.rand(1, 4, 6, generator=gen)
+    early = b.semantic_part(emb)
+    b.distance = a.distance = 3
+    assert torch.equal(a.redundancy(emb, maps), b.redundancy(emb, maps, early))
 
 
 def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would():

@@ -161,11 +161,13 @@ class DevicePlanner:
         memory) rather than nothing or a few staged rows. An insert the store holds back
         (`ExpertMapStore.add_later`) is not applied here (this is asked before a step's first launch):
         its row is one staged row more."""
-        return not (store.version == self.version and store.size == self.size) and self._staged_rows(store) is None
+        same = store.version == self.version and store.size == self.size
+        return not same and self._staged_rows(store, apply=False) is None
 
-    def _staged_rows(self, store: ExpertMapStore) -> list[int] | None:
-        """The rows `sync` would stage (possibly none), or None when it must load the whole store."""
-        rows = None if store.size < self.size else store.rows_written_since(self.version)
+    def _staged_rows(self, store: ExpertMapStore, apply: bool = True) -> list[int] | None:
+        """The rows `sync` would stage (possibly none), or None when it must load the whole store
+        (`apply` False: without applying an insert the store holds back)."""
+        rows = None if store.size < self.size else store.rows_written_since(self.version, apply)
         if rows is None or len(rows) > STAGED_ROWS or store.size > self.capacity:
             return None
         return rows

@@ -337,6 +337,7 @@ class Engine(EngineTelemetry):
             raise
 
     def _detach(self) -> None:
+        self.maps.apply_pending()  # (a graphed step's insert held back: made under the settings it ran with)
         for ap in self.async_predictors:
             ap.flush()
             if isinstance(ap, ProcessPredictor):  # keep what the worker learned for the next setup

@@ -57,10 +57,11 @@ def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SemanticPart:
     """`ExpertMapStore.semantic_part`: the embedding's share of the redundancy score [N, size] of N
-    new rows, valid while the store is at `version`."""
+    new rows, valid while the store is at `version` with semantic weight `weight`."""
 
     version: int
     part: torch.Tensor
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -173,10 +174,11 @@ class ExpertMapStore:
         self.maps_unit[row] = self.maps[row].reshape(-1) / self.prefix_sq[row, -1:].sqrt().clamp_min(EPS)
         self._norm_rows_np[row] = self._norm_layers_np[:, row] = np.maximum(self._prefix_norm_np[:, row], EPS)
 
-    def rows_written_since(self, version: int) -> list[int] | None:
+    def rows_written_since(self, version: int, apply: bool = True) -> list[int] | None:
         """The rows written after `version` (ascending, each once), or None when the write log no
-        longer reaches back that far (then a copy must take every row)."""
-        if self._pending is not None:
+        longer reaches back that far (then a copy must take every row). `apply` False: an insert held
+        back (`add_later`) stays held back and is not among them."""
+        if apply and self._pending is not None:
             self.apply_pending()
         if version == self.version:
             return []
@@ -266,7 +268,12 @@ class ExpertMapStore:
         flat = maps.reshape(maps.shape[0], -1)
         q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
         w = self.semantic_weight
-        if semantic is not None and semantic.version == self.version and semantic.part.shape == (flat.shape[0], c):
+        if (
+            semantic is not None
+            and semantic.version == self.version
+            and semantic.weight == w
+            and semantic.part.shape == (flat.shape[0], c)
+        ):
             part = semantic.part
         else:
             part = self.semantic_part(emb).part
@@ -280,7 +287,8 @@ class ExpertMapStore:
             self.apply_pending()
         emb = emb.float().reshape(-1, self.geometry.dim)
         q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
-        return SemanticPart(self.version, self.semantic_weight * (q_emb @ self.emb_unit[: self.size].T))
+        w = self.semantic_weight
+        return SemanticPart(self.version, w * (q_emb @ self.emb_unit[: self.size].T), w)
 
     # -- reads ----------------------------------------------------------------------------------
     def ranked(self, layer: int, row: int) -> RankedRow:
@@ -336,10 +344,16 @@ class ExpertMapStore:
         by the same product as the full search (the same bits). None: search again (its best row was
         rewritten, or too many rows were written since)."""
         score, row, version, raw = hit
+        if self.geometry.dim > np.getbufsize() or raw != raw:
+            # (einsum sums a row longer than its buffer in chunks, in another order for a lone row
+            # than inside the whole matrix; a NaN score wins `argmax`, never a comparison)
+            return None
         written = self.rows_written_since(version)
         if written is None or len(written) > SEMANTIC_CATCH_UP or row in written:
             return None
         sims = _mv(self._emb_unit_np[written], q)  # [n] (rows gathered: each scored as in `_mv` over all)
+        if np.isnan(sims).any():
+            return None
         best, best_raw = row, raw
         for y, s in zip(written, sims.tolist(), strict=True):
             if s > best_raw or (s == best_raw and y < best):
