@@ -209,6 +209,7 @@ def test_engine_start_warns_when_torch_threads_outnumber_the_usable_cores(monkey
     from finemoe import threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {2, 3}, raising=False)
+    monkeypatch.setattr(threads, "cpu_quota", lambda: None)
     monkeypatch.setattr(threads.torch, "get_num_threads", lambda: 8)
     monkeypatch.setattr(threads, "_warned", False)
     with caplog.at_level(logging.WARNING, logger="finemoe.threads"):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,6 +27,7 @@ from finemoe.costmodel import CostModel
 from finemoe.errors import ConfigError
 from finemoe.sim_history import History
 from finemoe.simulator import SimResult
+from finemoe.threads import usable_cores
 from finemoe.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -50,14 +50,6 @@ class Replay:
 
 # The inputs of the replays in flight, set before the workers fork (they inherit it) and cleared after.
 _shared: tuple[Trace, Sequence[Replay], dict[str, History]] | None = None
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity where the OS tells it, else the CPU count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # (not on Linux)
-        return os.cpu_count() or 1
 
 
 def resolve_jobs(jobs: int, runs: int) -> int:

@@ -4,27 +4,86 @@ torch sizes its CPU thread pool when it is imported. A process restricted to few
 (`os.sched_setaffinity`, a launcher pinning it after import) keeps every thread, and the small
 CPU tensor ops of the forward thread (the map recorder's, with online learning) then wait on
 threads that share a few cores: on the H200 host, 16 threads on 6 cores made the recorder take
-31.6 ms per decode step instead of ~1.5 (docs/design/device_plans.md, session 40). The engine
-does not change the process-wide setting itself; it says so once.
+31.6 ms per decode step instead of ~1.5 (docs/design/device_plans.md, session 40). A container's
+CPU quota (cgroup bandwidth) does the same from the start: torch counts the host's cores, not the
+quota. The engine does not change the process-wide setting itself; it says so once.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+from pathlib import Path
 
 import torch
 
 log = logging.getLogger(__name__)
 
 
-def oversubscribed() -> tuple[int, int] | None:
-    """(torch's intra-op threads, usable cores) when the threads outnumber the cores, else None
-    (also where the OS does not tell the process's affinity)."""
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
+    """The CPU bandwidth this process's cgroups allow, in cores (quota / period; the smallest of
+    the process's group and its ancestors, cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`), or None
+    when unlimited or not told (not Linux, no cgroup file system)."""
+    lines = _read(Path(membership))
+    if lines is None:
+        return None
+    base, found = Path(root), []
+    for line in lines.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, group = parts
+        rel = Path(group.lstrip("/"))
+        chain = [rel, *rel.parents] if group.strip("/") else [Path(".")]  # the group, then up to the root
+        if controllers == "":  # v2: one hierarchy, `cpu.max` = "QUOTA PERIOD" or "max PERIOD"
+            dirs = [base / d for d in chain] + ([base / "unified" / d for d in chain] if base.name != "unified" else [])
+            for d in dirs:
+                text = _read(d / "cpu.max")
+                if text is None:
+                    continue
+                quota, _, period = text.partition(" ")
+                if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+                    found.append(int(quota) / int(period))
+        elif "cpu" in controllers.split(","):  # v1: `cpu.cfs_quota_us` (-1: none) over `cpu.cfs_period_us`
+            for mount in (controllers, "cpu", "cpu,cpuacct"):
+                for d in chain:
+                    q, p = _read(base / mount / d / "cpu.cfs_quota_us"), _read(base / mount / d / "cpu.cfs_period_us")
+                    if q is None or p is None:
+                        continue
+                    try:
+                        quota, period = int(q), int(p)
+                    except ValueError:
+                        continue
+                    if quota > 0 and period > 0:
+                        found.append(quota / period)
+    return min(found) if found else None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its affinity (else the CPU count), capped by its cgroups' CPU
+    quota rounded up (`cpu_quota`); at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
+    except (AttributeError, OSError):  # (not on Linux)
+        cores = os.cpu_count() or 1
+    quota = cpu_quota()
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(cores, 1)
+
+
+def oversubscribed() -> tuple[int, int] | None:
+    """(torch's intra-op threads, usable cores) when the threads outnumber the cores (`usable_cores`),
+    else None."""
+    cores = usable_cores()
     threads = torch.get_num_threads()
     return (threads, cores) if threads > cores else None
 
@@ -42,8 +101,9 @@ def warn_if_oversubscribed(again: bool = False) -> bool:
     _warned = True
     threads, cores = found
     log.warning(
-        "torch uses %d CPU threads but this process may run on %d cores (restricted after torch was "
-        "imported?): small CPU tensor ops on the forward thread can then take milliseconds each. Call "
+        "torch uses %d CPU threads but this process may use %d cores (restricted after torch was "
+        "imported, or a container's CPU quota?): small CPU tensor ops on the forward thread can then take "
+        "milliseconds each. Call "
         "torch.set_num_threads(%d) before creating the engine, or restrict the cores before starting Python.",
         threads,
         cores,
