@@ -71,6 +71,18 @@ def test_moe_infinity_matches_request_matrices():
     assert plan.replace and pred.stats()["mean_request_match_score"] == pytest.approx(3**-0.5)
 
 
+def test_moe_infinity_sits_out_an_iteration_without_live_rows():
+    """A context whose every position is padding (no live row) plans nothing, with requests stored."""
+    store = RequestMatrixStore(3, 4, capacity=4)
+    store.add(torch.tensor([[5.0, 5, 0, 0], [0, 0, 5, 5], [5, 0, 5, 0]]))
+    pred = MoEInfinityPredictor(PredictorDeps(SPEC3, 2, requests=store))
+    none = torch.zeros(0, dtype=torch.long)
+    assert pred.on_iteration_start(IterationContext(0, False, 1, none, none)) is None
+    assert pred.on_routing(event(0, 0, [[0, 1]])) is None
+    scores, rows = store.match(torch.zeros(0, 3, 4))
+    assert scores.shape == rows.shape == (0,)
+
+
 class Unread:
     """Router probabilities no reader may touch (a graphed step leaves them on the device)."""
 

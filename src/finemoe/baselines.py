@@ -139,7 +139,7 @@ class RequestMatrixStore:
 
     def match(self, mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Best stored EAM per query `mats` [B, L, E]: (cosine [B], row [B]). Store non-empty."""
-        q = mats.reshape(mats.shape[0], -1).float()
+        q = mats.reshape(mats.shape[0], self.unit.shape[1]).float()  # [B, L*E] (B may be 0)
         q = q / q.norm(dim=1, keepdim=True).clamp_min(EPS)
         return (q @ self.unit[: self.size].T).max(dim=1)
 
@@ -257,6 +257,8 @@ class MoEInfinityPredictor:
             active = batch
         else:
             active = batch[torch.unique(ctx.request_of_row)]  # [B', L, E]
+            if active.shape[0] == 0:
+                return None  # no live row this iteration: nothing to match
         scores, rows = self.store.match(active)
         self.score_sum += float(scores.sum())
         self.score_n += scores.numel()
