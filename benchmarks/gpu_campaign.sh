@@ -352,6 +352,18 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s42a)     # session 42 (~6 min): the frozen and the learning arms again, 12 paired rounds (s41e had 6), for a
+            # steadier figure of each against lru:gather
+    timeout 540 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s42a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
+  s42b)     # session 42 (~5 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
+            # then issue 5's replay speed on the host, one pinned core
+    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
+    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
+      --out "$out/sim_speed_h200host_s42.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
   s41e)     # session 41 (~6 min): learning with the insert held back to the next step's first store read, with and
             # without the step record; the GPU suite
     timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
