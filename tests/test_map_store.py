@@ -4,7 +4,9 @@ trip and every refusal) and the engine's use of it (warm start, async search sta
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -190,6 +192,19 @@ def test_refuses_corrupt_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(msf.MapStoreError, match="not a finemoe map store"):
         msf.load(other, IDENT)
+
+
+def test_refuses_another_format_version_and_leaves_the_file(tmp_path):
+    """A map store written by a finemoe of another format version (here a future one) is refused by
+    name, with the fix, and the file is left as it was."""
+    c = contents(3)
+    meta = {"format": msf.FORMAT, "version": str(int(msf.VERSION) + 1), "model": json.dumps(asdict(IDENT))}
+    path = tmp_path / "future.fms"
+    msf.atomic_save(path, {"emb": c.emb, "maps": c.maps, "eams": c.eams}, meta)
+    before = path.read_bytes()
+    with pytest.raises(msf.MapStoreError, match=f"version {int(msf.VERSION) + 1} map store; finemoe reads version"):
+        msf.load(path, IDENT)
+    assert path.read_bytes() == before
 
 
 def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):

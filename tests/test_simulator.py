@@ -27,7 +27,17 @@ from finemoe.trace import Trace, TraceError, load_trace, record
 
 from tests.test_cache import SPEC as SPEC1
 
-ONLINE = ["lru", "lfu", "on-demand", "previous-token", "finemoe", "mixtral-offloading", "promoe", "moe-infinity"]
+ONLINE = [
+    "lru",
+    "lfu",
+    "on-demand",
+    "previous-token",
+    "finemoe",
+    "finemoe-paper",
+    "mixtral-offloading",
+    "promoe",
+    "moe-infinity",
+]
 
 
 def scripted(requests: list[list[list[list[int]]]], spec=SPEC1, dim: int = 4) -> Trace:
@@ -499,6 +509,59 @@ def test_hand_computed_policies(policy, hits, issued):
     tr = scripted(TWO_STEPS, spec_top1())
     r = simulate(tr, cfg(policy, "3", prefetch_distance=1), link="instant")
     assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, issued)
+
+
+# LFU against LRU (top-1, 3 slots, no prefetch): layer 0 routes experts 0, 0, 1, 2, 0 and layer 1
+# always expert 3. At iteration 3 expert (0,2) needs a slot: LRU evicts (0,0) (last used at iteration
+# 1), LFU the once-used (0,1); so iteration 4's (0,0) hits under LFU only, where LRU evicts again.
+LFU_VS_LRU = [[[[0], [3]], [[0], [3]], [[1], [3]], [[2], [3]], [[0], [3]]]]
+
+
+@pytest.mark.parametrize(("policy", "hits", "evictions"), [("lru", 5, 2), ("on-demand", 5, 2), ("lfu", 6, 1)])
+def test_hand_computed_lfu_and_lru(policy, hits, evictions):
+    tr = scripted(LFU_VS_LRU, spec_top1())
+    r = simulate(tr, cfg(policy, "3"), link="instant")
+    assert (r.stats["hits"], r.stats["misses"], r.stats["evictions"]) == (hits, 10 - hits, evictions)
+    assert r.stats["prefetches_issued"] == 0
+
+
+# One request of two iterations (top-1, 3 slots, distance 1, instant link) replayed by the policies
+# that read history, with a store filled from a scripted history and with an empty one:
+# SHIFT routes layer 0 to expert 0 then 1 and layer 1 to expert 1 then 2; its history is the same
+# request (maps: token 0 -> (0, 1), token 1 -> (1, 2); the embeddings match exactly). TWO_STEPS's
+# request history always went 0 -> 2 (moe-infinity's matrix: no ties).
+SHIFT = [[[[0], [1]], [[1], [2]]]]
+HIST_0_2 = [[[[0], [2]], [[0], [2]]]]
+
+
+@pytest.mark.parametrize(
+    ("policy", "trace", "history", "with_history", "without"),
+    [
+        # (hits, misses, evictions, prefetches issued) with the history, then with an empty store.
+        # finemoe: prefill plans from its gate only (perfect here): (1,1) prefetched, (0,0) a miss. At
+        # iteration 1 the semantic match (token 1) plans layer 0's expert 1 into the free slot: a hit;
+        # layer 1's (1,2), planned by the lagged match and the gate, evicts (0,0) (decayed count 1
+        # against (1,1)'s 0.5 + 1): a hit. Without history layer 0 misses at iteration 1.
+        ("finemoe", SHIFT, SHIFT, (3, 1, 1, 3), (2, 2, 1, 2)),
+        # finemoe-paper plans prefill from the maps too and has no gate: every expert prefetched in
+        # time (the fourth evicts one); with an empty store it plans nothing (map-aware LFU alone).
+        ("finemoe-paper", SHIFT, SHIFT, (4, 0, 1, 4), (0, 4, 1, 0)),
+        # moe-infinity: after layer 0 routes, the matched request matrix's layer-1 expert 2 is
+        # prefetched (a miss at iteration 0, where layer 1 routes expert 1; a hit at iteration 1);
+        # it never plans layer 0. Empty store: plain LRU, where only (0,0) hits at iteration 1.
+        ("moe-infinity", TWO_STEPS, HIST_0_2, (2, 2, 0, 1), (1, 3, 0, 0)),
+    ],
+)
+def test_hand_computed_history_readers(policy, trace, history, with_history, without):
+    tr = scripted(trace, spec_top1())
+    for filled, want in ((True, with_history), (False, without)):
+        hist = empty_history(tr, 64, 1)
+        if filled:
+            record_history(scripted(history, spec_top1()), hist)
+        r = simulate(tr, cfg(policy, "3", prefetch_distance=1), link="instant", history=hist)
+        got = (r.stats["hits"], r.stats["misses"], r.stats["evictions"], r.stats["prefetches_issued"])
+        assert got == want, (policy, filled)
+        assert r.stats["prefetches_used"] == r.stats["prefetches_issued"]  # every prefetch was right
 
 
 @pytest.mark.parametrize(("policy", "distance"), [("finemoe", 2), ("finemoe", 1), ("finemoe-paper", 1)])
