@@ -358,6 +358,13 @@ case $part in
       --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s42a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
+  s42c)     # session 42 (~5 min): where learning's added step sits on the GPU: s42a's two arms with the GPU
+            # marks (idle between steps, the last segment's tail, the last launch), 8 rounds
+    timeout 540 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 8 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s42c.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|on the GPU\|on one clock\|between replayed" | cut -c1-220 | head -70 ;;
   s42b)     # session 42 (~5 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
