@@ -358,6 +358,19 @@ case $part in
       --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s42a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
+  s42d)     # session 42 (~5 min): the step's map read only when the store next needs it (`take_later`): the
+            # graphed learning and logits GPU tests, s42c's arms with the GPU marks (8 rounds), then 12 rounds
+            # without them (as s42a)
+    timeout 200 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -3
+    timeout 150 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 8 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s42d_marks.json" 2>&1 | grep -v INFO \
+      | grep -A9 "^run \|on the GPU\|on one clock" | cut -c1-160 | grep "^run\|finemoe\|lru:gather" | head -20
+    timeout 200 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s42d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | grep "^run\|finemoe" ;;
   s42c)     # session 42 (~5 min): where learning's added step sits on the GPU: s42a's two arms with the GPU
             # marks (idle between steps, the last segment's tail, the last launch), 8 rounds
     timeout 540 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
