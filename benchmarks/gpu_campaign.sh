@@ -358,7 +358,7 @@ case $part in
       --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s42a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10 ;;
-  s42d)     # session 42 (~5 min): the step's map read only when the store next needs it (`take_later`): the
+  s42d)     # session 42 (~5 min; ran on a tree with `StepRecord.take_later`, reverted: no gain): the step's map read only when the store next needs it: the
             # graphed learning and logits GPU tests, s42c's arms with the GPU marks (8 rounds), then 12 rounds
             # without them (as s42a)
     timeout 200 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -3
