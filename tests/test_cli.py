@@ -48,6 +48,28 @@ def test_generate_json(tok_ckpt, capsys):
     assert summary.keys() >= {"prefetch_precision", "prefetch_recall", "stall_s", "layer_hit_rate", "search"}
 
 
+def test_generate_ignore_eos_runs_every_token(tok_ckpt, capsys, monkeypatch):
+    """`--ignore-eos` (fixed-length runs, as the benchmarks' `ignore_eos=True`): the sampling
+    parameters say so and each prompt gets exactly --max-new-tokens tokens; without it they do not."""
+    from finemoe import Engine
+
+    seen = []
+    real = Engine.generate
+
+    def spy(self, prompts, params=None, chat=None):
+        seen.append(params.ignore_eos)
+        return real(self, prompts, params, chat)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello", "--json", "--max-new-tokens", "7"]
+    args += ["--expert-budget", "3", "--policy", "lru", "--no-progress"]
+    assert main([*args, "--ignore-eos"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
+    assert len(out["token_ids"]) == 7
+    assert main(args) == 0
+    assert seen == [True, False]
+
+
 def test_generate_with_a_warm_pool(tok_ckpt, capsys):
     """`--warm-pool` fills the budget's free slots at start-up: the same tokens, fewer misses."""
     out = {}

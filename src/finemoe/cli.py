@@ -224,6 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
+        ignore_eos=args.ignore_eos,
     )
     chat = False if args.raw else None
     with _engine(args) as engine, _frozen_gc(args):
@@ -490,6 +491,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_engine_args(g)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate --max-new-tokens tokens per prompt even past the end-of-sequence token (fixed-length runs)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
