@@ -1,0 +1,133 @@
+"""Issue 4's hit-rate table made through the CLI, as its acceptance words it: `finemoe generate --json`
+over the workload's test prompts at a 25% budget, one run per policy, the history split preloaded into
+the map store (the paper's offline setup). Each run's last JSON line (`{"summary": ...}`, the engine's
+counters over every prompt of the run) is the table's row.
+
+    python benchmarks/policy_cli_table.py --history 600 --test 60 --store /tmp/finemoe-bench/hist_cli.fms \
+        --out docs/results/policies_cli_25.json          # + policies_cli_25.png
+
+The store is recorded once (`finemoe generate ... --expert-budget 100% --map-store STORE`, batches of
+8) unless STORE exists; every policy then loads it frozen (`--freeze-map-store`). The commands run are
+in the record (`results.commands`). Generation stops at the end-of-sequence token unless `--ignore-eos`
+(then every prompt runs --max-new-tokens tokens, as `policy_hit_rates.py` runs them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_record  # noqa: E402
+
+POLICIES = "finemoe,finemoe-paper,mixtral-offloading,promoe,moe-infinity,previous-token,on-demand,lfu"
+KEEP = (
+    "hit_rate",
+    "hits",
+    "misses",
+    "prefetch_precision",
+    "prefetch_recall",
+    "prefetches_issued",
+    "prefetches_wasted",
+    "stall_s",
+    "search",
+    "prefetch_distance",
+    "layer_hit_rate",
+)
+
+
+def finemoe_cmd() -> list[str]:
+    """The console script next to this interpreter (the venv's), else `python -m finemoe`."""
+    script = Path(sys.executable).with_name("finemoe")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "finemoe"]
+
+
+def run(args: list[str], label: str) -> tuple[dict | None, float]:
+    """Run the CLI with `args`; stderr passes through (progress); returns (the last line's summary
+    or None, seconds)."""
+    t0 = time.perf_counter()
+    print(f"[{label}] {' '.join(args)}", file=sys.stderr, flush=True)
+    proc = subprocess.run([*finemoe_cmd(), *args], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label}: finemoe exited with {proc.returncode}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    summary = json.loads(lines[-1]).get("summary") if lines else None
+    return summary, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--history", type=int, default=600, help="history prompts recorded into the store")
+    ap.add_argument("--test", type=int, default=60, help="test prompts per policy")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--ignore-eos", action="store_true", help="every prompt runs --max-new-tokens tokens")
+    ap.add_argument("--budget", default="25%")
+    ap.add_argument("--policies", default=POLICIES)
+    ap.add_argument("--store", default="/tmp/finemoe-bench/hist_cli.fms", help="the map store (recorded if missing)")
+    ap.add_argument("--out", default="docs/results/policies_cli_25.json")
+    args = ap.parse_args()
+    store = Path(args.store)
+    tokens = ["--max-new-tokens", str(args.max_new_tokens), "--json", *(["--ignore-eos"] if args.ignore_eos else [])]
+    commands = []
+    history_s = None
+    if not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["generate", "--prompts", "workload", "--split", "history", "--limit", str(args.history)]
+        cmd += ["--expert-budget", "100%", "--map-store", str(store), "--batch-size", "8", *tokens]
+        _, history_s = run(cmd, "history")
+        commands.append(" ".join(["finemoe", *cmd]))
+    rows: dict[str, dict] = {}
+    for policy in args.policies.split(","):
+        cmd = ["generate", "--prompts", "workload", "--split", "test", "--limit", str(args.test)]
+        cmd += ["--expert-budget", args.budget, "--policy", policy, "--map-store", str(store)]
+        cmd += ["--freeze-map-store", *tokens]
+        summary, secs = run(cmd, policy)
+        commands.append(" ".join(["finemoe", *cmd]))
+        if summary is None:
+            raise SystemExit(f"{policy}: no summary line in the output")
+        rows[policy] = {k: summary.get(k) for k in KEEP} | {"wall_s": secs}
+        r = rows[policy]
+        print(
+            f"{policy:<20} hit {r['hit_rate']:.3f}  precision {r['prefetch_precision']:.3f}  "
+            f"recall {r['prefetch_recall']:.3f}  stall {r['stall_s']:.2f} s  ({secs:.0f} s)",
+            flush=True,
+        )
+    config = vars(args) | {"history_recorded_s": history_s}
+    out = Path(args.out)
+    write_record(out, config, {"policies": rows, "commands": commands})
+    plot(rows, args.budget, out.with_suffix(".png"))
+    baselines = [p for p in rows if not p.startswith("finemoe")]  # (finemoe-paper is ours, not a baseline)
+    if "finemoe" in rows and baselines:
+        best = max(baselines, key=lambda p: rows[p]["hit_rate"])
+        print(f"finemoe {rows['finemoe']['hit_rate']:.3f} vs the best baseline {best} {rows[best]['hit_rate']:.3f}")
+    return 0
+
+
+def plot(rows: dict, budget: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].barh(names, [rows[n]["hit_rate"] for n in names], color="tab:blue")
+    axes[0].set_xlabel("expert hit rate (finemoe generate --json)")
+    axes[0].set_xlim(0, 1)
+    axes[0].invert_yaxis()
+    axes[0].set_title(f"reference model, budget {budget}, test split")
+    for n in names:
+        axes[1].plot(rows[n]["layer_hit_rate"], label=n)
+    axes[1].set_xlabel("MoE layer")
+    axes[1].set_ylabel("hit rate")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
