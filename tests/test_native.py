@@ -19,6 +19,8 @@ import pytest
 import finemoe
 from finemoe import _native
 
+from tests.test_simulator import ONLINE
+
 PKG = Path(finemoe.__file__).parent
 ROOT = Path(__file__).resolve().parents[1]
 NOT_BUILT = ("__pycache__", "data", "*.so", "*.pyd", _native.BUILD_MANIFEST)
@@ -176,5 +178,5 @@ def test_compiled_and_source_modules_make_the_same_decisions(built):
         runs[pure] = json.loads(out.stdout.strip().splitlines()[-1])
     n = len(_native.NATIVE_MODULES)
     assert runs[False].pop("summary") == f"compiled {n}/{n}" and runs[True].pop("summary").startswith("pure")
-    assert len(runs[False]) == 2 * 10 * 2 * 2
+    assert len(runs[False]) == 2 * (len(ONLINE) + 2) * 2 * 2  # seeds x policies (the oracles too) x budgets x links
     assert runs[False] == runs[True]
