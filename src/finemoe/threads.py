@@ -23,58 +23,64 @@ log = logging.getLogger(__name__)
 
 def _read(path: Path) -> str | None:
     try:
-        return path.read_text().strip()
-    except OSError:
+        return path.read_text(errors="replace").strip()
+    except (OSError, ValueError):
         return None
+
+
+def _cores(quota: str, period: str) -> float | None:
+    """`quota` / `period` (a cgroup file's fields, µs), or None where unlimited ("max", -1) or not numbers."""
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
 
 
 def cpu_quota(root: str = "/sys/fs/cgroup", membership: str = "/proc/self/cgroup") -> float | None:
     """The CPU bandwidth this process's cgroups allow, in cores (quota / period; the smallest of
-    the process's group and its ancestors, cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`), or None
-    when unlimited or not told (not Linux, no cgroup file system)."""
+    the process's group and its ancestors up to the mount's root, cgroup v2 `cpu.max`, also under
+    `unified/` on hybrid systems, or v1 `cpu.cfs_quota_us`), or None when unlimited or not told
+    (not Linux, no cgroup file system, unreadable files). A group path the container does not mount
+    (the host's) falls back to its parents, down to the mount's root: the container's own group. A
+    group outside the process's cgroup namespace (`/..`) is not read."""
     lines = _read(Path(membership))
     if lines is None:
         return None
     base, found = Path(root), []
     for line in lines.splitlines():
         parts = line.split(":", 2)
-        if len(parts) != 3:
+        if len(parts) != 3 or parts[2].startswith("/.."):
             continue
         _, controllers, group = parts
-        rel = Path(group.lstrip("/"))
-        chain = [rel, *rel.parents] if group.strip("/") else [Path(".")]  # the group, then up to the root
+        rel = Path(group.strip().lstrip("/"))
+        chain = [rel, *rel.parents] if group.strip("/ ") else [Path(".")]  # the group, then up to the root
         if controllers == "":  # v2: one hierarchy, `cpu.max` = "QUOTA PERIOD" or "max PERIOD"
-            dirs = [base / d for d in chain] + ([base / "unified" / d for d in chain] if base.name != "unified" else [])
-            for d in dirs:
-                text = _read(d / "cpu.max")
-                if text is None:
-                    continue
-                quota, _, period = text.partition(" ")
-                if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
-                    found.append(int(quota) / int(period))
+            for top in (base, base / "unified"):
+                for d in chain:
+                    text = _read(top / d / "cpu.max")
+                    if text is not None and (cores := _cores(*(text.split() + ["", ""])[:2])) is not None:
+                        found.append(cores)
         elif "cpu" in controllers.split(","):  # v1: `cpu.cfs_quota_us` (-1: none) over `cpu.cfs_period_us`
             for mount in (controllers, "cpu", "cpu,cpuacct"):
                 for d in chain:
                     q, p = _read(base / mount / d / "cpu.cfs_quota_us"), _read(base / mount / d / "cpu.cfs_period_us")
-                    if q is None or p is None:
-                        continue
-                    try:
-                        quota, period = int(q), int(p)
-                    except ValueError:
-                        continue
-                    if quota > 0 and period > 0:
-                        found.append(quota / period)
+                    if q is not None and p is not None and (cores := _cores(q, p)) is not None:
+                        found.append(cores)
     return min(found) if found else None
 
 
 def usable_cores() -> int:
     """The cores this process may use: its affinity (else the CPU count), capped by its cgroups' CPU
-    quota rounded up (`cpu_quota`); at least 1."""
+    quota rounded up (`cpu_quota`; ignored if reading it fails in any way); at least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # (not on Linux)
         cores = os.cpu_count() or 1
-    quota = cpu_quota()
+    try:
+        quota = cpu_quota()
+    except Exception:  # noqa: BLE001 (a diagnostic: never the reason an engine or a sweep fails)
+        quota = None
     if quota is not None:
         cores = min(cores, math.ceil(quota))
     return max(cores, 1)
@@ -104,7 +110,8 @@ def warn_if_oversubscribed(again: bool = False) -> bool:
         "torch uses %d CPU threads but this process may use %d cores (restricted after torch was "
         "imported, or a container's CPU quota?): small CPU tensor ops on the forward thread can then take "
         "milliseconds each. Call "
-        "torch.set_num_threads(%d) before creating the engine, or restrict the cores before starting Python.",
+        "torch.set_num_threads(%d) before creating the engine (or, for a core restriction, restrict the cores "
+        "before starting Python).",
         threads,
         cores,
         cores,
