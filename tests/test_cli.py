@@ -49,25 +49,18 @@ def test_generate_json(tok_ckpt, capsys):
 
 
 def test_generate_ignore_eos_runs_every_token(tok_ckpt, capsys, monkeypatch):
-    """`--ignore-eos` (fixed-length runs, as the benchmarks' `ignore_eos=True`): the sampling
-    parameters say so and each prompt gets exactly --max-new-tokens tokens; without it they do not."""
+    """`--ignore-eos` (fixed-length runs, as the benchmarks' `ignore_eos=True`): with every token made
+    a stop token, a prompt gets exactly --max-new-tokens tokens with the flag and one without it."""
     from finemoe import Engine
 
-    seen = []
-    real = Engine.generate
-
-    def spy(self, prompts, params=None, chat=None):
-        seen.append(params.ignore_eos)
-        return real(self, prompts, params, chat)
-
-    monkeypatch.setattr(Engine, "generate", spy)
+    monkeypatch.setattr(Engine, "stop_ids", lambda self, params: set(range(self.model.config.vocab_size)))
     args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello", "--json", "--max-new-tokens", "7"]
     args += ["--expert-budget", "3", "--policy", "lru", "--no-progress"]
-    assert main([*args, "--ignore-eos"]) == 0
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[0])
-    assert len(out["token_ids"]) == 7
-    assert main(args) == 0
-    assert seen == [True, False]
+    lengths = []
+    for extra in (["--ignore-eos"], []):
+        assert main([*args, *extra]) == 0
+        lengths.append(len(json.loads(capsys.readouterr().out.strip().splitlines()[0])["token_ids"]))
+    assert lengths == [7, 1]
 
 
 def test_generate_with_a_warm_pool(tok_ckpt, capsys):

@@ -202,8 +202,11 @@ def test_refuses_another_format_version_and_leaves_the_file(tmp_path):
     path = tmp_path / "future.fms"
     msf.atomic_save(path, {"emb": c.emb, "maps": c.maps, "eams": c.eams}, meta)
     before = path.read_bytes()
-    with pytest.raises(msf.MapStoreError, match=f"version {int(msf.VERSION) + 1} map store; finemoe reads version"):
+    with pytest.raises(
+        msf.MapStoreError, match=f"version {int(msf.VERSION) + 1} map store; finemoe reads version"
+    ) as e:
         msf.load(path, IDENT)
+    assert "pass another --map-store path, or delete the file" in str(e.value)
     assert path.read_bytes() == before
 
 

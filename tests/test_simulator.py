@@ -540,15 +540,20 @@ HIST_0_2 = [[[[0], [2]], [[0], [2]]]]
         # (hits, misses, evictions, prefetches issued) with the history, then with an empty store.
         # finemoe: prefill plans from its gate only (perfect here): (1,1) prefetched, (0,0) a miss. At
         # iteration 1 the semantic match (token 1) plans layer 0's expert 1 into the free slot: a hit;
-        # layer 1's (1,2), planned by the lagged match and the gate, evicts (0,0) (decayed count 1
-        # against (1,1)'s 0.5 + 1): a hit. Without history layer 0 misses at iteration 1.
+        # layer 1's (1,2), planned by the lagged match and the gate, evicts (0,0), the lowest
+        # decayed-frequency key ((0,0) and (1,1) were used once each; (0,0)'s use is the older): a
+        # hit. Without history layer 0 misses at iteration 1. (The store learns online: by iteration 1
+        # it holds iteration 0's map, whose plans name experts already resident.)
         ("finemoe", SHIFT, SHIFT, (3, 1, 1, 3), (2, 2, 1, 2)),
         # finemoe-paper plans prefill from the maps too and has no gate: every expert prefetched in
-        # time (the fourth evicts one); with an empty store it plans nothing (map-aware LFU alone).
+        # time (the fourth evicts one). From an empty store nothing is issued: iteration 0 has no map
+        # to match, and iteration 1's match (iteration 0's map, learned online) names (0,0) and (1,1),
+        # both resident.
         ("finemoe-paper", SHIFT, SHIFT, (4, 0, 1, 4), (0, 4, 1, 0)),
         # moe-infinity: after layer 0 routes, the matched request matrix's layer-1 expert 2 is
         # prefetched (a miss at iteration 0, where layer 1 routes expert 1; a hit at iteration 1);
-        # it never plans layer 0. Empty store: plain LRU, where only (0,0) hits at iteration 1.
+        # it never plans layer 0. Empty store: no request to match (the replayed one is stored when it
+        # ends), so no plan; nothing is evicted and only (0,0) hits at iteration 1.
         ("moe-infinity", TWO_STEPS, HIST_0_2, (2, 2, 0, 1), (1, 3, 0, 0)),
     ],
 )
