@@ -511,6 +511,31 @@ def test_hand_computed_policies(policy, hits, issued):
     assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, issued)
 
 
+@pytest.mark.parametrize(
+    ("copy_s", "hits", "late", "stall_s", "total_s"),
+    [
+        # slow link (1 s a copy): iteration 0, layer 0 routes at 0.5 (dense), misses (0,0), whose copy
+        # lands at 1.5 (stall 1.0); its compute ends at 1.75, when the paused gate's prefetch of (1,1)
+        # starts (lands 2.75). Layer 1 routes at 2.25: (1,1) late, a miss, stall 0.5; ends at 3.0.
+        # Iteration 1: (0,0) hits at 3.5 and the gate's (1,2) starts then (lands 4.5); layer 1 routes
+        # at 4.25: late, stall 0.25; the replay ends at 4.75. One hit, 1.75 s of stalls.
+        (1.0, 1, 2, 1.75, 4.75),
+        # fast link (0.2 s): the same but every prefetch lands before its layer: only the first miss
+        # stalls (0.2); 2 x 2 x 0.75 s of compute + 0.2 = 3.2 s.
+        (0.2, 3, 0, 0.2, 3.2),
+    ],
+)
+def test_hand_computed_stalls_of_a_prefetching_policy(copy_s, hits, late, stall_s, total_s):
+    """mixtral-offloading (the perfect scripted gate, distance 1) on TWO_STEPS over the timed link:
+    dense 0.5 s and 0.25 s per expert per layer, one copy at a time; a miss pauses prefetching until
+    its copy lands."""
+    tr = scripted(TWO_STEPS, spec_top1())
+    r = simulate(tr, cfg("mixtral-offloading", "3", prefetch_distance=1), unit_cost(copy_s=copy_s), "timed")
+    assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, 2)
+    assert r.stats["prefetches_late"] == late
+    assert r.stall_s == pytest.approx(stall_s) and r.total_s == pytest.approx(total_s)
+
+
 # LFU against LRU (top-1, 3 slots, no prefetch): layer 0 routes experts 0, 0, 1, 2, 0 and layer 1
 # always expert 3. At iteration 3 expert (0,2) needs a slot: LRU evicts (0,0) (last used at iteration
 # 1), LFU the once-used (0,1); so iteration 4's (0,0) hits under LFU only, where LRU evicts again.
