@@ -509,6 +509,9 @@ def test_hand_computed_policies(policy, hits, issued):
     tr = scripted(TWO_STEPS, spec_top1())
     r = simulate(tr, cfg(policy, "3", prefetch_distance=1), link="instant")
     assert (r.stats["hits"], r.stats["misses"], r.stats["prefetches_issued"]) == (hits, 4 - hits, issued)
+    if issued == 0:  # nothing prefetched: on the timed link (1 s a copy) each miss stalls one whole copy
+        t = simulate(tr, cfg(policy, "3", prefetch_distance=1), unit_cost(copy_s=1.0), "timed")
+        assert t.stall_s == pytest.approx(4 - hits) and t.total_s == pytest.approx(4 * 0.75 + 4 - hits)
 
 
 @pytest.mark.parametrize(
@@ -548,6 +551,11 @@ def test_hand_computed_lfu_and_lru(policy, hits, evictions):
     r = simulate(tr, cfg(policy, "3"), link="instant")
     assert (r.stats["hits"], r.stats["misses"], r.stats["evictions"]) == (hits, 10 - hits, evictions)
     assert r.stats["prefetches_issued"] == 0
+    # on the timed link (1 s a copy, nothing else in flight) each miss stalls one whole copy: 10 layers
+    # x (0.5 dense + 0.25 expert) + the misses
+    t = simulate(tr, cfg(policy, "3"), unit_cost(copy_s=1.0), "timed")
+    assert t.stats["misses"] == 10 - hits
+    assert t.stall_s == pytest.approx(10 - hits) and t.total_s == pytest.approx(7.5 + 10 - hits)
 
 
 # One request of two iterations (top-1, 3 slots, distance 1, instant link) replayed by the policies
@@ -560,29 +568,32 @@ HIST_0_2 = [[[[0], [2]], [[0], [2]]]]
 
 
 @pytest.mark.parametrize(
-    ("policy", "trace", "history", "with_history", "without"),
+    ("policy", "trace", "history", "with_history", "without", "stall_s"),
     [
-        # (hits, misses, evictions, prefetches issued) with the history, then with an empty store.
+        # (hits, misses, evictions, prefetches issued) with the history, then with an empty store;
+        # stall_s: with the history on a fast timed link (0.2 s a copy; dense 0.5 s, 0.25 s an expert),
+        # where every prefetch lands before its layer and every miss finds the link idle, so each
+        # miss stalls one whole copy and the replay takes 4 x 0.75 s + the stalls.
         # finemoe: prefill plans from its gate only (perfect here): (1,1) prefetched, (0,0) a miss. At
         # iteration 1 the semantic match (token 1) plans layer 0's expert 1 into the free slot: a hit;
         # layer 1's (1,2), planned by the lagged match and the gate, evicts (0,0), the lowest
         # decayed-frequency key ((0,0) and (1,1) were used once each; (0,0)'s use is the older): a
         # hit. Without history layer 0 misses at iteration 1. (The store learns online: by iteration 1
         # it holds iteration 0's map, whose plans name experts already resident.)
-        ("finemoe", SHIFT, SHIFT, (3, 1, 1, 3), (2, 2, 1, 2)),
+        ("finemoe", SHIFT, SHIFT, (3, 1, 1, 3), (2, 2, 1, 2), 0.2),
         # finemoe-paper plans prefill from the maps too and has no gate: every expert prefetched in
         # time (the fourth evicts one). From an empty store nothing is issued: iteration 0 has no map
         # to match, and iteration 1's match (iteration 0's map, learned online) names (0,0) and (1,1),
         # both resident.
-        ("finemoe-paper", SHIFT, SHIFT, (4, 0, 1, 4), (0, 4, 1, 0)),
+        ("finemoe-paper", SHIFT, SHIFT, (4, 0, 1, 4), (0, 4, 1, 0), 0.0),
         # moe-infinity: after layer 0 routes, the matched request matrix's layer-1 expert 2 is
         # prefetched (a miss at iteration 0, where layer 1 routes expert 1; a hit at iteration 1);
         # it never plans layer 0. Empty store: no request to match (the replayed one is stored when it
         # ends), so no plan; nothing is evicted and only (0,0) hits at iteration 1.
-        ("moe-infinity", TWO_STEPS, HIST_0_2, (2, 2, 0, 1), (1, 3, 0, 0)),
+        ("moe-infinity", TWO_STEPS, HIST_0_2, (2, 2, 0, 1), (1, 3, 0, 0), 0.4),
     ],
 )
-def test_hand_computed_history_readers(policy, trace, history, with_history, without):
+def test_hand_computed_history_readers(policy, trace, history, with_history, without, stall_s):
     tr = scripted(trace, spec_top1())
     for filled, want in ((True, with_history), (False, without)):
         hist = empty_history(tr, 64, 1)
@@ -592,6 +603,12 @@ def test_hand_computed_history_readers(policy, trace, history, with_history, wit
         got = (r.stats["hits"], r.stats["misses"], r.stats["evictions"], r.stats["prefetches_issued"])
         assert got == want, (policy, filled)
         assert r.stats["prefetches_used"] == r.stats["prefetches_issued"]  # every prefetch was right
+    hist = empty_history(tr, 64, 1)
+    record_history(scripted(history, spec_top1()), hist)
+    t = simulate(tr, cfg(policy, "3", prefetch_distance=1), unit_cost(copy_s=0.2), "timed", hist)
+    assert t.stats["hits"] == with_history[0] and t.stats["prefetches_late"] == 0
+    assert t.stall_s == pytest.approx(stall_s) == with_history[1] * 0.2
+    assert t.total_s == pytest.approx(4 * 0.75 + stall_s)
 
 
 @pytest.mark.parametrize(("policy", "distance"), [("finemoe", 2), ("finemoe", 1), ("finemoe-paper", 1)])
