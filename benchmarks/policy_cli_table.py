@@ -74,7 +74,9 @@ def main() -> int:
     tokens = ["--max-new-tokens", str(args.max_new_tokens), "--json", *(["--ignore-eos"] if args.ignore_eos else [])]
     commands = []
     history_s = None
-    if not store.exists():
+    if store.exists():
+        print(f"[history] reusing {store}: its recording settings are not checked", file=sys.stderr)
+    else:
         store.parent.mkdir(parents=True, exist_ok=True)
         cmd = ["generate", "--prompts", "workload", "--split", "history", "--limit", str(args.history)]
         cmd += ["--expert-budget", "100%", "--map-store", str(store), "--batch-size", "8", *tokens]
@@ -96,7 +98,8 @@ def main() -> int:
             f"recall {r['prefetch_recall']:.3f}  stall {r['stall_s']:.2f} s  ({secs:.0f} s)",
             flush=True,
         )
-    config = vars(args) | {"history_recorded_s": history_s}
+    # (a reused store may have been recorded with other --history / --max-new-tokens / --ignore-eos: say so)
+    config = vars(args) | {"history_recorded_s": history_s, "store_reused": history_s is None}
     out = Path(args.out)
     write_record(out, config, {"policies": rows, "commands": commands})
     plot(rows, args.budget, out.with_suffix(".png"))
