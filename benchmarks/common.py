@@ -175,3 +175,27 @@ def write_record(path: str | Path, config: dict, results: dict, meta: dict | Non
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(rec, indent=1))
     return rec
+
+
+def plot_policy_hit_rates(rows: dict, budget: str, path: str | Path, xlabel: str = "expert hit rate") -> None:
+    """Bars of each policy's hit rate beside its per-layer hit rates (`rows`: policy -> a record row
+    with `hit_rate` and `layer_hit_rate`), the reference model at `budget`, written to `path` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].barh(names, [rows[n]["hit_rate"] for n in names], color="tab:blue")
+    axes[0].set_xlabel(xlabel)
+    axes[0].set_xlim(0, 1)
+    axes[0].invert_yaxis()
+    axes[0].set_title(f"reference model, budget {budget}, test split")
+    for n in names:
+        axes[1].plot(rows[n]["layer_hit_rate"], label=n)
+    axes[1].set_xlabel("MoE layer")
+    axes[1].set_ylabel("hit rate")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

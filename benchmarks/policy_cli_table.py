@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_record  # noqa: E402
+from common import plot_policy_hit_rates, write_record  # noqa: E402
 
 POLICIES = "finemoe,finemoe-paper,mixtral-offloading,promoe,moe-infinity,previous-token,on-demand,lfu"
 KEEP = (
@@ -102,34 +102,12 @@ def main() -> int:
     config = vars(args) | {"history_recorded_s": history_s, "store_reused": history_s is None}
     out = Path(args.out)
     write_record(out, config, {"policies": rows, "commands": commands})
-    plot(rows, args.budget, out.with_suffix(".png"))
+    plot_policy_hit_rates(rows, args.budget, out.with_suffix(".png"), "expert hit rate (finemoe generate --json)")
     baselines = [p for p in rows if not p.startswith("finemoe")]  # (finemoe-paper is ours, not a baseline)
     if "finemoe" in rows and baselines:
         best = max(baselines, key=lambda p: rows[p]["hit_rate"])
         print(f"finemoe {rows['finemoe']['hit_rate']:.3f} vs the best baseline {best} {rows[best]['hit_rate']:.3f}")
     return 0
-
-
-def plot(rows: dict, budget: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    axes[0].barh(names, [rows[n]["hit_rate"] for n in names], color="tab:blue")
-    axes[0].set_xlabel("expert hit rate (finemoe generate --json)")
-    axes[0].set_xlim(0, 1)
-    axes[0].invert_yaxis()
-    axes[0].set_title(f"reference model, budget {budget}, test split")
-    for n in names:
-        axes[1].plot(rows[n]["layer_hit_rate"], label=n)
-    axes[1].set_xlabel("MoE layer")
-    axes[1].set_ylabel("hit rate")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

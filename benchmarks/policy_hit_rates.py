@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from common import run_meta  # noqa: E402
+from common import plot_policy_hit_rates, run_meta  # noqa: E402
 from finemoe import Engine, SamplingParams, reference  # noqa: E402
 from finemoe.workload import load_workload  # noqa: E402
 
@@ -153,26 +153,7 @@ def main() -> int:
 
 
 def plot(rec: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    res = rec["policies"]
-    names = list(res)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    axes[0].barh(names, [res[n]["hit_rate"] for n in names], color="tab:blue")
-    axes[0].set_xlabel("expert hit rate")
-    axes[0].set_xlim(0, 1)
-    axes[0].invert_yaxis()
-    axes[0].set_title(f"reference model, budget {rec['config']['budget']}, test split")
-    for n in names:
-        axes[1].plot(res[n]["layer_hit_rate"], label=n)
-    axes[1].set_xlabel("MoE layer")
-    axes[1].set_ylabel("hit rate")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_policy_hit_rates(rec["policies"], rec["config"]["budget"], path)
 
 
 if __name__ == "__main__":
