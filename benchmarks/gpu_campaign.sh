@@ -352,6 +352,19 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s43a)     # session 43 (~7 min): the recorder's counts in one pass per step (count_layers): the frozen and the
+            # learning arms, 12 paired rounds (as s42a), then the graphed learning GPU tests
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s43a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
+    timeout 150 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -3 ;;
+  s43b)     # session 43 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
+            # then issue 5's replay speed on the host, one pinned core (as s42b)
+    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
+    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
+      --out "$out/sim_speed_h200host_s43.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
   s42a)     # session 42 (~6 min): the frozen and the learning arms again, 12 paired rounds (s41e had 6), for a
             # steadier figure of each against lru:gather
     timeout 540 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
