@@ -359,6 +359,12 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s43a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 150 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -3 ;;
+  s43c)     # session 43 (~4 min): s43a's learning arm against the same with the counts made per layer as
+            # before (`count-each`), and the frozen arm, 14 paired rounds
+    timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+count-each \
+      --out "$out/overhead_s43c.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
   s43b)     # session 43 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s42b)
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4

@@ -27,6 +27,9 @@ class HistoryRecorder:
     # reads_router_probs`): not while the step records its expert map on the device (set by the
     # static decoder at capture, `step_record`)
     graphed_reads_probs = True
+    # count each layer's selections at its routing (as before session 43) instead of one pass at the
+    # iteration's last layer: a probe for `benchmarks/predictor_overhead.py` (`count-each`)
+    count_each_layer = False
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
@@ -84,7 +87,11 @@ class HistoryRecorder:
             self.layer_probs.append(event.host_probs())
         else:
             self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
-        self._ids.append(event.topk_ids if whole else event.topk_ids[ctx.rows])
+        ids = event.topk_ids if whole else event.topk_ids[ctx.rows]  # [N, k]
+        if self.count_each_layer:
+            self.running.count(event.layer, ids, ctx.request_of_row)
+        else:
+            self._ids.append(ids)
         if event.layer == self.last_layer:
             self._count()
             emb = ctx.host_embeddings()
