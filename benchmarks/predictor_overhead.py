@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from common import run_meta, shape_config  # noqa: E402
 from finemoe import Engine, SamplingParams  # noqa: E402
-from finemoe.history import HistoryRecorder  # noqa: E402
 from finemoe.runtime import HIGHEST_STREAM_PRIORITY  # noqa: E402
 from finemoe.step_marks import SPANS, StepMarks  # noqa: E402
 from finemoe.synthetic import random_model  # noqa: E402
@@ -255,7 +254,6 @@ KNOWN_FLAGS = frozenset(
         "defer-all",
         "no-early-read",
         "no-record",
-        "count-each",
     ]
 )
 
@@ -292,9 +290,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
     memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
     `no-record`: learning reads every layer's router logits on the host, no record
-    (`OffloadRuntime.map_recorders` emptied, as before session 41); `count-each`: the history recorder
-    counts each layer's request activations at its routing, as before session 43
-    (`HistoryRecorder.count_each_layer`, a class attribute: set here for every run)."""
+    (`OffloadRuntime.map_recorders` emptied, as before session 41)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -306,7 +302,6 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.early_routing_read = "no-early-read" not in flags
     if "no-record" in flags:
         eng.runtime.map_recorders = []
-    HistoryRecorder.count_each_layer = "count-each" in flags
     # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
     eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)

@@ -284,28 +284,6 @@ def test_running_activations_count_rows_of_one_and_of_several_requests():
     assert run.pop(5).tolist() == [[1, 2, 1, 0], [0, 0, 0, 0]] and 5 not in run.by_id
 
 
-def test_count_layers_equals_a_count_per_layer():
-    """The recorder's one pass over an iteration's layers (`count_layers`) adds what `count` per layer
-    adds, at batch 1 and for several requests; hand-computed at batch 1 (layer 1: expert 3 twice)."""
-    run = RunningActivations(2, 4)
-    run.begin(_ctx(0, True, (3,), per_row=1))
-    run.count_layers([torch.tensor([[0, 2]]), torch.tensor([[3, 1]])], torch.tensor([0]))
-    run.count_layers([torch.tensor([[1, 2]]), torch.tensor([[3, 0]])], torch.tensor([0]))
-    assert run.batch[0].tolist() == [[1, 1, 2, 0], [1, 1, 0, 2]]
-    gen = torch.Generator().manual_seed(0)
-    L, E, k = 5, 8, 3
-    ids = [torch.randint(0, E, (6, k), generator=gen) for _ in range(4)]  # 4 of the 5 layers, 6 rows
-    rows = torch.tensor([0, 0, 1, 1, 1, 2])
-    one, many = RunningActivations(L, E), RunningActivations(L, E)
-    for run in (one, many):
-        run.begin(_ctx(0, True, (7, 8, 9), per_row=2))
-    for layer, t in enumerate(ids):
-        one.count(layer, t, rows)
-    many.count_layers(ids, rows)
-    assert torch.equal(one.batch, many.batch) and many.batch.sum() == 4 * 6 * k
-    assert [many.by_id[r].sum().item() for r in (7, 8, 9)] == [4 * 2 * k, 4 * 3 * k, 4 * 1 * k]
-
-
 # -- text ------------------------------------------------------------------------------------------
 def test_textstream_never_splits_characters():
     tok = byte_tokenizer()

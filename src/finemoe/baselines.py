@@ -175,9 +175,6 @@ class RunningActivations:
         `count` adds through NumPy (a handful of torch ops per layer cost ~10x more at these sizes)."""
         self.batch = batch
         self._np = batch.numpy()
-        B = batch.shape[0]
-        self._flat = self._np.reshape(B, self.L * self.E)  # [B, L*E] the same memory (`batch` is contiguous)
-        assert B == 0 or np.shares_memory(self._flat, self._np)
 
     def begin(self, ctx: IterationContext) -> list[torch.Tensor]:
         """Enter iteration `ctx`: pop the ended requests' matrices, line up the batch's rows."""
@@ -210,22 +207,6 @@ class RunningActivations:
             return
         flat = (request_of_row.numpy()[:, None] * E + ids).reshape(-1)  # [N*k] request * E + expert
         mats[:, layer] += np.bincount(flat, minlength=B * E)[: B * E].reshape(B, E)
-
-    def count_layers(self, ids: list[torch.Tensor], request_of_row: torch.Tensor) -> None:
-        """`count` of layers 0, 1, ..., len(ids) - 1, `ids[l]` [N, k] int64 the live rows' selections in
-        layer l (the same rows in each), in one NumPy pass instead of one per layer: the same sums
-        (whole counts in float32). Ids outside [0, E) are dropped (never made by a router)."""
-        if not ids:
-            return
-        mats, L, E = self._flat, self.L, self.E
-        B = mats.shape[0]
-        sel = torch.stack(ids).numpy()  # [n, N, k]
-        flat = sel + (np.arange(sel.shape[0]) * E)[:, None, None]  # layer * E + expert
-        if B > 1:  # + request * L * E (batch 1: every row is its own)
-            flat = flat + (request_of_row.numpy() * (L * E))[None, :, None]
-        if sel.min(initial=0) < 0 or sel.max(initial=0) >= E:
-            flat = flat[(sel >= 0) & (sel < E)]
-        mats += np.bincount(flat.reshape(-1), minlength=B * L * E)[: B * L * E].reshape(B, L * E)
 
     def pop(self, request_id: int) -> torch.Tensor | None:
         """Forget one request; its matrix [L, E] (a copy), or None if it never ran."""

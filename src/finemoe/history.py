@@ -27,9 +27,6 @@ class HistoryRecorder:
     # reads_router_probs`): not while the step records its expert map on the device (set by the
     # static decoder at capture, `step_record`)
     graphed_reads_probs = True
-    # count each layer's selections at its routing (as before session 43) instead of one pass at the
-    # iteration's last layer: a probe for `benchmarks/predictor_overhead.py` (`count-each`)
-    count_each_layer = False
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
@@ -45,24 +42,9 @@ class HistoryRecorder:
         # made at the step's start (in a graphed step the host's work there overlaps the GPU's; at
         # the last layer nothing does)
         self._semantic: SemanticPart | None = None
-        # the iteration's selections so far, [N, k] per layer from 0, counted into `running` in one pass
-        # at its last layer (`_count`): ~30 NumPy calls fewer per decode step (in a graphed step the
-        # host drains most layers' routings at the step's end, on the critical path)
-        self._ids: list[torch.Tensor] = []
-        self._rows_of: torch.Tensor | None = None  # their request per row (`ctx.request_of_row`)
-
-    def _count(self) -> None:
-        """Count the selections held so far (see `_ids`). Called at the iteration's last layer, or
-        before anything reads or moves `running` (an iteration cut short: its refs are the engine's
-        host rows, still this step's unless a later step rewrote them first)."""
-        if self._ids:
-            self.running.count_layers(self._ids, self._rows_of)  # type: ignore[arg-type]
-            self._ids = []
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self._count()
         self._commit(self.running.begin(ctx))
-        self._rows_of = ctx.request_of_row
         self.ctx, self.layer_probs, self._semantic = ctx, [], None
         maps = self.maps
         if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel():
@@ -74,7 +56,6 @@ class HistoryRecorder:
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:
         ctx = self.ctx
         if ctx is None or event.iteration != ctx.iteration or event.layer != len(self.layer_probs):
-            self._count()
             self.ctx = None
             return None
         # (the work stays per layer: in a graphed step the host reads the routings while the GPU runs
@@ -87,13 +68,8 @@ class HistoryRecorder:
             self.layer_probs.append(event.host_probs())
         else:
             self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
-        ids = event.topk_ids if whole else event.topk_ids[ctx.rows]  # [N, k]
-        if self.count_each_layer:
-            self.running.count(event.layer, ids, ctx.request_of_row)
-        else:
-            self._ids.append(ids)
+        self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
-            self._count()
             emb = ctx.host_embeddings()
             recorded = step_maps.take() if step_maps is not None else None  # [T, L, E] (read even if unused)
             if self.maps is not None and emb is not None and ctx.rows.numel():
@@ -124,7 +100,6 @@ class HistoryRecorder:
                 self.requests_added += 1
 
     def end_requests(self) -> None:
-        self._count()
         self._commit(self.running.pop_all())
         self.ctx = None
         if self.maps is not None:
