@@ -369,6 +369,11 @@ def test_trace_file_refusals(recorded, tmp_path):
     cut.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(TraceError, match="truncated or corrupt"):
         load_trace(cut)
+    text = tmp_path / "notes.txt"  # a file of another kind: no safetensors header
+    text.write_text("# not a trace\n" * 50)
+    with pytest.raises(TraceError, match="another kind of file"):
+        load_trace(text)
+    assert text.read_text() == "# not a trace\n" * 50  # (read only: left as it was)
     other = tmp_path / "other.fmt"
     from safetensors.torch import save_file
 

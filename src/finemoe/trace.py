@@ -206,7 +206,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     path = Path(path)
     hint = f"record it again with `finemoe trace record --out {path}`"
     if not path.is_file():
-        raise TraceError(f"trace file {path} does not exist ({hint})")
+        raise TraceError(f"trace file {path} does not exist (record one with `finemoe trace record --out {path}`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -222,7 +222,10 @@ def load_trace(path: str | os.PathLike) -> Trace:
     except TraceError:
         raise
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as e:
-        raise TraceError(f"{path} is truncated or corrupt ({e}); {hint}") from e
+        raise TraceError(
+            f"{path} cannot be read as a finemoe trace: it is truncated or corrupt, or another kind of file "
+            f"({e}); if it was a trace, {hint}"
+        ) from e
     need = ("prompt_len", "output_len", "row_start", "token_ids", "probs", "topk", "emb_table", "emb_tokens")
     missing = [k for k in need if k not in t]
     if missing:
