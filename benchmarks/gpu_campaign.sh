@@ -352,14 +352,16 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
-  s43a)     # session 43 (~7 min; ran on 2d98c7a, whose `count_layers` was reverted): the recorder's counts in one pass per step: the frozen and the
+  s43a)     # session 43 (~7 min; ran on 2d98c7a, whose `count_layers` was reverted: on today's tree it measures the
+            # per-layer counts): the recorder's counts in one pass per step: the frozen and the
             # learning arms, 12 paired rounds (as s42a), then the graphed learning GPU tests
     timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s43a.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 150 python -m pytest -q -x tests/gpu/test_graphs.py -k "learning or logits" 2>&1 | tail -3 ;;
-  s43c)     # session 43 (~4 min; ran on 974c570, reverted: `count-each` was its probe): s43a's learning arm against the
+  s43c)     # session 43 (~4 min; ran on 974c570, reverted: `count-each` was its probe, so re-running this part needs
+            # a checkout of 974c570; today's predictor_overhead.py refuses the flag): s43a's learning arm against the
             # same with the counts made per layer as before (`count-each`), and the frozen arm, 14 paired rounds
     timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
