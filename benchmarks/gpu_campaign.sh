@@ -352,6 +352,19 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
+  s44a)     # session 44 (~6 min): learning without the request matrices (record_requests auto: finemoe reads none,
+            # no map-store file here) against the same with them (`:requests`, the recorder as in sessions 41-43)
+            # and the frozen arm, 14 paired rounds over lru:gather
+    timeout 560 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
+      --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+  s44b)     # session 44 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
+            # then issue 5's replay speed on the host, one pinned core (as s43b)
+    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
+    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
+      --out "$out/sim_speed_h200host_s44.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
   s43a)     # session 43 (~7 min; ran on 2d98c7a, whose `count_layers` was reverted: on today's tree it measures the
             # per-layer counts): the recorder's counts in one pass per step: the frozen and the
             # learning arms, 12 paired rounds (as s42a), then the graphed learning GPU tests

@@ -254,6 +254,7 @@ KNOWN_FLAGS = frozenset(
         "defer-all",
         "no-early-read",
         "no-record",
+        "requests",
     ]
 )
 
@@ -498,7 +499,8 @@ def main() -> int:
         "':embed-inline' embeds a replayed step's token for the predictors on the compute stream (embed_beside off), "
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
         "':learn' keeps learning every iteration's maps into the store (map_store_learn=True, the engine's "
-        "default; every other run's store is frozen at the history's 1K maps), "
+        "default; every other run's store is frozen at the history's 1K maps), ':requests' has such an arm "
+        "also keep each request's activation matrix (record_requests=True; auto keeps none here), "
         "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
@@ -580,6 +582,10 @@ def main() -> int:
         kw.update(prefetch_copies="no-copies" not in flags)
         kw.update(keep_whole_layers="keep-whole" in flags, gather_absent="gather" in flags)
         kw.update(gate_refine="no-gate" not in flags)
+        # `:requests`: a learning arm's recorder also keeps each request's activation matrix (the
+        # request store, which finemoe never reads), counting every layer's routing as before session 44;
+        # without it `record_requests` is auto (no map-store file here: not kept)
+        kw.update(record_requests=True if "requests" in flags else None)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]

@@ -227,3 +227,22 @@ def test_generate_with_gathered_absent_experts(tok_ckpt, capsys):
         assert main(args) == 0
         out[gather] = json.loads(capsys.readouterr().out.strip().splitlines()[0])
     assert out[True]["token_ids"] == out[False]["token_ids"] == out[None]["token_ids"]
+
+
+def test_record_requests_flag_reaches_the_saved_store(tok_ckpt, tmp_path, capsys):
+    """With a --map-store file finemoe keeps request matrices by default (auto), not with
+    --no-record-requests; the maps are saved either way."""
+    from finemoe import map_store_file as msf
+    from finemoe.engine import Engine
+
+    got = {}
+    for flags in ([], ["--no-record-requests"]):
+        store = tmp_path / f"s{len(flags)}.fms"
+        args = ["generate", "--model", str(tok_ckpt), "--prompt", "hello", "--max-new-tokens", "3"]
+        rc = main([*args, "--expert-budget", "3", "--map-store", str(store), "--no-progress", "--json", *flags])
+        assert rc == 0
+        capsys.readouterr()
+        with Engine.from_pretrained(tok_ckpt, policy="lru", device="cpu", progress=False) as eng:
+            saved = msf.load(store, eng.identity())
+        got[bool(flags)] = (saved.maps.shape[0] > 0, saved.eams.shape[0])
+    assert got == {False: (True, 1), True: (True, 0)}

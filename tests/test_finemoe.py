@@ -672,3 +672,41 @@ def test_batch1_gate_top_k_orders_ties_by_expert_id(experts):
         RoutingEvent(1, 0, torch.full((1, experts), 1.0 / experts), torch.zeros(1, 6), False, torch.zeros(1, 2))
     )
     assert [r.expert.expert for r in plan.requests] == [*want, 0, 1]
+
+
+def test_past_requests_are_recorded_only_where_read_or_saved():
+    """`record_requests` auto: the recorder keeps request activation matrices for a policy that
+    reads them (moe-infinity) or for a map-store file, and skips their per-layer counts otherwise;
+    the maps are recorded either way."""
+    from finemoe.baselines import RequestMatrixStore
+    from finemoe.config import EngineConfig
+    from finemoe.errors import ConfigError
+    from finemoe.presets import get_preset, predictor_members, records_requests
+
+    fine, mi = get_preset("finemoe"), get_preset("moe-infinity")
+    assert not records_requests(fine, EngineConfig())
+    assert records_requests(fine, EngineConfig(map_store="/tmp/x.fms"))
+    assert records_requests(mi, EngineConfig())
+    assert records_requests(fine, EngineConfig(record_requests=True))
+    assert not records_requests(mi, EngineConfig(record_requests=False))
+    with pytest.raises(ConfigError, match="record_requests"):
+        EngineConfig(record_requests="yes")
+
+    def recorder(cfg):
+        maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)
+        deps = PredictorDeps(SPEC, 1, maps, RequestMatrixStore(2, 4, 8), gate=lambda layer, h: None)
+        rec = predictor_members(fine, cfg, deps, False)[-1]
+        assert isinstance(rec, HistoryRecorder)
+        return rec
+
+    for cfg, keeps in ((EngineConfig(), False), (EngineConfig(record_requests=True), True)):
+        rec = recorder(cfg)
+        assert (rec.requests is not None) is keeps and (rec.running is not None) is keeps
+        emb = torch.tensor([[1.0, 0.0]])
+        for it in range(2):
+            rec.on_iteration_start(_ctx(it, emb))
+            for layer in range(2):
+                rec.on_routing(_ev(it, layer, [[0.7, 0.1, 0.1, 0.1]]))
+        rec.end_requests()
+        assert rec.maps.size == 2 and rec.maps_added == 2
+        assert rec.requests_added == (1 if keeps else 0)

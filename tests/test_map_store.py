@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import asdict
 
@@ -344,3 +345,24 @@ def test_a_store_grown_in_inference_mode_takes_rows_outside_it():
     assert store.size == 5 and float(store.maps[4, 1, 2]) == 0.5
     store.add(torch.zeros(1, 3) + 2, torch.full((1, 2, 4), 0.1))  # and outside it, too
     assert store.size == 6
+
+
+def test_finemoe_without_request_matrices_decides_the_same(tiny_checkpoint, tmp_path, caplog):
+    """finemoe reads no request matrices: skipping them (auto, no map-store file) changes neither
+    tokens nor cache decisions; a file saved anyway says so in the log and holds none."""
+    path = tiny_checkpoint("qwen3_moe")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    runs = {}
+    for keep in (True, None):
+        with _engine(path, policy="finemoe", record_requests=keep) as eng:
+            outs = eng.generate(PROMPTS, params)
+            st = eng.stats()
+            runs[keep] = ([o.token_ids for o in outs], st.cache.hits, st.cache.misses, st.cache.prefetches_issued)
+            assert eng.requests.size == (2 if keep else 0) and eng.maps.size == 7 + 5 + 2 * 5
+            if keep is None:
+                with caplog.at_level(logging.INFO, logger="finemoe.engine"):
+                    eng.save_map_store(tmp_path / "maps.fms")
+                assert "past requests were not recorded" in caplog.text
+                saved = msf.load(tmp_path / "maps.fms", eng.identity())
+    assert runs[True] == runs[None]
+    assert saved.maps.shape[0] == 7 + 5 + 2 * 5 and saved.eams.shape[0] == 0

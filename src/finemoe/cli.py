@@ -61,6 +61,13 @@ def _add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--map-store-capacity", type=int, default=1000, help="expert maps (and past requests) kept")
     ap.add_argument("--freeze-map-store", action="store_true", help="do not learn from this run (offline mode)")
     ap.add_argument(
+        "--record-requests",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep each finished request's expert activation matrix (moe-infinity's history) while learning; "
+        "default: when the policy reads them or a --map-store file will hold them",
+    )
+    ap.add_argument(
         "--delta-rule", choices=["paper", "demo", "topk"], default="paper", help="FineMoE selection count rule"
     )
     ap.add_argument(
@@ -177,6 +184,7 @@ def _engine(args: argparse.Namespace):
         warm_pool=args.warm_pool,
         graph_gates=args.graph_gates,
         gather_absent=args.gather_absent,
+        record_requests=getattr(args, "record_requests", None),
         progress=not args.no_progress,
     )
 

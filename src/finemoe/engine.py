@@ -50,6 +50,7 @@ from finemoe.presets import (
     prefetch_distance,
     prefill_sweep,
     reads_router_inputs,
+    records_requests,
 )
 from finemoe.process_search import ProcessPredictor, worker_setup
 from finemoe.runtime import OffloadRuntime
@@ -149,6 +150,14 @@ class Engine(EngineTelemetry):
         contents = map_store_file.MapStoreContents(
             self.maps.state()["emb"], self.maps.state()["maps"], self.requests.state()["eams"]
         )
+        if self.config.map_store_learn and not records_requests(self.preset, self.config):
+            log.info(
+                "past requests were not recorded in this run (policy %s reads none and no map_store file was "
+                "configured; record_requests=True keeps them): %s gets the %d it started with",
+                self.config.policy,
+                path,
+                self.requests.size,
+            )
         map_store_file.save(path, self.identity(), contents)
         log.info("saved %d expert maps and %d past requests to %s", self.maps.size, self.requests.size, path)
 

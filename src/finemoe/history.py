@@ -34,7 +34,11 @@ class HistoryRecorder:
         self.rows = deps.store_rows  # "all": every token; "last": in prefill only each prompt's last token
         self.ctx: IterationContext | None = None
         self.layer_probs: list[torch.Tensor] = []  # [N, E] per layer of the iteration
-        self.running = RunningActivations(self.spec.num_layers, self.spec.num_experts)
+        # the requests in flight's activation counts, kept only for a request store (None: no
+        # per-layer counts at all, `presets.records_requests`)
+        self.running = (
+            RunningActivations(self.spec.num_layers, self.spec.num_experts) if self.requests is not None else None
+        )
         self.last_layer = self.spec.num_layers - 1
         self.maps_added = 0
         self.requests_added = 0
@@ -44,7 +48,8 @@ class HistoryRecorder:
         self._semantic: SemanticPart | None = None
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
-        self._commit(self.running.begin(ctx))
+        if self.running is not None:
+            self._commit(self.running.begin(ctx))
         self.ctx, self.layer_probs, self._semantic = ctx, [], None
         maps = self.maps
         if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel():
@@ -68,7 +73,8 @@ class HistoryRecorder:
             self.layer_probs.append(event.host_probs())
         else:
             self.layer_probs.append(routing_rows(event, ctx.rows, self.values))
-        self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
+        if self.running is not None:
+            self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
             recorded = step_maps.take() if step_maps is not None else None  # [T, L, E] (read even if unused)
@@ -100,7 +106,8 @@ class HistoryRecorder:
                 self.requests_added += 1
 
     def end_requests(self) -> None:
-        self._commit(self.running.pop_all())
+        if self.running is not None:
+            self._commit(self.running.pop_all())
         self.ctx = None
         if self.maps is not None:
             self.maps.apply_pending()

@@ -114,6 +114,16 @@ def get_preset(name: str) -> PolicyPreset:
 
 
 HISTORY_READERS = ("finemoe", "moe-infinity")  # predictors that match against recorded history
+REQUEST_READERS = ("moe-infinity",)  # predictors that match against past requests' activation matrices
+
+
+def records_requests(preset: PolicyPreset, config: Any) -> bool:
+    """Whether the history recorder keeps finished requests' activation matrices: as configured
+    (`EngineConfig.record_requests`), else (auto) where a predictor reads them or a map-store
+    file will carry them."""
+    if config.record_requests is not None:
+        return bool(config.record_requests)
+    return preset.predictor in REQUEST_READERS or bool(config.map_store)
 
 
 def prefetch_distance(preset: PolicyPreset, configured: int | None) -> int:
@@ -126,7 +136,8 @@ def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident
     own (unless everything is resident), the refining speculative gate (finemoe: layer l+1's
     router on layer l's router input, run where the chain runs, so on the searcher thread when
     search is asynchronous), then the history recorder when the stores learn online (a policy
-    that reads history, or any run with a map-store file). Shared by the engine and the simulator."""
+    that reads history, or any run with a map-store file; finished requests' activation matrices
+    only where `records_requests`). Shared by the engine and the simulator."""
     import dataclasses
 
     from finemoe.history import HistoryRecorder
@@ -139,7 +150,8 @@ def predictor_members(preset: PolicyPreset, config: Any, deps: Any, all_resident
         if preset.refine_stride and config.gate_refine and deps.gate is not None:
             members.append(make_predictor("speculative-gate", dataclasses.replace(deps, distance=preset.refine_stride)))
     if config.map_store_learn and (preset.predictor in HISTORY_READERS or config.map_store):
-        members.append(HistoryRecorder(deps))
+        kept = deps if records_requests(preset, config) else dataclasses.replace(deps, requests=None)
+        members.append(HistoryRecorder(kept))
     return members
 
 
