@@ -500,7 +500,8 @@ def main() -> int:
         "':keep-whole' spares whole layers in decayed LFU's victims near 100%% (keep_whole_layers=True), "
         "':learn' keeps learning every iteration's maps into the store (map_store_learn=True, the engine's "
         "default; every other run's store is frozen at the history's 1K maps), ':requests' has such an arm "
-        "also keep each request's activation matrix (record_requests=True; auto keeps none here), "
+        "also keep each request's activation matrix (record_requests=True; else False, as the engine's default "
+        "without a map-store file), "
         "':gather' gathers the absent experts in the last layers near 100%% (gather_absent=True; also an "
         "--lru-modes flag), ':no-gate' runs finemoe's maps without the speculative gate (gate_refine=False), "
         "':all-gates' keeps the gates in the side graphs of layers run ahead whose targets run ahead too "
@@ -583,9 +584,10 @@ def main() -> int:
         kw.update(keep_whole_layers="keep-whole" in flags, gather_absent="gather" in flags)
         kw.update(gate_refine="no-gate" not in flags)
         # `:requests`: a learning arm's recorder also keeps each request's activation matrix (the
-        # request store, which finemoe never reads), counting every layer's routing as before session 44;
-        # without it `record_requests` is auto (no map-store file here: not kept)
-        kw.update(record_requests=True if "requests" in flags else None)
+        # request store, which finemoe never reads), counting every layer's routing as before session 44
+        # (and as an engine with a map-store file does); without it none, as the engine's default without
+        # a file (auto would keep them here: this engine's history came from a file, `recorded_engine`)
+        kw.update(record_requests="requests" in flags)
         return f"finemoe {mode} {budget}", kw
 
     runs = [("all-gpu 100%", dict(policy="all-gpu", map_store_learn=False))]
