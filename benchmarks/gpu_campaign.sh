@@ -359,6 +359,14 @@ case $part in
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
       --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+  s44c)     # session 44 (~5 min): the helper thread's tests, then learning with the insert scored on the helper thread
+            # (the default where decode is graphed) against the same scored inline (`:insert-inline`, as before) and
+            # the frozen arm, 14 paired rounds over lru:gather
+    timeout 150 python -m pytest -q tests/gpu/test_graphs.py -k "helper_thread or graphed_learning" 2>&1 | tail -2
+    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+insert-inline \
+      --out "$out/overhead_s44c.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
   s44b)     # session 44 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s43b)
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
