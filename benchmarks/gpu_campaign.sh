@@ -359,9 +359,10 @@ case $part in
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
       --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
-  s44c)     # session 44 (~5 min): the helper thread's tests, then learning with the insert scored on the helper thread
-            # (the default where decode is graphed) against the same scored inline (`:insert-inline`, as before) and
-            # the frozen arm, 14 paired rounds over lru:gather
+  s44c)     # session 44 (~5 min; ran on a56d907's tree, reverted: the helper thread (`insert_ahead`) and its flag
+            # `insert-inline` are gone, so re-running this part needs a checkout of that commit): the helper thread's
+            # tests, then learning with the insert scored on a helper thread against the same scored inline and the
+            # frozen arm, 14 paired rounds over lru:gather
     timeout 150 python -m pytest -q tests/gpu/test_graphs.py -k "helper_thread or graphed_learning" 2>&1 | tail -2
     timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \

@@ -255,7 +255,6 @@ KNOWN_FLAGS = frozenset(
         "no-early-read",
         "no-record",
         "requests",
-        "insert-inline",
     ]
 )
 
@@ -292,9 +291,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
     memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
     `no-record`: learning reads every layer's router logits on the host, no record
-    (`OffloadRuntime.map_recorders` emptied, as before session 41); `insert-inline`: a graphed
-    learning step's insert scored on the forward thread, no helper thread (as before session 44,
-    `ExpertMapStore.use_helper`)."""
+    (`OffloadRuntime.map_recorders` emptied, as before session 41)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -306,8 +303,6 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.early_routing_read = "no-early-read" not in flags
     if "no-record" in flags:
         eng.runtime.map_recorders = []
-    if "insert-inline" in flags:
-        eng.maps.use_helper(False)
     # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
     eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)

@@ -201,21 +201,13 @@ def test_an_insert_with_its_semantic_part_made_early_replaces_the_same_rows():
     assert torch.equal(a.redundancy(emb, maps), b.redundancy(emb, maps, early))
 
 
-@pytest.mark.parametrize("helper", [False, True])
-def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would(helper):
+def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would():
     """`add_later` (a graphed step's map) leaves the store as it is until any method reads or writes
     it; from there on the store equals one that added the row at once, read after read (replacements
-    included), and `apply_pending` with nothing held back does nothing. `helper`: a full store's
-    inserts scored on the helper thread (`use_helper`, the semantic part a future too) land in the
-    same rows, bit for bit, and the insert does not score them again."""
+    included), and `apply_pending` with nothing held back does nothing."""
     gen = torch.Generator().manual_seed(13)
     L, E, D, C = 3, 4, 10, 12
     now, later = ExpertMapStore(StoreGeometry(L, E, D), C), ExpertMapStore(StoreGeometry(L, E, D), C)
-    later.use_helper(helper)
-    scored = {"now": [], "later": []}  # each store's own scoring calls (none where the helper scored)
-    for name, store in (("now", now), ("later", later)):
-        store.redundancy = lambda *a, own=store.redundancy, log=scored[name]: log.append(1) or own(*a)
-    full_inserts = 0
     # each read given a query embedding and the row the held-back map lands in
     reads = [
         lambda s, q, row: s.semantic_match_one(q[0]),
@@ -231,9 +223,7 @@ def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would(helper):
         semantic = now.semantic_part(emb) if now.size >= C else None
         (row,) = now.add(emb, maps, semantic)
         size, version = later.size, later.version
-        full = later.size >= C
-        full_inserts += full
-        later.add_later(emb, maps, later.semantic_part_ahead(emb) if full else None)
+        later.add_later(emb, maps, later.semantic_part(emb) if later.size >= C else None)
         assert (later.size, later.version) == (size, version)  # held back
         q = emb if step % 2 else torch.randn(1, D, generator=gen)  # (the held-back row is the best match)
         read = reads[step % len(reads)]
@@ -243,14 +233,6 @@ def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would(helper):
     for name in ("emb", "emb_unit", "maps", "prefix_sq", "by_layer", "prefix_norm", "maps_unit"):
         assert torch.equal(getattr(now, name), getattr(later, name)), name
     assert now.replacements == later.replacements > 20
-    assert full_inserts > 20
-    if helper:  # two jobs per held-back insert into the full store: its semantic part, then its scores
-        assert later.ahead is not None and later.ahead.jobs == 2 * full_inserts
-        assert len(scored["later"]) == len(scored["now"]) - full_inserts
-        later.use_helper(False)
-        assert later.ahead is None
-    else:
-        assert len(scored["later"]) == len(scored["now"])
 
 
 def test_trajectory_incremental_equals_from_scratch():

@@ -266,8 +266,6 @@ class Engine(EngineTelemetry):
             self.runtime.map_recorders = [
                 m for m in members if isinstance(m, HistoryRecorder) and m.maps is not None and m.values == "probs"
             ]
-        # a graphed step's insert into a full store scored on a helper thread (`insert_ahead`)
-        self.maps.use_helper(graphed and bool(self.runtime.map_recorders))
         self.runtime.want_hidden = reads_router_inputs(preset, config) and not plan.all_resident
         # (auto: the gates computed in the side graphs where the map search runs there too)
         auto_gates = search == "device" and graphed
@@ -348,7 +346,7 @@ class Engine(EngineTelemetry):
             raise
 
     def _detach(self) -> None:
-        self.maps.use_helper(False)  # (a graphed step's insert held back: made under the settings it ran with)
+        self.maps.apply_pending()  # (a graphed step's insert held back: made under the settings it ran with)
         for ap in self.async_predictors:
             ap.flush()
             if isinstance(ap, ProcessPredictor):  # keep what the worker learned for the next setup

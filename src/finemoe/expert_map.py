@@ -14,14 +14,11 @@ searcher's, when search runs asynchronously).
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from finemoe.insert_ahead import InsertAhead, resolve
 from finemoe.predictor import RankedRow, ranked_row
 
 EPS = 1e-12
@@ -102,11 +99,8 @@ class ExpertMapStore:
         # every time it recurs; a match made before later writes is brought up to date from the rows
         # written since (`_catch_up`), so a learning store keeps its matches too
         self._semantic: dict[bytes, tuple[float, int, int, float]] = {}
-        # an insert held back (`add_later`), applied before anything reads or writes the store: (emb,
-        # maps, the semantic part or its future, the worker's (version, scores) future or None)
-        self._pending: tuple[torch.Tensor, torch.Tensor, Any, Future | None] | None = None
-        # the helper thread scoring a full store's inserts ahead (`insert_ahead`; None: this thread)
-        self.ahead: InsertAhead | None = None
+        # an insert held back (`add_later`), applied before anything reads or writes the store
+        self._pending: tuple[torch.Tensor, torch.Tensor, SemanticPart | None] | None = None
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -165,8 +159,6 @@ class ExpertMapStore:
 
     # -- writes ---------------------------------------------------------------------------------
     def _write(self, row: int, emb: torch.Tensor, emap: torch.Tensor) -> None:
-        if self.ahead is not None and self.ahead.busy:  # (its jobs read the rows: none written under them)
-            self.ahead.wait()
         self.version += 1
         self._written.append((self.version, row))
         if self._ranked:
@@ -207,24 +199,15 @@ class ExpertMapStore:
             self.apply_pending()
         return self._norm_layers_np[:, : self.size]
 
-    def add(
-        self,
-        emb: torch.Tensor,
-        maps: torch.Tensor,
-        semantic: SemanticPart | Future | None = None,
-        scored: tuple[int, torch.Tensor] | None = None,
-    ) -> list[int]:
+    def add(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
 
         Appends while there is room; then each new row overwrites the stored row with the highest
         redundancy score against it, in order, so later rows see earlier replacements. `semantic`:
-        `semantic_part(emb)` made earlier (or its future), used if the store has not changed since
-        (the same result); `scored`: (version, `redundancy(emb, maps)` [N, size]) made at `version`,
-        likewise (`InsertAhead.scores`).
+        `semantic_part(emb)` made earlier, used if the store has not changed since (the same result).
         """
         if self._pending is not None:
             self.apply_pending()
-        semantic = resolve(semantic)
         emb, maps = emb.float().reshape(-1, self.geometry.dim), maps.float()
         maps = maps.reshape(-1, self.geometry.num_layers, self.geometry.num_experts)
         rows: list[int] = []
@@ -240,10 +223,7 @@ class ExpertMapStore:
         if i == n:
             return rows
         rest_emb, rest_maps = emb[i:], maps[i:]
-        if i == 0 and scored is not None and scored[0] == self.version and scored[1].shape == (n, self.size):
-            rdy = scored[1]  # [N, C] made ahead, at this version
-        else:
-            rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
+        rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
         w_sem = self.semantic_weight
         if rest_emb.shape[0] > 1:  # (read only for the rows after the first: none in decode at batch 1)
             rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -262,7 +242,7 @@ class ExpertMapStore:
                 )
         return rows
 
-    def add_later(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | Future | None = None) -> None:
+    def add_later(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> None:
         """`add(emb, maps, semantic)`, held back until the store is next read or written (any method
         here, `apply_pending`): the same rows, in the same order, as an `add` now. A graphed decode
         step's map goes in this way, so that its insert runs when the next step first reads the
@@ -271,61 +251,33 @@ class ExpertMapStore:
         tensors) are current only after `apply_pending`."""
         if self._pending is not None:
             self.apply_pending()
-        ahead = self.ahead
-        # a full store's row scored on the helper thread meanwhile (its products release the GIL)
-        scored = ahead.scores(emb, maps, semantic) if ahead is not None and self.size >= self.capacity else None
-        self._pending = (emb, maps, semantic, scored)
+        self._pending = (emb, maps, semantic)
 
     def apply_pending(self) -> None:
         """Insert the row `add_later` held back (nothing if none)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            emb, maps, semantic, scored = pending
-            self.add(emb, maps, semantic, resolve(scored))
-
-    def use_helper(self, on: bool) -> None:
-        """Score a full store's held-back inserts on a helper thread (`insert_ahead`) or not; the
-        pending insert is applied first."""
-        self.apply_pending()
-        if self.ahead is not None and not on:
-            self.ahead.close()
-            self.ahead = None
-        elif self.ahead is None and on:
-            self.ahead = InsertAhead(self)
-
-    def semantic_part_ahead(self, emb: torch.Tensor) -> SemanticPart | Future:
-        """`semantic_part(emb)`, made on the helper thread where there is one (a future then)."""
-        if self._pending is not None:
-            self.apply_pending()
-        if self.ahead is not None:
-            return self.ahead.semantic(emb)
-        return self.semantic_part(emb)
+            self.add(*pending)
 
     def redundancy(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> torch.Tensor:
         """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows; the
         embedding's share taken from `semantic` where it was made for these rows at this version."""
         if self._pending is not None:
             self.apply_pending()
-        return self.redundancy_at(emb, maps, semantic, self.version, self.size)
-
-    def redundancy_at(
-        self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None, version: int, size: int
-    ) -> torch.Tensor:
-        """`redundancy` over the first `size` rows of the store at `version` (the current rows:
-        callers make sure), reading only (the helper thread's job, `InsertAhead.scores`)."""
+        c = self.size
         flat = maps.reshape(maps.shape[0], -1)
         q_flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(EPS)
         w = self.semantic_weight
         if (
             semantic is not None
-            and semantic.version == version
+            and semantic.version == self.version
             and semantic.weight == w
-            and semantic.part.shape == (flat.shape[0], size)
+            and semantic.part.shape == (flat.shape[0], c)
         ):
             part = semantic.part
         else:
-            part = self.semantic_part_at(emb, version, size).part
-        return part + (1 - w) * (q_flat @ self.maps_unit[:size].T)
+            part = self.semantic_part(emb).part
+        return part + (1 - w) * (q_flat @ self.maps_unit[:c].T)
 
     def semantic_part(self, emb: torch.Tensor) -> SemanticPart:
         """The embedding's share of `redundancy` for rows `emb` [N, D] at the store's current version:
@@ -333,14 +285,10 @@ class ExpertMapStore:
         step's start, `history.HistoryRecorder`), it leaves only the maps' share to the insert."""
         if self._pending is not None:
             self.apply_pending()
-        return self.semantic_part_at(emb, self.version, self.size)
-
-    def semantic_part_at(self, emb: torch.Tensor, version: int, size: int) -> SemanticPart:
-        """`semantic_part` over the first `size` rows of the store at `version`, reading only."""
         emb = emb.float().reshape(-1, self.geometry.dim)
         q_emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(EPS)
         w = self.semantic_weight
-        return SemanticPart(version, w * (q_emb @ self.emb_unit[:size].T), w)
+        return SemanticPart(self.version, w * (q_emb @ self.emb_unit[: self.size].T), w)
 
     # -- reads ----------------------------------------------------------------------------------
     def ranked(self, layer: int, row: int) -> RankedRow:

@@ -11,7 +11,6 @@ thread (`PredictorChain`), so a search never sees a store that changes under it 
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -46,7 +45,7 @@ class HistoryRecorder:
         # a decode step's insert into a full store: the embedding's share of its redundancy scores,
         # made at the step's start (in a graphed step the host's work there overlaps the GPU's; at
         # the last layer nothing does)
-        self._semantic: SemanticPart | Future | None = None
+        self._semantic: SemanticPart | None = None
 
     def on_iteration_start(self, ctx: IterationContext) -> PrefetchPlan | None:
         if self.running is not None:
@@ -56,7 +55,7 @@ class HistoryRecorder:
         if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel():
             emb = ctx.host_embeddings()
             if emb is not None:
-                self._semantic = maps.semantic_part_ahead(emb)  # (a future where a helper thread makes it)
+                self._semantic = maps.semantic_part(emb)
         return None
 
     def on_routing(self, event: RoutingEvent) -> PrefetchPlan | None:

@@ -349,32 +349,6 @@ def test_graphed_learning_stores_the_maps_eager_learning_does(ckpt, search):
     assert torch.allclose(state["maps"][:n], state["maps"][n:], rtol=0, atol=1e-6)
 
 
-def test_inserts_scored_on_the_helper_thread_replace_the_rows_inline_scoring_does(ckpt):
-    """A graphed learning step's insert into a full store, scored on the helper thread
-    (`insert_ahead`, on by default where decode is graphed), replaces the same rows as one scored on
-    the forward thread: the same store, bit for bit, from the same start."""
-    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    prompt = medium_prompts()[1]
-    kw = dict(policy="finemoe", expert_budget="25%", device="cuda", progress=False, map_store_capacity=8)
-    with Engine.from_pretrained(ckpt, **kw) as eng:
-        eng.generate(prompt, params)  # (fills the store: every later row replaces one)
-        start = eng.maps.state()
-        got = {}
-        for helper in (True, False):
-            eng.maps.load_rows(start["emb"], start["maps"])
-            eng.maps.use_helper(helper)
-            jobs = eng.maps.ahead.jobs if helper else 0
-            replaced = eng.maps.replacements
-            tokens = eng.generate(prompt, params)[0].token_ids
-            assert eng.maps.replacements - replaced >= 12
-            if helper:
-                assert eng.maps.ahead is not None and eng.maps.ahead.jobs - jobs >= 10  # (2 per graphed decode step)
-            got[helper] = (tokens, eng.maps.state())
-        assert got[True][0] == got[False][0]
-        for name in ("emb", "maps"):
-            assert torch.equal(got[True][1][name], got[False][1][name]), name
-
-
 @pytest.mark.parametrize(
     "policy,kw", [("lru", {}), ("finemoe", {}), ("finemoe", {"search": "device", "graph_gates": True})]
 )
