@@ -352,9 +352,10 @@ case $part in
       --modes device:graph-gates+gather,device:graph-gates+gather+learn \
       --out "$out/overhead_s40d.json" 2>&1 | grep -v INFO | grep -A9 "^run " | cut -c1-150 | head -10
     timeout 360 python -m pytest -q -rf --tb=short tests/gpu 2>&1 | tail -6 ;;
-  s44a)     # session 44 (~6 min): learning without the request matrices (record_requests auto: finemoe reads none,
-            # no map-store file here) against the same with them (`:requests`, the recorder as in sessions 41-43)
-            # and the frozen arm, 14 paired rounds over lru:gather
+  s44a)     # session 44 (~3 min): learning without the request matrices (record_requests=False, as the engine's
+            # default without a map-store file; at bb71a9d the benchmark left it auto, which kept them in both arms:
+            # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
+            # frozen arm, 14 paired rounds over lru:gather
     timeout 560 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
