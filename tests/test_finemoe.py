@@ -710,3 +710,42 @@ def test_past_requests_are_recorded_only_where_read_or_saved():
         rec.end_requests()
         assert rec.maps.size == 2 and rec.maps_added == 2
         assert rec.requests_added == (1 if keeps else 0)
+
+
+def test_an_insert_scored_elsewhere_is_used_only_at_its_version_and_weight():
+    """`add(..., scored=(version, weight, RDY))` (a graphed step's insert scored on the device) takes
+    the argmax of the given scores for a full store's single new row, held back or not, and falls back
+    to the host's scores when they were made at another version, weight or store size."""
+    gen = torch.Generator().manual_seed(21)
+    L, E, D, C = 3, 4, 6, 10
+
+    def store():
+        s = ExpertMapStore(StoreGeometry(L, E, D), capacity=C, distance=1)
+        s.add(torch.randn(C, D, generator=torch.Generator().manual_seed(1)), torch.rand(C, L, E))
+        return s
+
+    a = store()
+    b = ExpertMapStore(StoreGeometry(L, E, D), capacity=C, distance=1)
+    b.load_rows(a.state()["emb"], a.state()["maps"])
+    w = b.semantic_weight
+    emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
+    host = a.redundancy(emb, maps)[0]  # [C]
+    assert a.add(emb, maps) == b.add(emb, maps, None, (b.version, w, host.clone()))
+    assert b.device_scored == 1 and torch.equal(a.maps, b.maps)
+    # scores that favour another row are followed (they are read, not recomputed) ...
+    emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
+    best = int(torch.argmax(b.redundancy(emb, maps)[0]))
+    other = (best + 3) % C
+    fake = torch.zeros(C)
+    fake[other] = 1.0
+    ref = ExpertMapStore(StoreGeometry(L, E, D), capacity=C, distance=1)
+    ref.load_rows(b.state()["emb"], b.state()["maps"])
+    b.add_later(emb, maps, None, (b.version, w, fake))
+    b.apply_pending()
+    assert torch.equal(b.maps[other], maps[0]) and b.device_scored == 2
+    # ... but not at another version, weight or size: the host's row then, as `ref` picks it
+    ref.add(emb, maps, None, (ref.version, w, fake))  # (ref's own version: used, the same row)
+    for bad in ((b.version - 1, w, fake), (b.version, w + 0.5, fake), (b.version, w, fake[:-1])):
+        emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
+        assert b.add(emb, maps, None, bad) == ref.add(emb, maps)
+    assert b.device_scored == 2 and torch.equal(b.maps, ref.maps)

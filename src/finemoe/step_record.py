@@ -26,6 +26,63 @@ from finemoe.models.base import sigmoid_probs, softmax_probs
 log = logging.getLogger(__name__)
 
 ROW_WISE = (softmax_probs, sigmoid_probs)  # probability functions that ignore the router module
+EPS = 1e-12  # (as `expert_map.EPS`)
+
+
+class InsertScores:
+    """A full map store's insert scored inside the step record's graph (batch 1): the redundancy
+    [C] of the step's map and token embedding against every row of the store's device mirror
+    (`device_plans.DevicePlanner`: maps, prefix norms, unit embeddings), the formula of
+    `ExpertMapStore.redundancy` in float32 on the device, copied to pinned host memory with the map.
+    The held-back insert then only takes the argmax and writes the row, instead of two products
+    over the stored rows on the forward thread (~0.2 ms on the H200 host, session 44). The device
+    rounds its sums differently: at a near-tie it may pick another row than the host would.
+
+    Valid for a step only if its embedding was staged (`stage`) and the mirror's version is read at
+    the launch (`version`); the store uses the scores only at that version and weight."""
+
+    def __init__(self, planner, weight: float) -> None:  # type: ignore[no-untyped-def]
+        self.planner, self.weight = planner, weight
+        dev = planner.maps.device
+        self.emb = torch.zeros(1, planner.geometry.dim, device=dev)  # [1, D] the step's token embedding (static)
+        with torch.inference_mode(False):  # (pinned rows written by every later replay)
+            self.host = torch.zeros(planner.capacity, pin_memory=dev.type == "cuda")  # [C]
+        self.staged = False  # this step's embedding is in `emb`
+        self.version = -1  # the store version the launched record scored against (-1: none valid)
+        self.size = 0
+        self.scored = 0  # records that scored an insert, in total
+
+    def stage(self, emb: torch.Tensor) -> None:
+        """The step's token embedding [1, D] (device) into the static input, on the current stream."""
+        self.emb.copy_(emb.reshape(1, -1))
+        self.staged = True
+
+    def capture(self, probs: torch.Tensor) -> None:
+        """The scoring ops on the capturing stream: `probs` [L, E] the step's map (device)."""
+        p, w = self.planner, self.weight
+        q = probs.float()
+        maps = torch.einsum("lce,le->c", p.maps, q) / (p.norms[-1] * q.norm().clamp_min(EPS))  # [C] cosine
+        e = self.emb[0].float()
+        sem = p.emb_unit @ (e / e.norm().clamp_min(EPS))  # [C] cosine
+        self.host.copy_(w * sem + (1 - w) * maps, non_blocking=True)
+
+    def launching(self, stream: torch.cuda.Stream) -> None:
+        """The record is replayed now on `stream`: after the mirror's latest row copies; valid if
+        the embedding was staged this step."""
+        p = self.planner
+        if p._staged is not None:
+            stream.wait_event(p._staged)
+        self.version, self.size = (p.version, p.size) if self.staged else (-1, 0)
+        self.staged = False
+
+    def take(self) -> tuple[int, float, torch.Tensor] | None:
+        """(store version, semantic weight, RDY [size] on the host) of the record just read, or None."""
+        if self.version < 0:
+            return None
+        self.scored += 1
+        out = (self.version, self.weight, self.host[: self.size].clone())
+        self.version = -1
+        return out
 
 
 class StepRecord:
@@ -45,6 +102,9 @@ class StepRecord:
         self._compute: torch.cuda.Stream | None = None  # the stream `mark` saw
         self.launches = 0  # steps recorded, in total
         self.error: str | None = None  # why the capture failed (the recorder then reads layer by layer)
+        # set before the capture: a full store's insert scored in the same graph (batch 1; None: on the host)
+        self.insert: InsertScores | None = None
+        self.score_inserts = True  # False: no `insert` (an A/B knob)
 
     @property
     def live(self) -> bool:
@@ -82,11 +142,17 @@ class StepRecord:
                         pairs = zip(routed, logits, strict=True)
                         probs = torch.stack([router_probs(r, x.reshape(T, E)) for (r, _, _), x in pairs])
                     host.copy_(probs.view(L, T, E).float(), non_blocking=True)
+                    if self.insert is not None:
+                        if T == 1:
+                            self.insert.capture(probs.view(L, E))
+                        else:
+                            self.insert = None
                 finally:
                     graph.capture_end()
         except Exception as exc:  # (an op the family's probability function runs cannot be captured)
             log.warning("the step's expert map cannot be recorded on the device, learning reads each layer: %r", exc)
             self.error = repr(exc)
+            self.insert = None
             return False
         capturing.wait_stream(self.stream)
         self.graph, self.host = graph, host
@@ -109,6 +175,8 @@ class StepRecord:
         if not self.marked or self.launched or self.graph is None or self._compute is None:
             return
         self.stream.wait_event(self._ready)
+        if self.insert is not None:
+            self.insert.launching(self.stream)
         torch.cuda.set_stream(self.stream)  # (not a stream context: no lookup of the current stream)
         try:
             self.graph.replay()
@@ -129,6 +197,14 @@ class StepRecord:
         self._done.synchronize()
         self.wait_s += time.perf_counter() - t0
         return self.host.transpose(0, 1).clone()
+
+    def take_scores(self) -> tuple[int, float, torch.Tensor] | None:
+        """After `take`: the step's insert scores (`InsertScores.take`), or None."""
+        return self.insert.take() if self.insert is not None else None
+
+    @property
+    def scores_inserts(self) -> bool:
+        return self.insert is not None
 
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """A replayed step starts on `compute`: a mark of an earlier step is void, and a record it
