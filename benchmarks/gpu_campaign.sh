@@ -360,15 +360,17 @@ case $part in
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
       --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
-  s44d)     # session 44 (~4 min): a graphed learning step's insert scored in the step record's graph (the default
-            # with search=device) against the host's scoring (`:host-insert`, as before) and the frozen arm, 14 paired
-            # rounds over lru:gather; the tests of the record, the device mirror and graphed learning first
+  s44d|s44e)  # session 44 (~4 min): a graphed learning step's insert scored on the device (the default with
+            # search=device) against the host's scoring (`:host-insert`, as before) and the frozen arm, 14 paired
+            # rounds over lru:gather; the tests of the record, the device mirror and graphed learning first. s44d ran
+            # at 0eb3f4d (the scores in the record's own graph, `take` waiting for them); s44e at the next commit (the
+            # scores in a graph of their own after the record, read at the insert)
     timeout 200 python -m pytest -q tests/gpu/test_graphs.py tests/gpu/test_device_plans.py \
       -k "scored_on_the_device or graphed_learning or step_record or sync or record" 2>&1 | tail -2
     timeout 380 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+host-insert \
-      --out "$out/overhead_s44d.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
   s44c)     # session 44 (~5 min; ran on a56d907's tree, reverted: the helper thread (`insert_ahead`) and its flag
             # `insert-inline` are gone, so re-running this part needs a checkout of that commit): the helper thread's
             # tests, then learning with the insert scored on a helper thread against the same scored inline and the

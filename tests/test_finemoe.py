@@ -730,7 +730,7 @@ def test_an_insert_scored_elsewhere_is_used_only_at_its_version_and_weight():
     w = b.semantic_weight
     emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
     host = a.redundancy(emb, maps)[0]  # [C]
-    assert a.add(emb, maps) == b.add(emb, maps, None, (b.version, w, host.clone()))
+    assert a.add(emb, maps) == b.add(emb, maps, None, (b.version, w, host.clone))
     assert b.device_scored == 1 and torch.equal(a.maps, b.maps)
     # scores that favour another row are followed (they are read, not recomputed) ...
     emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
@@ -740,12 +740,16 @@ def test_an_insert_scored_elsewhere_is_used_only_at_its_version_and_weight():
     fake[other] = 1.0
     ref = ExpertMapStore(StoreGeometry(L, E, D), capacity=C, distance=1)
     ref.load_rows(b.state()["emb"], b.state()["maps"])
-    b.add_later(emb, maps, None, (b.version, w, fake))
+    b.add_later(emb, maps, None, (b.version, w, lambda: fake))
     b.apply_pending()
     assert torch.equal(b.maps[other], maps[0]) and b.device_scored == 2
     # ... but not at another version, weight or size: the host's row then, as `ref` picks it
-    ref.add(emb, maps, None, (ref.version, w, fake))  # (ref's own version: used, the same row)
-    for bad in ((b.version - 1, w, fake), (b.version, w + 0.5, fake), (b.version, w, fake[:-1])):
+    ref.add(emb, maps, None, (ref.version, w, lambda: fake))  # (ref's own version: used, the same row)
+    for bad in (
+        (b.version - 1, w, lambda: fake),
+        (b.version, w + 0.5, lambda: fake),
+        (b.version, w, lambda: fake[:-1]),
+    ):
         emb, maps = torch.randn(1, D, generator=gen), torch.rand(1, L, E, generator=gen)
         assert b.add(emb, maps, None, bad) == ref.add(emb, maps)
     assert b.device_scored == 2 and torch.equal(b.maps, ref.maps)

@@ -14,6 +14,7 @@ searcher's, when search runs asynchronously).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,8 @@ except ImportError:  # another NumPy layout: the public function (the same resul
 
 
 _F32 = np.dtype(np.float32)
-Scored = tuple[int, float, torch.Tensor]  # (store version, semantic weight, RDY [C]) of one new row
+# (store version, semantic weight, a reader of RDY [C]) of one new row scored elsewhere (`add`'s `scored`)
+Scored = tuple[int, float, Callable[[], torch.Tensor]]
 
 
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -209,9 +211,9 @@ class ExpertMapStore:
         Appends while there is room; then each new row overwrites the stored row with the highest
         redundancy score against it, in order, so later rows see earlier replacements. `semantic`:
         `semantic_part(emb)` made earlier, used if the store has not changed since (the same result).
-        `scored`: (version, semantic weight, RDY [size]) of a single row made elsewhere (a graphed
-        step's record on the device, `step_record.InsertScores`: float32 sums in another order),
-        used instead of `redundancy` when the store is full, at that version and weight.
+        `scored`: (version, semantic weight, a reader of RDY [size]) of a single row made elsewhere (a
+        graphed step's insert scored on the device, `step_record.InsertScores`: float32 sums in another
+        order), used instead of `redundancy` when the store is full, at that version and weight.
         """
         if self._pending is not None:
             self.apply_pending()
@@ -230,15 +232,11 @@ class ExpertMapStore:
         if i == n:
             return rows
         rest_emb, rest_maps = emb[i:], maps[i:]
-        if (
-            scored is not None
-            and i == 0
-            and n == 1
-            and scored[0] == self.version
-            and scored[1] == self.semantic_weight
-            and scored[2].shape == (self.size,)
-        ):
-            rdy = scored[2][None]  # [1, C] made on the device
+        given = None
+        if scored is not None and i == 0 and n == 1 and scored[0] == self.version and scored[1] == self.semantic_weight:
+            given = scored[2]()  # [C] made on the device
+        if given is not None and given.shape == (self.size,):
+            rdy = given[None]  # [1, C]
             self.device_scored += 1
         else:
             rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
