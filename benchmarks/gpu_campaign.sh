@@ -364,7 +364,9 @@ case $part in
             # search=device) against the host's scoring (`:host-insert`, as before) and the frozen arm, 14 paired
             # rounds over lru:gather; the tests of the record, the device mirror and graphed learning first. s44d ran
             # at 0eb3f4d (the scores in the record's own graph, `take` waiting for them); s44e at the next commit (the
-            # scores in a graph of their own after the record, read at the insert)
+            # scores in a graph of their own after the record, read at the insert). Both reverted (no gain in the
+            # step, paired: s44e's median +0.01 ms, 6 of 14 rounds negative): re-running needs a checkout of 0b89717,
+            # whose `host-insert` flag today's predictor_overhead.py refuses
     timeout 200 python -m pytest -q tests/gpu/test_graphs.py tests/gpu/test_device_plans.py \
       -k "scored_on_the_device or graphed_learning or step_record or sync or record" 2>&1 | tail -2
     timeout 380 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \

@@ -255,7 +255,6 @@ KNOWN_FLAGS = frozenset(
         "no-early-read",
         "no-record",
         "requests",
-        "host-insert",
     ]
 )
 
@@ -292,9 +291,7 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
     memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
     `no-record`: learning reads every layer's router logits on the host, no record
-    (`OffloadRuntime.map_recorders` emptied, as before session 41); `host-insert`: a learning step's
-    insert into the full store scored on the host, not in the step record's graph (as before session
-    44, `StepRecord.score_inserts`)."""
+    (`OffloadRuntime.map_recorders` emptied, as before session 41)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -313,8 +310,6 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     static = eng.static
     if static is None or not static.use_graphs:
         return
-    if static.record is not None:
-        static.record.score_inserts = "host-insert" not in flags
     assert static.sides is not None
     static.sides.first = "side-first" in flags
     static.sides.wait_last = "no-side-wait" not in flags  # (a probe: plans may read rewritten tensors)

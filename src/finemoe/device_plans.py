@@ -82,9 +82,6 @@ class DevicePlanner:
         f32 = torch.float32
         self.maps = torch.zeros(L, capacity, E, device=dev, dtype=f32)
         self.norms = torch.full((L, capacity), torch.inf, device=dev, dtype=f32)
-        # [C, D] the stored embeddings over their norms (`ExpertMapStore.emb_unit`), zero past the valid
-        # rows: a graphed step scores its insert against them (`step_record.InsertScores`)
-        self.emb_unit = torch.zeros(capacity, geometry.dim, device=dev, dtype=f32)
         self.dot = torch.zeros(capacity, device=dev, dtype=f32)
         self.packed = torch.zeros(3, device=dev, dtype=f32)  # (best ratio, its row, the query's squared norm)
         self.best, self.q_sq = self.packed[0:1], self.packed[2:3]  # views: written in place
@@ -101,7 +98,7 @@ class DevicePlanner:
         self._rank = torch.arange(E, device=dev)  # [E] positions in sorted order
         self._take = torch.zeros(E, device=dev, dtype=torch.bool)
         # `sync`'s staging of a few rows, row-major so the first n are contiguous: pinned host
-        # [R, L, E] maps, [R, L] norms, [R] ids, [R, D] unit embeddings, and their device twins
+        # [R, L, E] maps, [R, L] norms, [R] ids, and their device twins
         self._stage: tuple[torch.Tensor, ...] | None = None
         self._staged: torch.cuda.Event | None = None  # the staged copies' completion (CUDA)
         self._row_in_packed = False  # the latest step was fused: `row` not written (see `plan`)
@@ -139,8 +136,6 @@ class DevicePlanner:
             self.maps[:, n:].zero_()
             self.norms[:, :n].copy_(torch.from_numpy(store.clipped_norms()))
             self.norms[:, n:].fill_(torch.inf)
-            self.emb_unit[:n].copy_(store.emb_unit[:n])
-            self.emb_unit[n:].zero_()
         self.size, self.version = n, store.version
 
     def sync(self, store: ExpertMapStore) -> int:
@@ -180,7 +175,7 @@ class DevicePlanner:
     def _copy_rows(self, store: ExpertMapStore, rows: list[int]) -> None:
         """Rows `rows` (at most `STAGED_ROWS`) of `store` into the copy: gathered into pinned host
         buffers, copied to the device asynchronously, scattered by `index_copy_`."""
-        n, L, E, D = len(rows), self.geometry.num_layers, self.geometry.num_experts, self.geometry.dim
+        n, L, E = len(rows), self.geometry.num_layers, self.geometry.num_experts
         dev = self.maps.device
         if self._stage is None:
             pin = dev.type == "cuda"
@@ -189,25 +184,21 @@ class DevicePlanner:
                     torch.zeros(STAGED_ROWS, L, E, pin_memory=pin),
                     torch.zeros(STAGED_ROWS, L, pin_memory=pin),
                     torch.zeros(STAGED_ROWS, dtype=torch.int64, pin_memory=pin),
-                    torch.zeros(STAGED_ROWS, D, pin_memory=pin),
                 )
                 self._stage = host + tuple(torch.empty_like(t, device=dev) for t in host)
-        hm, hn, hi, he, dm, dn, di, de = self._stage
+        hm, hn, hi, dm, dn, di = self._stage
         if self._staged is not None:
             self._staged.synchronize()  # the previous copies have left the host buffers
         idx = torch.tensor(rows)
         torch.index_select(store.maps, 0, idx, out=hm[:n])  # the store's row-major maps [n, L, E]
         hn[:n].copy_(torch.from_numpy(store.clipped_norms()[:, rows].T))  # [n, L]
         hi[:n].copy_(idx)
-        torch.index_select(store.emb_unit, 0, idx, out=he[:n])  # [n, D]
         with torch.no_grad():
             dm[:n].copy_(hm[:n], non_blocking=True)
             dn[:n].copy_(hn[:n], non_blocking=True)
             di[:n].copy_(hi[:n], non_blocking=True)
-            de[:n].copy_(he[:n], non_blocking=True)
             self.maps.index_copy_(1, di[:n], dm[:n].transpose(0, 1))
             self.norms.index_copy_(1, di[:n], dn[:n].transpose(0, 1))
-            self.emb_unit.index_copy_(0, di[:n], de[:n])
         if dev.type == "cuda":
             self._staged = torch.cuda.Event()
             self._staged.record()

@@ -14,7 +14,6 @@ searcher's, when search runs asynchronously).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +39,6 @@ except ImportError:  # another NumPy layout: the public function (the same resul
 
 
 _F32 = np.dtype(np.float32)
-# (store version, semantic weight, a reader of RDY [C]) of one new row scored elsewhere (`add`'s `scored`)
-Scored = tuple[int, float, Callable[[], torch.Tensor]]
 
 
 def _mv(mat: np.ndarray, vec: np.ndarray) -> np.ndarray:
@@ -103,8 +100,7 @@ class ExpertMapStore:
         # written since (`_catch_up`), so a learning store keeps its matches too
         self._semantic: dict[bytes, tuple[float, int, int, float]] = {}
         # an insert held back (`add_later`), applied before anything reads or writes the store
-        self._pending: tuple[torch.Tensor, torch.Tensor, SemanticPart | None, Scored | None] | None = None
-        self.device_scored = 0  # inserts that used redundancy scores made on the device (`add`'s `scored`)
+        self._pending: tuple[torch.Tensor, torch.Tensor, SemanticPart | None] | None = None
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -203,17 +199,12 @@ class ExpertMapStore:
             self.apply_pending()
         return self._norm_layers_np[:, : self.size]
 
-    def add(
-        self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None, scored: Scored | None = None
-    ) -> list[int]:
+    def add(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> list[int]:
         """Insert rows: `emb` [N, D], `maps` [N, L, E]. Returns the row each landed in.
 
         Appends while there is room; then each new row overwrites the stored row with the highest
         redundancy score against it, in order, so later rows see earlier replacements. `semantic`:
         `semantic_part(emb)` made earlier, used if the store has not changed since (the same result).
-        `scored`: (version, semantic weight, a reader of RDY [size]) of a single row made elsewhere (a
-        graphed step's insert scored on the device, `step_record.InsertScores`: float32 sums in another
-        order), used instead of `redundancy` when the store is full, at that version and weight.
         """
         if self._pending is not None:
             self.apply_pending()
@@ -232,14 +223,7 @@ class ExpertMapStore:
         if i == n:
             return rows
         rest_emb, rest_maps = emb[i:], maps[i:]
-        given = None
-        if scored is not None and i == 0 and n == 1 and scored[0] == self.version and scored[1] == self.semantic_weight:
-            given = scored[2]()  # [C] made on the device
-        if given is not None and given.shape == (self.size,):
-            rdy = given[None]  # [1, C]
-            self.device_scored += 1
-        else:
-            rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
+        rdy = self.redundancy(rest_emb, rest_maps, semantic if i == 0 else None)  # [N', C]
         w_sem = self.semantic_weight
         if rest_emb.shape[0] > 1:  # (read only for the rows after the first: none in decode at batch 1)
             rest_emb_unit = rest_emb / rest_emb.norm(dim=1, keepdim=True).clamp_min(EPS)
@@ -258,10 +242,8 @@ class ExpertMapStore:
                 )
         return rows
 
-    def add_later(
-        self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None, scored: Scored | None = None
-    ) -> None:
-        """`add(emb, maps, semantic, scored)`, held back until the store is next read or written (any method
+    def add_later(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> None:
+        """`add(emb, maps, semantic)`, held back until the store is next read or written (any method
         here, `apply_pending`): the same rows, in the same order, as an `add` now. A graphed decode
         step's map goes in this way, so that its insert runs when the next step first reads the
         store, where the GPU has that step's segments queued, instead of at its own end, where the
@@ -269,7 +251,7 @@ class ExpertMapStore:
         tensors) are current only after `apply_pending`."""
         if self._pending is not None:
             self.apply_pending()
-        self._pending = (emb, maps, semantic, scored)
+        self._pending = (emb, maps, semantic)
 
     def apply_pending(self) -> None:
         """Insert the row `add_later` held back (nothing if none)."""

@@ -48,7 +48,7 @@ from finemoe.errors import ConfigError
 from finemoe.loader import MoELayerRef
 from finemoe.runahead import RunAhead
 from finemoe.side_graphs import SideGraphs
-from finemoe.step_record import InsertScores, StepRecord
+from finemoe.step_record import StepRecord
 from finemoe.store import flush_deferred
 
 if TYPE_CHECKING:
@@ -299,11 +299,6 @@ class StaticDecoder:
         recorders read every router's logits otherwise (and if the record cannot be captured)."""
         rt, record = self.rt, self.record
         assert record is not None
-        matches = rt.device_matches
-        # a full store's insert scored in the record's graph, against the store's device mirror
-        record.insert = None
-        if record.score_inserts and matches is not None and rt.map_recorders:
-            record.insert = InsertScores(matches.planner, rt.map_recorders[0].maps.semantic_weight)
         live = bool(rt.map_recorders) and record.capture(
             self.routed,  # type: ignore[arg-type]
             rt.adapter.router_logits_at,

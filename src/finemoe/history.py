@@ -52,9 +52,7 @@ class HistoryRecorder:
             self._commit(self.running.begin(ctx))
         self.ctx, self.layer_probs, self._semantic = ctx, [], None
         maps = self.maps
-        record = ctx.step_maps
-        scored = record is not None and record.scores_inserts  # (the device scores the insert: no part here)
-        if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel() and not scored:
+        if maps is not None and not ctx.is_prefill and maps.size >= maps.capacity and ctx.rows.numel():
             emb = ctx.host_embeddings()
             if emb is not None:
                 self._semantic = maps.semantic_part(emb)
@@ -91,8 +89,7 @@ class HistoryRecorder:
                     last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
                     emb, maps = emb[last], maps[last]
                 if recorded is not None:  # a graphed step: inserted when the next step first reads the store
-                    scores = step_maps.take_scores()  # (version, weight, RDY [C]) where the device scored it
-                    self.maps.add_later(emb, maps, self._semantic, scores)  # [N, D], [N, L, E]
+                    self.maps.add_later(emb, maps, self._semantic)  # [N, D], [N, L, E]
                 else:
                     self.maps.add(emb, maps, self._semantic)
                 self._semantic = None
@@ -118,12 +115,7 @@ class HistoryRecorder:
     def stats(self) -> dict[str, Any]:
         if self.maps is not None:
             self.maps.apply_pending()
-        scored = self.maps.device_scored if self.maps is not None else 0
-        return {
-            "maps_recorded": self.maps_added,
-            "requests_recorded": self.requests_added,
-            "map_inserts_scored_on_device": scored,
-        }
+        return {"maps_recorded": self.maps_added, "requests_recorded": self.requests_added}
 
 
 class PredictorChain:

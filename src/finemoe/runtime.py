@@ -379,9 +379,6 @@ class OffloadRuntime:
         ctx = IterationContext(iteration, is_prefill, B, rows, req_of_row, emb, host, request_ids, finished_ids)
         if self.step_record is not None and not is_prefill:
             ctx.step_maps = self.step_record
-            insert = self.step_record.insert
-            if insert is not None and emb is not None and emb.shape[0] == 1:
-                insert.stage(emb)  # (the record scores the step's insert against it at the last layer)
         self.stepper.begin(iteration, ctx)
         if is_prefill:
             self.critical_prefill_s += time.perf_counter() - t0

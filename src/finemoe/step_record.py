@@ -26,92 +26,6 @@ from finemoe.models.base import sigmoid_probs, softmax_probs
 log = logging.getLogger(__name__)
 
 ROW_WISE = (softmax_probs, sigmoid_probs)  # probability functions that ignore the router module
-EPS = 1e-12  # (as `expert_map.EPS`)
-
-
-class InsertScores:
-    """A full map store's insert scored on the device (batch 1): the redundancy [C] of the step's map
-    and token embedding against every row of the store's device mirror (`device_plans.DevicePlanner`:
-    maps, prefix norms, unit embeddings), the formula of `ExpertMapStore.redundancy` in float32, in
-    a small graph of its own replayed right after the step record on the record's stream and copied
-    to pinned host memory. Nothing waits for it in the step: the held-back insert, at the next step's
-    start, reads it (`read`, by then long done), takes the argmax and writes the row, instead of two
-    products over the stored rows on the forward thread (~0.2 ms on the H200 host, session 44). The
-    device rounds its sums differently: at a near-tie it may pick another row than the host would.
-
-    Valid for a step only if its embedding was staged (`stage`); the mirror's version is read at the
-    launch, and the store uses the scores only at that version and weight."""
-
-    def __init__(self, planner, weight: float) -> None:  # type: ignore[no-untyped-def]
-        self.planner, self.weight = planner, weight
-        dev = planner.maps.device
-        L, E = planner.geometry.num_layers, planner.geometry.num_experts
-        self.emb = torch.zeros(1, planner.geometry.dim, device=dev)  # [1, D] the step's token embedding (static)
-        self.q = torch.zeros(L, E, device=dev)  # [L, E] the step's map, written by the record's graph
-        with torch.inference_mode(False):  # (pinned rows written by every later replay)
-            self.host = torch.zeros(planner.capacity, pin_memory=dev.type == "cuda")  # [C]
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.done = torch.cuda.Event()  # the scores have landed in `host`
-        self.staged = False  # this step's embedding is in `emb`
-        self.launched = False  # replayed, maybe still running (the next step's inputs wait for it)
-        self.version = -1  # the store version the launched scores were made against (-1: none valid)
-        self.size = 0
-        self.scored = 0  # steps whose scores were read, in total
-
-    def stage(self, emb: torch.Tensor) -> None:
-        """The step's token embedding [1, D] (device) into the static input, on the current stream."""
-        self.emb.copy_(emb.reshape(1, -1))
-        self.staged = True
-
-    def capture(self, stream: torch.cuda.Stream) -> None:
-        """Capture the scoring graph on `stream` (after the record's, which writes `q`)."""
-        p, w = self.planner, self.weight
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.stream(stream):
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                q = self.q
-                maps = torch.einsum("lce,le->c", p.maps, q) / (p.norms[-1] * q.norm().clamp_min(EPS))  # [C] cos
-                e = self.emb[0]
-                sem = p.emb_unit @ (e / e.norm().clamp_min(EPS))  # [C] cosine
-                self.host.copy_(w * sem + (1 - w) * maps, non_blocking=True)
-            finally:
-                graph.capture_end()
-        self.graph = graph
-
-    def launch(self, stream: torch.cuda.Stream) -> None:
-        """Replay the scores on `stream` (current), after the record and the mirror's latest row
-        copies; valid if the embedding was staged this step."""
-        p = self.planner
-        if self.graph is None:
-            return
-        if p._staged is not None:
-            stream.wait_event(p._staged)
-        self.graph.replay()
-        self.done.record(stream)
-        self.launched = True
-        self.version, self.size = (p.version, p.size) if self.staged else (-1, 0)
-        self.staged = False
-
-    def take(self) -> tuple[int, float, Callable[[], torch.Tensor]] | None:
-        """(store version, semantic weight, a reader of RDY [size]) of the step's scores, or None."""
-        if self.version < 0:
-            return None
-        version, size = self.version, self.size
-        self.version = -1
-
-        def read() -> torch.Tensor:
-            self.done.synchronize()  # (launched a step ago: done)
-            self.scored += 1
-            return self.host[:size].clone()
-
-        return version, self.weight, read
-
-    def before_step(self, compute: torch.cuda.Stream) -> None:
-        """The next step's staging and row copies rewrite this graph's inputs: they wait for it."""
-        if self.launched:
-            compute.wait_event(self.done)
-            self.launched = False
 
 
 class StepRecord:
@@ -131,9 +45,6 @@ class StepRecord:
         self._compute: torch.cuda.Stream | None = None  # the stream `mark` saw
         self.launches = 0  # steps recorded, in total
         self.error: str | None = None  # why the capture failed (the recorder then reads layer by layer)
-        # set before the capture: a full store's insert scored in the same graph (batch 1; None: on the host)
-        self.insert: InsertScores | None = None
-        self.score_inserts = True  # False: no `insert` (an A/B knob)
 
     @property
     def live(self) -> bool:
@@ -171,22 +82,11 @@ class StepRecord:
                         pairs = zip(routed, logits, strict=True)
                         probs = torch.stack([router_probs(r, x.reshape(T, E)) for (r, _, _), x in pairs])
                     host.copy_(probs.view(L, T, E).float(), non_blocking=True)
-                    if self.insert is not None and T == 1:
-                        self.insert.q.copy_(probs.view(L, E).float())  # (the scores' graph reads it)
                 finally:
                     graph.capture_end()
-            if self.insert is not None and T == 1:
-                try:
-                    self.insert.capture(self.stream)
-                except Exception as exc:  # (the record stands: the insert is then scored on the host)
-                    log.warning("a graphed step's insert cannot be scored on the device: %r", exc)
-                    self.insert = None
-            else:
-                self.insert = None
         except Exception as exc:  # (an op the family's probability function runs cannot be captured)
             log.warning("the step's expert map cannot be recorded on the device, learning reads each layer: %r", exc)
             self.error = repr(exc)
-            self.insert = None
             return False
         capturing.wait_stream(self.stream)
         self.graph, self.host = graph, host
@@ -213,8 +113,6 @@ class StepRecord:
         try:
             self.graph.replay()
             self._done.record(self.stream)
-            if self.insert is not None:  # (after `_done`: `take` does not wait for the scores)
-                self.insert.launch(self.stream)
         finally:
             torch.cuda.set_stream(self._compute)
         self.launched = True
@@ -232,19 +130,9 @@ class StepRecord:
         self.wait_s += time.perf_counter() - t0
         return self.host.transpose(0, 1).clone()
 
-    def take_scores(self) -> tuple[int, float, Callable[[], torch.Tensor]] | None:
-        """After `take`: the step's insert scores (`InsertScores.take`), or None."""
-        return self.insert.take() if self.insert is not None else None
-
-    @property
-    def scores_inserts(self) -> bool:
-        return self.insert is not None
-
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """A replayed step starts on `compute`: a mark of an earlier step is void, and a record it
         launched and nobody read must finish reading the router outputs this step rewrites."""
         if self.launched:
             compute.wait_event(self._done)
-        if self.insert is not None:
-            self.insert.before_step(compute)
         self.marked = self.launched = False
