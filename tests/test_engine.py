@@ -290,3 +290,25 @@ def test_the_device_search_is_chosen_only_where_it_can_run():
     assert "CUDA graphs" in why(base, fine, cuda, False, "finemoe")  # eager: cuda_graphs off, sliding windows
     assert "whole prefix" in why(EngineConfig(map_values="counts"), fine, cuda, True, "finemoe")
     assert "whole prefix" in why(EngineConfig(trajectory_window=4), fine, cuda, True, "finemoe")
+
+
+def test_a_bpe_tokenizer_decodes_without_the_clean_up_warning(tiny_checkpoint, tmp_path):
+    """A BPE tokenizer whose config asks for the spaces clean-up (the reference model's does):
+    transformers skips it for BPE anyway, with a warning at the first decode; the engine turns it
+    off, so the text is the same and nothing warns."""
+    import json
+    import shutil
+
+    from finemoe.engine import _load_tokenizer
+
+    path = tmp_path / "ckpt"  # (a copy: the fixture's checkpoint is shared)
+    shutil.copytree(tiny_checkpoint("qwen2_moe", tokenizer=True, vocab_size=260), path)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["clean_up_tokenization_spaces"] = True
+    cfg_path.write_text(json.dumps(cfg))
+    tok = _load_tokenizer(path)
+    assert tok is not None and type(tok.backend_tokenizer.model).__name__ == "BPE"
+    assert tok.clean_up_tokenization_spaces is False
+    ids = tok.encode("Paris , France ! Yes .")
+    assert tok.decode(ids) == tok.backend_tokenizer.decode(ids) == "Paris , France ! Yes ."

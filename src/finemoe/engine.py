@@ -665,7 +665,15 @@ def _load_tokenizer(path: os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(p))
+        tok = AutoTokenizer.from_pretrained(str(p))
     except (OSError, ValueError) as e:
         log.warning("could not load the tokenizer from %s (%s); prompts must be token ids", p, e)
         return None
+    # transformers skips the spaces clean-up for a BPE tokenizer (it would strip spaces before
+    # punctuation) and warns about it at the first decode: off here, the same text without the warning
+    backend = getattr(tok, "backend_tokenizer", None)
+    bpe = backend is not None and type(backend.model).__name__ == "BPE"
+    forced = getattr(tok, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+    if bpe and not forced and getattr(tok, "clean_up_tokenization_spaces", False):
+        tok.clean_up_tokenization_spaces = False
+    return tok
