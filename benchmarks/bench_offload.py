@@ -178,7 +178,9 @@ def warm_history(eng, path, requests, budget):
     hist = load_trace(path)
     rp = TraceRouting(eng.model, hist)
     eng.speculative_gate = rp.gate if hist.spec_probs else None
-    eng.reconfigure(policy="finemoe", expert_budget=budget, map_store_learn=True)
+    # (record_requests: moe-infinity's history too, auto keeping none here: finemoe reads none, no file;
+    # the runs after it are frozen, so the knob left on records nothing more)
+    eng.reconfigure(policy="finemoe", expert_budget=budget, map_store_learn=True, record_requests=True)
     n = min(requests, hist.num_requests)
     t0 = time.perf_counter()
     for r in range(n):
@@ -186,9 +188,14 @@ def warm_history(eng, path, requests, budget):
         eng.generate(rp.prompt_ids(r), SamplingParams(max_new_tokens=rp.output_len(r), ignore_eos=True))
     rp.remove()
     log.info(
-        "history: %d requests of %s in %.1fs; %d expert maps stored", n, path, time.perf_counter() - t0, eng.maps.size
+        "history: %d requests of %s in %.1fs; %d expert maps and %d request matrices stored",
+        n,
+        path,
+        time.perf_counter() - t0,
+        eng.maps.size,
+        eng.requests.size,
     )
-    return {"trace": path, "requests": n, "expert_maps": eng.maps.size}
+    return {"trace": path, "requests": n, "expert_maps": eng.maps.size, "request_matrices": eng.requests.size}
 
 
 def accelerate_only(args, device, dtype) -> int:

@@ -113,6 +113,8 @@ def main() -> int:
     print(f"{len(results)} replays written to {args.out}")
     if not args.compare:
         return 0
+    # (a baseline made before session 44 lists finemoe's learning replays as moved: their recorder no
+    # longer counts request matrices, `record_requests`, so `requests_recorded` reads 0; hit rates equal)
     before = json.loads(Path(args.compare).read_text())
     now = json.loads(json.dumps(results, sort_keys=True, default=str))
     moved = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))

@@ -257,8 +257,10 @@ class EngineConfig:
     # whether the history recorder keeps each finished request's expert activation matrix (the
     # request store, moe-infinity's history; `map_store_learn` must be on too). None (auto): where
     # something reads them: a policy that matches past requests (`presets.REQUEST_READERS`), or a
-    # `map_store` file the engine saves at close (so the file serves any policy later). A finemoe
-    # engine without a file then skips the per-layer counts (~7 µs of host per layer on the H200)
+    # `map_store` path configured (the file, saved at close, then serves any policy later). A finemoe
+    # engine without a file skips the per-layer counts (~7 µs of host per layer on the H200). Decided
+    # per configuration: a session that learns under finemoe without a file, then `reconfigure`s to
+    # moe-infinity, starts moe-infinity with the requests recorded so far (none from the finemoe phase)
     record_requests: bool | None = None
 
     def __post_init__(self) -> None:

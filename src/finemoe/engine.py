@@ -152,9 +152,10 @@ class Engine(EngineTelemetry):
         )
         if self.config.map_store_learn and not records_requests(self.preset, self.config):
             log.info(
-                "past requests were not recorded in this run (policy %s reads none and no map_store file was "
-                "configured; record_requests=True keeps them): %s gets the %d it started with",
+                "this configuration records no past requests (policy %s, record_requests=%s; auto keeps them for "
+                "moe-infinity or a map_store file): %s gets the %d the store holds",
                 self.config.policy,
+                self.config.record_requests,
                 path,
                 self.requests.size,
             )
