@@ -366,3 +366,21 @@ def test_finemoe_without_request_matrices_decides_the_same(tiny_checkpoint, tmp_
                 saved = msf.load(tmp_path / "maps.fms", eng.identity())
     assert runs[True] == runs[None]
     assert saved.maps.shape[0] == 7 + 5 + 2 * 5 and saved.eams.shape[0] == 0
+
+
+def test_a_search_process_records_request_matrices_as_configured(tiny_checkpoint, tmp_path):
+    """The worker process builds its recorder from the engine's configuration: with a map-store file
+    (auto) the saved file holds request matrices; with `record_requests=False` none, maps either way."""
+    path = tiny_checkpoint("qwen2_moe")
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    saved = {}
+    for keep in (None, False):
+        store = tmp_path / f"{keep}.fms"
+        kw = dict(policy="finemoe", search="process", expert_budget="50%", map_store=str(store), record_requests=keep)
+        with _engine(path, **kw) as eng:
+            eng.generate(PROMPTS, params)
+            assert eng.search_mode == "process"
+            identity = eng.identity()
+        saved[keep] = msf.load(str(store), identity)
+    assert saved[None].eams.shape[0] > 0 and saved[False].eams.shape[0] == 0
+    assert saved[None].maps.shape[0] > 0 and saved[False].maps.shape[0] > 0
