@@ -360,6 +360,15 @@ case $part in
       --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
       --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
       --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+  s45a)     # prepared in session 44, not yet run (~4 min): where learning's ~0.1 ms over frozen goes. The frozen and
+            # learning arms with GPU marks, 10 paired rounds, and the last round's host parts of the held-back insert
+            # (`store.apply_pending`, `store._write`), the mirror's row copy (`mirror.sync`) and the record's read
+            # (`record.take`) printed beside the predictors'
+    timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s45a.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather|between replayed|last round, decode" \
+      | cut -c1-400 | head -24 ;;
   s44d|s44e)  # session 44 (~4 min): a graphed learning step's insert scored on the device (the default with
             # search=device) against the host's scoring (`:host-insert`, as before) and the frozen arm, 14 paired
             # rounds over lru:gather; the tests of the record, the device mirror and graphed learning first. s44d ran

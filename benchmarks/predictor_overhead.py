@@ -222,6 +222,16 @@ def probes(eng: Engine) -> dict[str, Timed]:
     out["serve.before_compute"] = Timed(eng.cache.transfer, "before_compute", rt)
     out["serve.device_table"] = Timed(eng.cache, "device_table", rt)
     out["serve.release"] = Timed(eng.cache, "release", rt)
+    # learning's insert, held back to the next step's first store read, and what it drags along
+    # (session 44: where learning's ~0.1 ms over frozen goes is still open)
+    store = eng.maps
+    for name in ("apply_pending", "_write"):
+        store.__dict__.pop(name, None)  # (the store outlives the runs: one probe at a time)
+        out[f"store.{name}"] = Timed(store, name, rt)
+    if rt.device_matches is not None:
+        out["mirror.sync"] = Timed(rt.device_matches.planner, "sync", rt)
+    if eng.static is not None and eng.static.record is not None:
+        out["record.take"] = Timed(eng.static.record, "take", rt)
     return out
 
 
