@@ -61,6 +61,15 @@ steady() {
   fi
 }
 EARLY="lru,lru+early_issue_misses=2,finemoe,finemoe+early_issue_misses=2"
+# The reference shape at 99% on the H200: finemoe's frozen and learning arms and a learning arm with one more
+# mode flag, paired rounds over lru:gather (sessions 41-44):   learnpair SECONDS ROUNDS FLAG RECORD
+learnpair() {
+  local m=device:graph-gates+gather
+  timeout "$1" python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+    --rounds "$2" --prompts 2 --warm-pool --near-full-only --lru-modes gather \
+    --modes "$m,$m+learn,$m+learn+$3" \
+    --out "$out/$4" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11
+}
 case $part in
   s18a)     # session 18: GPU tests, the map predictor's cache probe on the host, then Qwen3 25% with
             # fewer map prefetches in decode (a precision floor; k experts per plan) beside lru and
@@ -356,10 +365,7 @@ case $part in
             # default without a map-store file; at bb71a9d the benchmark left it auto, which kept them in both arms:
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
-    timeout 560 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+requests \
-      --out "$out/overhead_s44a.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+    learnpair 560 14 requests overhead_s44a.json ;;
   s45a)     # prepared in session 44, not yet run (~4 min): where learning's ~0.1 ms over frozen goes. The frozen and
             # learning arms with GPU marks, 10 paired rounds, and the last round's host parts of the held-back insert
             # (`store.apply_pending`, `store._write`), the mirror's row copy (`mirror.sync`) and the record's read
@@ -378,19 +384,13 @@ case $part in
             # whose `host-insert` flag today's predictor_overhead.py refuses
     timeout 200 python -m pytest -q tests/gpu/test_graphs.py tests/gpu/test_device_plans.py \
       -k "scored_on_the_device or graphed_learning or step_record or sync or record" 2>&1 | tail -2
-    timeout 380 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+host-insert \
-      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+    learnpair 380 14 host-insert overhead_$part.json ;;
   s44c)     # session 44 (~5 min; ran on a56d907's tree, reverted: the helper thread (`insert_ahead`) and its flag
             # `insert-inline` are gone, so re-running this part needs a checkout of that commit): the helper thread's
             # tests, then learning with the insert scored on a helper thread against the same scored inline and the
             # frozen arm, 14 paired rounds over lru:gather
     timeout 150 python -m pytest -q tests/gpu/test_graphs.py -k "helper_thread or graphed_learning" 2>&1 | tail -2
-    timeout 420 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+insert-inline \
-      --out "$out/overhead_s44c.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+    learnpair 420 14 insert-inline overhead_s44c.json ;;
   s44b)     # session 44 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s43b)
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
@@ -408,10 +408,7 @@ case $part in
   s43c)     # session 43 (~4 min; ran on 974c570, reverted: `count-each` was its probe, so re-running this part needs
             # a checkout of 974c570; today's predictor_overhead.py refuses the flag): s43a's learning arm against the
             # same with the counts made per layer as before (`count-each`), and the frozen arm, 14 paired rounds
-    timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+count-each \
-      --out "$out/overhead_s43c.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11 ;;
+    learnpair 500 14 count-each overhead_s43c.json ;;
   s43b)     # session 43 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s42b)
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
@@ -452,10 +449,7 @@ case $part in
       --out "$out/sim_speed_h200host_s42.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
   s41e)     # session 41 (~6 min): learning with the insert held back to the next step's first store read, with and
             # without the step record; the GPU suite
-    timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 6 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+no-record \
-      --out "$out/overhead_s41e.json" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11
+    learnpair 240 6 no-record overhead_s41e.json
     timeout 280 python -m pytest -q tests/gpu 2>&1 | tail -4 ;;
   s41d)     # session 41 (~3 min): learning with the step record and without it (`no-record`); run on e4d4ac6 plus the early launch
             # with a third arm, `+record-late` (the record launched at the last read, not a layer early): no gain, the

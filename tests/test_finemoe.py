@@ -689,8 +689,9 @@ def test_past_requests_are_recorded_only_where_read_or_saved():
     assert records_requests(mi, EngineConfig())
     assert records_requests(fine, EngineConfig(record_requests=True))
     assert not records_requests(mi, EngineConfig(record_requests=False))
-    with pytest.raises(ConfigError, match="record_requests"):
-        EngineConfig(record_requests="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(ConfigError, match="record_requests"):
+            EngineConfig(record_requests=bad)
 
     def recorder(cfg):
         maps = ExpertMapStore(StoreGeometry(2, 4, 2), capacity=8, distance=1)

@@ -266,7 +266,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unsupported dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.record_requests not in (None, True, False):
+        if self.record_requests is not None and not isinstance(self.record_requests, bool):
             raise ConfigError(f"record_requests must be true, false or null (auto), got {self.record_requests!r}")
         if self.prediction_duty not in DUTY_MODES:
             raise ConfigError(f"prediction_duty must be one of {', '.join(DUTY_MODES)}, got {self.prediction_duty!r}")
