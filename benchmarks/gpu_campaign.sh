@@ -366,7 +366,16 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
-  s45a)     # prepared in session 44, not yet run (~4 min): where learning's ~0.1 ms over frozen goes. The frozen and
+  s45b)     # session 45 (~5 min): a graphed learning step's record read at the next step's insert (`StepRecord.later`)
+            # instead of waited for at the step's end (s45a: the host's late work at the last layer, 99 µs against
+            # frozen's 23, ran past the GPU's end); the record's and graphed learning's tests first, then s45a's arms
+    timeout 200 python -m pytest -q tests/gpu/test_step_record.py tests/gpu/test_graphs.py -k "step_map or graphed_learning" 2>&1 | tail -2
+    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
+      --out "$out/overhead_s45b.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather" \
+      | cut -c1-300 | head -24 ;;
+  s45a)     # prepared in session 44, ran in session 45 (~4 min): where learning's ~0.1 ms over frozen goes. The frozen and
             # learning arms with GPU marks, 10 paired rounds, and the last round's host parts of the held-back insert
             # (`store.apply_pending`, `store._write`), the mirror's row copy (`mirror.sync`) and the record's read
             # (`record.take`) printed beside the predictors'

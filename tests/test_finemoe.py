@@ -202,9 +202,10 @@ def test_an_insert_with_its_semantic_part_made_early_replaces_the_same_rows():
 
 
 def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would():
-    """`add_later` (a graphed step's map) leaves the store as it is until any method reads or writes
-    it; from there on the store equals one that added the row at once, read after read (replacements
-    included), and `apply_pending` with nothing held back does nothing."""
+    """`add_later` (a graphed step's map, or a reader of it) leaves the store as it is until any method
+    reads or writes it; from there on the store equals one that added the row at once, read after read
+    (replacements included), a reader called once, and `apply_pending` with nothing held back does
+    nothing."""
     gen = torch.Generator().manual_seed(13)
     L, E, D, C = 3, 4, 10, 12
     now, later = ExpertMapStore(StoreGeometry(L, E, D), C), ExpertMapStore(StoreGeometry(L, E, D), C)
@@ -223,11 +224,15 @@ def test_an_insert_held_back_lands_before_the_next_read_as_an_add_would():
         semantic = now.semantic_part(emb) if now.size >= C else None
         (row,) = now.add(emb, maps, semantic)
         size, version = later.size, later.version
-        later.add_later(emb, maps, later.semantic_part(emb) if later.size >= C else None)
-        assert (later.size, later.version) == (size, version)  # held back
+        # every third map given as a reader (a graphed step's record, `StepRecord.later`): called once, at the insert
+        calls = []
+        given = maps if step % 3 else (lambda m=maps, c=calls: c.append(1) or m.clone())
+        later.add_later(emb, given, later.semantic_part(emb) if later.size >= C else None)
+        assert (later.size, later.version, calls) == (size, version, [])  # held back, the reader not called
         q = emb if step % 2 else torch.randn(1, D, generator=gen)  # (the held-back row is the best match)
         read = reads[step % len(reads)]
         assert read(later, q, row) == read(now, q, row), step
+        assert calls == ([] if step % 3 else [1])
     later.apply_pending()
     later.apply_pending()
     for name in ("emb", "emb_unit", "maps", "prefix_sq", "by_layer", "prefix_norm", "maps_unit"):

@@ -14,6 +14,7 @@ searcher's, when search runs asynchronously).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,7 +101,7 @@ class ExpertMapStore:
         # written since (`_catch_up`), so a learning store keeps its matches too
         self._semantic: dict[bytes, tuple[float, int, int, float]] = {}
         # an insert held back (`add_later`), applied before anything reads or writes the store
-        self._pending: tuple[torch.Tensor, torch.Tensor, SemanticPart | None] | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor | Callable[[], torch.Tensor], SemanticPart | None] | None = None
         self._alloc(0)
 
     def _alloc(self, rows: int) -> None:
@@ -242,13 +243,19 @@ class ExpertMapStore:
                 )
         return rows
 
-    def add_later(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> None:
+    def add_later(
+        self,
+        emb: torch.Tensor,
+        maps: torch.Tensor | Callable[[], torch.Tensor],
+        semantic: SemanticPart | None = None,
+    ) -> None:
         """`add(emb, maps, semantic)`, held back until the store is next read or written (any method
         here, `apply_pending`): the same rows, in the same order, as an `add` now. A graphed decode
         step's map goes in this way, so that its insert runs when the next step first reads the
         store, where the GPU has that step's segments queued, instead of at its own end, where the
-        GPU has nothing left (`history.HistoryRecorder`). Attributes read directly (`size`, the
-        tensors) are current only after `apply_pending`."""
+        GPU has nothing left (`history.HistoryRecorder`); `maps` may be a reader of them [N, L, E],
+        called then (the device's record of the step, `StepRecord.later`). Attributes read directly
+        (`size`, the tensors) are current only after `apply_pending`."""
         if self._pending is not None:
             self.apply_pending()
         self._pending = (emb, maps, semantic)
@@ -257,7 +264,8 @@ class ExpertMapStore:
         """Insert the row `add_later` held back (nothing if none)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self.add(*pending)
+            emb, maps, semantic = pending
+            self.add(emb, maps() if callable(maps) else maps, semantic)
 
     def redundancy(self, emb: torch.Tensor, maps: torch.Tensor, semantic: SemanticPart | None = None) -> torch.Tensor:
         """RDY [N, size] of new rows (`emb` [N, D], `maps` [N, L, E]) against the stored rows; the

@@ -11,6 +11,8 @@ thread (`PredictorChain`), so a search never sees a store that changes under it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -77,20 +79,20 @@ class HistoryRecorder:
             self.running.count(event.layer, event.topk_ids if whole else event.topk_ids[ctx.rows], ctx.request_of_row)
         if event.layer == self.last_layer:
             emb = ctx.host_embeddings()
-            recorded = step_maps.take() if step_maps is not None else None  # [T, L, E] (read even if unused)
             if self.maps is not None and emb is not None and ctx.rows.numel():
-                if recorded is not None:
-                    maps = recorded if whole else recorded[ctx.rows]  # [N, L, E]
+                if step_maps is not None:
+                    # a graphed decode step: the device's record launched now and read at the insert,
+                    # when the next step first reads the store (waiting for it here, at the step's
+                    # end where the GPU has nothing left, lengthened the step: session 45)
+                    maps_of = partial(_rows_of, step_maps.later(), None if whole else ctx.rows)
+                    self.maps.add_later(emb, maps_of, self._semantic)  # [N, D], [N, L, E]
                 else:
                     maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
-                if ctx.is_prefill and self.rows == "last":
-                    req = ctx.request_of_row
-                    last = torch.ones_like(req, dtype=torch.bool)
-                    last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
-                    emb, maps = emb[last], maps[last]
-                if recorded is not None:  # a graphed step: inserted when the next step first reads the store
-                    self.maps.add_later(emb, maps, self._semantic)  # [N, D], [N, L, E]
-                else:
+                    if ctx.is_prefill and self.rows == "last":
+                        req = ctx.request_of_row
+                        last = torch.ones_like(req, dtype=torch.bool)
+                        last[:-1] = req[1:] != req[:-1]  # rows are ordered by request, then position
+                        emb, maps = emb[last], maps[last]
                     self.maps.add(emb, maps, self._semantic)
                 self._semantic = None
                 self.maps_added += ctx.rows.numel()
@@ -165,3 +167,9 @@ class PredictorChain:
         for m in self.members:
             out.update(m.stats())
         return out
+
+
+def _rows_of(read: Callable[[], torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+    """The recorded step's maps [N, L, E]: `read()` [T, L, E], its live `rows` [N] (None: all)."""
+    maps = read()
+    return maps if rows is None else maps[rows]

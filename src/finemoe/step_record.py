@@ -121,14 +121,29 @@ class StepRecord:
     def take(self) -> torch.Tensor:
         """The current step's probabilities [T, L, E] float32 on the host (a copy), the record
         launched now if `launch` did not, and waited for. Only after `mark` in the same step."""
+        return self.later()()
+
+    def later(self) -> Callable[[], torch.Tensor]:
+        """`take` in two halves: the record launched now (behind the last router, `mark`), and a
+        reader that waits for it and returns the step's probabilities [T, L, E] float32 (a host
+        copy). The reader is valid until the next step's record is launched (it raises after), so
+        a caller may read at the next step's start, where the GPU has that step's segments queued,
+        instead of waiting at this step's end, where the GPU has nothing left (session 45)."""
         if not self.marked or self.host is None:
             raise RuntimeError("the step's expert map cannot be recorded before its last router is launched")
         self.launch()
-        self.marked = self.launched = False
-        t0 = time.perf_counter()
-        self._done.synchronize()
-        self.wait_s += time.perf_counter() - t0
-        return self.host.transpose(0, 1).clone()
+        self.marked = False  # (`launched` stays: the next step's segments wait for the record, `before_step`)
+        made = self.launches
+
+        def read() -> torch.Tensor:
+            if self.launches != made or self.host is None:
+                raise RuntimeError("a step's expert map read after the next step's record was launched")
+            t0 = time.perf_counter()
+            self._done.synchronize()
+            self.wait_s += time.perf_counter() - t0
+            return self.host.transpose(0, 1).clone()
+
+        return read
 
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """A replayed step starts on `compute`: a mark of an earlier step is void, and a record it

@@ -111,6 +111,8 @@ class StepMaps(Protocol):
 
     def take(self) -> torch.Tensor: ...
 
+    def later(self) -> Callable[[], torch.Tensor]: ...
+
 
 @dataclass
 class IterationContext:
@@ -141,7 +143,7 @@ class IterationContext:
     finished_ids: tuple[int, ...] = ()  # requests that left the batch before this iteration
     # a replayed decode step whose expert map the device records (`step_record.StepRecord`): `take()`
     # gives the router probabilities of every layer [B*T, L, E] float32 on the host, once, at the last
-    # layer's routing; None: read each layer's routing
+    # layer's routing (`later()`: a reader for the next step's start); None: read each layer's routing
     step_maps: StepMaps | None = None
     _rows_list: list[int] | None = field(default=None, repr=False)
 
