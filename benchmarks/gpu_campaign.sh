@@ -366,13 +366,11 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
-  s45c)     # session 45 (~8 min): the GPU suite at the session's code, then s45b's two arms again without GPU marks
-            # (the marks' event records sit on the finemoe arms' step boundary), 12 paired rounds
+  s45c)     # session 45 (~9 min): the GPU suite at the session's code, then the frozen and learning arms beside learning
+            # with the record waited for at the step's end (`take-now`, as before session 45), 14 paired rounds
+            # without GPU marks (their event records sit on the finemoe arms' step boundary)
     timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
-    timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
-      --out "$out/overhead_s45c.json" 2>&1 | grep -v INFO | grep -A4 "^run " | cut -c1-150 | head -5 ;;
+    learnpair 230 14 take-now overhead_$part.json ;;
   s45b)     # session 45 (~5 min): a graphed learning step's record read at the next step's insert (`StepRecord.later`)
             # instead of waited for at the step's end (s45a: the host's late work at the last layer, 99 µs against
             # frozen's 23, ran past the GPU's end); the record's and graphed learning's tests first, then s45a's arms

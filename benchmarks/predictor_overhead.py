@@ -265,6 +265,7 @@ KNOWN_FLAGS = frozenset(
         "no-early-read",
         "no-record",
         "requests",
+        "take-now",
     ]
 )
 
@@ -301,7 +302,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     `no-early-read`: a routing sync always copies its ids with a blocking copy, none copied to pinned
     memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
     `no-record`: learning reads every layer's router logits on the host, no record
-    (`OffloadRuntime.map_recorders` emptied, as before session 41)."""
+    (`OffloadRuntime.map_recorders` emptied, as before session 41); `take-now`: a graphed learning step
+    waits for its record at the last layer (`HistoryRecorder.read_at_insert` off, as before session 45)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -313,6 +315,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     eng.runtime.early_routing_read = "no-early-read" not in flags
     if "no-record" in flags:
         eng.runtime.map_recorders = []
+    for rec in eng.runtime.map_recorders:  # (`take-now`: the record waited for at the step's end, before session 45)
+        rec.read_at_insert = "take-now" not in flags
     # (`defer-late` / `defer-all`: the drained routings' predictor work after the sync layer's launch)
     eng.runtime.defer_drained_plans = "late" if "defer-late" in flags else "always" if "defer-all" in flags else "never"
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)

@@ -29,6 +29,9 @@ class HistoryRecorder:
     # reads_router_probs`): not while the step records its expert map on the device (set by the
     # static decoder at capture, `step_record`)
     graphed_reads_probs = True
+    # a graphed step's record read at the insert, at the next step's first store read (`StepRecord.later`);
+    # False: waited for at the step's last layer (`take`, as before session 45; a benchmark's paired arm)
+    read_at_insert = True
 
     def __init__(self, deps: PredictorDeps) -> None:
         self.spec, self.maps, self.requests = deps.spec, deps.maps, deps.requests
@@ -84,7 +87,8 @@ class HistoryRecorder:
                     # a graphed decode step: the device's record launched now and read at the insert,
                     # when the next step first reads the store (waiting for it here, at the step's
                     # end where the GPU has nothing left, lengthened the step: session 45)
-                    maps_of = partial(_rows_of, step_maps.later(), None if whole else ctx.rows)
+                    read = step_maps.later() if self.read_at_insert else step_maps.take()
+                    maps_of = partial(_rows_of, read, None if whole else ctx.rows)
                     self.maps.add_later(emb, maps_of, self._semantic)  # [N, D], [N, L, E]
                 else:
                     maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
@@ -169,7 +173,8 @@ class PredictorChain:
         return out
 
 
-def _rows_of(read: Callable[[], torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
-    """The recorded step's maps [N, L, E]: `read()` [T, L, E], its live `rows` [N] (None: all)."""
-    maps = read()
+def _rows_of(read: Callable[[], torch.Tensor] | torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The recorded step's maps [N, L, E]: `read()` (or `read`, taken already) [T, L, E], its live
+    `rows` [N] (None: all)."""
+    maps = read() if callable(read) else read
     return maps if rows is None else maps[rows]
