@@ -366,6 +366,8 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s45d)     # session 45 (~4 min): s45c's three arms again (a second paired run of learning against `take-now`)
+    learnpair 230 14 take-now overhead_$part.json ;;
   s45c)     # session 45 (~9 min): the GPU suite at the session's code, then the frozen and learning arms beside learning
             # with the record waited for at the step's end (`take-now`, as before session 45), 14 paired rounds
             # without GPU marks (their event records sit on the finemoe arms' step boundary)
