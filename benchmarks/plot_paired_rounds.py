@@ -23,6 +23,14 @@ def paired(record: dict, a: str, b: str) -> list[float]:
     return [r[a]["step_ms"] - r[b]["step_ms"] for r in record["rounds"] if a in r and b in r]
 
 
+def short(run: str) -> str:
+    """A run's name for a tick label: a finemoe run's mode flags, another run's whole name, the budget
+    dropped, each flag after the second on a line of its own."""
+    head = run.rsplit(" ", 1)[0]
+    flags = head.split(":", 1)[1].split("+") if head.startswith("finemoe ") and ":" in head else head.split("+")
+    return "+".join(flags[:2]) + "".join(f"\n+{f}" for f in flags[2:])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("records", nargs="+")
@@ -45,7 +53,7 @@ def main() -> int:
             if diffs:
                 label = Path(path).stem.removeprefix("overhead_gpu_reference_")
                 if len(args.pair) > 1:
-                    label += f"\n{a.rsplit(' ', 1)[0].split(':')[-1]}\nminus {b.rsplit(' ', 1)[0]}"
+                    label += f"\n{short(a)}\nminus {short(b)}"
                 cols.append((label, diffs))
                 target.append(0.02 * full)
                 print(
@@ -53,7 +61,7 @@ def main() -> int:
                     f"over {len(diffs)} rounds ({min(diffs):+.3f}..{max(diffs):+.3f}); 2% = {0.02 * full:.3f}"
                 )
     panels = 2 if args.probe else 1
-    fig, axes = plt.subplots(1, panels, figsize=(max(6 + 4 * panels, 1.5 * len(cols)), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(max(6 + 4 * panels, 1.8 * len(cols)), 5), squeeze=False)
     ax = axes[0][0]
     for i, (_label, diffs) in enumerate(cols):
         ax.scatter([i] * len(diffs), diffs, color="#d1495b", alpha=0.7, zorder=3)
