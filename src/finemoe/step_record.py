@@ -8,8 +8,9 @@ on a host that is the step's bottleneck at a near-full budget (`docs/design/devi
 "Session 40"). Here one small CUDA graph, captured with the step's segments, reads the routers'
 static logits, applies the family's probability function (once over the stacked layers where it
 treats rows alike, else per layer) and copies the float32 result to pinned host memory. It is
-replayed on a stream of its own when the host reads the last layer's routing (`take`: the router
-is done by then, so it runs at once, beside the last segment) and waited for there.
+replayed on a stream of its own when the host reads the last layer's routing (the router is done
+by then, so it runs at once, beside the last segment); the recorder reads it at the insert, in the
+next step (`later`; `take` waits at once, as before session 45).
 """
 
 from __future__ import annotations
