@@ -366,6 +366,12 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s45e)     # session 45 (~4 min): does the next step wait for the step record on the GPU? learning beside learning whose
+            # next step does not wait for the record (`no-record-wait`, a probe), 14 paired rounds with GPU marks
+    timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
+      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+no-record-wait \
+      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather" | cut -c1-300 | head -30 ;;
   s45d)     # session 45 (~4 min): s45c's three arms again (a second paired run of learning against `take-now`)
     learnpair 230 14 take-now overhead_$part.json ;;
   s45c)     # session 45 (~9 min): the GPU suite at the session's code, then the frozen and learning arms beside learning

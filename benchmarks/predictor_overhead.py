@@ -266,6 +266,7 @@ KNOWN_FLAGS = frozenset(
         "no-record",
         "requests",
         "take-now",
+        "no-record-wait",
     ]
 )
 
@@ -303,7 +304,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     memory before the drain or the late events (`OffloadRuntime.early_routing_read` off);
     `no-record`: learning reads every layer's router logits on the host, no record
     (`OffloadRuntime.map_recorders` emptied, as before session 41); `take-now`: a graphed learning step
-    waits for its record at the last layer (`HistoryRecorder.read_at_insert` off, as before session 45)."""
+    waits for its record at the last layer (`HistoryRecorder.read_at_insert` off, as before session 45);
+    `no-record-wait`: the next step's segments do not wait for the step record on the GPU
+    (`StepRecord.wait_next` off; a probe: the record may read rewritten router outputs, tokens stay exact)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -322,6 +325,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)
     eng.runtime.embed_priority = 0 if "embed-noprio" in flags else HIGHEST_STREAM_PRIORITY
     static = eng.static
+    if static is not None and static.record is not None:  # (`no-record-wait`: a probe, stored maps may be wrong)
+        static.record.wait_next = "no-record-wait" not in flags
     if static is None or not static.use_graphs:
         return
     assert static.sides is not None

@@ -46,6 +46,10 @@ class StepRecord:
         self._compute: torch.cuda.Stream | None = None  # the stream `mark` saw
         self.launches = 0  # steps recorded, in total
         self.error: str | None = None  # why the capture failed (the recorder then reads layer by layer)
+        # the next step's segments wait for a launched record on the GPU (`before_step`); False only as a
+        # benchmark's probe (`predictor_overhead.py`'s `no-record-wait`: the record may then read router
+        # outputs the next step rewrote, so stored maps may be wrong; tokens stay exact)
+        self.wait_next = True
 
     @property
     def live(self) -> bool:
@@ -149,6 +153,6 @@ class StepRecord:
     def before_step(self, compute: torch.cuda.Stream) -> None:
         """A replayed step starts on `compute`: a mark of an earlier step is void, and a record it
         launched and nobody read must finish reading the router outputs this step rewrites."""
-        if self.launched:
+        if self.launched and self.wait_next:
             compute.wait_event(self._done)
         self.marked = self.launched = False
