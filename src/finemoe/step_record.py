@@ -56,6 +56,10 @@ class StepRecord:
         return self.graph is not None
 
     def drop(self) -> None:
+        """Forget the graph (the graphs are recaptured). A record launched and not read yet finishes
+        first; a reader of it (`later`) still reads its buffer, which it holds."""
+        if self.launched and self.graph is not None:
+            self._done.synchronize()
         self.graph, self.host, self.marked, self.launched = None, None, False, False
 
     def capture(
@@ -131,22 +135,23 @@ class StepRecord:
     def later(self) -> Callable[[], torch.Tensor]:
         """`take` in two halves: the record launched now (behind the last router, `mark`), and a
         reader that waits for it and returns the step's probabilities [T, L, E] float32 (a host
-        copy). The reader is valid until the next step's record is launched (it raises after), so
-        a caller may read at the next step's start, where the GPU has that step's segments queued,
-        instead of waiting at this step's end, where the GPU has nothing left (session 45)."""
+        copy). The reader is valid until the next step's record is launched (it raises after; a
+        recapture in between leaves it the old buffer), so a caller may read at the next step's
+        start, where the GPU has that step's segments queued, instead of waiting at this step's end,
+        where the GPU has nothing left (session 45)."""
         if not self.marked or self.host is None:
             raise RuntimeError("the step's expert map cannot be recorded before its last router is launched")
         self.launch()
         self.marked = False  # (`launched` stays: the next step's segments wait for the record, `before_step`)
-        made = self.launches
+        made, host = self.launches, self.host
 
         def read() -> torch.Tensor:
-            if self.launches != made or self.host is None:
+            if self.host is host and self.launches != made:  # (a recapture leaves `host` to this reader)
                 raise RuntimeError("a step's expert map read after the next step's record was launched")
             t0 = time.perf_counter()
             self._done.synchronize()
             self.wait_s += time.perf_counter() - t0
-            return self.host.transpose(0, 1).clone()
+            return host.transpose(0, 1).clone()
 
         return read
 

@@ -54,3 +54,26 @@ def test_a_step_map_read_now_or_at_the_next_step_is_the_steps_own():
         readers[0]()
     with pytest.raises(RuntimeError, match="before its last router"):
         rec.later()  # (no mark in this step)
+
+
+def test_a_reader_outlives_a_recapture_of_the_record():
+    """The graphs recaptured (a longer static cache drops them, `StaticDecoder.reserve`) between a
+    step's end and the insert that reads its map: the reader reads the step's own buffer."""
+    rec, logits, stream = _record()
+    rec.before_step(stream)
+    with torch.cuda.stream(stream):
+        for i, x in enumerate(logits):
+            x.copy_(torch.arange(x.numel(), device="cuda", dtype=torch.float32).view_as(x) * (i + 1) / 10)
+    want = _want(logits)
+    rec.mark(stream)
+    reader = rec.later()
+    rec.drop()  # (waits for the record in flight)
+    routed = [(nn.Identity(), (x,), (x,)) for x in logits]
+    with torch.cuda.stream(stream):
+        assert rec.capture(routed, 0, softmax_probs, stream)
+        for x in logits:
+            x.fill_(-3.0)
+    rec.before_step(stream)
+    rec.mark(stream)
+    rec.take()  # the new graph's first record, into its own buffer
+    torch.testing.assert_close(reader(), want, rtol=1e-6, atol=1e-6)
