@@ -37,6 +37,7 @@ def test_a_step_map_read_now_or_at_the_next_step_is_the_steps_own():
         with torch.cuda.stream(stream):
             for x in logits:  # the step's routers write their static outputs
                 x.copy_(torch.randn(x.shape, generator=gen, device="cuda"))
+        stream.synchronize()  # (the expectation is computed on another stream)
         want = _want(logits)
         rec.mark(stream)
         if step % 2:
@@ -64,6 +65,7 @@ def test_a_reader_outlives_a_recapture_of_the_record():
     with torch.cuda.stream(stream):
         for i, x in enumerate(logits):
             x.copy_(torch.arange(x.numel(), device="cuda", dtype=torch.float32).view_as(x) * (i + 1) / 10)
+    stream.synchronize()  # (the expectation is computed on another stream)
     want = _want(logits)
     rec.mark(stream)
     reader = rec.later()
