@@ -120,7 +120,7 @@ class StaticDecoder:
             "decode_side_graphs": self.sides.count() if self.sides else 0,  # predictors' graphs per step
             # replayed steps whose expert map the device recorded for learning (`step_record`), in total
             "decode_step_records": self.record.launches if self.record else 0,
-            "decode_step_record_wait_s": self.record.wait_s if self.record else 0.0,  # host seconds `take` waited
+            "decode_step_record_wait_s": self.record.wait_s if self.record else 0.0,  # host seconds its reads waited
             # side launches without their gates, without their map match (deferred), and matches
             # launched only when read (`side_graphs.SideGraphs.match_needed` missed them), in total
             "decode_side_gates_skipped": self.sides.gates_skipped if self.sides else 0,

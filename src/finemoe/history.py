@@ -87,6 +87,7 @@ class HistoryRecorder:
                     # a graphed decode step: the device's record launched now and read at the insert,
                     # when the next step first reads the store (waiting for it here, at the step's
                     # end where the GPU has nothing left, lengthened the step: session 45)
+                    self.maps.apply_pending()  # (none held in the usual flow: the step's start applied it)
                     read = step_maps.later() if self.read_at_insert else step_maps.take()
                     maps_of = partial(_rows_of, read, None if whole else ctx.rows)
                     self.maps.add_later(emb, maps_of, self._semantic)  # [N, D], [N, L, E]

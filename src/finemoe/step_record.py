@@ -130,7 +130,9 @@ class StepRecord:
     def take(self) -> torch.Tensor:
         """The current step's probabilities [T, L, E] float32 on the host (a copy), the record
         launched now if `launch` did not, and waited for. Only after `mark` in the same step."""
-        return self.later()()
+        maps = self.later()()
+        self.launched = False  # (read: the next step need not wait for it)
+        return maps
 
     def later(self) -> Callable[[], torch.Tensor]:
         """`take` in two halves: the record launched now (behind the last router, `mark`), and a

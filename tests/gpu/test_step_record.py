@@ -12,11 +12,21 @@ from finemoe.models.base import softmax_probs
 from finemoe.step_record import StepRecord
 
 
+@pytest.fixture(autouse=True)
+def _current_stream_kept():
+    """The record's launch leaves the mark's stream current (as the replay wants): restored after each
+    test, so later tests see the default stream as the caller's."""
+    before = torch.cuda.current_stream()
+    yield
+    torch.cuda.set_stream(before)
+
+
 def _record(L: int = 3, T: int = 1, E: int = 8) -> tuple[StepRecord, list[torch.Tensor], torch.cuda.Stream]:
     dev = torch.device("cuda")
     logits = [torch.zeros(T, E, device=dev, dtype=torch.bfloat16) for _ in range(L)]
     routed = [(nn.Identity(), (x,), (x,)) for x in logits]  # (router, its inputs, its outputs: logits at 0)
     stream = torch.cuda.Stream(dev)
+    stream.wait_stream(torch.cuda.current_stream())  # (the logits' zeros are written on the current stream)
     rec = StepRecord(dev)
     with torch.cuda.stream(stream):
         assert rec.capture(routed, 0, softmax_probs, stream), rec.error
