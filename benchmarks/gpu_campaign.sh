@@ -61,14 +61,29 @@ steady() {
   fi
 }
 EARLY="lru,lru+early_issue_misses=2,finemoe,finemoe+early_issue_misses=2"
+M=device:graph-gates+gather  # finemoe's mode in the overhead parts of sessions 41-45
 # The reference shape at 99% on the H200: finemoe's frozen and learning arms and a learning arm with one more
 # mode flag, paired rounds over lru:gather (sessions 41-44):   learnpair SECONDS ROUNDS FLAG RECORD
 learnpair() {
-  local m=device:graph-gates+gather
   timeout "$1" python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
     --rounds "$2" --prompts 2 --warm-pool --near-full-only --lru-modes gather \
-    --modes "$m,$m+learn,$m+learn+$3" \
+    --modes "$M,$M+learn,$M+learn+$3" \
     --out "$out/$4" 2>&1 | grep -v INFO | grep -A10 "^run " | cut -c1-150 | head -11
+}
+# The same arms with GPU marks (session 45):   marked SECONDS ROUNDS MODES RECORD
+marked() {
+  timeout "$1" python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+    --rounds "$2" --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks --modes "$3" \
+    --out "$out/$4" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather|between replayed|last round, decode" \
+    | cut -c1-400 | head -30
+}
+# The GPU suite, then issue 5's replay speed on one pinned host core (sessions 42-44; carry
+# gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt):   suite_speed SESSION
+suite_speed() {
+  timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
+  timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+    --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
+    --out "$out/sim_speed_h200host_$1.json" 2>&1 | grep -v "^    .*µs" | tail -3
 }
 case $part in
   s18a)     # session 18: GPU tests, the map predictor's cache probe on the host, then Qwen3 25% with
@@ -368,10 +383,7 @@ case $part in
     learnpair 560 14 requests overhead_s44a.json ;;
   s45e)     # session 45 (~4 min): does the next step wait for the step record on the GPU? learning beside learning whose
             # next step does not wait for the record (`no-record-wait`, a probe), 14 paired rounds with GPU marks
-    timeout 240 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 14 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn,device:graph-gates+gather+learn+no-record-wait \
-      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather" | cut -c1-300 | head -30 ;;
+    marked 240 14 "$M,$M+learn,$M+learn+no-record-wait" overhead_$part.json ;;
   s45d)     # session 45 (~4 min): s45c's three arms again (a second paired run of learning against `take-now`)
     learnpair 230 14 take-now overhead_$part.json ;;
   s45c)     # session 45 (~9 min): the GPU suite at the session's code, then the frozen and learning arms beside learning
@@ -383,20 +395,12 @@ case $part in
             # instead of waited for at the step's end (s45a: the host's late work at the last layer, 99 µs against
             # frozen's 23, ran past the GPU's end); the record's and graphed learning's tests first, then s45a's arms
     timeout 200 python -m pytest -q tests/gpu/test_step_record.py tests/gpu/test_graphs.py -k "step_map or graphed_learning" 2>&1 | tail -2
-    timeout 400 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 12 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
-      --out "$out/overhead_s45b.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather" \
-      | cut -c1-300 | head -24 ;;
+    marked 400 12 "$M,$M+learn" overhead_s45b.json ;;
   s45a)     # prepared in session 44, ran in session 45 (~4 min): where learning's ~0.1 ms over frozen goes. The frozen and
             # learning arms with GPU marks, 10 paired rounds, and the last round's host parts of the held-back insert
             # (`store.apply_pending`, `store._write`), the mirror's row copy (`mirror.sync`) and the record's read
             # (`record.take`) printed beside the predictors'
-    timeout 500 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 10 --prompts 2 --warm-pool --near-full-only --lru-modes gather --gpu-marks \
-      --modes device:graph-gates+gather,device:graph-gates+gather+learn \
-      --out "$out/overhead_s45a.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather|between replayed|last round, decode" \
-      | cut -c1-400 | head -24 ;;
+    marked 500 10 "$M,$M+learn" overhead_s45a.json ;;
   s44d|s44e)  # session 44 (~4 min): a graphed learning step's insert scored on the device (the default with
             # search=device) against the host's scoring (`:host-insert`, as before) and the frozen arm, 14 paired
             # rounds over lru:gather; the tests of the record, the device mirror and graphed learning first. s44d ran
@@ -415,10 +419,7 @@ case $part in
     learnpair 420 14 insert-inline overhead_s44c.json ;;
   s44b)     # session 44 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s43b)
-    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
-    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
-      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
-      --out "$out/sim_speed_h200host_s44.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
+    suite_speed s44 ;;
   s43a)     # session 43 (~7 min; ran on 2d98c7a, whose `count_layers` was reverted: on today's tree it measures the
             # per-layer counts): the recorder's counts in one pass per step: the frozen and the
             # learning arms, 12 paired rounds (as s42a), then the graphed learning GPU tests
@@ -433,10 +434,7 @@ case $part in
     learnpair 500 14 count-each overhead_s43c.json ;;
   s43b)     # session 43 (~6 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core (as s42b)
-    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
-    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
-      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
-      --out "$out/sim_speed_h200host_s43.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
+    suite_speed s43 ;;
   s42a)     # session 42 (~6 min): the frozen and the learning arms again, 12 paired rounds (s41e had 6), for a
             # steadier figure of each against lru:gather
     timeout 540 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
@@ -465,10 +463,7 @@ case $part in
       | grep -A9 "^run \|on the GPU\|on one clock\|between replayed" | cut -c1-220 | head -70 ;;
   s42b)     # session 42 (~5 min; carry gpu_traces/ref40_test.fmt and gpu_traces/ref_hist_stores.pt): the GPU suite,
             # then issue 5's replay speed on the host, one pinned core
-    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
-    timeout 200 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
-      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
-      --out "$out/sim_speed_h200host_s42.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
+    suite_speed s42 ;;
   s41e)     # session 41 (~6 min): learning with the insert held back to the next step's first store read, with and
             # without the step record; the GPU suite
     learnpair 240 6 no-record overhead_s41e.json
