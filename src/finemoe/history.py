@@ -88,9 +88,12 @@ class HistoryRecorder:
                     # when the next step first reads the store (waiting for it here, at the step's
                     # end where the GPU has nothing left, lengthened the step: session 45)
                     self.maps.apply_pending()  # (none held in the usual flow: the step's start applied it)
-                    read = step_maps.later() if self.read_at_insert else step_maps.take()
-                    maps_of = partial(_rows_of, read, None if whole else ctx.rows)
-                    self.maps.add_later(emb, maps_of, self._semantic)  # [N, D], [N, L, E]
+                    rows = None if whole else ctx.rows
+                    if self.read_at_insert:
+                        later: torch.Tensor | Callable[[], torch.Tensor] = partial(_rows_of, step_maps.later(), rows)
+                    else:
+                        later = step_maps.take() if rows is None else step_maps.take()[rows]
+                    self.maps.add_later(emb, later, self._semantic)  # [N, D], [N, L, E] (or their reader)
                 else:
                     maps = torch.stack(self.layer_probs, dim=1)  # [N, L, E]
                     if ctx.is_prefill and self.rows == "last":
@@ -174,8 +177,7 @@ class PredictorChain:
         return out
 
 
-def _rows_of(read: Callable[[], torch.Tensor] | torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The recorded step's maps [N, L, E]: `read()` (or `read`, taken already) [T, L, E], its live
-    `rows` [N] (None: all)."""
-    maps = read() if callable(read) else read
+def _rows_of(read: Callable[[], torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+    """The recorded step's maps [N, L, E]: `read()` [T, L, E] at its live `rows` [N] (None: all)."""
+    maps = read()
     return maps if rows is None else maps[rows]
