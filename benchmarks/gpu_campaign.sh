@@ -381,6 +381,11 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s46a)     # session 46 (~9 min): the GPU suite (session 45's last commits had not run on a GPU), then learning beside
+            # learning whose replayed step does not wait for the last step's side graphs (`no-side-wait`, a probe), with
+            # GPU marks, 14 paired rounds: is the GPU's longer idle between learning's steps that wait?
+    timeout 330 python -m pytest -q tests/gpu 2>&1 | tail -4
+    marked 235 14 "$M,$M+learn,$M+learn+no-side-wait" overhead_$part.json ;;
   s45e)     # session 45 (~4 min): does the next step wait for the step record on the GPU? learning beside learning whose
             # next step does not wait for the record (`no-record-wait`, a probe), 14 paired rounds with GPU marks
     marked 240 14 "$M,$M+learn,$M+learn+no-record-wait" overhead_$part.json ;;
