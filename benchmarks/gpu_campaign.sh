@@ -381,6 +381,11 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s46b)     # session 46 (~6 min): where the GPU idles between steps (frozen +65 µs over lru:gather, learning +110 in
+            # s46a): the new `to_fed` mark (the step's end to the host's feed of the next token, on the GPU's clock)
+            # splits the idle into the logits read and sampling, and the way from the token to the next S_0 launch
+    timeout 150 python -m pytest -q tests/gpu/test_graphs.py -k step_marks 2>&1 | tail -2
+    marked 280 14 "$M,$M+learn" overhead_$part.json ;;
   s46a)     # session 46 (~9 min): the GPU suite (session 45's last commits had not run on a GPU), then learning beside
             # learning whose replayed step does not wait for the last step's side graphs (`no-side-wait`, a probe), with
             # GPU marks, 14 paired rounds: is the GPU's longer idle between learning's steps that wait?

@@ -102,6 +102,7 @@ class StaticDecoder:
         # between-step spans, `OffloadRuntime.step_spans_s`)
         self._t_end = self._t_ret = self._t_fed = self._t_in = self._t_out = 0.0
         self._here: torch.cuda.Stream | None = None  # the replayed step's compute stream
+        self._marked_last = False  # the last forward was a replayed step (`step_marks`: `feed` marks it)
         # Sliding-window cache layers keep their length in a Python int and branch on it: a graph
         # would replay the capture-time branch and never advance it. Such models keep the dynamic path.
         self.supported = static_decode_supported(model)
@@ -187,6 +188,7 @@ class StaticDecoder:
         assert self.cache is not None, "reserve() first"
         self.cache.reset()
         self._t_end = 0.0  # (no between-step span from the last request's end)
+        self._marked_last = False
         if self.rt.step_marks is not None:
             self.rt.step_marks.cut()
         T = ids.shape[1]
@@ -207,6 +209,9 @@ class StaticDecoder:
 
     def feed(self, token: int) -> torch.Tensor:
         """Put the next decode step's token in place; returns the input ids [1, 1] (static)."""
+        marks = self.rt.step_marks  # (a measurement probe: where the host got the token, on the GPU's clock)
+        if marks is not None and self._here is not None and self._marked_last:
+            marks.mark(5, self._here)
         self.ids.fill_(token)
         self._t_fed = time.perf_counter()
         return self.ids
@@ -215,6 +220,7 @@ class StaticDecoder:
         """One decode step for the token `feed` put in place, at `position`; logits [1, V] float32
         (a static buffer when replayed: read it before the next step)."""
         self.pos.fill_(position)
+        self._marked_last = False
         if not self.graphs or not self.use_graphs:
             self.rt.begin_deferred()  # (none held: only a step with graphs holds it back)
         if not self.use_graphs:
@@ -230,6 +236,7 @@ class StaticDecoder:
                 self.error, self.use_graphs = repr(exc), False
                 return self._eager(self.ids, self.pos)
         self._replay()
+        self._marked_last = self.rt.step_marks is not None
         self.replays += 1
         self._t_ret = time.perf_counter()
         assert self.logits is not None

@@ -19,6 +19,10 @@ between runs) turns them into per-step medians, in microseconds:
 - `side_after_end`: the step's end to the end of its side graphs (`side_graphs`; an event recorded
   on the side stream after the step's last side launch), negative when they ended first; only
   steps that launched side graphs. The next step's S_0 waits for them.
+- `to_fed`: the step's end to the point of the stream where the host feeds the next token
+  (`StaticDecoder.feed`, before its write of the token): the logits read and sampled, the host's
+  arrival there on the GPU's clock (the stream is idle by then); `idle` minus it is the host's way from
+  the token to the next S_0 launch. Only steps followed by a fed token.
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ import statistics
 
 import torch
 
-SPANS = ("idle", "to_router", "tail", "to_last_launch", "side_after_end")
+SPANS = ("idle", "to_router", "tail", "to_last_launch", "side_after_end", "to_fed")
 
 
 class StepMarks:
     """Timing events of replayed steps on one compute stream, kept until `summary()`. With one MoE
-    layer the last router's segment is S_0 itself: only `idle` is measured."""
+    layer the last router's segment is S_0 itself: only `idle` and `to_fed` are measured."""
 
     def __init__(self) -> None:
-        # per step: start, routed, end, sides' end, before the last launch
+        # per step: start, routed, end, sides' end, before the last launch, the next token fed
         self._steps: list[list[torch.cuda.Event | None]] = []
         self._follows: list[bool] = []  # the step follows the one before it in the same request
         self._open = False
@@ -44,13 +48,13 @@ class StepMarks:
         """A replayed step begins: S_0 is launched next on `stream`."""
         ev = torch.cuda.Event(enable_timing=True)
         ev.record(stream)
-        self._steps.append([ev, None, None, None, None])
+        self._steps.append([ev, None, None, None, None, None])
         self._follows.append(follows and self._open)
         self._open = True
 
     def mark(self, slot: int, stream: torch.cuda.Stream) -> None:
-        """The current step's `routed` (slot 1), `end` (2), sides' end (3) or before-the-last-launch (4)
-        event, on `stream`."""
+        """The current step's `routed` (slot 1), `end` (2), sides' end (3), before-the-last-launch (4)
+        or next-token-fed (5) event, on `stream`."""
         if not self._steps:
             return
         ev = torch.cuda.Event(enable_timing=True)
@@ -69,7 +73,7 @@ class StepMarks:
         if steps:
             torch.cuda.synchronize()
         spans: dict[str, list[float]] = {name: [] for name in SPANS}
-        for i, (start, routed, end, sides, last) in enumerate(steps):
+        for i, (start, routed, end, sides, last, fed) in enumerate(steps):
             if i and follows[i] and steps[i - 1][2] is not None:
                 spans["idle"].append(steps[i - 1][2].elapsed_time(start) * 1e3)  # type: ignore[union-attr]
             if routed is not None:
@@ -80,4 +84,6 @@ class StepMarks:
                 spans["to_last_launch"].append(routed.elapsed_time(last) * 1e3)
             if end is not None and sides is not None:
                 spans["side_after_end"].append(end.elapsed_time(sides) * 1e3)
+            if end is not None and fed is not None:
+                spans["to_fed"].append(end.elapsed_time(fed) * 1e3)
         return {name: statistics.median(v) if v else 0.0 for name, v in spans.items()}

@@ -508,7 +508,8 @@ def test_deferred_matches_change_no_plan(ckpt):
 @pytest.mark.parametrize("policy,budget", [("all-gpu", "100%"), ("lru", "25%"), ("finemoe", "99%")])
 def test_step_marks_time_replayed_steps_on_the_gpu(ckpt, policy, budget):
     """The GPU-side probe (`step_marks`): every replayed step is timed, its spans are positive, the
-    split steps' two spans fit inside the host's step time, and the tokens are unchanged."""
+    split steps' two spans fit inside the host's step time, the next token is fed inside the idle gap,
+    and the tokens are unchanged."""
     from finemoe.step_marks import SPANS, StepMarks
 
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -523,6 +524,7 @@ def test_step_marks_time_replayed_steps_on_the_gpu(ckpt, policy, budget):
         assert out.token_ids == plain
         assert steps == eng.stats().extra["decode_graph_replays"] - r0 == params.max_new_tokens - 1  # each replayed
         assert got["idle"] > 0.0
+        assert 0.0 < got["to_fed"] <= got["idle"]  # (the token fed after the step's end, before the next start)
         t = out.token_times_s
         host_step_us = min(b - a for a, b in zip(t[1:], t[2:], strict=False)) * 1e6
         if policy == "all-gpu":  # one graph per step: no router mark
