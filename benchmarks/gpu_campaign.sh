@@ -381,6 +381,10 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s46c)     # session 46 (~5 min): s46b's `to_fed` (the step's end to the next token fed) was +52 µs frozen and +96
+            # learning over lru:gather: is it the prefetch copies in flight at the step's end? Frozen beside frozen
+            # planning without copies (`no-copies`) and learning, 12 paired rounds with GPU marks
+    marked 280 12 "$M,$M+no-copies,$M+learn" overhead_$part.json ;;
   s46b)     # session 46 (~6 min): where the GPU idles between steps (frozen +65 µs over lru:gather, learning +110 in
             # s46a): the new `to_fed` mark (the step's end to the host's feed of the next token, on the GPU's clock)
             # splits the idle into the logits read and sampling, and the way from the token to the next S_0 launch
