@@ -381,6 +381,11 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s46d)     # session 46 (~4 min): issue 5's replay speed on one pinned host core (carry gpu_traces/ref40_test.fmt and
+            # gpu_traces/ref_hist_stores.pt)
+    timeout 230 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \
+      --history-cache gpu_traces/ref_hist_stores.pt --policies lru,finemoe --repeat 5 --limit 40 \
+      --out "$out/sim_speed_h200host_s46.json" 2>&1 | grep -v "^    .*µs" | tail -3 ;;
   s46c)     # session 46 (~5 min): s46b's `to_fed` (the step's end to the next token fed) was +52 µs frozen and +96
             # learning over lru:gather: is it the prefetch copies in flight at the step's end? Frozen beside frozen
             # planning without copies (`no-copies`) and learning, 12 paired rounds with GPU marks
