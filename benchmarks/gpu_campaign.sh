@@ -381,6 +381,15 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
+  s46e)     # session 46 (~6 min): a replayed step's greedy token taken in its last graph (`graph_argmax`, the new
+            # default) against the host's argmax after the step (`host-argmax`, as before), lru:gather and finemoe
+            # frozen and learning each way, 12 paired rounds with GPU marks; the graph tests first
+    timeout 150 python -m pytest -q tests/gpu/test_graphs.py 2>&1 | tail -3
+    timeout 300 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 12 --prompts 2 --warm-pool --near-full-only --no-eviction-reference --gpu-marks \
+      --lru-modes "gather+host-argmax,gather" --modes "$M,$M+host-argmax,$M+learn,$M+learn+host-argmax" \
+      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -E "^run |^finemoe|^lru:gather|between replayed" \
+      | cut -c1-220 | head -24 ;;
   s46d)     # session 46 (~4 min): issue 5's replay speed on one pinned host core (carry gpu_traces/ref40_test.fmt and
             # gpu_traces/ref_hist_stores.pt)
     timeout 230 taskset -c 3 python benchmarks/sim_speed.py --traces gpu_traces/ref40_test.fmt \

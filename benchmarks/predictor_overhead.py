@@ -267,6 +267,7 @@ KNOWN_FLAGS = frozenset(
         "requests",
         "take-now",
         "no-record-wait",
+        "host-argmax",
     ]
 )
 
@@ -306,7 +307,9 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     (`OffloadRuntime.map_recorders` emptied, as before session 41); `take-now`: a graphed learning step
     waits for its record at the last layer (`HistoryRecorder.read_at_insert` off, as before session 45);
     `no-record-wait`: the next step's segments do not wait for the step record on the GPU
-    (`StepRecord.wait_next` off; a probe: the record may read rewritten router outputs, tokens stay exact)."""
+    (`StepRecord.wait_next` off; a probe: the record may read rewritten router outputs, tokens stay exact);
+    `host-argmax`: a replayed step's greedy token taken by the host from the logits after the step
+    (`StaticDecoder.graph_argmax` off, as before session 46), not in the last graph (any policy's run)."""
     eng.runtime.pump_before_launch = "pump-first" in flags
     eng.runtime.run_ahead = "no-runahead" not in flags
     eng.runtime.tell_launched = "plan-launched" not in flags
@@ -325,6 +328,8 @@ def engine_flags(eng: Engine, flags: set[str]) -> None:
     # (`embed-noprio`: the beside embedding's stream at priority 0, not the highest)
     eng.runtime.embed_priority = 0 if "embed-noprio" in flags else HIGHEST_STREAM_PRIORITY
     static = eng.static
+    if static is not None:
+        static.graph_argmax = "host-argmax" not in flags
     if static is not None and static.record is not None:  # (`no-record-wait`: a probe, stored maps may be wrong)
         static.record.wait_next = "no-record-wait" not in flags
     if static is None or not static.use_graphs:

@@ -178,8 +178,11 @@ def _generate_static(
         if on_iteration is not None:
             with static.deferring_begin(step > 0):  # (a replayed step's predictors start after S_0's launch)
                 on_iteration(step, step == 0, inputs, live)
-        logits = static.prefill(inputs) if step == 0 else static.decode(len(prompt) + step - 1)  # [1, V]
-        tok = int(sample_tokens(logits, params, gen)[0])
+        if step and params.greedy:  # (a replayed step's argmax taken in its last graph)
+            tok = static.decode_token(len(prompt) + step - 1)
+        else:
+            logits = static.prefill(inputs) if step == 0 else static.decode(len(prompt) + step - 1)  # [1, V]
+            tok = int(sample_tokens(logits, params, gen)[0])
         stamps.append(time.perf_counter())
         out.append(tok)
         if tok in stop_ids and not params.ignore_eos:

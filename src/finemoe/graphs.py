@@ -92,6 +92,15 @@ class StaticDecoder:
         self.graphs: list[torch.cuda.CUDAGraph] = []
         self.routed: list[tuple[nn.Module, tuple, tuple] | None] = []  # per MoE layer: router, inputs, outputs
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
+        # The greedy token of a replayed step: the last graph takes the logits' argmax and copies it
+        # to pinned host memory, so the host waits for one event instead of launching the argmax and a
+        # pageable copy after the step (`decode_token`; False: the caller's argmax, as before session 46)
+        self.graph_argmax = True
+        self._token_host: torch.Tensor | None = None  # [1] int64, pinned; written by the last graph
+        self._token_view = None  # its NumPy view (the host's read, no torch call)
+        self._token_done = torch.cuda.Event() if self.use_graphs else None
+        self._token_ready = False  # the last `decode` replayed a graph that copied its token
+        self._argmax_captured = False  # the graphs captured take the argmax (`graph_argmax` then)
         self.whole = False  # one graph for the step (nothing on the host between layers)
         self._pool = None
         self._warm = False  # an eager decode step ran with this cache (capture may follow)
@@ -161,6 +170,7 @@ class StaticDecoder:
         if self.record is not None:
             self.record.drop()
         self.graphs, self.routed, self.logits, self._pool, self._warm = [], [], None, None, False
+        self._argmax_captured = self._token_ready = False
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -220,7 +230,7 @@ class StaticDecoder:
         """One decode step for the token `feed` put in place, at `position`; logits [1, V] float32
         (a static buffer when replayed: read it before the next step)."""
         self.pos.fill_(position)
-        self._marked_last = False
+        self._marked_last = self._token_ready = False
         if not self.graphs or not self.use_graphs:
             self.rt.begin_deferred()  # (none held: only a step with graphs holds it back)
         if not self.use_graphs:
@@ -237,10 +247,23 @@ class StaticDecoder:
                 return self._eager(self.ids, self.pos)
         self._replay()
         self._marked_last = self.rt.step_marks is not None
+        if self._argmax_captured and self.graph_argmax:
+            self._token_done.record(self._here)  # type: ignore[union-attr]  # (behind the token's copy)
+            self._token_ready = True
         self.replays += 1
         self._t_ret = time.perf_counter()
         assert self.logits is not None
         return self.logits
+
+    def decode_token(self, position: int) -> int:
+        """`decode`, and its greedy token: the argmax of the step's logits (the lowest id among equal
+        maxima), read from the copy the last graph made when the step was replayed (`graph_argmax`),
+        else taken here."""
+        logits = self.decode(position)
+        if self._token_ready:
+            self._token_done.synchronize()  # type: ignore[union-attr]
+            return int(self._token_view[0])  # type: ignore[index]
+        return int(logits.argmax(dim=-1)[0])
 
     def _eager(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
@@ -275,6 +298,8 @@ class StaticDecoder:
                     self.graphs[0].capture_begin(pool=self._pool, capture_error_mode="thread_local")
                     begun = True
                     logits = self._eager(self.ids, self.pos)
+                    if self.graph_argmax:
+                        self._capture_argmax(logits)
                     self.graphs[-1].capture_end()
                     begun = False
                     if any(r is None for r in self.routed) or len(self.graphs) != (1 if self.whole else L + 1):
@@ -293,6 +318,7 @@ class StaticDecoder:
             flush_deferred()  # a store collected during the capture waited with its unregistration
             here.wait_stream(cap)
         self.logits = logits
+        self._argmax_captured = self.graph_argmax
         self.captures += 1
         log.info(
             "decode step captured: %d CUDA graph(s) over %d MoE layers, %d predictor graph(s) beside them",
@@ -300,6 +326,15 @@ class StaticDecoder:
             L,
             sides.count(),
         )
+
+    def _capture_argmax(self, logits: torch.Tensor) -> None:
+        """In the last graph's capture: the greedy token of `logits` [1, V] (the lowest id among
+        equal maxima, as `torch.argmax`) copied to the pinned [1] int64 buffer (made once)."""
+        if self._token_host is None:
+            with torch.inference_mode(False):  # (written by every later replay)
+                self._token_host = torch.zeros(1, dtype=torch.long, pin_memory=True)
+            self._token_view = self._token_host.numpy()
+        self._token_host.copy_(logits.argmax(dim=-1), non_blocking=True)
 
     def _capture_record(self, cap: torch.cuda.Stream) -> None:
         """The step's expert map recorded on the device where a recorder learns on this thread; the
@@ -332,8 +367,9 @@ class StaticDecoder:
         index_at = rt.adapter.router_index_at
         step_marks = rt.step_marks  # (a measurement probe, `step_marks`)
         if self.whole:
+            # (`running` pins its stream: torch's lookup of the current stream costs ~10 µs of host)
+            self._here = self.stream if rt.fixed_stream is self.stream else torch.cuda.current_stream(self.device)
             if step_marks is not None:
-                self._here = torch.cuda.current_stream(self.device)
                 step_marks.start(self._here, follows=True)
             self.graphs[0].replay()
             if step_marks is not None:

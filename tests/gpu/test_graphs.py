@@ -349,6 +349,28 @@ def test_graphed_learning_stores_the_maps_eager_learning_does(ckpt, search):
     assert torch.allclose(state["maps"][:n], state["maps"][n:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("policy,budget", [("all-gpu", "100%"), ("finemoe", "25%")])
+def test_greedy_token_taken_in_the_last_graph(ckpt, policy, budget):
+    """A replayed step's greedy token is the argmax its last graph copies to pinned host memory
+    (`StaticDecoder.graph_argmax`): the same tokens as the host's argmax of the same logits (the
+    graphs captured again without it) and as eager steps; the copy holds the last step's token."""
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    prompts = medium_prompts()
+    with Engine.from_pretrained(ckpt, policy=policy, expert_budget=budget, device="cuda", progress=False) as eng:
+        static = eng.static
+        assert static.graph_argmax  # (the default)
+        in_graph = [eng.generate(p, params)[0].token_ids for p in prompts]
+        assert static._argmax_captured and static.replays == len(prompts) * (params.max_new_tokens - 1) - 1
+        assert int(static._token_view[0]) == in_graph[-1][-1]
+        static.graph_argmax = False
+        static.drop_graphs()  # (captured again at the next request's second decode step, without the argmax)
+        on_host = [eng.generate(p, params)[0].token_ids for p in prompts]
+        assert not static._argmax_captured and static.graphs
+        static.use_graphs = False
+        eager = [eng.generate(p, params)[0].token_ids for p in prompts]
+    assert in_graph == on_host == eager
+
+
 @pytest.mark.parametrize(
     "policy,kw", [("lru", {}), ("finemoe", {}), ("finemoe", {"search": "device", "graph_gates": True})]
 )
