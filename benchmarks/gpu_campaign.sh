@@ -381,12 +381,14 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
-  s46f)     # session 46 (~3.5 min, the session's last device time): the GPU suite but test_graphs.py (run in s46e), then
-            # a second run of the frozen and learning arms with the greedy token taken in the last graph, 10 paired rounds
-    timeout 85 python -m pytest -q tests/gpu --deselect tests/gpu/test_graphs.py --ignore tests/gpu/test_graphs.py 2>&1 | tail -2
-    timeout 110 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
-      --rounds 10 --prompts 2 --warm-pool --near-full-only --no-eviction-reference --lru-modes gather \
-      --modes "$M,$M+learn" --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -A4 "^run " | cut -c1-150 | head -5 ;;
+  s46f)     # prepared in session 46, not yet run (~9 min): the whole GPU suite at session 46's final code (s46e ran
+            # only test_graphs.py there), then s46e's arms again, 14 paired rounds: a second run of the greedy token
+            # taken in the last graph against the host's argmax, frozen and learning
+    timeout 200 python -m pytest -q tests/gpu 2>&1 | tail -3
+    timeout 360 python benchmarks/predictor_overhead.py --shape reference --device cuda --dtype bfloat16 \
+      --rounds 14 --prompts 2 --warm-pool --near-full-only --no-eviction-reference --gpu-marks \
+      --lru-modes "gather+host-argmax,gather" --modes "$M,$M+host-argmax,$M+learn,$M+learn+host-argmax" \
+      --out "$out/overhead_$part.json" 2>&1 | grep -v INFO | grep -A8 "^run " | cut -c1-150 | head -9 ;;
   s46e)     # session 46 (~6 min): a replayed step's greedy token taken in its last graph (`graph_argmax`, the new
             # default) against the host's argmax after the step (`host-argmax`, as before), lru:gather and finemoe
             # frozen and learning each way, 12 paired rounds with GPU marks; the graph tests first
