@@ -10,6 +10,13 @@ The store is recorded once (`finemoe generate ... --expert-budget 100% --map-sto
 8) unless STORE exists; every policy then loads it frozen (`--freeze-map-store`). The commands run are
 in the record (`results.commands`). Generation stops at the end-of-sequence token unless `--ignore-eos`
 (then every prompt runs --max-new-tokens tokens, as `policy_hit_rates.py` runs them).
+
+A long table can run as several processes, one or a few policies each, over the same STORE (record it
+first), and be merged into one record and plot:
+
+    python benchmarks/policy_cli_table.py --merge /tmp/t/finemoe.json /tmp/t/lru.json --out docs/results/t.json
+
+(the records must agree on --history, --test, --max-new-tokens, --ignore-eos, --budget and --store).
 """
 
 from __future__ import annotations
@@ -69,7 +76,10 @@ def main() -> int:
     ap.add_argument("--policies", default=POLICIES)
     ap.add_argument("--store", default="/tmp/finemoe-bench/hist_cli.fms", help="the map store (recorded if missing)")
     ap.add_argument("--out", default="docs/results/policies_cli_25.json")
+    ap.add_argument("--merge", nargs="+", metavar="RECORD", help="merge these records' rows into --out; run nothing")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     store = Path(args.store)
     tokens = ["--max-new-tokens", str(args.max_new_tokens), "--json", *(["--ignore-eos"] if args.ignore_eos else [])]
     commands = []
@@ -100,13 +110,42 @@ def main() -> int:
         )
     # (a reused store may have been recorded with other --history / --max-new-tokens / --ignore-eos: say so)
     config = vars(args) | {"history_recorded_s": history_s, "store_reused": history_s is None}
-    out = Path(args.out)
-    write_record(out, config, {"policies": rows, "commands": commands})
-    plot_policy_hit_rates(rows, args.budget, out.with_suffix(".png"), "expert hit rate (finemoe generate --json)")
+    finish(Path(args.out), config, rows, commands, args.budget)
+    return 0
+
+
+def finish(out: Path, config: dict, rows: dict, commands: list[str], budget: str, meta: dict | None = None) -> None:
+    """Write the table's record and plot; print finemoe against the best baseline."""
+    write_record(out, config, {"policies": rows, "commands": commands}, meta=meta)
+    plot_policy_hit_rates(rows, budget, out.with_suffix(".png"), "expert hit rate (finemoe generate --json)")
     baselines = [p for p in rows if not p.startswith("finemoe")]  # (finemoe-paper is ours, not a baseline)
     if "finemoe" in rows and baselines:
         best = max(baselines, key=lambda p: rows[p]["hit_rate"])
         print(f"finemoe {rows['finemoe']['hit_rate']:.3f} vs the best baseline {best} {rows[best]['hit_rate']:.3f}")
+
+
+SAME = ("history", "test", "max_new_tokens", "ignore_eos", "budget", "store")
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """One record from several runs' records (their rows in the given order, their commands, each
+    run's meta under `merged_from`); refuses records whose settings differ or whose policies repeat."""
+    recs = [json.loads(Path(p).read_text()) for p in paths]
+    first = recs[0]["config"]
+    rows: dict[str, dict] = {}
+    commands: list[str] = []
+    for path, rec in zip(paths, recs, strict=True):
+        differ = [k for k in SAME if rec["config"].get(k) != first.get(k)]
+        if differ:
+            raise SystemExit(f"{path}: settings differ from {paths[0]}'s: {', '.join(differ)}")
+        again = set(rec["results"]["policies"]) & set(rows)
+        if again:
+            raise SystemExit(f"{path}: policies already merged from an earlier record: {', '.join(sorted(again))}")
+        rows.update(rec["results"]["policies"])
+        commands += [c for c in rec["results"]["commands"] if c not in commands]
+    config = {k: first.get(k) for k in SAME} | {"policies": ",".join(rows), "merged": paths}
+    meta = {"merged_from": [r["meta"] for r in recs]}
+    finish(out, config, rows, commands, first["budget"], meta)
     return 0
 
 
