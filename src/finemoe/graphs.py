@@ -40,6 +40,7 @@ from contextlib import contextmanager, suppress
 from functools import partial
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import StaticCache
@@ -94,10 +95,17 @@ class StaticDecoder:
         self.logits: torch.Tensor | None = None  # [1, V] float32, written by the last graph
         # The greedy token of a replayed step: the last graph takes the logits' argmax and copies it
         # to pinned host memory, so the host waits for one event instead of launching the argmax and a
-        # pageable copy after the step (`decode_token`; False: the caller's argmax, as before session 46)
+        # pageable copy after the step (`decode_token`; False: graphs captured without it, the argmax
+        # taken on the host after the step, as before session 46)
         self.graph_argmax = True
-        self._token_host: torch.Tensor | None = None  # [1] int64, pinned; written by the last graph
-        self._token_view = None  # its NumPy view (the host's read, no torch call)
+        # [1] int64, pinned, written by the last graph; made here, never while a graph is captured (a
+        # pinned allocation may query the events of freed blocks, illegal on a capturing thread)
+        self._token_host: torch.Tensor | None = None
+        self._token_view: np.ndarray | None = None  # its NumPy view (the host's read, no torch call)
+        if self.use_graphs:
+            with torch.inference_mode(False):  # (written by every later replay)
+                self._token_host = torch.zeros(1, dtype=torch.long, pin_memory=True)
+            self._token_view = self._token_host.numpy()
         self._token_done = torch.cuda.Event() if self.use_graphs else None
         self._token_ready = False  # the last `decode` replayed a graph that copied its token
         self._argmax_captured = False  # the graphs captured take the argmax (`graph_argmax` then)
@@ -329,11 +337,8 @@ class StaticDecoder:
 
     def _capture_argmax(self, logits: torch.Tensor) -> None:
         """In the last graph's capture: the greedy token of `logits` [1, V] (the lowest id among
-        equal maxima, as `torch.argmax`) copied to the pinned [1] int64 buffer (made once)."""
-        if self._token_host is None:
-            with torch.inference_mode(False):  # (written by every later replay)
-                self._token_host = torch.zeros(1, dtype=torch.long, pin_memory=True)
-            self._token_view = self._token_host.numpy()
+        equal maxima, as `torch.argmax`) copied to the pinned [1] int64 buffer made at set-up."""
+        assert self._token_host is not None
         self._token_host.copy_(logits.argmax(dim=-1), non_blocking=True)
 
     def _capture_record(self, cap: torch.cuda.Stream) -> None:

@@ -361,11 +361,12 @@ def test_greedy_token_taken_in_the_last_graph(ckpt, policy, budget):
         assert static.graph_argmax  # (the default)
         in_graph = [eng.generate(p, params)[0].token_ids for p in prompts]
         assert static._argmax_captured and static.replays == len(prompts) * (params.max_new_tokens - 1) - 1
+        assert static._token_ready  # (the last step's token was read from the graph's copy)
         assert int(static._token_view[0]) == in_graph[-1][-1]
         static.graph_argmax = False
         static.drop_graphs()  # (captured again at the next request's second decode step, without the argmax)
         on_host = [eng.generate(p, params)[0].token_ids for p in prompts]
-        assert not static._argmax_captured and static.graphs
+        assert not static._argmax_captured and static.graphs and not static._token_ready
         static.use_graphs = False
         eager = [eng.generate(p, params)[0].token_ids for p in prompts]
     assert in_graph == on_host == eager
