@@ -381,7 +381,12 @@ case $part in
             # record s44a0) against the same with them (`:requests`, the recorder as in sessions 41-43) and the
             # frozen arm, 14 paired rounds over lru:gather
     learnpair 560 14 requests overhead_s44a.json ;;
-  s46f)     # prepared in session 46, not yet run (~9 min): the whole GPU suite at session 46's final code (s46e ran
+  s47a)     # session 47 (~4 min): where finemoe's host time before S_0 goes at session 46's code (s46f: the token fed
+            # to S_0's launch +32 µs frozen, +42 learning over lru:gather), call by call and under cProfile
+    timeout 300 python benchmarks/step_start_probe.py --profile --prompts 2 --new-tokens 32 \
+      --configs "lru:gather,finemoe:device+graph-gates+gather,finemoe:device+graph-gates+gather+learn" \
+      --out "$out/step_start_s47a.json" 2>&1 | grep -v "INFO\|^\[" | cut -c1-900 | head -60 ;;
+  s46f)     # session 46's second run, run first in session 47 (~9 min): the whole GPU suite at session 46's final code (s46e ran
             # only test_graphs.py there), then s46e's arms again, 14 paired rounds: a second run of the greedy token
             # taken in the last graph against the host's argmax, frozen and learning
     timeout 200 python -m pytest -q tests/gpu 2>&1 | tail -3

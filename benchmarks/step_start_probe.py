@@ -5,8 +5,9 @@ timed call by call (count, mean, median, 90th percentile, max; µs).
 `predictor_overhead.py`'s "between replayed steps" line says how long each span is on average; this
 probe says which call inside it is long, and whether always or in a few steps. `predictor_overhead.py`'s
 model and store; `decode_gpu_timeline.py`'s configuration names (`--configs`: "decay-lfu:gather",
-"lru:gather", "finemoe:device+graph-gates+gather", ...; the session-34 records `step_start_s34{,b}.json`
-were made when it used `predictor_overhead.py`'s, "finemoe device:graph-gates+gather"). CUDA only.
+"lru:gather", "finemoe:device+graph-gates+gather", a finemoe name with `+learn` learning online, ...;
+the session-34 records `step_start_s34{,b}.json` were made when it used `predictor_overhead.py`'s,
+"finemoe device:graph-gates+gather"). CUDA only.
 
     PYTHONPATH=src python benchmarks/step_start_probe.py --cores 2-7 --out $OUT/step_start.json
 """
@@ -75,7 +76,8 @@ class Calls:
 def probe(eng, name: str, budget: str, test: list[list[int]], new: int, reset: dict, profile: bool) -> dict:
     """One configuration's call times (and with `profile`, cProfile's top functions by own time in
     the decode steps' `start_iteration` and from a decode step's entry to S_0's launch)."""
-    eng.reconfigure(**{**reset, **knobs(name, budget), "warm_pool": True, "map_store_learn": False})
+    learn = "learn" in split(name)[1]  # (`+learn`: the store learns online, the engine's default)
+    eng.reconfigure(**{**reset, **knobs(name, budget), "warm_pool": True, "map_store_learn": learn})
     engine_flags(eng, split(name)[1])
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     eng.generate(test[0], params)  # warm-up: the capture
@@ -93,6 +95,8 @@ def probe(eng, name: str, budget: str, test: list[list[int]], new: int, reset: d
         (static, "_replay"),
         (static.sides, "before_step"),
     ]
+    if static.record is not None:
+        targets.append((static.record, "before_step"))
     if rt.device_matches is not None:
         targets.append((rt.device_matches.planner, "full_load_due"))
         targets.append((rt.device_matches, "before_step"))
